@@ -1,0 +1,29 @@
+# opensd: the two commands a newcomer needs are `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned to the CPU wheel here; set TORCH_SPEC="" to keep a torch you installed yourself.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test test-slow clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps open-clip-torch
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

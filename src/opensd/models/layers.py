@@ -1,0 +1,37 @@
+"""Small building blocks shared by the U-Net, the autoencoder and the text encoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with affine weights, as used throughout LDM (``Normalize``).
+
+    Fewer than ~4 channels per group behaves like instance norm and erases absolute
+    colour in small models, so configs should keep ``channels // groups >= 4``.
+    """
+    if channels % groups != 0:
+        raise ValueError(f"GroupNorm: {channels} channels do not divide into {groups} groups")
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=eps, affine=True)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal timestep embedding (Vaswani et al. 2017; DDPM, Ho et al. 2020).
+
+    ``timesteps``: (B,) float or int. Returns (B, dim) as ``[cos(t f), sin(t f)]`` with
+    frequencies ``f_i = max_period ** (-i / (dim // 2))``, the order LDM and
+    diffusers' ``flip_sin_to_cos=True`` use.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb

@@ -1,0 +1,130 @@
+"""Tokenizers: text -> fixed-length id tensors for the text encoder.
+
+Every tokenizer in opensd follows the small :class:`Tokenizer` protocol. A batch
+is framed the way CLIP frames it (and transformers' ``CLIPTokenizer`` with
+``padding="max_length", truncation=True``)::
+
+    [bos, id_1, ..., id_k, eos, pad, ..., pad]      (length = context_length)
+
+with the ids truncated to ``context_length - 2`` so that ``eos`` is always kept.
+
+Two implementations:
+
+- :class:`~opensd.tokenizers.clip_bpe.CLIPTokenizer`: CLIP's byte-level BPE
+  (49408 tokens), for Stable Diffusion checkpoints.
+- :class:`~opensd.tokenizers.word.WordTokenizer`: a small word-level tokenizer
+  trained on a caption corpus, for opensd's own small models.
+
+:func:`load_tokenizer` reads either from a folder written by ``save``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+class TokenizerError(ValueError):
+    """Bad tokenizer input: wrong text type, bad context length, unreadable folder."""
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the text encoder and the pipelines need from a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without bos/eos/padding."""
+        ...
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """(B, L) long tensor of framed ids, L = ``context_length`` or the tokenizer's own."""
+        ...
+
+    def save(self, directory: str | Path) -> None:
+        """Write the tokenizer files into ``directory`` (created if needed)."""
+        ...
+
+
+def as_text_list(texts: str | Sequence[str]) -> list[str]:
+    """``texts`` as a list of strings (a single string becomes a batch of one)."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        raise TokenizerError(
+            f"tokenizer input must be a str or a list of str, got {type(texts).__name__}"
+            + ("" if not isinstance(texts, Sequence) else " containing non-str items")
+        )
+    return list(texts)
+
+
+def frame(
+    token_ids: Sequence[Sequence[int]], *, bos_id: int, eos_id: int, pad_id: int, context_length: int
+) -> torch.Tensor:
+    """Frame each id list as ``[bos, ids[:L-2]..., eos, pad...]``; returns (B, L) long."""
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+        raise TokenizerError(f"context_length must be an integer >= 2 (room for bos and eos), got {context_length!r}")
+    out = torch.full((len(token_ids), context_length), pad_id, dtype=torch.long)
+    for i, ids in enumerate(token_ids):
+        row = [bos_id, *ids[: context_length - 2], eos_id]
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load a tokenizer saved by :meth:`Tokenizer.save`, or a diffusers ``tokenizer/`` folder.
+
+    Recognises ``opensd_tokenizer.json`` (+ ``tokenizer.json``): a :class:`WordTokenizer`;
+    ``vocab.json`` + ``merges.txt``: a :class:`CLIPTokenizer`. A diffusers model folder
+    (holding ``tokenizer/``) is also accepted.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise TokenizerError(f"tokenizer folder not found: {d}")
+    if not any((d / f).exists() for f in ("opensd_tokenizer.json", "vocab.json")) and (d / "tokenizer").is_dir():
+        d = d / "tokenizer"
+    meta_path = d / "opensd_tokenizer.json"
+    if meta_path.exists():
+        kind = json.loads(meta_path.read_text()).get("kind")
+        if kind == "word":
+            return WordTokenizer.load(d)
+        raise TokenizerError(f"{meta_path}: unknown tokenizer kind {kind!r}; allowed: 'word'")
+    if (d / "vocab.json").exists() and (d / "merges.txt").exists():
+        return CLIPTokenizer.from_dir(d)
+    raise TokenizerError(
+        f"{d} holds no known tokenizer: expected opensd_tokenizer.json + tokenizer.json (word) "
+        "or vocab.json + merges.txt (CLIP BPE)"
+    )
+
+
+# Imported last: both modules use the helpers above.
+from opensd.tokenizers.clip_bpe import CLIPTokenizer  # noqa: E402
+from opensd.tokenizers.word import WordTokenizer  # noqa: E402
+
+__all__ = [
+    "CLIPTokenizer",
+    "Tokenizer",
+    "TokenizerError",
+    "WordTokenizer",
+    "as_text_list",
+    "frame",
+    "load_tokenizer",
+]

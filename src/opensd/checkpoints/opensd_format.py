@@ -1,0 +1,69 @@
+"""opensd's own model folder: safetensors weights + a JSON config + the tokenizer.
+
+Layout::
+
+    model/
+      config.json          {"format": "opensd", "version": 1, "model": <SDConfig as a dict>}
+      model.safetensors    the original SD key layout (see opensd.models.stable_diffusion)
+      tokenizer/           CLIP BPE files or opensd's small word tokenizer
+
+The config is checked key by key: an unknown key is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opensd.checkpoints.io import CheckpointError, load_strict, read_json, read_weights, write_json, write_safetensors
+from opensd.config import ConfigError, from_dict, to_dict
+from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+from opensd.tokenizers import Tokenizer, load_tokenizer
+
+FORMAT = "opensd"
+VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def is_opensd_folder(path: Path) -> bool:
+    if not (path / CONFIG).is_file():
+        return False
+    try:
+        return read_json(path / CONFIG).get("format") == FORMAT
+    except CheckpointError:
+        return False
+
+
+def read_config(path: Path) -> SDConfig:
+    data = read_json(path / CONFIG)
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"{path / CONFIG} is not an opensd config (format={data.get('format')!r})")
+    if data.get("version") != VERSION:
+        raise CheckpointError(f"{path / CONFIG}: unsupported version {data.get('version')!r}; this opensd reads {VERSION}")
+    unknown = sorted(set(data) - {"format", "version", "model"})
+    if unknown:
+        raise CheckpointError(f"{path / CONFIG}: unknown key(s) {', '.join(unknown)}; allowed: format, version, model")
+    try:
+        return from_dict(SDConfig, data.get("model", {}), _where=f"{path / CONFIG}: model")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_opensd(path: str | Path) -> tuple[StableDiffusion, Tokenizer]:
+    path = Path(path)
+    cfg = read_config(path)
+    model = StableDiffusion(cfg)
+    load_strict(model, read_weights(path / WEIGHTS), f"{path / WEIGHTS}")
+    return model.eval(), load_tokenizer(path / "tokenizer")
+
+
+def save_opensd(model: StableDiffusion, tokenizer: Tokenizer, path: str | Path) -> Path:
+    """Write ``model`` and ``tokenizer`` as an opensd folder; returns the folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"cannot save a model folder over the file {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(model.state_dict(), path / WEIGHTS, metadata={"format": "pt"})
+    tokenizer.save(path / "tokenizer")
+    write_json({"format": FORMAT, "version": VERSION, "model": to_dict(model.cfg)}, path / CONFIG)
+    return path

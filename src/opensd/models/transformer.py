@@ -1,0 +1,140 @@
+"""The spatial transformer of the Stable Diffusion U-Net (LDM's ``attention.py``).
+
+Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models",
+Sec. 3.3: a feature map is flattened into a sequence of ``H*W`` tokens, each
+transformer block applies self-attention, cross-attention to the text context
+(queries from the image, keys and values from the text) and a GEGLU feed-forward
+(Shazeer 2020), each pre-normed with LayerNorm and added back residually.
+
+Attribute names equal the original checkpoint keys: ``norm``, ``proj_in``,
+``transformer_blocks.D.{attn1,attn2}.{to_q,to_k,to_v,to_out.0}``,
+``transformer_blocks.D.ff.net.{0.proj,2}``, ``transformer_blocks.D.norm{1,2,3}``,
+``proj_out``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opensd.models.attention import multihead_attention
+from opensd.models.layers import group_norm
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x`` (B, N, query_dim) to ``context`` (B, L, context_dim).
+
+    With ``context=None`` it is self-attention (``context_dim`` must then equal
+    ``query_dim``). q, k, v have no bias; the output projection has one.
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q = self.to_q(x)  # (B, N, inner)
+        k = self.to_k(context)  # (B, L, inner)
+        v = self.to_v(context)
+        return self.to_out(multihead_attention(q, k, v, self.heads))  # (B, N, query_dim)
+
+
+class GEGLU(nn.Module):
+    """``a * gelu(b)`` where ``[a, b] = proj(x)`` (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP with hidden width ``mult * dim``; keys ``net.0.proj`` and ``net.2``."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to ``context``, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.ff(self.norm3(x))
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a (B, C, H, W) feature map, residual around the whole.
+
+    GroupNorm (eps 1e-6), then ``proj_in`` to ``heads * head_dim`` channels (a 1x1 conv,
+    or a Linear on tokens when ``use_linear`` as in SD 2), ``depth`` transformer blocks,
+    ``proj_out`` back to ``channels``, plus the input.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int,
+        depth: int = 1,
+        norm_groups: int = 32,
+        use_linear: bool = False,
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.use_linear = use_linear
+        self.norm = group_norm(channels, norm_groups, eps=1e-6)
+        if use_linear:
+            self.proj_in: nn.Module = nn.Linear(channels, inner)
+            self.proj_out: nn.Module = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, kernel_size=1)
+            self.proj_out = nn.Conv2d(inner, channels, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)]
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)  # (B, inner, H, W)
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C or inner)
+        if self.use_linear:
+            x = self.proj_in(x)  # (B, H*W, inner)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)  # (B, H*W, C)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, inner or C, H, W)
+        if not self.use_linear:
+            x = self.proj_out(x)  # (B, C, H, W)
+        return x + residual

@@ -1,0 +1,319 @@
+"""The Stable Diffusion 1.x denoising U-Net (LDM's ``openaimodel.UNetModel``).
+
+Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models":
+the U-Net of Ho et al. 2020 / Dhariwal & Nichol 2021 (ResBlocks conditioned on a
+sinusoidal timestep embedding) with a :class:`SpatialTransformer` after the ResBlocks
+of chosen resolution levels, through which the text context enters by cross-attention.
+
+``UNetModel(cfg)(x, timesteps, context)`` maps noisy latents (B, C, H, W), timesteps
+(B,) and text context (B, L, context_dim) to a prediction (B, out_channels, H, W)
+(noise, or v, as the training objective decides).
+
+Attribute paths equal the original checkpoint keys under ``model.diffusion_model.``
+(``time_embed``, ``input_blocks.N.M``, ``middle_block``, ``output_blocks.N.M``,
+``out``), so an original SD 1.x state dict loads with ``load_state_dict`` as is.
+
+Latent sizes need not be multiples of ``2 ** (levels - 1)``: downsampling rounds up
+(stride-2 conv, padding 1) and each upsampling interpolates (nearest) to the exact
+size of the skip connection it is concatenated with, as diffusers does. For sizes
+that are multiples this is LDM's plain 2x nearest upsampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opensd.models.layers import group_norm, timestep_embedding
+from opensd.models.transformer import SpatialTransformer
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of the U-Net; field names follow LDM's ``unet_config.params``.
+
+    ``attention_levels``: the resolution levels (0 = full resolution) whose blocks
+    get a SpatialTransformer; the middle block always has one. Heads: ``num_heads``
+    per transformer (SD 1), or, when ``head_channels`` is set, ``channels //
+    head_channels`` heads of that width (SD 2).
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)
+    num_heads: int = 8
+    head_channels: int | None = None
+    transformer_depth: int = 1
+    context_dim: int = 768
+    norm_groups: int = 32
+    use_linear_in_transformer: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
+                     "num_heads", "transformer_depth", "context_dim", "norm_groups"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {v!r}")
+        if self.head_channels is not None and (
+            isinstance(self.head_channels, bool) or not isinstance(self.head_channels, int)
+            or self.head_channels < 1
+        ):
+            raise ValueError(f"UNetConfig.head_channels must be None or a positive integer, got {self.head_channels!r}")
+        if len(self.channel_mult) == 0 or any(
+            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.channel_mult
+        ):
+            raise ValueError(f"UNetConfig.channel_mult must be a non-empty tuple of positive integers, got {self.channel_mult!r}")
+        levels = len(self.channel_mult)
+        if len(set(self.attention_levels)) != len(self.attention_levels) or any(
+            not isinstance(lv, int) or not 0 <= lv < levels for lv in self.attention_levels
+        ):
+            raise ValueError(
+                f"UNetConfig.attention_levels must be distinct levels in 0..{levels - 1} "
+                f"(one per channel_mult entry), got {self.attention_levels!r}"
+            )
+        for level, ch in enumerate(self.level_channels):
+            if ch % self.norm_groups:
+                raise ValueError(
+                    f"UNetConfig: level {level} has {ch} channels, not divisible by norm_groups={self.norm_groups}"
+                )
+        for level in sorted({*self.attention_levels, levels - 1}):  # levels - 1: the middle block
+            ch = self.level_channels[level]
+            self.heads_at(level)  # raises when heads do not divide ch
+            if self.head_channels is None and ch % self.num_heads:
+                raise ValueError(
+                    f"UNetConfig: level {level} has {ch} channels, not divisible by num_heads={self.num_heads}"
+                )
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        """Channels at each resolution level: ``model_channels * channel_mult[level]``."""
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    def heads_at(self, level: int) -> int:
+        """Attention heads of a transformer at ``level`` (the middle block is the last level)."""
+        ch = self.level_channels[level]
+        if self.head_channels is None:
+            return self.num_heads
+        if ch % self.head_channels:
+            raise ValueError(
+                f"UNetConfig: level {level} has {ch} channels, not divisible by head_channels={self.head_channels}"
+            )
+        return ch // self.head_channels
+
+    @classmethod
+    def sd15(cls) -> UNetConfig:
+        """Stable Diffusion 1.x (v1-inference.yaml): 859,520,964 parameters."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> UNetConfig:
+        """A very small model for tests (~1M parameters, milliseconds at 16x16)."""
+        return cls(
+            model_channels=32,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            attention_levels=(1,),
+            num_heads=4,
+            context_dim=32,
+            norm_groups=8,
+        )
+
+    @classmethod
+    def small(cls) -> UNetConfig:
+        """A CPU-trainable model (~17M parameters) for small data sets."""
+        return cls(
+            model_channels=64,
+            channel_mult=(1, 2, 4),
+            num_res_blocks=1,
+            attention_levels=(1, 2),
+            num_heads=4,
+            context_dim=256,
+            norm_groups=16,
+        )
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, add the projected timestep embedding, GroupNorm-SiLU-dropout-conv,
+    plus a skip (1x1 conv when the channel count changes). Keys as LDM's ``ResBlock``."""
+
+    def __init__(self, channels: int, out_channels: int, emb_dim: int, groups: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            group_norm(channels, groups, eps=1e-5), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            group_norm(out_channels, groups, eps=1e-5),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C_out, 1, 1) broadcast over H, W
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (padding 1): H -> ceil(H / 2). Key ``op``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest upsampling to ``size`` (default 2x), then a 3x3 conv. Key ``conv``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            size = (2 * x.shape[-2], 2 * x.shape[-1])
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class EmbedSequential(nn.Sequential):
+    """A U-Net block: children run in order, each given what it needs (LDM's
+    ``TimestepEmbedSequential``): ResBlocks the timestep embedding, transformers the
+    context, an Upsample the target size."""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+# --------------------------------------------------------------------------- model
+
+
+class UNetModel(nn.Module):
+    """The conditional denoiser ``eps_theta(x_t, t, c)`` of Stable Diffusion."""
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.time_embed_dim
+
+        def transformer(level: int) -> SpatialTransformer:
+            ch = cfg.level_channels[level]
+            heads = cfg.heads_at(level)
+            return SpatialTransformer(
+                ch, heads, ch // heads, cfg.context_dim, cfg.transformer_depth, groups,
+                cfg.use_linear_in_transformer,
+            )
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        # Encoder: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]), then Downsample.
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]  # channels of every input block's output, consumed by the decoder
+        ch = mc
+        last = len(cfg.channel_mult) - 1
+        for level, out_ch in enumerate(cfg.level_channels):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, out_ch, emb_dim, groups)]
+                ch = out_ch
+                if level in cfg.attention_levels:
+                    layers.append(transformer(level))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != last:
+                self.input_blocks.append(EmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = EmbedSequential(
+            ResBlock(ch, ch, emb_dim, groups), transformer(last), ResBlock(ch, ch, emb_dim, groups)
+        )
+
+        # Decoder: per level (coarsest first) num_res_blocks + 1 x (ResBlock on [h, skip]
+        # [+ transformer]), the last of each level but the finest followed by Upsample.
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(cfg.channel_mult))):
+            out_ch = cfg.level_channels[level]
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, groups)]
+                ch = out_ch
+                if level in cfg.attention_levels:
+                    layers.append(transformer(level))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(EmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            group_norm(ch, groups, eps=1e-5), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        )
+
+    def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"UNetModel: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        b = x.shape[0]
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(b)
+        if timesteps.shape != (b,):
+            raise ValueError(f"UNetModel: timesteps must be a scalar or ({b},), got {tuple(timesteps.shape)}")
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
+            raise ValueError(
+                f"UNetModel: context must be ({b}, L, {cfg.context_dim}), got {tuple(context.shape)}"
+            )
+        return timesteps
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, H, W), timesteps: (B,) or scalar, context: (B, L, context_dim)
+        -> (B, out_channels, H, W)."""
+        timesteps = self._check_inputs(x, timesteps, context)
+        t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)  # (B, mc)
+        emb = self.time_embed(t_emb)  # (B, 4 mc)
+
+        h = x
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            size = tuple(skips[-1].shape[-2:]) if skips else None  # where an Upsample must land
+            h = block(h, emb, context, size)
+        return self.out(h)

@@ -1,0 +1,54 @@
+"""Small shared builders for the tests: tiny random models with their tokenizers."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+
+CAPTIONS = [
+    "a red circle",
+    "a small blue square above a green triangle",
+    "three yellow circles on a black background",
+    "a picture of a purple square to the left of an orange circle",
+    "there is a large cyan triangle",
+]
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Perturb every parameter (norm affines included) so parity tests exercise them all."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer():
+    from opensd.tokenizers.clip_bpe import CLIPTokenizer
+
+    return CLIPTokenizer.from_open_clip()
+
+
+def tiny_clip_bundle(seed: int = 0):
+    """A tiny SD model whose text encoder uses the real 49,408-token CLIP vocabulary."""
+    tok = clip_tokenizer()
+    cfg = SDConfig.tiny()
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tok.vocab_size, max_length=tok.context_length))
+    torch.manual_seed(seed)
+    return randomize(StableDiffusion(cfg), seed).eval(), tok
+
+
+def tiny_word_bundle(seed: int = 0):
+    """A tiny SD model with opensd's small word tokenizer trained on a few captions."""
+    from opensd.tokenizers.word import WordTokenizer
+
+    tok = WordTokenizer.train(CAPTIONS, vocab_size=64, context_length=16)
+    cfg = SDConfig.tiny()
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tok.vocab_size, max_length=tok.context_length))
+    torch.manual_seed(seed)
+    return randomize(StableDiffusion(cfg), seed).eval(), tok

@@ -1,0 +1,218 @@
+"""Checkpoint formats: round trips, diffusers export parity, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from opensd.checkpoints import CheckpointError, StateDictMismatch, load_model
+from opensd.checkpoints.diffusers_folder import save_diffusers
+from opensd.checkpoints.io import read_weights, short_hash
+from opensd.checkpoints.opensd_format import save_opensd
+from opensd.checkpoints.original import load_original, save_original
+from opensd.cli.main import app
+from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+
+from helpers import randomize, tiny_clip_bundle, tiny_word_bundle
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_opensd_round_trip(tmp_path: Path) -> None:
+    model, tok = tiny_word_bundle()
+    save_opensd(model, tok, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.format == "opensd"
+    assert loaded.model.cfg == model.cfg
+    same_state(loaded.model, model)
+    assert loaded.tokenizer(["a red circle"]).tolist() == tok(["a red circle"]).tolist()
+    assert loaded.hash == short_hash(tmp_path / "m" / "model.safetensors")
+    assert len(loaded.hash) == 10
+
+
+def test_original_single_file_round_trip(tmp_path: Path) -> None:
+    model, _ = tiny_clip_bundle()
+    save_original(model, tmp_path / "m.safetensors")
+    # the file's keys are exactly the module's attribute paths
+    assert set(read_weights(tmp_path / "m.safetensors")) == set(model.state_dict())
+    again = load_original(tmp_path / "m.safetensors", config=model.cfg)
+    same_state(again, model)
+
+
+def test_original_file_with_ldm_extras_and_ckpt(tmp_path: Path) -> None:
+    """An LDM .ckpt: {"state_dict": ...} with schedule buffers and EMA entries beside the weights."""
+    model, _ = tiny_clip_bundle()
+    state = dict(model.state_dict())
+    state["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000)
+    state["model_ema.decay"] = torch.tensor(0.9999)
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    torch.save({"state_dict": state, "global_step": 10}, tmp_path / "m.ckpt")
+    again = load_original(tmp_path / "m.ckpt", config=model.cfg)
+    same_state(again, model)
+
+
+@pytest.mark.parametrize("bundle", [tiny_clip_bundle, tiny_word_bundle], ids=["clip-bpe", "word"])
+def test_diffusers_export_loads_in_diffusers_with_identical_outputs(tmp_path: Path, bundle) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    model, tok = bundle()
+    save_diffusers(model, tok, tmp_path / "d")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "d", local_files_only=True)
+
+    ids = tok(["a red circle above a blue square", ""])
+    ref_ids = pipe.tokenizer(
+        ["a red circle above a blue square", ""],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    assert ids.tolist() == ref_ids.tolist()
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ctx = model.text_encoder(ids)
+        ref_ctx = pipe.text_encoder(ids)[0]
+        assert (ctx - ref_ctx).abs().max() < 1e-5
+
+        x = torch.randn(2, 4, 8, 8)
+        t = torch.tensor([10.0, 700.0])
+        eps = model.unet(x, t, ctx)
+        ref_eps = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+        assert (eps - ref_eps).abs().max() < 1e-5
+
+        img = model.vae.decode(x)
+        ref_img = pipe.vae.decode(x).sample
+        assert (img - ref_img).abs().max() < 1e-5
+        post = model.vae.encode(img)
+        ref_post = pipe.vae.encode(img).latent_dist
+        assert (post.mean - ref_post.mean).abs().max() < 1e-5
+
+    # and back into opensd, bit for bit
+    back = load_model(tmp_path / "d")
+    assert back.format == "diffusers"
+    assert back.model.cfg.unet == model.cfg.unet and back.model.cfg.vae == model.cfg.vae
+    same_state(back.model, model)
+
+
+# ----------------------------------------------------------------------------------
+# Bad input: one clear error, never a traceback.
+
+
+def test_missing_file() -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model("/nonexistent/model.safetensors")
+
+
+def test_truncated_and_corrupt_safetensors(tmp_path: Path) -> None:
+    model, _ = tiny_clip_bundle()
+    save_original(model, tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01garbage" * 10)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(tmp_path / "junk.safetensors")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this pickle runs code",))
+
+
+def test_pickle_that_needs_code_is_refused(tmp_path: Path, capsys) -> None:
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "evil": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="needs code"):
+        load_model(tmp_path / "evil.ckpt")
+    assert "this pickle runs code" not in capsys.readouterr().out
+
+
+def test_corrupt_ckpt(tmp_path: Path) -> None:
+    (tmp_path / "bad.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(tmp_path / "bad.ckpt")
+
+
+def test_config_with_unknown_key(tmp_path: Path) -> None:
+    model, tok = tiny_word_bundle()
+    save_opensd(model, tok, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model"]["unet"]["channel_multiplier"] = [1, 2]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown key.*channel_multiplier"):
+        load_model(tmp_path / "m")
+
+
+def test_state_dict_from_a_different_architecture(tmp_path: Path) -> None:
+    model, _ = tiny_clip_bundle()
+    save_original(model, tmp_path / "tiny.safetensors")
+    other = SDConfig.tiny().replace(unet=SDConfig.tiny().unet.__class__(**{**SDConfig.tiny().unet.__dict__, "model_channels": 16, "norm_groups": 4}))
+    with pytest.raises(StateDictMismatch) as e:
+        load_original(tmp_path / "tiny.safetensors", config=other.replace(text=model.cfg.text))
+    msg = str(e.value)
+    assert "wrong shape" in msg and "input_blocks.0.0.weight" in msg
+    # an SD 1.5 load of the tiny file reports missing and wrong-shape keys in one error
+    with pytest.raises(StateDictMismatch) as e:
+        load_model(tmp_path / "tiny.safetensors")
+    assert e.value.wrong_shape and "does not fit" in str(e.value)
+
+
+def test_not_a_stable_diffusion_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(CheckpointError, match="not a Stable Diffusion checkpoint"):
+        load_model(tmp_path / "x.safetensors")
+
+
+def test_folder_that_is_no_model(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="neither a diffusers pipeline"):
+        load_model(tmp_path)
+
+
+# ----------------------------------------------------------------------------------
+# opensd info
+
+
+def test_cli_info(tmp_path: Path) -> None:
+    model, tok = tiny_word_bundle()
+    save_opensd(model, tok, tmp_path / "m")
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    counts = model.parameter_counts()
+    assert f"{counts['unet']:,}" in res.output and f"{counts['total']:,}" in res.output
+    assert short_hash(tmp_path / "m" / "model.safetensors") in res.output
+    assert "float32" in res.output
+
+
+def test_cli_info_bad_path_is_one_clean_line(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "nope.safetensors")])
+    assert res.exit_code == 2
+    assert "error:" in res.output and "not found" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_sd15_is_the_original_layout_on_meta() -> None:
+    with torch.device("meta"):
+        model = StableDiffusion(SDConfig.sd15())
+    counts = model.parameter_counts()
+    assert counts["unet"] == 859_520_964
+    assert counts["vae"] == 83_653_863
+    assert counts["text_encoder"] == 123_060_480
+    keys = model.state_dict().keys()
+    assert len(keys) == 686 + 248 + 196
+    assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in keys
+    assert "first_stage_model.decoder.up.3.upsample.conv.weight" in keys
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys

@@ -24,13 +24,19 @@ from opensd.checkpoints.io import (
     write_json,
     write_safetensors,
 )
-from opensd.checkpoints.keymap_clip import clip_key_map, from_transformers_clip_config, to_transformers_clip_config
+from opensd.checkpoints.keymap_clip import (
+    clip_key_map,
+    from_transformers_clip_config,
+    from_transformers_clip_state_dict,
+    to_transformers_clip_config,
+)
 from opensd.checkpoints.keymap_unet import from_diffusers_unet_config, to_diffusers_unet_config, unet_key_map
-from opensd.checkpoints.keymap_vae import from_diffusers_vae_config, to_diffusers_vae_config, vae_key_map
+from opensd.checkpoints.keymap_vae import from_diffusers_vae_config, needs_reshape, to_diffusers_vae_config, vae_key_map
 from opensd.config import ConfigError
 from opensd.diffusion.schedules import NoiseScheduleConfig
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
 from opensd.tokenizers import Tokenizer, load_tokenizer
+from opensd.tokenizers.clip_bpe import CLIPTokenizer
 
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
@@ -78,9 +84,10 @@ def to_original_layout(cfg: SDConfig, component_states: Mapping[str, Mapping[str
     out: dict[str, torch.Tensor] = {}
     for comp, kmap in _key_maps(cfg).items():
         inverse = {d: o for o, d in kmap.items()}
-        for k, v in component_states[comp].items():
-            if comp == "text_encoder" and k.endswith("position_ids"):
-                continue
+        state = component_states[comp]
+        if comp == "text_encoder":  # newer transformers write the keys without `text_model.`
+            state = from_transformers_clip_state_dict(state)
+        for k, v in state.items():
             out[COMPONENTS[comp] + inverse.get(k, f"<diffusers {comp}>.{k}")] = v
     return out
 
@@ -94,7 +101,7 @@ def from_original_layout(model: StableDiffusion) -> dict[str, dict[str, torch.Te
         comp_state = {}
         for o, d in kmap.items():
             v = state[prefix + o]
-            if comp == "vae" and v.ndim == 4 and v.shape[2:] == (1, 1) and ".attentions." in d:
+            if comp == "vae" and needs_reshape(o):
                 v = v[:, :, 0, 0]  # (out, in, 1, 1) conv -> (out, in) linear
             comp_state[d] = v
         out[comp] = comp_state
@@ -153,6 +160,38 @@ def load_diffusers(folder: str | Path) -> tuple[StableDiffusion, Tokenizer]:
 # Export.
 
 
+def _save_tokenizer_for_transformers(tokenizer: Tokenizer, folder: Path) -> str:
+    """Save the tokenizer so transformers reads it; returns the transformers class name.
+
+    CLIP's BPE is saved as CLIPTokenizer files. opensd's word tokenizer is saved as a
+    ``tokenizer.json`` with a bos/eos template, read by ``PreTrainedTokenizerFast``.
+    """
+    tokenizer.save(folder)
+    if isinstance(tokenizer, CLIPTokenizer):
+        return "CLIPTokenizer"
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.processors import TemplateProcessing
+
+    backend = Backend.from_file(str(folder / "tokenizer.json"))
+    bos, eos = backend.id_to_token(tokenizer.bos_id), backend.id_to_token(tokenizer.eos_id)
+    backend.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tokenizer.bos_id), (eos, tokenizer.eos_id)]
+    )
+    backend.save(str(folder / "tokenizer.json"))
+    write_json(
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": tokenizer.context_length,
+            "bos_token": bos,
+            "eos_token": eos,
+            "pad_token": backend.id_to_token(tokenizer.pad_id),
+            "unk_token": backend.id_to_token(getattr(tokenizer, "unk_id", tokenizer.pad_id)),
+        },
+        folder / "tokenizer_config.json",
+    )
+    return "PreTrainedTokenizerFast"
+
+
 def save_diffusers(model: StableDiffusion, tokenizer: Tokenizer, folder: str | Path) -> Path:
     """Write a folder that ``diffusers.StableDiffusionPipeline.from_pretrained`` loads offline."""
     folder = Path(folder)
@@ -160,14 +199,17 @@ def save_diffusers(model: StableDiffusion, tokenizer: Tokenizer, folder: str | P
         raise CheckpointError(f"cannot export a folder over the file {folder}")
     cfg = model.cfg
     states = from_original_layout(model)
-    unet_cfg = to_diffusers_unet_config(cfg.unet)
-    unet_cfg["sample_size"] = cfg.latent_size
-    vae_cfg = to_diffusers_vae_config(cfg.vae)
-    vae_cfg["sample_size"] = cfg.image_size
+    unet_cfg = to_diffusers_unet_config(cfg.unet, sample_size=cfg.latent_size)
+    vae_cfg = to_diffusers_vae_config(cfg.vae, sample_size=cfg.image_size)
     writers: dict[str, tuple[dict, str]] = {
         "unet": (unet_cfg, "diffusion_pytorch_model.safetensors"),
         "vae": (vae_cfg, "diffusion_pytorch_model.safetensors"),
-        "text_encoder": (to_transformers_clip_config(cfg.text, tokenizer), "model.safetensors"),
+        "text_encoder": (
+            to_transformers_clip_config(
+                cfg.text, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id
+            ),
+            "model.safetensors",
+        ),
     }
     for comp, (comp_cfg, weights_name) in writers.items():
         write_safetensors(states[comp], folder / comp / weights_name, metadata={"format": "pt"})
@@ -175,8 +217,7 @@ def save_diffusers(model: StableDiffusion, tokenizer: Tokenizer, folder: str | P
     tok_dir = folder / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
-    tokenizer.save(tok_dir)
-    write_json(tokenizer.transformers_config(), tok_dir / "tokenizer_config.json")
+    tokenizer_class = _save_tokenizer_for_transformers(tokenizer, tok_dir)
     sched = {"_class_name": "PNDMScheduler", "_diffusers_version": EXPORTED_DIFFUSERS_VERSION, "skip_prk_steps": True}
     sched.update(cfg.schedule.to_diffusers())
     write_json(sched, folder / "scheduler" / "scheduler_config.json")
@@ -189,7 +230,7 @@ def save_diffusers(model: StableDiffusion, tokenizer: Tokenizer, folder: str | P
             "requires_safety_checker": False,
             "scheduler": ["diffusers", "PNDMScheduler"],
             "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", tokenizer.transformers_class],
+            "tokenizer": ["transformers", tokenizer_class],
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
         },

@@ -49,10 +49,15 @@ class ModelInfo:
         return "\n".join(lines)
 
 
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
+
+
 def _dtypes(f: Path) -> dict[str, int]:
+    """dtype name -> tensor count, read from the file's header without loading tensors."""
     if f.suffix == ".safetensors":
         with safe_open(str(f), "pt") as st:
-            counts = Counter(str(st.get_slice(k).get_dtype()) for k in st.keys())
+            names = (str(st.get_slice(k).get_dtype()) for k in st.keys())
+            counts = Counter(SAFETENSORS_DTYPES.get(n, n.lower()) for n in names)
         return dict(counts)
     from opensd.checkpoints.io import read_weights
 

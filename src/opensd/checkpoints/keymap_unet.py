@@ -43,7 +43,8 @@ _RESBLOCK = {
     "skip_connection": "conv_shortcut",  # only when the channel count changes
 }
 
-# SpatialTransformer submodules (same names in both formats); ``{d}`` is the block index
+# SpatialTransformer submodules (same names in both formats), the second table once per
+# ``transformer_blocks.D``
 _TRANSFORMER = ("norm", "proj_in", "proj_out")
 _TRANSFORMER_BLOCK = (
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -114,7 +115,8 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
                 out |= _transformer(f"output_blocks.{n}.1", f"up_blocks.{b}.attentions.{j}", depth)
                 sub = 2
             if level != 0 and j == nrb:
-                out |= _expand(f"output_blocks.{n}.{sub}", f"up_blocks.{b}.upsamplers.0", {"conv": "conv"})
+                up = f"up_blocks.{b}.upsamplers.0"
+                out |= _expand(f"output_blocks.{n}.{sub}", up, {"conv": "conv"})
             n += 1
     return out
 
@@ -223,71 +225,81 @@ def to_diffusers_unet_config(cfg: UNetConfig, sample_size: int = 64) -> dict[str
     }
 
 
+class DiffusersConfigError(ValueError):
+    """A diffusers U-Net config that opensd's UNetModel cannot represent."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(f"diffusers U-Net config: {msg}")
+
+
 def _as_int_list(value: Any, n: int, name: str) -> list[int]:
     vals = [value] * n if isinstance(value, int) else list(value)
     if len(vals) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        raise ValueError(f"diffusers U-Net config: {name} must be an int or {n} ints, got {value!r}")
+        raise DiffusersConfigError(f"{name} must be an int or {n} ints, got {value!r}")
     return vals
+
+
+def _one_int(d: dict[str, Any], key: str, default: int) -> int:
+    v = d.get(key, default)
+    if isinstance(v, (list, tuple)) and len(set(v)) == 1:
+        v = v[0]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise DiffusersConfigError(f"{key} must be one int (equal on all levels), got {v!r}")
+    return v
+
+
+_KNOWN = (
+    "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+    "layers_per_block", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
+    "attention_head_dim", "use_linear_projection", *_FIXED, *_IGNORED,
+)
 
 
 def from_diffusers_unet_config(d: dict[str, Any]) -> UNetConfig:
     """A :class:`UNetConfig` from a diffusers ``UNet2DConditionModel`` config dict.
 
-    Only the SD 1.x / 2.x family is supported; SDXL-style addition embeddings, class
-    embeddings, other block types etc. raise ``ValueError`` naming the entry.
+    Missing entries take diffusers' defaults. Only the SD 1.x / 2.x family is
+    supported; SDXL-style addition embeddings, class embeddings, other block types
+    etc. raise :class:`DiffusersConfigError` (a ``ValueError``) naming the entry.
     """
-    known = {"in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-             "layers_per_block", "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block",
-             "attention_head_dim", "use_linear_projection", *_FIXED, *_IGNORED}
-    unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
+    unknown = sorted(k for k in d if not k.startswith("_") and k not in _KNOWN)
     if unknown:
-        raise ValueError(f"diffusers U-Net config: unsupported entries {unknown}")
+        raise DiffusersConfigError(f"unsupported entries {unknown}")
     for key, allowed in _FIXED.items():
         if key in d and d[key] not in allowed:
-            raise ValueError(
-                f"diffusers U-Net config: {key}={d[key]!r} is not supported (only {allowed[0]!r}); "
+            raise DiffusersConfigError(
+                f"{key}={d[key]!r} is not supported (only {allowed[0]!r}); "
                 "opensd's UNetModel covers the SD 1.x/2.x architecture"
             )
 
     block_out = list(d.get("block_out_channels", (320, 640, 1280, 1280)))
     n = len(block_out)
+    if n == 0 or not all(isinstance(c, int) and c > 0 for c in block_out):
+        raise DiffusersConfigError(f"block_out_channels must be positive ints, got {block_out}")
+    mc = block_out[0]
+    if any(ch % mc for ch in block_out):
+        raise DiffusersConfigError(f"block_out_channels {block_out} are not multiples of the first, {mc}")
     down = list(d.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)))
     up = list(d.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3))
     if len(down) != n or any(t not in _DOWN.values() for t in down):
-        raise ValueError(
-            f"diffusers U-Net config: down_block_types must be {n} of {sorted(_DOWN.values())}, got {down}"
-        )
+        raise DiffusersConfigError(f"down_block_types must be {n} of {sorted(_DOWN.values())}, got {down}")
     attention_levels = tuple(i for i, t in enumerate(down) if t == _DOWN[True])
     expected_up = [_UP[lv in attention_levels] for lv in reversed(range(n))]
     if up != expected_up:
-        raise ValueError(f"diffusers U-Net config: up_block_types must mirror down_block_types ({expected_up}), got {up}")
-
-    mc = block_out[0]
-    if any(ch % mc for ch in block_out):
-        raise ValueError(f"diffusers U-Net config: block_out_channels {block_out} are not multiples of {mc}")
-    layers = d.get("layers_per_block", 2)
-    depth = d.get("transformer_layers_per_block", 1)
-    if not isinstance(layers, int):
-        raise ValueError(f"diffusers U-Net config: layers_per_block must be one int, got {layers!r}")
-    depths = set(_as_int_list(depth, n, "transformer_layers_per_block"))
-    if len(depths) != 1:
-        raise ValueError(f"diffusers U-Net config: transformer_layers_per_block must be equal on all levels, got {depth!r}")
-    context_dim = d.get("cross_attention_dim", 1280)
-    if not isinstance(context_dim, int):
-        raise ValueError(f"diffusers U-Net config: cross_attention_dim must be one int, got {context_dim!r}")
+        raise DiffusersConfigError(f"up_block_types must mirror down_block_types ({expected_up}), got {up}")
 
     # heads: one count everywhere (SD 1) or one width everywhere (SD 2), judged where used
     heads = _as_int_list(d.get("attention_head_dim", 8), n, "attention_head_dim")
-    used = sorted({*attention_levels, n - 1})
+    used = sorted({*attention_levels, n - 1})  # n - 1: the middle block
     num_heads, head_channels = 8, None
     if len({heads[lv] for lv in used}) == 1:
         num_heads = heads[used[0]]
     else:
         widths = {block_out[lv] // heads[lv] for lv in used}
         if len(widths) != 1 or any(block_out[lv] % heads[lv] for lv in used):
-            raise ValueError(
-                f"diffusers U-Net config: attention_head_dim {heads} gives neither one head count "
-                "nor one head width on all attention levels"
+            raise DiffusersConfigError(
+                f"attention_head_dim {heads} gives neither one head count nor one head width "
+                "on all attention levels"
             )
         head_channels = widths.pop()
 
@@ -296,12 +308,12 @@ def from_diffusers_unet_config(d: dict[str, Any]) -> UNetConfig:
         out_channels=d.get("out_channels", 4),
         model_channels=mc,
         channel_mult=tuple(ch // mc for ch in block_out),
-        num_res_blocks=layers,
+        num_res_blocks=_one_int(d, "layers_per_block", 2),
         attention_levels=attention_levels,
         num_heads=num_heads,
         head_channels=head_channels,
-        transformer_depth=depths.pop(),
-        context_dim=context_dim,
+        transformer_depth=_one_int(d, "transformer_layers_per_block", 1),
+        context_dim=_one_int(d, "cross_attention_dim", 1280),
         norm_groups=d.get("norm_num_groups", 32),
         use_linear_in_transformer=bool(d.get("use_linear_projection", False)),
     )

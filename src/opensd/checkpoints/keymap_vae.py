@@ -68,7 +68,7 @@ def _module_rows(cfg: VAEConfig) -> list[tuple[str, str, tuple[tuple[str, str], 
     for i in range(n):  # decoder level i == diffusers up block n-1-i
         u = n - 1 - i
         for j in range(cfg.num_res_blocks + 1):
-            c_in = (widths[min(i + 1, n - 1)]) if j == 0 else widths[i]
+            c_in = widths[min(i + 1, n - 1)] if j == 0 else widths[i]
             resnet(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{u}.resnets.{j}", c_in, widths[i])
         if i != 0:
             rows.append((f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{u}.upsamplers.0.conv", ()))
@@ -104,8 +104,8 @@ def _check_keys(got: set[str], want: set[str], what: str) -> None:
     missing, unexpected = sorted(want - got), sorted(got - want)
     if missing or unexpected:
         raise ValueError(
-            f"{what}: state dict does not fit the config; missing {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+            f"{what}: state dict does not fit the config; "
+            f"missing {len(missing)} key(s) {missing[:8]}, unexpected {len(unexpected)} key(s) {unexpected[:8]}"
         )
 
 
@@ -118,7 +118,9 @@ def ldm_to_diffusers_vae(state_dict: dict[str, torch.Tensor], cfg: VAEConfig) ->
         t = state_dict[o]
         if needs_reshape(o):
             if t.ndim != 4 or t.shape[2:] != (1, 1):
-                raise ValueError(f"ldm_to_diffusers_vae: {o} should be a (out, in, 1, 1) conv weight, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"ldm_to_diffusers_vae: {o} should be an (out, in, 1, 1) conv weight, got {tuple(t.shape)}"
+                )
             t = t[:, :, 0, 0]  # (out, in, 1, 1) -> (out, in)
         out[d] = t
     return out
@@ -133,7 +135,9 @@ def diffusers_to_ldm_vae(state_dict: dict[str, torch.Tensor], cfg: VAEConfig) ->
         t = state_dict[d]
         if needs_reshape(o):
             if t.ndim != 2:
-                raise ValueError(f"diffusers_to_ldm_vae: {d} should be an (out, in) Linear weight, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"diffusers_to_ldm_vae: {d} should be an (out, in) Linear weight, got {tuple(t.shape)}"
+                )
             t = t[:, :, None, None]  # (out, in) -> (out, in, 1, 1)
         out[o] = t
     return out
@@ -173,10 +177,13 @@ def to_diffusers_vae_config(cfg: VAEConfig, sample_size: int = 512) -> dict[str,
     the weights. Diffusers needs ``ch_mult[0] == 1`` and ``z_channels == embed_dim``.
     """
     if cfg.ch_mult[0] != 1:
-        raise ConfigError(f"to_diffusers_vae_config: diffusers needs ch_mult[0] == 1, got ch_mult={cfg.ch_mult}")
+        raise ConfigError(
+            f"to_diffusers_vae_config: diffusers needs ch_mult[0] == 1, got ch_mult={cfg.ch_mult}"
+        )
     if cfg.z_channels != cfg.embed_dim:
         raise ConfigError(
-            f"to_diffusers_vae_config: diffusers needs z_channels == embed_dim, got {cfg.z_channels} and {cfg.embed_dim}"
+            "to_diffusers_vae_config: diffusers needs z_channels == embed_dim, "
+            f"got {cfg.z_channels} and {cfg.embed_dim}"
         )
     n = len(cfg.ch_mult)
     return {
@@ -213,9 +220,13 @@ def from_diffusers_vae_config(d: dict[str, Any]) -> VAEConfig:
     if n == 0:
         raise ConfigError("from_diffusers_vae_config: block_out_channels is empty")
     if list(c["down_block_types"]) != [_DOWN] * n:
-        raise ConfigError(f"from_diffusers_vae_config: down_block_types must be {n} x {_DOWN!r}, got {c['down_block_types']}")
+        raise ConfigError(
+            f"from_diffusers_vae_config: down_block_types must be {n} x {_DOWN!r}, got {c['down_block_types']}"
+        )
     if list(c["up_block_types"]) != [_UP] * n:
-        raise ConfigError(f"from_diffusers_vae_config: up_block_types must be {n} x {_UP!r}, got {c['up_block_types']}")
+        raise ConfigError(
+            f"from_diffusers_vae_config: up_block_types must be {n} x {_UP!r}, got {c['up_block_types']}"
+        )
     if c["act_fn"] != "silu":
         raise ConfigError(f"from_diffusers_vae_config: only act_fn 'silu' is supported, got {c['act_fn']!r}")
     for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):

@@ -33,6 +33,10 @@ from opensd.models.transformer import SpatialTransformer
 # --------------------------------------------------------------------------- config
 
 
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Shape of the U-Net; field names follow LDM's ``unet_config.params``.
@@ -57,23 +61,24 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("channel_mult", "attention_levels"):  # lists (from JSON) become tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
                      "num_heads", "transformer_depth", "context_dim", "norm_groups"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {v!r}")
-        if self.head_channels is not None and (
-            isinstance(self.head_channels, bool) or not isinstance(self.head_channels, int)
-            or self.head_channels < 1
-        ):
-            raise ValueError(f"UNetConfig.head_channels must be None or a positive integer, got {self.head_channels!r}")
-        if len(self.channel_mult) == 0 or any(
-            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.channel_mult
-        ):
-            raise ValueError(f"UNetConfig.channel_mult must be a non-empty tuple of positive integers, got {self.channel_mult!r}")
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.head_channels is not None and not _positive_int(self.head_channels):
+            raise ValueError(
+                f"UNetConfig.head_channels must be None or a positive integer, got {self.head_channels!r}"
+            )
+        if not self.channel_mult or not all(_positive_int(m) for m in self.channel_mult):
+            raise ValueError(
+                f"UNetConfig.channel_mult must be a non-empty tuple of positive integers, got {self.channel_mult!r}"
+            )
         levels = len(self.channel_mult)
-        if len(set(self.attention_levels)) != len(self.attention_levels) or any(
-            not isinstance(lv, int) or not 0 <= lv < levels for lv in self.attention_levels
+        if len(set(self.attention_levels)) != len(self.attention_levels) or not all(
+            isinstance(lv, int) and 0 <= lv < levels for lv in self.attention_levels
         ):
             raise ValueError(
                 f"UNetConfig.attention_levels must be distinct levels in 0..{levels - 1} "
@@ -85,12 +90,7 @@ class UNetConfig:
                     f"UNetConfig: level {level} has {ch} channels, not divisible by norm_groups={self.norm_groups}"
                 )
         for level in sorted({*self.attention_levels, levels - 1}):  # levels - 1: the middle block
-            ch = self.level_channels[level]
-            self.heads_at(level)  # raises when heads do not divide ch
-            if self.head_channels is None and ch % self.num_heads:
-                raise ValueError(
-                    f"UNetConfig: level {level} has {ch} channels, not divisible by num_heads={self.num_heads}"
-                )
+            self.heads_at(level)  # raises when the heads do not divide the channels
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -105,6 +105,10 @@ class UNetConfig:
         """Attention heads of a transformer at ``level`` (the middle block is the last level)."""
         ch = self.level_channels[level]
         if self.head_channels is None:
+            if ch % self.num_heads:
+                raise ValueError(
+                    f"UNetConfig: level {level} has {ch} channels, not divisible by num_heads={self.num_heads}"
+                )
             return self.num_heads
         if ch % self.head_channels:
             raise ValueError(
@@ -151,7 +155,9 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, add the projected timestep embedding, GroupNorm-SiLU-dropout-conv,
     plus a skip (1x1 conv when the channel count changes). Keys as LDM's ``ResBlock``."""
 
-    def __init__(self, channels: int, out_channels: int, emb_dim: int, groups: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, channels: int, out_channels: int, emb_dim: int, groups: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
             group_norm(channels, groups, eps=1e-5), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
@@ -292,7 +298,9 @@ class UNetModel(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(b)
         if timesteps.shape != (b,):
-            raise ValueError(f"UNetModel: timesteps must be a scalar or ({b},), got {tuple(timesteps.shape)}")
+            raise ValueError(
+                f"UNetModel: timesteps must be a scalar or ({b},), got {tuple(timesteps.shape)}"
+            )
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
             raise ValueError(
                 f"UNetModel: context must be ({b}, L, {cfg.context_dim}), got {tuple(context.shape)}"

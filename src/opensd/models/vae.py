@@ -55,7 +55,8 @@ class VAEConfig:
     shift_factor: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "z_channels", "embed_dim", "norm_groups"):
+        ints = ("in_channels", "out_channels", "ch", "num_res_blocks", "z_channels", "embed_dim", "norm_groups")
+        for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"VAEConfig.{name} must be a positive integer, got {v!r}")
@@ -70,10 +71,12 @@ class VAEConfig:
                     f"VAEConfig: width {c} (ch={self.ch}, ch_mult={self.ch_mult}) is not divisible by "
                     f"norm_groups={self.norm_groups}; ch and every ch * ch_mult[i] must be multiples of it"
                 )
-        if not math.isfinite(self.scale_factor) or self.scale_factor <= 0:
-            raise ValueError(f"VAEConfig.scale_factor must be a finite number > 0, got {self.scale_factor!r}")
-        if not math.isfinite(self.shift_factor):
-            raise ValueError(f"VAEConfig.shift_factor must be finite, got {self.shift_factor!r}")
+        for name in ("scale_factor", "shift_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"VAEConfig.{name} must be a finite number, got {v!r}")
+        if self.scale_factor <= 0:
+            raise ValueError(f"VAEConfig.scale_factor must be > 0, got {self.scale_factor!r}")
 
     @property
     def downsample_factor(self) -> int:
@@ -144,7 +147,9 @@ class DiagonalGaussian:
     def nll(self, sample: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of ``sample`` under q, summed over non-batch dims -> (B,)."""
         if sample.shape != self.mean.shape:
-            raise ValueError(f"DiagonalGaussian.nll: sample shape {tuple(sample.shape)} != {tuple(self.mean.shape)}")
+            raise ValueError(
+                f"DiagonalGaussian.nll: sample shape {tuple(sample.shape)} != mean shape {tuple(self.mean.shape)}"
+            )
         log_two_pi = math.log(2.0 * math.pi)
         return 0.5 * torch.sum(
             log_two_pi + self.logvar + (sample - self.mean).pow(2) / self.var, dim=self._event_dims()
@@ -314,7 +319,8 @@ class Decoder(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 blocks.append(ResnetBlock(block_in, widths[i], g))
                 block_in = widths[i]
-            levels.insert(0, UpLevel(blocks, None if i == 0 else Upsample(block_in)))  # index == level, as in LDM
+            # insert at 0 so that up[i] is level i, as in LDM's checkpoints
+            levels.insert(0, UpLevel(blocks, None if i == 0 else Upsample(block_in)))
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, g, NORM_EPS)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)

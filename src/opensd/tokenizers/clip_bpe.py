@@ -17,6 +17,11 @@ Stable Diffusion pipelines use):
 
 The vocabulary is CLIP's 49408 tokens: 256 byte characters, the same with
 ``</w>``, 48894 merges, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407).
+
+Differences from OpenAI's original tokenizer, shared with transformers: no ftfy text
+repair and no HTML unescaping. Ids equal transformers' for every character the
+installed Python's Unicode tables know (characters newer than those may be
+classified differently, as the tables of the two libraries differ).
 """
 
 from __future__ import annotations
@@ -40,8 +45,13 @@ END_OF_WORD = "</w>"
 CONTEXT_LENGTH = 77
 NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48894 merges of its 16e6 BPE file
 
-# CLIP's pre-tokenization pattern (the special-token alternatives are handled before it).
-_PIECE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+# CLIP's pre-tokenization pattern. Exact special tokens are cut out before it runs; its
+# special-token alternatives still matter for lowercased spellings ("<|ENDOFTEXT|>"),
+# which transformers' ByteLevel pre-tokenizer then splits by GPT-2's pattern (_GPT2_PIECE).
+_PIECE = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+_GPT2_PIECE = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 _WHITESPACE = regex.compile(r"\s+")
 _BPE_CACHE_SIZE = 100_000
 
@@ -51,16 +61,15 @@ def bytes_to_unicode() -> dict[int, str]:
     """Map each of the 256 bytes to a printable unicode character (GPT-2's table).
 
     Printable Latin-1 bytes map to themselves; the other 68 (control, space, ...)
-    map to U+0100 onwards in byte order, so no BPE symbol is whitespace.
+    map to U+0100 onwards in byte order, so no BPE symbol is whitespace. The dict's
+    order (printable bytes first, then the others) is the order of CLIP's first 256
+    token ids: ``!`` is id 0.
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return dict(sorted(table.items()))
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return table
 
 
 def normalize(text: str) -> str:
@@ -278,8 +287,11 @@ class CLIPTokenizer:
         ids: list[int] = []
         unk = self.vocab[self.unk_token]
         for piece in _PIECE.findall(normalize(text)):
-            word = "".join(self._byte_encoder[b] for b in piece.encode("utf-8"))
-            ids += [self.vocab.get(t, unk) for t in self._bpe(word)]
+            # A lowercased special-token spelling is split again (<| endoftext |>), as
+            # transformers' ByteLevel pre-tokenizer does; every other piece stays whole.
+            for sub in _GPT2_PIECE.findall(piece) if piece in (BOS_TOKEN, EOS_TOKEN) else [piece]:
+                word = "".join(self._byte_encoder[b] for b in sub.encode("utf-8"))
+                ids += [self.vocab.get(t, unk) for t in self._bpe(word)]
         return ids
 
     def _bpe(self, word: str) -> list[str]:

@@ -1,1 +1,161 @@
-class WordTokenizer: pass
+"""A small word-level tokenizer for opensd's own text encoders.
+
+CLIP's 49408-token vocabulary costs a small model a 49408 x width embedding table
+it never uses. A caption corpus of a few thousand images needs a vocabulary of one
+or two thousand words; this tokenizer learns it with the ``tokenizers`` library's
+WordLevel model:
+
+- normalization: Unicode NFC, lowercase;
+- pre-tokenization: split on whitespace, every punctuation character and every
+  digit is its own token ("(masterpiece:1.2)" -> ( masterpiece : 1 . 2 ));
+- vocabulary: the special tokens ``<bos>`` ``<eos>`` ``<pad>`` ``<unk>`` (ids 0..3),
+  then the most frequent words; anything else maps to ``<unk>``.
+
+Saved as ``tokenizer.json`` (the ``tokenizers`` format) plus ``opensd_tokenizer.json``
+holding the context length.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as _Backend
+from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+from opensd.tokenizers import TokenizerError, as_text_list, frame
+
+BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
+META_FILE = "opensd_tokenizer.json"
+BACKEND_FILE = "tokenizer.json"
+
+
+def _empty_backend() -> _Backend:
+    """An untrained WordLevel tokenizer with opensd's normalizer and pre-tokenizer."""
+    backend = _Backend(models.WordLevel(unk_token=UNK))
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    return backend
+
+
+class WordTokenizer:
+    """Word-level tokenizer; build with :meth:`train` or :meth:`load`."""
+
+    def __init__(self, backend: _Backend, context_length: int) -> None:
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+            raise TokenizerError(f"context_length must be an integer >= 2, got {context_length!r}")
+        missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+        if missing:
+            raise TokenizerError(f"word tokenizer vocabulary lacks the special token(s) {', '.join(missing)}")
+        self._backend = backend
+        self._context_length = context_length
+
+    @classmethod
+    def train(
+        cls,
+        captions: Iterable[str],
+        vocab_size: int = 2048,
+        context_length: int = 32,
+        min_frequency: int = 1,
+    ) -> WordTokenizer:
+        """Learn the ``vocab_size - 4`` most frequent words (seen >= ``min_frequency`` times).
+
+        The vocabulary may come out smaller when the corpus has fewer distinct words.
+        """
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
+            raise TokenizerError(f"vocab_size must be an integer > {len(SPECIAL_TOKENS)}, got {vocab_size!r}")
+        if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
+            raise TokenizerError(f"min_frequency must be an integer >= 1, got {min_frequency!r}")
+        if isinstance(captions, str):
+            raise TokenizerError("captions must be an iterable of str, not a single str")
+
+        def checked(items: Iterable[str]) -> Iterator[str]:
+            for i, text in enumerate(items):
+                if not isinstance(text, str):
+                    raise TokenizerError(f"captions[{i}] is {type(text).__name__}, expected str")
+                yield text
+
+        backend = _empty_backend()
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            show_progress=False,
+        )
+        backend.train_from_iterator(checked(captions), trainer=trainer)
+        return cls(backend, context_length)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> WordTokenizer:
+        """Read ``tokenizer.json`` + ``opensd_tokenizer.json`` written by :meth:`save`."""
+        d = Path(directory)
+        for name in (BACKEND_FILE, META_FILE):
+            if not (d / name).exists():
+                raise TokenizerError(f"word tokenizer file not found: {d / name}")
+        meta = json.loads((d / META_FILE).read_text())
+        if meta.get("kind") != "word":
+            raise TokenizerError(f"{d / META_FILE}: kind is {meta.get('kind')!r}, expected 'word'")
+        return cls(_Backend.from_file(str(d / BACKEND_FILE)), meta.get("context_length"))
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``opensd_tokenizer.json`` into ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(d / BACKEND_FILE))
+        meta = {"kind": "word", "context_length": self._context_length}
+        (d / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    # ---- the Tokenizer protocol -----------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size()
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def bos_id(self) -> int:
+        return self._backend.token_to_id(BOS)
+
+    @property
+    def eos_id(self) -> int:
+        return self._backend.token_to_id(EOS)
+
+    @property
+    def pad_id(self) -> int:
+        return self._backend.token_to_id(PAD)
+
+    @property
+    def unk_id(self) -> int:
+        return self._backend.token_to_id(UNK)
+
+    def encode(self, text: str) -> list[int]:
+        """Word ids of ``text`` (unknown words -> ``<unk>``), without bos/eos/padding."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """(B, L) long tensor ``[bos, ids..., eos, pad...]``, ids truncated to L - 2."""
+        texts = as_text_list(texts)
+        encoded = [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        length = self._context_length if context_length is None else context_length
+        return frame(encoded, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, context_length=length)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """The words of ``ids`` joined by spaces, bos/eos/pad dropped."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        skip = {self.bos_id, self.eos_id, self.pad_id}
+        return " ".join(self._backend.id_to_token(i) for i in ids if i not in skip)

@@ -1,0 +1,89 @@
+"""One generation request, validated in one place for the Python API, the CLI and the server."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from opensd.diffusion import resolve_sampler
+from opensd.diffusion.registry import SamplerSpec
+from opensd.diffusion.schedules import SigmaSpacing
+
+MAX_SIDE = 4096
+MAX_STEPS = 1000
+MAX_BATCH = 64
+SEED_RANGE = 2**32
+
+
+class RequestError(ValueError):
+    """A generation parameter is out of range; the message names what is allowed."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that decides an image, except the model and the input images."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    karras: bool | None = None
+    cfg_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    width: int = 512
+    height: int = 512
+    seed: int | None = None
+    batch_size: int = 1
+    strength: float = 1.0
+    clip_skip: int = 1
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_sampler(self) -> tuple[SamplerSpec, SigmaSpacing]:
+        return resolve_sampler(self.sampler, self.karras)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(req: GenerationRequest, *, multiple: int = 8, min_side: int = 16) -> None:
+    """Raise :class:`RequestError` naming the first bad parameter and what is allowed."""
+    if not isinstance(req.prompt, str):
+        raise RequestError(f"prompt must be text, got {type(req.prompt).__name__}")
+    if not isinstance(req.negative_prompt, str):
+        raise RequestError(f"negative_prompt must be text, got {type(req.negative_prompt).__name__}")
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        if not _is_int(v):
+            raise RequestError(f"{name} must be an integer, got {v!r}")
+        if v % multiple or not min_side <= v <= MAX_SIDE:
+            raise RequestError(
+                f"{name} must be a multiple of {multiple} between {min_side} and {MAX_SIDE}, got {v}"
+            )
+    if not _is_int(req.steps) or not 1 <= req.steps <= MAX_STEPS:
+        raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, got {req.steps!r}")
+    if not _is_int(req.batch_size) or not 1 <= req.batch_size <= MAX_BATCH:
+        raise RequestError(f"batch_size must be an integer from 1 to {MAX_BATCH}, got {req.batch_size!r}")
+    if not _is_number(req.cfg_scale) or not 0 <= req.cfg_scale <= 100:
+        raise RequestError(f"cfg_scale must be a number from 0 to 100, got {req.cfg_scale!r}")
+    if not _is_number(req.guidance_rescale) or not 0 <= req.guidance_rescale <= 1:
+        raise RequestError(f"guidance_rescale must be in [0, 1], got {req.guidance_rescale!r}")
+    if not _is_number(req.strength) or not 0 <= req.strength <= 1:
+        raise RequestError(f"strength must be in [0, 1], got {req.strength!r}")
+    if req.seed is not None and (not _is_int(req.seed) or not -1 <= req.seed < SEED_RANGE):
+        raise RequestError(f"seed must be an integer from 0 to {SEED_RANGE - 1} (or -1 for random), got {req.seed!r}")
+    if not _is_int(req.clip_skip) or req.clip_skip < 1:
+        raise RequestError(f"clip_skip must be an integer >= 1, got {req.clip_skip!r}")
+    try:
+        spec, _ = req.resolved_sampler()
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    unknown = sorted(set(req.sampler_options) - set(spec.options()))
+    if unknown:
+        allowed = ", ".join(spec.options()) or "none"
+        raise RequestError(f"sampler {spec.id!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}")

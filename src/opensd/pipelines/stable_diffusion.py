@@ -1,0 +1,341 @@
+"""txt2img, img2img and inpainting with any loaded Stable Diffusion model.
+
+The loop (Rombach et al. 2022; Ho & Salimans 2022 for guidance): encode the prompt and
+the negative prompt once; draw the initial noise on the CPU from the seed (so a seed
+gives the same image on any device, as A1111 does); run a sampler on the denoiser
+``U-Net -> classifier-free guidance -> eps/v parameterization``; decode the latent.
+
+img2img starts the same loop part-way, from the encoded image plus noise at the sigma
+that ``strength`` selects. Inpainting with an ordinary model re-imposes the re-noised
+original outside the mask before every network call and in every prediction; a
+9-channel inpainting U-Net also gets the mask and the masked image's latent. The decoded
+result is pasted over the original through the mask, so pixels outside it stay exact.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from opensd.checkpoints import LoadedModel, load_model
+from opensd.diffusion import ClassifierFreeGuidance, Denoiser, DiscreteSchedule, Interrupted
+from opensd.diffusion.schedules import to_vp
+from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_pil, to_tensor
+from opensd.pipelines.infotext import format_infotext
+from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
+
+
+@dataclass
+class StepInfo:
+    """What a per-step callback sees. Return ``False`` from the callback to stop early."""
+
+    step: int  # 1-based index of the step just finished
+    total: int
+    sigma: float
+    latents: torch.Tensor  # (B, C, h, w), k-diffusion space
+    denoised: torch.Tensor  # (B, C, h, w), the current prediction of the clean latent
+
+
+StepCallback = Callable[[StepInfo], Any]
+
+
+@dataclass
+class GenerationResult:
+    """Images plus what produced them (one seed and one infotext per image)."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    interrupted: bool = False
+
+
+class StableDiffusionPipeline:
+    """A loaded model ready to generate. Stateless between calls: safe to share.
+
+    >>> pipe = opensd.load("path/to/model")
+    >>> pipe.txt2img("a red circle above a blue square", seed=1)[0].save("out.png")
+    """
+
+    def __init__(self, loaded: LoadedModel, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        self.loaded = loaded
+        self.model = loaded.model.eval().requires_grad_(False)
+        if device is not None or dtype is not None:
+            self.model.to(device=device, dtype=dtype)
+        self.tokenizer = loaded.tokenizer
+        self.cfg = self.model.cfg
+        self.schedule = DiscreteSchedule(self.cfg.schedule)
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kw: Any) -> "StableDiffusionPipeline":
+        return cls(load_model(path), **kw)
+
+    # ---------------------------------------------------------------- public API
+
+    def txt2img(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        steps: int = 20,
+        sampler: str = "dpmpp_2m",
+        cfg_scale: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        latents: torch.Tensor | None = None,
+        callback: StepCallback | None = None,
+        **options: Any,
+    ) -> list[Image.Image]:
+        """Images for ``prompt``; each carries its A1111 infotext in ``image.info["parameters"]``."""
+        req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, 1.0, options)
+        return self.generate(req, latents=latents, callback=callback).images
+
+    def img2img(
+        self,
+        image: ImageInput,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        strength: float = 0.75,
+        steps: int = 20,
+        sampler: str = "dpmpp_2m",
+        cfg_scale: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        callback: StepCallback | None = None,
+        **options: Any,
+    ) -> list[Image.Image]:
+        """Modify ``image`` toward ``prompt``; ``strength`` 0 keeps it, 1 replaces it."""
+        image = load_image(image)
+        width, height = self._size_for(image, width, height)
+        req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
+        return self.generate(req, init_image=image, callback=callback).images
+
+    def inpaint(
+        self,
+        image: ImageInput,
+        mask: ImageInput,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        strength: float = 1.0,
+        steps: int = 20,
+        sampler: str = "dpmpp_2m",
+        cfg_scale: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        callback: StepCallback | None = None,
+        **options: Any,
+    ) -> list[Image.Image]:
+        """Repaint the white part of ``mask`` (same size as ``image``) following ``prompt``."""
+        image = load_image(image)
+        mask = load_image(mask, what="mask")
+        if mask.size != image.size:
+            raise RequestError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}; they must be the same size")
+        width, height = self._size_for(image, width, height)
+        req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
+        return self.generate(req, init_image=image, mask=mask, callback=callback).images
+
+    # ---------------------------------------------------------------- the loop
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        *,
+        init_image: Image.Image | None = None,
+        mask: Image.Image | None = None,
+        latents: torch.Tensor | None = None,
+        callback: StepCallback | None = None,
+    ) -> GenerationResult:
+        """Run one validated request. ``latents`` (B, C, h, w) replaces the seeded noise."""
+        validate(req, multiple=8, min_side=max(8, self.cfg.vae.downsample_factor))
+        if req.clip_skip > self.cfg.text.layers:
+            raise RequestError(f"clip_skip must be at most {self.cfg.text.layers} for this model, got {req.clip_skip}")
+        if mask is not None and init_image is None:
+            raise RequestError("a mask needs an image to inpaint")
+        spec, spacing = req.resolved_sampler()
+        dev, dtype = self.model.device, self.model.dtype
+        f = self.cfg.vae.downsample_factor
+        shape = (req.batch_size, self.cfg.vae.embed_dim, req.height // f, req.width // f)
+        seeds = self._seeds(req.seed, req.batch_size)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+        with torch.inference_mode():
+            # Text: encoded once per call, never per step.
+            cond = self.encode_prompt([req.prompt], req.clip_skip).expand(req.batch_size, -1, -1)
+            extra: dict[str, Any] = {"cond": {"context": cond}}
+            if req.cfg_scale != 1.0:
+                uncond = self.encode_prompt([req.negative_prompt], req.clip_skip).expand(req.batch_size, -1, -1)
+                extra["uncond"] = {"context": uncond}
+
+            init_latent = inpaint_concat = latent_mask = None
+            if init_image is not None:
+                pixels = to_tensor(init_image, req.width, req.height).to(dev, dtype)
+                posterior = self.model.vae.encode(pixels)
+                # One posterior draw per image, from that image's seed (diffusers draws it first too).
+                eps = torch.cat([torch.randn(posterior.mean.shape, generator=g) for g in gens]).to(dev, dtype)
+                init_latent = self.model.vae.to_latent(posterior.mean + posterior.std * eps)
+                if mask is not None:
+                    m = mask_to_tensor(mask, req.width, req.height).to(dev, dtype)
+                    latent_mask = torch.nn.functional.interpolate(m, size=shape[2:], mode="nearest").expand(req.batch_size, -1, -1, -1)
+                    if self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
+                        masked = self.model.vae.to_latent(self.model.vae.encode(pixels * (m < 0.5)).mode())
+                        inpaint_concat = torch.cat([latent_mask, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
+
+            if latents is not None:
+                if tuple(latents.shape) != shape:
+                    raise RequestError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+                noise = latents.to(dev, torch.float32)
+            else:
+                noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(dev)
+
+            sigmas = self._sigmas(req, spec, spacing)
+            denoiser = Denoiser(self._network(inpaint_concat, req), self.schedule).with_quantize_t(
+                spec.rule.quantize_t(spacing)
+            )
+            if latent_mask is not None and inpaint_concat is None:
+                denoiser = _MaskedDenoiser(denoiser, init_latent, noise, latent_mask)
+
+            if sigmas is None:  # strength too small for a single step: keep the image
+                result, interrupted = init_latent, False
+            else:
+                x = noise.to(dtype) * _initial_scale(sigmas[0].item())
+                if init_latent is not None:
+                    x = init_latent + noise.to(dtype) * sigmas[0].item()
+                state = {"denoised": None}
+                step_cb = self._step_callback(callback, len(sigmas) - 1, state)
+                sampler_gen = torch.Generator("cpu").manual_seed((seeds[0] + 0x5EED) % SEED_RANGE)
+                try:
+                    x = spec.fn(denoiser, x, sigmas.to(dev), extra_args=extra, callback=step_cb,
+                                generator=sampler_gen, **req.sampler_options)
+                    result, interrupted = to_vp(x, sigmas[-1]), False
+                except Interrupted:
+                    result, interrupted = state["denoised"], True
+                    if result is None:
+                        result = init_latent if init_latent is not None else noise * 0
+            if latent_mask is not None and inpaint_concat is None:
+                result = latent_mask * result + (1 - latent_mask) * init_latent
+            decoded = self.model.vae.decode(self.model.vae.from_latent(result.to(dtype)))
+            if mask is not None:
+                # As A1111 does: outside the mask, the original pixels, exactly.
+                decoded = m * decoded + (1 - m) * pixels
+            images = to_pil(decoded)
+
+        infotexts = [self.infotext(req, s) for s in seeds]
+        for im, text in zip(images, infotexts):
+            im.info["parameters"] = text
+        return GenerationResult(images, seeds, infotexts, interrupted)
+
+    # ---------------------------------------------------------------- pieces
+
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+        """(B, L, width) text embeddings; ``clip_skip`` 2 uses the penultimate layer (A1111)."""
+        ids = self.tokenizer(prompts).to(self.model.device)
+        return self.model.text_encoder(ids, skip_layers=clip_skip - 1)
+
+    def infotext(self, req: GenerationRequest, seed: int) -> str:
+        spec, spacing = req.resolved_sampler()
+        params = {
+            "Steps": req.steps,
+            "Sampler": spec.a1111_name,
+            "Schedule type": {"default": "Automatic"}.get(spacing.value, spacing.value.capitalize()),
+            "CFG scale": req.cfg_scale,
+            "Seed": seed,
+            "Size": f"{req.width}x{req.height}",
+            "Model hash": self.loaded.hash,
+            "Model": self.loaded.name,
+            "Denoising strength": req.strength if req.strength < 1.0 else None,
+            "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+            "CFG Rescale phi": req.guidance_rescale or None,
+        }
+        return format_infotext(req.prompt, req.negative_prompt, params)
+
+    def _network(self, concat: torch.Tensor | None, req: GenerationRequest) -> Callable[..., torch.Tensor]:
+        unet = self.model.unet
+
+        def unet_fn(x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            if concat is not None:  # (2B or B, 4+1+4, h, w) for 9-channel inpainting U-Nets
+                c = concat.repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)
+                x_in = torch.cat([x_in, c.to(x_in)], dim=1)
+            return unet(x_in, t.to(x_in.dtype), context)
+
+        return ClassifierFreeGuidance(unet_fn, req.cfg_scale, req.guidance_rescale)
+
+    def _sigmas(self, req: GenerationRequest, spec, spacing) -> torch.Tensor | None:
+        if req.strength < 1.0 and int(req.steps * req.strength) < 1:
+            return None
+        return self.schedule.sigmas_for(req.steps, spacing, rule=spec.rule, strength=req.strength)
+
+    def _step_callback(self, callback: StepCallback | None, total: int, state: dict):
+        def step_cb(d: dict) -> None:
+            state["denoised"] = d["denoised"]
+            if callback is not None:
+                info = StepInfo(d["i"] + 1, total, float(d["sigma"]), d["x"], d["denoised"])
+                if callback(info) is False:
+                    raise Interrupted(step=d["i"] + 1)
+
+        return step_cb
+
+    def _seeds(self, seed: int | None, n: int) -> list[int]:
+        if seed is None or seed == -1:
+            seed = random.randrange(SEED_RANGE)
+        return [(seed + i) % SEED_RANGE for i in range(n)]
+
+    def _size_for(self, image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
+        """Default output size: the image's, rounded down to a multiple of 8."""
+        if width is None:
+            width = max(8, image.size[0] // 8 * 8)
+        if height is None:
+            height = max(8, image.size[1] // 8 * 8)
+        return width, height
+
+    def _request(self, prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options) -> GenerationRequest:
+        karras = options.pop("karras", None)
+        rescale = options.pop("guidance_rescale", 0.0)
+        clip_skip = options.pop("clip_skip", 1)
+        return GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            sampler=sampler,
+            karras=karras,
+            cfg_scale=cfg_scale,
+            guidance_rescale=rescale,
+            width=self.cfg.image_size if width is None else width,
+            height=self.cfg.image_size if height is None else height,
+            seed=seed,
+            batch_size=batch_size,
+            strength=strength,
+            clip_skip=clip_skip,
+            sampler_options=options,
+        )
+
+
+def _initial_scale(sigma_max: float) -> float:
+    """Scale of unit noise at the first sigma: the std of ``x = x0 + sigma eps`` for unit-variance
+    latents, ``sqrt(sigma^2 + 1)``, which is where diffusers' schedulers start too."""
+    return (sigma_max**2 + 1.0) ** 0.5
+
+
+class _MaskedDenoiser:
+    """Inpainting with an ordinary model: outside the mask, the latent is the original
+    re-noised to the current sigma before each call, and the prediction is the original."""
+
+    def __init__(self, inner: Callable[..., torch.Tensor], init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
+        self.inner, self.init, self.noise, self.mask = inner, init, noise.to(init), mask
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **kw: Any) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+        known = self.init + self.noise * s
+        x = self.mask * x + (1 - self.mask) * known
+        return self.mask * self.inner(x, sigma, **kw) + (1 - self.mask) * self.init

@@ -1,0 +1,243 @@
+"""The shapes-world benchmark: fixed, seeded GenEval-style prompt suites.
+
+Three suites, each a tuple of :class:`BenchmarkPrompt` (text, spec, category):
+
+* :func:`benchmark_suite` — the test suite, ``per_category`` prompts in each of
+  GenEval's six categories (Ghosh et al. 2023), in-distribution: no prompt states a
+  combination that ``DEFAULT_HOLDOUT`` keeps out of training;
+* :func:`validation_suite` — the same recipe with another seed and no text in
+  common with the benchmark, for checkpoint selection;
+* :func:`holdout_suite` — only prompts that state a held-out combination (a
+  held-out colour-shape pair or relation), in the four categories that can state
+  one (colors, counting, color_attr, position), to measure compositional
+  generalisation.
+
+Prompts follow GenEval's shapes per category (single_object: one shape;
+two_objects: two different shapes; counting: 2-4 of one shape; colors: one
+coloured shape; position: two objects and a relation; color_attr: two different
+shapes in two different colours). Beyond GenEval a prompt may state sizes and a
+background (checked when stated), and counting / position prompts may state
+colours, so every category has a few hundred distinct texts. The texts come from
+the training caption grammar (:func:`opensd.data.shapes.caption`). Score each prompt
+with ``IMAGES_PER_PROMPT`` images (GenEval uses 4).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+
+from PIL import Image
+
+from opensd.data.shapes import (
+    BACKGROUNDS,
+    DEFAULT_HOLDOUT,
+    PALETTE,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Holdout,
+    ObjectSpec,
+    PromptSpec,
+    caption,
+    distinguishable,
+    realize,
+    render,
+)
+from opensd.eval.scorer import CATEGORIES, category_of
+
+
+class PromptSuiteError(ValueError):
+    """A suite cannot be built as asked (unknown category, too many prompts)."""
+
+
+IMAGES_PER_PROMPT = 4
+BENCHMARK_SEED = 2023
+VALIDATION_SEED = 7
+HOLDOUT_SEED = 11
+HOLDOUT_CATEGORIES: tuple[str, ...] = ("colors", "counting", "color_attr", "position")
+
+
+@dataclass(frozen=True)
+class BenchmarkPrompt:
+    """A prompt text, the spec it states, and its GenEval category."""
+
+    text: str
+    spec: PromptSpec
+    category: str
+
+
+def _opt(rng: random.Random, p: float, choices: tuple[str, ...]) -> str | None:
+    return rng.choice(choices) if rng.random() < p else None
+
+
+def _draw(category: str, rng: random.Random) -> PromptSpec:
+    """One spec of ``category`` (holdout not applied)."""
+    colors, sizes = tuple(PALETTE), tuple(SIZES)
+    bg = _opt(rng, 0.2, tuple(BACKGROUNDS))
+    if category == "single_object":
+        return PromptSpec((ObjectSpec(rng.choice(SHAPES), None, _opt(rng, 0.3, sizes)),), None, bg)
+    if category == "colors":
+        return PromptSpec((ObjectSpec(rng.choice(SHAPES), rng.choice(colors), _opt(rng, 0.3, sizes)),), None, bg)
+    if category == "counting":
+        o = ObjectSpec(rng.choice(SHAPES), _opt(rng, 0.3, colors), _opt(rng, 0.2, sizes), rng.choice((2, 3, 4)))
+        return PromptSpec((o,), None, bg)
+    if category in ("two_objects", "color_attr"):
+        s1, s2 = rng.sample(SHAPES, 2)
+        c1, c2 = rng.sample(colors, 2) if category == "color_attr" else (None, None)
+        a = ObjectSpec(s1, c1, _opt(rng, 0.2, sizes))
+        b = ObjectSpec(s2, c2, _opt(rng, 0.2, sizes))
+        return PromptSpec((a, b), None, bg)
+    if category == "position":
+        while True:
+            c = tuple(rng.sample(colors, 2)) if rng.random() < 0.5 else (None, None)
+            a = ObjectSpec(rng.choice(SHAPES), c[0], _opt(rng, 0.2, sizes))
+            b = ObjectSpec(rng.choice(SHAPES), c[1], _opt(rng, 0.2, sizes))
+            if distinguishable(a, b):
+                return PromptSpec((a, b), rng.choice(RELATIONS), bg)
+    raise PromptSuiteError(f"unknown category {category!r}; allowed: {', '.join(CATEGORIES)}")
+
+
+def sample_category_spec(
+    category: str, rng: random.Random, holdout: Holdout = DEFAULT_HOLDOUT, held_out: bool = False
+) -> PromptSpec:
+    """A random spec of ``category``: avoiding ``holdout`` or, with ``held_out``, touching it."""
+    if held_out and category not in HOLDOUT_CATEGORIES:
+        allowed = ", ".join(HOLDOUT_CATEGORIES)
+        raise PromptSuiteError(f"{category} prompts state no colour or relation; held-out categories: {allowed}")
+    if held_out and not (holdout.color_shapes or holdout.relations):
+        raise PromptSuiteError("the holdout is empty: there are no held-out prompts")
+    for _ in range(100_000):
+        spec = _draw(category, rng)
+        blocked = any(holdout.blocks_object(o.color, o.shape) for o in spec.objects)
+        if held_out and category != "position" and not blocked:
+            # draw a held-out pair directly: rejection alone would be slow
+            if not holdout.color_shapes:
+                continue
+            color, shape = rng.choice(holdout.color_shapes)
+            first = spec.objects[0]
+            objs = (ObjectSpec(shape, color, first.size, first.count), *spec.objects[1:])
+            if len(objs) == 2 and (objs[0].color == objs[1].color or objs[0].shape == objs[1].shape):
+                continue  # two_objects / color_attr need two shapes in two colours
+            if len(objs) == 2 and rng.random() < 0.5:
+                objs = objs[::-1]
+            spec = PromptSpec(objs, spec.relation, spec.background)
+        if holdout.touches(spec) == held_out:
+            assert category_of(spec) == category
+            return spec
+    raise PromptSuiteError(f"could not draw a {category} spec with held_out={held_out} for {holdout}")
+
+
+def _suite(
+    seed: int,
+    per_category: int,
+    categories: tuple[str, ...],
+    holdout: Holdout,
+    held_out: bool,
+    exclude: frozenset[str] = frozenset(),
+) -> tuple[BenchmarkPrompt, ...]:
+    if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1:
+        raise PromptSuiteError(f"per_category must be an integer >= 1, got {per_category!r}")
+    out: list[BenchmarkPrompt] = []
+    for category in categories:
+        rng = random.Random(f"opensd-prompts:{seed}:{category}")
+        texts: set[str] = set()
+        tries = 0
+        while len(texts) < per_category:
+            tries += 1
+            if tries > 200 * per_category:
+                raise PromptSuiteError(f"only {len(texts)} distinct {category} prompts found; ask for fewer")
+            spec = sample_category_spec(category, rng, holdout, held_out)
+            text = caption(spec, rng)
+            if text in texts or text in exclude:
+                continue
+            texts.add(text)
+            out.append(BenchmarkPrompt(text, spec, category))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=8)
+def benchmark_suite(per_category: int = 100, seed: int = BENCHMARK_SEED) -> tuple[BenchmarkPrompt, ...]:
+    """The fixed test suite: ``per_category`` distinct prompts per GenEval category, none held out."""
+    return _suite(seed, per_category, CATEGORIES, DEFAULT_HOLDOUT, held_out=False)
+
+
+@functools.lru_cache(maxsize=8)
+def validation_suite(per_category: int = 100, seed: int = VALIDATION_SEED) -> tuple[BenchmarkPrompt, ...]:
+    """The checkpoint-selection suite: like the benchmark, another seed, no prompt text in common with it."""
+    if seed == BENCHMARK_SEED:
+        raise PromptSuiteError(f"the validation seed must differ from the benchmark seed {BENCHMARK_SEED}")
+    exclude = frozenset(p.text for p in benchmark_suite())
+    return _suite(seed, per_category, CATEGORIES, DEFAULT_HOLDOUT, held_out=False, exclude=exclude)
+
+
+@functools.lru_cache(maxsize=8)
+def holdout_suite(
+    holdout: Holdout = DEFAULT_HOLDOUT, per_category: int = 100, seed: int = HOLDOUT_SEED
+) -> tuple[BenchmarkPrompt, ...]:
+    """Only prompts that state a combination ``holdout`` keeps out of training (see module doc)."""
+    return _suite(seed, per_category, HOLDOUT_CATEGORIES, holdout, held_out=True)
+
+
+def ground_truth_images(
+    prompts: tuple[BenchmarkPrompt, ...] | list[BenchmarkPrompt],
+    size: int = 64,
+    seed: int = 0,
+    holdout: Holdout | None = DEFAULT_HOLDOUT,
+) -> list[Image.Image]:
+    """One rendered scene per prompt that makes it exactly true (the scorer's upper bound).
+
+    Prompt ``i``'s scene is drawn with ``random.Random(f"{seed}:{i}")``; unstated
+    colours avoid ``holdout``'s pairs (pass None for the holdout suite).
+    """
+    return [render(realize(p.spec, random.Random(f"{seed}:{i}"), size, holdout)) for i, p in enumerate(prompts)]
+
+
+def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
+    """The scorer's validation table, one line per setting (``python -m opensd.eval.prompts``).
+
+    Ground-truth images of the benchmark at each size, after a bicubic
+    size -> size/2 -> size round trip, with Gaussian noise (sigma 4/255), both, and
+    judged against shuffled specs (chance); plus the validation and holdout suites.
+    """
+    import numpy as np
+
+    from opensd.eval.scorer import score_images
+
+    rng = np.random.default_rng(0)
+
+    def round_trip(im: Image.Image) -> Image.Image:
+        half = (im.size[0] // 2, im.size[1] // 2)
+        return im.resize(half, Image.BICUBIC).resize(im.size, Image.BICUBIC)
+
+    def noisy(im: Image.Image) -> Image.Image:
+        arr = np.asarray(im, np.float32) + rng.normal(0, 4, (im.size[1], im.size[0], 3))
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+    lines = []
+
+    def row(name: str, prompts, images) -> None:
+        r = score_images([(im, p.spec) for im, p in zip(images, prompts)])
+        accs = "  ".join(f"{c} {a:.3f}" for c, a in r["accuracy"].items())
+        lines.append(f"{name:30s} overall {r['overall']:.3f}  {accs}")
+
+    bench = benchmark_suite()
+    perm = list(range(len(bench)))
+    random.Random(0).shuffle(perm)
+    for size in sizes:
+        imgs = ground_truth_images(bench, size)
+        row(f"benchmark {size} px", bench, imgs)
+        row(f"  bicubic {size}->{size // 2}->{size}", bench, [round_trip(i) for i in imgs])
+        row("  noise sigma 4/255", bench, [noisy(i) for i in imgs])
+        row("  round trip + noise", bench, [noisy(round_trip(i)) for i in imgs])
+        row("  shuffled specs (chance)", bench, [imgs[j] for j in perm])
+    val, held = validation_suite(), holdout_suite()
+    row("validation suite 64 px", val, ground_truth_images(val, 64, seed=1))
+    row("holdout suite 64 px", held, ground_truth_images(held, 64, seed=2, holdout=None))
+    return lines
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for line in validate_scorer():
+        print(line)

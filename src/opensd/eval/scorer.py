@@ -1,0 +1,396 @@
+"""An exact GenEval-style scorer for the shapes world (numpy + PIL, no torch).
+
+GenEval (Ghosh et al. 2023, "GenEval: An Object-Focused Framework for Evaluating
+Text-to-Image Alignment") detects objects in a generated image and checks the
+prompt's objects, counts, colours and positions. In the shapes world the detector
+is exact geometry instead of a learned model:
+
+1. **Colour.** Every pixel gets opponent coordinates ``a = R - (G + B) / 2``,
+   ``b = sqrt(3) / 2 * (G - B)``, chroma ``|(a, b)|`` and hue ``atan2(b, a)``.
+   Blending a colour with any neutral (white, black, gray: the backgrounds, and the
+   anti-aliased or blurred edges on them) scales chroma and keeps hue exactly, so a
+   pixel with chroma >= ``CHROMA_MIN`` takes the palette colour of nearest hue.
+   The background is the neutral pixels' median level, nearest of BACKGROUNDS.
+2. **Objects.** 8-connected components of same-colour pixels (a union-find in
+   numpy). Each gets its core chroma (the median of its pixels above 0.75 of the
+   90th percentile: the flat interior) and a coverage map ``alpha = chroma / core``;
+   components are split again at ``alpha >= 0.5`` so objects that blur together
+   separate. Components under ``MIN_AREA_FRAC`` of the image, or whose 90th
+   percentile chroma is weak (< ``CORE_CHROMA_MIN``), are dropped.
+3. **Shape, size, place** from the coverage map: width and height are the sums of
+   the column- and row-maxima of alpha (sub-pixel), fill = area / (width x height)
+   (square 1, circle pi/4, triangle 1/2), and a triangle's area centroid sits h/6
+   below its box centre. Size is small/large by the box extent against
+   ``SIZE_SPLIT`` of the side; the box feeds GenEval's relation rule
+   (:func:`opensd.data.shapes.relations_between`).
+
+:func:`judge` then applies GenEval's rules per category (see its docstring), and
+:func:`score_images` averages: per-category accuracy over images, overall = mean of
+the category accuracies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from opensd.data.shapes import (
+    BACKGROUNDS,
+    PALETTE,
+    PLURALS,
+    SIZES,
+    ObjectSpec,
+    PromptSpec,
+    relations_between,
+)
+
+
+class ScorerError(ValueError):
+    """Bad input to the scorer (not an image, wrong shape or dtype, bad spec)."""
+
+
+CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+CHROMA_MIN = 40.0  # opponent chroma (0..~255) below which a pixel is neutral
+CORE_CHROMA_MIN = 70.0  # an object's 90th-percentile chroma must reach this
+HUE_TOL = 20.0  # degrees: an object whose mean hue is further from every palette hue has colour None
+MIN_AREA_FRAC = 0.01  # of the image area; the smallest object (small triangle) covers 0.034
+SIZE_SPLIT = math.sqrt(4 * SIZES["small"] * SIZES["large"])  # geometric mean of the two box extents
+SQUARE_FILL = 0.89  # fill >= this: square (1.0); circle is pi / 4
+CIRCLE_FILL = 0.66  # fill >= this (and no shift): circle; below: nothing we know
+TRIANGLE_SHIFT = 0.05  # |area centroid - box centre| / height over this: triangle (1/6; circles, squares 0)
+BACKGROUND_TOL = 48.0  # neutral median level further than this from every background: None
+
+
+def _opponent(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) opponent coordinates of float RGB (..., 3)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return r - (g + b) / 2, (math.sqrt(3) / 2) * (g - b)
+
+
+_PALETTE_NAMES = tuple(PALETTE)
+_PALETTE_HUES = np.array(
+    [math.degrees(math.atan2(*_opponent(np.array(c, np.float64))[::-1])) % 360 for c in PALETTE.values()]
+)
+
+
+def _hue_distance(h: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    d = np.abs(h - ref) % 360
+    return np.minimum(d, 360 - d)
+
+
+# nearest palette colour per half-degree hue bin: pixel labelling is a table look-up
+_HUE_LUT = _hue_distance((np.arange(720)[:, None] + 0.5) / 2, _PALETTE_HUES).argmin(axis=1).astype(np.int8)
+
+
+# ----------------------------------------------------------------------------- connected components
+
+def label_components(mask: np.ndarray, key: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """8-connected components of boolean ``mask`` (H, W); with ``key``, neighbours join only if keys are equal.
+
+    Returns (labels (H, W) int32 with -1 off the mask and 0..n-1 on it, n). A
+    union-find over neighbour pairs with hooking to the smaller root and pointer
+    jumping, all in numpy.
+    """
+    if mask.ndim != 2:
+        raise ScorerError(f"mask must be 2-D, got shape {mask.shape}")
+    h, w = mask.shape
+    flat = mask.ravel()
+    idx = np.flatnonzero(flat)
+    labels = np.full(h * w, -1, np.int32)
+    if idx.size == 0:
+        return labels.reshape(h, w), 0
+    k = None if key is None else key.ravel()
+    col = idx % w
+    src, dst = [], []
+    for off, ok in ((1, col < w - 1), (w, None), (w + 1, col < w - 1), (w - 1, col > 0)):
+        j = idx + off
+        keep = j < h * w if ok is None else (j < h * w) & ok
+        s, t = idx[keep], j[keep]
+        keep = flat[t]
+        if k is not None:
+            keep &= k[s] == k[t]
+        src.append(s[keep])
+        dst.append(t[keep])
+    pos = np.empty(h * w, np.int64)
+    pos[idx] = np.arange(idx.size)  # pixel -> compact node id
+    a, b = pos[np.concatenate(src)], pos[np.concatenate(dst)]
+    parent = np.arange(idx.size)
+    while True:
+        pa, pb = parent[a], parent[b]
+        diff = pa != pb
+        if not diff.any():
+            break
+        np.minimum.at(parent, np.maximum(pa[diff], pb[diff]), np.minimum(pa[diff], pb[diff]))
+        while True:  # pointer jumping until every node points at its root
+            nxt = parent[parent]
+            if np.array_equal(nxt, parent):
+                break
+            parent = nxt
+    roots, inverse = np.unique(parent, return_inverse=True)
+    labels[idx] = inverse
+    return labels.reshape(h, w), len(roots)
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    """3x3 binary dilation."""
+    v = m.copy()
+    v[1:] |= m[:-1]
+    v[:-1] |= m[1:]
+    out = v.copy()
+    out[:, 1:] |= v[:, :-1]
+    out[:, :-1] |= v[:, 1:]
+    return out
+
+
+# ----------------------------------------------------------------------------- parsing an image
+
+@dataclass(frozen=True)
+class DetectedObject:
+    """One object read from an image. Lengths in pixels; ``area`` in fractions of the image.
+
+    ``shape`` / ``color`` are None when the geometry / hue fits nothing in the world.
+    """
+
+    shape: str | None
+    color: str | None
+    size: str
+    box: tuple[float, float, float, float]
+    center: tuple[float, float]
+    area: float
+    fill: float
+    hue: float
+
+    def describe(self) -> str:
+        return f"{self.size} {self.color or 'off-palette'} {self.shape or 'blob'}"
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """All objects of an image and its background (None if no neutral dominates)."""
+
+    objects: tuple[DetectedObject, ...]
+    background: str | None
+
+
+def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), np.float32)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ScorerError(f"an array image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        return image.astype(np.float32)
+    raise ScorerError(f"image must be a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
+
+
+def _classify_shape(fill: float, shift: float, aspect: float) -> str | None:
+    """square (fill 1), triangle (centroid shifted by h/6), circle (fill pi/4), or None."""
+    if not 0.6 <= aspect <= 1 / 0.6:
+        return None
+    if fill >= SQUARE_FILL:
+        return "square"
+    if abs(shift) >= TRIANGLE_SHIFT:
+        return "triangle"
+    if fill >= CIRCLE_FILL:
+        return "circle"
+    return None
+
+
+def _measure(
+    alpha: np.ndarray,
+    strong: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    x0: int,
+    y0: int,
+    side: float,
+    image_area: float,
+) -> DetectedObject:
+    """Features of one object from its coverage crop ``alpha`` (h, w) at offset (x0, y0)."""
+    area = float(alpha.sum())
+    clipped = np.minimum(alpha, 1.0)
+    colprof, rowprof = clipped.max(axis=0), clipped.max(axis=1)  # (w,), (h,)
+    width, height = float(colprof.sum()), float(rowprof.sum())
+    xs, ys = np.arange(alpha.shape[1]) + 0.5, np.arange(alpha.shape[0]) + 0.5
+    bx = float(xs @ colprof) / width + x0  # box centre: centre of the max-coverage profiles
+    by = float(ys @ rowprof) / height + y0
+    cx = float(alpha.sum(axis=0) @ xs) / area + x0  # area centroid
+    cy = float(alpha.sum(axis=1) @ ys) / area + y0
+    fill = area / (width * height)
+    shape = _classify_shape(fill, (cy - by) / height, width / height)
+    hue = math.degrees(math.atan2(float(b[strong].mean()), float(a[strong].mean()))) % 360
+    dist = _hue_distance(np.float64(hue), _PALETTE_HUES)
+    color = _PALETTE_NAMES[int(dist.argmin())] if dist.min() <= HUE_TOL else None
+    size = "large" if max(width, height) / side >= SIZE_SPLIT else "small"
+    box = (bx - width / 2, by - height / 2, bx + width / 2, by + height / 2)
+    return DetectedObject(shape, color, size, box, (cx, cy), area / image_area, fill, hue)
+
+
+def parse(image: Image.Image | np.ndarray) -> Parsed:
+    """Read every object of a shapes-world image (PIL or uint8 (H, W, 3) array)."""
+    rgb = _as_array(image)  # (H, W, 3) float32
+    h, w = rgb.shape[:2]
+    if min(h, w) < 8:
+        raise ScorerError(f"image is too small to score: {w}x{h}")
+    a, b = _opponent(rgb)
+    chroma = np.hypot(a, b)
+    coloured = chroma >= CHROMA_MIN
+    hue = np.degrees(np.arctan2(b[coloured], a[coloured])) % 360
+    nearest = np.full((h, w), -1, np.int8)  # (H, W) palette index of the nearest hue, -1 if neutral
+    nearest[coloured] = _HUE_LUT[(hue * 2).astype(np.int64) % 720]
+
+    neutral = rgb[~coloured].mean(axis=-1) if (~coloured).any() else np.empty(0)
+    background = None
+    if neutral.size:
+        level = float(np.median(neutral))
+        name, ref = min(BACKGROUNDS.items(), key=lambda kv: abs(kv[1][0] - level))
+        background = name if abs(ref[0] - level) <= BACKGROUND_TOL else None
+
+    labels, n = label_components(coloured, nearest)
+    min_px = MIN_AREA_FRAC * h * w
+    counts = np.bincount(labels[labels >= 0], minlength=n)
+    side = math.sqrt(h * w)
+    objects = []
+    for comp in np.flatnonzero(counts >= min_px):
+        ys, xs = np.nonzero(labels == comp)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        mask = labels[y0:y1, x0:x1] == comp
+        ch = chroma[y0:y1, x0:x1]
+        vals = ch[mask]
+        top = float(np.percentile(vals, 90))
+        if top < CORE_CHROMA_MIN:
+            continue
+        core = float(np.median(vals[vals >= 0.75 * top]))  # the flat interior's chroma, noise averaged out
+        alpha = np.where(mask, ch / core, 0).astype(np.float32)  # unclipped: sums keep blurred mass
+        sub, m = label_components(alpha >= 0.5)  # split objects that blurred together
+        for s in range(m):
+            strong = sub == s
+            if strong.sum() < min_px / 2:
+                continue
+            support = _dilate(strong) & mask if m > 1 else mask
+            obj = _measure(
+                np.where(support, alpha, 0), strong, a[y0:y1, x0:x1], b[y0:y1, x0:x1], x0, y0, side, h * w
+            )
+            if obj.area * h * w >= min_px:
+                objects.append(obj)
+    objects.sort(key=lambda o: (o.center[1], o.center[0]))
+    return Parsed(tuple(objects), background)
+
+
+# ----------------------------------------------------------------------------- judging
+
+def category_of(spec: PromptSpec) -> str:
+    """The GenEval category a spec belongs to.
+
+    One group: ``counting`` if it asks for 2+ objects, else ``colors`` if it states a
+    colour, else ``single_object``. Two groups: ``position`` with a relation, else
+    ``color_attr`` if a colour is stated, else ``two_objects``.
+    """
+    if not isinstance(spec, PromptSpec):
+        raise ScorerError(f"spec must be a PromptSpec, got {type(spec).__name__}")
+    if len(spec.objects) == 1:
+        o = spec.objects[0]
+        return "counting" if o.count > 1 else "colors" if o.color else "single_object"
+    if spec.relation is not None:
+        return "position"
+    return "color_attr" if any(o.color for o in spec.objects) else "two_objects"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """GenEval's verdict for one image: ``reason`` is "ok" or "; "-joined problems.
+
+    Each problem starts with one of: "missing object", "wrong color", "wrong size",
+    "wrong count", "wrong relation", "wrong background".
+    """
+
+    correct: bool
+    category: str
+    reason: str
+    detected: list[DetectedObject]
+    background: str | None = None
+
+
+def _summary(dets: Sequence[DetectedObject]) -> str:
+    return ", ".join(d.describe() for d in dets) if dets else "nothing"
+
+
+def _why_short(o: ObjectSpec, dets: Sequence[DetectedObject]) -> str:
+    """Why fewer than ``o.count`` detections match ``o``."""
+    want = o.describe()
+    same = [d for d in dets if d.shape == o.shape]
+    if not same:
+        return f"missing object: expected {want}, found no {o.shape} (detected: {_summary(dets)})"
+    coloured = [d for d in same if o.color is None or d.color == o.color]
+    if not coloured:
+        found = sorted({d.color or "off-palette" for d in same})
+        return f"wrong color: expected {want}, found {PLURALS[o.shape]} coloured {', '.join(found)}"
+    sized = [d for d in coloured if o.size is None or d.size == o.size]
+    if not sized:
+        return f"wrong size: expected {want}, found only {coloured[0].size} ones"
+    return f"missing object: expected {want}, found {len(sized)}"
+
+
+def judge(image: Image.Image | np.ndarray, spec: PromptSpec) -> Judgement:
+    """GenEval's rules, reading objects with :func:`parse`.
+
+    * every group needs ``count`` matching objects (shape, and colour / size where
+      the spec states them); extra, unrelated objects are allowed;
+    * ``counting`` needs *exactly* ``count`` matching objects (GenEval's include
+      ``>= N`` and exclude ``>= N + 1``);
+    * ``position``: some object of A and some object of B stand in the relation
+      by GenEval's box rule with ``RELATION_MARGIN``;
+    * a stated background must be the detected one.
+
+    GenEval ranks detections by confidence and checks the top ones; an exact
+    detector has no ranking, so a group passes when *any* ``count`` detections
+    satisfy it. Groups of a spec are distinguishable, so no detection serves two.
+    """
+    category = category_of(spec)
+    parsed = parse(image)
+    dets = list(parsed.objects)
+    problems: list[str] = []
+    matches = [[d for d in dets if o.matches(d.shape, d.color, d.size)] for o in spec.objects]
+    for o, found in zip(spec.objects, matches):
+        if category == "counting":
+            if len(found) != o.count:
+                noun = o.describe().split(" ", 1)[1]
+                problems.append(f"wrong count: expected exactly {o.count} {noun}, found {len(found)}")
+        elif len(found) < o.count:
+            problems.append(_why_short(o, dets) if o.count == 1 else
+                            f"wrong count: expected at least {o.describe()}, found {len(found)}")
+    if spec.relation is not None and not problems:
+        pairs = [(x, y) for x in matches[0] for y in matches[1] if x is not y]
+        seen = [relations_between(x.box, y.box) for x, y in pairs]
+        if not any(spec.relation in rels for rels in seen):
+            got = sorted(set().union(*seen)) if seen else []
+            a, b = (o.describe() for o in spec.objects)
+            found = ", ".join(got) or "no clear relation"
+            problems.append(f"wrong relation: expected {a} {spec.relation} {b}, found {found}")
+    if spec.background is not None and parsed.background != spec.background:
+        problems.append(f"wrong background: expected {spec.background}, found {parsed.background or 'none'}")
+    return Judgement(not problems, category, "; ".join(problems) or "ok", dets, parsed.background)
+
+
+def score_images(items: Iterable[tuple[Image.Image | np.ndarray, PromptSpec]]) -> dict:
+    """Judge ``(image, spec)`` pairs; GenEval's summary.
+
+    Returns ``{"overall": mean of the category accuracies present,
+    "accuracy": {category: fraction correct}, "n": {category: images},
+    "items": [{"category", "correct", "reason"}, ...]}`` (items in input order).
+    """
+    rows = []
+    for i, item in enumerate(items):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ScorerError(f"item {i} must be an (image, PromptSpec) pair")
+        j = judge(item[0], item[1])
+        rows.append({"category": j.category, "correct": j.correct, "reason": j.reason})
+    if not rows:
+        raise ScorerError("score_images needs at least one (image, spec) pair")
+    n = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}
+    acc = {c: sum(r["correct"] for r in rows if r["category"] == c) / n[c] for c in CATEGORIES if n[c]}
+    counts = {c: k for c, k in n.items() if k}
+    return {"overall": sum(acc.values()) / len(acc), "accuracy": acc, "n": counts, "items": rows}

@@ -1,0 +1,75 @@
+"""Diffusion: noise schedules, denoiser wrappers, guidance and stateless samplers.
+
+Composition, outermost last: network -> :class:`ClassifierFreeGuidance` (raw output
+space) -> :class:`Denoiser` (eps/v -> x0, k-diffusion form) -> a sampler from
+:func:`resolve_sampler` run on :meth:`DiscreteSchedule.sigmas_for`; :func:`sample`
+does the whole run and returns the VP latent for the decoder.
+"""
+
+from opensd.diffusion.denoisers import Denoiser, DenoiserError
+from opensd.diffusion.guidance import ClassifierFreeGuidance, GuidanceError, rescale_guided
+from opensd.diffusion.registry import (
+    SamplerSpec,
+    UnknownSamplerError,
+    known_names,
+    list_samplers,
+    resolve_sampler,
+    sample,
+)
+from opensd.diffusion.samplers import Interrupted, SamplerError
+from opensd.diffusion.schedules import (
+    DDIM_RULE,
+    DDPM_RULE,
+    DPM_RULE,
+    EULER_RULE,
+    BetaSchedule,
+    DiscreteSchedule,
+    FinalSigma,
+    NoiseScheduleConfig,
+    Prediction,
+    ScheduleError,
+    SigmaRange,
+    SigmaSpacing,
+    TimestepGrid,
+    TimestepRule,
+    TimestepSpacing,
+    karras_sigmas,
+    exponential_sigmas,
+    strength_start,
+    to_vp,
+)
+
+__all__ = [
+    "BetaSchedule",
+    "ClassifierFreeGuidance",
+    "DDIM_RULE",
+    "DDPM_RULE",
+    "DPM_RULE",
+    "Denoiser",
+    "DenoiserError",
+    "DiscreteSchedule",
+    "EULER_RULE",
+    "FinalSigma",
+    "GuidanceError",
+    "Interrupted",
+    "NoiseScheduleConfig",
+    "Prediction",
+    "SamplerError",
+    "SamplerSpec",
+    "ScheduleError",
+    "SigmaRange",
+    "SigmaSpacing",
+    "TimestepGrid",
+    "TimestepRule",
+    "TimestepSpacing",
+    "UnknownSamplerError",
+    "exponential_sigmas",
+    "karras_sigmas",
+    "known_names",
+    "list_samplers",
+    "rescale_guided",
+    "resolve_sampler",
+    "sample",
+    "strength_start",
+    "to_vp",
+]

@@ -148,7 +148,8 @@ def load_diffusers(folder: str | Path) -> tuple[StableDiffusion, Tokenizer]:
     folder = Path(folder)
     cfg = read_diffusers_config(folder)
     states = {comp: _read_component_weights(folder, comp) for comp in COMPONENTS}
-    model = StableDiffusion(cfg)
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
     own = model.state_dict()
     state = to_original_layout(cfg, states)
     state = {k: _fit(v, own[k].shape) if k in own else v for k, v in state.items()}

@@ -152,7 +152,11 @@ def full_hash(path: str | Path) -> str:
 
 
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
-    """``module.load_state_dict(state, strict=True)`` with one clear error listing every problem."""
+    """``module.load_state_dict(state, strict=True)`` with one clear error listing every problem.
+
+    A module built on the meta device takes the tensors themselves (``assign=True``):
+    no random initialisation, no second copy of the weights.
+    """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -163,7 +167,11 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what
     )
     if missing or unexpected or wrong:
         raise StateDictMismatch(what, missing, unexpected, wrong)
-    module.load_state_dict(dict(state), strict=True)
+    on_meta = any(p.is_meta for p in module.parameters())
+    if on_meta:
+        own_dtypes = {k: v.dtype for k, v in own.items()}
+        state = {k: v.to(own_dtypes[k]) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(dict(state), strict=True, assign=on_meta)
 
 
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from opensd.checkpoints.io import CheckpointError, load_strict, read_json, read_weights, write_json, write_safetensors
 from opensd.config import ConfigError, from_dict, to_dict
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
@@ -52,7 +54,8 @@ def read_config(path: Path) -> SDConfig:
 def load_opensd(path: str | Path) -> tuple[StableDiffusion, Tokenizer]:
     path = Path(path)
     cfg = read_config(path)
-    model = StableDiffusion(cfg)
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
     load_strict(model, read_weights(path / WEIGHTS), f"{path / WEIGHTS}")
     return model.eval(), load_tokenizer(path / "tokenizer")
 

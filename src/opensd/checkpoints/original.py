@@ -74,7 +74,8 @@ def load_original(path: str | Path, config: SDConfig | None = None) -> StableDif
     """Load an original single-file checkpoint; ``config`` defaults to SD 1.5's (inferred)."""
     state = read_weights(path)
     cfg = config or infer_config(state)
-    model = StableDiffusion(cfg)
+    with torch.device("meta"):
+        model = StableDiffusion(cfg)
     load_strict(model, network_state(state), f"checkpoint {Path(path).name}")
     return model.eval()
 

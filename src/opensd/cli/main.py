@@ -27,8 +27,9 @@ def info(path: Path = typer.Argument(..., help="A diffusers folder, an opensd mo
 
 
 def _mount_subapps() -> None:
-    from opensd.cli import data
+    from opensd.cli import data, generate
 
+    generate.register(app)
     app.add_typer(data.app, name="data", help="Make datasets (the shapes world).")
 
 

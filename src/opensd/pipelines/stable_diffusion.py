@@ -24,7 +24,7 @@ from PIL import Image
 
 from opensd.checkpoints import LoadedModel, load_model
 from opensd.diffusion import ClassifierFreeGuidance, Denoiser, DiscreteSchedule, Interrupted
-from opensd.diffusion.schedules import to_vp
+from opensd.diffusion.registry import sample
 from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_pil, to_tensor
 from opensd.pipelines.infotext import format_infotext
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
@@ -199,26 +199,26 @@ class StableDiffusionPipeline:
             else:
                 noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(dev)
 
-            sigmas = self._sigmas(req, spec, spacing)
+            no_step = req.strength < 1.0 and int(req.steps * req.strength) < 1
             denoiser = Denoiser(self._network(inpaint_concat, req), self.schedule).with_quantize_t(
                 spec.rule.quantize_t(spacing)
             )
             if latent_mask is not None and inpaint_concat is None:
                 denoiser = _MaskedDenoiser(denoiser, init_latent, noise, latent_mask)
 
-            if sigmas is None:  # strength too small for a single step: keep the image
+            if no_step:  # strength too small for a single step: keep the image
                 result, interrupted = init_latent, False
             else:
-                x = noise.to(dtype) * _initial_scale(sigmas[0].item())
-                if init_latent is not None:
-                    x = init_latent + noise.to(dtype) * sigmas[0].item()
                 state = {"denoised": None}
-                step_cb = self._step_callback(callback, len(sigmas) - 1, state)
+                step_cb = self._step_callback(callback, int(req.steps * req.strength) if req.strength < 1 else req.steps, state)
                 sampler_gen = torch.Generator("cpu").manual_seed((seeds[0] + 0x5EED) % SEED_RANGE)
                 try:
-                    x = spec.fn(denoiser, x, sigmas.to(dev), extra_args=extra, callback=step_cb,
-                                generator=sampler_gen, **req.sampler_options)
-                    result, interrupted = to_vp(x, sigmas[-1]), False
+                    result = sample(
+                        denoiser, noise.to(dtype), self.schedule, req.sampler, req.steps, karras=req.karras,
+                        generator=sampler_gen, callback=step_cb, strength=req.strength, init_latent=init_latent,
+                        extra_args=extra, **req.sampler_options,
+                    )
+                    interrupted = False
                 except Interrupted:
                     result, interrupted = state["denoised"], True
                     if result is None:
@@ -271,11 +271,6 @@ class StableDiffusionPipeline:
 
         return ClassifierFreeGuidance(unet_fn, req.cfg_scale, req.guidance_rescale)
 
-    def _sigmas(self, req: GenerationRequest, spec, spacing) -> torch.Tensor | None:
-        if req.strength < 1.0 and int(req.steps * req.strength) < 1:
-            return None
-        return self.schedule.sigmas_for(req.steps, spacing, rule=spec.rule, strength=req.strength)
-
     def _step_callback(self, callback: StepCallback | None, total: int, state: dict):
         def step_cb(d: dict) -> None:
             state["denoised"] = d["denoised"]
@@ -319,12 +314,6 @@ class StableDiffusionPipeline:
             clip_skip=clip_skip,
             sampler_options=options,
         )
-
-
-def _initial_scale(sigma_max: float) -> float:
-    """Scale of unit noise at the first sigma: the std of ``x = x0 + sigma eps`` for unit-variance
-    latents, ``sqrt(sigma^2 + 1)``, which is where diffusers' schedulers start too."""
-    return (sigma_max**2 + 1.0) ** 0.5
 
 
 class _MaskedDenoiser:

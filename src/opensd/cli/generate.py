@@ -1,0 +1,170 @@
+"""``opensd generate``, ``opensd img2img``, ``opensd inpaint`` and ``opensd png-info``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from opensd.cli.common import fail_cleanly
+
+DEFAULT_OUT_DIR = Path("outputs")
+
+
+def _pipeline(model: Optional[Path]):
+    import opensd
+    from opensd.defaults import resolve_model
+
+    return opensd.load(resolve_model(model))
+
+
+def _out_paths(out: Optional[str], n: int, seed_hint: str) -> list[Path]:
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = DEFAULT_OUT_DIR / f"{stamp}-{seed_hint}.png"
+    else:
+        if not out.strip():
+            raise ValueError("--out is empty; give a file name such as out.png")
+        base = Path(out)
+        if base.exists() and base.is_dir():
+            raise ValueError(f"--out {out} is a folder; give a file name such as {base / 'out.png'}")
+        if base.suffix.lower() != ".png":
+            base = base.with_suffix(base.suffix + ".png") if base.suffix else base.with_suffix(".png")
+    if n == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]
+
+
+class _Progress:
+    """A tqdm bar over sampling steps, driven by the pipeline's step callback."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, info) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=info.total, desc="sampling", unit="step")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run(kind: str, pipe_args: dict, model: Optional[Path], out: Optional[str], quiet: bool) -> None:
+    from opensd.pipelines.images import load_image
+    from opensd.pipelines.infotext import save_png
+
+    # Read inputs and check the output path before the (slow) model load.
+    if "image" in pipe_args:
+        pipe_args["image"] = load_image(pipe_args["image"])
+    if "mask" in pipe_args:
+        pipe_args["mask"] = load_image(pipe_args["mask"], what="mask")
+    paths = _out_paths(out, pipe_args["batch_size"], str(pipe_args.get("seed") or "random"))
+    pipe = _pipeline(model)
+    progress = _Progress(not quiet)
+    try:
+        images = getattr(pipe, kind)(callback=progress, **pipe_args)
+    finally:
+        progress.close()
+    for im, path in zip(images, paths):
+        save_png(im, path, im.info.get("parameters"))
+        typer.echo(str(path))
+
+
+def _common(
+    steps: int, sampler: str, karras: Optional[bool], cfg_scale: float, width: Optional[int], height: Optional[int],
+    seed: Optional[int], batch_size: int, clip_skip: int, negative_prompt: str,
+) -> dict:
+    return dict(
+        negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg_scale=cfg_scale,
+        width=width, height=height, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
+    )
+
+
+MODEL = typer.Option(None, "--model", "-m", help="Model path (diffusers folder, SD file or opensd folder); default: the bundled model.")
+NEG = typer.Option("", "--negative-prompt", "-n", help="What to steer away from.")
+STEPS = typer.Option(20, help="Sampling steps.")
+SAMPLER = typer.Option("dpmpp_2m", help="Sampler id or A1111 name, e.g. 'dpmpp_2m', 'Euler a', 'DPM++ 2M Karras'.")
+KARRAS = typer.Option(None, "--karras/--no-karras", help="Karras sigmas (default: as the sampler name says).")
+CFG = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale (1 = off).")
+WIDTH = typer.Option(None, help="Width in pixels, a multiple of 8 (default: the model's native size).")
+HEIGHT = typer.Option(None, help="Height in pixels, a multiple of 8 (default: the model's native size).")
+SEED = typer.Option(None, help="Seed; the same seed gives the same image. Default: random.")
+BATCH = typer.Option(1, "--batch-size", "-b", help="Images to make; image i uses seed + i.")
+CLIP_SKIP = typer.Option(1, "--clip-skip", help="Use the output of the n-th last text layer (A1111's Clip skip).")
+OUT = typer.Option(None, "--out", "-o", help="Output PNG path (a batch adds -0, -1, ...). Default: outputs/<time>-<seed>.png")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @fail_cleanly
+    def generate(
+        prompt: str = typer.Argument(..., help="What to draw."),
+        negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
+        cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
+        seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
+        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+    ) -> None:
+        """Text to image: write PNGs carrying their generation parameters."""
+        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt)
+        _run("txt2img", {"prompt": prompt, **args}, model, out, quiet)
+
+    @app.command()
+    @fail_cleanly
+    def img2img(
+        image: Path = typer.Argument(..., help="The image to modify."),
+        prompt: str = typer.Argument(..., help="What it should become."),
+        strength: float = typer.Option(0.75, help="0 keeps the image, 1 replaces it."),
+        negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
+        cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
+        seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
+        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+    ) -> None:
+        """Image to image: modify IMAGE toward PROMPT."""
+        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt)
+        _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args}, model, out, quiet)
+
+    @app.command()
+    @fail_cleanly
+    def inpaint(
+        image: Path = typer.Argument(..., help="The image to repaint."),
+        mask: Path = typer.Argument(..., help="Same size as IMAGE; white marks what to repaint."),
+        prompt: str = typer.Argument(..., help="What to paint there."),
+        strength: float = typer.Option(1.0, help="How much of the masked part to replace."),
+        negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
+        cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
+        seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
+        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+    ) -> None:
+        """Inpainting: repaint the masked part of IMAGE following PROMPT."""
+        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt)
+        _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **args}, model, out, quiet)
+
+    @app.command("png-info")
+    @fail_cleanly
+    def png_info(
+        file: Path = typer.Argument(..., help="A PNG written by opensd or A1111."),
+        as_json: bool = typer.Option(False, "--json", help="Print the fields as JSON."),
+    ) -> None:
+        """Read the generation parameters stored in a PNG."""
+        from opensd.pipelines.images import load_image
+        from opensd.pipelines.infotext import parse_infotext, read_png_parameters
+
+        text = read_png_parameters(load_image(file))
+        if text is None:
+            raise ValueError(f"{file} carries no generation parameters (no 'parameters' text chunk)")
+        fields = parse_infotext(text)
+        if as_json:
+            typer.echo(json.dumps(fields, indent=2, ensure_ascii=False))
+        else:
+            for k, v in fields.items():
+                typer.echo(f"{k}: {v}")

@@ -216,3 +216,27 @@ def test_sd15_is_the_original_layout_on_meta() -> None:
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in keys
     assert "first_stage_model.decoder.up.3.upsample.conv.weight" in keys
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+
+
+def test_sd15_whole_file_is_recognised_and_converted_by_diffusers() -> None:
+    """diffusers' own single-file code takes opensd's SD 1.5 state dict for an SD 1.x file,
+    and its CLIP conversion yields exactly transformers' ViT-L/14 text model, every key used."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, infer_diffusers_model_type
+    from transformers import CLIPTextConfig as HFConfig
+    from transformers import CLIPTextModel as HFModel
+
+    with torch.device("meta"):
+        model = StableDiffusion(SDConfig.sd15())
+        state = model.state_dict()
+        assert infer_diffusers_model_type(state) == "v1"
+        converted = convert_ldm_clip_checkpoint(state)
+        hf = HFModel(
+            HFConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
+        )
+    def names(sd):  # transformers 5 drops the `text_model.` base prefix from its own state dict
+        return {k.removeprefix("text_model."): tuple(v.shape) for k, v in sd.items() if not k.endswith("position_ids")}
+
+    assert names(converted) == names(hf.state_dict())
+    text_keys = [k for k in state if k.startswith("cond_stage_model.")]
+    assert len(text_keys) == len(converted) == 196

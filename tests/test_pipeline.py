@@ -236,3 +236,29 @@ def test_bad_img2img_and_inpaint_input(ours, tmp_path) -> None:
         ours.img2img(tmp_path / "bad.png", PROMPT)
     with pytest.raises(ValueError, match="not found"):
         ours.img2img(tmp_path / "missing.png", PROMPT)
+
+
+def test_nine_channel_inpainting_unet_gets_mask_and_masked_image(tmp_path) -> None:
+    """An SD inpainting U-Net (4 + 1 + 4 input channels) sees the mask and the masked image's latent."""
+    import dataclasses
+
+    from helpers import randomize, tiny_word_bundle
+    from opensd.checkpoints.opensd_format import save_opensd
+    from opensd.models.stable_diffusion import StableDiffusion
+
+    base, tok = tiny_word_bundle()
+    cfg = base.cfg.replace(unet=dataclasses.replace(base.cfg.unet, in_channels=9))
+    save_opensd(randomize(StableDiffusion(cfg)).eval(), tok, tmp_path / "inpaint")
+    pipe = opensd.load(tmp_path / "inpaint")
+    seen = []
+    pipe.model.unet.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2 :] = 255
+    out = _np(pipe.inpaint(init, Image.fromarray(mask), "a red circle", steps=3, sampler="euler", seed=1))[0]
+    assert seen and all(s[1] == 9 for s in seen)
+    original = np.asarray(init, np.float64) / 255
+    assert np.abs(out[:, : SIZE // 2] - original[:, : SIZE // 2]).max() <= 1.0 / 255
+    # txt2img and img2img on an inpainting model: everything masked, as A1111 conditions them
+    assert pipe.txt2img("a red circle", steps=2, sampler="euler", seed=1)[0].size == (SIZE, SIZE)
+    assert pipe.img2img(init, "a red circle", steps=2, strength=0.5, seed=1)[0].size == (SIZE, SIZE)

@@ -192,6 +192,13 @@ class StableDiffusionPipeline:
                         masked = self.model.vae.to_latent(self.model.vae.encode(pixels * (m < 0.5)).mode())
                         inpaint_concat = torch.cat([latent_mask, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
 
+            if inpaint_concat is None and self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
+                # An inpainting U-Net without a mask: all of it masked, the masked image blank (A1111).
+                blank = torch.zeros(1, 3, req.height, req.width, device=dev, dtype=dtype)
+                masked = self.model.vae.to_latent(self.model.vae.encode(blank).mode())
+                ones = torch.ones(req.batch_size, 1, *shape[2:], device=dev, dtype=dtype)
+                inpaint_concat = torch.cat([ones, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
+
             if latents is not None:
                 if tuple(latents.shape) != shape:
                     raise RequestError(f"latents must have shape {shape}, got {tuple(latents.shape)}")

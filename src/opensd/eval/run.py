@@ -1,0 +1,143 @@
+"""Generate images for a prompt suite and score them exactly: ``opensd eval``.
+
+For every prompt of the suite, ``images_per_prompt`` images are made with consecutive
+seeds (prompt ``i`` starts at ``seed + 1000 i``) and judged by :mod:`opensd.eval.scorer`.
+Results are a JSON-able dict: the settings, the model, GenEval-style per-category
+accuracy and the overall mean, and one record per image with the scorer's reason.
+
+The scorer only measures. It never guides sampling or picks checkpoints on the
+benchmark suite; selection uses :func:`opensd.eval.prompts.validation_suite`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from PIL import Image
+
+from opensd.eval.prompts import IMAGES_PER_PROMPT, BenchmarkPrompt, benchmark_suite, holdout_suite, validation_suite
+from opensd.eval.scorer import CATEGORIES, judge
+
+
+class Suite(enum.Enum):
+    BENCHMARK = "benchmark"
+    VALIDATION = "validation"
+    HOLDOUT = "holdout"
+
+
+SUITES: dict[Suite, Callable[[], tuple[BenchmarkPrompt, ...]]] = {
+    Suite.BENCHMARK: benchmark_suite,
+    Suite.VALIDATION: validation_suite,
+    Suite.HOLDOUT: holdout_suite,
+}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    suite: Suite = Suite.BENCHMARK
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    cfg_scale: float = 7.5
+    negative_prompt: str = ""
+    images_per_prompt: int = IMAGES_PER_PROMPT
+    per_category: int | None = None  # first N prompts of each category (None: all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images_per_prompt, int) or self.images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt must be an integer >= 1, got {self.images_per_prompt!r}")
+        if self.per_category is not None and self.per_category < 1:
+            raise ValueError(f"per_category must be >= 1, got {self.per_category}")
+
+
+class Generator(Protocol):
+    """What eval needs of a pipeline (StableDiffusionPipeline fits)."""
+
+    def txt2img(self, prompt: str, negative_prompt: str = "", **kw: Any) -> list[Image.Image]: ...
+
+
+def select_prompts(cfg: EvalConfig) -> list[BenchmarkPrompt]:
+    prompts = list(SUITES[cfg.suite]())
+    if cfg.per_category is None:
+        return prompts
+    taken: dict[str, int] = {}
+    out = []
+    for p in prompts:
+        if taken.get(p.category, 0) < cfg.per_category:
+            taken[p.category] = taken.get(p.category, 0) + 1
+            out.append(p)
+    return out
+
+
+def evaluate(
+    pipe: Generator,
+    cfg: EvalConfig,
+    *,
+    model_info: dict[str, str] | None = None,
+    on_image: Callable[[int, int], None] | None = None,
+    keep_images: Callable[[dict], bool] | None = None,
+) -> tuple[dict, list[tuple[Image.Image, dict]]]:
+    """Generate and score. Returns ``(results, kept)``: ``kept`` holds ``(image, record)``
+    for the records ``keep_images`` accepts (by default the failures)."""
+    keep_images = keep_images or (lambda rec: not rec["correct"])
+    prompts = select_prompts(cfg)
+    total = len(prompts) * cfg.images_per_prompt
+    records: list[dict] = []
+    kept: list[tuple[Image.Image, dict]] = []
+    start = time.time()
+    for i, p in enumerate(prompts):
+        seed = cfg.seed + 1000 * i
+        images = pipe.txt2img(
+            p.text, cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale,
+            seed=seed, batch_size=cfg.images_per_prompt,
+        )
+        for j, im in enumerate(images):
+            verdict = judge(im, p.spec)
+            rec = {
+                "prompt": p.text, "category": p.category, "seed": seed + j,
+                "correct": verdict.correct, "reason": verdict.reason,
+            }
+            records.append(rec)
+            if keep_images(rec):
+                kept.append((im, rec))
+            if on_image is not None:
+                on_image(len(records), total)
+    accuracy = {}
+    n = {}
+    for c in CATEGORIES:
+        rows = [r for r in records if r["category"] == c]
+        if rows:
+            n[c] = len(rows)
+            accuracy[c] = sum(r["correct"] for r in rows) / len(rows)
+    results = {
+        "config": {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(cfg).items()},
+        "model": model_info or {},
+        "overall": sum(accuracy.values()) / len(accuracy),
+        "accuracy": accuracy,
+        "n": n,
+        "prompts": len(prompts),
+        "seconds": round(time.time() - start, 1),
+        "items": records,
+    }
+    return results, kept
+
+
+def write_results(results: dict, kept: list[tuple[Image.Image, dict]], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.json``, ``report.md``, ``accuracy.png`` and ``failures.png`` into ``out_dir``."""
+    from opensd.eval.report import bar_plot, failure_grid, markdown_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / "results.json", "report": out / "report.md", "plot": out / "accuracy.png"}
+    paths["results"].write_text(json.dumps(results, indent=2) + "\n")
+    bar_plot(results, paths["plot"])
+    if kept:
+        paths["failures"] = out / "failures.png"
+        failure_grid(kept, paths["failures"])
+    paths["report"].write_text(markdown_report(results, paths))
+    return paths

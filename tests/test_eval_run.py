@@ -1,0 +1,77 @@
+"""`opensd eval`: the harness scores what it generates, writes results and a report."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from opensd.checkpoints.opensd_format import save_opensd
+from opensd.cli.main import app
+from opensd.data.shapes import realize, render
+from opensd.eval.prompts import benchmark_suite
+from opensd.eval.run import EvalConfig, Suite, evaluate, select_prompts, write_results
+
+from helpers import tiny_word_bundle
+
+
+class GroundTruthPipeline:
+    """Draws each prompt's scene exactly: a perfect model, so eval must score 1.0."""
+
+    def __init__(self) -> None:
+        self.specs = {p.text: p.spec for p in benchmark_suite()}
+        self.calls = []
+
+    def txt2img(self, prompt, negative_prompt="", *, seed, batch_size, **kw):
+        self.calls.append((prompt, seed, batch_size, kw))
+        return [render(realize(self.specs[prompt], random.Random(seed + j), 64)) for j in range(batch_size)]
+
+
+class BlankPipeline:
+    def txt2img(self, prompt, negative_prompt="", *, batch_size, **kw):
+        return [Image.new("RGB", (64, 64), "white") for _ in range(batch_size)]
+
+
+def test_perfect_generator_scores_one_and_blank_scores_zero(tmp_path: Path) -> None:
+    cfg = EvalConfig(per_category=3, images_per_prompt=2, steps=7, sampler="euler")
+    gt = GroundTruthPipeline()
+    results, kept = evaluate(gt, cfg, model_info={"name": "truth"})
+    assert results["overall"] == 1.0 and not kept
+    assert set(results["accuracy"]) == {"single_object", "two_objects", "counting", "colors", "position", "color_attr"}
+    assert all(n == 6 for n in results["n"].values())
+    assert gt.calls[1][1] == 1000 and gt.calls[0][3]["steps"] == 7 and gt.calls[0][3]["sampler"] == "euler"
+    blank, kept = evaluate(BlankPipeline(), cfg)
+    assert blank["overall"] == 0.0 and len(kept) == 36
+    assert all(r["reason"].startswith(("missing object", "wrong count")) for r in blank["items"])
+    paths = write_results(blank, kept, tmp_path / "out")
+    for key in ("results", "report", "plot", "failures"):
+        assert paths[key].is_file() and paths[key].stat().st_size > 0
+    report = paths["report"].read_text()
+    assert "| **overall** | **0.000** | 36 |" in report and "| missing object |" in report
+    assert json.loads(paths["results"].read_text())["config"]["suite"] == "benchmark"
+
+
+def test_suites_and_selection() -> None:
+    bench = select_prompts(EvalConfig(per_category=2))
+    val = select_prompts(EvalConfig(suite=Suite.VALIDATION, per_category=2))
+    assert len(bench) == 12 and len(val) == 12
+    assert not {p.text for p in bench} & {p.text for p in val}
+    with pytest.raises(ValueError, match="images_per_prompt"):
+        EvalConfig(images_per_prompt=0)
+
+
+def test_cli_eval_end_to_end(tmp_path: Path) -> None:
+    model, tok = tiny_word_bundle()
+    save_opensd(model, tok, tmp_path / "m")
+    res = CliRunner().invoke(app, ["eval", "-m", str(tmp_path / "m"), "--per-category", "1", "--images-per-prompt", "1",
+                                   "--steps", "2", "-o", str(tmp_path / "ev"), "-q"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert sum(results["n"].values()) == 6 and results["model"]["name"] == "m"
+    assert (tmp_path / "ev" / "report.md").is_file() and (tmp_path / "ev" / "accuracy.png").is_file()
+    res = CliRunner().invoke(app, ["eval", "-m", str(tmp_path / "m"), "--suite", "nope", "-q"])
+    assert res.exit_code == 2 and "unknown suite 'nope'" in res.output

@@ -15,6 +15,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps open-clip-torch
+	@# The web page's browser test drives Debian's Chromium; without it that test is skipped.
+	if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser test will be skipped"; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed

@@ -27,9 +27,10 @@ def info(path: Path = typer.Argument(..., help="A diffusers folder, an opensd mo
 
 
 def _mount_subapps() -> None:
-    from opensd.cli import data, eval, generate
+    from opensd.cli import data, eval, generate, serve
 
     generate.register(app)
+    serve.register(app)
     eval.register(app)
     app.add_typer(data.app, name="data", help="Make datasets (the shapes world).")
 

@@ -1,0 +1,75 @@
+"""``opensd serve``: the HTTP API (A1111 ``/sdapi/v1``, OpenAI ``/v1/images/generations``) and web page."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from opensd.cli.common import fail_cleanly
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @fail_cleanly
+    def serve(
+        model: Optional[Path] = typer.Option(
+            None, "--model", "-m", help="Model to serve first (diffusers folder, SD file or opensd folder); default: the bundled model, or the first one in --models-dir."
+        ),
+        models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of models that clients may switch to (option sd_model_checkpoint)."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on. The default accepts connections from this machine only."),
+        port: int = typer.Option(7860, help="Port (A1111's default)."),
+        api_auth: Optional[str] = typer.Option(
+            None, "--api-auth", envvar="OPENSD_API_AUTH", help="'user:password' (several: 'u1:p1,u2:p2') to require HTTP Basic auth on every route."
+        ),
+        workers: int = typer.Option(1, help="Generations that run at the same time."),
+        max_queue: int = typer.Option(32, help="Requests that may wait or run at once; more get 429."),
+        max_size: int = typer.Option(2048, help="Largest width or height a request may ask for."),
+        max_steps: int = typer.Option(150, help="Most sampling steps a request may ask for."),
+        max_batch_size: int = typer.Option(8, help="Largest batch_size (and OpenAI n)."),
+        max_n_iter: int = typer.Option(16, help="Most batches (n_iter) per request."),
+        max_body_mb: float = typer.Option(32.0, help="Largest request body, in MiB."),
+        device: Optional[str] = typer.Option(None, help="Device for the models, e.g. 'cuda' (default: 'cuda' if available, else 'cpu')."),
+        dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+        log_level: str = typer.Option("info", help="uvicorn's log level."),
+    ) -> None:
+        """Serve the HTTP API A1111 clients speak, OpenAI's Images API and a web page at /."""
+        import torch
+        import uvicorn
+
+        from opensd.defaults import default_model_path
+        from opensd.serving import Limits, create_app
+        from opensd.serving.security import parse_auth
+
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if models_dir is not None and not models_dir.is_dir():
+            raise ValueError(f"--models-dir {models_dir} is not a folder")
+        parse_auth(api_auth)  # a bad --api-auth fails before the model loads
+        if model is None and models_dir is None:
+            model = default_model_path()
+            if model is None:
+                raise ValueError("no model given and no default model found; pass --model PATH or --models-dir DIR")
+        limits = Limits(
+            max_width=max_size, max_height=max_size, max_steps=max_steps, max_batch_size=max_batch_size,
+            max_n_iter=max_n_iter, max_body_bytes=int(max_body_mb * 2**20), workers=workers, max_queue=max_queue,
+        )
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        app_ = create_app(model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, dtype=getattr(torch, dtype))
+        if not _is_loopback(host) and not api_auth:
+            typer.echo(f"warning: listening on {host} without --api-auth: anyone who can reach it can use it", err=True)
+        typer.echo(f"opensd: serving {app_.state.opensd.registry.current_title()} on http://{host}:{port} (web page at /, API docs at /docs)")
+        uvicorn.run(app_, host=host, port=port, log_level=log_level)

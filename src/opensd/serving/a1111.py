@@ -1,0 +1,394 @@
+"""AUTOMATIC1111's web-UI API, ``/sdapi/v1``, on opensd's pipeline.
+
+A request is *planned* first (off the event loop): names resolved, sizes and counts checked
+against :class:`Limits`, images decoded, the model picked; every problem becomes a 4xx
+before anything is queued. The plan then runs on the generation queue, and the worker
+also encodes the response (base64 PNGs with their infotext, and A1111's ``info`` JSON).
+
+Samplers are named as A1111 names them (``"DPM++ 2M"``, ``"Euler a"``; a ``" Karras"``
+suffix still works) or by opensd id; ``scheduler`` (A1111 >= 1.9) picks the sigma
+spacing: ``Automatic``, ``Karras`` or ``Exponential``. A suffix on the sampler name wins
+over ``scheduler``, as in A1111.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image, ImageFilter, ImageOps
+
+import opensd
+from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, list_samplers, resolve_sampler
+from opensd.diffusion.schedules import SigmaSpacing
+from opensd.pipelines.infotext import parse_infotext
+from opensd.pipelines.request import SEED_RANGE, GenerationRequest, validate
+from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+from opensd.serving.codec import decode_image, encode_png
+from opensd.serving.errors import ApiError
+from opensd.serving.models import Checkpoint
+from opensd.serving.queue import Job, run_batches
+from opensd.serving.schemas import (
+    ImageResponse,
+    Img2ImgRequest,
+    PngInfoRequest,
+    PngInfoResponse,
+    ProgressResponse,
+    SamplerItem,
+    SchedulerItem,
+    ScriptsList,
+    SDModelItem,
+    Txt2ImgRequest,
+)
+from opensd.serving.state import ServerState, server_state
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111-compatible"])
+
+# (name, label, spacing, default_rho) as A1111 >= 1.9 lists them; only those opensd implements.
+SCHEDULERS = (
+    ("automatic", "Automatic", SigmaSpacing.DEFAULT, -1.0),
+    ("karras", "Karras", SigmaSpacing.KARRAS, 7.0),
+    ("exponential", "Exponential", SigmaSpacing.EXPONENTIAL, -1.0),
+)
+_SUFFIX = {SigmaSpacing.DEFAULT: "", SigmaSpacing.KARRAS: "_karras", SigmaSpacing.EXPONENTIAL: "_exponential"}
+_LABEL = {spacing: label for _, label, spacing, _ in SCHEDULERS}
+
+# Options GET /options reports but no client may change.
+READ_ONLY_OPTIONS = ("sd_checkpoint_hash", "samples_format", "opensd_models_dir")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def resolve_a1111_sampler(sampler_name: str | None, sampler_index: str | None, scheduler: str | None) -> tuple[str, SamplerSpec, str]:
+    """``(opensd sampler string, spec, schedule label)`` for A1111's sampler and scheduler fields."""
+    name = sampler_name or sampler_index or "Euler"
+    try:
+        spec, spacing = resolve_sampler(name)
+    except UnknownSamplerError as e:
+        raise ApiError(404, f"Sampler not found: {e}", param="sampler_name") from None
+    if scheduler is not None and scheduler.strip():
+        key = scheduler.strip().lower()
+        found = next((sp for n, label, sp, _ in SCHEDULERS if key in (n, label.lower())), None)
+        if found is None:
+            allowed = ", ".join(label for _, label, _, _ in SCHEDULERS)
+            raise ApiError(422, f"unknown scheduler {scheduler!r}; allowed: {allowed}", param="scheduler")
+        if spacing is SigmaSpacing.DEFAULT:
+            spacing = found
+    return spec.id + _SUFFIX[spacing], spec, _LABEL[spacing]
+
+
+@dataclass
+class Plan:
+    """A checked request, ready for the queue."""
+
+    pipeline: StableDiffusionPipeline
+    requests: list[GenerationRequest]
+    sampler: SamplerSpec
+    schedule_label: str
+    clip_skip: int
+    init_image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+
+def _model_for(st: ServerState, overrides: dict[str, Any]) -> StableDiffusionPipeline:
+    name = overrides.get("sd_model_checkpoint")
+    if name is None:
+        return st.registry.current
+    ckpt: Checkpoint = st.registry.find(name)
+    return st.registry.get(ckpt)
+
+
+def _clip_skip(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusionPipeline) -> int:
+    value = overrides.get("CLIP_stop_at_last_layers", st.options["CLIP_stop_at_last_layers"])
+    layers = pipe.cfg.text.layers
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= layers:
+        raise ApiError(422, f"CLIP_stop_at_last_layers must be an integer from 1 to {layers}, got {value!r}", param="CLIP_stop_at_last_layers")
+    return value
+
+
+def plan_generation(
+    st: ServerState, body: Txt2ImgRequest, *, strength: float = 1.0, init_image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+) -> Plan:
+    """Resolve and check everything in ``body``; raise a 4xx :class:`ApiError` on the first problem."""
+    if body.script_name:
+        raise ApiError(422, f"Script not found: {body.script_name!r} (opensd runs no scripts)", param="script_name")
+    overrides = body.override_settings or {}
+    if not isinstance(overrides, dict):
+        raise ApiError(422, "override_settings must be an object", param="override_settings")
+    sampler, spec, label = resolve_a1111_sampler(body.sampler_name, body.sampler_index, body.scheduler)
+    pipe = _model_for(st, overrides)
+    clip_skip = _clip_skip(st, overrides, pipe)
+    if init_image is not None:  # the image's own size, rounded down to a multiple of 8
+        default_w, default_h = (max(8, side // 8 * 8) for side in init_image.size)
+    else:
+        default_w = default_h = pipe.cfg.image_size
+    width = default_w if body.width is None else body.width
+    height = default_h if body.height is None else body.height
+    st.limits.check(width=width, height=height, steps=body.steps, batch_size=body.batch_size, n_iter=body.n_iter)
+    seed = -1 if body.seed is None else body.seed
+    if not -1 <= seed < SEED_RANGE:
+        raise ApiError(422, f"seed must be from 0 to {SEED_RANGE - 1}, or -1 for a random one; got {seed}", param="seed")
+    if seed == -1:
+        seed = random.randrange(SEED_RANGE)
+    requests = [
+        GenerationRequest(
+            prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
+            cfg_scale=body.cfg_scale, width=width, height=height, seed=(seed + k * body.batch_size) % SEED_RANGE,
+            batch_size=body.batch_size, strength=strength, clip_skip=clip_skip,
+        )
+        for k in range(body.n_iter)
+    ]
+    for req in requests:
+        validate(req, multiple=8, min_side=max(8, pipe.cfg.vae.downsample_factor))
+    return Plan(pipe, requests, spec, label, clip_skip, init_image, mask)
+
+
+def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) -> dict:
+    """A1111's response: base64 PNGs, the request echoed, and ``info`` as a JSON string."""
+    images = [im for r in results for im in r.images]
+    seeds = [s for r in results for s in r.seeds]
+    infotexts = [t for r in results for t in r.infotexts]
+    first = plan.requests[0]
+    loaded = plan.pipeline.loaded
+    inpainting_unet = plan.pipeline.cfg.unet.in_channels == 2 * plan.pipeline.cfg.vae.embed_dim + 1
+    info = {
+        "prompt": first.prompt,
+        "all_prompts": [first.prompt] * len(images),
+        "negative_prompt": first.negative_prompt,
+        "all_negative_prompts": [first.negative_prompt] * len(images),
+        "seed": seeds[0] if seeds else first.seed,
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * len(images),
+        "subseed_strength": 0,
+        "width": first.width,
+        "height": first.height,
+        "sampler_name": plan.sampler.a1111_name,
+        "scheduler": plan.schedule_label,
+        "cfg_scale": first.cfg_scale,
+        "steps": first.steps,
+        "batch_size": first.batch_size,
+        "n_iter": len(plan.requests),
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": loaded.name,
+        "sd_model_hash": loaded.hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": first.strength if plan.init_image is not None else None,
+        "extra_generation_params": {"Schedule type": plan.schedule_label},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": [],
+        "job_timestamp": job.timestamp(),
+        "clip_skip": plan.clip_skip,
+        "is_using_inpainting_conditioning": bool(inpainting_unet and plan.mask is not None),
+        "version": f"opensd {opensd.__version__}",
+        "interrupted": job.interrupted.is_set(),  # by /interrupt or a client that went away (not by /skip)
+    }
+    parameters = body.model_dump()
+    if isinstance(body, Img2ImgRequest):
+        if not body.include_init_images:
+            parameters["init_images"] = None
+        parameters["mask"] = None
+    encoded = [encode_png(im, text) for im, text in zip(images, infotexts)] if body.send_images else []
+    return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
+
+
+async def _generate(request: Request, body: Txt2ImgRequest, kind: str, plan_fn) -> dict:
+    st = server_state(request)
+    plan: Plan = await run_in_threadpool(plan_fn, st)
+    job = Job(kind, n_iter=len(plan.requests))
+
+    def work(j: Job) -> dict:
+        results = run_batches(j, plan.pipeline, plan.requests, init_image=plan.init_image, mask=plan.mask)
+        return build_response(body, plan, results, j)
+
+    return await st.queue.submit(job, work)
+
+
+def _img2img_inputs(st: ServerState, body: Img2ImgRequest) -> tuple[Image.Image, Image.Image | None]:
+    if not body.init_images:
+        raise ApiError(422, "init_images must hold one base64 image", param="init_images")
+    if len(body.init_images) > 1:
+        raise ApiError(422, f"init_images holds {len(body.init_images)} images; send one per request", param="init_images")
+    px = st.limits.max_input_pixels
+    image = decode_image(body.init_images[0], "init_images[0]", max_pixels=px)
+    if body.mask is None:
+        return image, None
+    mask = decode_image(body.mask, "mask", max_pixels=px)
+    if mask.size != image.size:
+        raise ApiError(
+            422, f"the mask is {mask.size[0]}x{mask.size[1]} but the init image is {image.size[0]}x{image.size[1]}; "
+            "they must be the same size", param="mask",
+        )
+    if body.inpainting_mask_invert not in (0, 1):
+        raise ApiError(422, f"inpainting_mask_invert must be 0 or 1, got {body.inpainting_mask_invert}", param="inpainting_mask_invert")
+    if not 0 <= body.mask_blur <= 64:
+        raise ApiError(422, f"mask_blur must be from 0 to 64, got {body.mask_blur}", param="mask_blur")
+    mask = mask.convert("L")
+    if body.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    if body.mask_blur:
+        mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur))
+    return image, mask
+
+
+# ---------------------------------------------------------------- generation
+
+
+@router.post("/txt2img", response_model=ImageResponse, summary="Text to image")
+async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
+    return await _generate(request, body, "txt2img", lambda st: plan_generation(st, body))
+
+
+@router.post("/img2img", response_model=ImageResponse, summary="Image to image and inpainting")
+async def img2img(body: Img2ImgRequest, request: Request) -> dict:
+    def plan(st: ServerState) -> Plan:
+        image, mask = _img2img_inputs(st, body)
+        return plan_generation(st, body, strength=body.denoising_strength, init_image=image, mask=mask)
+
+    return await _generate(request, body, "img2img", plan)
+
+
+@router.post("/png-info", response_model=PngInfoResponse, summary="Read the generation parameters of an image")
+def png_info(body: PngInfoRequest, request: Request) -> dict:
+    if not body.image.strip():
+        return {"info": "", "items": {}, "parameters": {}}
+    image = decode_image(body.image, "image", max_pixels=server_state(request).limits.max_input_pixels)
+    text = image.info.get("parameters")
+    items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != "parameters"}
+    if not isinstance(text, str):
+        return {"info": "", "items": items, "parameters": {}}
+    fields: dict[str, Any] = parse_infotext(text)
+    if "x" in fields.get("Size", ""):  # A1111 also splits the size
+        fields["Size-1"], fields["Size-2"] = fields["Size"].split("x", 1)
+    return {"info": text, "items": items, "parameters": fields}
+
+
+# ---------------------------------------------------------------- progress and control
+
+
+@router.get("/progress", response_model=ProgressResponse, summary="Progress of the current generation")
+def progress(request: Request, skip_current_image: bool = False) -> dict:
+    st = server_state(request)
+    job = st.queue.current()
+    pending = st.queue.pending()
+    if job is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": {"queue_pending": pending}, "current_image": None, "textinfo": None}
+    running = job.started is not None
+    image = None
+    if running and not skip_current_image and st.options["live_previews_enable"]:
+        image = job.preview_png()
+    state = {
+        "skipped": job.skipped.is_set(),
+        "interrupted": job.interrupted.is_set(),
+        "job": f"{job.kind}-{job.id}",
+        "job_count": job.n_iter,
+        "job_timestamp": job.timestamp(),
+        "job_no": job.iteration,
+        "sampling_step": job.step,
+        "sampling_steps": job.steps,
+        "queue_pending": pending,
+    }
+    text = f"Batch {job.iteration + 1}/{job.n_iter}, step {job.step}/{job.steps}" if running else "Waiting in the queue..."
+    return {"progress": job.progress if running else 0.0, "eta_relative": job.eta(), "state": state, "current_image": image, "textinfo": text}
+
+
+@router.post("/interrupt", summary="Stop the running generation after its current step")
+def interrupt(request: Request) -> dict:
+    server_state(request).queue.interrupt()
+    return {}
+
+
+@router.post("/skip", summary="End the current batch of the running generation")
+def skip(request: Request) -> dict:
+    server_state(request).queue.skip()
+    return {}
+
+
+# ---------------------------------------------------------------- options and listings
+
+
+def _options(st: ServerState) -> dict[str, Any]:
+    reg = st.registry
+    return {
+        "sd_model_checkpoint": reg.current_title(),
+        "sd_checkpoint_hash": reg.sha256(reg.current_checkpoint),
+        "samples_format": "png",
+        "opensd_models_dir": str(reg.models_dir) if reg.models_dir else None,
+        **st.options,
+    }
+
+
+@router.get("/options", summary="Current options")
+def get_options(request: Request) -> dict[str, Any]:
+    return _options(server_state(request))
+
+
+@router.post("/options", summary="Set options; sd_model_checkpoint switches the model")
+def set_options(request: Request, body: dict[str, Any] = Body(...)) -> None:
+    st = server_state(request)
+    current = _options(st)
+    for key in READ_ONLY_OPTIONS:
+        if key in body and body[key] != current[key]:
+            raise ApiError(422, f"option {key!r} is read-only on this server", param=key)
+    if "CLIP_stop_at_last_layers" in body:
+        _clip_skip(st, body, st.registry.current)
+    if "live_previews_enable" in body and not isinstance(body["live_previews_enable"], bool):
+        raise ApiError(422, "live_previews_enable must be true or false", param="live_previews_enable")
+    if body.get("sd_model_checkpoint") is not None:
+        st.registry.switch(body["sd_model_checkpoint"])
+    with st.options_lock:
+        for key in st.options:
+            if key in body:
+                st.options[key] = body[key]
+    return None  # A1111 answers null; other keys are ignored as A1111 ignores unknown ones
+
+
+@router.get("/samplers", response_model=list[SamplerItem], summary="Samplers (name: A1111's; aliases: opensd ids)")
+def samplers() -> list[dict]:
+    out = []
+    for spec in list_samplers():
+        options = {k: str(v) for k, v in spec.options().items()}
+        if spec.stochastic:
+            options["uses_ensd"] = "True"
+        out.append({"name": spec.a1111_name, "aliases": [spec.id, *spec.aliases], "options": options})
+    return out
+
+
+@router.get("/schedulers", response_model=list[SchedulerItem], summary="Sigma spacings")
+def schedulers() -> list[dict]:
+    return [
+        {"name": n, "label": label, "aliases": None, "default_rho": rho, "need_inner_model": False}
+        for n, label, _, rho in SCHEDULERS
+    ]
+
+
+@router.get("/sd-models", response_model=list[SDModelItem], summary="Models this server can switch to")
+def sd_models(request: Request) -> list[dict]:
+    reg = server_state(request).registry
+    return [reg.describe(c) for c in reg.checkpoints()]
+
+
+@router.post("/refresh-checkpoints", summary="Rescan the models folder (it is rescanned on every listing anyway)")
+def refresh_checkpoints() -> None:
+    return None
+
+
+@router.get("/sd-vae", summary="Separate VAEs (none: each model uses its own)")
+def sd_vae() -> list:
+    return []
+
+
+@router.get("/scripts", response_model=ScriptsList, summary="Scripts (none)")
+def scripts() -> dict:
+    return {"txt2img": [], "img2img": []}

@@ -1,0 +1,94 @@
+"""The HTTP server: A1111's ``/sdapi/v1``, OpenAI's ``/v1/images/generations`` and a web page.
+
+>>> from opensd.serving import create_app
+>>> app = create_app("models/opensd-shapes", auth="me:secret")   # then: uvicorn.run(app)
+
+Routes: ``/sdapi/v1/*`` (see :mod:`opensd.serving.a1111`), ``/v1/images/generations``
+(:mod:`opensd.serving.openai_api`), the page at ``/`` (plain HTML/JS/CSS from
+``static/``), the OpenAPI schema at ``/openapi.json`` and its viewer at ``/docs``.
+Every error is JSON (:mod:`opensd.serving.errors`); every request passes the optional
+Basic-auth check and the body-size limit first (:mod:`opensd.serving.security`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import torch
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+import opensd
+from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+from opensd.serving import a1111, openai_api
+from opensd.serving.errors import install_handlers
+from opensd.serving.limits import Limits
+from opensd.serving.models import ModelRegistry
+from opensd.serving.queue import GenerationQueue
+from opensd.serving.security import BasicAuth, BodyLimit, parse_auth
+from opensd.serving.state import ServerState
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+def create_app(
+    model: str | Path | StableDiffusionPipeline | None = None,
+    *,
+    models_dir: str | Path | None = None,
+    auth: str | list[tuple[str, str]] | None = None,
+    limits: Limits | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    max_loaded: int = 2,
+) -> FastAPI:
+    """A FastAPI app serving ``model`` (a path or a loaded pipeline; default: the first model in ``models_dir``).
+
+    ``models_dir``: a folder whose models ``sd_model_checkpoint`` can switch to.
+    ``auth``: ``"user:pass"`` (or ``"u1:p1,u2:p2"``, or a list of pairs) for HTTP Basic auth
+    on every route; ``None`` serves without auth. ``limits``: see :class:`Limits`.
+    ``device``/``dtype``: where models loaded from a path go. ``max_loaded``: how many
+    models stay in memory at once (the current one always does).
+    """
+    limits = limits or Limits()
+    credentials = parse_auth(auth) if isinstance(auth, str) or auth is None else list(auth)
+    loader = partial(StableDiffusionPipeline.from_path, device=device, dtype=dtype)
+    registry = ModelRegistry(model, Path(models_dir) if models_dir is not None else None, loader=loader, max_loaded=max_loaded)
+    queue = GenerationQueue(limits.workers, limits.max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        queue.close()
+
+    app = FastAPI(
+        title="opensd",
+        version=opensd.__version__,
+        description="Stable Diffusion over HTTP: AUTOMATIC1111's `/sdapi/v1` API, OpenAI's Images API, and a web page at `/`.",
+        lifespan=lifespan,
+    )
+    app.state.opensd = ServerState(registry, queue, limits)
+    install_handlers(app)
+    app.include_router(a1111.router)
+    app.include_router(openai_api.router)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # Added last = runs first: auth, then the body limit, then the routes.
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if credentials:
+        app.add_middleware(BasicAuth, credentials=credentials)
+    return app
+
+
+def describe_state(app: FastAPI) -> dict[str, Any]:
+    """What is being served (for logs): the current model, the models folder and the limits."""
+    st: ServerState = app.state.opensd
+    return {"model": st.registry.current_title(), "models_dir": st.registry.models_dir, "limits": st.limits}

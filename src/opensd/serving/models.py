@@ -1,0 +1,207 @@
+"""The checkpoints a server can draw with, and the one it draws with now.
+
+Checkpoints are discovered in a models folder (its direct children: diffusers folders,
+opensd folders, ``.safetensors``/``.ckpt`` files) plus the model the server was started
+with. Each is named as A1111 names them: ``model_name`` is the file's stem or the
+folder's name; ``title`` is ``"<file or folder name> [<short hash>]"``, the hash being the
+first 10 hex digits of the main weight file's SHA-256 (known for loaded models and files
+under 512 MiB; until then the title is the bare name). Setting the option
+``sd_model_checkpoint`` to any of title, model_name, file name, hash or path switches
+the current model.
+
+Loaded pipelines are kept in a small cache (the current one is never evicted); a
+pipeline is stateless, so a request keeps the one it started with even if the current
+model changes under it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from opensd.checkpoints import detect_format, main_weights_file
+from opensd.checkpoints.io import CheckpointError, full_hash
+from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+from opensd.serving.errors import ApiError
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt")
+HASH_EAGERLY_BELOW = 512 * 2**20  # larger files are hashed when first loaded, not when listed
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model on disk. ``label`` is the file or folder name (with extension)."""
+
+    path: Path
+    label: str
+    model_name: str
+
+    @classmethod
+    def at(cls, path: Path) -> "Checkpoint":
+        path = path.expanduser().resolve()
+        return cls(path, path.name, path.stem if path.is_file() else path.name)
+
+    def title(self, short: str | None) -> str:
+        return f"{self.label} [{short}]" if short else self.label
+
+
+def discover(models_dir: Path) -> list[Checkpoint]:
+    """Direct children of ``models_dir`` that are models, sorted by name."""
+    found = []
+    for child in sorted(models_dir.iterdir(), key=lambda p: p.name.lower()):
+        if child.name.startswith("."):
+            continue
+        if child.is_file() and child.suffix.lower() not in MODEL_SUFFIXES:
+            continue
+        try:
+            detect_format(child)
+        except CheckpointError:
+            continue
+        found.append(Checkpoint.at(child))
+    return found
+
+
+class ModelRegistry:
+    """Lists checkpoints, resolves names, loads pipelines (one load at a time) and holds the current one."""
+
+    def __init__(
+        self,
+        initial: Path | StableDiffusionPipeline | None,
+        models_dir: Path | None = None,
+        *,
+        loader: Callable[[Path], StableDiffusionPipeline] = StableDiffusionPipeline.from_path,
+        max_loaded: int = 2,
+    ):
+        if models_dir is not None and not Path(models_dir).is_dir():
+            raise ValueError(f"models folder not found: {models_dir}")
+        self.models_dir = Path(models_dir).expanduser().resolve() if models_dir is not None else None
+        self.loader = loader
+        self.max_loaded = max(1, max_loaded)
+        self._lock = threading.Lock()  # guards the cache and the current model; held briefly
+        self._load_lock = threading.Lock()  # one model load at a time
+        self._hashes: dict[tuple[Path, int, float], str] = {}
+        self._cache: OrderedDict[Path, StableDiffusionPipeline] = OrderedDict()
+        self._extra: list[Checkpoint] = []
+        if isinstance(initial, StableDiffusionPipeline):
+            ckpt = Checkpoint.at(initial.loaded.path)
+            self._extra.append(ckpt)
+            self._cache[ckpt.path] = initial
+            self._current = ckpt
+        else:
+            if initial is None:
+                listed = self.checkpoints()
+                if not listed:
+                    where = f" in {self.models_dir}" if self.models_dir else ""
+                    raise ValueError(f"no model to serve: give a model path or a models folder that holds one{where}")
+                ckpt = listed[0]
+            else:
+                ckpt = Checkpoint.at(Path(initial))
+                self._extra.append(ckpt)
+            self._current = ckpt
+            self._cache[ckpt.path] = self.loader(ckpt.path)
+
+    # ---------------------------------------------------------------- listing
+
+    def checkpoints(self) -> list[Checkpoint]:
+        found = discover(self.models_dir) if self.models_dir is not None else []
+        known = {c.path for c in found}
+        return [c for c in self._extra if c.path not in known] + found
+
+    def sha256(self, ckpt: Checkpoint) -> str | None:
+        """The main weight file's SHA-256 (cached). Files over 512 MiB are not hashed here: a
+        multi-GB checkpoint takes many seconds, so a listing shows ``None`` for them."""
+        try:
+            f = main_weights_file(ckpt.path, detect_format(ckpt.path))
+            st = f.stat()
+        except (CheckpointError, OSError):
+            return None
+        key = (f, st.st_size, st.st_mtime)
+        if key not in self._hashes:
+            if st.st_size > HASH_EAGERLY_BELOW:
+                return None
+            self._hashes[key] = full_hash(f)
+        return self._hashes[key]
+
+    def short_hash(self, ckpt: Checkpoint) -> str | None:
+        """A1111's 10-digit hash: known for every loaded model (the loader computed it) and small files."""
+        with self._lock:
+            pipe = self._cache.get(ckpt.path)
+        if pipe is not None:
+            return pipe.loaded.hash
+        sha = self.sha256(ckpt)
+        return sha[:10] if sha else None
+
+    def describe(self, ckpt: Checkpoint) -> dict:
+        """A1111's ``/sdapi/v1/sd-models`` item."""
+        short = self.short_hash(ckpt)
+        return {
+            "title": ckpt.title(short),
+            "model_name": ckpt.model_name,
+            "hash": short,
+            "sha256": self.sha256(ckpt),
+            "filename": str(ckpt.path),
+            "config": None,
+        }
+
+    # ---------------------------------------------------------------- lookup and loading
+
+    @property
+    def current(self) -> StableDiffusionPipeline:
+        with self._lock:
+            return self._cache[self._current.path]
+
+    @property
+    def current_checkpoint(self) -> Checkpoint:
+        return self._current
+
+    def find(self, name: str) -> Checkpoint:
+        """The checkpoint called ``name`` (title, model_name, file name, hash or path); 404 if none."""
+        if not isinstance(name, str) or not name.strip():
+            raise ApiError(422, "sd_model_checkpoint must be a non-empty model name", param="sd_model_checkpoint")
+        want = name.strip()
+        bare = want.rsplit(" [", 1)[0] if want.endswith("]") else want
+        listed = self.checkpoints()
+        for ckpt in listed:
+            if want in (ckpt.label, ckpt.model_name, str(ckpt.path)) or bare in (ckpt.label, ckpt.model_name):
+                return ckpt
+        for ckpt in listed:
+            sha, short = self.sha256(ckpt), self.short_hash(ckpt)
+            if want in {sha, short, ckpt.title(short)} - {None}:
+                return ckpt
+        titles = ", ".join(self.describe(c)["title"] for c in listed) or "none"
+        raise ApiError(404, f"model {name!r} not found; available: {titles}", param="sd_model_checkpoint")
+
+    def get(self, ckpt: Checkpoint) -> StableDiffusionPipeline:
+        """The pipeline for ``ckpt``, loading it (and evicting the least recently used other one) if needed.
+
+        Loads happen one at a time and outside the cache lock, so listings and progress keep answering.
+        """
+        with self._lock:
+            if ckpt.path in self._cache:
+                self._cache.move_to_end(ckpt.path)
+                return self._cache[ckpt.path]
+        with self._load_lock:
+            with self._lock:
+                if ckpt.path in self._cache:  # loaded by another request meanwhile
+                    return self._cache[ckpt.path]
+            pipe = self.loader(ckpt.path)
+            with self._lock:
+                self._cache[ckpt.path] = pipe
+                victims = [p for p in self._cache if p not in (self._current.path, ckpt.path)]
+                while len(self._cache) > self.max_loaded and victims:
+                    del self._cache[victims.pop(0)]
+            return pipe
+
+    def switch(self, name: str) -> Checkpoint:
+        """Make the model called ``name`` the current one (loading it now)."""
+        ckpt = self.find(name)
+        self.get(ckpt)
+        with self._lock:
+            self._current = ckpt
+        return ckpt
+
+    def current_title(self) -> str:
+        return self.describe(self._current)["title"]

@@ -1,0 +1,71 @@
+"""OpenAI's Images API, ``POST /v1/images/generations``, on the current model.
+
+Accepts ``prompt``, ``n`` and ``size`` (``"WxH"`` or ``"auto"``: the model's native size)
+and answers ``{"created", "data": [{"b64_json"}], "output_format", "size"}``. Images are
+returned inline only: ``response_format="url"`` is a 400, since this server keeps no
+files to link to. ``model``, ``quality``, ``style`` and ``user`` are accepted and ignored.
+Through the client's ``extra_body`` a caller may also send ``negative_prompt``,
+``steps``, ``seed``, ``cfg_scale`` and ``sampler_name`` (opensd extensions).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from opensd.serving.a1111 import Plan, plan_generation
+from opensd.serving.codec import encode_png
+from opensd.serving.errors import ApiError
+from opensd.serving.queue import Job, run_batches
+from opensd.serving.schemas import OpenAIImageRequest, OpenAIImagesResponse, Txt2ImgRequest
+from opensd.serving.state import ServerState, server_state
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """``"WxH"`` -> (W, H); ``None``/``"auto"`` -> (None, None) for the model's native size."""
+    if size is None or size.strip().lower() == "auto":
+        return None, None
+    m = _SIZE.match(size)
+    if not m:
+        raise ApiError(400, f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {size!r}", param="size")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _plan(st: ServerState, body: OpenAIImageRequest) -> Plan:
+    if body.response_format not in (None, "b64_json"):
+        raise ApiError(
+            400, f"response_format {body.response_format!r} is not supported: this server keeps no image files "
+            "to link to; use response_format='b64_json'", param="response_format",
+        )
+    if body.output_format not in (None, "png"):
+        raise ApiError(400, f"output_format {body.output_format!r} is not supported; only 'png'", param="output_format")
+    if not 1 <= body.n <= st.limits.max_batch_size:
+        raise ApiError(400, f"n must be from 1 to {st.limits.max_batch_size} on this server, got {body.n}", param="n")
+    width, height = parse_size(body.size)
+    a1111 = Txt2ImgRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed, sampler_name=body.sampler_name,
+        batch_size=body.n, steps=body.steps, cfg_scale=body.cfg_scale, width=width, height=height,
+    )
+    return plan_generation(st, a1111)
+
+
+@router.post("/images/generations", response_model=OpenAIImagesResponse, response_model_exclude_none=True,
+             summary="Create images (OpenAI Images API)")
+async def images_generations(body: OpenAIImageRequest, request: Request) -> dict:
+    st = server_state(request)
+    plan: Plan = await run_in_threadpool(_plan, st, body)
+
+    def work(job: Job) -> dict:
+        results = run_batches(job, plan.pipeline, plan.requests)
+        data = [{"b64_json": encode_png(im, text)} for r in results for im, text in zip(r.images, r.infotexts)]
+        req = plan.requests[0]
+        return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{req.width}x{req.height}"}
+
+    return await st.queue.submit(Job("openai"), work)

@@ -1,0 +1,179 @@
+"""Request and response bodies: AUTOMATIC1111's ``/sdapi/v1`` JSON and OpenAI's Images API.
+
+Field names, types and defaults follow A1111's API (``modules/api/models.py``, v1.10),
+so existing clients work unchanged. Fields A1111 accepts that do not apply here
+(``styles``, ``subseed``, ``restore_faces``, ``enable_hr``, ``alwayson_scripts``, ...) and
+any field nobody knows are ignored, as A1111 ignores unknown fields.
+
+Defaults that differ from A1111, on purpose:
+
+- ``width``/``height``: A1111 defaults to 512; here an omitted size means the model's
+  native size (``SDConfig.image_size``), which is what small models are trained at.
+- ``steps``: 50 and ``cfg_scale``: 7.0 as A1111; ``sampler_index``: ``"Euler"`` as A1111.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Lenient(BaseModel):
+    """A request body: unknown fields are ignored and ``null`` means "the default", as in A1111's API."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# ---------------------------------------------------------------- generation requests
+
+
+class Txt2ImgRequest(_Lenient):
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(-1, description="-1 picks a random seed; image i of a batch uses seed + i.")
+    sampler_name: Optional[str] = Field(None, description="An A1111 name ('DPM++ 2M', 'Euler a') or an opensd id.")
+    sampler_index: str = Field("Euler", description="Older name of sampler_name; used when sampler_name is empty.")
+    scheduler: Optional[str] = Field(None, description="'Automatic', 'Karras' or 'Exponential' (A1111 >= 1.9).")
+    batch_size: int = 1
+    n_iter: int = Field(1, description="Batches run one after the other; batch k starts at seed + k * batch_size.")
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: Optional[int] = Field(None, description="Default: the model's native size.")
+    height: Optional[int] = Field(None, description="Default: the model's native size.")
+    override_settings: Optional[dict[str, Any]] = Field(
+        None, description="Per-request options: sd_model_checkpoint, CLIP_stop_at_last_layers."
+    )
+    override_settings_restore_afterwards: bool = True
+    script_name: Optional[str] = None
+    send_images: bool = True
+    save_images: bool = False
+    force_task_id: Optional[str] = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: Optional[list[str]] = Field(None, description="One base64 PNG/JPEG (a data: URL prefix is allowed).")
+    mask: Optional[str] = Field(None, description="Base64 image the size of the init image; white is repainted.")
+    denoising_strength: float = 0.75
+    inpainting_mask_invert: int = Field(0, description="1: repaint the black part of the mask instead.")
+    mask_blur: int = Field(4, description="Gaussian blur radius applied to the mask, in pixels (A1111's default 4).")
+    include_init_images: bool = False
+
+
+# ---------------------------------------------------------------- generation responses
+
+
+class ImageResponse(BaseModel):
+    """A1111's ``TextToImageResponse`` / ``ImageToImageResponse``."""
+
+    images: list[str] = Field(description="Base64 PNGs, each with its infotext in the 'parameters' text chunk.")
+    parameters: dict[str, Any] = Field(description="The request as understood.")
+    info: str = Field(description="A JSON string: seed, all_seeds, infotexts, prompt, steps, sampler_name, ...")
+
+
+class PngInfoRequest(_Lenient):
+    image: str = Field(description="A base64 image (a data: URL prefix is allowed).")
+
+
+class PngInfoResponse(BaseModel):
+    info: str = Field(description="The raw infotext ('' when the image carries none).")
+    items: dict[str, Any] = Field(default_factory=dict, description="Other text chunks of the image.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="The infotext parsed into fields.")
+
+
+class ProgressState(_Out):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    queue_pending: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 over all batches of the current job.")
+    eta_relative: float = Field(description="Estimated seconds left.")
+    state: ProgressState
+    current_image: Optional[str] = Field(None, description="Base64 PNG decoded from the current x0 prediction.")
+    textinfo: Optional[str] = None
+
+
+# ---------------------------------------------------------------- listings
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, str]
+
+
+class SchedulerItem(BaseModel):
+    name: str
+    label: str
+    aliases: Optional[list[str]] = None
+    default_rho: Optional[float] = None
+    need_inner_model: Optional[bool] = None
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: Optional[str] = None
+    sha256: Optional[str] = None
+    filename: str
+    config: Optional[str] = None
+
+
+class ScriptsList(BaseModel):
+    txt2img: list[str] = Field(default_factory=list)
+    img2img: list[str] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- OpenAI Images API
+
+
+class OpenAIImageRequest(_Lenient):
+    """``POST /v1/images/generations``. ``negative_prompt``, ``steps``, ``seed``, ``cfg_scale`` and
+    ``sampler_name`` are opensd extensions (send them with the client's ``extra_body``)."""
+
+    prompt: str
+    model: Optional[str] = Field(None, description="Ignored: the server's current model draws.")
+    n: int = 1
+    size: Optional[str] = Field(None, description="'WxH' (e.g. '512x512') or 'auto' (the model's native size).")
+    response_format: Optional[str] = Field("b64_json", description="Only 'b64_json'.")
+    output_format: Optional[str] = Field(None, description="Only 'png'.")
+    quality: Optional[str] = None
+    style: Optional[str] = None
+    user: Optional[str] = None
+    negative_prompt: str = ""
+    steps: int = 20
+    seed: int = -1
+    cfg_scale: float = 7.0
+    sampler_name: str = "DPM++ 2M"
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: Optional[str] = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    output_format: str = "png"
+    size: str

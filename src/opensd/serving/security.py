@@ -1,0 +1,130 @@
+"""HTTP Basic auth and a request-body size limit, as plain ASGI middleware.
+
+Both answer in the server's JSON error shape (see :mod:`opensd.serving.errors`) and run
+before any route: a request over the size limit or without valid credentials never
+reaches the generation queue. Credentials are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+from typing import Any, Awaitable, Callable
+
+from fastapi import HTTPException
+
+from opensd.serving.errors import error_body
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
+    """``"user:pass"`` or ``"u1:p1,u2:p2"`` (A1111's ``--api-auth``) -> credential pairs; ``None``/empty -> no auth."""
+    if spec is None or not spec.strip():
+        return None
+    pairs = []
+    for item in spec.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--api-auth must be 'user:password' (several separated by commas), got {item.strip()!r}")
+        pairs.append((user, password))
+    return pairs
+
+
+async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": data})
+
+
+class BasicAuth:
+    """Answer 401 to any HTTP request without one of ``credentials`` in its ``Authorization`` header."""
+
+    def __init__(self, app: ASGIApp, credentials: list[tuple[str, str]]):
+        self.app = app
+        self.credentials = [(u.encode(), p.encode()) for u, p in credentials]
+
+    def _ok(self, header: bytes | None) -> bool:
+        if not header or not header[:6].lower() == b"basic ":
+            return False
+        try:
+            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return False
+        if not sep:
+            return False
+        ok = False
+        for u, p in self.credentials:  # no early exit: the time does not tell which user matched
+            ok |= secrets.compare_digest(user, u) & secrets.compare_digest(password, p)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers") or []).get(b"authorization")
+        if self._ok(header):
+            return await self.app(scope, receive, send)
+        body = error_body(scope.get("path", ""), 401, "Unauthorized", "missing or wrong credentials (HTTP Basic auth)")
+        await _send_json(send, 401, body, [(b"www-authenticate", b'Basic realm="opensd"')])
+
+
+class _TooLarge(HTTPException):
+    """Raised from ``receive``: FastAPI re-raises HTTPExceptions met while reading a body."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"the request body is larger than {max_bytes} bytes")
+
+
+class BodyLimit:
+    """Answer 413 to a request whose body is over ``max_bytes`` (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        detail = f"the request body is larger than {self.max_bytes} bytes"
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                return await _send_json(send, 400, error_body(path, 400, "BadRequest", "bad Content-Length header"))
+            if too_big:
+                return await _send_json(send, 413, error_body(path, 413, "PayloadTooLarge", detail))
+
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_json(send, 413, error_body(path, 413, "PayloadTooLarge", detail))

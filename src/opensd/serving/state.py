@@ -1,0 +1,27 @@
+"""What the routes share: the models, the queue, the limits and the settable options."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from opensd.serving.limits import Limits
+from opensd.serving.models import ModelRegistry
+from opensd.serving.queue import GenerationQueue
+
+
+@dataclass
+class ServerState:
+    registry: ModelRegistry
+    queue: GenerationQueue
+    limits: Limits
+    # Options a client may set with POST /sdapi/v1/options (A1111 names).
+    options: dict[str, Any] = field(default_factory=lambda: {"CLIP_stop_at_last_layers": 1, "live_previews_enable": True})
+    options_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.opensd

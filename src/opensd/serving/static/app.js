@@ -1,0 +1,178 @@
+// opensd web page: a form that calls /sdapi/v1/txt2img or img2img, polls /sdapi/v1/progress
+// for a live preview, and keeps a gallery of results. Plain JS, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const API = "/sdapi/v1";
+const POLL_MS = 250;
+
+let busy = false;
+let pollTimer = null;
+
+async function api(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { "Content-Type": "application/json", ...(options.headers || {}) },
+  });
+  let body = null;
+  try { body = await response.json(); } catch (_) { /* not JSON */ }
+  if (!response.ok) {
+    const detail = body && (typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
+    throw new Error(detail || `${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+function fillSelect(select, items, chosen) {
+  select.replaceChildren(...items.map(({ value, label }) => {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = label;
+    option.selected = value === chosen;
+    return option;
+  }));
+}
+
+async function loadChoices() {
+  try {
+    const [samplers, schedulers, options] = await Promise.all([
+      api(`${API}/samplers`), api(`${API}/schedulers`), api(`${API}/options`),
+    ]);
+    fillSelect($("sampler_name"), samplers.map((s) => ({ value: s.name, label: s.name })), "DPM++ 2M");
+    fillSelect($("scheduler"), schedulers.map((s) => ({ value: s.label, label: s.label })), "Automatic");
+    $("model-name").textContent = options.sd_model_checkpoint;
+  } catch (err) {
+    showError(`Could not reach the server: ${err.message}`);
+  }
+}
+
+function showError(message) { $("error").textContent = message || ""; }
+
+function numberOrNull(id) {
+  const text = $(id).value.trim();
+  return text === "" ? null : Number(text);
+}
+
+function payload(initImage) {
+  const body = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value,
+    sampler_name: $("sampler_name").value,
+    scheduler: $("scheduler").value,
+    steps: numberOrNull("steps"),
+    cfg_scale: numberOrNull("cfg_scale"),
+    seed: numberOrNull("seed") ?? -1,
+    batch_size: numberOrNull("batch_size") ?? 1,
+  };
+  for (const key of ["width", "height"]) {
+    const v = numberOrNull(key);
+    if (v !== null) body[key] = v;
+  }
+  if (initImage) {
+    body.init_images = [initImage];
+    body.denoising_strength = numberOrNull("denoising_strength") ?? 0.75;
+  }
+  return body;
+}
+
+function setBusy(value) {
+  busy = value;
+  $("generate").disabled = value;
+  $("interrupt").disabled = !value;
+  $("gen-form").setAttribute("aria-busy", String(value));
+}
+
+async function poll() {
+  try {
+    const p = await api(`${API}/progress?skip_current_image=false`);
+    if (!busy) return;
+    $("progress").value = p.progress;
+    const steps = p.state.sampling_steps ? ` — step ${p.state.sampling_step}/${p.state.sampling_steps}` : "";
+    $("progress-text").textContent = `${Math.round(p.progress * 100)}%${steps}`;
+    if (p.current_image) {
+      $("preview").src = `data:image/png;base64,${p.current_image}`;
+      $("preview").hidden = false;
+    }
+  } catch (_) { /* a missed poll is harmless */ }
+  if (busy) pollTimer = setTimeout(poll, POLL_MS);
+}
+
+function addResults(result) {
+  const info = JSON.parse(result.info);
+  const items = result.images.map((b64, i) => {
+    const seed = info.all_seeds[i];
+    const text = info.infotexts[i];
+    const li = document.createElement("li");
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = `data:image/png;base64,${b64}`;
+    img.alt = `Generated: ${info.prompt} (seed ${seed})`;
+    const caption = document.createElement("figcaption");
+    const pre = document.createElement("pre");
+    pre.textContent = text;
+    const link = document.createElement("a");
+    link.href = img.src;
+    link.download = `opensd-${seed}.png`;
+    link.textContent = `Download PNG (seed ${seed})`;
+    caption.append(pre, link);
+    figure.append(img, caption);
+    li.append(figure);
+    return li;
+  });
+  $("gallery").prepend(...items);
+  $("gallery-empty").hidden = true;
+}
+
+async function generate(event) {
+  if (event) event.preventDefault();
+  if (busy) return;
+  showError("");
+  setBusy(true);
+  const file = $("init_image").files[0];
+  let body;
+  try {
+    body = payload(file ? await readFile(file) : null);
+  } catch (err) {
+    showError(`Could not read the image file: ${err.message}`);
+    setBusy(false);
+    return;
+  }
+  const endpoint = body.init_images ? "img2img" : "txt2img";
+  $("progress").value = 0;
+  $("progress-text").textContent = "Queued…";
+  pollTimer = setTimeout(poll, POLL_MS);
+  try {
+    const result = await api(`${API}/${endpoint}`, { method: "POST", body: JSON.stringify(body) });
+    addResults(result);
+    const info = JSON.parse(result.info);
+    $("progress").value = 1;
+    $("progress-text").textContent = info.interrupted ? "Interrupted" : "Done";
+  } catch (err) {
+    showError(err.message);
+    $("progress-text").textContent = "Failed";
+  } finally {
+    clearTimeout(pollTimer);
+    setBusy(false);
+  }
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+$("gen-form").addEventListener("submit", generate);
+$("gen-form").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    $("gen-form").requestSubmit();
+  }
+});
+$("interrupt").addEventListener("click", () => api(`${API}/interrupt`, { method: "POST" }).catch((e) => showError(e.message)));
+$("clear-image").addEventListener("click", () => { $("init_image").value = ""; });
+
+loadChoices();

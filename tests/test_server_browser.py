@@ -1,0 +1,199 @@
+"""The web page in a real headless Chromium (Playwright driving Debian's /usr/bin/chromium).
+
+The page's every request is checked to stay on the test server (127.0.0.1); anything else
+is aborted. Skipped, with the reason, when Chromium or Playwright is not installed
+(``apt-get install -y chromium``; the ``playwright`` Python package from the test extra).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from opensd.checkpoints import load_model
+from opensd.checkpoints.opensd_format import save_opensd
+from opensd.pipelines.infotext import parse_infotext
+from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+from opensd.serving import create_app
+from opensd.serving.background import serve_in_thread
+
+from helpers import tiny_word_bundle
+
+CHROMIUM = "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} not found: install it with `apt-get install -y chromium`", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed (test extra)")
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 30_000
+
+
+class SlowPipeline(StableDiffusionPipeline):
+    """The tiny pipeline with a short pause after each step, so that a poll sees sampling under way."""
+
+    def __init__(self, loaded, pause: float):
+        super().__init__(loaded)
+        self.pause = pause
+
+    def generate(self, req, *, callback=None, **kw):
+        def slow(info):
+            time.sleep(self.pause)
+            return callback(info) if callback is not None else None
+
+        return super().generate(req, callback=slow, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tok = tiny_word_bundle()
+    path = save_opensd(model, tok, tmp_path_factory.mktemp("m") / "tiny-shapes")
+    with serve_in_thread(create_app(SlowPipeline(load_model(path), pause=0.02))) as url:
+        yield url
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    pw = sync_api.sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True, timeout=TIMEOUT_MS)
+    except Exception as e:  # a Chromium that Playwright cannot drive: say so rather than fail obscurely
+        pw.stop()
+        pytest.skip(f"Playwright could not start {CHROMIUM}: {e}")
+    yield b
+    b.close()
+    pw.stop()
+
+
+@pytest.fixture
+def page(browser, server: str):
+    context = browser.new_context()
+    p = context.new_page()
+    p.set_default_timeout(TIMEOUT_MS)
+    outside: list[str] = []
+
+    def only_loopback(route) -> None:
+        if route.request.url.startswith(server + "/"):
+            route.continue_()
+        else:  # e.g. a /docs asset from a CDN: never leave this machine
+            outside.append(route.request.url)
+            route.abort()
+
+    p.route("**/*", only_loopback)
+    p.goto(server + "/")
+    p.wait_for_selector("#sampler_name option[value='Euler a']", state="attached")
+    yield p
+    context.close()
+    assert outside == [], f"the page tried to reach {outside}"
+
+
+def gallery_images(page) -> list[dict]:
+    return page.eval_on_selector_all(
+        "#gallery figure",
+        "figs => figs.map(f => ({src: f.querySelector('img').src, alt: f.querySelector('img').alt,"
+        " text: f.querySelector('pre').textContent, href: f.querySelector('a').href, download: f.querySelector('a').download}))",
+    )
+
+
+def png_from_data_url(url: str) -> Image.Image:
+    assert url.startswith("data:image/png;base64,")
+    im = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    im.load()
+    return im
+
+
+def test_form_generates_with_live_progress_and_a_downloadable_gallery(page) -> None:
+    page.fill("#prompt", "a red circle")
+    page.fill("#negative_prompt", "a blue square")
+    page.select_option("#sampler_name", "Euler")
+    page.select_option("#scheduler", "Karras")
+    page.fill("#steps", "16")
+    page.fill("#cfg_scale", "5")
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    page.fill("#seed", "7")
+    page.fill("#batch_size", "2")
+    page.click("#generate")
+    # while sampling: the bar moves, the preview shows the current x0 prediction, Interrupt is live
+    page.wait_for_function(
+        "() => { const p = document.getElementById('progress'); return p.value > 0 && p.value < 1"
+        " && !document.getElementById('preview').hidden; }"
+    )
+    assert page.is_enabled("#interrupt") and page.is_disabled("#generate")
+    assert png_from_data_url(page.get_attribute("#preview", "src")).size == (32, 32)
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 2")
+    assert page.text_content("#progress-text") == "Done" and page.inner_text("#error") == ""
+    shown = gallery_images(page)
+    seeds = sorted(parse_infotext(s["text"])["Seed"] for s in shown)
+    assert seeds == ["7", "8"]
+    for item in shown:
+        fields = parse_infotext(item["text"])
+        assert fields["Steps"] == "16" and fields["Sampler"] == "Euler" and fields["Schedule type"] == "Karras"
+        assert fields["Negative prompt"] == "a blue square" and fields["CFG scale"] == "5.0"
+        assert item["download"] == f"opensd-{fields['Seed']}.png" and item["href"] == item["src"]
+        png = png_from_data_url(item["href"])  # the download carries its parameters
+        assert png.info["parameters"] == item["text"] and png.size == (32, 32)
+        assert "a red circle" in item["alt"]
+
+
+def test_keyboard_only_tab_order_and_submit(page) -> None:
+    assert page.evaluate("document.activeElement.id") == "prompt"  # focus starts in the prompt
+    page.keyboard.type("a green triangle")
+    page.keyboard.press("Control+Enter")  # from the prompt textarea
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 1")
+    order = []
+    for _ in range(4):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id"))
+    assert order == ["negative_prompt", "sampler_name", "scheduler", "steps"]
+    page.keyboard.press("Control+A")
+    page.keyboard.type("3")
+    page.keyboard.press("Enter")  # Enter in a one-line field submits the form
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 2")
+    newest = parse_infotext(gallery_images(page)[0]["text"])
+    assert newest["Steps"] == "3" and newest["Prompt"] == "a green triangle"
+
+
+def test_img2img_from_an_uploaded_file(page, tmp_path: Path) -> None:
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "start.png")
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "4")
+    page.set_input_files("#init_image", str(tmp_path / "start.png"))
+    page.fill("#denoising_strength", "0.5")
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 1")
+    fields = parse_infotext(gallery_images(page)[0]["text"])
+    assert fields["Denoising strength"] == "0.5" and fields["Steps"] == "4" and fields["Size"] == "32x32"
+
+
+def test_errors_are_shown_and_the_page_recovers(page) -> None:
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "100000")
+    page.click("#generate")
+    page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
+    assert "steps must be from 1 to 150" in page.inner_text("#error")
+    assert page.is_enabled("#generate")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 1")
+    assert page.inner_text("#error") == ""
+
+
+def test_interrupt_button_stops_sampling(page) -> None:
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "150")
+    page.click("#generate")
+    page.wait_for_function("() => document.getElementById('progress').value > 0")
+    page.click("#interrupt")
+    page.wait_for_function("() => document.getElementById('progress-text').textContent === 'Interrupted'", timeout=TIMEOUT_MS)
+    assert page.eval_on_selector_all("#gallery figure", "f => f.length") == 1

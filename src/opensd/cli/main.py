@@ -27,10 +27,11 @@ def info(path: Path = typer.Argument(..., help="A diffusers folder, an opensd mo
 
 
 def _mount_subapps() -> None:
-    from opensd.cli import data, eval, generate, serve
+    from opensd.cli import data, eval, generate, serve, train
 
     generate.register(app)
     serve.register(app)
+    train.register(app)
     eval.register(app)
     app.add_typer(data.app, name="data", help="Make datasets (the shapes world).")
 

@@ -1,0 +1,152 @@
+"""``opensd train vae|clip|unet``: train the whole stack from scratch.
+
+Mounted by :mod:`opensd.cli.main` with :func:`register`; also runs on its own as
+``python -m opensd.cli.train`` (so ``torchrun --nproc_per_node N -m opensd.cli.train
+unet ...`` trains data-parallel). A config comes from the stage's defaults, a TOML
+file (``--config``), ``--set key=value`` overrides, then the explicit options, in that
+order of precedence (later wins).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from opensd.cli.common import fail_cleanly
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _train() -> None:
+    """Train the VAE, the text encoder (CLIP) and the U-Net from scratch."""
+
+
+def register(parent: typer.Typer) -> None:
+    """Add the ``train`` sub-app to the main ``opensd`` app."""
+    parent.add_typer(app, name="train", help="Train the VAE, the text encoder (CLIP) and the U-Net from scratch.")
+
+
+CONFIG = typer.Option(None, "--config", "-c", help="TOML config file (see docs/training.md).")
+SET = typer.Option(None, "--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
+OUT = typer.Option(None, "--out", "-o", help="Run folder (train.out_dir).")
+STEPS = typer.Option(None, "--steps", help="Optimiser steps (train.steps).")
+BATCH = typer.Option(None, "--batch-size", "-b", help="Global batch size (train.batch_size).")
+LR = typer.Option(None, "--lr", help="Learning rate (train.lr).")
+SEED = typer.Option(None, "--seed", help="Training seed: initial weights, batches, noise (train.seed).")
+DATA = typer.Option(None, "--data", help="'shapes' (the generator itself) or an image-caption folder.")
+SIZE = typer.Option(None, "--image-size", help="Image side in pixels (data.image_size).")
+DATA_SEED = typer.Option(None, "--data-seed", help="Shapes dataset seed (data.seed).")
+DEVICE = typer.Option(None, "--device", help="auto (CUDA if available), cpu, cuda or cuda:N (train.device).")
+BF16 = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (train.bf16).")
+RESUME = typer.Option(False, "--resume", help="Continue the run folder from its last checkpoint (fresh if none).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def build_config(cfg_cls: type, config: Optional[Path], sets: Optional[List[str]], options: dict[str, Any]):
+    """Defaults < TOML file < ``--set`` < explicit options (``None`` = not given)."""
+    from opensd.training.config import apply_overrides, read_toml, stage_config_from_dict
+
+    data = read_toml(config) if config is not None else {}
+    data = apply_overrides(data, sets or [])
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "data":
+            if value == "shapes":
+                _set(data, "data.source", "shapes")
+            else:
+                _set(data, "data.source", "folder")
+                _set(data, "data.path", str(value))
+            continue
+        _set(data, key, value)
+    return stage_config_from_dict(cfg_cls, data)
+
+
+def _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet) -> dict[str, Any]:
+    return {
+        "train.out_dir": None if out is None else str(out), "train.steps": steps, "train.batch_size": batch_size,
+        "train.lr": lr, "train.seed": seed, "data": data, "data.image_size": image_size, "data.seed": data_seed,
+        "train.device": device, "train.bf16": bf16, "train.progress": False if quiet else None,
+    }
+
+
+def _run(make_stage: Callable[[Any], Any], cfg: Any, resume: bool) -> None:
+    from opensd.training.loop import NonFiniteLossError, run_stage
+
+    stage = make_stage(cfg)
+    try:
+        result = run_stage(stage, resume=resume)
+    except NonFiniteLossError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if result.export is not None:  # rank 0
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if "loss" in k or k.startswith("eval_"))
+        typer.echo(f"{stage.name}: {result.step} steps in {result.run_dir} ({shown})")
+        typer.echo(f"exported {result.export}")
+
+
+@app.command("vae")
+@fail_cleanly
+def vae(
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET,
+) -> None:
+    """Train the KL autoencoder; writes OUT/vae/ for `opensd train unet --vae OUT`."""
+    from opensd.training.vae import VAEStage, VAEStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
+    _run(VAEStage, build_config(VAEStageConfig, config, set_, opts), resume)
+
+
+@app.command("clip")
+@fail_cleanly
+def clip(
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET,
+) -> None:
+    """Pre-train the text encoder contrastively; writes OUT/text_encoder/ for `--clip OUT`."""
+    from opensd.training.clip import CLIPStage, CLIPStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
+    _run(CLIPStage, build_config(CLIPStageConfig, config, set_, opts), resume)
+
+
+@app.command("unet")
+@fail_cleanly
+def unet(
+    vae_dir: Optional[Path] = typer.Option(None, "--vae", help="Run folder of `opensd train vae` (vae_dir)."),
+    clip_dir: Optional[Path] = typer.Option(None, "--clip", help="Run folder of `opensd train clip` (clip_dir)."),
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET,
+) -> None:
+    """Train the U-Net on cached latents; exports OUT/model/ for `opensd generate -m OUT/model`."""
+    from opensd.training.unet import UNetStage, UNetStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
+    opts["vae_dir"] = None if vae_dir is None else str(vae_dir)
+    opts["clip_dir"] = None if clip_dir is None else str(clip_dir)
+    _run(UNetStage, build_config(UNetStageConfig, config, set_, opts), resume)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,313 @@
+"""Training data: image sources, deterministic batches, and the U-Net stage's latent cache.
+
+A *source* maps an index to an :class:`Example` (image in [-1, 1], caption, and the
+shapes world's spec when there is one). :func:`batch_indices` says which indices
+rank ``r`` of ``W`` uses at step ``s``: global positions ``s * B + r * B/W + i`` in one
+stream, which is either the endless shapes stream itself or a pool of N items read
+in a fresh shuffle per epoch. The positions depend only on (seed, step), so batches
+are the same whatever the world size, and a resumed run sees the batches an
+uninterrupted run does.
+
+The latent cache (Rombach et al. 2022 train the U-Net on latents of a frozen
+autoencoder) encodes a pool of N examples once: VAE latents (posterior mode,
+scaled by ``to_latent``) and the frozen text encoder's hidden states of each
+caption, plus the empty caption's (for caption dropout). It is a safetensors file
+whose name holds hashes of the VAE weights, the text encoder weights and
+tokenizer, and the data settings, so a changed input never reuses a stale cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from opensd.config import to_dict
+from opensd.data.shapes import DEFAULT_HOLDOUT, PromptSpec, ShapesDataset
+from opensd.training.config import DataConfig, DataSource
+
+
+class TrainingDataError(ValueError):
+    """Training data cannot be read or cached as configured."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training item: ``image`` (3, H, W) float32 in [-1, 1], its caption, its spec (shapes only)."""
+
+    image: torch.Tensor
+    caption: str
+    spec: PromptSpec | None = None
+
+
+class Source(Protocol):
+    """Indexable training items; ``pool`` is the number of items, or None for an endless stream."""
+
+    pool: int | None
+
+    def __getitem__(self, index: int) -> Example: ...
+
+    def captions(self, n: int) -> list[str]: ...
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images (rounded to the nearest 8-bit level)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
+
+
+def square_resize(image: Image.Image, size: int) -> Image.Image:
+    """Centre-crop to a square, then resize to ``size`` (Lanczos) when needed."""
+    w, h = image.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        image = image.crop((left, top, left + s, top + s))
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+class ShapesSource:
+    """The shapes world drawn on the fly; with a pool, rendered items are kept in memory (as 8-bit)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.dataset = ShapesDataset(cfg.seed, cfg.image_size, holdout=DEFAULT_HOLDOUT if cfg.holdout else None)
+        self.pool = cfg.pool_size or None
+        self._memo: dict[int, tuple[torch.Tensor, str, PromptSpec]] = {}
+
+    def __getitem__(self, index: int) -> Example:
+        if index in self._memo:
+            pixels, caption, spec = self._memo[index]
+            return Example(pixels.float() / 127.5 - 1.0, caption, spec)
+        s = self.dataset[index]
+        pixels = torch.from_numpy(np.array(s.image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        if self.pool is not None and index < self.pool:
+            self._memo[index] = (pixels, s.caption, s.spec)
+        return Example(pixels.float() / 127.5 - 1.0, s.caption, s.spec)
+
+    def captions(self, n: int) -> list[str]:
+        """The captions of items ``0 .. n-1`` of the stream (past the pool too: the world's vocabulary)."""
+        return [self.dataset[i].caption for i in range(n)]
+
+
+class FolderSource:
+    """An image-caption folder, read once into memory (8-bit) at ``image_size``."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        from opensd.data.imagefolder import read_imagefolder
+
+        items = [(square_resize(im, cfg.image_size), text) for im, text in read_imagefolder(cfg.path)]
+        arrays = [np.asarray(im.convert("RGB")) for im, _ in items]
+        self.images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
+        self.texts = [t for _, t in items]
+        self.pool = len(items)
+
+    def __getitem__(self, index: int) -> Example:
+        return Example(self.images[index].float() / 127.5 - 1.0, self.texts[index])
+
+    def captions(self, n: int) -> list[str]:
+        return self.texts[:n]
+
+
+def open_source(cfg: DataConfig) -> ShapesSource | FolderSource:
+    """The source ``cfg`` describes; a bad folder raises a ValueError naming it."""
+    if cfg.source is DataSource.FOLDER:
+        return FolderSource(cfg)
+    return ShapesSource(cfg)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, pool: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, pool]).permutation(pool)
+
+
+def batch_indices(seed: int, step: int, rank: int, world: int, local_batch: int, pool: int | None) -> list[int]:
+    """Source indices of rank ``rank``'s share of the global batch at ``step`` (0-based)."""
+    start = (step * world + rank) * local_batch
+    positions = range(start, start + local_batch)
+    if pool is None:
+        return list(positions)
+    out = []
+    for p in positions:
+        epoch, k = divmod(p, pool)
+        out.append(int(_epoch_order(seed, epoch, pool)[k]))
+    return out
+
+
+@dataclass
+class Batch:
+    """Images (B, 3, H, W) in [-1, 1], captions, specs (None off the shapes world), source indices."""
+
+    images: torch.Tensor
+    captions: list[str]
+    specs: list[PromptSpec | None]
+    indices: list[int]
+
+
+def load_batch(source: Source, indices: Sequence[int]) -> Batch:
+    items = [source[i] for i in indices]
+    return Batch(torch.stack([e.image for e in items]), [e.caption for e in items], [e.spec for e in items],
+                 list(indices))
+
+
+# ----------------------------------------------------------------------------- the latent cache
+
+
+def state_hash(*modules: torch.nn.Module, extra: bytes = b"") -> str:
+    """SHA-256 (hex) of the modules' state dicts (names, dtypes, shapes, bytes) and ``extra``."""
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(extra)
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """SHA-256 (hex) of the files ``tokenizer.save`` writes."""
+    import tempfile
+
+    h = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                h.update(f.relative_to(d).as_posix().encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def cache_path(folder: Path, vae_hash: str, text_hash: str, data: DataConfig, n: int, text_dtype: str) -> Path:
+    key = json.dumps({"data": to_dict(data), "n": n, "text_dtype": text_dtype}, sort_keys=True)
+    data_hash = hashlib.sha256(key.encode()).hexdigest()
+    return folder / f"latents-vae{vae_hash[:12]}-text{text_hash[:12]}-data{data_hash[:12]}.safetensors"
+
+
+@torch.no_grad()
+def build_latent_cache(
+    source: Source,
+    n: int,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    tokenizer,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    text_dtype: torch.dtype = torch.float16,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Encode items ``0 .. n-1`` of ``source``.
+
+    Returns ``latents`` (n, C, h, w) float32 (``vae.to_latent`` of the posterior mode),
+    ``context`` (n, L, D) in ``text_dtype`` and ``empty_context`` (1, L, D) float32
+    (the empty caption).
+    """
+    if source.pool is not None and n > source.pool:
+        raise TrainingDataError(f"the latent cache wants {n} items but the data holds only {source.pool}")
+    from tqdm import tqdm
+
+    latents, contexts = [], []
+    bar = tqdm(total=n, desc="caching latents", unit="img", disable=not progress)
+    for start in range(0, n, batch_size):
+        b = load_batch(source, range(start, min(start + batch_size, n)))
+        z = vae.encode(b.images.to(device)).mode()
+        latents.append(vae.to_latent(z).float().cpu())
+        ids = tokenizer(b.captions).to(device)
+        contexts.append(text_encoder(ids).to(text_dtype).cpu())
+        bar.update(len(b.indices))
+    bar.close()
+    empty = text_encoder(tokenizer([""]).to(device)).float().cpu()
+    return {"latents": torch.cat(latents), "context": torch.cat(contexts), "empty_context": empty}
+
+
+# ----------------------------------------------------------------------------- frozen parts from earlier stages
+
+VAE_FOLDER = "vae"
+TEXT_FOLDER = "text_encoder"
+_WEIGHTS = "model.safetensors"
+_CONFIG = "config.json"
+
+
+def _stage_folder(path: str | Path, sub: str, what: str, flag: str) -> Path:
+    """``path / sub`` when ``path`` is a run folder holding it, else ``path`` itself."""
+    if not str(path):
+        raise TrainingDataError(f"no {what} given: pass {flag} RUN_DIR (the output folder of that stage)")
+    p = Path(path)
+    if not p.exists():
+        raise TrainingDataError(f"{what} not found: {p} does not exist")
+    folder = p / sub if (p / sub / _CONFIG).is_file() else p
+    if not (folder / _CONFIG).is_file() or not (folder / _WEIGHTS).is_file():
+        raise TrainingDataError(
+            f"{p} holds no exported {what} (expected {folder / _CONFIG} and {folder / _WEIGHTS}); "
+            f"give the run folder of a finished stage"
+        )
+    return folder
+
+
+def save_vae(vae: torch.nn.Module, folder: str | Path) -> Path:
+    """Write an autoencoder as ``config.json`` (``{"format": "opensd-vae", "vae": VAEConfig}``) + safetensors."""
+    from opensd.checkpoints.io import write_json, write_safetensors
+
+    folder = Path(folder)
+    write_safetensors(vae.state_dict(), folder / _WEIGHTS)
+    write_json({"format": "opensd-vae", "version": 1, "vae": to_dict(vae.cfg)}, folder / _CONFIG)
+    return folder
+
+
+def load_vae(path: str | Path):
+    """The autoencoder exported by the VAE stage: ``path`` is its run folder or its ``vae/`` folder."""
+    from opensd.checkpoints.io import load_strict, read_json, read_weights
+    from opensd.config import from_dict
+    from opensd.models.vae import AutoencoderKL, VAEConfig
+
+    folder = _stage_folder(path, VAE_FOLDER, "VAE", "--vae")
+    meta = read_json(folder / _CONFIG)
+    if meta.get("format") != "opensd-vae":
+        raise TrainingDataError(f"{folder / _CONFIG} is not an exported VAE (format {meta.get('format')!r})")
+    vae = AutoencoderKL(from_dict(VAEConfig, meta["vae"], _where=str(folder / _CONFIG)))
+    load_strict(vae, read_weights(folder / _WEIGHTS), str(folder / _WEIGHTS))
+    return vae.eval()
+
+
+def save_text_encoder(text_encoder: torch.nn.Module, tokenizer, folder: str | Path) -> Path:
+    """Write a CLIP text encoder + its tokenizer (``config.json``, safetensors, ``tokenizer/``)."""
+    from opensd.checkpoints.io import write_json, write_safetensors
+
+    folder = Path(folder)
+    write_safetensors(text_encoder.state_dict(), folder / _WEIGHTS)
+    tokenizer.save(folder / "tokenizer")
+    write_json({"format": "opensd-text-encoder", "version": 1, "text": to_dict(text_encoder.cfg)}, folder / _CONFIG)
+    return folder
+
+
+def load_text_encoder(path: str | Path):
+    """(CLIPTextModel, tokenizer) exported by the CLIP stage: its run folder or ``text_encoder/`` folder."""
+    from opensd.checkpoints.io import load_strict, read_json, read_weights
+    from opensd.config import from_dict
+    from opensd.models.clip import CLIPTextConfig, CLIPTextModel
+    from opensd.tokenizers import load_tokenizer
+
+    folder = _stage_folder(path, TEXT_FOLDER, "text encoder", "--clip")
+    meta = read_json(folder / _CONFIG)
+    if meta.get("format") != "opensd-text-encoder":
+        raise TrainingDataError(f"{folder / _CONFIG} is not an exported text encoder (format {meta.get('format')!r})")
+    model = CLIPTextModel(from_dict(CLIPTextConfig, meta["text"], _where=str(folder / _CONFIG)))
+    load_strict(model, read_weights(folder / _WEIGHTS), str(folder / _WEIGHTS))
+    return model.eval(), load_tokenizer(folder / "tokenizer")

@@ -1,0 +1,57 @@
+"""Exponential moving average of a module's weights (Polyak & Juditsky 1992).
+
+Diffusion models sample from EMA weights (Ho et al. 2020 use decay 0.9999; LDM
+keeps ``model_ema``). The average warms up as in LDM's ``LitEma``: the decay used at
+update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so early weights are not frozen in.
+The shadow copy is float32 on the module's device; buffers are copied, not averaged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """``update(module)`` after each optimiser step; ``copy_to(module)`` to use the average."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be a number in (0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters()}
+
+    def current_decay(self) -> float:
+        """The decay the next update uses (the warm-up rule above)."""
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = self.current_decay()
+        for k, p in module.named_parameters():
+            self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        """Overwrite ``module``'s parameters with the average; returns ``module``."""
+        params = dict(module.named_parameters())
+        missing = sorted(set(self.shadow) - set(params))
+        if missing:
+            raise ValueError(f"EMA.copy_to: the module lacks parameter(s) {', '.join(missing[:5])}")
+        for k, v in self.shadow.items():
+            params[k].copy_(v)
+        return module
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["shadow"]) != set(self.shadow):
+            raise ValueError("EMA state does not match the module's parameters")
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)

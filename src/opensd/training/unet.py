@@ -1,0 +1,253 @@
+"""Stage 3: the latent diffusion U-Net (Rombach et al. 2022) on frozen VAE latents and text.
+
+For a cached latent ``x0`` (the VAE stage's encoder, posterior mode, scaled to unit
+variance) and caption states ``c`` (the CLIP stage's text encoder, frozen), draw
+``t ~ U{0..T-1}`` and ``eps ~ N(0, I)``, form ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``
+(Ho et al. 2020) and regress the U-Net's output on the target of the schedule's
+prediction type:
+
+- ``eps``: ``eps`` (Ho et al. 2020);
+- ``v``: ``sqrt(a_t) eps - sqrt(1 - a_t) x0`` (Salimans & Ho 2022).
+
+The per-sample MSE is optionally weighted by min-SNR-gamma (Hang et al. 2023,
+"Efficient Diffusion Training via Min-SNR Weighting Strategy"): with
+``snr = a_t / (1 - a_t)``, the weight is ``min(snr, gamma) / snr`` for eps and
+``min(snr, gamma) / (snr + 1)`` for v (both equal ``min(snr, gamma)`` on the x0 loss).
+
+With probability ``caption_dropout`` a sample's caption becomes the empty caption,
+so one network gives both terms of classifier-free guidance (Ho & Salimans 2022).
+The U-Net keeps an EMA (``train.ema_decay``); samples and the export use it.
+
+``evaluate`` assembles the full model (EMA U-Net, VAE, text encoder, tokenizer,
+schedule), generates the validation suite's prompts through the real pipeline and
+scores them with the exact scorer; ``export`` writes an opensd model folder
+(``model/``) that ``opensd generate -m`` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from opensd.config import ConfigError, to_dict
+from opensd.diffusion.schedules import DiscreteSchedule, NoiseScheduleConfig, Prediction
+from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+from opensd.models.unet import UNetConfig, UNetModel
+from opensd.training.config import DataConfig, StageConfig, TrainConfig
+from opensd.training.data import (
+    batch_indices,
+    build_latent_cache,
+    cache_path,
+    load_text_encoder,
+    load_vae,
+    open_source,
+    state_hash,
+    tokenizer_hash,
+)
+from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
+
+MODEL_FOLDER = "model"
+
+
+class CacheDType(enum.Enum):
+    """Storage type of cached text states (latents are always float32)."""
+
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return torch.float16 if self is CacheDType.FLOAT16 else torch.float32
+
+
+@dataclass(frozen=True)
+class UNetStageConfig(StageConfig):
+    """``opensd train unet``. ``model``'s ``in_channels``/``out_channels`` and ``context_dim``
+    are taken from the frozen VAE and text encoder, whatever the config says."""
+
+    PRESETS: ClassVar = {"tiny": UNetConfig.tiny, "small": UNetConfig.small, "sd15": UNetConfig.sd15}
+    RESUMABLE: ClassVar = StageConfig.RESUMABLE | {"sample_steps", "sampler", "cfg_scale"}
+
+    model_preset: str = "small"
+    model: UNetConfig = field(default_factory=UNetConfig.small)
+    schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        out_dir="runs/unet", steps=20000, batch_size=64, lr=2e-4, warmup_steps=500, ema_decay=0.999,
+        sample_every=1000, checkpoint_every=1000))
+    data: DataConfig = field(default_factory=DataConfig)
+    vae_dir: str = ""
+    clip_dir: str = ""
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 0.0
+    cache_size: int = 20000
+    cache_batch: int = 64
+    cache_text_dtype: CacheDType = CacheDType.FLOAT16
+    eval_per_category: int = 4
+    sample_steps: int = 20
+    sampler: str = "dpmpp_2m"
+    cfg_scale: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+        if not self.min_snr_gamma >= 0:
+            raise ConfigError(f"min_snr_gamma must be >= 0 (0 = off; Hang et al. use 5), got {self.min_snr_gamma!r}")
+        for name, low in (("cache_size", 1), ("cache_batch", 1), ("eval_per_category", 0), ("sample_steps", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+def noisy_latents_and_target(
+    x0: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor, prediction: Prediction
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, target) for latents ``x0`` (B, C, h, w), ``noise`` like it, ``a_t`` (B,)."""
+    a = alphas_cumprod_t.float().reshape(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = noise if prediction is Prediction.EPS else a.sqrt() * noise - (1 - a).sqrt() * x0
+    return xt, target
+
+
+def min_snr_weight(alphas_cumprod_t: torch.Tensor, gamma: float, prediction: Prediction) -> torch.Tensor:
+    """Per-sample loss weight of min-SNR-gamma (Hang et al. 2023); all ones when ``gamma`` is 0."""
+    a = alphas_cumprod_t.float()
+    if gamma == 0:
+        return torch.ones_like(a)
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    return clipped / snr if prediction is Prediction.EPS else clipped / (snr + 1)
+
+
+class DiffusionLoss(nn.Module):
+    """The trainable module: ``forward(x0, context, t, noise) -> (B,)`` weighted per-sample MSE."""
+
+    def __init__(self, unet: UNetModel, schedule: NoiseScheduleConfig, min_snr_gamma: float = 0.0) -> None:
+        super().__init__()
+        self.unet = unet
+        self.prediction = schedule.prediction
+        self.gamma = min_snr_gamma
+        self.register_buffer("alphas_cumprod", DiscreteSchedule(schedule).alphas_cumprod.clone(), persistent=False)
+
+    def forward(self, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[t]  # (B,)
+        xt, target = noisy_latents_and_target(x0, noise, a, self.prediction)
+        pred = self.unet(xt, t.float(), context).float()
+        per_sample = (pred - target).pow(2).flatten(1).mean(dim=1)  # (B,)
+        return per_sample * min_snr_weight(a, self.gamma, self.prediction)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+class UNetStage(Stage):
+    name = "unet"
+    ema_groups = ("unet",)
+
+    def build(self, ctx: RunContext) -> dict[str, nn.Module]:
+        cfg = self.cfg
+        self.ctx = ctx
+        self.vae = load_vae(cfg.vae_dir).to(ctx.device).requires_grad_(False)
+        text, self.tokenizer = load_text_encoder(cfg.clip_dir)
+        self.text = text.to(ctx.device).requires_grad_(False)
+        ucfg = dataclasses.replace(cfg.model, in_channels=self.vae.cfg.embed_dim, out_channels=self.vae.cfg.embed_dim,
+                                   context_dim=self.text.cfg.width)
+        try:
+            self.sd_cfg = SDConfig(unet=ucfg, vae=self.vae.cfg, text=self.text.cfg, schedule=cfg.schedule,
+                                   image_size=cfg.data.image_size)
+        except ValueError as e:
+            raise ConfigError(f"the U-Net stage's parts do not fit together: {e}") from None
+        self._load_cache()
+        return {"unet": DiffusionLoss(UNetModel(ucfg), cfg.schedule, cfg.min_snr_gamma)}
+
+    def _load_cache(self) -> None:
+        """Build (rank 0) or read the latent cache; every rank then holds it."""
+        from safetensors.torch import load_file
+
+        from opensd.checkpoints.io import write_safetensors
+
+        cfg, ctx = self.cfg, self.ctx
+        source = open_source(cfg.data)
+        n = min(cfg.cache_size, source.pool) if source.pool is not None else cfg.cache_size
+        vae_hash = state_hash(self.vae, extra=json.dumps(to_dict(self.vae.cfg)).encode())
+        text_hash = state_hash(self.text, extra=json.dumps(to_dict(self.text.cfg)).encode()
+                               + tokenizer_hash(self.tokenizer).encode())
+        path = cache_path(ctx.run_dir / "cache", vae_hash, text_hash, cfg.data, n, cfg.cache_text_dtype.value)
+        if ctx.is_main and not path.is_file():
+            tensors = build_latent_cache(source, n, self.vae, self.text, self.tokenizer, batch_size=cfg.cache_batch,
+                                         device=ctx.device, text_dtype=cfg.cache_text_dtype.torch,
+                                         progress=cfg.train.progress)
+            write_safetensors(tensors, path, metadata={"vae_dir": str(cfg.vae_dir), "clip_dir": str(cfg.clip_dir)})
+        ctx.barrier()
+        tensors = load_file(str(path))
+        self.cache_file = path
+        self.latents = tensors["latents"].to(ctx.device)  # (N, C, h, w)
+        self.context = tensors["context"]  # (N, L, D), kept on the CPU in its storage type
+        self.empty = tensors["empty_context"].to(ctx.device)  # (1, L, D)
+        self.pool = self.latents.shape[0]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self.ctx
+        idx = torch.tensor(batch_indices(ctx.cfg.seed, step, ctx.rank, ctx.world, ctx.local_batch, self.pool))
+        return self.latents[idx.to(ctx.device)], self.context[idx].to(ctx.device, torch.float32)
+
+    def updates(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> Iterator[Update]:
+        ctx, cfg = self.ctx, self.cfg
+        x0, context = batch
+        b = x0.shape[0]
+        g = ctx.generator(step)
+        t = torch.randint(0, cfg.schedule.num_train_timesteps, (b,), generator=g).to(ctx.device)
+        noise = torch.randn(x0.shape, generator=g).to(ctx.device)
+        drop = (torch.rand(b, generator=g) < cfg.caption_dropout).to(ctx.device)
+        context = torch.where(drop.reshape(-1, 1, 1), self.empty.expand_as(context), context)
+        with ctx.autocast():
+            loss = ctx.wrapped["unet"](x0, context, t, noise).mean()
+        yield Update("unet", loss, {"loss": loss})
+
+    # -- evaluation and export (rank 0) ----------------------------------------------
+
+    def assemble(self) -> StableDiffusion:
+        """The whole model with the EMA U-Net, the frozen VAE and text encoder (shared, not copied)."""
+        with torch.device("meta"):
+            sd = StableDiffusion(self.sd_cfg)
+        sd.model.diffusion_model = self.ctx.averaged("unet").unet
+        sd.first_stage_model = self.vae
+        sd.cond_stage_model.transformer = self.text
+        return sd
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if not self.cfg.eval_per_category:
+            return {}
+        import copy
+
+        from opensd.checkpoints import LoadedModel
+        from opensd.eval.prompts import validation_suite
+        from opensd.eval.scorer import score_images
+        from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+
+        sd = self.assemble()
+        sd.model.diffusion_model = copy.deepcopy(sd.model.diffusion_model)  # the pipeline freezes what it gets
+        pipe = StableDiffusionPipeline(LoadedModel(sd, self.tokenizer, "training", self.ctx.run_dir, "opensd",
+                                                   f"step{step}"))
+        prompts = validation_suite(per_category=self.cfg.eval_per_category)
+        images = [pipe.txt2img(p.text, steps=self.cfg.sample_steps, sampler=self.cfg.sampler,
+                               cfg_scale=self.cfg.cfg_scale, seed=1000 + i)[0] for i, p in enumerate(prompts)]
+        path = self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png"
+        save_grid(images, path, self.cfg.eval_per_category)
+        path.with_suffix(".txt").write_text("".join(f"{p.category}\t{p.text}\n" for p in prompts))
+        scored = score_images([(im, p.spec) for im, p in zip(images, prompts)])
+        return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
+
+    def export(self) -> Path:
+        from opensd.checkpoints.opensd_format import save_opensd
+
+        return save_opensd(self.assemble(), self.tokenizer, self.ctx.run_dir / MODEL_FOLDER)

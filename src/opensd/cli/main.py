@@ -27,9 +27,10 @@ def info(path: Path = typer.Argument(..., help="A diffusers folder, an opensd mo
 
 
 def _mount_subapps() -> None:
-    from opensd.cli import data, eval, generate, serve, train
+    from opensd.cli import data, eval, explain, generate, serve, train
 
     generate.register(app)
+    explain.register(app)
     serve.register(app)
     train.register(app)
     eval.register(app)

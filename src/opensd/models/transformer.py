@@ -14,6 +14,8 @@ Attribute names equal the original checkpoint keys: ``norm``, ``proj_in``,
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,13 +40,31 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        # Inspection hook (opensd.explain): when set, attention is computed explicitly and
+        # the probabilities softmax(QK^T / sqrt(d)), (B, heads, N, L), are passed to it.
+        # None (the default) keeps the fused SDPA path.
+        self.attn_store: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q = self.to_q(x)  # (B, N, inner)
         k = self.to_k(context)  # (B, L, inner)
         v = self.to_v(context)
+        if self.attn_store is not None:
+            return self.to_out(self._attention_with_probs(q, k, v))
         return self.to_out(multihead_attention(q, k, v, self.heads))  # (B, N, query_dim)
+
+    def _attention_with_probs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The same attention as :func:`multihead_attention`, with the probabilities handed to ``attn_store``."""
+        b, n, c = q.shape
+        length, d = k.shape[1], c // self.heads
+        q = q.view(b, n, self.heads, d).transpose(1, 2)  # (B, heads, N, d)
+        k = k.view(b, length, self.heads, d).transpose(1, 2)  # (B, heads, L, d)
+        v = v.view(b, length, self.heads, d).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * d**-0.5).float().softmax(dim=-1)  # (B, heads, N, L)
+        self.attn_store(probs)
+        out = probs.to(v.dtype) @ v  # (B, heads, N, d)
+        return out.transpose(1, 2).reshape(b, n, c)  # (B, N, inner)
 
 
 class GEGLU(nn.Module):

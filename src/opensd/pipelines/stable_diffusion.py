@@ -156,8 +156,15 @@ class StableDiffusionPipeline:
         mask: Image.Image | None = None,
         latents: torch.Tensor | None = None,
         callback: StepCallback | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_embeds: torch.Tensor | None = None,
     ) -> GenerationResult:
-        """Run one validated request. ``latents`` (B, C, h, w) replaces the seeded noise."""
+        """Run one validated request. ``latents`` (B, C, h, w) replaces the seeded noise.
+
+        ``prompt_embeds`` / ``negative_embeds`` (1 or B, L, width) replace the encoded
+        prompt / negative prompt (see :mod:`opensd.prompts.arithmetic`); the request's
+        texts then only go into the infotext.
+        """
         validate(req, multiple=8, min_side=max(8, self.cfg.vae.downsample_factor))
         if req.clip_skip > self.cfg.text.layers:
             raise RequestError(f"clip_skip must be at most {self.cfg.text.layers} for this model, got {req.clip_skip}")
@@ -170,13 +177,28 @@ class StableDiffusionPipeline:
         seeds = self._seeds(req.seed, req.batch_size)
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
+        def context(embeds: torch.Tensor | None, name: str, prompt: str) -> torch.Tensor:
+            """(B, L, width): ``embeds`` checked and expanded to the batch, else ``prompt`` encoded."""
+            if embeds is None:
+                return self.encode_prompt([prompt], req.clip_skip).expand(req.batch_size, -1, -1)
+            width = self.cfg.text.width
+            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] not in (1, req.batch_size) \
+                    or embeds.shape[1] < 1 or embeds.shape[2] != width:
+                got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise RequestError(f"{name} must be a (1 or {req.batch_size}, L, {width}) tensor, got {got}")
+            return embeds.to(dev, dtype).expand(req.batch_size, -1, -1)
+
         with torch.inference_mode():
             # Text: encoded once per call, never per step.
-            cond = self.encode_prompt([req.prompt], req.clip_skip).expand(req.batch_size, -1, -1)
+            cond = context(prompt_embeds, "prompt_embeds", req.prompt)
             extra: dict[str, Any] = {"cond": {"context": cond}}
             if req.cfg_scale != 1.0:
-                uncond = self.encode_prompt([req.negative_prompt], req.clip_skip).expand(req.batch_size, -1, -1)
-                extra["uncond"] = {"context": uncond}
+                uncond = context(negative_embeds, "negative_embeds", req.negative_prompt)
+                if uncond.shape[1] != cond.shape[1]:  # A1111: pad the shorter with empty-prompt chunks
+                    from opensd.prompts.syntax import match_lengths
+
+                    cond, uncond = match_lengths(cond, uncond, self.encode_prompt([""], req.clip_skip))
+                extra = {"cond": {"context": cond}, "uncond": {"context": uncond}}
 
             init_latent = inpaint_concat = latent_mask = None
             if init_image is not None:
@@ -246,9 +268,15 @@ class StableDiffusionPipeline:
     # ---------------------------------------------------------------- pieces
 
     def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-        """(B, L, width) text embeddings; ``clip_skip`` 2 uses the penultimate layer (A1111)."""
-        ids = self.tokenizer(prompts).to(self.model.device)
-        return self.model.text_encoder(ids, skip_layers=clip_skip - 1)
+        """(B, L, width) text embeddings; ``clip_skip`` 2 uses the penultimate layer (A1111).
+
+        Prompts use A1111's syntax (``(word:1.3)``, ``[word]``, ``BREAK``) and may be
+        longer than the context: L is a whole number of chunks (77 each for CLIP), see
+        :mod:`opensd.prompts.syntax`.
+        """
+        from opensd.prompts.syntax import encode_prompts
+
+        return encode_prompts(self.model.text_encoder, self.tokenizer, prompts, skip_layers=clip_skip - 1)
 
     def infotext(self, req: GenerationRequest, seed: int) -> str:
         spec, spacing = req.resolved_sampler()

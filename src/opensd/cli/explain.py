@@ -1,0 +1,110 @@
+"""``opensd explain`` (word attention maps, denoising path, forward noising) and ``opensd interpolate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from opensd.cli.common import fail_cleanly
+
+
+def _pipeline(model: Optional[Path]):
+    import opensd
+    from opensd.defaults import resolve_model
+
+    return opensd.load(resolve_model(model))
+
+
+def _steps_list(text: Optional[str]) -> Optional[list[int]]:
+    if text is None or not text.strip():
+        return None
+    try:
+        return [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ValueError(f"--at must list step numbers separated by commas, e.g. 1,5,10; got {text!r}") from None
+
+
+def _out_dir(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    return out
+
+
+MODEL = typer.Option(None, "--model", "-m", help="Model path (diffusers folder, SD file or opensd folder); default: the bundled model.")
+NEG = typer.Option("", "--negative-prompt", "-n", help="What to steer away from.")
+SAMPLER = typer.Option("dpmpp_2m", help="Sampler id or A1111 name.")
+CFG = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale (1 = off).")
+WIDTH = typer.Option(None, help="Width in pixels, a multiple of 8 (default: the model's native size).")
+HEIGHT = typer.Option(None, help="Height in pixels, a multiple of 8 (default: the model's native size).")
+CLIP_SKIP = typer.Option(1, "--clip-skip", help="Use the output of the n-th last text layer (A1111's Clip skip).")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("explain")
+    @fail_cleanly
+    def explain_command(
+        prompt: str = typer.Argument(..., help="What to draw (A1111 syntax allowed)."),
+        seed: int = typer.Option(0, help="Seed."),
+        steps: int = typer.Option(20, help="Sampling steps."),
+        at: Optional[str] = typer.Option(None, help="Steps to show in the denoising path, e.g. 1,5,10,20 (default: all)."),
+        noise_image: Optional[Path] = typer.Option(None, "--noise-image", help="Image to noise step by step (default: the generated one)."),
+        noise_steps: int = typer.Option(10, "--noise-steps", help="Noise levels of the forward-noising strip."),
+        negative_prompt: str = NEG, sampler: str = SAMPLER, cfg_scale: float = CFG,
+        width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT, clip_skip: int = CLIP_SKIP,
+        model: Optional[Path] = MODEL,
+        out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the pictures and raw maps."),
+    ) -> None:
+        """Generate one image and show how: word attention maps, denoising path, forward noising."""
+        from opensd.explain import explain, save_explanation
+        from opensd.pipelines.images import load_image
+
+        out = _out_dir(out)
+        steps_at = _steps_list(at)
+        image = load_image(noise_image) if noise_image is not None else None
+        pipe = _pipeline(model)
+        ex = explain(
+            pipe, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, sampler=sampler,
+            cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip, at=steps_at,
+            noise_image=image, noise_steps=noise_steps,
+        )
+        for name, path in save_explanation(ex, out).items():
+            typer.echo(f"{name}: {path}")
+
+    @app.command("interpolate")
+    @fail_cleanly
+    def interpolate_command(
+        prompt: str = typer.Argument(..., help='Start prompt, or an expression such as \'"a red circle" - "red" + "blue"\'.'),
+        to: Optional[str] = typer.Option(None, "--to", help="End prompt (or expression); embeddings are lerped."),
+        seed: int = typer.Option(0, help="Start seed."),
+        to_seed: Optional[int] = typer.Option(None, "--to-seed", help="End seed; initial noises are slerped."),
+        frames: int = typer.Option(8, help="Images from start to end (1: just the start)."),
+        cols: Optional[int] = typer.Option(None, help="Grid columns (default: all frames in one row)."),
+        steps: int = typer.Option(20, help="Sampling steps."),
+        negative_prompt: str = NEG, sampler: str = SAMPLER, cfg_scale: float = CFG,
+        width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT, clip_skip: int = CLIP_SKIP,
+        model: Optional[Path] = MODEL,
+        out: Path = typer.Option(Path("interpolate"), "--out", "-o", help="Folder for grid.png, animation.gif and the frames."),
+    ) -> None:
+        """Walk between two prompts and/or two seeds: a grid PNG and an animated GIF."""
+        from opensd.explain.render import grid, save_gif
+        from opensd.pipelines.infotext import save_png
+        from opensd.prompts.arithmetic import interpolate, parse_expression
+
+        out = _out_dir(out)
+        for p in (prompt, to):
+            if p is not None:
+                parse_expression(p)  # fail on a bad expression before the model loads
+        pipe = _pipeline(model)
+        images = interpolate(
+            pipe, prompt, to, seed=seed, to_seed=to_seed, frames=frames, negative_prompt=negative_prompt,
+            steps=steps, sampler=sampler, cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            save_png(im, out / f"frame-{i:03d}.png", im.info.get("parameters"))
+        grid(images, cols).save(out / "grid.png")
+        save_gif(images, out / "animation.gif")
+        typer.echo(f"grid: {out / 'grid.png'}")
+        typer.echo(f"gif: {out / 'animation.gif'}")

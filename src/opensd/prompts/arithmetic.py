@@ -1,0 +1,317 @@
+"""Prompt arithmetic and interpolation: weighted sums of prompt embeddings, and slerp of seeds.
+
+What is added and subtracted. A prompt's embedding is the text encoder's whole
+context, (1, L, D): one vector per token position, padding included (CLIP's
+causal attention writes the whole prompt into every position after it, so the
+padding positions carry the prompt too). ``"a red circle" - "red" + "blue"`` is
+
+    E("a red circle") - E("red") + E("blue")
+
+position by position. Every term is encoded on its own (A1111 syntax works inside
+each), then all are made the same length by appending empty-prompt chunks (as for
+cond / uncond); nothing is aligned by word. Coefficients that sum to 1 (as
+``1 - 1 + 1``, or a blend ``0.3 "a" + 0.7 "b"``) keep the embedding's scale;
+``normalize=True`` divides by the sum of the coefficients.
+
+Expressions: ``[coef [*]] "prompt" [* coef]`` terms joined by ``+`` / ``-``, quotes
+``"..."`` or ``'...'`` (a backslash escapes a quote). Text that does not start
+with a quote (or a coefficient and a quote) is one prompt with coefficient 1, so
+every ordinary prompt, apostrophes included, is an expression.
+
+Interpolation: prompts by linear interpolation of their embeddings (same noise);
+seeds by spherical interpolation (slerp, Shoemake 1985; White 2016, "Sampling
+Generative Networks") of the initial noise, which keeps its norm where a straight
+line between two Gaussian draws would shrink it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+
+class PromptExpressionError(ValueError):
+    """A prompt expression cannot be read; the message says where and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """``coef * E(prompt)``."""
+
+    coef: float
+    prompt: str
+
+
+# ----------------------------------------------------------------------------- expressions
+
+_LEX = re.compile(
+    r"""\s*(?:
+      (?P<num>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)
+    | (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+    | (?P<op>[-+*])
+    )""",
+    re.X | re.S,
+)
+
+_EXPRESSION_START = re.compile(r"""\s*[-+]?\s*(?:[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?\s*\*?\s*)?["']""")
+
+
+def parse_expression(expr: str) -> list[Term]:
+    """``'"a red circle" - "red" + "blue"'`` -> ``[Term(1, 'a red circle'), Term(-1, 'red'), Term(1, 'blue')]``."""
+    if not isinstance(expr, str):
+        raise PromptExpressionError(f"a prompt expression must be text, got {type(expr).__name__}")
+    if not _EXPRESSION_START.match(expr):
+        return [Term(1.0, expr)]
+    tokens: list[tuple[str, str, int]] = []
+    pos = 0
+    while pos < len(expr):
+        if not expr[pos:].strip():
+            break
+        m = _LEX.match(expr, pos)
+        if m is None or m.end() == pos:
+            raise PromptExpressionError(
+                f"cannot read the prompt expression at character {pos}: {expr[pos:pos + 20]!r}; "
+                'write terms as [number *] "prompt" joined by + or -'
+            )
+        kind = m.lastgroup
+        tokens.append((kind, m.group(kind), pos))
+        pos = m.end()
+
+    terms: list[Term] = []
+    i = 0
+
+    def expect_number_after_star() -> float:
+        nonlocal i
+        if i < len(tokens) and tokens[i][0] == "op" and tokens[i][1] == "*":
+            if i + 1 >= len(tokens) or tokens[i + 1][0] != "num":
+                raise PromptExpressionError("'*' must be followed by a number")
+            i += 2
+            return float(tokens[i - 1][1])
+        return 1.0
+
+    while i < len(tokens):
+        sign = 1.0
+        while i < len(tokens) and tokens[i][0] == "op" and tokens[i][1] in "+-":
+            sign = -sign if tokens[i][1] == "-" else sign
+            i += 1
+        if i >= len(tokens):
+            raise PromptExpressionError("the expression ends with an operator; a quoted prompt must follow")
+        coef = 1.0
+        if tokens[i][0] == "num":
+            coef = float(tokens[i][1])
+            i += 1
+            if i < len(tokens) and tokens[i][0] == "op" and tokens[i][1] == "*":
+                i += 1
+        if i >= len(tokens) or tokens[i][0] != "str":
+            where = tokens[i][2] if i < len(tokens) else len(expr)
+            raise PromptExpressionError(f'expected a quoted prompt at character {where}: write terms as [number *] "prompt"')
+        raw = tokens[i][1]
+        text = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        i += 1
+        coef *= expect_number_after_star()
+        terms.append(Term(sign * coef, text))
+        if i < len(tokens) and not (tokens[i][0] == "op" and tokens[i][1] in "+-"):
+            raise PromptExpressionError(f"expected + or - between terms at character {tokens[i][2]}")
+    if not terms:
+        raise PromptExpressionError("the expression holds no prompt")
+    return terms
+
+
+def _terms(terms: str | Sequence[Term | tuple[float, str]]) -> list[Term]:
+    if isinstance(terms, str):
+        return parse_expression(terms)
+    out = []
+    for t in terms:
+        if isinstance(t, Term):
+            out.append(t)
+        elif isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], str) and isinstance(t[0], (int, float)):
+            out.append(Term(float(t[0]), t[1]))
+        else:
+            raise PromptExpressionError(f"a term must be a Term or a (coef, prompt) pair, got {t!r}")
+    if not out:
+        raise PromptExpressionError("no terms to combine")
+    return out
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def encode_same_length(pipe, prompts: Sequence[str], *, clip_skip: int = 1) -> torch.Tensor:
+    """(N, L, D): each prompt encoded by ``pipe.encode_prompt``, padded with empty-prompt chunks to one length."""
+    from opensd.prompts.syntax import pad_context
+
+    with torch.inference_mode():
+        embs = [pipe.encode_prompt([p], clip_skip) for p in prompts]
+        n = max(e.shape[1] for e in embs)
+        if any(e.shape[1] != n for e in embs):
+            empty = pipe.encode_prompt([""], clip_skip)
+            embs = [pad_context(e, n, empty) for e in embs]
+        return torch.cat(embs).clone()
+
+
+def combine(
+    pipe, terms: str | Sequence[Term | tuple[float, str]], *, clip_skip: int = 1, normalize: bool = False
+) -> torch.Tensor:
+    """(1, L, D): ``sum_i coef_i * E(prompt_i)`` (see the module doc); ``normalize`` divides by ``sum coef_i``."""
+    ts = _terms(terms)
+    coefs = torch.tensor([t.coef for t in ts], dtype=torch.float32)
+    if normalize:
+        total = float(coefs.sum())
+        if abs(total) < 1e-8:
+            raise PromptExpressionError("normalize=True needs coefficients whose sum is not 0")
+        coefs = coefs / total
+    embs = encode_same_length(pipe, [t.prompt for t in ts], clip_skip=clip_skip)  # (N, L, D)
+    return (coefs.to(embs)[:, None, None] * embs).sum(0, keepdim=True)
+
+
+def blend(pipe, prompts: Sequence[str], weights: Sequence[float] | None = None, *, clip_skip: int = 1) -> torch.Tensor:
+    """(1, L, D): the weighted mean of the prompts' embeddings (equal weights by default)."""
+    weights = [1.0] * len(prompts) if weights is None else list(weights)
+    if len(weights) != len(prompts) or not prompts:
+        raise PromptExpressionError(f"blend needs one weight per prompt, got {len(weights)} weights for {len(prompts)} prompts")
+    return combine(pipe, list(zip(weights, prompts)), clip_skip=clip_skip, normalize=True)
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """``(1 - t) a + t b``."""
+    if a.shape != b.shape:
+        raise ValueError(f"lerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return a + (b - a) * t
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, eps: float = 1e-7) -> torch.Tensor:
+    """Spherical interpolation of ``a`` and ``b`` seen as flat vectors (lerp when nearly parallel)."""
+    if a.shape != b.shape:
+        raise ValueError(f"slerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    cos = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp_min(eps)
+    theta = float(torch.arccos(cos.clamp(-1, 1)))
+    if abs(math.sin(theta)) < 1e-4:
+        return lerp(a, b, t)
+    s = math.sin(theta)
+    out = (math.sin((1 - t) * theta) / s) * a64 + (math.sin(t * theta) / s) * b64
+    return out.reshape(a.shape).to(a.dtype)
+
+
+def seed_noise(pipe, seed: int, width: int | None = None, height: int | None = None) -> torch.Tensor:
+    """(1, C, h, w): the initial noise the pipeline draws for ``seed`` at this size."""
+    cfg = pipe.cfg
+    width = cfg.image_size if width is None else width
+    height = cfg.image_size if height is None else height
+    f = cfg.vae.downsample_factor
+    return torch.randn((1, cfg.vae.embed_dim, height // f, width // f), generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def _fractions(frames: int) -> list[float]:
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
+    return [0.0] if frames == 1 else [i / (frames - 1) for i in range(frames)]
+
+
+# ----------------------------------------------------------------------------- generation
+
+def txt2img_embeds(
+    pipe,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None = None,
+    *,
+    label: str = "",
+    negative_prompt: str = "",
+    steps: int = 20,
+    sampler: str = "dpmpp_2m",
+    cfg_scale: float = 7.5,
+    width: int | None = None,
+    height: int | None = None,
+    seed: int | None = None,
+    batch_size: int = 1,
+    latents: torch.Tensor | None = None,
+    callback=None,
+    **options: Any,
+) -> list[Image.Image]:
+    """:meth:`txt2img` with a ready context: ``prompt_embeds`` (1 or B, L, D) instead of a prompt.
+
+    ``label`` is the prompt written into the infotext; ``negative_embeds`` replaces the
+    encoded ``negative_prompt`` when given.
+    """
+    req = pipe._request(label, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, 1.0, options)
+    return pipe.generate(
+        req, latents=latents, callback=callback, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds
+    ).images
+
+
+def generate_expression(pipe, expr: str, *, clip_skip: int = 1, normalize: bool = False, **kw: Any) -> list[Image.Image]:
+    """Images for a prompt expression such as ``'"a red circle" - "red" + "blue"'``."""
+    embeds = combine(pipe, expr, clip_skip=clip_skip, normalize=normalize)
+    return txt2img_embeds(pipe, embeds, label=expr, clip_skip=clip_skip, **kw)
+
+
+def interpolate(
+    pipe,
+    prompt: str,
+    to_prompt: str | None = None,
+    *,
+    seed: int = 0,
+    to_seed: int | None = None,
+    frames: int = 8,
+    width: int | None = None,
+    height: int | None = None,
+    clip_skip: int = 1,
+    **kw: Any,
+) -> list[Image.Image]:
+    """``frames`` images going from (``prompt``, ``seed``) to (``to_prompt``, ``to_seed``).
+
+    Embeddings are lerped, initial noises slerped; a missing end stays fixed. Either
+    prompt may be an expression (:func:`parse_expression`). Frame i is at
+    ``t = i / (frames - 1)``.
+    """
+    ts = _fractions(frames)
+    ea = combine(pipe, prompt, clip_skip=clip_skip)
+    eb = ea if to_prompt is None else combine(pipe, to_prompt, clip_skip=clip_skip)
+    if ea.shape != eb.shape:
+        from opensd.prompts.syntax import pad_context
+
+        n = max(ea.shape[1], eb.shape[1])
+        empty = encode_same_length(pipe, [""], clip_skip=clip_skip)
+        ea, eb = pad_context(ea, n, empty), pad_context(eb, n, empty)
+    na = seed_noise(pipe, seed, width, height)
+    nb = na if to_seed is None else seed_noise(pipe, to_seed, width, height)
+    out = []
+    for t in ts:
+        label = prompt if to_prompt is None else f"{prompt} -> {to_prompt} @ {t:.3f}"
+        out += txt2img_embeds(
+            pipe, lerp(ea, eb, t), label=label, seed=seed, latents=slerp(na, nb, t) if to_seed is not None else na,
+            width=width, height=height, clip_skip=clip_skip, **kw,
+        )
+    return out
+
+
+def interpolate_prompts(pipe, prompt_a: str, prompt_b: str, frames: int = 8, *, seed: int = 0, **kw: Any) -> list[Image.Image]:
+    """``frames`` images from ``prompt_a`` to ``prompt_b`` (lerp of embeddings, one seed)."""
+    return interpolate(pipe, prompt_a, prompt_b, seed=seed, frames=frames, **kw)
+
+
+def interpolate_seeds(pipe, prompt: str, seed_a: int, seed_b: int, frames: int = 8, **kw: Any) -> list[Image.Image]:
+    """``frames`` images of ``prompt`` from ``seed_a``'s initial noise to ``seed_b``'s (slerp)."""
+    return interpolate(pipe, prompt, seed=seed_a, to_seed=seed_b, frames=frames, **kw)
+
+
+__all__ = [
+    "PromptExpressionError",
+    "Term",
+    "blend",
+    "combine",
+    "encode_same_length",
+    "generate_expression",
+    "interpolate",
+    "interpolate_prompts",
+    "interpolate_seeds",
+    "lerp",
+    "parse_expression",
+    "seed_noise",
+    "slerp",
+    "txt2img_embeds",
+]

@@ -1,0 +1,390 @@
+"""The prompt syntax of AUTOMATIC1111's web UI, and weighted, chunked prompt encoding.
+
+Attention syntax (A1111's ``parse_prompt_attention``, reimplemented from its public
+description)::
+
+    (word)          weight x 1.1            ((word))   x 1.21      (((word)))  x 1.331
+    [word]          weight / 1.1            [[word]]   / 1.21
+    (word:1.3)      weight x 1.3            (a (b:1.5) c:0.5)  b: 0.75, a and c: 0.5
+    \\( \\) \\[ \\]     literal brackets        \\\\  a literal backslash
+    BREAK           ends the current chunk of 75 tokens (upper case, a word of its own)
+
+Weights multiply through nesting. Input that does not balance never fails, it falls
+back as A1111 does: a ``(`` or ``[`` left open applies its factor to the rest of the
+prompt, a ``)`` or ``]`` that closes nothing is literal text, so is ``:1.2)`` with no
+open ``(``; a lone backslash is dropped. Two differences from A1111, both where A1111
+breaks: ``BREAK`` inside brackets still breaks (A1111 turns it into the word
+"BREAK"), and a weight that is no number (``(a:1.2.3)``) stays as text and the
+``)`` closes with x 1.1 (A1111 raises).
+
+Encoding (A1111's ``FrozenCLIPEmbedderWithCustomWords`` with emphasis "Original"):
+
+1. every fragment of the parse is tokenized on its own (per whitespace-separated
+   word, which gives the same ids for CLIP's BPE and the word tokenizer); each token
+   carries its fragment's weight and the index of the word it belongs to;
+2. tokens are cut into chunks of ``context - 2`` (75 for CLIP's 77): a chunk ends
+   when full, at ``BREAK``, or, when full and a comma lies at most
+   ``comma_backtrack`` (A1111: 20) tokens back, right after that comma (the rest
+   moves to the next chunk); every chunk is framed ``[bos, tokens, eos, pad...]``;
+3. each chunk goes through the text encoder on its own, the hidden states are
+   multiplied by the token weights, then rescaled so that the chunk's mean equals the
+   unweighted mean; chunks are concatenated along the token axis, so a 150-token
+   prompt gives 2 x 77 = 154 context vectors;
+4. prompts of one batch (and cond / uncond for guidance) get the same number of
+   chunks by appending the encoding of the empty prompt, one chunk per missing chunk.
+
+A prompt whose weights are all 1 (``(word:1.0)`` included: equal weights merge)
+encodes exactly as the plain prompt, without the rescale.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+
+ROUND_FACTOR = 1.1
+SQUARE_FACTOR = 1 / 1.1
+COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit"
+
+
+class PromptSyntaxError(ValueError):
+    """A prompt function got something other than text, or a context too short for one token."""
+
+
+# ----------------------------------------------------------------------------- parsing
+
+class Fragment(NamedTuple):
+    """A run of prompt text with one weight; ``is_break`` marks a BREAK (text "BREAK", weight -1)."""
+
+    text: str
+    weight: float
+    is_break: bool = False
+
+
+BREAK = Fragment("BREAK", -1.0, True)
+
+_SYNTAX = re.compile(
+    r"""
+      \\[\\()\[\]]                  # escaped character: literal
+    | \\                            # a lone backslash: dropped (as A1111)
+    | \(                            # open round
+    | \[                            # open square
+    | :\s*([+-]?[.\d]+)\s*\)         # ":weight)" closes a round bracket with an explicit weight
+    | \)                            # close round
+    | \]                            # close square
+    | [^\\()\[\]:]+                 # plain text
+    | :                             # a colon that is no weight: literal
+    """,
+    re.X,
+)
+_BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def parse_prompt_attention(text: str) -> list[Fragment]:
+    """``text`` as fragments with weights, equal neighbours merged (A1111's parser).
+
+    >>> [tuple(f[:2]) for f in parse_prompt_attention("an (important) word")]
+    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
+
+    Never raises on a string; the empty prompt gives ``[Fragment("", 1.0)]``.
+    """
+    if not isinstance(text, str):
+        raise PromptSyntaxError(f"a prompt must be text, got {type(text).__name__}")
+    res: list[list] = []  # [text, weight, is_break]
+    round_open: list[int] = []  # index into res where each open "(" started
+    square_open: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for item in res[start:]:
+            if not item[2]:
+                item[1] *= factor
+
+    for m in _SYNTAX.finditer(text):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\"):
+            res.append([tok[1:], 1.0, False])
+        elif tok == "(":
+            round_open.append(len(res))
+        elif tok == "[":
+            square_open.append(len(res))
+        elif weight is not None and round_open:
+            try:
+                factor = float(weight)
+            except ValueError:  # "(a:1.2.3)": the weight is text, the ")" still closes
+                res.append([tok[:-1].rstrip(), 1.0, False])
+                factor = ROUND_FACTOR
+            multiply(round_open.pop(), factor)
+        elif tok == ")" and round_open:
+            multiply(round_open.pop(), ROUND_FACTOR)
+        elif tok == "]" and square_open:
+            multiply(square_open.pop(), SQUARE_FACTOR)
+        else:  # plain text, or a bracket / weight with nothing to close: literal
+            for i, part in enumerate(_BREAK_SPLIT.split(tok)):
+                if i > 0:
+                    res.append(["BREAK", -1.0, True])
+                res.append([part, 1.0, False])
+
+    for start in round_open:  # unclosed brackets apply to the rest of the prompt
+        multiply(start, ROUND_FACTOR)
+    for start in square_open:
+        multiply(start, SQUARE_FACTOR)
+
+    merged: list[list] = []
+    for item in res:
+        if item[2] or not merged or merged[-1][2] or merged[-1][1] != item[1]:
+            merged.append(list(item))
+        else:
+            merged[-1][0] += item[0]
+    if not merged:
+        merged = [["", 1.0, False]]
+    return [Fragment(t, w, b) for t, w, b in merged]
+
+
+def as_pairs(fragments: Sequence[Fragment]) -> list[list]:
+    """A1111's output format: ``[[text, weight], ...]`` with ``["BREAK", -1]`` for breaks."""
+    return [[f.text, f.weight] for f in fragments]
+
+
+# ----------------------------------------------------------------------------- tokenizing into chunks
+
+@dataclass
+class Chunk:
+    """One framed chunk: ``ids``, ``weights`` and ``word_index`` have the context's length.
+
+    ``word_index`` is -1 at bos, eos and padding.
+    """
+
+    ids: list[int]
+    weights: list[float]
+    word_index: list[int]
+
+
+@dataclass
+class TokenizedPrompt:
+    """A prompt cut into chunks, with the words its tokens belong to."""
+
+    chunks: list[Chunk]
+    words: list[str]  # the prompt's words (whitespace-separated, syntax removed)
+    token_count: int  # tokens the prompt holds (without framing)
+    context: int  # length of every chunk
+    fragments: list[Fragment] = field(default_factory=list)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """(n_chunks, context) long."""
+        return torch.tensor([c.ids for c in self.chunks], dtype=torch.long)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """(n_chunks, context) float32."""
+        return torch.tensor([c.weights for c in self.chunks], dtype=torch.float32)
+
+    @property
+    def word_index(self) -> torch.Tensor:
+        """(n_chunks * context,) long: the word of each context position, -1 for framing."""
+        return torch.tensor([i for c in self.chunks for i in c.word_index], dtype=torch.long)
+
+
+def _comma_id(tokenizer) -> int | None:
+    ids = tokenizer.encode(",")
+    unk = getattr(tokenizer, "unk_id", None)
+    return ids[0] if len(ids) == 1 and ids[0] != unk else None
+
+
+def context_length(tokenizer, text_encoder=None) -> int:
+    """Chunk length: the tokenizer's context, at most the text encoder's positions."""
+    ctx = int(tokenizer.context_length)
+    if text_encoder is not None:
+        ctx = min(ctx, int(text_encoder.cfg.max_length))
+    if ctx < 3:
+        raise PromptSyntaxError(f"the context length must be >= 3 (bos, a token, eos), got {ctx}")
+    return ctx
+
+
+def empty_chunk(tokenizer, context: int) -> Chunk:
+    """``[bos, eos, pad...]`` with weight 1: the empty prompt's one chunk."""
+    pad = context - 2
+    return Chunk(
+        [tokenizer.bos_id, tokenizer.eos_id] + [tokenizer.pad_id] * pad, [1.0] * context, [-1] * context
+    )
+
+
+def tokenize_prompt(
+    tokenizer, text: str, context: int | None = None, *, comma_backtrack: int = COMMA_BACKTRACK
+) -> TokenizedPrompt:
+    """Parse ``text`` and cut its weighted tokens into framed chunks of ``context`` ids.
+
+    ``context`` defaults to the tokenizer's (77 for CLIP: 75 tokens per chunk).
+    ``comma_backtrack`` 0 turns the comma rule off.
+    """
+    context = int(tokenizer.context_length) if context is None else context
+    if isinstance(context, bool) or not isinstance(context, int) or context < 3:
+        raise PromptSyntaxError(f"context must be an integer >= 3 (bos, a token, eos), got {context!r}")
+    if isinstance(comma_backtrack, bool) or not isinstance(comma_backtrack, int) or comma_backtrack < 0:
+        raise PromptSyntaxError(f"comma_backtrack must be an integer >= 0, got {comma_backtrack!r}")
+    size = context - 2
+    fragments = parse_prompt_attention(text)
+    comma = _comma_id(tokenizer)
+
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    words_of: list[int] = []
+    last_comma = -1
+    count = 0
+
+    def close_chunk() -> None:
+        nonlocal ids, weights, words_of, last_comma
+        n = size - len(ids)
+        chunks.append(
+            Chunk(
+                [tokenizer.bos_id, *ids, tokenizer.eos_id] + [tokenizer.pad_id] * n,
+                [1.0, *weights, 1.0] + [1.0] * n,
+                [-1, *words_of, -1] + [-1] * n,
+            )
+        )
+        ids, weights, words_of, last_comma = [], [], [], -1
+
+    words: list[str] = []
+    joined = False  # the previous piece was a word with no whitespace after it
+    for frag in fragments:
+        if frag.is_break:
+            close_chunk()
+            joined = False
+            continue
+        for piece in re.split(r"(\s+)", frag.text):
+            if not piece:
+                continue
+            if piece.isspace():
+                joined = False
+                continue
+            if joined:
+                words[-1] += piece
+            else:
+                words.append(piece)
+            joined = True
+            for token in tokenizer.encode(piece):
+                if token == comma:
+                    last_comma = len(ids)
+                elif comma_backtrack and len(ids) == size and last_comma != -1 and size - last_comma <= comma_backtrack:
+                    cut = last_comma + 1  # the comma stays, what follows it moves on
+                    moved = ids[cut:], weights[cut:], words_of[cut:]
+                    ids, weights, words_of = ids[:cut], weights[:cut], words_of[:cut]
+                    close_chunk()
+                    ids, weights, words_of = (list(x) for x in moved)
+                if len(ids) == size:
+                    close_chunk()
+                ids.append(token)
+                weights.append(float(frag.weight))
+                words_of.append(len(words) - 1)
+                count += 1
+    if ids or not chunks:
+        close_chunk()
+    return TokenizedPrompt(chunks, words, count, context, fragments)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's emphasis "Original": ``z * w``, rescaled to keep the mean of each chunk.
+
+    ``z``: (N, L, D) hidden states of N chunks, ``weights``: (N, L). Chunks whose
+    weights are all 1 are returned untouched (bit for bit).
+    """
+    if z.ndim != 3 or weights.shape != z.shape[:2]:
+        raise PromptSyntaxError(
+            f"apply_emphasis expects z (N, L, D) and weights (N, L), got {tuple(z.shape)} and {tuple(weights.shape)}"
+        )
+    w = weights.to(z.device, torch.float32)
+    rows = torch.nonzero((w != 1).any(dim=1)).flatten().tolist()
+    if not rows:
+        return z
+    out = z.clone()
+    for i in rows:
+        zi = z[i].float()  # (L, D)
+        weighted = zi * w[i, :, None]
+        new_mean = weighted.mean()
+        scale = zi.mean() / new_mean if new_mean != 0 else torch.ones((), device=z.device)
+        out[i] = (weighted * scale).to(z.dtype)
+    return out
+
+
+@torch.no_grad()
+def encode_tokenized(text_encoder, prompts: Sequence[TokenizedPrompt], tokenizer, *, skip_layers: int = 0) -> torch.Tensor:
+    """(B, n * context, D): every chunk encoded on its own, weighted, concatenated.
+
+    Prompts with fewer chunks than the longest get empty-prompt chunks appended.
+    """
+    if not prompts:
+        raise PromptSyntaxError("encode needs at least one prompt")
+    ctx = prompts[0].context
+    if any(p.context != ctx for p in prompts):
+        raise PromptSyntaxError("all prompts of one batch must be tokenized with the same context")
+    n = max(len(p.chunks) for p in prompts)
+    empty = empty_chunk(tokenizer, ctx)
+    rows = [c for p in prompts for c in p.chunks + [empty] * (n - len(p.chunks))]
+    param = next(text_encoder.parameters())
+    ids = torch.tensor([c.ids for c in rows], dtype=torch.long, device=param.device)  # (B*n, ctx)
+    weights = torch.tensor([c.weights for c in rows], dtype=torch.float32)  # (B*n, ctx)
+    z = text_encoder(ids, skip_layers=skip_layers)  # (B*n, ctx, D)
+    z = apply_emphasis(z, weights)
+    return z.reshape(len(prompts), n * ctx, z.shape[-1])  # (B, n*ctx, D)
+
+
+def encode_prompts(
+    text_encoder, tokenizer, prompts: str | Sequence[str], *, skip_layers: int = 0, comma_backtrack: int = COMMA_BACKTRACK
+) -> torch.Tensor:
+    """(B, n * context, D) context for ``prompts`` written in A1111 syntax (see the module doc)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise PromptSyntaxError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+    ctx = context_length(tokenizer, text_encoder)
+    tokenized = [tokenize_prompt(tokenizer, p, ctx, comma_backtrack=comma_backtrack) for p in prompts]
+    return encode_tokenized(text_encoder, tokenized, tokenizer, skip_layers=skip_layers)
+
+
+def pad_context(context: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
+    """``context`` (B, L, D) extended to ``length`` tokens with repeats of ``empty`` (1, ctx, D).
+
+    A difference that is not a whole number of chunks takes the first tokens of the
+    last repeat.
+    """
+    b, n, _ = context.shape
+    if length < n:
+        raise PromptSyntaxError(f"cannot pad a context of {n} tokens to {length}")
+    if length == n:
+        return context
+    reps = math.ceil((length - n) / empty.shape[1])
+    fill = empty.to(context).repeat(1, reps, 1)[:, : length - n]  # (1, length-n, D)
+    return torch.cat([context, fill.expand(b, -1, -1)], dim=1)
+
+
+def match_lengths(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cond`` and ``uncond`` padded with empty-prompt chunks to the same token count (A1111)."""
+    n = max(cond.shape[1], uncond.shape[1])
+    return pad_context(cond, n, empty), pad_context(uncond, n, empty)
+
+
+__all__ = [
+    "BREAK",
+    "COMMA_BACKTRACK",
+    "Chunk",
+    "Fragment",
+    "PromptSyntaxError",
+    "TokenizedPrompt",
+    "apply_emphasis",
+    "as_pairs",
+    "context_length",
+    "empty_chunk",
+    "encode_prompts",
+    "encode_tokenized",
+    "match_lengths",
+    "pad_context",
+    "parse_prompt_attention",
+    "tokenize_prompt",
+]

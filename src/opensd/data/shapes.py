@@ -512,11 +512,17 @@ def check_true(spec: PromptSpec, scene: Scene) -> list[str]:
             problems.append(f"{o.describe()}: found {n}")
     if used != len(scene.objects):
         problems.append(f"{len(scene.objects) - used} object(s) the caption does not mention")
-    if spec.relation is not None and len(scene.objects) == 2:
-        a, b = scene.objects
-        rels = relations_between(a.box(), b.box())
-        if rels != {spec.relation}:
-            problems.append(f"relation {spec.relation!r} but boxes give {sorted(rels)}")
+    if spec.relation is not None and len(scene.objects) == 2 and len(spec.objects) == 2:
+        # A is whichever object matches the spec's first object, B the other (either, when both match both).
+        first, second = spec.objects
+        pairs = [
+            (a, b)
+            for a, b in (scene.objects, scene.objects[::-1])
+            if first.matches(a.shape, a.color, a.size) and second.matches(b.shape, b.color, b.size)
+        ]
+        found = [relations_between(a.box(), b.box()) for a, b in pairs]
+        if {spec.relation} not in found:
+            problems.append(f"relation {spec.relation!r} but boxes give {sorted(set().union(*found)) if found else 'no A/B pair'}")
     if scene.background != (spec.background or DEFAULT_BACKGROUND):
         problems.append(f"background {scene.background} but caption says {spec.background or 'nothing'}")
     for i, p in enumerate(scene.objects):

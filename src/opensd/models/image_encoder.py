@@ -103,7 +103,7 @@ class ImageEncoderConfig:
 
     @classmethod
     def tiny(cls) -> ImageEncoderConfig:
-        """About 40 k parameters; 32 px -> 8 x 8 cells (stride-2 stem, two levels). For tests and CPU toy runs."""
+        """About 28 k parameters; 32 px -> 8 x 8 cells (stride-2 stem, two levels). For tests and CPU toy runs."""
         return cls(stem_stride=2, channels=(16, 32), blocks_per_level=1, norm_groups=4, width=64, heads=4)
 
     @classmethod

@@ -106,7 +106,7 @@ class ContrastiveConfig:
 
     @classmethod
     def tiny(cls, vocab_size: int = 99, max_length: int = 32) -> ContrastiveConfig:
-        """About 150 k parameters (tiny towers, width 64), for tests; 32 px images."""
+        """About 110 k parameters (text width 64, two levels of 16/32 channels), for tests; 32 px images."""
         text = CLIPTextConfig(vocab_size=vocab_size, max_length=max_length, width=64, layers=2, heads=4, mlp_width=128)
         return cls(text=text, image=ImageEncoderConfig.tiny(), embed_dim=64)
 
@@ -403,15 +403,15 @@ def info_nce(
         raise ValueError(
             f"image and text embeddings must both be (B, D), got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
         )
-    b = image_emb.shape[0]
+    b, d = image_emb.shape
     logits = scale * image_emb @ text_emb.T  # (B images, B texts)
     target = torch.arange(b, device=logits.device)
     out = {"logits": logits, "loss_t2i": F.cross_entropy(logits.T, target)}
     i2t = logits
     if hard_negative_emb is not None:
-        if hard_negative_emb.ndim != 3 or hard_negative_emb.shape[0] != b or hard_negative_emb.shape[2] != image_emb.shape[1]:
+        if hard_negative_emb.ndim != 3 or hard_negative_emb.shape[0] != b or hard_negative_emb.shape[2] != d:
             raise ValueError(
-                f"hard negative embeddings must be (B={b}, K, D={image_emb.shape[1]}), "
+                f"hard negative embeddings must be (B={b}, K, D={d}), "
                 f"got {tuple(hard_negative_emb.shape)}"
             )
         hn = scale * torch.einsum("bd,bkd->bk", image_emb, hard_negative_emb)  # (B, K)
@@ -530,8 +530,9 @@ def retrieval_metrics(
     x = _images_tensor(images)
     n = x.shape[0]
     if not (len(captions) == len(specs) == n) or n < 1:
-        raise ValueError(f"need as many captions and specs as images, got {n} images, {len(captions)} captions, "
-                         f"{len(specs)} specs")  # fmt: skip
+        raise ValueError(
+            f"need as many captions and specs as images, got {n} images, {len(captions)} captions, {len(specs)} specs"
+        )
     if tokenizer.context_length > model.cfg.text.max_length:
         raise ValueError(
             f"tokenizer context_length {tokenizer.context_length} exceeds the text tower's max_length "
@@ -539,14 +540,26 @@ def retrieval_metrics(
         )
     was_training = model.training
     model.eval()
+    try:
+        return _retrieval(model, x, list(captions), list(specs), tokenizer, rng_seed)
+    finally:
+        model.train(was_training)
+
+
+def _retrieval(
+    model: ContrastiveModel, x: torch.Tensor, captions: list[str], specs: list[PromptSpec], tokenizer, rng_seed: int
+) -> dict[str, float]:
+    n = x.shape[0]
     device = model.logit_scale.device
     image_emb = torch.cat(
         [model.encode_image(x[i : i + ENCODE_CHUNK].to(device)) for i in range(0, n, ENCODE_CHUNK)]
     )  # (N, D)
-    text_emb = _encode_texts(model, list(captions), tokenizer, device)  # (N, D)
+    text_emb = _encode_texts(model, captions, tokenizer, device)  # (N, D)
     sim = image_emb @ text_emb.T  # (N images, N texts)
 
-    same = torch.tensor([[a == b for b in specs] for a in specs], device=sim.device)  # (N, N) same spec
+    index: dict[PromptSpec, int] = {}
+    spec_ids = torch.tensor([index.setdefault(s, len(index)) for s in specs], device=sim.device)  # (N,)
+    same = spec_ids[:, None] == spec_ids[None, :]  # (N, N): pair i and pair j state the same spec
     top = min(5, n)
     i2t = sim.topk(top, dim=1).indices  # (N, top) caption indices per image
     t2i = sim.topk(top, dim=0).indices.T  # (N, top) image indices per caption
@@ -579,5 +592,4 @@ def retrieval_metrics(
             if bool(sel.any()):
                 metrics[f"hard_negative_accuracy/{kd}"] = wins[sel].float().mean().item()
                 metrics[f"hard_negative_count/{kd}"] = float(sel.sum().item())
-    model.train(was_training)
     return metrics

@@ -86,7 +86,7 @@ class VAEStageConfig(StageConfig):
     model_preset: str = "small"
     model: VAEConfig = field(default_factory=VAEConfig.small)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        out_dir="runs/vae", steps=3000, batch_size=32, lr=2e-4, warmup_steps=100, bf16=True,
+        out_dir="runs/vae", steps=3000, batch_size=32, lr=2e-4, warmup_steps=100, bf16=False,
         sample_every=500, checkpoint_every=500))
     data: DataConfig = field(default_factory=DataConfig)
     l1_weight: float = 1.0

@@ -75,3 +75,14 @@ def test_cli_eval_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "ev" / "report.md").is_file() and (tmp_path / "ev" / "accuracy.png").is_file()
     res = CliRunner().invoke(app, ["eval", "-m", str(tmp_path / "m"), "--suite", "nope", "-q"])
     assert res.exit_code == 2 and "unknown suite 'nope'" in res.output
+
+
+def test_distribution_metrics_separate_truth_from_blank(tmp_path: Path) -> None:
+    cfg = EvalConfig(per_category=2, images_per_prompt=2)
+    truth, _ = evaluate(GroundTruthPipeline(), cfg, distribution=True)
+    blank, kept = evaluate(BlankPipeline(), cfg, distribution=True)
+    t, b = truth["distribution"]["nets"]["shapes"], blank["distribution"]["nets"]["shapes"]
+    assert t["fd_ratio"] < 2.0 and b["fd_ratio"] > 5 * t["fd_ratio"]  # measured 1.33 vs 12.9 with 24 images
+    assert b["generated"]["precision"] == 0.0 and t["generated"]["recall"] > 0.5
+    report = write_results(blank, kept, tmp_path)["report"].read_text()
+    assert "| shapes |" in report and "| random |" in report

@@ -8,15 +8,18 @@ coloured shapes anyway, so this module trains its own judge on the shapes world
 multi-label classifier of each image's scene graph:
 
 * ``presence``: which of the 21 colour-shape pairs appear (sigmoid per pair);
+* ``colors``: which of the 7 colours appear (sigmoid per colour; an easy target
+  that speeds up learning colour detectors);
 * ``sizes``: which of the 6 shape-size pairs appear (sigmoid per pair);
 * ``counts``: how many circles, squares, triangles (0..4 each, softmax per shape);
 * ``background``: white, black or gray (softmax).
 
-Its penultimate layer (``FEATURE_DIM`` = 128 after global average pooling) is the
-feature space, so distances there measure what matters in this world: colours,
-shapes, counts, sizes, background. The same architecture with random weights
-(:func:`load_feature_net` ``kind="random"``) is the cross-check: random
-convolutional features also separate image distributions, only less sharply.
+Its penultimate layer (``FEATURE_DIM`` = 128: global average and global max
+pooling of a 64-channel map) is the feature space, so distances there measure
+what matters in this world: colours, shapes, counts, sizes, background. The same
+architecture with random weights (:func:`load_feature_net` ``kind="random"``) is
+the cross-check: random convolutional features also separate image
+distributions, only less sharply (they barely see shapes; docs/shapes.md).
 
 Input convention: RGB in **[0, 1]**, ``FEATURE_SIZE`` = 64 px square;
 :func:`to_input` converts PIL images, uint8 arrays and float tensors and resizes
@@ -30,7 +33,9 @@ The committed weights (``weights/shapes_features.safetensors``, float16) come fr
 which trains on the CPU (2 threads) on fresh samples of ``ShapesDataset(seed=TRAIN_SEED,
 holdout=None)`` (the whole world, held-out combinations included, so that a
 generator's compositional samples are measured too) and stores its accuracy on
-``EVAL_SEED`` samples in the file's metadata.
+1000 ``EVAL_SEED`` samples in the file's metadata (:func:`read_weights_info`): all
+21 colour-shape labels right on 89.9% of images (99.4% of single labels), all
+shape counts right 99.7%, sizes 99.8%, background 100%, the same at 32 px.
 """
 
 from __future__ import annotations
@@ -69,10 +74,11 @@ KINDS: tuple[str, ...] = ("shapes", "random")
 
 # the targets, in logit order
 COLOR_SHAPES: tuple[tuple[str, str], ...] = tuple((c, s) for s in SHAPES for c in PALETTE)  # 21
+COLORS: tuple[str, ...] = tuple(PALETTE)  # 7
 SHAPE_SIZES: tuple[tuple[str, str], ...] = tuple((s, z) for s in SHAPES for z in SIZES)  # 6
 COUNT_CLASSES = MAX_COUNT + 1  # 0..4 of each shape
 BACKGROUND_NAMES: tuple[str, ...] = tuple(BACKGROUNDS)
-N_LOGITS = len(COLOR_SHAPES) + len(SHAPE_SIZES) + len(SHAPES) * COUNT_CLASSES + len(BACKGROUND_NAMES)
+N_LOGITS = len(COLOR_SHAPES) + len(COLORS) + len(SHAPE_SIZES) + len(SHAPES) * COUNT_CLASSES + len(BACKGROUND_NAMES)
 
 
 # ----------------------------------------------------------------------------- inputs and targets
@@ -132,44 +138,48 @@ def to_input(images: Sequence[Image.Image] | torch.Tensor | np.ndarray, size: in
 def scene_targets(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
     """Classification targets from scene graphs.
 
-    Returns ``presence`` (B, 21) and ``sizes`` (B, 6) as 0/1 floats in the order of
-    ``COLOR_SHAPES`` / ``SHAPE_SIZES``, ``counts`` (B, 3) long in 0..4 per shape of
+    Returns ``presence`` (B, 21), ``colors`` (B, 7) and ``sizes`` (B, 6) as 0/1
+    floats in the order of ``COLOR_SHAPES`` / ``COLORS`` / ``SHAPE_SIZES``, ``counts`` (B, 3) long in 0..4 per shape of
     ``SHAPES``, and ``background`` (B,) long indexing ``BACKGROUND_NAMES``.
     """
     b = len(scenes)
     presence, sizes = torch.zeros(b, len(COLOR_SHAPES)), torch.zeros(b, len(SHAPE_SIZES))
+    colors = torch.zeros(b, len(COLORS))
     counts = torch.zeros(b, len(SHAPES), dtype=torch.long)
     background = torch.zeros(b, dtype=torch.long)
     for i, sc in enumerate(scenes):
         for o in sc.objects:
             presence[i, COLOR_SHAPES.index((o.color, o.shape))] = 1
+            colors[i, COLORS.index(o.color)] = 1
             sizes[i, SHAPE_SIZES.index((o.shape, o.size))] = 1
             counts[i, SHAPES.index(o.shape)] += 1
         background[i] = BACKGROUND_NAMES.index(sc.background)
-    return {"presence": presence, "sizes": sizes, "counts": counts, "background": background}
+    return {"presence": presence, "colors": colors, "sizes": sizes, "counts": counts, "background": background}
 
 
 def split_logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(B, N_LOGITS) -> presence (B, 21), sizes (B, 6), counts (B, 3, 5), background (B, 3)."""
-    a, b = len(COLOR_SHAPES), len(SHAPE_SIZES)
-    c = len(SHAPES) * COUNT_CLASSES
-    return {
-        "presence": logits[:, :a],
-        "sizes": logits[:, a : a + b],
-        "counts": logits[:, a + b : a + b + c].reshape(-1, len(SHAPES), COUNT_CLASSES),  # (B, 15) -> (B, 3, 5)
-        "background": logits[:, a + b + c :],
-    }
+    """(B, N_LOGITS) -> presence (B, 21), colors (B, 7), sizes (B, 6), counts (B, 3, 5), background (B, 3)."""
+    sizes = {"presence": len(COLOR_SHAPES), "colors": len(COLORS), "sizes": len(SHAPE_SIZES),
+             "counts": len(SHAPES) * COUNT_CLASSES, "background": len(BACKGROUND_NAMES)}
+    out, i = {}, 0
+    for name, n in sizes.items():
+        out[name], i = logits[:, i : i + n], i + n
+    out["counts"] = out["counts"].reshape(-1, len(SHAPES), COUNT_CLASSES)  # (B, 15) -> (B, 3, 5)
+    return out
 
 
 # ----------------------------------------------------------------------------- the network
 
 @dataclass(frozen=True)
 class FeatureNetConfig:
-    """Widths of the three stages (at 32, 16 and 8 px for a 64 px input), feature size, GroupNorm groups."""
+    """Widths of the three stages (at 32, 16 and 8 px for a 64 px input), feature size, GroupNorm groups.
+
+    ``feature_dim`` is even: half average-pooled, half max-pooled channels.
+    """
 
     widths: tuple[int, int, int] = (32, 64, 128)
     feature_dim: int = FEATURE_DIM
-    groups: int = 8
+    groups: int = 4
 
 
 def _conv_block(c_in: int, c_out: int, stride: int, groups: int) -> nn.Sequential:
@@ -180,7 +190,8 @@ class ShapesFeatureNet(nn.Module):
     """A small CNN: three stages of two 3x3 conv blocks (the first strided), then pooling.
 
     ``features(x)``: x (B, 3, 64, 64) in [0, 1] -> (B, feature_dim), the global
-    average of a 1x1 projection of the last stage (the penultimate layer).
+    average and the global maximum of a 1x1 projection of the last stage (the
+    penultimate layer; max pooling makes presence and counts quick to learn).
     ``forward(x)``: the classifier's logits (B, N_LOGITS); see :func:`split_logits`.
     """
 
@@ -188,6 +199,8 @@ class ShapesFeatureNet(nn.Module):
         super().__init__()
         if len(config.widths) != 3 or any(w % config.groups for w in config.widths):
             raise FeatureError(f"widths must be 3 multiples of groups={config.groups}, got {config.widths}")
+        if config.feature_dim < 2 or config.feature_dim % 2:
+            raise FeatureError(f"feature_dim must be even and >= 2, got {config.feature_dim}")
         self.config = config
         w1, w2, w3 = config.widths
         g = config.groups
@@ -196,12 +209,13 @@ class ShapesFeatureNet(nn.Module):
             _conv_block(w1, w2, 2, g), _conv_block(w2, w2, 1, g),  # 32 -> 16 px
             _conv_block(w2, w3, 2, g), _conv_block(w3, w3, 1, g),  # 16 -> 8 px
         )
-        self.project = nn.Conv2d(w3, config.feature_dim, 1)
+        self.project = nn.Conv2d(w3, config.feature_dim // 2, 1)
         self.head = nn.Linear(config.feature_dim, N_LOGITS)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stages(x * 2 - 1)  # [0, 1] -> [-1, 1] inside; (B, 3, 64, 64) -> (B, w3, 8, 8)
-        return F.silu(self.project(h)).mean(dim=(2, 3))  # (B, D, 8, 8) -> (B, D)
+        h = F.silu(self.project(h))  # (B, D/2, 8, 8)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # (B, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -278,15 +292,21 @@ def extract_features(
 
 # ----------------------------------------------------------------------------- training and evaluation
 
-def loss_fn(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the four heads' losses: BCE for presence and sizes, cross-entropy for counts and background."""
+def loss_parts(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-head losses: BCE for presence, colors and sizes, cross-entropy for counts and background."""
     p = split_logits(logits)
-    return (
-        F.binary_cross_entropy_with_logits(p["presence"], targets["presence"])
-        + F.binary_cross_entropy_with_logits(p["sizes"], targets["sizes"])
-        + F.cross_entropy(p["counts"].flatten(0, 1), targets["counts"].flatten())  # (B*3, 5) vs (B*3,)
-        + F.cross_entropy(p["background"], targets["background"])
-    )
+    return {
+        "presence": F.binary_cross_entropy_with_logits(p["presence"], targets["presence"]),
+        "colors": F.binary_cross_entropy_with_logits(p["colors"], targets["colors"]),
+        "sizes": F.binary_cross_entropy_with_logits(p["sizes"], targets["sizes"]),
+        "counts": F.cross_entropy(p["counts"].flatten(0, 1), targets["counts"].flatten()),  # (B*3, 5) vs (B*3,)
+        "background": F.cross_entropy(p["background"], targets["background"]),
+    }
+
+
+def loss_fn(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss: the sum of :func:`loss_parts`."""
+    return sum(loss_parts(logits, targets).values())
 
 
 @torch.no_grad()
@@ -349,18 +369,21 @@ def train(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     ds = ShapesDataset(seed=TRAIN_SEED, image_size=FEATURE_SIZE, holdout=None)
-    t0, run = time.time(), 0.0
+    t0, run = time.time(), {}
     for step in range(steps):
         samples = ds.take(batch_size, start=step * batch_size)
         x = _augment(to_input([s.image for s in samples]), g)
-        loss = loss_fn(net(x), scene_targets([s.scene for s in samples]))
+        parts = loss_parts(net(x), scene_targets([s.scene for s in samples]))
+        loss = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        run = loss.item() if step == 0 else 0.95 * run + 0.05 * loss.item()
+        now = {k: v.item() for k, v in parts.items()}
+        run = now if step == 0 else {k: 0.9 * run[k] + 0.1 * v for k, v in now.items()}  # smoothed
         if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  loss {run:.4f}  {time.time() - t0:6.1f} s", flush=True)
+            heads = "  ".join(f"{k} {v:.3f}" for k, v in run.items())
+            print(f"step {step:5d}  loss {sum(run.values()):.3f}  ({heads})  {time.time() - t0:6.1f} s", flush=True)
     return net.eval()
 
 
@@ -381,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     net = train(args.steps, args.batch_size, args.lr, args.seed, args.threads)
     train_s = time.time() - t0
     info: dict = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                  "train_seed": TRAIN_SEED, "train_seconds": round(train_s, 1), "eval_seed": EVAL_SEED}
+                  "train_seed": TRAIN_SEED, "train_seconds": round(train_s, 1), "threads": args.threads,
+                  "eval_seed": EVAL_SEED, "eval_n": args.eval_n}
     save_feature_net(net, args.out)  # evaluate the float16-rounded weights that are shipped
     net = load_feature_net("shapes", path=args.out)
     for size in (64, 32):

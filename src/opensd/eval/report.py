@@ -82,6 +82,21 @@ def markdown_report(results: dict, paths: dict[str, Path]) -> str:
     lines += ["", f"![accuracy per category]({paths['plot'].name})", ""]
     if "failures" in paths:
         lines += ["## Failures (first 24, with the scorer's reason)", "", f"![failures]({paths['failures'].name})", ""]
+    if "distribution" in results:
+        lines += [
+            "## Distribution (against ground-truth renders of the same prompts)",
+            "",
+            "| features | FD | real-vs-real FD | FD ratio | precision | recall | memorization |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for net, d in results["distribution"]["nets"].items():
+            g, b = d["generated"], d["real_baseline"]
+            ratio = "n/a" if d["fd_ratio"] is None else f"{d['fd_ratio']:.2f}"
+            lines.append(
+                f"| {net} | {g['fd']:.2f} | {b['fd']:.2f} | {ratio} | {g['precision']:.2f} | {g['recall']:.2f} | "
+                f"{g.get('memorization', float('nan')):.3f} |"
+            )
+        lines.append("")
     reasons: dict[str, int] = {}
     for r in results["items"]:
         if not r["correct"]:

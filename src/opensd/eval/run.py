@@ -81,14 +81,17 @@ def evaluate(
     model_info: dict[str, str] | None = None,
     on_image: Callable[[int, int], None] | None = None,
     keep_images: Callable[[dict], bool] | None = None,
+    distribution: bool = False,
 ) -> tuple[dict, list[tuple[Image.Image, dict]]]:
     """Generate and score. Returns ``(results, kept)``: ``kept`` holds ``(image, record)``
-    for the records ``keep_images`` accepts (by default the failures)."""
+    for the records ``keep_images`` accepts (by default the failures). ``distribution``
+    adds ``results["distribution"]`` (:func:`distribution_metrics`)."""
     keep_images = keep_images or (lambda rec: not rec["correct"])
     prompts = select_prompts(cfg)
     total = len(prompts) * cfg.images_per_prompt
     records: list[dict] = []
     kept: list[tuple[Image.Image, dict]] = []
+    every: list[Image.Image] = []
     start = time.time()
     for i, p in enumerate(prompts):
         seed = cfg.seed + 1000 * i
@@ -103,6 +106,8 @@ def evaluate(
                 "correct": verdict.correct, "reason": verdict.reason,
             }
             records.append(rec)
+            if distribution:
+                every.append(im)
             if keep_images(rec):
                 kept.append((im, rec))
             if on_image is not None:
@@ -124,7 +129,30 @@ def evaluate(
         "seconds": round(time.time() - start, 1),
         "items": records,
     }
+    if distribution:
+        results["distribution"] = distribution_metrics(every, prompts, cfg)
     return results, kept
+
+
+def distribution_metrics(images: list[Image.Image], prompts: list[BenchmarkPrompt], cfg: EvalConfig) -> dict:
+    """Fréchet distance, k-NN precision/recall and memorization of ``images`` (one per
+    (prompt, seed) in order), against ground-truth renders of the same prompts and next to the
+    real-vs-real baseline (:func:`opensd.eval.distribution.distribution_report`). The
+    training reference is the shapes world the trainer draws from (seed 0)."""
+    import random
+
+    from opensd.data.shapes import ShapesDataset, realize, render
+    from opensd.eval.distribution import distribution_report
+
+    size = images[0].size[0]
+    reference = [
+        render(realize(p.spec, random.Random(f"reference:{r}:{i}:{j}"), size))
+        for r in range(2)
+        for i, p in enumerate(prompts)
+        for j in range(cfg.images_per_prompt)
+    ]
+    train = [s.image for s in ShapesDataset(seed=0, image_size=size).take(len(images))]
+    return distribution_report(images, reference, train)
 
 
 def write_results(results: dict, kept: list[tuple[Image.Image, dict]], out_dir: str | Path) -> dict[str, Path]:

@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         images_per_prompt: int = typer.Option(4, help="Images per prompt (seeds seed+1000*i+j)."),
         per_category: Optional[int] = typer.Option(None, help="Only the first N prompts of each category."),
         seed: int = typer.Option(0, help="Base seed."),
+        distribution: bool = typer.Option(False, "--distribution", help="Also Fréchet distance, precision/recall and memorization (in-house features)."),
         out: Path = typer.Option(Path("eval"), "--out", "-o", help="Folder for results.json, report.md and plots."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
@@ -52,7 +53,7 @@ def register(app: typer.Typer) -> None:
                 bar.update(done - bar.n)
 
         try:
-            results, kept = evaluate(pipe, cfg, model_info=info, on_image=progress)
+            results, kept = evaluate(pipe, cfg, model_info=info, on_image=progress, distribution=distribution)
         finally:
             if bar is not None:
                 bar.close()
@@ -60,4 +61,7 @@ def register(app: typer.Typer) -> None:
         for c, v in results["accuracy"].items():
             typer.echo(f"{c:>14}: {v:.3f}")
         typer.echo(f"{'overall':>14}: {results['overall']:.3f}")
+        if "distribution" in results:
+            for net, d in results["distribution"]["nets"].items():
+                typer.echo(f"{'FD/' + net:>14}: {d['generated']['fd']:.2f} (real-vs-real {d['real_baseline']['fd']:.2f})")
         typer.echo(f"wrote {paths['results']} and {paths['report']}")

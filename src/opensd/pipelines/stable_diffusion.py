@@ -90,11 +90,19 @@ class StableDiffusionPipeline:
         batch_size: int = 1,
         latents: torch.Tensor | None = None,
         callback: StepCallback | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_embeds: torch.Tensor | None = None,
         **options: Any,
     ) -> list[Image.Image]:
-        """Images for ``prompt``; each carries its A1111 infotext in ``image.info["parameters"]``."""
+        """Images for ``prompt``; each carries its A1111 infotext in ``image.info["parameters"]``.
+
+        ``prompt_embeds`` / ``negative_embeds`` (1 or B, L, width) replace the encoded texts,
+        which then only label the infotext (see :mod:`opensd.prompts.arithmetic`).
+        """
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, 1.0, options)
-        return self.generate(req, latents=latents, callback=callback).images
+        return self.generate(
+            req, latents=latents, callback=callback, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds
+        ).images
 
     def img2img(
         self,

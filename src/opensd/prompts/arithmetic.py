@@ -221,26 +221,16 @@ def txt2img_embeds(
     *,
     label: str = "",
     negative_prompt: str = "",
-    steps: int = 20,
-    sampler: str = "dpmpp_2m",
-    cfg_scale: float = 7.5,
-    width: int | None = None,
-    height: int | None = None,
-    seed: int | None = None,
-    batch_size: int = 1,
-    latents: torch.Tensor | None = None,
-    callback=None,
-    **options: Any,
+    **txt2img_args: Any,
 ) -> list[Image.Image]:
     """:meth:`txt2img` with a ready context: ``prompt_embeds`` (1 or B, L, D) instead of a prompt.
 
     ``label`` is the prompt written into the infotext; ``negative_embeds`` replaces the
     encoded ``negative_prompt`` when given.
     """
-    req = pipe._request(label, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, 1.0, options)
-    return pipe.generate(
-        req, latents=latents, callback=callback, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds
-    ).images
+    return pipe.txt2img(
+        label, negative_prompt, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, **txt2img_args
+    )
 
 
 def generate_expression(pipe, expr: str, *, clip_skip: int = 1, normalize: bool = False, **kw: Any) -> list[Image.Image]:

@@ -484,3 +484,51 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output and res.output.count("\n") == 1 and res.output.startswith("error: "), res.output
+
+
+# ----------------------------------------------------------------------------- time limit and parallel rendering
+
+
+def test_time_limit_ends_the_run_early_with_checkpoint_and_export(tmp_path: Path, monkeypatch) -> None:
+    import opensd.training.loop as loop_mod
+
+    clock = {"t": 0.0}
+
+    def fake_clock() -> float:  # every call advances one second: the limit of 5 s ends a run after a few steps
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(loop_mod.time, "perf_counter", fake_clock)
+    cfg = vae_cfg(tmp_path / "run", steps=1000, time_limit=5.0)
+    result = run_stage(VAEStage(stage_config_from_dict(VAEStageConfig, cfg)))
+    assert 1 <= result.step < 10
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [result.step]
+    assert (tmp_path / "run/vae/model.safetensors").is_file()
+    train_rows = [r for r in read_log(tmp_path / "run/log.jsonl") if r["kind"] == "train"]
+    assert train_rows[-1]["step"] == result.step
+    # the run can go on from where the limit stopped it
+    cfg = vae_cfg(tmp_path / "run", steps=result.step + 2)
+    assert run_stage(VAEStage(stage_config_from_dict(VAEStageConfig, cfg)), resume=True).step == result.step + 2
+
+
+def test_time_limit_must_be_a_number_at_least_zero() -> None:
+    with pytest.raises(ConfigError, match="train.time_limit"):
+        TrainConfig(time_limit=-1.0)
+    with pytest.raises(ConfigError, match="data.workers"):
+        stage_config_from_dict(VAEStageConfig, {"data": {"workers": -2}})
+
+
+def test_parallel_prefill_draws_exactly_what_the_stream_draws() -> None:
+    from opensd.training.config import DataConfig
+    from opensd.training.data import ShapesSource, cache_path, open_source
+
+    serial = ShapesSource(DataConfig(image_size=16, pool_size=600))
+    parallel = open_source(DataConfig(image_size=16, pool_size=600, workers=2))
+    assert len(parallel._memo) == 600
+    for i in (0, 1, 255, 256, 599):
+        a, b = serial[i], parallel[i]
+        assert torch.equal(a.image, b.image) and a.caption == b.caption and a.spec == b.spec
+    # the worker count changes speed, not data: the latent cache's name ignores it
+    one = cache_path(Path("c"), "v", "t", DataConfig(workers=0), 10, "float16")
+    many = cache_path(Path("c"), "v", "t", DataConfig(workers=8), 10, "float16")
+    assert one == many

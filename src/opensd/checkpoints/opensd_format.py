@@ -60,13 +60,23 @@ def load_opensd(path: str | Path) -> tuple[StableDiffusion, Tokenizer]:
     return model.eval(), load_tokenizer(path / "tokenizer")
 
 
-def save_opensd(model: StableDiffusion, tokenizer: Tokenizer, path: str | Path) -> Path:
-    """Write ``model`` and ``tokenizer`` as an opensd folder; returns the folder."""
+def save_opensd(model: StableDiffusion, tokenizer: Tokenizer, path: str | Path,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` and ``tokenizer`` as an opensd folder; returns the folder.
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating-point weights in that type, halving
+    the file; :func:`load_opensd` casts them back to the model's float32.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"cannot save a model folder over the file {path}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise CheckpointError(f"save_opensd: dtype must be a floating-point type, got {dtype}")
     path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(model.state_dict(), path / WEIGHTS, metadata={"format": "pt"})
+    state = model.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    write_safetensors(state, path / WEIGHTS, metadata={"format": "pt"})
     tokenizer.save(path / "tokenizer")
     write_json({"format": FORMAT, "version": VERSION, "model": to_dict(model.cfg)}, path / CONFIG)
     return path

@@ -128,11 +128,11 @@ class CLIPStage(Stage):
 
     def updates(self, batch: Batch, step: int) -> Iterator[Update]:
         ctx = self.ctx
-        images = batch.images.to(ctx.device)
-        ids = self.tokenizer(batch.captions).to(ctx.device)
+        images = ctx.to_device(batch.images)
+        ids = ctx.to_device(self.tokenizer(batch.captions))
         hard = self._hard_negatives(batch, step)
         with ctx.autocast():
-            loss, metrics = ctx.wrapped["clip"](images, ids, None if hard is None else hard.to(ctx.device))
+            loss, metrics = ctx.wrapped["clip"](images, ids, None if hard is None else ctx.to_device(hard))
         yield Update("clip", loss, {**metrics, "loss": loss})
 
     def after_update(self, group: str) -> None:

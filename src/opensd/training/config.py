@@ -70,7 +70,9 @@ class DataConfig:
     ``source = "shapes"`` draws scenes from :class:`opensd.data.shapes.ShapesDataset`
     (``seed``, ``image_size``, ``holdout``): with ``pool_size = 0`` every step sees new
     scenes (index = position in the stream); with ``pool_size = N`` training cycles
-    over scenes ``0 .. N-1`` in a fresh shuffle each epoch. ``source = "folder"``
+    over scenes ``0 .. N-1`` in a fresh shuffle each epoch, and ``workers > 0`` renders
+    the pool (and the U-Net stage's latent cache) up front in that many processes.
+    ``workers`` changes speed only, never what is drawn. ``source = "folder"``
     reads ``path`` (``metadata.jsonl`` or ``.txt`` captions, see
     :mod:`opensd.data.imagefolder`), centre-crops and resizes to ``image_size`` and
     cycles over it the same way. Batch contents depend only on (``train.seed``,
@@ -83,6 +85,7 @@ class DataConfig:
     seed: int = 0
     holdout: bool = True
     pool_size: int = 0
+    workers: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, DataSource):
@@ -94,6 +97,7 @@ class DataConfig:
             raise ConfigError(f"data.image_size must be a multiple of 8, got {self.image_size}")
         _check_int("data.seed", self.seed, 0)
         _check_int("data.pool_size", self.pool_size, 0)
+        _check_int("data.workers", self.workers, 0)
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,10 @@ class TrainConfig:
     0 keeps no EMA. ``grad_clip`` 0 turns clipping off (the norm is still logged).
     ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     ``deterministic`` asks torch for deterministic kernels (needed for bit-exact
-    resume on a GPU; CPU runs are exact without it).
+    resume on a GPU; CPU runs are exact without it). ``time_limit`` (seconds, 0 = none)
+    ends the run early, as if ``steps`` had been reached (last checkpoint, evaluation
+    and export), once that much time has passed since the loop started; the run's
+    log says how many steps it made, and ``--steps`` that number reproduces it.
     """
 
     out_dir: str = "runs/train"
@@ -130,6 +137,7 @@ class TrainConfig:
     device: str = "auto"
     deterministic: bool = False
     progress: bool = True
+    time_limit: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.out_dir:
@@ -144,6 +152,7 @@ class TrainConfig:
         _check_float("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _check_float("train.weight_decay", self.weight_decay, 0.0)
         _check_float("train.grad_clip", self.grad_clip, 0.0)
+        _check_float("train.time_limit", self.time_limit, 0.0)
         if not isinstance(self.lr_schedule, LRSchedule):
             raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         dev = self.device
@@ -177,6 +186,7 @@ class StageConfig:
     RESUMABLE: ClassVar[frozenset[str]] = frozenset(
         {"train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
          "train.keep_checkpoints", "train.progress", "train.device", "train.out_dir", "eval_per_category",
+         "train.time_limit", "data.workers",
          # the remedies for a run stopped by a non-finite loss (the resumed run then differs, as asked)
          "train.lr", "train.grad_clip", "train.bf16"}
     )

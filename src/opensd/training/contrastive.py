@@ -433,7 +433,7 @@ def contrastive_loss(
     """Symmetric InfoNCE over a batch of (image, caption) pairs, optionally with hard negatives.
 
     ``images``: (B, 3, H, W) in [-1, 1]; ``ids``: (B, L) captions; ``hard_negative_ids``:
-    (B, K, L) captions false for image ``i``. Returns the loss and metrics (floats):
+    (B, K, L) captions false for image ``i``. Returns the loss and metrics (0-d tensors):
     ``loss``, ``loss_i2t``, ``loss_t2i``, in-batch top-1 accuracies ``acc_i2t`` /
     ``acc_t2i`` (among the B captions / images), ``temperature`` and ``logit_scale``;
     with negatives also ``hard_negative_acc``, the share of images whose caption
@@ -465,18 +465,18 @@ def contrastive_loss(
     with torch.no_grad():
         logits = parts["logits"]
         target = torch.arange(b, device=logits.device)
-        metrics = {
-            "loss": parts["loss"].item(),
-            "loss_i2t": parts["loss_i2t"].item(),
-            "loss_t2i": parts["loss_t2i"].item(),
-            "acc_i2t": (logits.argmax(dim=1) == target).float().mean().item(),
-            "acc_t2i": (logits.argmax(dim=0) == target).float().mean().item(),
-            "temperature": 1.0 / scale.item(),
-            "logit_scale": scale.item(),
+        metrics = {  # 0-d tensors: reading them (float()) is left to the caller, so a GPU step never waits
+            "loss": parts["loss"].detach(),
+            "loss_i2t": parts["loss_i2t"].detach(),
+            "loss_t2i": parts["loss_t2i"].detach(),
+            "acc_i2t": (logits.argmax(dim=1) == target).float().mean(),
+            "acc_t2i": (logits.argmax(dim=0) == target).float().mean(),
+            "temperature": 1.0 / scale.detach(),
+            "logit_scale": scale.detach(),
         }
         if neg_emb is not None:
             positive = logits.diagonal()  # (B,)
-            metrics["hard_negative_acc"] = (positive > parts["hard_negative_logits"].amax(dim=1)).float().mean().item()
+            metrics["hard_negative_acc"] = (positive > parts["hard_negative_logits"].amax(dim=1)).float().mean()
     return parts["loss"], metrics
 
 

@@ -56,6 +56,8 @@ class Source(Protocol):
 
     def captions(self, n: int) -> list[str]: ...
 
+    def prefill(self, n: int, workers: int) -> None: ...
+
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
@@ -101,6 +103,37 @@ class ShapesSource:
         """The captions of items ``0 .. n-1`` of the stream (past the pool too: the world's vocabulary)."""
         return [self.dataset[i].caption for i in range(n)]
 
+    def prefill(self, n: int, workers: int) -> None:
+        """Render items ``0 .. n-1`` now, in ``workers`` processes, and keep them in memory.
+
+        What is drawn depends only on (seed, index), so this changes speed, never data.
+        """
+        todo = [i for i in range(n) if i not in self._memo]
+        if not todo or workers < 1:
+            return
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        ds = self.dataset
+        chunk = max(256, min(4096, len(todo) // (4 * workers) + 1))
+        spans = [(todo[k], todo[min(k + chunk, len(todo)) - 1] + 1) for k in range(0, len(todo), chunk)]
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            jobs = [pool.submit(_render_span, ds.seed, ds.image_size, ds.holdout is not None, a, b) for a, b in spans]
+            for (a, _), job in zip(spans, jobs):
+                pixels, captions, specs = job.result()  # (n, H, W, 3) uint8
+                tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (n, 3, H, W)
+                for k, (caption, spec) in enumerate(zip(captions, specs)):
+                    if a + k not in self._memo:
+                        self._memo[a + k] = (tensor[k].contiguous(), caption, spec)
+
+
+def _render_span(seed: int, image_size: int, holdout: bool, start: int, stop: int):
+    """Worker of :meth:`ShapesSource.prefill`: items ``start .. stop-1`` as (uint8 array, captions, specs)."""
+    ds = ShapesDataset(seed, image_size, holdout=DEFAULT_HOLDOUT if holdout else None)
+    samples = [ds[i] for i in range(start, stop)]
+    pixels = np.stack([np.asarray(s.image.convert("RGB")) for s in samples])
+    return pixels, [s.caption for s in samples], [s.spec for s in samples]
+
 
 class FolderSource:
     """An image-caption folder, read once into memory (8-bit) at ``image_size``."""
@@ -120,12 +153,21 @@ class FolderSource:
     def captions(self, n: int) -> list[str]:
         return self.texts[:n]
 
+    def prefill(self, n: int, workers: int) -> None:
+        """Nothing to do: the folder is read into memory when opened."""
+
 
 def open_source(cfg: DataConfig) -> ShapesSource | FolderSource:
-    """The source ``cfg`` describes; a bad folder raises a ValueError naming it."""
+    """The source ``cfg`` describes; a bad folder raises a ValueError naming it.
+
+    With ``cfg.workers`` and a pool, the pool is rendered up front in that many processes.
+    """
     if cfg.source is DataSource.FOLDER:
         return FolderSource(cfg)
-    return ShapesSource(cfg)
+    source = ShapesSource(cfg)
+    if cfg.workers and source.pool:
+        source.prefill(source.pool, cfg.workers)
+    return source
 
 
 # ----------------------------------------------------------------------------- batches
@@ -195,7 +237,8 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def cache_path(folder: Path, vae_hash: str, text_hash: str, data: DataConfig, n: int, text_dtype: str) -> Path:
-    key = json.dumps({"data": to_dict(data), "n": n, "text_dtype": text_dtype}, sort_keys=True)
+    settings = {k: v for k, v in to_dict(data).items() if k != "workers"}  # workers change speed, not data
+    key = json.dumps({"data": settings, "n": n, "text_dtype": text_dtype}, sort_keys=True)
     data_hash = hashlib.sha256(key.encode()).hexdigest()
     return folder / f"latents-vae{vae_hash[:12]}-text{text_hash[:12]}-data{data_hash[:12]}.safetensors"
 

@@ -30,8 +30,9 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         d = self.current_decay()
-        for k, p in module.named_parameters():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+        names, params = zip(*module.named_parameters())
+        shadows = [self.shadow[k] for k in names]
+        torch._foreach_lerp_(shadows, [p.detach().float() for p in params], 1.0 - d)  # one fused op per dtype/device
         self.num_updates += 1
 
     @torch.no_grad()

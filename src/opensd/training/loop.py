@@ -194,7 +194,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+    np.random.set_state(("MT19937", npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
                          npy["cached"]))
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
@@ -276,6 +276,15 @@ class RunContext:
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
         """A CPU generator for ``step``'s draws on this rank (draw on CPU, then move: same on any device)."""
         return torch.Generator("cpu").manual_seed(step_seed(self.cfg.seed, step, self.rank, stream))
+
+    def to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Move a CPU tensor to the run's device. On a GPU the copy goes through pinned memory
+        without blocking, so the host keeps queueing work instead of waiting for the GPU."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device, dtype)
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when ``train.bf16``, else a no-op."""
@@ -376,6 +385,7 @@ class _Trainer:
         self.device = resolve_device(self.cfg.device, local_rank)
         self.ctx = RunContext(self.run_dir, self.device, rank, world, self.cfg, resuming=False)
         self.log_path = self.run_dir / LOG
+        self._pending: tuple[torch.Tensor, list] | None = None  # queued finiteness checks (GPU)
 
     # -- setup -----------------------------------------------------------------------
 
@@ -411,6 +421,12 @@ class _Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            # TF32 tensor cores for fp32 matmuls and convolutions (about 10 mantissa bits in the
+            # products, fp32 accumulation), and cuDNN's autotuner for the fixed training shapes.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         start, state = self._find_start()
         ctx.resuming = state is not None
         random.seed(cfg.seed)
@@ -423,9 +439,10 @@ class _Trainer:
         ctx.modules = modules
         self.params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in modules.items()}
         self.base_lrs = {k: self.stage.base_lr(k) for k in modules}
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step for all parameters
         self.optimizers = {
             k: torch.optim.AdamW(self.params[k], lr=self.base_lrs[k], betas=(cfg.beta1, cfg.beta2),
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay, **fused)
             for k in modules
         }
         if cfg.ema_decay > 0:
@@ -464,23 +481,57 @@ class _Trainer:
     # -- pieces of a step ------------------------------------------------------------
 
     def _check_finite(self, value: torch.Tensor, step: int, group: str, what: str) -> None:
+        """Stop on a non-finite ``value``. On a GPU the check is queued (no host sync per step)
+        and settled by :meth:`_settle` before anything is logged, saved or evaluated."""
+        if self.device.type == "cuda" and self.ctx.world == 1:
+            bad = ~torch.isfinite(value.detach()).all()
+            if self._pending is None:
+                self._pending = (torch.full((), -1, dtype=torch.long, device=self.device), [])
+            first, seen = self._pending
+            first.masked_fill_(bad & (first < 0), len(seen))  # no host-device copy, so no sync
+            seen.append((step, group, what, value.detach()))
+            return
         ok = torch.isfinite(value.detach()).all().float().reshape(1)
         if self.ctx.world > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item() < 1:
-            ckpts = list_checkpoints(self.run_dir)
-            last = (f"the last good checkpoint is {ckpts[-1][1]} (step {ckpts[-1][0]}); resume from it with --resume "
-                    f"after lowering train.lr or turning train.bf16 off") if ckpts else "no checkpoint was written yet"
-            local = value.detach().float().reshape(-1)
-            if torch.isnan(local).any():
-                shown = "NaN"
-            elif not torch.isfinite(local).all():
-                shown = "inf"
-            else:
-                shown = "finite here, not on another rank"
-            raise NonFiniteLossError(
-                f"non-finite {what} ({shown}) in group {group!r} at step {step + 1}: training stopped; {last}"
-            )
+            self._raise_non_finite(value, step, group, what)
+
+    def _settle(self) -> None:
+        """Raise for the first queued non-finite value, if any (GPU runs); forget the queue."""
+        if self._pending is None:
+            return
+        first, seen = self._pending
+        self._pending = None
+        k = int(first.item())
+        if k >= 0:
+            step, group, what, value = seen[k]
+            self._raise_non_finite(value, step, group, what)
+
+    def _raise_non_finite(self, value: torch.Tensor, step: int, group: str, what: str) -> None:
+        ckpts = list_checkpoints(self.run_dir)
+        last = (f"the last good checkpoint is {ckpts[-1][1]} (step {ckpts[-1][0]}); resume from it with --resume "
+                f"after lowering train.lr or turning train.bf16 off") if ckpts else "no checkpoint was written yet"
+        local = value.detach().float().reshape(-1)
+        if torch.isnan(local).any():
+            shown = "NaN"
+        elif not torch.isfinite(local).all():
+            shown = "inf"
+        else:
+            shown = "finite here, not on another rank"
+        raise NonFiniteLossError(
+            f"non-finite {what} ({shown}) in group {group!r} at step {step + 1}: training stopped; {last}"
+        )
+
+    def _time_is_up(self, t_start: float) -> bool:
+        """Whether ``train.time_limit`` has passed since the loop started (rank 0 decides for all)."""
+        if not self.cfg.time_limit:
+            return False
+        up = torch.tensor([float(time.perf_counter() - t_start >= self.cfg.time_limit)])
+        if self.ctx.world > 1:
+            up = up.to(self.device)
+            dist.broadcast(up, src=0)
+        return bool(up.item())
 
     def _save(self, step: int) -> None:
         ctx = self.ctx
@@ -556,6 +607,7 @@ class _Trainer:
         acc: dict[str, list[torch.Tensor]] = {}
         last: dict[str, float] = {}
         t_last, steps_since = time.perf_counter(), 0
+        t_start = t_last
         done = start
         try:
             for step in range(start, cfg.steps):
@@ -582,7 +634,9 @@ class _Trainer:
                 done = step + 1
                 steps_since += 1
                 bar.update(1)
-                if done % cfg.log_every == 0 or done == cfg.steps:
+                final = done == cfg.steps or self._time_is_up(t_start)
+                if done % cfg.log_every == 0 or final:
+                    self._settle()
                     last = self._reduce_metrics(acc)
                     acc = {}
                     now = time.perf_counter()
@@ -596,15 +650,22 @@ class _Trainer:
                         shown = {k: f"{v:.4g}" for k, v in last.items() if "loss" in k}
                         bar.set_postfix(shown, refresh=False)
                 t_pause = time.perf_counter()
-                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final:
+                    self._settle()
                     self._save(done)
                     if ctx.is_main:
                         plot_log(self.log_path, self.run_dir / PLOT)
-                if (cfg.sample_every and done % cfg.sample_every == 0) or done == cfg.steps:
+                if (cfg.sample_every and done % cfg.sample_every == 0) or final:
+                    self._settle()
                     last = {**last, **{f"eval_{k}": v for k, v in self._evaluate(done).items()}}
                 t_last += time.perf_counter() - t_pause  # the speed counts training, not checkpoints or samples
                 for hook in self.hooks:
                     hook(done, ctx)
+                if final:
+                    if done < cfg.steps and ctx.is_main:
+                        print(f"train {self.stage.name}: train.time_limit of {cfg.time_limit:g} s reached after "
+                              f"{done} steps", file=sys.stderr)
+                    break
         finally:
             bar.close()
         export = None

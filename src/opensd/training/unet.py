@@ -70,10 +70,12 @@ class CacheDType(enum.Enum):
 @dataclass(frozen=True)
 class UNetStageConfig(StageConfig):
     """``opensd train unet``. ``model``'s ``in_channels``/``out_channels`` and ``context_dim``
-    are taken from the frozen VAE and text encoder, whatever the config says."""
+    are taken from the frozen VAE and text encoder, whatever the config says.
+    ``export_half`` stores the exported model's weights in float16 (half the size;
+    loading casts them back to float32)."""
 
     PRESETS: ClassVar = {"tiny": UNetConfig.tiny, "small": UNetConfig.small, "sd15": UNetConfig.sd15}
-    RESUMABLE: ClassVar = StageConfig.RESUMABLE | {"sample_steps", "sampler", "cfg_scale"}
+    RESUMABLE: ClassVar = StageConfig.RESUMABLE | {"sample_steps", "sampler", "cfg_scale", "export_half"}
 
     model_preset: str = "small"
     model: UNetConfig = field(default_factory=UNetConfig.small)
@@ -93,6 +95,7 @@ class UNetStageConfig(StageConfig):
     sample_steps: int = 20
     sampler: str = "dpmpp_2m"
     cfg_scale: float = 5.0
+    export_half: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.caption_dropout < 1:
@@ -183,6 +186,7 @@ class UNetStage(Stage):
                                + tokenizer_hash(self.tokenizer).encode())
         path = cache_path(ctx.run_dir / "cache", vae_hash, text_hash, cfg.data, n, cfg.cache_text_dtype.value)
         if ctx.is_main and not path.is_file():
+            source.prefill(n, cfg.data.workers)
             tensors = build_latent_cache(source, n, self.vae, self.text, self.tokenizer, batch_size=cfg.cache_batch,
                                          device=ctx.device, text_dtype=cfg.cache_text_dtype.torch,
                                          progress=cfg.train.progress)
@@ -198,16 +202,16 @@ class UNetStage(Stage):
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self.ctx
         idx = torch.tensor(batch_indices(ctx.cfg.seed, step, ctx.rank, ctx.world, ctx.local_batch, self.pool))
-        return self.latents[idx.to(ctx.device)], self.context[idx].to(ctx.device, torch.float32)
+        return self.latents[ctx.to_device(idx)], ctx.to_device(self.context[idx], torch.float32)
 
     def updates(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> Iterator[Update]:
         ctx, cfg = self.ctx, self.cfg
         x0, context = batch
         b = x0.shape[0]
         g = ctx.generator(step)
-        t = torch.randint(0, cfg.schedule.num_train_timesteps, (b,), generator=g).to(ctx.device)
-        noise = torch.randn(x0.shape, generator=g).to(ctx.device)
-        drop = (torch.rand(b, generator=g) < cfg.caption_dropout).to(ctx.device)
+        t = ctx.to_device(torch.randint(0, cfg.schedule.num_train_timesteps, (b,), generator=g))
+        noise = ctx.to_device(torch.randn(x0.shape, generator=g))
+        drop = ctx.to_device(torch.rand(b, generator=g) < cfg.caption_dropout)
         context = torch.where(drop.reshape(-1, 1, 1), self.empty.expand_as(context), context)
         with ctx.autocast():
             loss = ctx.wrapped["unet"](x0, context, t, noise).mean()
@@ -250,4 +254,5 @@ class UNetStage(Stage):
     def export(self) -> Path:
         from opensd.checkpoints.opensd_format import save_opensd
 
-        return save_opensd(self.assemble(), self.tokenizer, self.ctx.run_dir / MODEL_FOLDER)
+        dtype = torch.float16 if self.cfg.export_half else None
+        return save_opensd(self.assemble(), self.tokenizer, self.ctx.run_dir / MODEL_FOLDER, dtype=dtype)

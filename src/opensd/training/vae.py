@@ -220,13 +220,13 @@ class VAEStage(Stage):
 
     def updates(self, batch: Batch, step: int) -> Iterator[Update]:
         cfg, ctx = self.cfg, self.ctx
-        x = batch.images.to(ctx.device)
+        x = ctx.to_device(batch.images)
         noise_scale = cfg.posterior_noise if step >= cfg.posterior_noise_start else 0.0
         eps = None
         if noise_scale > 0:
             f = cfg.model.downsample_factor
             shape = (x.shape[0], cfg.model.embed_dim, x.shape[2] // f, x.shape[3] // f)
-            eps = torch.randn(shape, generator=ctx.generator(step)).to(ctx.device)
+            eps = ctx.to_device(torch.randn(shape, generator=ctx.generator(step)))
         with ctx.autocast():
             recon, mean, logvar = ctx.wrapped["vae"](x, noise_scale, eps)
         recon = recon.float()

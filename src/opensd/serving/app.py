@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 
 import opensd
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-from opensd.serving import a1111, openai_api
+from opensd.serving import a1111, explain_api, openai_api
 from opensd.serving.errors import install_handlers
 from opensd.serving.limits import Limits
 from opensd.serving.models import ModelRegistry
@@ -74,6 +74,7 @@ def create_app(
     install_handlers(app)
     app.include_router(a1111.router)
     app.include_router(openai_api.router)
+    app.include_router(explain_api.router)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

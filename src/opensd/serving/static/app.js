@@ -1,5 +1,6 @@
 // opensd web page: a form that calls /sdapi/v1/txt2img or img2img, polls /sdapi/v1/progress
-// for a live preview, and keeps a gallery of results. Plain JS, no build step.
+// for a live preview, and keeps a gallery of results; an Explain section that calls
+// /opensd/v1/explain and shows one heatmap per word and the denoising path. Plain JS, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -165,6 +166,91 @@ function readFile(file) {
   });
 }
 
+// ---------------------------------------------------------------- explain
+
+let explaining = false;
+
+function pathSteps(text) {
+  const parts = text.split(",").map((s) => s.trim()).filter((s) => s !== "");
+  if (parts.length === 0) return null;
+  const steps = parts.map(Number);
+  if (steps.some((n) => !Number.isInteger(n))) {
+    throw new Error(`Path steps must be whole step numbers separated by commas, e.g. 1,5,10; got "${text}"`);
+  }
+  return steps;
+}
+
+function explainPayload() {
+  const body = {
+    prompt: $("explain-prompt").value,
+    negative_prompt: $("negative_prompt").value,
+    sampler_name: $("sampler_name").value,
+    scheduler: $("scheduler").value,
+    cfg_scale: numberOrNull("cfg_scale"),
+    steps: numberOrNull("explain-steps"),
+    seed: numberOrNull("explain-seed") ?? -1,
+    path_steps: pathSteps($("explain-path-steps").value),
+  };
+  for (const key of ["width", "height"]) {
+    const v = numberOrNull(key);
+    if (v !== null) body[key] = v;
+  }
+  return body;
+}
+
+function wordPanel(word, b64) {
+  const li = document.createElement("li");
+  const figure = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = `data:image/png;base64,${b64}`;
+  img.alt = `Attention of the word "${word}" over the image`;
+  const caption = document.createElement("figcaption");
+  caption.textContent = word;
+  figure.append(img, caption);
+  li.append(figure);
+  return li;
+}
+
+function showExplanation(result) {
+  $("explain-image").src = `data:image/png;base64,${result.image}`;
+  $("explain-seed-text").textContent = `Seed ${result.seed}, ${result.width}x${result.height}`;
+  $("explain-words").replaceChildren(...result.words.map((w, i) => wordPanel(w, result.overlays[i])));
+  $("explain-path").hidden = !result.path;
+  if (result.path) $("explain-path").src = `data:image/png;base64,${result.path}`;
+  $("explain-result").hidden = false;
+}
+
+async function runExplain(event) {
+  if (event) event.preventDefault();
+  if (explaining) return;
+  $("explain-error").textContent = "";
+  let body;
+  try {
+    body = explainPayload();
+  } catch (err) {
+    $("explain-error").textContent = err.message;
+    return;
+  }
+  explaining = true;
+  $("explain-run").disabled = true;
+  $("explain-form").setAttribute("aria-busy", "true");
+  $("explain-status").textContent = "Running…";
+  try {
+    const result = await api("/opensd/v1/explain", { method: "POST", body: JSON.stringify(body) });
+    showExplanation(result);
+    $("explain-status").textContent = result.interrupted ? "Interrupted" : "Done";
+  } catch (err) {
+    $("explain-error").textContent = err.message;
+    $("explain-status").textContent = "Failed";
+  } finally {
+    explaining = false;
+    $("explain-run").disabled = false;
+    $("explain-form").setAttribute("aria-busy", "false");
+  }
+}
+
+// ---------------------------------------------------------------- wiring
+
 $("gen-form").addEventListener("submit", generate);
 $("gen-form").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
@@ -174,5 +260,12 @@ $("gen-form").addEventListener("keydown", (event) => {
 });
 $("interrupt").addEventListener("click", () => api(`${API}/interrupt`, { method: "POST" }).catch((e) => showError(e.message)));
 $("clear-image").addEventListener("click", () => { $("init_image").value = ""; });
+$("explain-form").addEventListener("submit", runExplain);
+$("explain-form").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    $("explain-form").requestSubmit();
+  }
+});
 
 loadChoices();

@@ -1,0 +1,246 @@
+"""``POST /opensd/v1/explain``: one generation with its word attention maps and denoising path.
+
+The server side of :mod:`opensd.explain` (what ``opensd explain`` writes to a folder):
+the image, one heatmap overlay per word of the prompt (DAAM, Tang et al. 2022: the
+cross-attention each word got, summed over heads, layers and steps, normalized to its
+maximum) and the denoising path strip (current latent above, predicted x0 below, at
+the steps ``path_steps``), all as base64 PNGs. ``raw=true`` adds the maps as numbers.
+
+The request is checked as ``/sdapi/v1/txt2img`` checks one (the same sampler names,
+limits, size rules and ``override_settings``, through
+:func:`opensd.serving.a1111.plan_generation`) and then runs on the generation queue like
+any generation: it waits its turn, counts against ``max_queue``, shows in
+``/sdapi/v1/progress`` and stops on ``/sdapi/v1/interrupt``. Auth and the body limit are
+the app's middleware, as for every route.
+
+Capture hooks the shared U-Net's cross-attention layers, so explain jobs run one at a
+time (a lock), and the collector records only its own thread's U-Net calls: a
+generation running beside it on another worker is not mixed into the maps.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import AliasChoices, BaseModel, Field, StrictInt
+
+from opensd.explain import AttentionCollector, AttentionResult, ExplainError, PathError, PathRecorder, build_result
+from opensd.explain.path import path_from_recorder
+from opensd.explain.render import RenderError, heatmap_overlay
+from opensd.pipelines.request import GenerationRequest
+from opensd.pipelines.stable_diffusion import StableDiffusionPipeline, StepInfo
+from opensd.prompts.syntax import context_length, tokenize_prompt
+from opensd.serving.a1111 import plan_generation
+from opensd.serving.codec import encode_png
+from opensd.serving.errors import ApiError
+from opensd.serving.queue import Job
+from opensd.serving.schemas import Txt2ImgRequest, _Lenient
+from opensd.serving.state import ServerState, server_state
+
+router = APIRouter(prefix="/opensd/v1", tags=["opensd"])
+
+MAX_WORDS = 75  # overlays in one answer (one CLIP chunk of one-token words)
+MAX_PATH_STEPS = 16  # denoising-path columns in one answer (two VAE decodes each)
+DEFAULT_PATH_STEPS = 8  # columns when path_steps is omitted: evenly spaced, ending at the last step
+PATH_PANEL = 96  # the strip's panels are enlarged (integer factor) to at least this many pixels
+
+_CAPTURE = threading.Lock()  # one explain at a time: the attention hook lives on the shared U-Net
+
+
+# ---------------------------------------------------------------- bodies
+
+
+class ExplainRequest(_Lenient):
+    """What to generate and explain; fields and defaults as ``/sdapi/v1/txt2img`` where they overlap."""
+
+    prompt: str = Field("", description="What to draw; each of its words gets a heatmap.")
+    negative_prompt: str = ""
+    seed: int = Field(-1, description="-1 picks a random seed; the answer says which one ran.")
+    sampler_name: Optional[str] = Field(
+        None, validation_alias=AliasChoices("sampler_name", "sampler"),
+        description="An A1111 name ('DPM++ 2M', 'Euler a') or an opensd id (also accepted as 'sampler'). Default 'DPM++ 2M'.",
+    )
+    scheduler: Optional[str] = Field(None, description="'Automatic', 'Karras' or 'Exponential'.")
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: Optional[int] = Field(None, description="Default: the model's native size.")
+    height: Optional[int] = Field(None, description="Default: the model's native size.")
+    path_steps: Optional[list[StrictInt]] = Field(
+        None, description=f"1-based steps shown in the denoising strip (at most {MAX_PATH_STEPS}); "
+        f"default: {DEFAULT_PATH_STEPS} evenly spaced, ending at the last step.",
+    )
+    raw: bool = Field(False, description="Also return the attention maps as nested lists of numbers.")
+    override_settings: Optional[dict[str, Any]] = Field(
+        None, description="Per-request options: sd_model_checkpoint, CLIP_stop_at_last_layers."
+    )
+
+
+class RawMaps(BaseModel):
+    """The maps as numbers, at latent resolution (h, w) = (height, width) / the VAE's factor."""
+
+    tokens: list[str] = Field(description="One label per context position: '<bos>', word pieces, '<eos>', '<pad>'.")
+    token_words: list[int] = Field(description="The word (index into words) of each context position; -1 for none.")
+    token_maps: list[list[list[float]]] = Field(
+        description="(L, h, w): mean attention probability per context position; sums to 1 over L at every pixel."
+    )
+    word_maps: list[list[list[float]]] = Field(
+        description="(n_words, h, w): token_maps summed over each word's tokens (the overlays before upsampling)."
+    )
+
+
+class ExplainResponse(BaseModel):
+    image: str = Field(description="Base64 PNG of the generated image, with its infotext.")
+    info: str = Field(description="The infotext (A1111's 'parameters').")
+    seed: int
+    width: int
+    height: int
+    words: list[str] = Field(description="The prompt's words, syntax removed; one overlay each, in order.")
+    overlays: list[str] = Field(description="Base64 PNGs the size of the image: each word's attention over the image.")
+    path: Optional[str] = Field(description="Base64 PNG strip: current latent (top row) and predicted x0 (bottom) per step.")
+    path_steps: list[int] = Field(description="The steps shown in the strip, left to right.")
+    path_sigmas: list[float] = Field(description="The noise level at each of those steps.")
+    interrupted: bool = Field(description="True when /sdapi/v1/interrupt stopped sampling early.")
+    raw: Optional[RawMaps] = None
+
+
+# ---------------------------------------------------------------- planning
+
+
+@dataclass
+class ExplainPlan:
+    """A checked explain request, ready for the queue."""
+
+    pipeline: StableDiffusionPipeline
+    request: GenerationRequest
+    words: list[str]
+    path_steps: list[int]
+
+
+def default_path_steps(steps: int, n: int = DEFAULT_PATH_STEPS) -> list[int]:
+    """``n`` steps spread evenly over 1..``steps``, the last one included (all of them when ``steps <= n``)."""
+    return sorted({-(-k * steps // n) for k in range(1, n + 1)}) if steps > n else list(range(1, steps + 1))
+
+
+def _path_steps(asked: list[int] | None, steps: int) -> list[int]:
+    if asked is None:
+        return default_path_steps(steps)
+    if not asked:
+        raise ApiError(422, f"path_steps is empty; list step numbers from 1 to {steps}, or omit it", param="path_steps")
+    bad = [s for s in asked if not 1 <= s <= steps]
+    if bad:
+        raise ApiError(422, f"path_steps must be step numbers from 1 to {steps} (the request's steps), got {bad}", param="path_steps")
+    chosen = sorted(set(asked))
+    if len(chosen) > MAX_PATH_STEPS:
+        raise ApiError(422, f"path_steps lists {len(chosen)} steps; at most {MAX_PATH_STEPS} are shown", param="path_steps")
+    return chosen
+
+
+def plan_explain(st: ServerState, body: ExplainRequest) -> ExplainPlan:
+    """Check everything in ``body`` (raise a 4xx :class:`ApiError` on the first problem) and pick the model."""
+    if not body.prompt.strip():
+        raise ApiError(422, "prompt is empty; explain maps each word of the prompt, so give at least one word", param="prompt")
+    txt2img = Txt2ImgRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
+        sampler_name=body.sampler_name or "DPM++ 2M", scheduler=body.scheduler, steps=body.steps,
+        cfg_scale=body.cfg_scale, width=body.width, height=body.height, override_settings=body.override_settings,
+    )
+    try:
+        plan = plan_generation(st, txt2img)  # sampler, limits, size, seed, model: as txt2img
+    except ApiError as e:
+        if e.status != 404:
+            raise
+        raise ApiError(422, e.detail, param=e.param) from None  # an unknown sampler or model is bad input here (A1111 says 404)
+    req = plan.requests[0]
+    pipe = plan.pipeline
+    try:
+        words = tokenize_prompt(pipe.tokenizer, req.prompt, context_length(pipe.tokenizer, pipe.model.text_encoder)).words
+    except ValueError as e:
+        raise ApiError(422, f"prompt: {e}", param="prompt") from None
+    if not words:
+        raise ApiError(422, f"prompt {req.prompt!r} has no words once its syntax is removed; nothing to map", param="prompt")
+    if len(words) > MAX_WORDS:
+        raise ApiError(422, f"prompt has {len(words)} words; explain maps at most {MAX_WORDS}", param="prompt")
+    return ExplainPlan(pipe, req, list(words), _path_steps(body.path_steps, req.steps))
+
+
+# ---------------------------------------------------------------- running
+
+
+class _ThreadCollector(AttentionCollector):
+    """An :class:`AttentionCollector` that ignores U-Net calls made by other threads."""
+
+    def __init__(self, unet: torch.nn.Module, latent_size: tuple[int, int]) -> None:
+        super().__init__(unet, latent_size)
+        self.thread = threading.get_ident()
+
+    def _store(self, probs: torch.Tensor) -> None:
+        if threading.get_ident() == self.thread:
+            super()._store(probs)
+
+
+def _numbers(t: torch.Tensor) -> list:
+    """Nested lists of floats rounded to 6 decimals (short JSON)."""
+    return t.double().round(decimals=6).tolist()
+
+
+def _raw(attn: AttentionResult) -> dict:
+    per_token = attn.per_token_maps  # (L, h, w)
+    keep = attn.token_words >= 0
+    word_maps = torch.zeros(len(attn.words), *per_token.shape[1:])
+    word_maps.index_add_(0, attn.token_words[keep], per_token[keep])  # (n_words, h, w)
+    return {
+        "tokens": attn.tokens,
+        "token_words": attn.token_words.tolist(),
+        "token_maps": _numbers(per_token),
+        "word_maps": _numbers(word_maps),
+    }
+
+
+def run_explain(job: Job, plan: ExplainPlan, *, raw: bool = False) -> dict:
+    """The worker body: generate while recording attention and the path, then render the answer."""
+    pipe, req = plan.pipeline, plan.request
+    job.pipeline = pipe
+    job.next_batch(0)
+    recorder = PathRecorder(plan.path_steps)
+
+    def step(info: StepInfo) -> bool:
+        recorder(info)
+        return job.callback(info)  # progress, and False on /interrupt
+
+    f = pipe.cfg.vae.downsample_factor
+    try:
+        with _CAPTURE, _ThreadCollector(pipe.model.unet, (req.height // f, req.width // f)) as collector:
+            result = pipe.generate(req, callback=step)
+        image = result.images[0]
+        attn = build_result(pipe, req.prompt, image, collector)
+        path = path_from_recorder(pipe, recorder, image) if recorder.steps else None
+        overlays = [encode_png(heatmap_overlay(image, m)) for m in attn.maps]  # each (H, W), normalized to its max
+        strip = encode_png(path.strip(PATH_PANEL)) if path is not None else None
+    except (ExplainError, PathError, RenderError) as e:
+        raise ApiError(422, str(e)) from None
+    return {
+        "image": encode_png(image, result.infotexts[0]),
+        "info": result.infotexts[0],
+        "seed": result.seeds[0],
+        "width": req.width,
+        "height": req.height,
+        "words": attn.words,
+        "overlays": overlays,
+        "path": strip,
+        "path_steps": path.steps if path is not None else [],
+        "path_sigmas": path.sigmas if path is not None else [],
+        "interrupted": result.interrupted,
+        "raw": _raw(attn) if raw else None,
+    }
+
+
+@router.post("/explain", response_model=ExplainResponse, summary="Generate one image with its word attention maps and denoising path")
+async def explain(body: ExplainRequest, request: Request) -> dict:
+    st = server_state(request)
+    plan: ExplainPlan = await run_in_threadpool(plan_explain, st, body)
+    return await st.queue.submit(Job("explain"), lambda job: run_explain(job, plan, raw=body.raw))

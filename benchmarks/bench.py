@@ -1,0 +1,796 @@
+"""opensd against diffusers, same weights, same process, interleaved: the speed issue's harness.
+
+Every timed case builds one set of weights, gives them to both implementations (opensd's
+modules and diffusers'/transformers' reference classes, renamed through opensd's key
+maps), checks that both compute the same thing (``max|diff|``), then times them in
+turn A, B, A, B, ... after a warm-up. Reported: the median of each side and the ratio
+``opensd / diffusers`` of the medians (time: lower is better; the issue's target is
+<= 0.7 for inference and <= 1/1.3 for training, i.e. >= 1.3x samples/s).
+
+Cases (``--cases``, comma separated; default: all):
+
+- ``default_txt2img``  the default model (``opensd.defaults.default_model_path()``, else a
+  random model of the ``small`` presets), txt2img, 20 DPM++ 2M steps, CFG 7.5, batch 1 and 8,
+  ``opensd.load`` against ``diffusers.StableDiffusionPipeline.from_pretrained`` on one folder.
+- ``sd15_unet``  one guided U-Net step of the SD 1.5 architecture at 512x512: latents
+  (2, 4, 64, 64), context (2, 77, 768); also its FLOPs (FlopCounterMode) and the
+  achieved share of this machine's matmul peak.
+- ``sd15_vae``   one VAE decode of a (1, 4, 64, 64) latent to 512x512.
+- ``sd15_text``  one CLIP ViT-L/14 text-encoder pass over (2, 77) token ids.
+- ``train_unet`` one AdamW step of the small U-Net: eps-MSE on 8x8x4 latents, batch 64.
+- ``train_vae``  one AdamW step of the small VAE: L1 + MSE reconstruction, 32 px, batch 32.
+- ``memory``     peak RSS of a whole SD 1.5-architecture generation at 512x512, each
+  library in its own subprocess (``ru_maxrss`` of the child, from ``os.wait4``).
+
+Usage (from the repository root)::
+
+    PYTHONPATH=src python3 benchmarks/bench.py --quick --json out/bench.json
+    PYTHONPATH=src python3 benchmarks/bench.py --device cuda --dtype fp16 --quick \
+        --cases sd15_unet,sd15_vae,sd15_text,default_txt2img
+    PYTHONPATH=src python3 benchmarks/bench.py --device cuda --dtype fp16 --cases sd15_unet --compile
+
+diffusers and transformers are imported only by the cases that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CASES = ("default_txt2img", "sd15_unet", "sd15_vae", "sd15_text", "train_unet", "train_vae", "memory")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROMPT = "a red circle above a blue square"
+NEGATIVE = "a green triangle"
+# Captions the fallback model's word tokenizer learns its vocabulary from.
+CAPTIONS = [
+    PROMPT,
+    NEGATIVE,
+    "a small blue square above a green triangle",
+    "three yellow circles on a black background",
+    "a picture of a purple square to the left of an orange circle",
+]
+
+
+# ----------------------------------------------------------------------------- settings and results
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every case runs with; both sides always get the same."""
+
+    device: torch.device
+    dtype: torch.dtype
+    dtype_name: str
+    compile: bool
+    compile_mode: str
+    quick: bool
+    repeats: int | None  # None: each case's default
+    threads: int
+    memory_size: int
+    memory_steps: int
+
+    def reps(self, heavy: bool) -> int:
+        """Timed repeats: few for the SD 1.5 cases on a CPU (a guided step takes seconds)."""
+        if self.repeats is not None:
+            return self.repeats
+        cuda = self.device.type == "cuda"
+        if heavy:
+            return (10 if self.quick else 20) if cuda else (2 if self.quick else 3)
+        return (5 if self.quick else 10) if cuda else (3 if self.quick else 10)
+
+    def warmup(self) -> int:
+        return 3 if self.device.type == "cuda" else 1
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class Row:
+    """One line of the table: one workload, both implementations."""
+
+    case: str
+    what: str
+    unit: str  # throughput unit, e.g. "img/s"
+    per_call: float  # work items per timed call (images, steps, samples)
+    opensd_s: list[float] = field(default_factory=list)
+    diffusers_s: list[float] = field(default_factory=list)
+    first_call_s: dict[str, float] = field(default_factory=dict)  # warm-up / compile
+    max_abs_diff: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def median(self, side: str) -> float:
+        return statistics.median(getattr(self, f"{side}_s"))
+
+    def to_json(self) -> dict[str, Any]:
+        a, b = self.median("opensd"), self.median("diffusers")
+        return {
+            "case": self.case,
+            "what": self.what,
+            "opensd_median_s": a,
+            "diffusers_median_s": b,
+            "ratio_time_opensd_over_diffusers": a / b,
+            "throughput_unit": self.unit,
+            "opensd_throughput": self.per_call / a,
+            "diffusers_throughput": self.per_call / b,
+            "opensd_spread_max_over_min": max(self.opensd_s) / min(self.opensd_s),
+            "diffusers_spread_max_over_min": max(self.diffusers_s) / min(self.diffusers_s),
+            "opensd_times_s": self.opensd_s,
+            "diffusers_times_s": self.diffusers_s,
+            "first_call_s": self.first_call_s,
+            "max_abs_diff": self.max_abs_diff,
+            **self.extra,
+        }
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], Any], s: Settings) -> tuple[float, Any]:
+    s.sync()
+    t0 = time.perf_counter()
+    out = fn()
+    s.sync()
+    return time.perf_counter() - t0, out
+
+
+def interleave(row: Row, ours: Callable[[], Any], ref: Callable[[], Any], s: Settings, heavy: bool) -> tuple[Any, Any]:
+    """Warm up both, then time ours, ref, ours, ref, ... Returns the first outputs of each."""
+    first_ours = first_ref = None
+    for i in range(s.warmup()):
+        ta, out_a = timed(ours, s)
+        if i == 0 and s.compile:  # printed at once: a run cut off by a timeout still shows it
+            print(f"# {row.case}: opensd first call (compile) {ta:.1f} s", flush=True)
+        tb, out_b = timed(ref, s)
+        if i == 0:
+            if s.compile:
+                print(f"# {row.case}: diffusers first call (compile) {tb:.1f} s", flush=True)
+            row.first_call_s = {"opensd": ta, "diffusers": tb}
+            first_ours, first_ref = out_a, out_b
+    for _ in range(s.reps(heavy)):
+        row.opensd_s.append(timed(ours, s)[0])
+        row.diffusers_s.append(timed(ref, s)[0])
+    return first_ours, first_ref
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def maybe_compile(module: torch.nn.Module, s: Settings) -> torch.nn.Module:
+    return torch.compile(module, mode=s.compile_mode) if s.compile else module
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str | None]:
+    """Library versions without importing them (diffusers/transformers may be absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("diffusers", "transformers"):
+        if name in sys.modules:  # imported by a case (perhaps from PYTHONPATH, without package metadata)
+            out[name] = getattr(sys.modules[name], "__version__", None)
+            continue
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine(s: Settings) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "platform": platform.platform(),
+        **versions(),
+    }
+    if s.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(s.device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def matmul_peak(s: Settings, dtype: torch.dtype) -> float:
+    """Best GFLOP/s of large square matmuls (2 n^3 FLOPs each) in ``dtype`` on the device."""
+    cuda = s.device.type == "cuda"
+    n = 8192 if cuda else (2048 if s.quick else 4096)
+    per_timing = 10 if cuda else 1
+    g = torch.Generator(s.device).manual_seed(0)
+    a = torch.randn(n, n, device=s.device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=s.device, generator=g).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5 if cuda or s.quick else 3):
+        t, _ = timed(lambda: [torch.mm(a, b) for _ in range(per_timing)], s)
+        best = min(best, t / per_timing)
+    return 2 * n**3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------- weights, shared
+
+
+def _silence_reference_logs() -> None:
+    """diffusers/transformers print deprecation notes and progress bars; the table is enough."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # e.g. diffusers' torch_dtype -> dtype rename
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            __import__(f"{name}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
+        except (ImportError, AttributeError):
+            pass
+
+
+def build(cls: Callable[[], torch.nn.Module], s: Settings) -> torch.nn.Module:
+    """A module initialized directly on the device (fast on a GPU), cast to the dtype."""
+    torch.manual_seed(0)
+    with torch.device(s.device):
+        module = cls()
+    return module.to(s.dtype).eval().requires_grad_(False)
+
+
+def diffusers_unet_sharing(ours: torch.nn.Module, cfg, sample_size: int, copy: bool = False) -> torch.nn.Module:
+    """diffusers' UNet2DConditionModel holding ``ours``' weights (shared tensors unless ``copy``)."""
+    from diffusers import UNet2DConditionModel
+
+    from opensd.checkpoints.keymap_unet import to_diffusers_unet_config, unet_key_map
+
+    state = ours.state_dict()
+    mapped = {d: state[o] for o, d in unet_key_map(cfg).items()}
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**to_diffusers_unet_config(cfg, sample_size=sample_size))
+    if copy:
+        mapped = {k: v.clone() for k, v in mapped.items()}
+    ref.load_state_dict(mapped, strict=True, assign=True)
+    return ref.eval()
+
+
+def diffusers_vae_sharing(ours: torch.nn.Module, cfg, sample_size: int, copy: bool = False) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    from opensd.checkpoints.keymap_vae import ldm_to_diffusers_vae, to_diffusers_vae_config
+
+    mapped = ldm_to_diffusers_vae(ours.state_dict(), cfg)
+    with torch.device("meta"):
+        ref = AutoencoderKL(**to_diffusers_vae_config(cfg, sample_size=sample_size))
+    if copy:
+        mapped = {k: v.clone() for k, v in mapped.items()}
+    ref.load_state_dict(mapped, strict=True, assign=True)
+    return ref.eval()
+
+
+# ----------------------------------------------------------------------------- cases: SD 1.5 modules
+
+
+def case_sd15_unet(s: Settings) -> list[Row]:
+    _silence_reference_logs()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from opensd.models.unet import UNetConfig, UNetModel
+
+    cfg = UNetConfig.sd15()
+    ours = build(lambda: UNetModel(cfg), s)
+    ref = diffusers_unet_sharing(ours, cfg, sample_size=64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 64, 64, generator=g).to(s.device, s.dtype)
+    context = torch.randn(2, 77, 768, generator=g).to(s.device, s.dtype)
+    t = torch.tensor([500.0, 500.0], device=s.device, dtype=s.dtype)
+
+    # FLOPs of one call, counted on the meta device (shapes only), attention as plain matmuls.
+    with torch.device("meta"):
+        shadow = UNetModel(cfg).to(s.dtype)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        shadow(x.to("meta"), t.to("meta"), context.to("meta"))
+    flops = counter.get_total_flops()
+
+    ours_c, ref_c = maybe_compile(ours, s), maybe_compile(ref, s)
+    row = Row("sd15_unet", "SD1.5 U-Net, guided step 512² (batch 2)", "it/s", 1.0)
+    with torch.inference_mode():
+        a, b = interleave(row, lambda: ours_c(x, t, context), lambda: ref_c(x, t, encoder_hidden_states=context).sample, s, True)
+    row.max_abs_diff = max_abs_diff(a, b)
+    peak = matmul_peak(s, s.dtype)
+    row.extra = {
+        "unet_flops_per_call": flops,
+        "matmul_peak_gflops": peak,
+        "matmul_peak_dtype": s.dtype_name,
+        "opensd_achieved_gflops": flops / row.median("opensd") / 1e9,
+        "diffusers_achieved_gflops": flops / row.median("diffusers") / 1e9,
+        "opensd_pct_of_peak": 100 * flops / row.median("opensd") / 1e9 / peak,
+        "diffusers_pct_of_peak": 100 * flops / row.median("diffusers") / 1e9 / peak,
+        "diffusers_attention_processor": type(next(iter(ref.attn_processors.values()))).__name__,
+    }
+    if s.dtype != torch.float32:
+        row.extra["matmul_peak_fp32_gflops"] = matmul_peak(s, torch.float32)
+    return [row]
+
+
+def case_sd15_vae(s: Settings) -> list[Row]:
+    _silence_reference_logs()
+    from opensd.models.vae import AutoencoderKL, VAEConfig
+
+    cfg = VAEConfig.sd15()
+    ours = build(lambda: AutoencoderKL(cfg), s)
+    ref = diffusers_vae_sharing(ours, cfg, sample_size=512)
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2)).to(s.device, s.dtype)
+    ours_dec, ref_dec = maybe_compile(ours.decoder, s), maybe_compile(ref.decoder, s)
+    row = Row("sd15_vae", "SD1.5 VAE decode 64² -> 512²", "decodes/s", 1.0)
+    with torch.inference_mode():
+        a, b = interleave(
+            row,
+            lambda: ours_dec(ours.post_quant_conv(z)),
+            lambda: ref_dec(ref.post_quant_conv(z)),
+            s,
+            True,
+        )
+    row.max_abs_diff = max_abs_diff(a, b)
+    return [row]
+
+
+def case_sd15_text(s: Settings) -> list[Row]:
+    _silence_reference_logs()
+    import transformers
+
+    from opensd.checkpoints.keymap_clip import to_transformers_clip_config
+    from opensd.models.clip import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig.sd15()
+    ours = build(lambda: CLIPTextModel(cfg), s)
+    with torch.device(s.device):
+        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**to_transformers_clip_config(cfg)))
+    ref = ref.to(s.dtype).eval().requires_grad_(False)
+    prefix = "text_model." if any(k.startswith("text_model.") for k in ref.state_dict()) else ""
+    mapped = {prefix + k.removeprefix("text_model."): v for k, v in ours.state_dict().items()}
+    missing, unexpected = ref.load_state_dict(mapped, strict=False, assign=True)
+    if unexpected or not all(k.endswith("position_ids") for k in missing):
+        raise RuntimeError(f"text encoder weights did not map: missing {missing}, unexpected {unexpected}")
+    ids = torch.randint(0, cfg.vocab_size - 2, (2, 77), generator=torch.Generator().manual_seed(3)).to(s.device)
+    ours_c, ref_c = maybe_compile(ours, s), maybe_compile(ref, s)
+    row = Row("sd15_text", "SD1.5 CLIP text encoder (2 x 77 tokens)", "passes/s", 1.0)
+    with torch.inference_mode():
+        a, b = interleave(row, lambda: ours_c(ids), lambda: ref_c(input_ids=ids).last_hidden_state, s, True)
+    row.max_abs_diff = max_abs_diff(a, b)
+    row.extra = {"transformers_attn_implementation": getattr(ref.config, "_attn_implementation", None)}
+    return [row]
+
+
+# ----------------------------------------------------------------------------- case: default model, txt2img
+
+
+def default_model(s: Settings):
+    """(StableDiffusion, tokenizer, description): the default model, else a small random one."""
+    from opensd.defaults import default_model_path
+
+    path = default_model_path()
+    if path is not None and path.exists():
+        from opensd.checkpoints import load_model
+
+        loaded = load_model(path)
+        return loaded.model, loaded.tokenizer, f"default model {path}"
+    from opensd.models.clip import CLIPTextConfig
+    from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+    from opensd.models.unet import UNetConfig
+    from opensd.models.vae import VAEConfig
+    from opensd.tokenizers.word import WordTokenizer
+
+    tok = WordTokenizer.train(CAPTIONS, vocab_size=64, context_length=CLIPTextConfig.small().max_length)
+    text = dataclasses.replace(CLIPTextConfig.small(), vocab_size=tok.vocab_size)
+    cfg = SDConfig(unet=UNetConfig.small(), vae=VAEConfig.small(), text=text, image_size=32)
+    torch.manual_seed(0)
+    why = "no default model found" if path is None else f"default model {path} missing"
+    return StableDiffusion(cfg).eval(), tok, f"random weights, small presets ({why})"
+
+
+def case_default_txt2img(s: Settings) -> list[Row]:
+    _silence_reference_logs()
+    import diffusers
+    import numpy as np
+
+    import opensd
+    from opensd.checkpoints.diffusers_folder import save_diffusers
+
+    model, tok, source = default_model(s)
+    print(f"# default_txt2img: {source}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="opensd-bench-") as tmp:
+        folder = save_diffusers(model, tok, Path(tmp) / "model")
+        ours = opensd.load(folder, device=s.device, dtype=s.dtype)
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=s.dtype)
+    ref = ref.to(s.device)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        ref.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+    if s.compile:
+        ours.model.model.diffusion_model = torch.compile(ours.model.model.diffusion_model, mode=s.compile_mode)
+        ref.unet = torch.compile(ref.unet, mode=s.compile_mode)
+    size = model.cfg.image_size
+    f = model.cfg.vae.downsample_factor
+    rows = []
+    for batch in (1, 8):
+        lat = torch.randn(batch, model.cfg.vae.embed_dim, size // f, size // f, generator=torch.Generator().manual_seed(batch))
+
+        def run_ours(lat=lat, batch=batch):
+            return ours.txt2img(PROMPT, NEGATIVE, steps=20, sampler="dpmpp_2m", cfg_scale=7.5, width=size,
+                                height=size, batch_size=batch, latents=lat, seed=1)
+
+        def run_ref(lat=lat, batch=batch):
+            return ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=20, guidance_scale=7.5, height=size,
+                       width=size, num_images_per_prompt=batch, latents=lat.to(s.device, s.dtype),
+                       output_type="pil").images
+
+        row = Row("default_txt2img", f"txt2img {size}², 20 steps dpmpp_2m, batch {batch}", "img/s", float(batch))
+        a, b = interleave(row, run_ours, run_ref, s, False)
+        diff = max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max() for x, y in zip(a, b)) / 255
+        row.max_abs_diff = float(diff)  # on the [0, 1] pixel scale
+        row.extra = {"model": source}
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- cases: training
+
+
+def _train_rows(name: str, what: str, batch: int, ours_step, ref_step, s: Settings) -> list[Row]:
+    row = Row(name, what, "samples/s", float(batch))
+    interleave(row, ours_step, ref_step, s, False)
+    return [row]
+
+
+def _autocast(s: Settings):
+    if s.dtype == torch.float32:
+        return torch.autocast(s.device.type, enabled=False)
+    return torch.autocast(s.device.type, dtype=s.dtype)
+
+
+def case_train_unet(s: Settings) -> list[Row]:
+    """eps-prediction MSE, AdamW, fp32 master weights (autocast for fp16/bf16)."""
+    from opensd.diffusion.schedules import NoiseScheduleConfig
+    from opensd.models.unet import UNetConfig, UNetModel
+
+    _silence_reference_logs()
+    cfg = UNetConfig.small()
+    torch.manual_seed(0)
+    with torch.device(s.device):
+        ours = UNetModel(cfg)
+    ref = diffusers_unet_sharing(ours, cfg, sample_size=8, copy=True)
+    ours.train(), ref.train()
+    batch, length = 64, 32  # small CLIP's context length
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(batch, 4, 8, 8, generator=g).to(s.device)
+    eps = torch.randn(batch, 4, 8, 8, generator=g).to(s.device)
+    context = torch.randn(batch, length, cfg.context_dim, generator=g).to(s.device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(s.device)
+    sched = NoiseScheduleConfig()
+    betas = torch.linspace(sched.beta_start**0.5, sched.beta_end**0.5, 1000, dtype=torch.float64) ** 2
+    ab = torch.cumprod(1 - betas, 0).float().to(s.device)[t].view(-1, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def stepper(model, call):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        fwd = maybe_compile(model, s)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with _autocast(s):
+                loss = torch.nn.functional.mse_loss(call(fwd).float(), eps)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return step
+
+    ours_step = stepper(ours, lambda m: m(xt, t, context))
+    ref_step = stepper(ref, lambda m: m(xt, t, encoder_hidden_states=context).sample)
+    return _train_rows("train_unet", "train small U-Net, 8x8x4 latents, batch 64", batch, ours_step, ref_step, s)
+
+
+def case_train_vae(s: Settings) -> list[Row]:
+    """L1 + MSE reconstruction through a posterior sample, AdamW."""
+    from opensd.models.vae import AutoencoderKL, VAEConfig
+
+    _silence_reference_logs()
+    cfg = VAEConfig.small()
+    torch.manual_seed(0)
+    with torch.device(s.device):
+        ours = AutoencoderKL(cfg)
+    ref = diffusers_vae_sharing(ours, cfg, sample_size=32, copy=True)
+    ours.train(), ref.train()
+    batch = 32
+    x = (torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1).to(s.device)
+
+    def stepper(model, call):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        fwd = maybe_compile(model, s)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with _autocast(s):
+                recon = call(fwd).float()
+                loss = (recon - x).abs().mean() + ((recon - x) ** 2).mean()
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        return step
+
+    ours_step = stepper(ours, lambda m: m(x, sample_posterior=True)[0])
+    ref_step = stepper(ref, lambda m: m(x, sample_posterior=True).sample)
+    return _train_rows("train_vae", "train small VAE, 32 px, batch 32", batch, ours_step, ref_step, s)
+
+
+# ----------------------------------------------------------------------------- case: memory
+
+
+def case_memory(s: Settings) -> dict[str, Any]:
+    """Peak RSS of load + generate, one subprocess per library, on one exported folder."""
+    from opensd.checkpoints.diffusers_folder import save_diffusers
+    from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+    from opensd.tokenizers.word import WordTokenizer
+
+    tok = WordTokenizer.train(CAPTIONS, vocab_size=64, context_length=77)
+    _silence_reference_logs()
+    cfg = SDConfig.sd15()
+    out: dict[str, Any] = {"size": s.memory_size, "steps": s.memory_steps, "weights_dtype": s.dtype_name}
+    with tempfile.TemporaryDirectory(prefix="opensd-bench-mem-") as tmp:
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        with torch.device(s.device):
+            model = StableDiffusion(cfg)
+        save_diffusers(model.to(s.dtype).cpu(), tok, Path(tmp) / "sd15")
+        del model
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+        out["export_s"] = time.perf_counter() - t0
+        for lib in ("opensd", "diffusers"):
+            cmd = [sys.executable, __file__, "--_memory-child", lib, "--_folder", str(Path(tmp) / "sd15"),
+                   "--device", s.device.type, "--dtype", s.dtype_name, "--threads", str(s.threads),
+                   "--memory-size", str(s.memory_size), "--memory-steps", str(s.memory_steps)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            stdout = proc.stdout.read() if proc.stdout else ""
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory child for {lib} failed with exit code {proc.returncode}")
+            child = json.loads(stdout.strip().splitlines()[-1])
+            # ru_maxrss is in KiB on Linux, bytes on macOS
+            scale = 1 if sys.platform == "darwin" else 1024
+            out[lib] = {"peak_rss_bytes": usage.ru_maxrss * scale, **child}
+    return out
+
+
+def memory_child(lib: str, folder: str, s: Settings) -> None:
+    """Runs in the subprocess: load ``folder`` with ``lib``, generate once, print a JSON line."""
+    size, steps = s.memory_size, s.memory_steps
+    lat = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    if lib == "opensd":
+        import opensd
+
+        pipe = opensd.load(folder, device=s.device, dtype=s.dtype)
+        t1 = time.perf_counter()
+        pipe.txt2img(PROMPT, NEGATIVE, steps=steps, sampler="dpmpp_2m", width=size, height=size, latents=lat, seed=1)
+    else:
+        _silence_reference_logs()
+        import diffusers
+
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=s.dtype)
+        pipe = pipe.to(s.device)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+        )
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, height=size, width=size,
+                 latents=lat.to(s.device, s.dtype), output_type="pil")
+    s.sync()
+    t2 = time.perf_counter()
+    result = {"load_s": t1 - t0, "generate_s": t2 - t1}
+    if s.device.type == "cuda":
+        result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(s.device)
+    print(json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt_s(x: float) -> str:
+    return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def table(rows: list[Row], memory: dict[str, Any] | None, compiled: bool) -> str:
+    lines = [
+        "| case | opensd median | diffusers median | opensd/diffusers (time) | throughput opensd / diffusers "
+        "| spread max/min (opensd, diffusers) | max abs diff |",
+        "|---|---:|---:|---:|---|---|---:|",
+    ]
+    for r in rows:
+        a, b = r.median("opensd"), r.median("diffusers")
+        tp = f"{r.per_call / a:.3g} / {r.per_call / b:.3g} {r.unit}"
+        diff = "" if r.max_abs_diff is None else f"{r.max_abs_diff:.2e}"
+        spread = f"{max(r.opensd_s) / min(r.opensd_s):.2f}, {max(r.diffusers_s) / min(r.diffusers_s):.2f}"
+        lines.append(f"| {r.what} | {fmt_s(a)} | {fmt_s(b)} | **{a / b:.2f}x** | {tp} | {spread} | {diff} |")
+    out = "\n".join(lines)
+    for r in rows:
+        if r.case == "sd15_unet":
+            e = r.extra
+            out += (
+                f"\n\nSD1.5 U-Net guided step: {e['unet_flops_per_call'] / 1e9:.0f} GFLOP per call; "
+                f"matmul peak ({e['matmul_peak_dtype']}) {e['matmul_peak_gflops']:.0f} GFLOP/s; "
+                f"achieved opensd {e['opensd_achieved_gflops']:.0f} GFLOP/s ({e['opensd_pct_of_peak']:.1f}% of peak), "
+                f"diffusers {e['diffusers_achieved_gflops']:.0f} GFLOP/s ({e['diffusers_pct_of_peak']:.1f}%)."
+            )
+            out += f"\nHeadline: opensd {1 / r.median('opensd'):.2f} it/s, diffusers {1 / r.median('diffusers'):.2f} it/s."
+        if r.first_call_s:
+            fc = r.first_call_s
+            label = "first call (compile included)" if compiled else "first call"
+            out += f"\n{r.what}: {label} opensd {fmt_s(fc['opensd'])}, diffusers {fmt_s(fc['diffusers'])}."
+    if memory:
+        o, d = memory["opensd"], memory["diffusers"]
+        gib = 1024**3
+        out += (
+            f"\n\n| peak RSS, SD1.5 generation {memory['size']}², {memory['steps']} steps | opensd | diffusers | ratio |\n"
+            f"|---|---:|---:|---:|\n"
+            f"| ru_maxrss of the child | {o['peak_rss_bytes'] / gib:.2f} GiB | {d['peak_rss_bytes'] / gib:.2f} GiB | "
+            f"**{o['peak_rss_bytes'] / d['peak_rss_bytes']:.2f}x** |"
+        )
+        if "cuda_max_allocated_bytes" in o:
+            out += (f"\n| torch.cuda.max_memory_allocated | {o['cuda_max_allocated_bytes'] / gib:.2f} GiB | "
+                    f"{d['cuda_max_allocated_bytes'] / gib:.2f} GiB | "
+                    f"**{o['cuda_max_allocated_bytes'] / d['cuda_max_allocated_bytes']:.2f}x** |")
+        out += (f"\n| load / generate time | {o['load_s']:.1f} s / {o['generate_s']:.1f} s | "
+                f"{d['load_s']:.1f} s / {d['generate_s']:.1f} s | |")
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides; the first call's time includes it")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, max-autotune)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default: per case and device)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, smaller matmul-peak probe, fewer memory-case steps")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here (rewritten after every case)")
+    p.add_argument("--budget", type=float, default=None, help="seconds; cases not started by then are skipped")
+    p.add_argument("--memory-size", type=int, default=512, help="image side of the memory case (default 512)")
+    p.add_argument("--memory-steps", type=int, default=None, help="sampling steps of the memory case (default 4, --quick 2)")
+    p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_folder", dest="folder", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = [c for c in args.cases.split(",") if c and c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    return args
+
+
+def settings(args: argparse.Namespace) -> Settings:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return Settings(
+        device=torch.device(args.device),
+        dtype=DTYPES[args.dtype],
+        dtype_name=args.dtype,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+        quick=args.quick,
+        repeats=args.repeats,
+        threads=torch.get_num_threads(),
+        memory_size=args.memory_size,
+        memory_steps=args.memory_steps or (2 if args.quick else 4),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    s = settings(args)
+    if args.memory_child:
+        memory_child(args.memory_child, args.folder, s)
+        return 0
+    start = time.perf_counter()
+    report: dict[str, Any] = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(s),
+        "settings": {"device": args.device, "dtype": args.dtype, "compile": args.compile,
+                     "compile_mode": args.compile_mode if args.compile else None, "quick": args.quick,
+                     "repeats": args.repeats, "threads": s.threads},
+        "rows": [],
+        "memory": None,
+        "skipped": [],
+        "errors": {},
+    }
+    m = report["machine"]
+    print(f"# opensd vs diffusers, {report['date']}")
+    print(f"# {m['cpu']}, {m['cores']} cores, {m.get('gpu', 'no GPU')}; torch {m['torch']}, diffusers "
+          f"{m['diffusers']}, transformers {m['transformers']}; {s.threads} threads; {args.device} {args.dtype}"
+          f"{' compiled' if args.compile else ''}")
+    print(f"# {report['command']}", flush=True)
+    if s.device.type == "cuda":  # context creation and library loading stay out of the first case's numbers
+        x = torch.randn(8, 8, 16, 16, device=s.device, dtype=s.dtype)
+        torch.nn.functional.conv2d(x, torch.randn(8, 8, 3, 3, device=s.device, dtype=s.dtype)) @ x.new_ones(14, 14)
+        s.sync()
+    rows: list[Row] = []
+    funcs = {"default_txt2img": case_default_txt2img, "sd15_unet": case_sd15_unet, "sd15_vae": case_sd15_vae,
+             "sd15_text": case_sd15_text, "train_unet": case_train_unet, "train_vae": case_train_vae}
+    for name in [c for c in CASES if c in args.cases.split(",")]:
+        if args.budget is not None and time.perf_counter() - start > args.budget:
+            report["skipped"].append(name)
+            print(f"# {name}: skipped (past --budget {args.budget:.0f} s)", flush=True)
+            continue
+        t0 = time.perf_counter()
+        try:
+            if name == "memory":
+                report["memory"] = case_memory(s)
+            else:
+                new = funcs[name](s)
+                rows.extend(new)
+                report["rows"].extend(r.to_json() for r in new)
+        except Exception as e:  # one failing case must not lose the others' numbers
+            report["errors"][name] = f"{type(e).__name__}: {e}"
+            print(f"# {name}: FAILED {type(e).__name__}: {e}", flush=True)
+        else:
+            print(f"# {name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2))
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+    report["total_s"] = time.perf_counter() - start
+    report["machine"].update(versions())  # the versions the cases actually imported
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print()
+    print(table(rows, report["memory"], s.compile))
+    print(f"\ntotal {report['total_s']:.0f} s" + (f"; JSON in {args.json}" if args.json else ""))
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -256,8 +256,14 @@ def test_shape_word_mass_helper_runs_on_a_random_model(word_pipe) -> None:
     default_model_path() is None,
     reason="needs the trained shapes model (models/opensd-shapes or $OPENSD_MODEL); a random model attends anywhere",
 )
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured 2026-11-26 on models/opensd-shapes: a shape word's attention is spatially flat, 0.205 of its "
+           "mass inside the (dilated) object mask against an area share of 0.191, at every level and timestep "
+           "tried (docs/explain.md); strict, so a model that localizes turns this into a failure to update",
+)
 def test_most_attention_of_a_shape_word_falls_inside_its_object() -> None:
     pipe = opensd.load(default_model_path())
-    masses = shape_word_masses(pipe, 24)
-    assert len(masses) >= 20
+    masses = shape_word_masses(pipe, 16)
+    assert len(masses) >= 12
     assert float(np.mean(masses)) > 0.5, f"mean mass inside the object: {np.mean(masses):.3f} ({masses})"

@@ -17,12 +17,14 @@ from collections import deque
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from opensd.data import shapes as S
 from opensd.eval.prompts import CATEGORIES, benchmark_suite, holdout_suite, validation_suite
 from opensd.eval.prompts import ground_truth_images as _ground_truth
 from opensd.eval.scorer import ScorerError, category_of, judge, label_components, parse, score_images
+from opensd.defaults import default_model_path
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +257,26 @@ def test_bad_input():
     with pytest.raises(ScorerError, match="at least one"):
         score_images([])
     assert parse(np.zeros((16, 16, 3), np.uint8)).background == "black"
+
+
+# ----------------------------------------------------------------------------- the trained VAE keeps the objects
+
+
+@pytest.mark.skipif(default_model_path() is None, reason="needs the trained default model (models/opensd-shapes)")
+def test_the_default_models_vae_round_trip_keeps_98_percent_of_scenes() -> None:
+    """Ground-truth benchmark renders (32 px) encoded and decoded by the default model's VAE:
+    the scorer still judges >= 98% of them correct (measured 2026-11-26: 99.67% of all 600)."""
+    import opensd
+    from opensd.training.data import pil_to_tensor, tensor_to_pil
+
+    prompts = benchmark_suite(per_category=50)
+    pipe = opensd.load(default_model_path())
+    vae = pipe.model.vae
+    gts = _ground_truth(prompts, size=pipe.cfg.image_size, seed=1)
+    x = torch.stack([pil_to_tensor(im) for im in gts])  # (N, 3, 32, 32) in [-1, 1]
+    with torch.no_grad():
+        rec = torch.cat([vae.decode(vae.encode(x[i:i + 100]).mode()).clamp(-1, 1) for i in range(0, len(x), 100)])
+    assert not torch.equal(rec, x)  # a real round trip, not the originals
+    scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts)])
+    kept = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
+    assert kept >= 0.98, scored["accuracy"]

@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         images_per_prompt: int = typer.Option(4, help="Images per prompt (seeds seed+1000*i+j)."),
         per_category: Optional[int] = typer.Option(None, help="Only the first N prompts of each category."),
         seed: int = typer.Option(0, help="Base seed."),
+        batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per network call (prompts share calls; the images do not change)."),
         distribution: bool = typer.Option(False, "--distribution", help="Also Fréchet distance, precision/recall and memorization (in-house features)."),
         out: Path = typer.Option(Path("eval"), "--out", "-o", help="Folder for results.json, report.md and plots."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -36,7 +37,8 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(s.value for s in Suite)}") from None
         cfg = EvalConfig(suite=suite_enum, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                         images_per_prompt=images_per_prompt, per_category=per_category, seed=seed)
+                         images_per_prompt=images_per_prompt, per_category=per_category, seed=seed,
+                         batch_size=batch_size)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; give a folder")
         pipe = opensd.load(resolve_model(model))

@@ -47,10 +47,13 @@ class EvalConfig:
     images_per_prompt: int = IMAGES_PER_PROMPT
     per_category: int | None = None  # first N prompts of each category (None: all)
     seed: int = 0
+    batch_size: int = 16  # images per network call: several prompts share one (same seeds, same images)
 
     def __post_init__(self) -> None:
         if not isinstance(self.images_per_prompt, int) or self.images_per_prompt < 1:
             raise ValueError(f"images_per_prompt must be an integer >= 1, got {self.images_per_prompt!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.per_category is not None and self.per_category < 1:
             raise ValueError(f"per_category must be >= 1, got {self.per_category}")
 
@@ -74,6 +77,63 @@ def select_prompts(cfg: EvalConfig) -> list[BenchmarkPrompt]:
     return out
 
 
+def _can_share_batches(pipe: Any, cfg: EvalConfig) -> bool:
+    """Whether several prompts can share a network call and still give the images each
+    prompt gets alone: a full pipeline (prompt encoder, model config) and a sampler that
+    draws no fresh noise per step (a stochastic one seeds its noise from the batch's first seed)."""
+    if cfg.batch_size <= cfg.images_per_prompt or not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "cfg"):
+        return False
+    from opensd.diffusion.registry import resolve_sampler
+
+    return not resolve_sampler(cfg.sampler)[0].stochastic
+
+
+def _generate(pipe: Any, cfg: EvalConfig, chunk: list[tuple[int, BenchmarkPrompt]]) -> list[list[Image.Image]]:
+    """Images of each ``(index, prompt)`` in ``chunk``: prompt ``i`` uses seeds ``seed + 1000 i + j``.
+
+    One prompt: a plain ``txt2img``. Several: one call with each row's text embedding and
+    its own seeded initial noise, so every image equals the one its prompt gets alone (up
+    to float rounding in batched kernels).
+    """
+    n = cfg.images_per_prompt
+    kw = dict(steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
+    if len(chunk) == 1:
+        i, p = chunk[0]
+        return [pipe.txt2img(p.text, cfg.negative_prompt, seed=cfg.seed + 1000 * i, batch_size=n, **kw)]
+    import torch
+
+    mc = pipe.cfg
+    side = mc.image_size // mc.vae.downsample_factor
+    with torch.inference_mode():
+        rows = [pipe.encode_prompt([p.text]) for _, p in chunk]  # each (1, L, D)
+        negative = pipe.encode_prompt([cfg.negative_prompt])  # (1, L, D)
+    if len({r.shape for r in rows + [negative]}) > 1:  # prompts of different chunk counts: one call each
+        return [_generate(pipe, cfg, [item])[0] for item in chunk]
+    embeds = torch.cat([r.expand(n, -1, -1) for r in rows])  # (B, L, D)
+    seeds = [cfg.seed + 1000 * i + j for i, _ in chunk for j in range(n)]
+    noise = torch.cat([torch.randn((1, mc.vae.embed_dim, side, side), generator=torch.Generator("cpu").manual_seed(s))
+                       for s in seeds])  # (B, C, h, w): what txt2img draws for each seed
+    images = pipe.txt2img(chunk[0][1].text, cfg.negative_prompt, seed=seeds[0], batch_size=len(seeds), latents=noise,
+                          prompt_embeds=embeds, negative_embeds=negative, **kw)
+    return [images[k * n:(k + 1) * n] for k in range(len(chunk))]
+
+
+def _score_images(images, p, seed, records, kept, every, keep_images, on_image, total, distribution) -> None:
+    for j, im in enumerate(images):
+        verdict = judge(im, p.spec)
+        rec = {
+            "prompt": p.text, "category": p.category, "seed": seed + j,
+            "correct": verdict.correct, "reason": verdict.reason,
+        }
+        records.append(rec)
+        if distribution:
+            every.append(im)
+        if keep_images(rec):
+            kept.append((im, rec))
+        if on_image is not None:
+            on_image(len(records), total)
+
+
 def evaluate(
     pipe: Generator,
     cfg: EvalConfig,
@@ -93,25 +153,13 @@ def evaluate(
     kept: list[tuple[Image.Image, dict]] = []
     every: list[Image.Image] = []
     start = time.time()
-    for i, p in enumerate(prompts):
-        seed = cfg.seed + 1000 * i
-        images = pipe.txt2img(
-            p.text, cfg.negative_prompt, steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale,
-            seed=seed, batch_size=cfg.images_per_prompt,
-        )
-        for j, im in enumerate(images):
-            verdict = judge(im, p.spec)
-            rec = {
-                "prompt": p.text, "category": p.category, "seed": seed + j,
-                "correct": verdict.correct, "reason": verdict.reason,
-            }
-            records.append(rec)
-            if distribution:
-                every.append(im)
-            if keep_images(rec):
-                kept.append((im, rec))
-            if on_image is not None:
-                on_image(len(records), total)
+    per_call = max(1, cfg.batch_size // cfg.images_per_prompt) if _can_share_batches(pipe, cfg) else 1
+    for first in range(0, len(prompts), per_call):
+        chunk = list(enumerate(prompts[first:first + per_call], start=first))
+        generated = _generate(pipe, cfg, chunk)
+        for (i, p), images in zip(chunk, generated):
+            seed = cfg.seed + 1000 * i
+            _score_images(images, p, seed, records, kept, every, keep_images, on_image, total, distribution)
     accuracy = {}
     n = {}
     for c in CATEGORIES:

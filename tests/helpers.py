@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
 
 import torch
 
@@ -52,3 +54,24 @@ def tiny_word_bundle(seed: int = 0):
     cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tok.vocab_size, max_length=tok.context_length))
     torch.manual_seed(seed)
     return randomize(StableDiffusion(cfg), seed).eval(), tok
+
+
+@contextlib.contextmanager
+def one_thread_direct_loopback():
+    """One torch thread, and no HTTP proxy for loopback traffic (server tests), restored after."""
+    before = torch.get_num_threads()
+    names = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy", "NO_PROXY")
+    saved = {k: os.environ.get(k) for k in names}
+    torch.set_num_threads(1)
+    for k in names[:-1]:
+        os.environ.pop(k, None)
+    os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

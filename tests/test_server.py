@@ -31,7 +31,7 @@ from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 
-from helpers import tiny_word_bundle
+from helpers import one_thread_direct_loopback, tiny_word_bundle
 
 TIMEOUT = 60.0
 
@@ -39,14 +39,8 @@ TIMEOUT = 60.0
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The tiny model runs fastest on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:  # loopback traffic never goes through a proxy
-        for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-            mp.delenv(var, raising=False)
-        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with one_thread_direct_loopback():
         yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

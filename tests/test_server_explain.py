@@ -31,7 +31,7 @@ from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.explain_api import default_path_steps
 
-from helpers import tiny_word_bundle
+from helpers import one_thread_direct_loopback, tiny_word_bundle
 
 URL = "/opensd/v1/explain"
 PROMPT = "a small blue square above a green triangle"  # eight words the tiny tokenizer knows ("a" twice)
@@ -56,14 +56,9 @@ class SlowPipeline(StableDiffusionPipeline):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:  # loopback traffic never goes through a proxy
-        for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-            mp.delenv(var, raising=False)
-        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+    """The tiny model runs fastest on one thread on a shared 2-core machine."""
+    with one_thread_direct_loopback():
         yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,10 @@ class ShapesSource:
         ds = self.dataset
         chunk = max(256, min(4096, len(todo) // (4 * workers) + 1))
         spans = [(todo[k], todo[min(k + chunk, len(todo)) - 1] + 1) for k in range(0, len(todo), chunk)]
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        # fork where the platform has it (as torch's DataLoader): no __main__ guard needed in the
+        # caller's script, and the children only draw with PIL and numpy, never torch or CUDA.
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
             jobs = [pool.submit(_render_span, ds.seed, ds.image_size, ds.holdout is not None, a, b) for a, b in spans]
             for (a, _), job in zip(spans, jobs):
                 pixels, captions, specs = job.result()  # (n, H, W, 3) uint8

@@ -479,9 +479,25 @@ def _autocast(s: Settings):
     return torch.autocast(s.device.type, dtype=s.dtype)
 
 
+def train_stepper(model: torch.nn.Module, call: Callable, loss_fn: Callable, s: Settings) -> Callable[[], torch.Tensor]:
+    """One AdamW training step of ``model``: ``loss_fn(call(model).float())``, autocast as ``s`` says."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fwd = maybe_compile(model, s)
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with _autocast(s):
+            loss = loss_fn(call(fwd).float())
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
 def case_train_unet(s: Settings) -> list[Row]:
     """eps-prediction MSE, AdamW, fp32 master weights (autocast for fp16/bf16)."""
-    from opensd.diffusion.schedules import NoiseScheduleConfig
+    from opensd.diffusion.schedules import DiscreteSchedule, NoiseScheduleConfig
     from opensd.models.unet import UNetConfig, UNetModel
 
     _silence_reference_logs()
@@ -497,27 +513,14 @@ def case_train_unet(s: Settings) -> list[Row]:
     eps = torch.randn(batch, 4, 8, 8, generator=g).to(s.device)
     context = torch.randn(batch, length, cfg.context_dim, generator=g).to(s.device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(s.device)
-    sched = NoiseScheduleConfig()
-    betas = torch.linspace(sched.beta_start**0.5, sched.beta_end**0.5, 1000, dtype=torch.float64) ** 2
-    ab = torch.cumprod(1 - betas, 0).float().to(s.device)[t].view(-1, 1, 1, 1)
+    ab = DiscreteSchedule(NoiseScheduleConfig()).alphas_cumprod.float().to(s.device)[t].view(-1, 1, 1, 1)
     xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
-    def stepper(model, call):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        fwd = maybe_compile(model, s)
+    def loss(pred: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(pred, eps)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with _autocast(s):
-                loss = torch.nn.functional.mse_loss(call(fwd).float(), eps)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
-        return step
-
-    ours_step = stepper(ours, lambda m: m(xt, t, context))
-    ref_step = stepper(ref, lambda m: m(xt, t, encoder_hidden_states=context).sample)
+    ours_step = train_stepper(ours, lambda m: m(xt, t, context), loss, s)
+    ref_step = train_stepper(ref, lambda m: m(xt, t, encoder_hidden_states=context).sample, loss, s)
     return _train_rows("train_unet", "train small U-Net, 8x8x4 latents, batch 64", batch, ours_step, ref_step, s)
 
 
@@ -535,23 +538,11 @@ def case_train_vae(s: Settings) -> list[Row]:
     batch = 32
     x = (torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1).to(s.device)
 
-    def stepper(model, call):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        fwd = maybe_compile(model, s)
+    def loss(recon: torch.Tensor) -> torch.Tensor:
+        return (recon - x).abs().mean() + ((recon - x) ** 2).mean()
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with _autocast(s):
-                recon = call(fwd).float()
-                loss = (recon - x).abs().mean() + ((recon - x) ** 2).mean()
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
-        return step
-
-    ours_step = stepper(ours, lambda m: m(x, sample_posterior=True)[0])
-    ref_step = stepper(ref, lambda m: m(x, sample_posterior=True).sample)
+    ours_step = train_stepper(ours, lambda m: m(x, sample_posterior=True)[0], loss, s)
+    ref_step = train_stepper(ref, lambda m: m(x, sample_posterior=True).sample, loss, s)
     return _train_rows("train_vae", "train small VAE, 32 px, batch 32", batch, ours_step, ref_step, s)
 
 

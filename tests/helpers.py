@@ -75,3 +75,22 @@ def one_thread_direct_loopback():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def decode_png(b64: str) -> "Image.Image":
+    """A base64 PNG (as the server sends) -> a loaded PIL image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(base64.b64decode(b64)))
+    im.load()
+    return im
+
+
+def png_pixels(b64: str):
+    """A base64 PNG -> (H, W, 3) uint8 array."""
+    import numpy as np
+
+    return np.asarray(decode_png(b64).convert("RGB"))

@@ -31,7 +31,7 @@ from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 
-from helpers import one_thread_direct_loopback, tiny_word_bundle
+from helpers import decode_png as decode, one_thread_direct_loopback, png_pixels as pixels, tiny_word_bundle
 
 TIMEOUT = 60.0
 
@@ -96,16 +96,6 @@ def b64png(image: Image.Image, parameters: str | None = None) -> str:
         info.add_text("parameters", parameters)
     image.save(buf, format="PNG", pnginfo=info)
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def decode(b64: str) -> Image.Image:
-    im = Image.open(io.BytesIO(base64.b64decode(b64)))
-    im.load()
-    return im
-
-
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(decode(b64).convert("RGB"))
 
 
 def still_serving(client) -> None:

@@ -8,8 +8,6 @@ and the limits of the rest of the server. The browser test skips without Chromiu
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import re
 import threading
@@ -31,7 +29,7 @@ from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.explain_api import default_path_steps
 
-from helpers import one_thread_direct_loopback, tiny_word_bundle
+from helpers import decode_png as decode, one_thread_direct_loopback, png_pixels as pixels, tiny_word_bundle
 
 URL = "/opensd/v1/explain"
 PROMPT = "a small blue square above a green triangle"  # eight words the tiny tokenizer knows ("a" twice)
@@ -76,16 +74,6 @@ def pipe(loaded) -> StableDiffusionPipeline:
 def client(pipe):
     with TestClient(create_app(pipe)) as c:
         yield c
-
-
-def decode(b64: str) -> Image.Image:
-    im = Image.open(io.BytesIO(base64.b64decode(b64)))
-    im.load()
-    return im
-
-
-def pixels(b64: str) -> np.ndarray:
-    return np.asarray(decode(b64).convert("RGB"))
 
 
 # ---------------------------------------------------------------- the answer

@@ -118,22 +118,6 @@ def _generate(pipe: Any, cfg: EvalConfig, chunk: list[tuple[int, BenchmarkPrompt
     return [images[k * n:(k + 1) * n] for k in range(len(chunk))]
 
 
-def _score_images(images, p, seed, records, kept, every, keep_images, on_image, total, distribution) -> None:
-    for j, im in enumerate(images):
-        verdict = judge(im, p.spec)
-        rec = {
-            "prompt": p.text, "category": p.category, "seed": seed + j,
-            "correct": verdict.correct, "reason": verdict.reason,
-        }
-        records.append(rec)
-        if distribution:
-            every.append(im)
-        if keep_images(rec):
-            kept.append((im, rec))
-        if on_image is not None:
-            on_image(len(records), total)
-
-
 def evaluate(
     pipe: Generator,
     cfg: EvalConfig,
@@ -156,10 +140,20 @@ def evaluate(
     per_call = max(1, cfg.batch_size // cfg.images_per_prompt) if _can_share_batches(pipe, cfg) else 1
     for first in range(0, len(prompts), per_call):
         chunk = list(enumerate(prompts[first:first + per_call], start=first))
-        generated = _generate(pipe, cfg, chunk)
-        for (i, p), images in zip(chunk, generated):
-            seed = cfg.seed + 1000 * i
-            _score_images(images, p, seed, records, kept, every, keep_images, on_image, total, distribution)
+        for (i, p), images in zip(chunk, _generate(pipe, cfg, chunk)):
+            for j, im in enumerate(images):
+                verdict = judge(im, p.spec)
+                rec = {
+                    "prompt": p.text, "category": p.category, "seed": cfg.seed + 1000 * i + j,
+                    "correct": verdict.correct, "reason": verdict.reason,
+                }
+                records.append(rec)
+                if distribution:
+                    every.append(im)
+                if keep_images(rec):
+                    kept.append((im, rec))
+                if on_image is not None:
+                    on_image(len(records), total)
     accuracy = {}
     n = {}
     for c in CATEGORIES:

@@ -527,11 +527,12 @@ class _Trainer:
         """Whether ``train.time_limit`` has passed since the loop started (rank 0 decides for all)."""
         if not self.cfg.time_limit:
             return False
-        up = torch.tensor([float(time.perf_counter() - t_start >= self.cfg.time_limit)])
+        up = time.perf_counter() - t_start >= self.cfg.time_limit
         if self.ctx.world > 1:
-            up = up.to(self.device)
-            dist.broadcast(up, src=0)
-        return bool(up.item())
+            flag = torch.tensor([float(up)], device=self.device)
+            dist.broadcast(flag, src=0)
+            up = bool(flag.item())
+        return up
 
     def _save(self, step: int) -> None:
         ctx = self.ctx

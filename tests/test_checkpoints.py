@@ -240,3 +240,18 @@ def test_sd15_whole_file_is_recognised_and_converted_by_diffusers() -> None:
     assert names(converted) == names(hf.state_dict())
     text_keys = [k for k in state if k.startswith("cond_stage_model.")]
     assert len(text_keys) == len(converted) == 196
+
+
+def test_opensd_folder_in_float16_halves_the_file_and_loads_as_float32(tmp_path: Path) -> None:
+    model, tok = tiny_word_bundle()
+    full = save_opensd(model, tok, tmp_path / "full")
+    half = save_opensd(model, tok, tmp_path / "half", dtype=torch.float16)
+    assert {v.dtype for v in read_weights(half / "model.safetensors").values()} == {torch.float16}
+    size = (half / "model.safetensors").stat().st_size
+    assert size < 0.55 * (full / "model.safetensors").stat().st_size
+    loaded = load_model(half).model
+    for k, v in model.state_dict().items():
+        w = loaded.state_dict()[k]
+        assert w.dtype == torch.float32 and torch.equal(w, v.half().float())
+    with pytest.raises(CheckpointError, match="floating-point"):
+        save_opensd(model, tok, tmp_path / "bad", dtype=torch.int8)

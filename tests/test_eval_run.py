@@ -114,3 +114,10 @@ def test_prompts_sharing_a_batch_give_the_images_each_prompt_gets_alone() -> Non
 def test_batch_size_is_checked() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         EvalConfig(batch_size=0)
+
+
+def test_cli_rejects_a_bad_batch_size(tmp_path: Path) -> None:
+    model, tok = tiny_word_bundle()
+    save_opensd(model, tok, tmp_path / "m")
+    res = CliRunner().invoke(app, ["eval", "-m", str(tmp_path / "m"), "--batch-size", "0", "-o", str(tmp_path / "ev"), "-q"])
+    assert res.exit_code == 2 and "batch_size must be an integer >= 1" in res.output and "Traceback" not in res.output

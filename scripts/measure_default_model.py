@@ -1,0 +1,121 @@
+"""Measurements of a trained shapes-world model quoted in the model card and docs.
+
+    python scripts/measure_default_model.py roundtrip  [-m MODEL]   # VAE round trip of the suites' renders
+    python scripts/measure_default_model.py attention  [-m MODEL]   # shape-word attention inside its object
+    python scripts/measure_default_model.py relations  [-m MODEL]   # where the two objects of relation prompts land
+
+MODEL defaults to the default model (models/opensd-shapes or $OPENSD_MODEL).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import opensd
+from opensd.data.shapes import ShapesDataset
+from opensd.defaults import resolve_model
+from opensd.eval.prompts import benchmark_suite, ground_truth_images, holdout_suite
+from opensd.eval.scorer import parse, score_images
+from opensd.explain.attention import AttentionCollector, build_result, mass_in_mask
+from opensd.models.transformer import BasicTransformerBlock
+from opensd.pipelines.images import to_tensor
+from opensd.training.data import pil_to_tensor, tensor_to_pil
+
+
+def roundtrip(pipe) -> None:
+    """Share of ground-truth scenes the scorer still judges correct after the VAE's round trip."""
+    vae = pipe.model.vae
+    for name, suite in (("benchmark", benchmark_suite()), ("holdout", holdout_suite())):
+        x = torch.stack([pil_to_tensor(im) for im in ground_truth_images(suite, size=pipe.cfg.image_size, seed=1)])
+        with torch.no_grad():
+            rec = torch.cat([vae.decode(vae.encode(x[i:i + 64]).mode()).clamp(-1, 1) for i in range(0, len(x), 64)])
+        s = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), suite)])
+        kept = sum(r["correct"] for r in s["items"]) / len(s["items"])
+        print(f"{name}: {len(suite)} scenes, kept {kept:.4f}", {k: round(v, 3) for k, v in s["accuracy"].items()})
+
+
+def attention(pipe, n: int = 10) -> None:
+    """Mass of a shape word's cross-attention inside its object's mask (dilated by half a latent cell),
+    against the mask's area share: all layers or the full-resolution ones, at several timesteps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_explain import masks  # the object masks the explain tests use
+
+    model, size = pipe.model, pipe.cfg.image_size
+    f = pipe.cfg.vae.downsample_factor
+    blocks = [(name, m) for name, m in model.unet.named_modules() if isinstance(m, BasicTransformerBlock)]
+    top = {n for n, _ in blocks if n.startswith(("input_blocks.1.", "input_blocks.2."))
+           or n.split(".")[:2] in (["output_blocks", str(k)] for k in range(len(model.unet.output_blocks) - 3,
+                                                                          len(model.unet.output_blocks)))}
+    ds = ShapesDataset(seed=123, image_size=size, kinds={"single": 1.0, "pair": 1.0, "relation": 1.0})
+    out: dict[str, list[float]] = {}
+    for s in ds.take(n):
+        with torch.inference_mode():
+            x0 = model.vae.to_latent(model.vae.encode(to_tensor(s.image, size, size)).mean)
+            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
+            ctx = pipe.encode_prompt([s.caption])
+            for layers in ("all", "full-resolution"):
+                for ts in ([500], [250], [100, 300, 500, 700]):
+                    col = AttentionCollector(model.unet, tuple(x0.shape[2:]))
+                    if layers != "all":
+                        col.blocks = [m.attn2 for name, m in blocks if name in top]
+                    with col:
+                        for t in ts:
+                            a = pipe.schedule.alphas_cumprod[t].item()
+                            model.unet(a**0.5 * x0 + (1 - a) ** 0.5 * eps, torch.tensor([float(t)]), ctx)
+                    res = build_result(pipe, s.caption, s.image, col)
+                    for obj, m in zip(s.scene.objects, masks(s.scene, size)):
+                        if sum(o.shape == obj.shape for o in s.scene.objects) != 1:
+                            continue
+                        grown = F.max_pool2d(torch.from_numpy(m)[None, None].float(), 2 * (f // 2) + 1, 1, f // 2)[0, 0] > 0
+                        out.setdefault(f"{layers} layers, t={ts}", []).append(mass_in_mask(res.word_map(obj.shape), grown))
+                        if layers == "all" and ts == [500]:
+                            out.setdefault("area share of the mask", []).append(float(grown.float().mean()))
+    for k, v in out.items():
+        print(f"{k}: {np.mean(v):.3f} (n={len(v)})")
+
+
+def relations(pipe) -> None:
+    """For 'A rel B' and 'B rel A', 6 seeds each: which object the scorer finds on top / on the left."""
+    pairs = [("red circle", "blue square"), ("green triangle", "yellow circle"), ("purple square", "orange triangle")]
+    for a, b in pairs:
+        for rel in ("above", "below", "to the left of", "to the right of"):
+            for first, second in ((a, b), (b, a)):
+                prompt = f"a {first} {rel} a {second}"
+                found = []
+                for im in pipe.txt2img(prompt, steps=20, cfg_scale=5, seed=1, batch_size=6):
+                    objs = parse(im).objects
+
+                    def find(desc):
+                        color, shape = desc.split()
+                        hits = [o for o in objs if o.color == color and o.shape == shape]
+                        return hits[0] if hits else None
+
+                    A, B = find(first), find(second)
+                    if A is None or B is None:
+                        found.append("?")
+                    elif rel in ("above", "below"):
+                        found.append("A-top" if A.center[1] < B.center[1] else "B-top")
+                    else:
+                        found.append("A-left" if A.center[0] < B.center[0] else "B-left")
+                print(prompt, found)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["roundtrip", "attention", "relations"])
+    ap.add_argument("-m", "--model", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    pipe = opensd.load(resolve_model(args.model))
+    {"roundtrip": roundtrip, "attention": attention, "relations": relations}[args.what](pipe)
+
+
+if __name__ == "__main__":
+    main()

@@ -271,7 +271,7 @@ def test_unet_stage_learns_exports_and_generates(tmp_path: Path, vae_dir: Path, 
     def probe(step: int, ctx) -> None:  # the loss at fixed t and noise on the 4 cached latents
         if step in (1, 40):
             with torch.no_grad():
-                probes[step] = float(ctx.modules["unet"](stage.latents[:4], stage.context[:4].float(), t, noise).mean())
+                probes[step] = float(ctx.modules["unet"](stage.latents[:4], stage.context[:4].float(), t, noise)[0].mean())
 
     result = run_stage(stage, hooks=[probe])
     assert probes[40] < 0.5 * probes[1], probes

@@ -295,7 +295,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _noun_phrase(o: ObjectSpec, say_one: bool = False) -> str:
+def noun_phrase(o: ObjectSpec, say_one: bool = False) -> str:
+    """The words naming group ``o`` in a caption: "a small red circle", "one circle", "two blue squares"."""
     words = [w for w in (o.size, o.color) if w]
     if o.count == 1:
         head = " ".join([*words, o.shape])
@@ -311,7 +312,7 @@ def caption(spec: PromptSpec, rng: random.Random, say_one: bool = False) -> str:
     picture of", "a photo of", "an image showing", "an image of", "there is/are",
     and backgrounds read "on a black background", ", gray background", ...
     """
-    nps = [_noun_phrase(o, say_one) for o in spec.objects]
+    nps = [noun_phrase(o, say_one) for o in spec.objects]
     if spec.relation is not None:
         body = f"{nps[0]} {rng.choice(RELATION_PHRASES[spec.relation])} {nps[1]}"
     else:

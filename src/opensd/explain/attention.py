@@ -46,7 +46,7 @@ class ExplainError(ValueError):
 
 # ----------------------------------------------------------------------------- helpers
 
-def _feature_grid(n: int, h: int, w: int) -> tuple[int, int]:
+def feature_grid(n: int, h: int, w: int) -> tuple[int, int]:
     """The (h_l, w_l) of a U-Net level with ``n`` positions: halve (rounding up) from (h, w)."""
     hh, ww = h, w
     while hh * ww > n and (hh > 1 or ww > 1):
@@ -104,7 +104,7 @@ class AttentionCollector:
     def _store(self, probs: torch.Tensor) -> None:
         p = probs[self.row].float()  # (heads, N, L)
         heads, n, length = p.shape
-        hh, ww = _feature_grid(n, *self.size)
+        hh, ww = feature_grid(n, *self.size)
         m = p.sum(0).transpose(0, 1).reshape(length, hh, ww)  # (L, h_l, w_l)
         if (hh, ww) != self.size:
             m = F.interpolate(m[None], size=self.size, mode="bilinear", align_corners=False)[0]  # (L, h, w)

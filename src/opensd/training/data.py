@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from opensd.config import to_dict
-from opensd.data.shapes import DEFAULT_HOLDOUT, PromptSpec, ShapesDataset
+from opensd.data.shapes import DEFAULT_HOLDOUT, PromptSpec, Scene, ShapesDataset
 from opensd.training.config import DataConfig, DataSource
 
 
@@ -40,11 +40,12 @@ class TrainingDataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One training item: ``image`` (3, H, W) float32 in [-1, 1], its caption, its spec (shapes only)."""
+    """One training item: ``image`` (3, H, W) float32 in [-1, 1], its caption, its spec and scene (shapes only)."""
 
     image: torch.Tensor
     caption: str
     spec: PromptSpec | None = None
+    scene: Scene | None = None
 
 
 class Source(Protocol):
@@ -87,17 +88,17 @@ class ShapesSource:
     def __init__(self, cfg: DataConfig) -> None:
         self.dataset = ShapesDataset(cfg.seed, cfg.image_size, holdout=DEFAULT_HOLDOUT if cfg.holdout else None)
         self.pool = cfg.pool_size or None
-        self._memo: dict[int, tuple[torch.Tensor, str, PromptSpec]] = {}
+        self._memo: dict[int, tuple[torch.Tensor, str, PromptSpec, Scene]] = {}
 
     def __getitem__(self, index: int) -> Example:
         if index in self._memo:
-            pixels, caption, spec = self._memo[index]
-            return Example(pixels.float() / 127.5 - 1.0, caption, spec)
+            pixels, caption, spec, scene = self._memo[index]
+            return Example(pixels.float() / 127.5 - 1.0, caption, spec, scene)
         s = self.dataset[index]
         pixels = torch.from_numpy(np.array(s.image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
         if self.pool is not None and index < self.pool:
-            self._memo[index] = (pixels, s.caption, s.spec)
-        return Example(pixels.float() / 127.5 - 1.0, s.caption, s.spec)
+            self._memo[index] = (pixels, s.caption, s.spec, s.scene)
+        return Example(pixels.float() / 127.5 - 1.0, s.caption, s.spec, s.scene)
 
     def captions(self, n: int) -> list[str]:
         """The captions of items ``0 .. n-1`` of the stream (past the pool too: the world's vocabulary)."""
@@ -123,19 +124,19 @@ class ShapesSource:
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
             jobs = [pool.submit(_render_span, ds.seed, ds.image_size, ds.holdout is not None, a, b) for a, b in spans]
             for (a, _), job in zip(spans, jobs):
-                pixels, captions, specs = job.result()  # (n, H, W, 3) uint8
+                pixels, captions, specs, scenes = job.result()  # (n, H, W, 3) uint8
                 tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (n, 3, H, W)
-                for k, (caption, spec) in enumerate(zip(captions, specs)):
+                for k, (caption, spec, scene) in enumerate(zip(captions, specs, scenes)):
                     if a + k not in self._memo:
-                        self._memo[a + k] = (tensor[k].contiguous(), caption, spec)
+                        self._memo[a + k] = (tensor[k].contiguous(), caption, spec, scene)
 
 
 def _render_span(seed: int, image_size: int, holdout: bool, start: int, stop: int):
-    """Worker of :meth:`ShapesSource.prefill`: items ``start .. stop-1`` as (uint8 array, captions, specs)."""
+    """Worker of :meth:`ShapesSource.prefill`: items ``start .. stop-1`` as (uint8 array, captions, specs, scenes)."""
     ds = ShapesDataset(seed, image_size, holdout=DEFAULT_HOLDOUT if holdout else None)
     samples = [ds[i] for i in range(start, stop)]
     pixels = np.stack([np.asarray(s.image.convert("RGB")) for s in samples])
-    return pixels, [s.caption for s in samples], [s.spec for s in samples]
+    return pixels, [s.caption for s in samples], [s.spec for s in samples], [s.scene for s in samples]
 
 
 class FolderSource:
@@ -196,18 +197,19 @@ def batch_indices(seed: int, step: int, rank: int, world: int, local_batch: int,
 
 @dataclass
 class Batch:
-    """Images (B, 3, H, W) in [-1, 1], captions, specs (None off the shapes world), source indices."""
+    """Images (B, 3, H, W) in [-1, 1], captions, specs and scenes (None off the shapes world), source indices."""
 
     images: torch.Tensor
     captions: list[str]
     specs: list[PromptSpec | None]
     indices: list[int]
+    scenes: list[Scene | None] = field(default_factory=list)
 
 
 def load_batch(source: Source, indices: Sequence[int]) -> Batch:
     items = [source[i] for i in indices]
     return Batch(torch.stack([e.image for e in items]), [e.caption for e in items], [e.spec for e in items],
-                 list(indices))
+                 list(indices), [e.scene for e in items])
 
 
 # ----------------------------------------------------------------------------- the latent cache
@@ -239,9 +241,14 @@ def tokenizer_hash(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_path(folder: Path, vae_hash: str, text_hash: str, data: DataConfig, n: int, text_dtype: str) -> Path:
+def cache_path(
+    folder: Path, vae_hash: str, text_hash: str, data: DataConfig, n: int, text_dtype: str, grounding: bool = False
+) -> Path:
     settings = {k: v for k, v in to_dict(data).items() if k != "workers"}  # workers change speed, not data
-    key = json.dumps({"data": settings, "n": n, "text_dtype": text_dtype}, sort_keys=True)
+    fields = {"data": settings, "n": n, "text_dtype": text_dtype}
+    if grounding:
+        fields["grounding"] = True
+    key = json.dumps(fields, sort_keys=True)
     data_hash = hashlib.sha256(key.encode()).hexdigest()
     return folder / f"latents-vae{vae_hash[:12]}-text{text_hash[:12]}-data{data_hash[:12]}.safetensors"
 
@@ -258,18 +265,23 @@ def build_latent_cache(
     device: torch.device | str = "cpu",
     text_dtype: torch.dtype = torch.float16,
     progress: bool = False,
+    grounding: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Encode items ``0 .. n-1`` of ``source``.
 
     Returns ``latents`` (n, C, h, w) float32 (``vae.to_latent`` of the posterior mode),
     ``context`` (n, L, D) in ``text_dtype`` and ``empty_context`` (1, L, D) float32
-    (the empty caption).
+    (the empty caption). With ``grounding`` (shapes-world sources only) also
+    ``ground_tokens`` (n, G, K) int64 and ``ground_masks`` (n, G, h, w) float16, see
+    :func:`opensd.training.grounding.grounding_targets`.
     """
     if source.pool is not None and n > source.pool:
         raise TrainingDataError(f"the latent cache wants {n} items but the data holds only {source.pool}")
     from tqdm import tqdm
 
-    latents, contexts = [], []
+    from opensd.training.grounding import grounding_targets
+
+    latents, contexts, tokens, masks = [], [], [], []
     bar = tqdm(total=n, desc="caching latents", unit="img", disable=not progress)
     for start in range(0, n, batch_size):
         b = load_batch(source, range(start, min(start + batch_size, n)))
@@ -277,10 +289,21 @@ def build_latent_cache(
         latents.append(vae.to_latent(z).float().cpu())
         ids = tokenizer(b.captions).to(device)
         contexts.append(text_encoder(ids).to(text_dtype).cpu())
+        if grounding:
+            if any(spec is None or scene is None for spec, scene in zip(b.specs, b.scenes)):
+                raise TrainingDataError("grounding needs object masks, which only the shapes world (data.source = "
+                                        "'shapes') has; set grounding_weight = 0 for other data")
+            hw = tuple(latents[-1].shape[-2:])
+            pairs = [grounding_targets(c, sp, sc, tokenizer, hw) for c, sp, sc in zip(b.captions, b.specs, b.scenes)]
+            tokens.append(torch.stack([t for t, _ in pairs]))
+            masks.append(torch.stack([m for _, m in pairs]).half())
         bar.update(len(b.indices))
     bar.close()
     empty = text_encoder(tokenizer([""]).to(device)).float().cpu()
-    return {"latents": torch.cat(latents), "context": torch.cat(contexts), "empty_context": empty}
+    out = {"latents": torch.cat(latents), "context": torch.cat(contexts), "empty_context": empty}
+    if grounding:
+        out.update(ground_tokens=torch.cat(tokens), ground_masks=torch.cat(masks))
+    return out
 
 
 # ----------------------------------------------------------------------------- frozen parts from earlier stages

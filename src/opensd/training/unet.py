@@ -18,6 +18,12 @@ With probability ``caption_dropout`` a sample's caption becomes the empty captio
 so one network gives both terms of classifier-free guidance (Ho & Salimans 2022).
 The U-Net keeps an EMA (``train.ema_decay``); samples and the export use it.
 
+``grounding_weight > 0`` (shapes world only) adds TokenCompose's token loss on the
+U-Net's cross-attention (:mod:`opensd.training.grounding`): each shape, colour and
+size word of a caption is pulled to attend inside its object's mask. ``init_from``
+fine-tunes an existing opensd model: its VAE, text encoder and tokenizer are the
+frozen parts, its U-Net the starting weights.
+
 ``evaluate`` assembles the full model (EMA U-Net, VAE, text encoder, tokenizer,
 schedule), generates the validation suite's prompts through the real pipeline and
 scores them with the exact scorer; ``export`` writes an opensd model folder
@@ -40,7 +46,7 @@ from opensd.config import ConfigError, to_dict
 from opensd.diffusion.schedules import DiscreteSchedule, NoiseScheduleConfig, Prediction
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
 from opensd.models.unet import UNetConfig, UNetModel
-from opensd.training.config import DataConfig, StageConfig, TrainConfig
+from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig
 from opensd.training.data import (
     batch_indices,
     build_latent_cache,
@@ -51,6 +57,7 @@ from opensd.training.data import (
     state_hash,
     tokenizer_hash,
 )
+from opensd.training.grounding import AttentionCapture, grounding_loss
 from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
 
 MODEL_FOLDER = "model"
@@ -72,7 +79,11 @@ class UNetStageConfig(StageConfig):
     """``opensd train unet``. ``model``'s ``in_channels``/``out_channels`` and ``context_dim``
     are taken from the frozen VAE and text encoder, whatever the config says.
     ``export_half`` stores the exported model's weights in float16 (half the size;
-    loading casts them back to float32)."""
+    loading casts them back to float32). ``init_from`` (an opensd model folder)
+    replaces ``vae_dir`` and ``clip_dir`` by that model's VAE and text encoder and
+    starts from its U-Net; the architecture and noise schedule are then the model's
+    (``[model]`` and ``[schedule]`` are not used). ``grounding_weight`` scales the
+    cross-attention grounding loss (0: off; needs ``data.source = "shapes"``)."""
 
     PRESETS: ClassVar = {"tiny": UNetConfig.tiny, "small": UNetConfig.small, "sd15": UNetConfig.sd15}
     RESUMABLE: ClassVar = StageConfig.RESUMABLE | {"sample_steps", "sampler", "cfg_scale", "export_half"}
@@ -96,8 +107,17 @@ class UNetStageConfig(StageConfig):
     sampler: str = "dpmpp_2m"
     cfg_scale: float = 5.0
     export_half: bool = False
+    init_from: str = ""
+    grounding_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.init_from and (self.vae_dir or self.clip_dir):
+            raise ConfigError("init_from brings its own VAE and text encoder: leave vae_dir and clip_dir empty")
+        if isinstance(self.grounding_weight, bool) or not isinstance(self.grounding_weight, (int, float)) \
+                or not self.grounding_weight >= 0:
+            raise ConfigError(f"grounding_weight must be a number >= 0 (0 = off), got {self.grounding_weight!r}")
+        if self.grounding_weight and self.data.source is not DataSource.SHAPES:
+            raise ConfigError("grounding_weight needs object masks, which only data.source = 'shapes' has")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         if not self.min_snr_gamma >= 0:
@@ -132,7 +152,12 @@ def min_snr_weight(alphas_cumprod_t: torch.Tensor, gamma: float, prediction: Pre
 
 
 class DiffusionLoss(nn.Module):
-    """The trainable module: ``forward(x0, context, t, noise) -> (B,)`` weighted per-sample MSE."""
+    """The trainable module: ``forward(x0, context, t, noise, ground) -> ((B,), (B,) | None)``.
+
+    The first output is the weighted per-sample MSE. With ``ground = (tokens, masks,
+    keep)`` (see :func:`opensd.training.grounding.grounding_loss`) the second is the
+    per-sample grounding loss of the same forward pass, else None.
+    """
 
     def __init__(self, unet: UNetModel, schedule: NoiseScheduleConfig, min_snr_gamma: float = 0.0) -> None:
         super().__init__()
@@ -141,12 +166,25 @@ class DiffusionLoss(nn.Module):
         self.gamma = min_snr_gamma
         self.register_buffer("alphas_cumprod", DiscreteSchedule(schedule).alphas_cumprod.clone(), persistent=False)
 
-    def forward(self, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x0: torch.Tensor,
+        context: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        ground: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         a = self.alphas_cumprod[t]  # (B,)
         xt, target = noisy_latents_and_target(x0, noise, a, self.prediction)
-        pred = self.unet(xt, t.float(), context).float()
+        grounded = None
+        if ground is None:
+            pred = self.unet(xt, t.float(), context).float()
+        else:
+            with AttentionCapture(self.unet) as capture:
+                pred = self.unet(xt, t.float(), context).float()
+            grounded = grounding_loss(capture.probs, *ground)
         per_sample = (pred - target).pow(2).flatten(1).mean(dim=1)  # (B,)
-        return per_sample * min_snr_weight(a, self.gamma, self.prediction)
+        return per_sample * min_snr_weight(a, self.gamma, self.prediction), grounded
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -159,18 +197,31 @@ class UNetStage(Stage):
     def build(self, ctx: RunContext) -> dict[str, nn.Module]:
         cfg = self.cfg
         self.ctx = ctx
-        self.vae = load_vae(cfg.vae_dir).to(ctx.device).requires_grad_(False)
-        text, self.tokenizer = load_text_encoder(cfg.clip_dir)
+        start = None
+        if cfg.init_from:
+            vae, text, self.tokenizer, start = _parts_of_model(cfg.init_from)
+            ucfg, schedule = start.model.diffusion_model.cfg, start.cfg.schedule
+            if start.cfg.image_size != cfg.data.image_size:
+                raise ConfigError(f"init_from's model makes {start.cfg.image_size} px images; set data.image_size = "
+                                  f"{start.cfg.image_size} (got {cfg.data.image_size})")
+        else:
+            vae = load_vae(cfg.vae_dir)
+            text, self.tokenizer = load_text_encoder(cfg.clip_dir)
+            ucfg = dataclasses.replace(cfg.model, in_channels=vae.cfg.embed_dim, out_channels=vae.cfg.embed_dim,
+                                       context_dim=text.cfg.width)
+            schedule = cfg.schedule
+        self.vae = vae.to(ctx.device).requires_grad_(False)
         self.text = text.to(ctx.device).requires_grad_(False)
-        ucfg = dataclasses.replace(cfg.model, in_channels=self.vae.cfg.embed_dim, out_channels=self.vae.cfg.embed_dim,
-                                   context_dim=self.text.cfg.width)
         try:
-            self.sd_cfg = SDConfig(unet=ucfg, vae=self.vae.cfg, text=self.text.cfg, schedule=cfg.schedule,
+            self.sd_cfg = SDConfig(unet=ucfg, vae=self.vae.cfg, text=self.text.cfg, schedule=schedule,
                                    image_size=cfg.data.image_size)
         except ValueError as e:
             raise ConfigError(f"the U-Net stage's parts do not fit together: {e}") from None
         self._load_cache()
-        return {"unet": DiffusionLoss(UNetModel(ucfg), cfg.schedule, cfg.min_snr_gamma)}
+        unet = UNetModel(ucfg)
+        if start is not None:
+            unet.load_state_dict(start.model.diffusion_model.state_dict())
+        return {"unet": DiffusionLoss(unet, schedule, cfg.min_snr_gamma)}
 
     def _load_cache(self) -> None:
         """Build (rank 0) or read the latent cache; every rank then holds it."""
@@ -184,12 +235,14 @@ class UNetStage(Stage):
         vae_hash = state_hash(self.vae, extra=json.dumps(to_dict(self.vae.cfg)).encode())
         text_hash = state_hash(self.text, extra=json.dumps(to_dict(self.text.cfg)).encode()
                                + tokenizer_hash(self.tokenizer).encode())
-        path = cache_path(ctx.run_dir / "cache", vae_hash, text_hash, cfg.data, n, cfg.cache_text_dtype.value)
+        grounding = cfg.grounding_weight > 0
+        path = cache_path(ctx.run_dir / "cache", vae_hash, text_hash, cfg.data, n, cfg.cache_text_dtype.value,
+                          grounding)
         if ctx.is_main and not path.is_file():
             source.prefill(n, cfg.data.workers)
             tensors = build_latent_cache(source, n, self.vae, self.text, self.tokenizer, batch_size=cfg.cache_batch,
                                          device=ctx.device, text_dtype=cfg.cache_text_dtype.torch,
-                                         progress=cfg.train.progress)
+                                         progress=cfg.train.progress, grounding=grounding)
             write_safetensors(tensors, path, metadata={"vae_dir": str(cfg.vae_dir), "clip_dir": str(cfg.clip_dir)})
         ctx.barrier()
         tensors = load_file(str(path))
@@ -197,25 +250,39 @@ class UNetStage(Stage):
         self.latents = tensors["latents"].to(ctx.device)  # (N, C, h, w)
         self.context = tensors["context"]  # (N, L, D), kept on the CPU in its storage type
         self.empty = tensors["empty_context"].to(ctx.device)  # (1, L, D)
+        self.ground_tokens = tensors["ground_tokens"].to(ctx.device) if grounding else None  # (N, G, K)
+        self.ground_masks = tensors["ground_masks"].to(ctx.device) if grounding else None  # (N, G, h, w)
         self.pool = self.latents.shape[0]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
         ctx = self.ctx
         idx = torch.tensor(batch_indices(ctx.cfg.seed, step, ctx.rank, ctx.world, ctx.local_batch, self.pool))
-        return self.latents[ctx.to_device(idx)], ctx.to_device(self.context[idx], torch.float32)
+        on_device = ctx.to_device(idx)
+        out = (self.latents[on_device], ctx.to_device(self.context[idx], torch.float32))
+        if self.ground_tokens is not None:
+            out += (self.ground_tokens[on_device], self.ground_masks[on_device].float())
+        return out
 
-    def updates(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> Iterator[Update]:
+    def updates(self, batch: tuple[torch.Tensor, ...], step: int) -> Iterator[Update]:
         ctx, cfg = self.ctx, self.cfg
-        x0, context = batch
+        x0, context = batch[:2]
         b = x0.shape[0]
         g = ctx.generator(step)
-        t = ctx.to_device(torch.randint(0, cfg.schedule.num_train_timesteps, (b,), generator=g))
+        t = ctx.to_device(torch.randint(0, self.sd_cfg.schedule.num_train_timesteps, (b,), generator=g))
         noise = ctx.to_device(torch.randn(x0.shape, generator=g))
         drop = ctx.to_device(torch.rand(b, generator=g) < cfg.caption_dropout)
         context = torch.where(drop.reshape(-1, 1, 1), self.empty.expand_as(context), context)
+        ground = (batch[2], batch[3], ~drop) if len(batch) > 2 else None
         with ctx.autocast():
-            loss = ctx.wrapped["unet"](x0, context, t, noise).mean()
-        yield Update("unet", loss, {"loss": loss})
+            diffusion, grounded = ctx.wrapped["unet"](x0, context, t, noise, ground)
+            diffusion = diffusion.mean()
+            if grounded is None:
+                loss = diffusion
+            else:
+                grounded = grounded.sum() / (~drop).sum().clamp(min=1)
+                loss = diffusion + cfg.grounding_weight * grounded
+        metrics = {"loss": loss} if grounded is None else {"loss": loss, "diffusion": diffusion, "grounding": grounded}
+        yield Update("unet", loss, metrics)
 
     # -- evaluation and export (rank 0) ----------------------------------------------
 
@@ -256,3 +323,18 @@ class UNetStage(Stage):
 
         dtype = torch.float16 if self.cfg.export_half else None
         return save_opensd(self.assemble(), self.tokenizer, self.ctx.run_dir / MODEL_FOLDER, dtype=dtype)
+
+
+def _parts_of_model(path: str):
+    """(VAE, text encoder, tokenizer, StableDiffusion) of the opensd model folder at ``path``, in float32."""
+    from opensd.checkpoints import CheckpointError, detect_format, load_model
+
+    p = Path(path)
+    try:
+        if detect_format(p) != "opensd":
+            raise ConfigError(f"init_from must be an opensd model folder (as `opensd train unet` exports), got {p}")
+        loaded = load_model(p)
+    except CheckpointError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    sd = loaded.model.float()
+    return sd.first_stage_model, sd.cond_stage_model.transformer, loaded.tokenizer, sd

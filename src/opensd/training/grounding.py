@@ -1,0 +1,144 @@
+"""Grounded cross-attention: teach each word of a caption to look at its object.
+
+TokenCompose (Wang et al. 2024, "TokenCompose: Text-to-Image Diffusion with
+Token-level Supervision") adds to the diffusion loss a term that pulls the U-Net's
+cross-attention of every noun token into that object's segmentation mask, and
+reports better multi-object composition. The shapes world knows every object's
+exact mask, so opensd can do the same:
+
+* :func:`grounding_targets` finds, for each object group of a caption's spec, the
+  context positions of its shape, colour and size words (articles and numbers are
+  left free) and the group's mask at the latent's resolution (the covered share
+  of each latent cell, in [0, 1]);
+* :class:`AttentionCapture` collects the probabilities of every cross-attention
+  layer (``attn2``) of a U-Net during one forward pass, with their gradients;
+* :func:`grounding_loss` is TokenCompose's token loss per sample: for a grounded
+  token with attention ``A`` (over the layer's positions, mean of its heads) and
+  mask ``M`` pooled to the layer's grid, ``(1 - sum(A * M) / sum(A)) ** 2``,
+  averaged over the sample's grounded tokens and over the layers.
+
+Samples whose caption was dropped (classifier-free guidance) or that have no
+grounded token add zero.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opensd.data.shapes import PALETTE, PLURALS, SHAPES, SIZES, PromptSpec, Scene, noun_phrase, masks
+from opensd.explain.attention import feature_grid
+from opensd.models.transformer import BasicTransformerBlock
+
+MAX_GROUPS = 2  # a shapes caption states one or two object groups
+MAX_WORDS = 3  # size, colour, shape
+GROUNDED_WORDS = frozenset([*SHAPES, *PLURALS.values(), *PALETTE, *SIZES])
+
+
+def _find(haystack: Sequence[int], needle: Sequence[int], start: int) -> int:
+    """First index >= ``start`` where ``needle`` occurs in ``haystack``, or -1."""
+    n = len(needle)
+    for i in range(start, len(haystack) - n + 1):
+        if list(haystack[i : i + n]) == list(needle):
+            return i
+    return -1
+
+
+def grounding_targets(
+    caption: str, spec: PromptSpec, scene: Scene, tokenizer, latent_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token positions (MAX_GROUPS, MAX_WORDS) long (-1: none) and masks (MAX_GROUPS, h, w) float.
+
+    Positions index the framed context ``[bos, words..., eos, pad...]`` the tokenizer
+    makes of ``caption``. Scene objects are in spec order (``spec.objects[0]``'s
+    ``count`` objects first), as :func:`opensd.data.shapes.realize` makes them; a
+    group's mask is the union of its objects'. A noun phrase that cannot be found in
+    the caption (a caption not made from ``spec``) grounds nothing.
+    """
+    h, w = latent_size
+    tokens = torch.full((MAX_GROUPS, MAX_WORDS), -1, dtype=torch.long)
+    out_masks = torch.zeros(MAX_GROUPS, h, w)
+    ids = tokenizer.encode(caption)
+    limit = tokenizer.context_length - 2  # words past this are truncated away
+    obj_masks = masks(scene, scene.image_size)
+    first_obj, search = 0, 0
+    for g, group in enumerate(spec.objects[:MAX_GROUPS]):
+        union = np.zeros_like(obj_masks[0]) if obj_masks else None
+        for m in obj_masks[first_obj : first_obj + group.count]:
+            union |= m
+        first_obj += group.count
+        if union is not None:
+            size = union.shape[0]
+            if size % h or size % w:
+                raise ValueError(f"image side {size} is not a multiple of the latent size {h}x{w}")
+            cells = torch.from_numpy(union.astype(np.float32))[None, None]  # (1, 1, H, W)
+            out_masks[g] = F.avg_pool2d(cells, (size // h, size // w))[0, 0]  # (h, w) covered share
+        for say_one in (False, True):
+            phrase = noun_phrase(group, say_one)
+            at = _find(ids, tokenizer.encode(phrase), search)
+            if at >= 0:
+                break
+        if at < 0:
+            continue
+        words = phrase.split()
+        search = at + len(words)
+        slots = [at + k for k, word in enumerate(words) if word in GROUNDED_WORDS and at + k < limit]
+        for k, pos in enumerate(slots[:MAX_WORDS]):
+            tokens[g, k] = pos + 1  # + 1: bos
+    return tokens, out_masks
+
+
+class AttentionCapture:
+    """Context manager: every ``attn2`` of ``unet`` hands its probabilities (B, heads, N, L) to ``probs``.
+
+    The attention is then computed explicitly (see ``CrossAttention.attn_store``), so
+    the probabilities carry gradients. The hooks are removed on exit, which keeps
+    copies of the network (EMA, evaluation) free of them.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.layers = [m.attn2 for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+        self.probs: list[torch.Tensor] = []
+
+    def __enter__(self) -> AttentionCapture:
+        self.probs.clear()
+        for attn in self.layers:
+            attn.attn_store = self.probs.append
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for attn in self.layers:
+            attn.attn_store = None
+
+
+def grounding_loss(
+    probs: Sequence[torch.Tensor], tokens: torch.Tensor, masks_: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample token loss (B,), see the module docstring.
+
+    ``probs``: each layer's (B, heads, N, L); ``tokens`` (B, G, K) long, -1 for none;
+    ``masks_`` (B, G, h, w) covered share at the latent size; ``keep`` (B,) bool,
+    False for samples whose caption was dropped.
+    """
+    b, g, k = tokens.shape
+    h, w = masks_.shape[-2:]
+    valid = (tokens >= 0).flatten(1) & keep[:, None]  # (B, G*K)
+    count = valid.sum(1)  # (B,)
+    idx = tokens.clamp(min=0).flatten(1)  # (B, G*K)
+    if not probs:
+        raise ValueError("no cross-attention probabilities were captured")
+    total = torch.zeros(b, device=tokens.device)
+    for p in probs:
+        a = p.float().mean(1)  # (B, N, L)
+        n = a.shape[1]
+        hl, wl = feature_grid(n, h, w)
+        m = F.adaptive_avg_pool2d(masks_.float(), (hl, wl)).flatten(2)  # (B, G, N)
+        m = m.repeat_interleave(k, dim=1)  # (B, G*K, N)
+        a_tok = a.gather(2, idx[:, None, :].expand(-1, n, -1)).transpose(1, 2)  # (B, G*K, N)
+        inside = (a_tok * m).sum(-1) / a_tok.sum(-1).clamp_min(1e-12)  # (B, G*K)
+        total = total + ((1 - inside).pow(2) * valid).sum(1)
+    return total / (len(probs) * count.clamp(min=1))

@@ -81,11 +81,11 @@ def _run(kind: str, pipe_args: dict, model: Optional[Path], out: Optional[str], 
 
 def _common(
     steps: int, sampler: str, karras: Optional[bool], cfg_scale: float, width: Optional[int], height: Optional[int],
-    seed: Optional[int], batch_size: int, clip_skip: int, negative_prompt: str,
+    seed: Optional[int], batch_size: int, clip_skip: int, negative_prompt: str, tiled_vae: Optional[bool] = None,
 ) -> dict:
     return dict(
         negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg_scale=cfg_scale,
-        width=width, height=height, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
+        width=width, height=height, seed=seed, batch_size=batch_size, clip_skip=clip_skip, tiled_vae=tiled_vae,
     )
 
 
@@ -101,6 +101,10 @@ SEED = typer.Option(None, help="Seed; the same seed gives the same image. Defaul
 BATCH = typer.Option(1, "--batch-size", "-b", help="Images to make; image i uses seed + i.")
 CLIP_SKIP = typer.Option(1, "--clip-skip", help="Use the output of the n-th last text layer (A1111's Clip skip).")
 OUT = typer.Option(None, "--out", "-o", help="Output PNG path (a batch adds -0, -1, ...). Default: outputs/<time>-<seed>.png")
+TILED_VAE = typer.Option(
+    None, "--tiled-vae/--no-tiled-vae",
+    help="Decode the image in overlapping tiles (less memory for large images). Default: only above 96 latent cells (768 px) on a side.",
+)
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
@@ -112,10 +116,10 @@ def register(app: typer.Typer) -> None:
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
         cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
-        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+        tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
     ) -> None:
         """Text to image: write PNGs carrying their generation parameters."""
-        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt)
+        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         _run("txt2img", {"prompt": prompt, **args}, model, out, quiet)
 
     @app.command()
@@ -127,10 +131,10 @@ def register(app: typer.Typer) -> None:
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
         cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
-        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+        tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
     ) -> None:
         """Image to image: modify IMAGE toward PROMPT."""
-        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt)
+        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args}, model, out, quiet)
 
     @app.command()
@@ -143,10 +147,10 @@ def register(app: typer.Typer) -> None:
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
         cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
-        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+        tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
-        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt)
+        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **args}, model, out, quiet)
 
     @app.command("png-info")

@@ -37,6 +37,7 @@ class GenerationRequest:
     batch_size: int = 1
     strength: float = 1.0
     clip_skip: int = 1
+    tiled_vae: bool | None = None  # decode in tiles; None: when the latent is over 96 cells on a side
     sampler_options: dict[str, Any] = field(default_factory=dict)
 
     def resolved_sampler(self) -> tuple[SamplerSpec, SigmaSpacing]:
@@ -79,6 +80,8 @@ def validate(req: GenerationRequest, *, multiple: int = 8, min_side: int = 16) -
         raise RequestError(f"seed must be an integer from 0 to {SEED_RANGE - 1} (or -1 for random), got {req.seed!r}")
     if not _is_int(req.clip_skip) or req.clip_skip < 1:
         raise RequestError(f"clip_skip must be an integer >= 1, got {req.clip_skip!r}")
+    if req.tiled_vae is not None and not isinstance(req.tiled_vae, bool):
+        raise RequestError(f"tiled_vae must be true, false or None (automatic), got {req.tiled_vae!r}")
     try:
         spec, _ = req.resolved_sampler()
     except ValueError as e:

@@ -28,6 +28,7 @@ from opensd.diffusion.registry import sample
 from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_pil, to_tensor
 from opensd.pipelines.infotext import format_infotext
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
+from opensd.pipelines.vae_tiling import decode_tiled, should_tile
 
 
 @dataclass
@@ -262,7 +263,7 @@ class StableDiffusionPipeline:
                         result = init_latent if init_latent is not None else noise * 0
             if latent_mask is not None and inpaint_concat is None:
                 result = latent_mask * result + (1 - latent_mask) * init_latent
-            decoded = self.model.vae.decode(self.model.vae.from_latent(result.to(dtype)))
+            decoded = self.decode_latents(result.to(dtype), req.tiled_vae)
             if mask is not None:
                 # As A1111 does: outside the mask, the original pixels, exactly.
                 decoded = m * decoded + (1 - m) * pixels
@@ -285,6 +286,18 @@ class StableDiffusionPipeline:
         from opensd.prompts.syntax import encode_prompts
 
         return encode_prompts(self.model.text_encoder, self.tokenizer, prompts, skip_layers=clip_skip - 1)
+
+    def decode_latents(self, latents: torch.Tensor, tiled_vae: bool | None = None) -> torch.Tensor:
+        """Diffusion latents (B, C, h, w) -> images (B, 3, h*f, w*f) in about [-1, 1].
+
+        ``tiled_vae``: decode in overlapping tiles (:mod:`opensd.pipelines.vae_tiling`);
+        None decides by size (tiles when a side is over 96 latent cells, 768 px in SD 1.x).
+        """
+        vae = self.model.vae
+        z = vae.from_latent(latents)
+        if should_tile(z.shape[2], z.shape[3], tiled_vae):
+            return decode_tiled(vae, z)
+        return vae.decode(z)
 
     def infotext(self, req: GenerationRequest, seed: int) -> str:
         spec, spacing = req.resolved_sampler()
@@ -341,6 +354,7 @@ class StableDiffusionPipeline:
         karras = options.pop("karras", None)
         rescale = options.pop("guidance_rescale", 0.0)
         clip_skip = options.pop("clip_skip", 1)
+        tiled_vae = options.pop("tiled_vae", None)
         return GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -355,6 +369,7 @@ class StableDiffusionPipeline:
             batch_size=batch_size,
             strength=strength,
             clip_skip=clip_skip,
+            tiled_vae=tiled_vae,
             sampler_options=options,
         )
 

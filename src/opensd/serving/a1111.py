@@ -31,7 +31,7 @@ from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving.codec import decode_image, encode_png
 from opensd.serving.errors import ApiError
 from opensd.serving.models import Checkpoint
-from opensd.serving.queue import Job, run_batches
+from opensd.serving.queue import PREVIEW_MODES, Job, run_batches
 from opensd.serving.schemas import (
     ImageResponse,
     Img2ImgRequest,
@@ -287,7 +287,7 @@ def progress(request: Request, skip_current_image: bool = False) -> dict:
     running = job.started is not None
     image = None
     if running and not skip_current_image and st.options["live_previews_enable"]:
-        image = job.preview_png()
+        image = job.preview_png(st.options["show_progress_type"])
     state = {
         "skipped": job.skipped.is_set(),
         "interrupted": job.interrupted.is_set(),
@@ -345,6 +345,9 @@ def set_options(request: Request, body: dict[str, Any] = Body(...)) -> None:
         _clip_skip(st, body, st.registry.current)
     if "live_previews_enable" in body and not isinstance(body["live_previews_enable"], bool):
         raise ApiError(422, "live_previews_enable must be true or false", param="live_previews_enable")
+    if "show_progress_type" in body and body["show_progress_type"] not in PREVIEW_MODES:
+        allowed = ", ".join(repr(m) for m in PREVIEW_MODES)
+        raise ApiError(422, f"show_progress_type must be one of {allowed}; got {body['show_progress_type']!r}", param="show_progress_type")
     if body.get("sd_model_checkpoint") is not None:
         st.registry.switch(body["sd_model_checkpoint"])
     with st.options_lock:

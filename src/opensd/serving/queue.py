@@ -26,10 +26,14 @@ from typing import Callable, TypeVar
 import torch
 
 from opensd.pipelines.images import to_pil
+from opensd.pipelines.preview import linear_preview_for
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline, StepInfo
 from opensd.serving.errors import ApiError
 
 T = TypeVar("T")
+
+# A1111's show_progress_type values that opensd implements (A1111 also has "Approx NN" and "TAESD").
+PREVIEW_MODES = ("Full", "Approx cheap")
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Job:
     denoised: torch.Tensor | None = None  # (1, C, h, w): the first image's latest x0 prediction
     interrupted: threading.Event = field(default_factory=threading.Event)
     skipped: threading.Event = field(default_factory=threading.Event)
-    _preview: tuple[tuple[int, int], str] | None = None
+    _preview: tuple[tuple[int, int, str], str] | None = None
     _preview_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def callback(self, info: StepInfo) -> bool:
@@ -80,13 +84,18 @@ class Job:
     def timestamp(self) -> str:
         return time.strftime("%Y%m%d%H%M%S", time.localtime(self.started or self.created))
 
-    def preview_png(self) -> str | None:
-        """Base64 PNG of the current x0 prediction, decoded by the VAE.
+    def preview_png(self, mode: str = "Full") -> str | None:
+        """Base64 PNG of the current x0 prediction.
 
-        Cached per step, and one decode at a time: a poll that comes while a decode runs
-        gets the previous preview rather than queueing another VAE pass.
+        ``mode`` is A1111's ``show_progress_type``: ``"Full"`` decodes with the VAE;
+        ``"Approx cheap"`` applies a linear latent-to-RGB map fitted once per VAE
+        (:mod:`opensd.pipelines.preview`), upscaled to the image size by nearest neighbour.
+        Cached per step and mode, and one preview at a time: a poll that comes while one
+        is made gets the previous preview rather than queueing another pass.
         """
-        denoised, pipe, key = self.denoised, self.pipeline, (self.iteration, self.step)
+        if mode not in PREVIEW_MODES:
+            raise ValueError(f"preview mode must be one of {', '.join(PREVIEW_MODES)}; got {mode!r}")
+        denoised, pipe, key = self.denoised, self.pipeline, (self.iteration, self.step, mode)
         if denoised is None or pipe is None:
             return None
         cached = self._preview
@@ -95,7 +104,10 @@ class Job:
         try:
             vae = pipe.model.vae
             with torch.inference_mode():
-                image = to_pil(vae.decode(vae.from_latent(denoised.to(pipe.model.device, pipe.model.dtype))))[0]
+                if mode == "Approx cheap":
+                    image = linear_preview_for(vae).to_pil(vae.from_latent(denoised.float()))[0]
+                else:
+                    image = to_pil(pipe.decode_latents(denoised.to(pipe.model.device, pipe.model.dtype)))[0]
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             self._preview = (key, base64.b64encode(buf.getvalue()).decode("ascii"))

@@ -1,0 +1,195 @@
+"""Tiled VAE decoding: exact blending on local decoders, closeness on a real (tiny, random)
+AutoencoderKL, argument checks, and the pipeline / CLI option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from opensd.checkpoints import LoadedModel
+from opensd.checkpoints.opensd_format import save_opensd
+from opensd.models.vae import AutoencoderKL, VAEConfig
+from opensd.pipelines.request import RequestError
+from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+from opensd.pipelines.vae_tiling import TilingError, decode_tiled, should_tile, tile_starts
+
+from helpers import randomize, tiny_word_bundle
+
+
+class PointwiseVAE(nn.Module):
+    """A perfectly local decoder: 1x1 conv, then nearest upsampling by f. Tiling it is exact."""
+
+    def __init__(self, c: int = 4, f: int = 4):
+        super().__init__()
+        self.cfg = SimpleNamespace(embed_dim=c, downsample_factor=f)
+        self.proj = nn.Conv2d(c, 3, 1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.proj(z), scale_factor=self.cfg.downsample_factor, mode="nearest")
+
+
+class TileMeanVAE(PointwiseVAE):
+    """Decodes each input to its spatial mean colour: as non-local as GroupNorm statistics,
+    so neighbouring tiles disagree and only the blend can hide the seam."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        f = self.cfg.downsample_factor
+        m = self.proj(z).mean(dim=(2, 3), keepdim=True)  # (B, 3, 1, 1)
+        return m.expand(-1, -1, z.shape[2] * f, z.shape[3] * f)
+
+
+@pytest.fixture(scope="module")
+def vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return randomize(AutoencoderKL(VAEConfig.tiny()), 0).eval()
+
+
+def test_tile_starts_cover_and_end_at_the_border() -> None:
+    assert tile_starts(10, 16, 4) == [0]
+    assert tile_starts(16, 16, 4) == [0]
+    assert tile_starts(24, 16, 8) == [0, 8]
+    assert tile_starts(30, 12, 4) == [0, 8, 16, 18]  # last moved back to end at 30
+    assert tile_starts(24, 12, 0) == [0, 12]
+
+
+@pytest.mark.parametrize("h, w, tile, overlap", [(24, 24, 12, 4), (17, 30, 8, 3), (9, 40, 9, 0), (20, 13, 5, 4), (6, 25, 1, 0)])
+def test_blending_is_exact_for_a_local_decoder(h: int, w: int, tile: int, overlap: int) -> None:
+    torch.manual_seed(1)
+    fake = PointwiseVAE()
+    z = torch.randn(2, 4, h, w)
+    with torch.no_grad():
+        torch.testing.assert_close(decode_tiled(fake, z, tile, overlap), fake.decode(z), rtol=0, atol=1e-6)
+        const = torch.full((1, 4, h, w), 0.3)
+        out = decode_tiled(fake, const, tile, overlap)
+    colour = out[:, :, :1, :1]
+    assert out.shape == (1, 3, h * 4, w * 4)
+    assert (out - colour).abs().max() < 1e-6  # a constant latent stays exactly constant
+
+
+def test_seams_between_disagreeing_tiles_are_linear_ramps() -> None:
+    torch.manual_seed(2)
+    fake, f, tile, overlap = TileMeanVAE(f=2), 2, 8, 4
+    # A latent that brightens to the right plus noise: starts [0, 4, 8, 12] along w give
+    # four tiles of four different colours.
+    z = torch.arange(20.0).expand(1, 4, 8, 20) * 0.5 + torch.randn(1, 4, 8, 20)
+    with torch.no_grad():
+        fake.proj.weight.fill_(0.25)  # colour = the channel mean: the tiles' means differ by ~2
+        out = decode_tiled(fake, z, tile, overlap)
+        colours = torch.stack([fake.decode(z[:, :, :, s : s + tile])[0, :, 0, 0] for s in tile_starts(20, tile, overlap)])
+    biggest = (colours[1:] - colours[:-1]).abs().max()
+    assert biggest > 0.5  # the tiles really disagree
+    jump = (out[..., 1:] - out[..., :-1]).abs().max()
+    # Each seam fades over overlap * f = 8 px: no step larger than the largest tile
+    # difference spread over the ramp (without blending it would be `biggest` itself).
+    assert jump <= biggest / (overlap * f) + 1e-5
+    assert (out[..., 1:, :] - out[..., :-1, :]).abs().max() < 1e-6  # one tile row: nothing varies down
+
+
+def test_one_tile_equals_the_full_decode_exactly(vae: AutoencoderKL) -> None:
+    z = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(decode_tiled(vae, z, tile=12, overlap=4), vae.decode(z))
+        assert torch.equal(decode_tiled(vae, z), vae.decode(z))  # default 64-cell tiles
+
+
+def test_2x2_tiles_are_close_to_the_full_decode(vae: AutoencoderKL) -> None:
+    g = torch.Generator().manual_seed(4)
+    z, other = torch.randn(2, 4, 24, 24, generator=g), torch.randn(2, 4, 24, 24, generator=g)
+    with torch.no_grad():
+        full, wrong = vae.decode(z), vae.decode(other)
+        tiled = decode_tiled(vae, z, tile=16, overlap=8)  # starts [0, 8] on each axis: 2 x 2 tiles
+        butted = decode_tiled(vae, z, tile=12, overlap=0)  # 2 x 2 tiles that only touch
+        faded = decode_tiled(vae, z, tile=12, overlap=6)  # 3 x 3 tiles, 6-cell overlaps
+    err, scale = (tiled - full).abs(), (wrong - full).abs()
+    # A random VAE's per-tile GroupNorm/attention statistics differ from the full image's
+    # (a trained VAE differs less); measured 0.13 of the mean and 0.22 of the max
+    # difference to a decode of another latent. Bounds with some margin, far below 1.
+    assert err.mean() < 0.2 * scale.mean()
+    assert err.max() < 0.3 * scale.max()
+    # The overlap is what keeps the error down: touching tiles are much worse at the seams.
+    assert (faded - full).abs().max() < 0.5 * (butted - full).abs().max()
+    assert (faded - full).abs().mean() < (butted - full).abs().mean()
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"tile": 0}, "tile must be >= 1"),
+    ({"tile": 8, "overlap": 8}, "overlap must be in [0, tile)"),
+    ({"tile": 8, "overlap": -1}, "overlap must be in [0, tile)"),
+    ({"tile": 8.0}, "tile must be an integer"),
+    ({"overlap": True}, "overlap must be an integer"),
+])
+def test_bad_arguments_raise(vae: AutoencoderKL, kw: dict, message: str) -> None:
+    with pytest.raises(TilingError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        decode_tiled(vae, torch.zeros(1, 4, 8, 8), **kw)
+
+
+@pytest.mark.parametrize("z", [torch.zeros(1, 3, 8, 8), torch.zeros(4, 8, 8), "latent"])
+def test_bad_latent_raises(vae: AutoencoderKL, z) -> None:
+    with pytest.raises(TilingError, match=r"z must be a \(B, 4, h, w\) latent"):
+        decode_tiled(vae, z)
+    assert issubclass(TilingError, ValueError)
+
+
+def test_automatic_rule() -> None:
+    assert not should_tile(96, 96, None) and should_tile(97, 10, None) and should_tile(10, 97, None)
+    assert should_tile(8, 8, True) and not should_tile(200, 200, False)
+
+
+# ---------------------------------------------------------------- pipeline and CLI
+
+
+@pytest.fixture(scope="module")
+def pipe() -> StableDiffusionPipeline:
+    model, tok = tiny_word_bundle(seed=3)
+    return StableDiffusionPipeline(LoadedModel(model, tok, "tiny", Path("."), "opensd", "0" * 10))
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+def test_pipeline_option_same_image_when_one_tile(pipe: StableDiffusionPipeline) -> None:
+    kw = dict(steps=2, seed=5, cfg_scale=1.0, batch_size=2)
+    plain = _pixels(pipe.txt2img("a red circle", **kw))
+    forced = _pixels(pipe.txt2img("a red circle", tiled_vae=True, **kw))  # 16x16 latent: one tile
+    auto = _pixels(pipe.txt2img("a red circle", tiled_vae=None, **kw))
+    assert np.array_equal(plain, forced) and np.array_equal(plain, auto)
+    image = pipe.img2img(pipe.txt2img("x", steps=1, seed=1)[0], "a red circle", strength=0.5, steps=2, seed=2, tiled_vae=True)
+    assert image[0].size == (32, 32)
+
+
+def test_pipeline_option_tiles_a_multi_tile_size(pipe: StableDiffusionPipeline) -> None:
+    kw = dict(steps=1, seed=6, cfg_scale=1.0, width=144, height=32)  # latent 16 x 72: two 64-cell tiles
+    tiled = _pixels(pipe.txt2img("a red circle", tiled_vae=True, **kw))
+    plain = _pixels(pipe.txt2img("a red circle", tiled_vae=False, **kw))
+    assert tiled.shape == plain.shape == (1, 32, 144, 3)
+    assert not np.array_equal(tiled, plain)  # really tiled: per-tile statistics change a little
+    assert np.abs(tiled - plain).mean() < 3  # of 255 (measured 0.7; another seed: 66): the same picture
+
+
+def test_pipeline_rejects_a_bad_option(pipe: StableDiffusionPipeline) -> None:
+    with pytest.raises(RequestError, match="tiled_vae must be true, false or None"):
+        pipe.txt2img("a red circle", steps=1, tiled_vae="yes")
+
+
+def test_cli_flags(tmp_path: Path) -> None:
+    from opensd.cli.main import app
+
+    model, tok = tiny_word_bundle(seed=3)
+    model_dir = save_opensd(model, tok, tmp_path / "tiny")
+    runner = CliRunner()
+    outs = []
+    for flag in ("--tiled-vae", "--no-tiled-vae"):
+        out = tmp_path / f"{flag}.png"
+        res = runner.invoke(app, ["generate", "a red circle", "-m", str(model_dir), "--steps", "1", "--seed", "7", "-o", str(out), "-q", flag])
+        assert res.exit_code == 0, res.output
+        outs.append(_pixels([Image.open(out).convert("RGB")]))
+    assert np.array_equal(*outs)  # 32 px: one tile either way

@@ -3,6 +3,7 @@
     python scripts/measure_default_model.py roundtrip  [-m MODEL]   # VAE round trip of the suites' renders
     python scripts/measure_default_model.py attention  [-m MODEL]   # shape-word attention inside its object
     python scripts/measure_default_model.py relations  [-m MODEL]   # where the two objects of relation prompts land
+    python scripts/measure_default_model.py preview    [-m MODEL]   # the linear live preview against the VAE decode
 
 MODEL defaults to the default model (models/opensd-shapes or $OPENSD_MODEL).
 """
@@ -107,14 +108,31 @@ def relations(pipe) -> None:
                 print(prompt, found)
 
 
+def preview(pipe) -> None:
+    """PSNR (dB) against each image average-pooled to the latent grid: the linear preview
+    ("Approx cheap"), the full VAE decode pooled the same way, and a flat image of the mean colour."""
+    from opensd.pipelines.preview import linear_preview_for
+
+    vae, f = pipe.model.vae, pipe.cfg.vae.downsample_factor
+    x = torch.stack([pil_to_tensor(s.image) for s in ShapesDataset(seed=9, image_size=pipe.cfg.image_size).take(64)])
+    with torch.no_grad():
+        z = vae.encode(x).mode()
+        pooled = F.avg_pool2d(x, f)
+        rows = {"linear preview": linear_preview_for(vae)(z),
+                "full decode": F.avg_pool2d(vae.decode(z).clamp(-1, 1), f),
+                "mean colour": pooled.mean((2, 3), keepdim=True).expand_as(pooled)}
+    for name, y in rows.items():
+        print(f"{name}: {float(10 * torch.log10(4 / (y - pooled).pow(2).mean())):.1f} dB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["roundtrip", "attention", "relations"])
+    ap.add_argument("what", choices=["roundtrip", "attention", "relations", "preview"])
     ap.add_argument("-m", "--model", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = opensd.load(resolve_model(args.model))
-    {"roundtrip": roundtrip, "attention": attention, "relations": relations}[args.what](pipe)
+    {"roundtrip": roundtrip, "attention": attention, "relations": relations, "preview": preview}[args.what](pipe)
 
 
 if __name__ == "__main__":

@@ -148,11 +148,11 @@ def test_job_preview_modes(pipe: StableDiffusionPipeline) -> None:
 
 def test_show_progress_type_option(pipe: StableDiffusionPipeline) -> None:
     with TestClient(create_app(pipe)) as client:
-        assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "Approx cheap"
+        assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "Full"
         r = client.post("/sdapi/v1/options", json={"show_progress_type": "Approx NN"})
         assert r.status_code == 422 and "show_progress_type must be one of 'Full', 'Approx cheap'" in r.json()["detail"]
-        assert client.post("/sdapi/v1/options", json={"show_progress_type": "Full"}).status_code == 200
-        assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "Full"
+        assert client.post("/sdapi/v1/options", json={"show_progress_type": "Approx cheap"}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "Approx cheap"
 
 
 class _SlowPipeline(StableDiffusionPipeline):
@@ -174,6 +174,7 @@ class _SlowPipeline(StableDiffusionPipeline):
 def test_progress_serves_the_cheap_preview(pipe: StableDiffusionPipeline) -> None:
     slow = _SlowPipeline(pipe.loaded, pause=0.05)
     with one_thread_direct_loopback(), serve_in_thread(create_app(slow)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        assert http.post("/sdapi/v1/options", json={"show_progress_type": "Approx cheap"}).status_code == 200
         worker = threading.Thread(target=lambda: http.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 60, "seed": 1}))
         worker.start()
         try:

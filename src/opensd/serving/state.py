@@ -19,9 +19,10 @@ class ServerState:
     queue: GenerationQueue
     limits: Limits
     # Options a client may set with POST /sdapi/v1/options (A1111 names).
-    # show_progress_type: "Approx cheap" (a fitted linear latent-to-RGB map) or "Full" (the VAE).
+    # show_progress_type: "Full" (the VAE) or "Approx cheap" (a fitted linear latent-to-RGB map:
+    # instant, but on the default model's VAE no better than a flat colour, docs/server.md).
     options: dict[str, Any] = field(default_factory=lambda: {
-        "CLIP_stop_at_last_layers": 1, "live_previews_enable": True, "show_progress_type": "Approx cheap",
+        "CLIP_stop_at_last_layers": 1, "live_previews_enable": True, "show_progress_type": "Full",
     })
     options_lock: threading.Lock = field(default_factory=threading.Lock)
 

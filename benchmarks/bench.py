@@ -564,6 +564,7 @@ def case_memory(s: Settings) -> dict[str, Any]:
         torch.manual_seed(0)
         with torch.device(s.device):
             model = StableDiffusion(cfg)
+        out["fp32_weight_bytes"] = 4 * sum(p.numel() for p in model.parameters())
         save_diffusers(model.to(s.dtype).cpu(), tok, Path(tmp) / "sd15")
         del model
         if s.device.type == "cuda":
@@ -668,6 +669,12 @@ def table(rows: list[Row], memory: dict[str, Any] | None, compiled: bool) -> str
                     f"**{o['cuda_max_allocated_bytes'] / d['cuda_max_allocated_bytes']:.2f}x** |")
         out += (f"\n| load / generate time | {o['load_s']:.1f} s / {o['generate_s']:.1f} s | "
                 f"{d['load_s']:.1f} s / {d['generate_s']:.1f} s | |")
+        if "fp32_weight_bytes" in memory:  # the CPU target: peak <= fp32 weights + 1.5 GB
+            w = memory["fp32_weight_bytes"]
+            target = w + 1.5e9
+            verdict = "met" if o["peak_rss_bytes"] <= target else "not met"
+            out += (f"\nTarget: fp32 weights {w / 1e9:.2f} GB + 1.5 GB = {target / 1e9:.2f} GB; "
+                    f"opensd's peak {o['peak_rss_bytes'] / 1e9:.2f} GB ({verdict}).")
     return out
 
 

@@ -267,3 +267,43 @@ def test_most_attention_of_a_shape_word_falls_inside_its_object() -> None:
     masses = shape_word_masses(pipe, 16)
     assert len(masses) >= 12
     assert float(np.mean(masses)) > 0.5, f"mean mass inside the object: {np.mean(masses):.3f} ({masses})"
+
+
+def generated_shape_word_masses(pipe, prompts: list[str], seed: int = 7) -> list[float]:
+    """Share of each shape word's attention inside the object the model drew for it.
+
+    The prompt is generated (the maps are read during that generation); the exact
+    scorer finds the drawn objects, and a word counts when exactly one drawn object
+    has its shape. That object's box, grown by half a latent cell, is the mask.
+    """
+    from opensd.eval.scorer import parse
+
+    size, f = pipe.cfg.image_size, pipe.cfg.vae.downsample_factor
+    out = []
+    for i, prompt in enumerate(prompts):
+        res = attention_maps(pipe, prompt, seed=seed + i, steps=20, cfg_scale=5.0)
+        found = parse(res.image).objects
+        for shape in ("circle", "square", "triangle"):
+            if shape not in prompt.split():
+                continue
+            drawn = [o for o in found if o.shape == shape]
+            if len(drawn) != 1:
+                continue
+            x0, y0, x1, y1 = drawn[0].box
+            box = np.zeros((size, size), bool)
+            pad = f // 2
+            box[max(int(y0) - pad, 0): int(np.ceil(y1)) + pad, max(int(x0) - pad, 0): int(np.ceil(x1)) + pad] = True
+            out.append(mass_in_mask(res.word_map(shape), box))
+    return out
+
+
+GENERATED_PROMPTS = [
+    "a red circle", "a blue square", "a green triangle", "a yellow circle", "a large purple square",
+    "a small cyan triangle", "a red circle and a blue square", "a green triangle above an orange square",
+    "a blue circle left of a yellow triangle", "a white square on a black background",
+]
+
+
+def test_generated_mass_helper_runs_on_a_random_model(word_pipe) -> None:
+    masses = generated_shape_word_masses(word_pipe, ["a red circle"])
+    assert all(0.0 <= m <= 1.0 for m in masses)

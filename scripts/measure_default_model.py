@@ -3,6 +3,8 @@
     python scripts/measure_default_model.py roundtrip  [-m MODEL]   # VAE round trip of the suites' renders
     python scripts/measure_default_model.py attention  [-m MODEL]   # shape-word attention inside its object
     python scripts/measure_default_model.py relations  [-m MODEL]   # where the two objects of relation prompts land
+    python scripts/measure_default_model.py levels     [-m MODEL]   # the same per U-Net level, with the word's share
+    python scripts/measure_default_model.py generated  [-m MODEL]   # shape-word attention inside the object drawn for it
     python scripts/measure_default_model.py preview    [-m MODEL]   # the linear live preview against the VAE decode
 
 MODEL defaults to the default model (models/opensd-shapes or $OPENSD_MODEL).
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 import opensd
 from opensd.data.shapes import ShapesDataset
+from opensd.data.shapes import masks as masks_of
 from opensd.defaults import resolve_model
 from opensd.eval.prompts import benchmark_suite, ground_truth_images, holdout_suite
 from opensd.eval.scorer import parse, score_images
@@ -82,6 +85,61 @@ def attention(pipe, n: int = 10) -> None:
         print(f"{k}: {np.mean(v):.3f} (n={len(v)})")
 
 
+def levels(pipe, n: int = 16) -> None:
+    """Per U-Net level (8x8, 4x4, 2x2 for the default model), on the test's 16 ground-truth scenes
+    at timestep 500: the shape word's mass inside its object (dilated mask) and the share of all
+    attention the word gets (its map's mean). The DAAM sum over layers weighs each level by that share."""
+    from opensd.explain.attention import feature_grid
+
+    model, size = pipe.model, pipe.cfg.image_size
+    f = pipe.cfg.vae.downsample_factor
+    layers = [m.attn2 for m in model.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    ds = ShapesDataset(seed=123, image_size=size, kinds={"single": 1.0, "pair": 1.0, "relation": 1.0})
+    stats: dict[int, list[tuple[float, float]]] = {}
+    for s in ds.take(n):
+        probs: list[torch.Tensor] = []
+        with torch.inference_mode():
+            x0 = model.vae.to_latent(model.vae.encode(to_tensor(s.image, size, size)).mean)
+            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
+            ctx = pipe.encode_prompt([s.caption])
+            a = pipe.schedule.alphas_cumprod[500].item()
+            try:
+                for layer in layers:
+                    layer.attn_store = probs.append
+                model.unet(a**0.5 * x0 + (1 - a) ** 0.5 * eps, torch.tensor([500.0]), ctx)
+            finally:
+                for layer in layers:
+                    layer.attn_store = None
+        for p in probs:
+            col = AttentionCollector(model.unet, tuple(x0.shape[2:]))
+            col._store(p)
+            res = build_result(pipe, s.caption, s.image, col)
+            side = feature_grid(p.shape[2], *x0.shape[2:])[0]
+            for obj, m in zip(s.scene.objects, masks_of(s.scene, size)):
+                if sum(o.shape == obj.shape for o in s.scene.objects) != 1:
+                    continue
+                grown = F.max_pool2d(torch.from_numpy(m)[None, None].float(), 2 * (f // 2) + 1, 1, f // 2)[0, 0] > 0
+                word = res.word_map(obj.shape)
+                stats.setdefault(side, []).append((mass_in_mask(word, grown), float(word.mean())))
+    for side, v in sorted(stats.items(), reverse=True):
+        arr = np.array(v)
+        print(f"{side}x{side} layers: mass inside {arr[:, 0].mean():.3f}, the word's share of attention "
+              f"{arr[:, 1].mean():.4f} (n={len(arr)})")
+
+
+def generated(pipe) -> None:
+    """The explain test's measure on generated images: the shape word's mass inside the object drawn for it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_explain import GENERATED_PROMPTS, generated_shape_word_masses, shape_word_masses
+
+    g = generated_shape_word_masses(pipe, GENERATED_PROMPTS)
+    t = shape_word_masses(pipe, 16)
+    print(f"generated prompts: {np.mean(g):.3f} (n={len(g)}); ground-truth scenes: {np.mean(t):.3f} (n={len(t)})")
+
+
 def relations(pipe) -> None:
     """For 'A rel B' and 'B rel A', 6 seeds each: which object the scorer finds on top / on the left."""
     pairs = [("red circle", "blue square"), ("green triangle", "yellow circle"), ("purple square", "orange triangle")]
@@ -127,12 +185,13 @@ def preview(pipe) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["roundtrip", "attention", "relations", "preview"])
+    ap.add_argument("what", choices=["roundtrip", "attention", "levels", "generated", "relations", "preview"])
     ap.add_argument("-m", "--model", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = opensd.load(resolve_model(args.model))
-    {"roundtrip": roundtrip, "attention": attention, "relations": relations, "preview": preview}[args.what](pipe)
+    {"roundtrip": roundtrip, "attention": attention, "levels": levels, "generated": generated, "relations": relations,
+     "preview": preview}[args.what](pipe)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from opensd.models.transformer import BasicTransformerBlock
 from opensd.models.unet import UNetConfig, UNetModel
 from opensd.tokenizers.word import WordTokenizer
 from opensd.training.config import stage_config_from_dict
-from opensd.training.grounding import AttentionCapture, grounding_loss, grounding_targets
+from opensd.training.grounding import AttentionCapture, PixelTarget, grounding_loss, grounding_targets
 from opensd.training.loop import read_log, run_stage
 from opensd.training.unet import UNetStage, UNetStageConfig
 
@@ -90,21 +90,60 @@ def one_layer(probs_of_token: torch.Tensor, length: int = 5, token: int = 2) -> 
     return p
 
 
-def test_loss_is_zero_inside_the_mask_and_the_area_share_when_flat() -> None:
+def test_token_loss_is_zero_inside_the_mask_and_the_area_share_when_flat() -> None:
     mask = torch.zeros(1, 2, 4, 4)
     mask[0, 0, :2, :2] = 1.0  # a quarter of the image
     tokens = torch.tensor([[[2, -1, -1], [-1, -1, -1]]])
     keep = torch.tensor([True])
+
+    def token_loss(p, tok=tokens, k=keep):
+        return float(grounding_loss([p], tok, mask, k)[0][0])
+
     inside = mask[0, 0].flatten() * 0.5
-    assert float(grounding_loss([one_layer(inside)], tokens, mask, keep)[0]) == pytest.approx(0.0, abs=1e-7)
+    assert token_loss(one_layer(inside)) == pytest.approx(0.0, abs=1e-7)
     flat = torch.full((16,), 0.3)
-    assert float(grounding_loss([one_layer(flat)], tokens, mask, keep)[0]) == pytest.approx((1 - 0.25) ** 2)
+    assert token_loss(one_layer(flat)) == pytest.approx((1 - 0.25) ** 2)
     # a coarser layer (2x2) pools the mask: the token attends to the one cell it covers
-    coarse = torch.tensor([0.9, 0.0, 0.0, 0.0])
-    assert float(grounding_loss([one_layer(coarse)], tokens, mask, keep)[0]) == pytest.approx(0.0, abs=1e-7)
-    assert float(grounding_loss([one_layer(flat)], tokens, mask, torch.tensor([False]))[0]) == 0.0
-    no_words = torch.full_like(tokens, -1)
-    assert float(grounding_loss([one_layer(flat)], no_words, mask, keep)[0]) == 0.0
+    assert token_loss(one_layer(torch.tensor([0.9, 0.0, 0.0, 0.0]))) == pytest.approx(0.0, abs=1e-7)
+    assert token_loss(one_layer(flat), k=torch.tensor([False])) == 0.0
+    assert token_loss(one_layer(flat), tok=torch.full_like(tokens, -1)) == 0.0
+    # the token loss cannot tell a little attention from a lot; the pixel loss can
+    faint = one_layer(mask[0, 0].flatten() * 0.01)
+    assert token_loss(faint) == pytest.approx(0.0, abs=1e-7)
+    assert float(grounding_loss([faint], tokens, mask, keep)[1][0]) > float(
+        grounding_loss([one_layer(inside)], tokens, mask, keep)[1][0])
+
+
+def test_pixel_loss_is_the_cross_entropy_against_an_equal_share_of_the_mask() -> None:
+    mask = torch.zeros(1, 2, 2, 2)
+    mask[0, 0, 0, 0] = 1.0
+    mask[0, 1, 1, 1] = 0.5  # half-covered cell: a soft target
+    tokens = torch.tensor([[[1, 2, -1], [3, -1, -1]]])
+    p = torch.zeros(1, 1, 4, 5)
+    p[0, 0, :, 1] = torch.tensor([0.5, 0.1, 0.1, 0.1])  # group 0: words 1 and 2 share the mask
+    p[0, 0, :, 2] = torch.tensor([0.3, 0.1, 0.1, 0.1])
+    p[0, 0, :, 3] = torch.tensor([0.0, 0.2, 0.2, 0.6])  # group 1: word 3 alone
+    p[0, 0, :, 0] = 1 - p[0, 0].sum(-1)
+    _, pixel = grounding_loss([p], tokens, mask, torch.tensor([True]))
+    half = mask[0, 0].flatten() / 2
+    bce = [F.binary_cross_entropy(p[0, 0, :, 1], half), F.binary_cross_entropy(p[0, 0, :, 2], half),
+           F.binary_cross_entropy(p[0, 0, :, 3].clamp(1e-6, 1 - 1e-6), mask[0, 1].flatten())]
+    assert float(pixel[0]) == pytest.approx(float(sum(bce)) / 3, rel=1e-5)
+    # the best a word of a two-word group can do is half of the object's attention
+    best = p.clone()
+    best[0, 0, :, 1] = best[0, 0, :, 2] = half
+    worse = p.clone()
+    worse[0, 0, :, 1], worse[0, 0, :, 2] = mask[0, 0].flatten(), 0.0
+    assert float(grounding_loss([best], tokens, mask, torch.tensor([True]))[1][0]) < float(
+        grounding_loss([worse], tokens, mask, torch.tensor([True]))[1][0])
+    # "group": the words' summed attention against the whole mask, averaged over groups
+    _, grouped = grounding_loss([p], tokens, mask, torch.tensor([True]), pixel_target=PixelTarget.GROUP)
+    g0 = F.binary_cross_entropy(p[0, 0, :, 1] + p[0, 0, :, 2], mask[0, 0].flatten())
+    g1 = F.binary_cross_entropy(p[0, 0, :, 3].clamp(1e-6, 1 - 1e-6), mask[0, 1].flatten())
+    assert float(grouped[0]) == pytest.approx(float(g0 + g1) / 2, rel=1e-5)
+    assert float(grounding_loss([worse], tokens, mask, torch.tensor([True]), pixel_target=PixelTarget.GROUP)[1][0]) \
+        == pytest.approx(float(grounding_loss([best], tokens, mask, torch.tensor([True]),
+                                              pixel_target=PixelTarget.GROUP)[1][0]), rel=1e-6)
 
 
 def test_capture_gives_differentiable_maps_and_removes_its_hooks() -> None:
@@ -121,8 +160,8 @@ def test_capture_gives_differentiable_maps_and_removes_its_hooks() -> None:
     mask = torch.zeros(2, 2, 8, 8)
     mask[:, 0, 2:5, 2:5] = 1.0
     tokens = torch.tensor([[[3, -1, -1], [-1, -1, -1]]] * 2)
-    loss = grounding_loss(cap.probs, tokens, mask, torch.tensor([True, True])).sum()
-    loss.backward()
+    token, pixel = grounding_loss(cap.probs, tokens, mask, torch.tensor([True, True]))
+    (token + pixel).sum().backward()
     grads = [a.to_q.weight.grad for a in layers]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
@@ -161,7 +200,7 @@ def test_fine_tuning_starts_from_the_model_and_lowers_the_grounding_loss(tmp_pat
     import opensd
 
     torch.set_num_threads(1)
-    cfg = tiny_unet_cfg(tmp_path / "run", init_from=str(tiny_model), grounding_weight=1.0)
+    cfg = tiny_unet_cfg(tmp_path / "run", init_from=str(tiny_model), grounding_weight=1.0, grounding_pixel_weight=0.1)
     stage = UNetStage(stage_config_from_dict(UNetStageConfig, cfg))
     start = {}
 
@@ -172,7 +211,7 @@ def test_fine_tuning_starts_from_the_model_and_lowers_the_grounding_loss(tmp_pat
     result = run_stage(stage, hooks=[remember])
     assert stage.ground_tokens is not None and (stage.ground_tokens[:, 0, :] >= 0).any(dim=1).all()
     rows = [r for r in read_log(result.run_dir / "log.jsonl") if r["kind"] == "train"]
-    assert all("grounding" in r and "diffusion" in r for r in rows)
+    assert all("grounding" in r and "grounding_pixel" in r and "diffusion" in r for r in rows)
     first, last = np.mean([r["grounding"] for r in rows[:3]]), np.mean([r["grounding"] for r in rows[-3:]])
     assert last < 0.8 * first, (first, last)
     source = opensd.load(tiny_model).model.unet.state_dict()
@@ -185,6 +224,10 @@ def test_fine_tuning_starts_from_the_model_and_lowers_the_grounding_loss(tmp_pat
 def test_grounding_and_init_from_config_errors(tmp_path: Path, tiny_model: Path) -> None:
     with pytest.raises(ConfigError, match="grounding_weight"):
         stage_config_from_dict(UNetStageConfig, tiny_unet_cfg(tmp_path, grounding_weight=-1))
+    with pytest.raises(ConfigError, match="grounding_pixel_weight"):
+        stage_config_from_dict(UNetStageConfig, tiny_unet_cfg(tmp_path, grounding_pixel_weight="a lot"))
+    with pytest.raises(ConfigError, match="grounding_pixel_target"):
+        stage_config_from_dict(UNetStageConfig, tiny_unet_cfg(tmp_path, grounding_pixel_target="object"))
     with pytest.raises(ConfigError, match="only data.source = 'shapes'"):
         stage_config_from_dict(UNetStageConfig, {**tiny_unet_cfg(tmp_path, grounding_weight=0.1),
                                                  "data": {"source": "folder", "path": str(tmp_path)}})
@@ -198,3 +241,16 @@ def test_grounding_and_init_from_config_errors(tmp_path: Path, tiny_model: Path)
     wrong_size["data"] = {"image_size": 32}
     with pytest.raises(ConfigError, match="data.image_size = 16"):
         run_stage(UNetStage(stage_config_from_dict(UNetStageConfig, wrong_size)))
+
+
+def test_a_resume_that_changes_the_losses_is_logged(tmp_path: Path, tiny_model: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_unet_cfg(tmp_path / "run", init_from=str(tiny_model), grounding_weight=0.5)
+    cfg["train"].update(steps=2, checkpoint_every=2)
+    run_stage(UNetStage(stage_config_from_dict(UNetStageConfig, cfg)))
+    cfg["train"]["steps"] = 3
+    cfg.update(grounding_pixel_weight=0.1, grounding_pixel_target="group")
+    result = run_stage(UNetStage(stage_config_from_dict(UNetStageConfig, cfg)), resume=True)
+    resumes = [r for r in read_log(result.run_dir / "log.jsonl") if r["kind"] == "resume"]
+    assert resumes == [{"step": 2, "kind": "resume", "changed": {
+        "grounding_pixel_target": ["word", "group"], "grounding_pixel_weight": [0.0, 0.1]}}]

@@ -12,10 +12,18 @@ exact mask, so opensd can do the same:
   of each latent cell, in [0, 1]);
 * :class:`AttentionCapture` collects the probabilities of every cross-attention
   layer (``attn2``) of a U-Net during one forward pass, with their gradients;
-* :func:`grounding_loss` is TokenCompose's token loss per sample: for a grounded
-  token with attention ``A`` (over the layer's positions, mean of its heads) and
-  mask ``M`` pooled to the layer's grid, ``(1 - sum(A * M) / sum(A)) ** 2``,
-  averaged over the sample's grounded tokens and over the layers.
+* :func:`grounding_loss` gives TokenCompose's two terms per sample. The token loss:
+  for a grounded token with attention ``A`` (over the layer's positions, mean of
+  its heads) and mask ``M`` pooled to the layer's grid, ``(1 - sum(A * M) / sum(A)) ** 2``,
+  averaged over the sample's grounded tokens and over the layers. It only asks
+  where a word's attention goes, not how much there is: a layer can meet it by
+  giving the word almost no attention at all. The pixel loss asks for the amount:
+  the binary cross-entropy between each grounded word's attention at each position
+  and ``M / n`` (``n``: the group's grounded words), averaged over positions, words
+  and layers; inside its object a group's words should share the attention equally,
+  outside they should take none (:class:`PixelTarget` ``word``). TokenCompose grounds
+  one noun per object, with target ``M``; ``group`` asks that of the group's words
+  summed.
 
 Samples whose caption was dropped (classifier-free guidance) or that have no
 grounded token add zero.
@@ -23,6 +31,7 @@ grounded token add zero.
 
 from __future__ import annotations
 
+import enum
 from typing import Sequence
 
 import numpy as np
@@ -33,6 +42,18 @@ from torch import nn
 from opensd.data.shapes import PALETTE, PLURALS, SHAPES, SIZES, PromptSpec, Scene, noun_phrase, masks
 from opensd.explain.attention import feature_grid
 from opensd.models.transformer import BasicTransformerBlock
+
+class PixelTarget(enum.Enum):
+    """What the pixel loss asks of an object's grounded words at each position.
+
+    ``word``: each word takes an equal share of the object's attention (target ``M / n``);
+    ``group``: the words together take it (target ``M`` for their summed attention), so
+    one word (say the colour) may take it all.
+    """
+
+    WORD = "word"
+    GROUP = "group"
+
 
 MAX_GROUPS = 2  # a shapes caption states one or two object groups
 MAX_WORDS = 3  # size, colour, shape
@@ -116,29 +137,43 @@ class AttentionCapture:
 
 
 def grounding_loss(
-    probs: Sequence[torch.Tensor], tokens: torch.Tensor, masks_: torch.Tensor, keep: torch.Tensor
-) -> torch.Tensor:
-    """Per-sample token loss (B,), see the module docstring.
+    probs: Sequence[torch.Tensor],
+    tokens: torch.Tensor,
+    masks_: torch.Tensor,
+    keep: torch.Tensor,
+    pixel_target: PixelTarget = PixelTarget.WORD,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (token loss, pixel loss), each (B,); see the module docstring.
 
     ``probs``: each layer's (B, heads, N, L); ``tokens`` (B, G, K) long, -1 for none;
     ``masks_`` (B, G, h, w) covered share at the latent size; ``keep`` (B,) bool,
-    False for samples whose caption was dropped.
+    False for samples whose caption was dropped. ``pixel_target``: see :class:`PixelTarget`.
     """
     b, g, k = tokens.shape
     h, w = masks_.shape[-2:]
-    valid = (tokens >= 0).flatten(1) & keep[:, None]  # (B, G*K)
-    count = valid.sum(1)  # (B,)
-    idx = tokens.clamp(min=0).flatten(1)  # (B, G*K)
     if not probs:
         raise ValueError("no cross-attention probabilities were captured")
-    total = torch.zeros(b, device=tokens.device)
+    valid = (tokens >= 0) & keep[:, None, None]  # (B, G, K)
+    count = valid.sum((1, 2)).clamp(min=1)  # (B,): grounded words
+    words = valid.sum(-1)  # (B, G): grounded words per group
+    groups = words > 0  # (B, G)
+    idx = tokens.clamp(min=0).flatten(1)  # (B, G*K)
+    token = torch.zeros(b, device=tokens.device)
+    pixel = torch.zeros(b, device=tokens.device)
     for p in probs:
         a = p.float().mean(1)  # (B, N, L)
         n = a.shape[1]
         hl, wl = feature_grid(n, h, w)
         m = F.adaptive_avg_pool2d(masks_.float(), (hl, wl)).flatten(2)  # (B, G, N)
-        m = m.repeat_interleave(k, dim=1)  # (B, G*K, N)
-        a_tok = a.gather(2, idx[:, None, :].expand(-1, n, -1)).transpose(1, 2)  # (B, G*K, N)
-        inside = (a_tok * m).sum(-1) / a_tok.sum(-1).clamp_min(1e-12)  # (B, G*K)
-        total = total + ((1 - inside).pow(2) * valid).sum(1)
-    return total / (len(probs) * count.clamp(min=1))
+        a_tok = a.gather(2, idx[:, None, :].expand(-1, n, -1)).transpose(1, 2).reshape(b, g, k, n)  # (B, G, K, N)
+        inside = (a_tok * m[:, :, None]).sum(-1) / a_tok.sum(-1).clamp_min(1e-12)  # (B, G, K)
+        token = token + ((1 - inside).pow(2) * valid).sum((1, 2)) / count
+        if pixel_target is PixelTarget.WORD:
+            target = m[:, :, None] / words.clamp(min=1)[..., None, None]  # (B, G, 1, N): each word's share
+            bce = F.binary_cross_entropy(a_tok.clamp(1e-6, 1 - 1e-6), target.expand_as(a_tok), reduction="none")
+            pixel = pixel + (bce.mean(-1) * valid).sum((1, 2)) / count
+        else:
+            together = (a_tok * valid[..., None]).sum(2).clamp(1e-6, 1 - 1e-6)  # (B, G, N)
+            bce = F.binary_cross_entropy(together, m, reduction="none").mean(-1)  # (B, G)
+            pixel = pixel + (bce * groups).sum(1) / groups.sum(1).clamp(min=1)
+    return token / len(probs), pixel / len(probs)

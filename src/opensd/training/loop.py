@@ -409,10 +409,23 @@ class _Trainer:
             )
         if step > self.cfg.steps:
             raise ResumeError(f"{path} is at step {step}, past train.steps = {self.cfg.steps}")
-        changed = [d for d in config_differences(state["config"], to_dict(self.stage.cfg))
-                   if d in ("train.lr", "train.grad_clip", "train.bf16")]
+        # what changes the training itself (not its length, intervals or speed) is reported and logged
+        quiet = {"train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
+                 "train.keep_checkpoints", "train.progress", "train.device", "train.out_dir", "train.time_limit",
+                 "data.workers", "eval_per_category"}
+        new = to_dict(self.stage.cfg)
+        changed = [d for d in config_differences(state["config"], new) if d not in quiet]
         if changed and self.ctx.is_main:
             print(f"note: resuming {path} with changed {', '.join(changed)}", file=sys.stderr)
+
+            def value(cfg: dict[str, Any], key: str) -> Any:
+                for part in key.split("."):
+                    cfg = cfg.get(part) if isinstance(cfg, dict) else None
+                return cfg
+
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log({"step": step, "kind": "resume",
+                       "changed": {k: [value(state["config"], k), value(new, k)] for k in changed}})
         return step, state
 
     def _setup(self) -> int:

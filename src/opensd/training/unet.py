@@ -18,9 +18,10 @@ With probability ``caption_dropout`` a sample's caption becomes the empty captio
 so one network gives both terms of classifier-free guidance (Ho & Salimans 2022).
 The U-Net keeps an EMA (``train.ema_decay``); samples and the export use it.
 
-``grounding_weight > 0`` (shapes world only) adds TokenCompose's token loss on the
-U-Net's cross-attention (:mod:`opensd.training.grounding`): each shape, colour and
-size word of a caption is pulled to attend inside its object's mask. ``init_from``
+``grounding_weight > 0`` and ``grounding_pixel_weight > 0`` (shapes world only) add
+TokenCompose's token and pixel losses on the U-Net's cross-attention
+(:mod:`opensd.training.grounding`): each shape, colour and size word of a caption is
+pulled to attend inside its object's mask, and to take the attention there. ``init_from``
 fine-tunes an existing opensd model: its VAE, text encoder and tokenizer are the
 frozen parts, its U-Net the starting weights.
 
@@ -57,7 +58,7 @@ from opensd.training.data import (
     state_hash,
     tokenizer_hash,
 )
-from opensd.training.grounding import AttentionCapture, grounding_loss
+from opensd.training.grounding import AttentionCapture, PixelTarget, grounding_loss
 from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
 
 MODEL_FOLDER = "model"
@@ -82,11 +83,16 @@ class UNetStageConfig(StageConfig):
     loading casts them back to float32). ``init_from`` (an opensd model folder)
     replaces ``vae_dir`` and ``clip_dir`` by that model's VAE and text encoder and
     starts from its U-Net; the architecture and noise schedule are then the model's
-    (``[model]`` and ``[schedule]`` are not used). ``grounding_weight`` scales the
-    cross-attention grounding loss (0: off; needs ``data.source = "shapes"``)."""
+    (``[model]`` and ``[schedule]`` are not used). ``grounding_weight`` and
+    ``grounding_pixel_weight`` scale the cross-attention grounding losses (0: off; they
+    need ``data.source = "shapes"``); ``grounding_pixel_target`` (``word`` or ``group``)
+    says what the pixel loss asks (:class:`opensd.training.grounding.PixelTarget`)."""
 
     PRESETS: ClassVar = {"tiny": UNetConfig.tiny, "small": UNetConfig.small, "sd15": UNetConfig.sd15}
-    RESUMABLE: ClassVar = StageConfig.RESUMABLE | {"sample_steps", "sampler", "cfg_scale", "export_half"}
+    # grounding_weight may change on resume, like the learning rate (the run then differs from an unbroken one)
+    RESUMABLE: ClassVar = StageConfig.RESUMABLE | {"sample_steps", "sampler", "cfg_scale", "export_half",
+                                                   "grounding_weight", "grounding_pixel_weight",
+                                                   "grounding_pixel_target"}
 
     model_preset: str = "small"
     model: UNetConfig = field(default_factory=UNetConfig.small)
@@ -109,15 +115,20 @@ class UNetStageConfig(StageConfig):
     export_half: bool = False
     init_from: str = ""
     grounding_weight: float = 0.0
+    grounding_pixel_weight: float = 0.0
+    grounding_pixel_target: PixelTarget = PixelTarget.WORD
 
     def __post_init__(self) -> None:
         if self.init_from and (self.vae_dir or self.clip_dir):
             raise ConfigError("init_from brings its own VAE and text encoder: leave vae_dir and clip_dir empty")
-        if isinstance(self.grounding_weight, bool) or not isinstance(self.grounding_weight, (int, float)) \
-                or not self.grounding_weight >= 0:
-            raise ConfigError(f"grounding_weight must be a number >= 0 (0 = off), got {self.grounding_weight!r}")
-        if self.grounding_weight and self.data.source is not DataSource.SHAPES:
-            raise ConfigError("grounding_weight needs object masks, which only data.source = 'shapes' has")
+        if not isinstance(self.grounding_pixel_target, PixelTarget):
+            raise ConfigError(f"grounding_pixel_target must be 'word' or 'group', got {self.grounding_pixel_target!r}")
+        for name in ("grounding_weight", "grounding_pixel_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ConfigError(f"{name} must be a number >= 0 (0 = off), got {v!r}")
+            if v and self.data.source is not DataSource.SHAPES:
+                raise ConfigError(f"{name} needs object masks, which only data.source = 'shapes' has")
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         if not self.min_snr_gamma >= 0:
@@ -152,15 +163,22 @@ def min_snr_weight(alphas_cumprod_t: torch.Tensor, gamma: float, prediction: Pre
 
 
 class DiffusionLoss(nn.Module):
-    """The trainable module: ``forward(x0, context, t, noise, ground) -> ((B,), (B,) | None)``.
+    """The trainable module: ``forward(x0, context, t, noise, ground) -> ((B,), ((B,), (B,)) | None)``.
 
     The first output is the weighted per-sample MSE. With ``ground = (tokens, masks,
     keep)`` (see :func:`opensd.training.grounding.grounding_loss`) the second is the
-    per-sample grounding loss of the same forward pass, else None.
+    per-sample (token, pixel) grounding losses of the same forward pass, else None.
     """
 
-    def __init__(self, unet: UNetModel, schedule: NoiseScheduleConfig, min_snr_gamma: float = 0.0) -> None:
+    def __init__(
+        self,
+        unet: UNetModel,
+        schedule: NoiseScheduleConfig,
+        min_snr_gamma: float = 0.0,
+        pixel_target: PixelTarget = PixelTarget.WORD,
+    ) -> None:
         super().__init__()
+        self.pixel_target = pixel_target
         self.unet = unet
         self.prediction = schedule.prediction
         self.gamma = min_snr_gamma
@@ -173,7 +191,7 @@ class DiffusionLoss(nn.Module):
         t: torch.Tensor,
         noise: torch.Tensor,
         ground: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         a = self.alphas_cumprod[t]  # (B,)
         xt, target = noisy_latents_and_target(x0, noise, a, self.prediction)
         grounded = None
@@ -182,7 +200,7 @@ class DiffusionLoss(nn.Module):
         else:
             with AttentionCapture(self.unet) as capture:
                 pred = self.unet(xt, t.float(), context).float()
-            grounded = grounding_loss(capture.probs, *ground)
+            grounded = grounding_loss(capture.probs, *ground, pixel_target=self.pixel_target)
         per_sample = (pred - target).pow(2).flatten(1).mean(dim=1)  # (B,)
         return per_sample * min_snr_weight(a, self.gamma, self.prediction), grounded
 
@@ -221,7 +239,7 @@ class UNetStage(Stage):
         unet = UNetModel(ucfg)
         if start is not None:
             unet.load_state_dict(start.model.diffusion_model.state_dict())
-        return {"unet": DiffusionLoss(unet, schedule, cfg.min_snr_gamma)}
+        return {"unet": DiffusionLoss(unet, schedule, cfg.min_snr_gamma, cfg.grounding_pixel_target)}
 
     def _load_cache(self) -> None:
         """Build (rank 0) or read the latent cache; every rank then holds it."""
@@ -235,7 +253,7 @@ class UNetStage(Stage):
         vae_hash = state_hash(self.vae, extra=json.dumps(to_dict(self.vae.cfg)).encode())
         text_hash = state_hash(self.text, extra=json.dumps(to_dict(self.text.cfg)).encode()
                                + tokenizer_hash(self.tokenizer).encode())
-        grounding = cfg.grounding_weight > 0
+        grounding = cfg.grounding_weight > 0 or cfg.grounding_pixel_weight > 0
         path = cache_path(ctx.run_dir / "cache", vae_hash, text_hash, cfg.data, n, cfg.cache_text_dtype.value,
                           grounding)
         if ctx.is_main and not path.is_file():
@@ -276,13 +294,14 @@ class UNetStage(Stage):
         with ctx.autocast():
             diffusion, grounded = ctx.wrapped["unet"](x0, context, t, noise, ground)
             diffusion = diffusion.mean()
-            if grounded is None:
-                loss = diffusion
-            else:
-                grounded = grounded.sum() / (~drop).sum().clamp(min=1)
-                loss = diffusion + cfg.grounding_weight * grounded
-        metrics = {"loss": loss} if grounded is None else {"loss": loss, "diffusion": diffusion, "grounding": grounded}
-        yield Update("unet", loss, metrics)
+            metrics = {}
+            loss = diffusion
+            if grounded is not None:
+                kept = (~drop).sum().clamp(min=1)
+                token, pixel = grounded[0].sum() / kept, grounded[1].sum() / kept
+                loss = diffusion + cfg.grounding_weight * token + cfg.grounding_pixel_weight * pixel
+                metrics = {"diffusion": diffusion, "grounding": token, "grounding_pixel": pixel}
+        yield Update("unet", loss, {"loss": loss, **metrics})
 
     # -- evaluation and export (rank 0) ----------------------------------------------
 

@@ -6,6 +6,7 @@
     python scripts/measure_default_model.py levels     [-m MODEL]   # the same per U-Net level, with the word's share
     python scripts/measure_default_model.py generated  [-m MODEL]   # shape-word attention inside the object drawn for it
     python scripts/measure_default_model.py preview    [-m MODEL]   # the linear live preview against the VAE decode
+    python scripts/measure_default_model.py samples    [-m MODEL] [-o PNG]  # the model card's sample grid
 
 MODEL defaults to the default model (models/opensd-shapes or $OPENSD_MODEL).
 """
@@ -183,13 +184,38 @@ def preview(pipe) -> None:
         print(f"{name}: {float(10 * torch.log10(4 / (y - pooled).pow(2).mean())):.1f} dB")
 
 
+SAMPLE_PROMPTS = [
+    "a red circle above a blue square", "a green triangle left of a yellow circle", "three purple squares",
+    "a large orange triangle", "a blue circle and a red triangle", "two cyan circles on a black background",
+    "a small red square below a green circle", "a yellow square and a purple circle",
+]
+
+
+def samples(pipe, out: str = "samples.png") -> None:
+    """Eight prompts (rows), seeds 1-4 (columns), CFG 5, 20 steps of DPM++ 2M, each image enlarged 3x."""
+    from PIL import Image
+
+    rows = [pipe.txt2img(p, steps=20, sampler="dpmpp_2m", cfg_scale=5, seed=1, batch_size=4) for p in SAMPLE_PROMPTS]
+    side = 3 * pipe.cfg.image_size
+    sheet = Image.new("RGB", (4 * side + 3 * 2, len(rows) * side + (len(rows) - 1) * 2), "white")
+    for r, images in enumerate(rows):
+        for c, im in enumerate(images):
+            sheet.paste(im.resize((side, side), Image.Resampling.NEAREST), (c * (side + 2), r * (side + 2)))
+    sheet.save(out)
+    print(f"wrote {out}: rows are", "; ".join(SAMPLE_PROMPTS))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["roundtrip", "attention", "levels", "generated", "relations", "preview"])
+    ap.add_argument("what", choices=["roundtrip", "attention", "levels", "generated", "relations", "preview", "samples"])
     ap.add_argument("-m", "--model", default=None)
+    ap.add_argument("-o", "--out", default="samples.png", help="where `samples` writes its grid")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = opensd.load(resolve_model(args.model))
+    if args.what == "samples":
+        samples(pipe, args.out)
+        return
     {"roundtrip": roundtrip, "attention": attention, "levels": levels, "generated": generated, "relations": relations,
      "preview": preview}[args.what](pipe)
 

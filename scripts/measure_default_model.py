@@ -8,7 +8,9 @@
     python scripts/measure_default_model.py preview    [-m MODEL]   # the linear live preview against the VAE decode
     python scripts/measure_default_model.py samples    [-m MODEL] [-o PNG]  # the model card's sample grid
 
-MODEL defaults to the default model (models/opensd-shapes or $OPENSD_MODEL).
+MODEL defaults to the default model (models/opensd-shapes or $OPENSD_MODEL). ``-c CKPT`` puts
+the EMA U-Net of a U-Net training checkpoint (``runs/.../checkpoints/step_*.pt``) into MODEL
+first: how the model card's numbers for the fine-tuning's intermediate steps were measured.
 """
 
 from __future__ import annotations
@@ -210,9 +212,14 @@ def main() -> None:
     ap.add_argument("what", choices=["roundtrip", "attention", "levels", "generated", "relations", "preview", "samples"])
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("-o", "--out", default="samples.png", help="where `samples` writes its grid")
+    ap.add_argument("-c", "--checkpoint", default=None, help="a U-Net training checkpoint whose EMA U-Net to measure")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pipe = opensd.load(resolve_model(args.model))
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        shadow = state["ema"]["unet"]["shadow"]  # the DiffusionLoss module's names: "unet.<U-Net key>"
+        pipe.model.unet.load_state_dict({k.removeprefix("unet."): v for k, v in shadow.items()})
     if args.what == "samples":
         samples(pipe, args.out)
         return

@@ -6,10 +6,12 @@ import contextlib
 import dataclasses
 import functools
 import os
+import time
 
 import torch
 
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
 CAPTIONS = [
     "a red circle",
@@ -94,3 +96,19 @@ def png_pixels(b64: str):
     import numpy as np
 
     return np.asarray(decode_png(b64).convert("RGB"))
+
+
+class SlowPipeline(StableDiffusionPipeline):
+    """A pipeline that pauses after each step and records the steps finished, so a test can poll mid-generation."""
+
+    def __init__(self, loaded, pause: float):
+        super().__init__(loaded)
+        self.pause, self.steps_done = pause, 0
+
+    def generate(self, req, *, callback=None, **kw):
+        def slow(info):
+            time.sleep(self.pause)
+            self.steps_done = info.step
+            return callback(info) if callback is not None else None
+
+        return super().generate(req, callback=slow, **kw)

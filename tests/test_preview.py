@@ -25,7 +25,7 @@ from opensd.serving import create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.queue import Job
 
-from helpers import decode_png, one_thread_direct_loopback, randomize, tiny_word_bundle
+from helpers import SlowPipeline, decode_png, one_thread_direct_loopback, randomize, tiny_word_bundle
 
 
 class LinearVAE(nn.Module):
@@ -155,24 +155,8 @@ def test_show_progress_type_option(pipe: StableDiffusionPipeline) -> None:
         assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "Approx cheap"
 
 
-class _SlowPipeline(StableDiffusionPipeline):
-    """Pauses after each step so the test can poll progress mid-generation."""
-
-    def __init__(self, loaded, pause: float):
-        super().__init__(loaded)
-        self.pause, self.steps_done = pause, 0
-
-    def generate(self, req, *, callback=None, **kw):
-        def slow(info):
-            time.sleep(self.pause)
-            self.steps_done = info.step
-            return callback(info) if callback is not None else None
-
-        return super().generate(req, callback=slow, **kw)
-
-
 def test_progress_serves_the_cheap_preview(pipe: StableDiffusionPipeline) -> None:
-    slow = _SlowPipeline(pipe.loaded, pause=0.05)
+    slow = SlowPipeline(pipe.loaded, pause=0.05)
     with one_thread_direct_loopback(), serve_in_thread(create_app(slow)) as url, httpx.Client(base_url=url, timeout=60) as http:
         assert http.post("/sdapi/v1/options", json={"show_progress_type": "Approx cheap"}).status_code == 200
         worker = threading.Thread(target=lambda: http.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 60, "seed": 1}))

@@ -29,27 +29,11 @@ from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.explain_api import default_path_steps
 
-from helpers import decode_png as decode, one_thread_direct_loopback, png_pixels as pixels, tiny_word_bundle
+from helpers import SlowPipeline, decode_png as decode, one_thread_direct_loopback, png_pixels as pixels, tiny_word_bundle
 
 URL = "/opensd/v1/explain"
 PROMPT = "a small blue square above a green triangle"  # eight words the tiny tokenizer knows ("a" twice)
 TIMEOUT = 60.0
-
-
-class SlowPipeline(StableDiffusionPipeline):
-    """The tiny pipeline with a pause after each step and a record of the steps finished."""
-
-    def __init__(self, loaded, pause: float):
-        super().__init__(loaded)
-        self.pause, self.steps_done = pause, 0
-
-    def generate(self, req, *, callback=None, **kw):
-        def slow(info):
-            time.sleep(self.pause)
-            self.steps_done = info.step
-            return callback(info) if callback is not None else None
-
-        return super().generate(req, callback=slow, **kw)
 
 
 @pytest.fixture(scope="module", autouse=True)

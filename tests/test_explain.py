@@ -257,7 +257,7 @@ def test_shape_word_mass_helper_runs_on_a_random_model(word_pipe) -> None:
     reason="needs the trained shapes model (models/opensd-shapes or $OPENSD_MODEL); a random model attends anywhere",
 )
 def test_most_attention_of_a_shape_word_falls_inside_its_object() -> None:
-    """Measured 2026-11-26 on models/opensd-shapes: 0.522 (22 words), against 0.191 for a flat map (the
+    """Measured 2026-11-26 on models/opensd-shapes: 0.597 (22 words), against 0.191 for a flat map (the
     masks' area share) and 0.212 before the U-Net's grounded fine-tuning (docs/explain.md)."""
     pipe = opensd.load(default_model_path())
     masses = shape_word_masses(pipe, 16)
@@ -310,7 +310,7 @@ def test_generated_mass_helper_runs_on_a_random_model(word_pipe) -> None:
     reason="needs the trained shapes model (models/opensd-shapes or $OPENSD_MODEL); a random model attends anywhere",
 )
 def test_most_attention_of_a_shape_word_falls_inside_the_object_drawn_for_it() -> None:
-    """Measured 2026-11-26 on models/opensd-shapes: 0.639 (13 words); 0.268 before the grounded fine-tuning."""
+    """Measured 2026-11-26 on models/opensd-shapes: 0.650 (12 words); 0.268 before the grounded fine-tuning."""
     pipe = opensd.load(default_model_path())
     masses = generated_shape_word_masses(pipe, GENERATED_PROMPTS)
     assert len(masses) >= 8

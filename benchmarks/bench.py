@@ -144,10 +144,17 @@ class Row:
 
 def timed(fn: Callable[[], Any], s: Settings) -> tuple[float, Any]:
     s.sync()
+    if s.compile and s.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: CUDA graphs may reuse its buffers
     t0 = time.perf_counter()
     out = fn()
     s.sync()
     return time.perf_counter() - t0, out
+
+
+def kept(out: Any) -> Any:
+    """A copy of a call's output that later calls cannot overwrite (CUDA graphs reuse their output buffers)."""
+    return out.clone() if isinstance(out, torch.Tensor) else out
 
 
 def interleave(row: Row, ours: Callable[[], Any], ref: Callable[[], Any], s: Settings, heavy: bool) -> tuple[Any, Any]:
@@ -162,7 +169,7 @@ def interleave(row: Row, ours: Callable[[], Any], ref: Callable[[], Any], s: Set
             if s.compile:
                 print(f"# {row.case}: diffusers first call (compile) {tb:.1f} s", flush=True)
             row.first_call_s = {"opensd": ta, "diffusers": tb}
-            first_ours, first_ref = out_a, out_b
+            first_ours, first_ref = kept(out_a), kept(out_b)
     for _ in range(s.reps(heavy)):
         row.opensd_s.append(timed(ours, s)[0])
         row.diffusers_s.append(timed(ref, s)[0])

@@ -1,5 +1,5 @@
-"""Tiled VAE decoding: exact blending on local decoders, closeness on a real (tiny, random)
-AutoencoderKL, argument checks, and the pipeline / CLI option."""
+"""Tiled VAE decoding and encoding: exact blending on local decoders, closeness on a real (tiny,
+random) AutoencoderKL, argument checks, and the pipeline / CLI option."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from opensd.checkpoints.opensd_format import save_opensd
 from opensd.models.vae import AutoencoderKL, VAEConfig
 from opensd.pipelines.request import RequestError
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-from opensd.pipelines.vae_tiling import TilingError, decode_tiled, should_tile, tile_starts
+from opensd.models.vae import DiagonalGaussian
+from opensd.pipelines.vae_tiling import TilingError, decode_tiled, encode_tiled, should_tile, tile_starts
 
 from helpers import randomize, tiny_word_bundle
 
@@ -34,6 +35,17 @@ class PointwiseVAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return F.interpolate(self.proj(z), scale_factor=self.cfg.downsample_factor, mode="nearest")
+
+
+class PointwiseEncoderVAE(PointwiseVAE):
+    """A perfectly local encoder: average-pool by f, then a 1x1 conv to the moments. Tiling it is exact."""
+
+    def __init__(self, c: int = 4, f: int = 4):
+        super().__init__(c, f)
+        self.enc = nn.Conv2d(3, 2 * c, 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.enc(F.avg_pool2d(x, self.cfg.downsample_factor)))
 
 
 class TileMeanVAE(PointwiseVAE):
@@ -119,6 +131,57 @@ def test_2x2_tiles_are_close_to_the_full_decode(vae: AutoencoderKL) -> None:
     assert (faded - full).abs().mean() < (butted - full).abs().mean()
 
 
+@pytest.mark.parametrize("h, w, tile, overlap", [(24, 24, 12, 4), (17, 30, 8, 3), (6, 25, 1, 0)])
+def test_encode_blending_is_exact_for_a_local_encoder(h: int, w: int, tile: int, overlap: int) -> None:
+    torch.manual_seed(5)
+    fake = PointwiseEncoderVAE()
+    x = torch.rand(2, 3, h * 4, w * 4) * 2 - 1
+    with torch.no_grad():
+        tiled, full = encode_tiled(fake, x, tile, overlap), fake.encode(x)
+    assert isinstance(tiled, DiagonalGaussian) and tiled.mean.shape == (2, 4, h, w)
+    torch.testing.assert_close(tiled.moments, full.moments, rtol=0, atol=1e-6)
+
+
+def test_encode_one_tile_equals_the_full_encode_exactly(vae: AutoencoderKL) -> None:
+    f = vae.cfg.downsample_factor
+    x = torch.rand(2, 3, 12 * f, 10 * f, generator=torch.Generator().manual_seed(6)) * 2 - 1  # 12 x 10 cells
+    with torch.no_grad():
+        assert torch.equal(encode_tiled(vae, x, tile=12, overlap=4).moments, vae.encode(x).moments)
+        assert torch.equal(encode_tiled(vae, x).moments, vae.encode(x).moments)
+
+
+def test_encode_tiles_are_close_to_the_full_encode_on_the_default_vae() -> None:
+    """A trained VAE (the default model's, 4x, trained at 32 px) on a 128 px mosaic of 16
+    shapes-world scenes (32 x 32 latent cells). Measured 2026-11-26: decoding the tiled
+    posterior's mean differs from decoding the full one's by 0.71/255 on average (16-cell
+    tiles, overlap 8), 1.65/255 (8-cell tiles, overlap 4) and 2.63/255 (8-cell tiles that
+    only touch); the round trip's error is 10.7/255 either way."""
+    from opensd.checkpoints import load_model
+    from opensd.data.shapes import ShapesDataset
+    from opensd.defaults import default_model_path
+
+    vae = load_model(default_model_path()).model.vae
+    ds = ShapesDataset(5, 32)
+    scenes = [torch.from_numpy(np.array(ds[i].image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for i in range(16)]
+    x = torch.cat([torch.cat(scenes[r * 4 : r * 4 + 4], dim=2) for r in range(4)], dim=1)[None]  # (1, 3, 128, 128)
+    with torch.no_grad():
+        full = vae.decode(vae.encode(x).mean)
+        err = {(t, o): float((vae.decode(encode_tiled(vae, x, t, o).mean) - full).abs().mean()) * 127.5
+               for t, o in ((16, 8), (8, 4), (8, 0))}
+    assert err[16, 8] < 2.0  # of 255
+    assert err[8, 4] < 4.0
+    assert err[16, 8] < err[8, 4] < err[8, 0]  # larger tiles, and overlap, bring it closer
+
+
+def test_encode_bad_input_raises(vae: AutoencoderKL) -> None:
+    with pytest.raises(TilingError, match=r"x must be a \(B, C, H, W\) image with H and W multiples of 2"):
+        encode_tiled(vae, torch.zeros(1, 3, 31, 32))
+    with pytest.raises(TilingError, match=r"x must be a \(B, C, H, W\) image"):
+        encode_tiled(vae, "image")
+    with pytest.raises(TilingError, match=r"encode_tiled: overlap must be in"):
+        encode_tiled(vae, torch.zeros(1, 3, 32, 32), tile=4, overlap=4)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"tile": 0}, "tile must be >= 1"),
     ({"tile": 8, "overlap": 8}, "overlap must be in [0, tile)"),
@@ -173,6 +236,26 @@ def test_pipeline_option_tiles_a_multi_tile_size(pipe: StableDiffusionPipeline) 
     assert tiled.shape == plain.shape == (1, 32, 144, 3)
     assert not np.array_equal(tiled, plain)  # really tiled: per-tile statistics change a little
     assert np.abs(tiled - plain).mean() < 3  # of 255 (measured 0.7; another seed: 66): the same picture
+
+
+def test_img2img_encodes_in_tiles_when_asked(pipe: StableDiffusionPipeline) -> None:
+    init = pipe.txt2img("a red circle", steps=1, seed=8, width=144, height=32)[0]  # latent 16 x 72: two tiles
+    kw = dict(strength=0.6, steps=2, seed=9, cfg_scale=1.0)
+    tiled = _pixels(pipe.img2img(init, "a red circle", tiled_vae=True, **kw))
+    plain = _pixels(pipe.img2img(init, "a red circle", tiled_vae=False, **kw))
+    assert tiled.shape == plain.shape == (1, 32, 144, 3)
+    assert not np.array_equal(tiled, plain)
+    assert np.abs(tiled - plain).mean() < 5  # of 255: the same picture
+    seen = []
+    real = pipe.model.vae.encode
+    pipe.model.vae.encode = lambda x: (seen.append(tuple(x.shape)), real(x))[1]
+    try:
+        pipe.img2img(init, "a red circle", tiled_vae=True, **kw)
+        pipe.inpaint(init, Image.new("L", init.size, 255), "a red circle", tiled_vae=True, **kw)
+    finally:
+        del pipe.model.vae.encode
+    f = pipe.model.vae.cfg.downsample_factor
+    assert seen and all(shape[2:] == (16 * f, 64 * f) for shape in seen)  # every encode saw one 16 x 64-cell tile
 
 
 def test_pipeline_rejects_a_bad_option(pipe: StableDiffusionPipeline) -> None:

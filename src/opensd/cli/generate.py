@@ -103,7 +103,7 @@ CLIP_SKIP = typer.Option(1, "--clip-skip", help="Use the output of the n-th last
 OUT = typer.Option(None, "--out", "-o", help="Output PNG path (a batch adds -0, -1, ...). Default: outputs/<time>-<seed>.png")
 TILED_VAE = typer.Option(
     None, "--tiled-vae/--no-tiled-vae",
-    help="Decode the image in overlapping tiles (less memory for large images). Default: only above 96 latent cells (768 px) on a side.",
+    help="Run the VAE (decode, and the img2img/inpaint encode) in overlapping tiles: less memory for large images. Default: only above 96 latent cells (768 px) on a side.",
 )
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 

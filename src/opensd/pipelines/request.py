@@ -37,7 +37,7 @@ class GenerationRequest:
     batch_size: int = 1
     strength: float = 1.0
     clip_skip: int = 1
-    tiled_vae: bool | None = None  # decode in tiles; None: when the latent is over 96 cells on a side
+    tiled_vae: bool | None = None  # VAE decode (and img2img/inpaint encode) in tiles; None: when the latent is over 96 cells on a side
     sampler_options: dict[str, Any] = field(default_factory=dict)
 
     def resolved_sampler(self) -> tuple[SamplerSpec, SigmaSpacing]:

@@ -25,10 +25,11 @@ from PIL import Image
 from opensd.checkpoints import LoadedModel, load_model
 from opensd.diffusion import ClassifierFreeGuidance, Denoiser, DiscreteSchedule, Interrupted
 from opensd.diffusion.registry import sample
+from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_pil, to_tensor
 from opensd.pipelines.infotext import format_infotext
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
-from opensd.pipelines.vae_tiling import decode_tiled, should_tile
+from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
 
 
 @dataclass
@@ -212,7 +213,7 @@ class StableDiffusionPipeline:
             init_latent = inpaint_concat = latent_mask = None
             if init_image is not None:
                 pixels = to_tensor(init_image, req.width, req.height).to(dev, dtype)
-                posterior = self.model.vae.encode(pixels)
+                posterior = self.encode_pixels(pixels, req.tiled_vae)
                 # One posterior draw per image, from that image's seed (diffusers draws it first too).
                 eps = torch.cat([torch.randn(posterior.mean.shape, generator=g) for g in gens]).to(dev, dtype)
                 init_latent = self.model.vae.to_latent(posterior.mean + posterior.std * eps)
@@ -220,13 +221,13 @@ class StableDiffusionPipeline:
                     m = mask_to_tensor(mask, req.width, req.height).to(dev, dtype)
                     latent_mask = torch.nn.functional.interpolate(m, size=shape[2:], mode="nearest").expand(req.batch_size, -1, -1, -1)
                     if self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
-                        masked = self.model.vae.to_latent(self.model.vae.encode(pixels * (m < 0.5)).mode())
+                        masked = self.model.vae.to_latent(self.encode_pixels(pixels * (m < 0.5), req.tiled_vae).mode())
                         inpaint_concat = torch.cat([latent_mask, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
 
             if inpaint_concat is None and self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
                 # An inpainting U-Net without a mask: all of it masked, the masked image blank (A1111).
                 blank = torch.zeros(1, 3, req.height, req.width, device=dev, dtype=dtype)
-                masked = self.model.vae.to_latent(self.model.vae.encode(blank).mode())
+                masked = self.model.vae.to_latent(self.encode_pixels(blank, req.tiled_vae).mode())
                 ones = torch.ones(req.batch_size, 1, *shape[2:], device=dev, dtype=dtype)
                 inpaint_concat = torch.cat([ones, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
 
@@ -298,6 +299,18 @@ class StableDiffusionPipeline:
         if should_tile(z.shape[2], z.shape[3], tiled_vae):
             return decode_tiled(vae, z)
         return vae.decode(z)
+
+    def encode_pixels(self, pixels: torch.Tensor, tiled_vae: bool | None = None) -> DiagonalGaussian:
+        """Images (B, 3, H, W) in [-1, 1] -> the VAE's posterior over (unscaled) latents.
+
+        ``tiled_vae``: encode in overlapping tiles (:func:`~opensd.pipelines.vae_tiling.encode_tiled`);
+        None decides by size, as :meth:`decode_latents` does.
+        """
+        vae = self.model.vae
+        f = vae.cfg.downsample_factor
+        if should_tile(pixels.shape[2] // f, pixels.shape[3] // f, tiled_vae):
+            return encode_tiled(vae, pixels)
+        return vae.encode(pixels)
 
     def infotext(self, req: GenerationRequest, seed: int) -> str:
         spec, spacing = req.resolved_sampler()

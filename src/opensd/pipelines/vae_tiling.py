@@ -1,21 +1,25 @@
-"""Tiled VAE decoding: large images in bounded memory.
+"""Tiled VAE decoding and encoding: large images in bounded memory.
 
 The decoder's activations grow with the image (the SD 1.x decoder holds 128-512 channels
 at full resolution, and its mid-block attention is quadratic in the latent's area), so a
 2048 px image can need more memory than the U-Net pass that made it. ``decode_tiled``
 decodes overlapping latent tiles one at a time and blends them with linear ramps, as
 A1111's "Tiled VAE" and diffusers' ``enable_vae_tiling`` do. Memory then depends on the
-tile size only.
+tile size only. ``encode_tiled`` does the same for the encoder (img2img and inpainting of
+large images): the posterior moments of overlapping pixel tiles are blended in latent space.
 
 The decoder is not local: GroupNorm normalises with statistics of the whole input, and
 the mid-block attention lets every latent cell see every other one. Per tile, both see
 only that tile, so the result differs slightly from a full decode (colours shift a
 little between tiles, borders lack context); the overlap and the ramps hide the seams.
+The encoder is not local either, for the same reasons.
 """
 
 from __future__ import annotations
 
 import torch
+
+from opensd.models.vae import DiagonalGaussian
 
 # Defaults of the pipeline (latent cells): 64-cell tiles (512 px for SD 1.x) overlapping
 # by 16, used automatically when the latent is larger than 96 cells (768 px) on a side.
@@ -72,6 +76,41 @@ def _ramps(starts: list[int], tile: int, length: int, f: int) -> list[torch.Tens
     return out
 
 
+def _check(fn: str, tile: int, overlap: int) -> None:
+    for name, v in (("tile", tile), ("overlap", overlap)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TilingError(f"{fn}: {name} must be an integer, got {v!r}")
+    if tile < 1:
+        raise TilingError(f"{fn}: tile must be >= 1 latent cell, got {tile}")
+    if not 0 <= overlap < tile:
+        raise TilingError(f"{fn}: overlap must be in [0, tile) = [0, {tile}), got {overlap}")
+
+
+def _blend_tiles(fn, x: torch.Tensor, h: int, w: int, tile: int, overlap: int, in_scale: int, out_scale: int) -> torch.Tensor:
+    """``fn`` applied tile by tile and blended with separable linear ramps.
+
+    Tiles are laid out in latent cells over an (h, w)-cell grid; a tile at cell (y, x)
+    reads ``x[..., y*in_scale : (y+tile)*in_scale, ...]`` and its output, ``out_scale``
+    units per cell, is blended at ``y*out_scale``: ``out = sum_t(w_t * fn(tile_t)) / sum_t(w_t)``.
+    """
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    wy, wx = _ramps(ys, tile, h, out_scale), _ramps(xs, tile, w, out_scale)
+    out = total = piece = None
+    for y, ry in zip(ys, wy):
+        for x0, rx in zip(xs, wx):
+            piece = fn(x[:, :, y * in_scale : (y + tile) * in_scale, x0 * in_scale : (x0 + tile) * in_scale])
+            if out is None:  # accumulate in float32 whatever the VAE's dtype
+                out = torch.zeros(x.shape[0], piece.shape[1], h * out_scale, w * out_scale, device=piece.device,
+                                  dtype=torch.float32)
+                total = torch.zeros(1, 1, h * out_scale, w * out_scale, device=piece.device, dtype=torch.float32)
+            weight = (ry[:, None] * rx[None, :]).to(piece.device)  # (tile_h * out_scale, tile_w * out_scale)
+            rows = slice(y * out_scale, y * out_scale + piece.shape[2])
+            cols = slice(x0 * out_scale, x0 * out_scale + piece.shape[3])
+            out[:, :, rows, cols] += weight * piece.float()
+            total[:, :, rows, cols] += weight
+    return (out / total).to(piece.dtype)
+
+
 def decode_tiled(vae, z: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
     """``vae.decode(z)`` computed tile by tile.
 
@@ -88,34 +127,32 @@ def decode_tiled(vae, z: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = 
     GroupNorm statistics and the mid-block attention become per-tile; the overlap gives
     each seam context on both sides and the ramps fade one tile into the next.
     """
-    for name, v in (("tile", tile), ("overlap", overlap)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TilingError(f"decode_tiled: {name} must be an integer, got {v!r}")
-    if tile < 1:
-        raise TilingError(f"decode_tiled: tile must be >= 1 latent cell, got {tile}")
-    if not 0 <= overlap < tile:
-        raise TilingError(f"decode_tiled: overlap must be in [0, tile) = [0, {tile}), got {overlap}")
+    _check("decode_tiled", tile, overlap)
     c = vae.cfg.embed_dim
     if not isinstance(z, torch.Tensor) or z.ndim != 4 or z.shape[1] != c:
         got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise TilingError(f"decode_tiled: z must be a (B, {c}, h, w) latent, got {got}")
-    b, _, h, w = z.shape
+    h, w = z.shape[2:]
     if h <= tile and w <= tile:
         return vae.decode(z)
+    return _blend_tiles(vae.decode, z, h, w, tile, overlap, 1, vae.cfg.downsample_factor)
 
+
+def encode_tiled(vae, x: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> DiagonalGaussian:
+    """``vae.encode(x)`` computed tile by tile: the posterior of a large image in bounded memory.
+
+    ``x``: (B, 3, H, W) in [-1, 1], H and W multiples of the downsample factor f. ``tile``
+    and ``overlap`` count latent cells, as in :func:`decode_tiled` (a tile reads
+    ``tile * f`` pixels). The encoder's moments (mean and log-variance) of overlapping tiles
+    are blended with the same linear ramps, in latent space, and the blend is the returned
+    :class:`~opensd.models.vae.DiagonalGaussian`. One tile is exactly ``vae.encode(x)``.
+    """
+    _check("encode_tiled", tile, overlap)
     f = vae.cfg.downsample_factor
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    wy, wx = _ramps(ys, tile, h, f), _ramps(xs, tile, w, f)
-    out = total = None
-    for y, ry in zip(ys, wy):
-        for x, rx in zip(xs, wx):
-            image = vae.decode(z[:, :, y : y + tile, x : x + tile])  # (B, 3, th*f, tw*f)
-            if out is None:  # accumulate in float32 whatever the VAE's dtype
-                out = torch.zeros(b, image.shape[1], h * f, w * f, device=image.device, dtype=torch.float32)
-                total = torch.zeros(1, 1, h * f, w * f, device=image.device, dtype=torch.float32)
-            weight = (ry[:, None] * rx[None, :]).to(image.device)  # (th*f, tw*f)
-            rows = slice(y * f, y * f + image.shape[2])
-            cols = slice(x * f, x * f + image.shape[3])
-            out[:, :, rows, cols] += weight * image.float()
-            total[:, :, rows, cols] += weight
-    return (out / total).to(image.dtype)
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[2] % f or x.shape[3] % f:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TilingError(f"encode_tiled: x must be a (B, C, H, W) image with H and W multiples of {f}, got {got}")
+    h, w = x.shape[2] // f, x.shape[3] // f
+    if h <= tile and w <= tile:
+        return vae.encode(x)
+    return DiagonalGaussian(_blend_tiles(lambda p: vae.encode(p).moments, x, h, w, tile, overlap, f, 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opensd.config import ConfigError
+from opensd.config import ConfigError, to_dict
 from opensd.data.shapes import ObjectSpec, PromptSpec, ShapesDataset, caption, masks, realize
 from opensd.models.transformer import BasicTransformerBlock
 from opensd.models.unet import UNetConfig, UNetModel
@@ -219,6 +220,10 @@ def test_fine_tuning_starts_from_the_model_and_lowers_the_grounding_loss(tmp_pat
     assert moved < 0.05  # one step of lr 3e-3 from the model's weights, not a fresh init
     pipe = opensd.load(result.export)
     assert pipe.txt2img("a red circle", steps=2, seed=0)[0].size == (16, 16)
+    # The run's config.json records the architecture it trained, the starting model's.
+    recorded = json.loads((result.run_dir / "config.json").read_text())
+    assert recorded["model"] == to_dict(pipe.model.cfg.unet) != to_dict(stage.cfg.model)
+    assert recorded["schedule"] == to_dict(pipe.model.cfg.schedule)
 
 
 def test_grounding_and_init_from_config_errors(tmp_path: Path, tiny_model: Path) -> None:

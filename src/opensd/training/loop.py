@@ -345,6 +345,11 @@ class Stage:
     def export(self) -> Path | None:
         return None
 
+    def resolved_config(self) -> dict[str, Any]:
+        """What the run folder's ``config.json`` records (after ``build``): the config itself,
+        unless the stage resolves parts of it elsewhere (a model it starts from, say)."""
+        return to_dict(self.cfg)
+
 
 @dataclass
 class RunResult:
@@ -481,7 +486,7 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             from opensd.checkpoints.io import write_json
 
-            write_json(to_dict(self.stage.cfg), self.run_dir / "config.json")
+            write_json(self.stage.resolved_config(), self.run_dir / "config.json")
             kept = [r for r in read_log(self.log_path) if r.get("step", 0) <= start] if start else []
             tmp = self.log_path.with_name(f".{LOG}.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))

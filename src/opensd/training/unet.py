@@ -337,6 +337,14 @@ class UNetStage(Stage):
         scored = score_images([(im, p.spec) for im, p in zip(images, prompts)])
         return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
 
+    def resolved_config(self) -> dict:
+        """With ``init_from`` the architecture and the schedule are the starting model's: the
+        run's ``config.json`` records those in ``model`` and ``schedule``, not the unused defaults."""
+        out = to_dict(self.cfg)
+        if self.cfg.init_from:
+            out["model"], out["schedule"] = to_dict(self.sd_cfg.unet), to_dict(self.sd_cfg.schedule)
+        return out
+
     def export(self) -> Path:
         from opensd.checkpoints.opensd_format import save_opensd
 

@@ -146,6 +146,7 @@ def generated(pipe) -> None:
 def relations(pipe) -> None:
     """For 'A rel B' and 'B rel A', 6 seeds each: which object the scorer finds on top / on the left."""
     pairs = [("red circle", "blue square"), ("green triangle", "yellow circle"), ("purple square", "orange triangle")]
+    tally = {"as asked": 0, "the other way": 0, "unclear": 0}
     for a, b in pairs:
         for rel in ("above", "below", "to the left of", "to the right of"):
             for first, second in ((a, b), (b, a)):
@@ -166,7 +167,11 @@ def relations(pipe) -> None:
                         found.append("A-top" if A.center[1] < B.center[1] else "B-top")
                     else:
                         found.append("A-left" if A.center[0] < B.center[0] else "B-left")
+                asked = {"above": "A-top", "below": "B-top", "to the left of": "A-left", "to the right of": "B-left"}[rel]
+                for f in found:
+                    tally["unclear" if f == "?" else "as asked" if f == asked else "the other way"] += 1
                 print(prompt, found)
+    print(f"of {sum(tally.values())} images: " + ", ".join(f"{k} {v}" for k, v in tally.items()))
 
 
 def preview(pipe) -> None:

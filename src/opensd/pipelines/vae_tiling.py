@@ -29,11 +29,11 @@ AUTO_TILE_ABOVE = 96
 
 
 class TilingError(ValueError):
-    """Bad arguments to :func:`decode_tiled`; the message names what is allowed."""
+    """Bad arguments to :func:`decode_tiled` or :func:`encode_tiled`; the message names what is allowed."""
 
 
 def should_tile(h: int, w: int, tiled: bool | None) -> bool:
-    """Whether to decode an (h, w) latent in tiles: ``tiled`` if given, else automatic
+    """Whether to run the VAE on an (h, w)-cell latent in tiles: ``tiled`` if given, else automatic
     (a side larger than :data:`AUTO_TILE_ABOVE` cells)."""
     if tiled is None:
         return max(h, w) > AUTO_TILE_ABOVE

@@ -43,6 +43,7 @@ from opensd.data.shapes import PALETTE, PLURALS, SHAPES, SIZES, PromptSpec, Scen
 from opensd.explain.attention import feature_grid
 from opensd.models.transformer import BasicTransformerBlock
 
+
 class PixelTarget(enum.Enum):
     """What the pixel loss asks of an object's grounded words at each position.
 
@@ -62,9 +63,10 @@ GROUNDED_WORDS = frozenset([*SHAPES, *PLURALS.values(), *PALETTE, *SIZES])
 
 def _find(haystack: Sequence[int], needle: Sequence[int], start: int) -> int:
     """First index >= ``start`` where ``needle`` occurs in ``haystack``, or -1."""
+    haystack, needle = list(haystack), list(needle)
     n = len(needle)
     for i in range(start, len(haystack) - n + 1):
-        if list(haystack[i : i + n]) == list(needle):
+        if haystack[i : i + n] == needle:
             return i
     return -1
 

@@ -180,6 +180,7 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.pixel_target = pixel_target
         self.unet = unet
+        self.capture = AttentionCapture(unet)  # its cross-attention layers, found once
         self.prediction = schedule.prediction
         self.gamma = min_snr_gamma
         self.register_buffer("alphas_cumprod", DiscreteSchedule(schedule).alphas_cumprod.clone(), persistent=False)
@@ -198,9 +199,10 @@ class DiffusionLoss(nn.Module):
         if ground is None:
             pred = self.unet(xt, t.float(), context).float()
         else:
-            with AttentionCapture(self.unet) as capture:
+            with self.capture:
                 pred = self.unet(xt, t.float(), context).float()
-            grounded = grounding_loss(capture.probs, *ground, pixel_target=self.pixel_target)
+            grounded = grounding_loss(self.capture.probs, *ground, pixel_target=self.pixel_target)
+            self.capture.probs.clear()  # the graph holds what backward needs
         per_sample = (pred - target).pow(2).flatten(1).mean(dim=1)  # (B,)
         return per_sample * min_snr_weight(a, self.gamma, self.prediction), grounded
 

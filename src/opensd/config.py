@@ -16,10 +16,12 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from opensd.errors import OpenSDError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(OpenSDError):
     """A config dict or file does not fit its dataclass."""
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from opensd.errors import OpenSDError
+
 # The default model ships in the repository's models/ folder.
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_MODEL_NAME = "opensd-shapes"
@@ -26,7 +28,7 @@ def resolve_model(path: str | Path | None) -> Path:
         return Path(path)
     found = default_model_path()
     if found is None:
-        raise ValueError(
+        raise OpenSDError(
             f"no model given and no default model found (looked for ${ENV_VAR} and {REPO_MODELS / DEFAULT_MODEL_NAME}); "
             "pass --model PATH with a diffusers folder, an SD 1.x file or an opensd model folder"
         )

@@ -19,9 +19,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from opensd.errors import OpenSDError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(OpenSDError):
     """A checkpoint cannot be read or does not fit the model."""
+
+    kind = "CheckpointError"
 
 
 class StateDictMismatch(CheckpointError):

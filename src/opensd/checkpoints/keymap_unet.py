@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from opensd.errors import OpenSDError
 from opensd.models.unet import UNetConfig
 
 # original key prefix -> diffusers key prefix, for the modules outside the blocks
@@ -225,7 +226,7 @@ def to_diffusers_unet_config(cfg: UNetConfig, sample_size: int = 64) -> dict[str
     }
 
 
-class DiffusersConfigError(ValueError):
+class DiffusersConfigError(OpenSDError):
     """A diffusers U-Net config that opensd's UNetModel cannot represent."""
 
     def __init__(self, msg: str) -> None:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from opensd.cli.common import fail_cleanly
+from opensd.errors import OpenSDError
 
 
 def register(app: typer.Typer) -> None:
@@ -35,12 +36,12 @@ def register(app: typer.Typer) -> None:
         try:
             suite_enum = Suite(suite)
         except ValueError:
-            raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(s.value for s in Suite)}") from None
+            raise OpenSDError(f"unknown suite {suite!r}; choose one of {', '.join(s.value for s in Suite)}") from None
         cfg = EvalConfig(suite=suite_enum, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                          images_per_prompt=images_per_prompt, per_category=per_category, seed=seed,
                          batch_size=batch_size)
         if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder")
+            raise OpenSDError(f"--out {out} is a file; give a folder")
         pipe = opensd.load(resolve_model(model))
         info = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash}
         bar = None

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from opensd.cli.common import fail_cleanly
+from opensd.errors import OpenSDError
 
 
 def _pipeline(model: Optional[Path]):
@@ -23,12 +24,12 @@ def _steps_list(text: Optional[str]) -> Optional[list[int]]:
     try:
         return [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
-        raise ValueError(f"--at must list step numbers separated by commas, e.g. 1,5,10; got {text!r}") from None
+        raise OpenSDError(f"--at must list step numbers separated by commas, e.g. 1,5,10; got {text!r}") from None
 
 
 def _out_dir(out: Path) -> Path:
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
+        raise OpenSDError(f"--out {out} is a file; give a folder")
     return out
 
 

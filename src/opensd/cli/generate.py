@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from opensd.cli.common import fail_cleanly
+from opensd.errors import OpenSDError
 
 DEFAULT_OUT_DIR = Path("outputs")
 
@@ -27,10 +28,10 @@ def _out_paths(out: Optional[str], n: int, seed_hint: str) -> list[Path]:
         base = DEFAULT_OUT_DIR / f"{stamp}-{seed_hint}.png"
     else:
         if not out.strip():
-            raise ValueError("--out is empty; give a file name such as out.png")
+            raise OpenSDError("--out is empty; give a file name such as out.png")
         base = Path(out)
         if base.exists() and base.is_dir():
-            raise ValueError(f"--out {out} is a folder; give a file name such as {base / 'out.png'}")
+            raise OpenSDError(f"--out {out} is a folder; give a file name such as {base / 'out.png'}")
         if base.suffix.lower() != ".png":
             base = base.with_suffix(base.suffix + ".png") if base.suffix else base.with_suffix(".png")
     if n == 1:
@@ -165,7 +166,7 @@ def register(app: typer.Typer) -> None:
 
         text = read_png_parameters(load_image(file))
         if text is None:
-            raise ValueError(f"{file} carries no generation parameters (no 'parameters' text chunk)")
+            raise OpenSDError(f"{file} carries no generation parameters (no 'parameters' text chunk)")
         fields = parse_infotext(text)
         if as_json:
             typer.echo(json.dumps(fields, indent=2, ensure_ascii=False))

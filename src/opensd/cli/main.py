@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from opensd.cli.common import fail_cleanly
+from opensd.cli.common import DEBUG_ENV, fail_cleanly, set_debug
 
 app = typer.Typer(
     name="opensd",
@@ -15,6 +15,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback of an unexpected error (or set {DEBUG_ENV}=1)."),
+) -> None:
+    """Stable Diffusion, complete: generate, train, inspect and serve."""
+    set_debug(debug)
 
 
 @app.command()

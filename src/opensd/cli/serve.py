@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from opensd.cli.common import fail_cleanly
+from opensd.errors import OpenSDError
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
@@ -55,14 +56,14 @@ def register(app: typer.Typer) -> None:
         from opensd.serving.security import parse_auth
 
         if dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise OpenSDError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if models_dir is not None and not models_dir.is_dir():
-            raise ValueError(f"--models-dir {models_dir} is not a folder")
+            raise OpenSDError(f"--models-dir {models_dir} is not a folder")
         parse_auth(api_auth)  # a bad --api-auth fails before the model loads
         if model is None and models_dir is None:
             model = default_model_path()
             if model is None:
-                raise ValueError("no model given and no default model found; pass --model PATH or --models-dir DIR")
+                raise OpenSDError("no model given and no default model found; pass --model PATH or --models-dir DIR")
         limits = Limits(
             max_width=max_size, max_height=max_size, max_steps=max_steps, max_batch_size=max_batch_size,
             max_n_iter=max_n_iter, max_body_bytes=int(max_body_mb * 2**20), workers=workers, max_queue=max_queue,

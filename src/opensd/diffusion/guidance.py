@@ -21,10 +21,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from opensd.errors import OpenSDError
+
 ModelFn = Callable[..., torch.Tensor]
 
 
-class GuidanceError(ValueError):
+class GuidanceError(OpenSDError):
     """Bad guidance settings or conditioning (missing uncond, mismatched keys)."""
 
 

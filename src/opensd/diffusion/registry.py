@@ -28,9 +28,10 @@ from opensd.diffusion.schedules import (
     TimestepRule,
     to_vp,
 )
+from opensd.errors import OpenSDError
 
 
-class UnknownSamplerError(ValueError):
+class UnknownSamplerError(OpenSDError):
     """A sampler name that is not registered; the message lists the known names."""
 
 

@@ -36,11 +36,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from opensd.errors import OpenSDError
+
 Callback = Callable[[dict[str, Any]], Any]
 DenoiserFn = Callable[..., torch.Tensor]  # D(x, sigma, **extra_args) -> x0
 
 
-class SamplerError(ValueError):
+class SamplerError(OpenSDError):
     """Bad input to a sampler (sigma list, latent, option value)."""
 
 

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from opensd.config import ConfigError
+from opensd.errors import OpenSDError
 
 
-class ScheduleError(ValueError):
+class ScheduleError(OpenSDError):
     """A bad argument to a schedule function (step count, strength, sigma shape)."""
 
 

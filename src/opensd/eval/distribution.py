@@ -41,10 +41,11 @@ import torch
 from PIL import Image, ImageFilter
 
 from opensd.data.shapes import SIZES, Sample, ShapesDataset, render
+from opensd.errors import OpenSDError
 from opensd.eval.features import ShapesFeatureNet, extract_features, load_feature_net
 
 
-class DistributionError(ValueError):
+class DistributionError(OpenSDError):
     """Bad input to a distribution metric (wrong shapes, too few samples, bad parameters)."""
 
 

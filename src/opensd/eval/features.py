@@ -58,10 +58,11 @@ from torch import nn
 
 from opensd.config import from_dict, to_dict
 from opensd.data.shapes import BACKGROUNDS, MAX_COUNT, PALETTE, SHAPES, SIZES, Scene, ShapesDataset
+from opensd.errors import OpenSDError
 from opensd.models.layers import group_norm
 
 
-class FeatureError(ValueError):
+class FeatureError(OpenSDError):
     """Bad input to the feature network (unknown kind, bad image shape or range, bad file)."""
 
 

@@ -45,10 +45,11 @@ from opensd.data.shapes import (
     realize,
     render,
 )
+from opensd.errors import OpenSDError
 from opensd.eval.scorer import CATEGORIES, category_of
 
 
-class PromptSuiteError(ValueError):
+class PromptSuiteError(OpenSDError):
     """A suite cannot be built as asked (unknown category, too many prompts)."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 from PIL import Image
 
+from opensd.errors import OpenSDError
 from opensd.eval.prompts import IMAGES_PER_PROMPT, BenchmarkPrompt, benchmark_suite, holdout_suite, validation_suite
 from opensd.eval.scorer import CATEGORIES, judge
 
@@ -51,11 +52,11 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.images_per_prompt, int) or self.images_per_prompt < 1:
-            raise ValueError(f"images_per_prompt must be an integer >= 1, got {self.images_per_prompt!r}")
+            raise OpenSDError(f"images_per_prompt must be an integer >= 1, got {self.images_per_prompt!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+            raise OpenSDError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.per_category is not None and self.per_category < 1:
-            raise ValueError(f"per_category must be >= 1, got {self.per_category}")
+            raise OpenSDError(f"per_category must be >= 1, got {self.per_category}")
 
 
 class Generator(Protocol):

@@ -47,9 +47,10 @@ from opensd.data.shapes import (
     PromptSpec,
     relations_between,
 )
+from opensd.errors import OpenSDError
 
 
-class ScorerError(ValueError):
+class ScorerError(OpenSDError):
     """Bad input to the scorer (not an image, wrong shape or dtype, bad spec)."""
 
 

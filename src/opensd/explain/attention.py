@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from opensd.errors import OpenSDError
 from opensd.explain.render import grid, heatmap_overlay, upscale, with_label
 from opensd.models.transformer import BasicTransformerBlock
 from opensd.prompts.syntax import TokenizedPrompt, context_length, tokenize_prompt
 
 
-class ExplainError(ValueError):
+class ExplainError(OpenSDError):
     """Bad input to an explain function (unknown word, wrong mask shape, bad steps)."""
 
 

@@ -22,11 +22,12 @@ import torch
 from PIL import Image
 
 from opensd.diffusion.schedules import to_vp
+from opensd.errors import OpenSDError
 from opensd.explain.render import grid, save_gif, upscale, with_label
 from opensd.pipelines.images import load_image, to_pil, to_tensor
 
 
-class PathError(ValueError):
+class PathError(OpenSDError):
     """Bad input to the path functions (steps out of range, bad image)."""
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from opensd.errors import OpenSDError
+
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 LABEL_HEIGHT = 14
@@ -28,7 +30,7 @@ _COLORS = np.array(
 )
 
 
-class RenderError(ValueError):
+class RenderError(OpenSDError):
     """Bad input to a rendering function (empty list, wrong map shape, bad path)."""
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from opensd.config import ConfigError
+
 
 def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
     """GroupNorm with affine weights, as used throughout LDM (``Normalize``).
@@ -15,7 +17,7 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNo
     colour in small models, so configs should keep ``channels // groups >= 4``.
     """
     if channels % groups != 0:
-        raise ValueError(f"GroupNorm: {channels} channels do not divide into {groups} groups")
+        raise ConfigError(f"GroupNorm: {channels} channels do not divide into {groups} groups")
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=eps, affine=True)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from opensd.config import ConfigError
 from opensd.diffusion.schedules import NoiseScheduleConfig
 from opensd.models.clip import CLIPTextConfig, CLIPTextModel
 from opensd.models.unet import UNetConfig, UNetModel
@@ -38,18 +39,18 @@ class SDConfig:
 
     def __post_init__(self) -> None:
         if self.unet.context_dim != self.text.width:
-            raise ValueError(
+            raise ConfigError(
                 f"the U-Net's context_dim ({self.unet.context_dim}) must equal the text "
                 f"encoder's width ({self.text.width})"
             )
         if self.unet.in_channels not in (self.vae.embed_dim, 2 * self.vae.embed_dim + 1):
-            raise ValueError(
+            raise ConfigError(
                 f"the U-Net takes {self.unet.in_channels} channels; the VAE's latent has "
                 f"{self.vae.embed_dim} (an inpainting U-Net takes {2 * self.vae.embed_dim + 1})"
             )
         f = self.vae.downsample_factor
         if self.image_size % f or self.image_size < f:
-            raise ValueError(f"image_size {self.image_size} must be a positive multiple of {f}")
+            raise ConfigError(f"image_size {self.image_size} must be a positive multiple of {f}")
 
     @property
     def latent_size(self) -> int:

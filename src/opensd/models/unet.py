@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd.config import ConfigError
 from opensd.models.layers import group_norm, timestep_embedding
 from opensd.models.transformer import SpatialTransformer
 
@@ -67,26 +68,26 @@ class UNetConfig:
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
                      "num_heads", "transformer_depth", "context_dim", "norm_groups"):
             if not _positive_int(getattr(self, name)):
-                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"UNetConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.head_channels is not None and not _positive_int(self.head_channels):
-            raise ValueError(
+            raise ConfigError(
                 f"UNetConfig.head_channels must be None or a positive integer, got {self.head_channels!r}"
             )
         if not self.channel_mult or not all(_positive_int(m) for m in self.channel_mult):
-            raise ValueError(
+            raise ConfigError(
                 f"UNetConfig.channel_mult must be a non-empty tuple of positive integers, got {self.channel_mult!r}"
             )
         levels = len(self.channel_mult)
         if len(set(self.attention_levels)) != len(self.attention_levels) or not all(
             isinstance(lv, int) and 0 <= lv < levels for lv in self.attention_levels
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"UNetConfig.attention_levels must be distinct levels in 0..{levels - 1} "
                 f"(one per channel_mult entry), got {self.attention_levels!r}"
             )
         for level, ch in enumerate(self.level_channels):
             if ch % self.norm_groups:
-                raise ValueError(
+                raise ConfigError(
                     f"UNetConfig: level {level} has {ch} channels, not divisible by norm_groups={self.norm_groups}"
                 )
         for level in sorted({*self.attention_levels, levels - 1}):  # levels - 1: the middle block
@@ -106,12 +107,12 @@ class UNetConfig:
         ch = self.level_channels[level]
         if self.head_channels is None:
             if ch % self.num_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"UNetConfig: level {level} has {ch} channels, not divisible by num_heads={self.num_heads}"
                 )
             return self.num_heads
         if ch % self.head_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"UNetConfig: level {level} has {ch} channels, not divisible by head_channels={self.head_channels}"
             )
         return ch // self.head_channels

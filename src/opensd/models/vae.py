@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd.config import ConfigError
 from opensd.models.attention import multihead_attention
 from opensd.models.layers import group_norm
 
@@ -59,24 +60,24 @@ class VAEConfig:
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"VAEConfig.{name} must be a positive integer, got {v!r}")
+                raise ConfigError(f"VAEConfig.{name} must be a positive integer, got {v!r}")
         if not isinstance(self.ch_mult, tuple) or len(self.ch_mult) == 0:
-            raise ValueError(f"VAEConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult!r}")
+            raise ConfigError(f"VAEConfig.ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult!r}")
         for m in self.ch_mult:
             if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-                raise ValueError(f"VAEConfig.ch_mult must hold positive ints, got {self.ch_mult!r}")
+                raise ConfigError(f"VAEConfig.ch_mult must hold positive ints, got {self.ch_mult!r}")
         for c in (self.ch, *self.block_channels):
             if c % self.norm_groups != 0:
-                raise ValueError(
+                raise ConfigError(
                     f"VAEConfig: width {c} (ch={self.ch}, ch_mult={self.ch_mult}) is not divisible by "
                     f"norm_groups={self.norm_groups}; ch and every ch * ch_mult[i] must be multiples of it"
                 )
         for name in ("scale_factor", "shift_factor"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"VAEConfig.{name} must be a finite number, got {v!r}")
+                raise ConfigError(f"VAEConfig.{name} must be a finite number, got {v!r}")
         if self.scale_factor <= 0:
-            raise ValueError(f"VAEConfig.scale_factor must be > 0, got {self.scale_factor!r}")
+            raise ConfigError(f"VAEConfig.scale_factor must be > 0, got {self.scale_factor!r}")
 
     @property
     def downsample_factor(self) -> int:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from opensd.errors import InputFileError
+
 ImageInput = Image.Image | str | Path
 
 
@@ -17,13 +19,13 @@ def load_image(image: ImageInput, *, what: str = "image") -> Image.Image:
         return image
     path = Path(image)
     if not path.exists():
-        raise ValueError(f"{what} file not found: {path}")
+        raise InputFileError(f"{what} file not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
             return im.copy()
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {what} {path}: not a readable image ({e})") from None
+        raise InputFileError(f"cannot read {what} {path}: not a readable image ({e})") from None
 
 
 def to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin
 
+from opensd.errors import OpenSDError
+
 NEGATIVE = "Negative prompt:"
 # key: value, where value is a JSON string or runs to the next ", " / end of line.
 _PAIR = re.compile(r'\s*([\w \-/+]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -80,7 +82,7 @@ def save_png(image: Image.Image, path: str | Path, infotext: str | None) -> Path
     """Save a PNG with the infotext in its ``parameters`` text chunk."""
     path = Path(path)
     if not str(path).strip() or path.name == "":
-        raise ValueError("the output path is empty; give a file name such as out.png")
+        raise OpenSDError("the output path is empty; give a file name such as out.png")
     info = PngImagePlugin.PngInfo()
     if infotext:
         info.add_text("parameters", infotext)

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from opensd.errors import OpenSDError
 
-class PreviewError(ValueError):
+
+class PreviewError(OpenSDError):
     """Bad arguments to the preview fit or decoder; the message names what is allowed."""
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from opensd.diffusion import resolve_sampler
 from opensd.diffusion.registry import SamplerSpec
 from opensd.diffusion.schedules import SigmaSpacing
+from opensd.errors import OpenSDError
 
 MAX_SIDE = 4096
 MAX_STEPS = 1000
@@ -16,7 +17,7 @@ MAX_BATCH = 64
 SEED_RANGE = 2**32
 
 
-class RequestError(ValueError):
+class RequestError(OpenSDError):
     """A generation parameter is out of range; the message names what is allowed."""
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from opensd.errors import OpenSDError
 from opensd.models.vae import DiagonalGaussian
 
 # Defaults of the pipeline (latent cells): 64-cell tiles (512 px for SD 1.x) overlapping
@@ -28,7 +29,7 @@ DEFAULT_OVERLAP = 16
 AUTO_TILE_ABOVE = 96
 
 
-class TilingError(ValueError):
+class TilingError(OpenSDError):
     """Bad arguments to :func:`decode_tiled` or :func:`encode_tiled`; the message names what is allowed."""
 
 

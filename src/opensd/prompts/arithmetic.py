@@ -34,8 +34,10 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from opensd.errors import OpenSDError
 
-class PromptExpressionError(ValueError):
+
+class PromptExpressionError(OpenSDError):
     """A prompt expression cannot be read; the message says where and what is allowed."""
 
 
@@ -179,14 +181,14 @@ def blend(pipe, prompts: Sequence[str], weights: Sequence[float] | None = None, 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """``(1 - t) a + t b``."""
     if a.shape != b.shape:
-        raise ValueError(f"lerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise OpenSDError(f"lerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     return a + (b - a) * t
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, eps: float = 1e-7) -> torch.Tensor:
     """Spherical interpolation of ``a`` and ``b`` seen as flat vectors (lerp when nearly parallel)."""
     if a.shape != b.shape:
-        raise ValueError(f"slerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise OpenSDError(f"slerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     a64, b64 = a.double().flatten(), b.double().flatten()
     cos = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp_min(eps)
     theta = float(torch.arccos(cos.clamp(-1, 1)))
@@ -208,7 +210,7 @@ def seed_noise(pipe, seed: int, width: int | None = None, height: int | None = N
 
 def _fractions(frames: int) -> list[float]:
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"frames must be an integer >= 1, got {frames!r}")
+        raise OpenSDError(f"frames must be an integer >= 1, got {frames!r}")
     return [0.0] if frames == 1 else [i / (frames - 1) for i in range(frames)]
 
 

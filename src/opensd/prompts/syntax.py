@@ -46,12 +46,14 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from opensd.errors import OpenSDError
+
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
 COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit"
 
 
-class PromptSyntaxError(ValueError):
+class PromptSyntaxError(OpenSDError):
     """A prompt function got something other than text, or a context too short for one token."""
 
 

@@ -6,11 +6,17 @@ with ``errors`` holding the field-level list for validation errors. Under ``/v1/
 OpenAI-compatible routes) ``error`` is OpenAI's object ``{"message", "type", "param",
 "code"}`` and invalid parameters are 400 (not 422), so that the official client raises a
 readable ``BadRequestError``; ``detail`` is still the message.
+
+Every :class:`~opensd.errors.OpenSDError` (bad input, a bad file) is a 4xx: its ``status``,
+its ``kind`` and its message. Any other exception is a bug: the answer is 500 with a
+``request_id`` that the server's log repeats beside the traceback, and nothing of the
+exception's text leaks to the client.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,13 +24,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from opensd.checkpoints.io import CheckpointError
-from opensd.pipelines.request import RequestError
+from opensd.errors import OpenSDError
 
 log = logging.getLogger("opensd.serving")
 
 
-class ApiError(Exception):
+class ApiError(OpenSDError):
     """An error answered as ``status`` with ``{"error": kind, "detail": detail}``."""
 
     def __init__(self, status: int, detail: str, *, kind: str | None = None, param: str | None = None):
@@ -51,7 +56,9 @@ _KINDS = {
 _OPENAI_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error", 503: "server_error"}
 
 
-def error_body(path: str, status: int, kind: str, detail: str, *, errors: Any = None, param: str | None = None) -> dict:
+def error_body(
+    path: str, status: int, kind: str, detail: str, *, errors: Any = None, param: str | None = None, request_id: str | None = None,
+) -> dict:
     """The JSON body of an error for a request to ``path``."""
     if path.startswith("/v1/"):
         err: Any = {
@@ -65,6 +72,8 @@ def error_body(path: str, status: int, kind: str, detail: str, *, errors: Any = 
     body = {"error": err, "detail": detail}
     if errors is not None:
         body["errors"] = errors
+    if request_id is not None:
+        body["request_id"] = request_id
     return body
 
 
@@ -97,13 +106,9 @@ def install_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
         return error_response(request.url.path, e.status, e.kind, e.detail, param=e.param)
 
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, e: RequestError) -> JSONResponse:
-        return error_response(request.url.path, 422, "ValidationError", str(e))
-
-    @app.exception_handler(CheckpointError)
-    async def _checkpoint_error(request: Request, e: CheckpointError) -> JSONResponse:
-        return error_response(request.url.path, 422, "CheckpointError", str(e))
+    @app.exception_handler(OpenSDError)
+    async def _user_error(request: Request, e: OpenSDError) -> JSONResponse:
+        return error_response(request.url.path, e.status, e.kind, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -117,5 +122,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(request.url.path, 500, type(e).__name__, f"internal error: {e}")
+        rid = uuid.uuid4().hex[:12]
+        log.error("unexpected error on %s %s (request id %s)", request.method, request.url.path, rid, exc_info=e)
+        detail = f"internal error (request id {rid}); the server log has the details"
+        return error_response(request.url.path, 500, "InternalServerError", detail, request_id=rid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opensd.errors import OpenSDError
 from opensd.serving.errors import ApiError
 
 
@@ -30,9 +31,9 @@ class Limits:
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
+                raise OpenSDError(f"Limits.{name} must be a positive integer, got {value!r}")
         if self.max_queue < self.workers:
-            raise ValueError(f"Limits.max_queue ({self.max_queue}) must be >= workers ({self.workers})")
+            raise OpenSDError(f"Limits.max_queue ({self.max_queue}) must be >= workers ({self.workers})")
 
     def check(self, *, width: int, height: int, steps: int, batch_size: int, n_iter: int = 1) -> None:
         """422 naming the first value out of bounds (types were checked by the schema)."""

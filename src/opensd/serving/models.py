@@ -24,6 +24,7 @@ from typing import Callable
 
 from opensd.checkpoints import detect_format, main_weights_file
 from opensd.checkpoints.io import CheckpointError, full_hash
+from opensd.errors import OpenSDError
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving.errors import ApiError
 
@@ -76,7 +77,7 @@ class ModelRegistry:
         max_loaded: int = 2,
     ):
         if models_dir is not None and not Path(models_dir).is_dir():
-            raise ValueError(f"models folder not found: {models_dir}")
+            raise OpenSDError(f"models folder not found: {models_dir}")
         self.models_dir = Path(models_dir).expanduser().resolve() if models_dir is not None else None
         self.loader = loader
         self.max_loaded = max(1, max_loaded)
@@ -95,7 +96,7 @@ class ModelRegistry:
                 listed = self.checkpoints()
                 if not listed:
                     where = f" in {self.models_dir}" if self.models_dir else ""
-                    raise ValueError(f"no model to serve: give a model path or a models folder that holds one{where}")
+                    raise OpenSDError(f"no model to serve: give a model path or a models folder that holds one{where}")
                 ckpt = listed[0]
             else:
                 ckpt = Checkpoint.at(Path(initial))

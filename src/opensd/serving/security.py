@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 
 from fastapi import HTTPException
 
+from opensd.errors import OpenSDError
 from opensd.serving.errors import error_body
 
 Scope = dict[str, Any]
@@ -32,7 +33,7 @@ def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
     for item in spec.split(","):
         user, sep, password = item.strip().partition(":")
         if not sep or not user or not password:
-            raise ValueError(f"--api-auth must be 'user:password' (several separated by commas), got {item.strip()!r}")
+            raise OpenSDError(f"--api-auth must be 'user:password' (several separated by commas), got {item.strip()!r}")
         pairs.append((user, password))
     return pairs
 

@@ -27,8 +27,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from opensd.errors import OpenSDError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(OpenSDError):
     """Bad tokenizer input: wrong text type, bad context length, unreadable folder."""
 
 

@@ -31,10 +31,11 @@ from PIL import Image
 
 from opensd.config import to_dict
 from opensd.data.shapes import DEFAULT_HOLDOUT, PromptSpec, Scene, ShapesDataset
+from opensd.errors import OpenSDError
 from opensd.training.config import DataConfig, DataSource
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(OpenSDError):
     """Training data cannot be read or cached as configured."""
 
 

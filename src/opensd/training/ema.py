@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from opensd.errors import OpenSDError
+
 
 class EMA:
     """``update(module)`` after each optimiser step; ``copy_to(module)`` to use the average."""
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be a number in (0, 1), got {decay!r}")
+            raise OpenSDError(f"EMA decay must be a number in (0, 1), got {decay!r}")
         self.decay = float(decay)
         self.num_updates = 0
         self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters()}
@@ -41,7 +43,7 @@ class EMA:
         params = dict(module.named_parameters())
         missing = sorted(set(self.shadow) - set(params))
         if missing:
-            raise ValueError(f"EMA.copy_to: the module lacks parameter(s) {', '.join(missing[:5])}")
+            raise OpenSDError(f"EMA.copy_to: the module lacks parameter(s) {', '.join(missing[:5])}")
         for k, v in self.shadow.items():
             params[k].copy_(v)
         return module
@@ -51,7 +53,7 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["shadow"]) != set(self.shadow):
-            raise ValueError("EMA state does not match the module's parameters")
+            raise OpenSDError("EMA state does not match the module's parameters")
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
         for k, v in state["shadow"].items():

@@ -54,7 +54,9 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
+from opensd import devices
 from opensd.config import ConfigError, to_dict
+from opensd.errors import OpenSDError
 from opensd.training.config import TrainConfig, config_differences
 from opensd.training.ema import EMA
 
@@ -63,7 +65,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stopped."""
 
 
-class ResumeError(ValueError):
+class ResumeError(OpenSDError):
     """A run folder cannot be started or resumed as asked."""
 
 
@@ -77,14 +79,13 @@ SAMPLES = "samples"
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device = {spec!r} but CUDA is not available; use 'auto' or 'cpu'")
-        return torch.device("cuda", local_rank) if spec == "cuda" else torch.device(spec)
-    return torch.device("cpu")
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu`` (see :mod:`opensd.devices`)."""
+    if spec == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")  # training picks CUDA or the CPU, never MPS on its own
+    try:
+        return devices.resolve_device(spec, local_rank)
+    except devices.DeviceError as e:
+        raise ConfigError(f"train.device: {e}") from None
 
 
 def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
@@ -99,7 +100,7 @@ def save_grid(images: Sequence[Image.Image], path: Path, cols: int, min_tile: in
     Tiles smaller than ``min_tile`` px are enlarged by an integer factor (nearest
     neighbour, so every pixel stays visible as it is)."""
     if not images:
-        raise ValueError("save_grid needs at least one image")
+        raise OpenSDError("save_grid needs at least one image")
     w, h = images[0].size
     k = max(1, min_tile // max(w, h))
     if k > 1:

@@ -1,0 +1,63 @@
+"""What one prompt may cost: a cap in bytes (checked before any parsing) and in tokens.
+
+>>> check_prompt("a red circle", tokenizer, PromptBudget(max_bytes=4096, max_tokens=300))
+3
+
+The bytes cap bounds the parser's work, the tokens cap the text encoder's (one pass per
+chunk of 75 tokens). Text must be valid Unicode: a lone UTF-16 surrogate (a broken
+client's JSON ``"\\ud800"``, or a non-UTF-8 byte in a command-line argument, which Python
+turns into one) is refused with its position. The server checks every prompt before it
+queues the request; the pipeline checks again before it encodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opensd.errors import OpenSDError
+
+
+class PromptBudgetError(OpenSDError):
+    """A prompt is not valid text, or is longer than the budget allows."""
+
+
+@dataclass(frozen=True)
+class PromptBudget:
+    """``max_bytes``: UTF-8 bytes of one prompt; ``max_tokens``: its tokens, syntax removed (75 per chunk)."""
+
+    max_bytes: int = 64 * 1024
+    max_tokens: int = 75 * 40
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PromptBudgetError(f"PromptBudget.{name} must be a positive integer, got {v!r}")
+
+
+def check_text(text: str, *, what: str = "prompt") -> None:
+    """Raise :class:`PromptBudgetError` if ``text`` is not a str or holds a lone surrogate."""
+    if not isinstance(text, str):
+        raise PromptBudgetError(f"{what} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raise PromptBudgetError(
+            f"{what} is not valid Unicode text: character {e.start} is a lone surrogate (U+{ord(bad):04X}); "
+            "send UTF-8 text (a non-UTF-8 byte in a command-line argument gives this too)"
+        ) from None
+
+
+def check_prompt(text: str, tokenizer, budget: PromptBudget, *, what: str = "prompt") -> int:
+    """Check ``text`` against ``budget`` and return its token count; the error names the limit and the size."""
+    from opensd.prompts.syntax import tokenize_prompt
+
+    check_text(text, what=what)
+    size = len(text.encode("utf-8"))
+    if size > budget.max_bytes:
+        raise PromptBudgetError(f"{what} is {size} bytes; at most {budget.max_bytes} are allowed")
+    tokens = tokenize_prompt(tokenizer, text).token_count
+    if tokens > budget.max_tokens:
+        raise PromptBudgetError(f"{what} holds {tokens} tokens; at most {budget.max_tokens} are allowed ({budget.max_tokens // 75} chunks of 75)")
+    return tokens

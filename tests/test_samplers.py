@@ -497,3 +497,38 @@ def test_every_sampler_runs_with_karras_sigmas(spec):
     out = sample(den, noise, schedule, spec.id, 8, karras=True, generator=torch.Generator().manual_seed(0))
     assert out.shape == noise.shape and torch.isfinite(out).all()
     assert 0.3 < out.std().item() < 3.0
+
+
+# ----------------------------------------------------------------------------- step counts near T, repeated levels
+
+
+def _halve(x, sigma, **_):
+    """A trivial denoiser (no network): x0 = x / 2."""
+    return x * 0.5
+
+
+@pytest.mark.parametrize("spec", list_samplers(), ids=lambda s: s.id)
+def test_every_sampler_runs_999_and_1000_steps(spec):
+    # diffusers' grids repeat a noise level there (a ZeroDivisionError in 2M/UniPC/LMS, NaN in SDE)
+    schedule = DiscreteSchedule()
+    noise = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    for steps in (999, 1000):
+        for suffix in ("", " Karras", " Exponential"):
+            out = sample(_halve, noise, schedule, spec.a1111_name + suffix, steps, generator=torch.Generator().manual_seed(0))
+            assert torch.isfinite(out).all(), (steps, suffix)
+        out = sample(_halve, noise, schedule, spec.id, steps, strength=0.5, init_latent=torch.zeros_like(noise),
+                     generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out).all(), (steps, "strength 0.5")
+
+
+@pytest.mark.parametrize("spec", list_samplers(), ids=lambda s: s.id)
+def test_a_repeated_level_is_a_step_of_length_zero(spec):
+    distinct = [14.6, 5.0, 2.0, 1.0, 0.5, 0.1, 0.0]
+    repeated = [14.6, 14.6, 5.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.1, 0.1, 0.0]
+    noise = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    a, b = (
+        spec.fn(_halve, noise, torch.tensor(s), generator=torch.Generator().manual_seed(0)) for s in (distinct, repeated)
+    )
+    assert torch.isfinite(b).all()
+    if spec.id != "unipc":  # UniPC evaluates its corrected x again at the repeated level, a different x0
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)

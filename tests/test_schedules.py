@@ -279,3 +279,39 @@ def test_config_dict_round_trip_and_aliases():
         NoiseScheduleConfig(num_train_timesteps=1)
     with pytest.raises(ConfigError, match="beta_schedule must be a BetaSchedule"):
         NoiseScheduleConfig(beta_schedule="linear")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- step counts near T
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_every_step_count_gives_distinct_timesteps_in_range(spacing):
+    # diffusers' formulas break near steps = T: leading reaches timestep T (999 steps on the
+    # DPM grid, 1000 on the others) or repeats steps_offset (1000 on the DPM grid), trailing
+    # gets 999 timesteps for 998 steps down to -1, the DPM grid's linspace rounds two together
+    s = DiscreteSchedule(_cfg(spacing))
+    for steps in [*range(1, 30), *range(985, 1001)]:
+        for grid in TimestepGrid:
+            ts = s.timesteps_for(steps, grid)
+            assert len(ts) == steps, (grid, steps)
+            assert (np.diff(ts) < 0).all() and ts.min() >= 0 and ts.max() <= 999, (grid, steps)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("sigma_spacing", list(SigmaSpacing))
+@pytest.mark.parametrize("rule", [EULER_RULE, DDIM_RULE, DPM_RULE], ids=["euler", "ddim", "dpm"])
+def test_sigmas_never_repeat_a_level(spacing, sigma_spacing, rule):
+    s = DiscreteSchedule(_cfg(spacing))
+    for steps in (2, 998, 999, 1000):
+        for strength in (1.0, 0.5):
+            sig = s.sigmas_for(steps, sigma_spacing, rule=rule, strength=strength)
+            assert len(sig) == int(steps * strength) + 1
+            # DDIM's last level is alphas_cumprod[0]'s, which its grid may reach already (a no-op step)
+            body = sig[:-1] if rule is DDIM_RULE else sig
+            assert (body[1:] < body[:-1]).all(), (steps, strength)
+
+
+def test_leading_grid_at_t_steps_spreads_over_the_training_range():
+    s = DiscreteSchedule()  # leading, steps_offset 1: diffusers asks for timestep 1000 and, on the DPM grid, 1000 times for timestep 1
+    for grid in TimestepGrid:
+        np.testing.assert_array_equal(s.timesteps_for(1000, grid), np.arange(999, -1, -1.0))

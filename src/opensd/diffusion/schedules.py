@@ -293,6 +293,17 @@ def strength_start(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
+def _distinct_in_range(ts: np.ndarray, steps: int, num_train_timesteps: int) -> bool:
+    """Whether ``ts`` is ``steps`` strictly decreasing timesteps inside ``[0, T - 1]``."""
+    ts = np.asarray(ts, dtype=np.float64)
+    return (
+        len(ts) == steps
+        and bool(np.all(np.diff(ts) < 0))
+        and float(ts.min()) >= 0
+        and float(ts.max()) <= num_train_timesteps - 1
+    )
+
+
 def initial_noise_scale(sigma_max: float) -> float:
     """Scale of unit noise at the first sigma of text-to-image: ``sqrt(sigma^2 + 1)``, the std of
     ``x = x0 + sigma eps`` for unit-variance latents (a VP ``x_T ~ N(0, 1)``), where diffusers'
@@ -370,10 +381,26 @@ class DiscreteSchedule:
     # -- inference schedules ------------------------------------------------------------
 
     def timesteps_for(self, steps: int, grid: TimestepGrid = TimestepGrid.EULER) -> np.ndarray:
-        """The decreasing timesteps (float64) diffusers' scheduler family ``grid`` uses for
-        ``steps`` steps under this config's ``timestep_spacing`` and ``steps_offset``."""
+        """``steps`` strictly decreasing timesteps (float64) in ``[0, T - 1]``.
+
+        They are those diffusers' scheduler family ``grid`` uses for ``steps`` steps under
+        this config's ``timestep_spacing`` and ``steps_offset``, wherever diffusers' formula
+        gives ``steps`` distinct timesteps inside the training range. Near ``steps = T`` it
+        does not (leading spacing reaches ``T`` or repeats ``steps_offset``, trailing gets one
+        timestep too many at -1, the DPM grid's linspace rounds two points together: a
+        repeated noise level, a division by zero in the samplers); there the timesteps are
+        spread evenly over ``[0, T - 1]`` instead (rounded on the integer grids).
+        """
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.num_train_timesteps:
             raise ScheduleError(f"steps must be an integer in [1, {self.num_train_timesteps}], got {steps!r}")
+        ts = self._diffusers_timesteps(steps, grid)
+        if not _distinct_in_range(ts, steps, self.num_train_timesteps):
+            ts = np.linspace(self.num_train_timesteps - 1, 0, steps)
+            ts = ts.astype(np.float32) if grid is TimestepGrid.EULER else ts.round()
+        return ts.astype(np.float64).copy()
+
+    def _diffusers_timesteps(self, steps: int, grid: TimestepGrid) -> np.ndarray:
+        """diffusers' own formula for the timesteps of ``grid`` (may leave the training range)."""
         T, spacing, offset = self.num_train_timesteps, self.config.timestep_spacing, self.config.steps_offset
         if spacing is TimestepSpacing.TRAILING:  # the same for all three families
             ts = np.round(np.arange(T, 0, -T / steps)) - 1
@@ -390,7 +417,7 @@ class DiscreteSchedule:
             ts = (np.arange(0, steps) * (T // steps)).round()[::-1] + offset
         if grid is TimestepGrid.EULER:
             ts = ts.astype(np.float32)
-        return ts.astype(np.float64).copy()
+        return ts.astype(np.float64)
 
     def sigmas_from_timesteps(self, timesteps: np.ndarray | torch.Tensor) -> np.ndarray:
         """Sigmas at (possibly fractional) timesteps by linear interpolation in sigma

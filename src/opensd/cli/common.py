@@ -26,6 +26,44 @@ DEBUG_ENV = "OPENSD_DEBUG"
 # The --device option every command that runs a model takes (opensd.devices.resolve_device reads it).
 DEVICE = typer.Option(None, "--device", help="auto (CUDA, then MPS, else the CPU), cpu, cuda, cuda:N or mps. Default: auto.")
 
+# Models below this many U-Net parameters run on one CPU thread by default (see default_threads).
+SMALL_MODEL_PARAMS = 100_000_000
+
+THREADS = typer.Option(
+    None, "--threads", min=1,
+    help="CPU threads for torch. Default: 1 for models under 100M U-Net parameters (the bundled "
+    "model: its operations are too small for more threads to pay, and on a busy machine threads "
+    "stall each other), else torch's default (one per core).",
+)
+
+
+def default_threads(unet_params: int) -> int | None:
+    """The CPU thread count for a model with ``unet_params`` U-Net parameters; None: torch's default.
+
+    A small model's operations (the bundled 32 px model's convolutions and attention on
+    8x8 latents) finish in microseconds, so more threads add a fork-join barrier per
+    operation and gain nothing; on a machine whose cores are busy the barrier waits for a
+    descheduled thread, which made 2 threads 10-30x slower than 1 (the measurement:
+    ``scripts/measure_threads.py``). A model of SD 1.x size (860M U-Net parameters) has
+    operations large enough to split, and keeps torch's default of one thread per core.
+    """
+    return 1 if unet_params < SMALL_MODEL_PARAMS else None
+
+
+def use_threads(threads: int | None, model) -> int:
+    """Set torch's CPU threads for running ``model`` (a :class:`~opensd.models.stable_diffusion.StableDiffusion`):
+    ``threads`` when given, else :func:`default_threads`. Returns the count in use.
+    Every command that runs a model calls this once, after loading it."""
+    import torch
+
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise OpenSDError(f"--threads must be an integer >= 1, got {threads!r}")
+    if threads is None:
+        threads = default_threads(sum(p.numel() for p in model.unet.parameters()))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
 
 def set_debug(on: bool) -> None:
     """``opensd --debug``: let unexpected exceptions show their traceback."""

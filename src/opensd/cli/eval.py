@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from opensd.cli.common import fail_cleanly
+from opensd.cli.common import DEVICE, THREADS, fail_cleanly, use_threads
 from opensd.errors import OpenSDError
 
 
@@ -27,10 +27,12 @@ def register(app: typer.Typer) -> None:
         distribution: bool = typer.Option(False, "--distribution", help="Also Fréchet distance, precision/recall and memorization (in-house features)."),
         out: Path = typer.Option(Path("eval"), "--out", "-o", help="Folder for results.json, report.md and plots."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
     ) -> None:
         """Score a model GenEval-style on the shapes world; writes results.json and report.md."""
         import opensd
         from opensd.defaults import resolve_model
+        from opensd.devices import resolve_device
         from opensd.eval.run import EvalConfig, Suite, evaluate, write_results
 
         try:
@@ -42,7 +44,8 @@ def register(app: typer.Typer) -> None:
                          batch_size=batch_size)
         if out.exists() and not out.is_dir():
             raise OpenSDError(f"--out {out} is a file; give a folder")
-        pipe = opensd.load(resolve_model(model))
+        pipe = opensd.load(resolve_model(model), device=resolve_device(device))
+        use_threads(threads, pipe.model)
         info = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash}
         bar = None
         if not quiet:

@@ -7,15 +7,18 @@ from typing import Optional
 
 import typer
 
-from opensd.cli.common import fail_cleanly
+from opensd.cli.common import DEVICE, THREADS, fail_cleanly, use_threads
 from opensd.errors import OpenSDError
 
 
-def _pipeline(model: Optional[Path]):
+def _pipeline(model: Optional[Path], device, threads: Optional[int]):
+    """The pipeline for ``model`` on ``device`` (resolved), torch's threads set for it."""
     import opensd
     from opensd.defaults import resolve_model
 
-    return opensd.load(resolve_model(model))
+    pipe = opensd.load(resolve_model(model), device=device)
+    use_threads(threads, pipe.model)
+    return pipe
 
 
 def _steps_list(text: Optional[str]) -> Optional[list[int]]:
@@ -56,15 +59,17 @@ def register(app: typer.Typer) -> None:
         width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT, clip_skip: int = CLIP_SKIP,
         model: Optional[Path] = MODEL,
         out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the pictures and raw maps."),
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
     ) -> None:
         """Generate one image and show how: word attention maps, denoising path, forward noising."""
+        from opensd.devices import resolve_device
         from opensd.explain import explain, save_explanation
         from opensd.pipelines.images import load_image
 
         out = _out_dir(out)
         steps_at = _steps_list(at)
         image = load_image(noise_image) if noise_image is not None else None
-        pipe = _pipeline(model)
+        pipe = _pipeline(model, resolve_device(device), threads)
         ex = explain(
             pipe, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, sampler=sampler,
             cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip, at=steps_at,
@@ -87,8 +92,10 @@ def register(app: typer.Typer) -> None:
         width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT, clip_skip: int = CLIP_SKIP,
         model: Optional[Path] = MODEL,
         out: Path = typer.Option(Path("interpolate"), "--out", "-o", help="Folder for grid.png, animation.gif and the frames."),
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
     ) -> None:
         """Walk between two prompts and/or two seeds: a grid PNG and an animated GIF."""
+        from opensd.devices import resolve_device
         from opensd.explain.render import grid, save_gif
         from opensd.pipelines.infotext import save_png
         from opensd.prompts.arithmetic import interpolate, parse_expression
@@ -97,7 +104,7 @@ def register(app: typer.Typer) -> None:
         for p in (prompt, to):
             if p is not None:
                 parse_expression(p)  # fail on a bad expression before the model loads
-        pipe = _pipeline(model)
+        pipe = _pipeline(model, resolve_device(device), threads)
         images = interpolate(
             pipe, prompt, to, seed=seed, to_seed=to_seed, frames=frames, negative_prompt=negative_prompt,
             steps=steps, sampler=sampler, cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip,

@@ -3,37 +3,53 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from opensd.cli.common import fail_cleanly
+from opensd.cli.common import DEVICE, THREADS, fail_cleanly, use_threads
 from opensd.errors import OpenSDError
 
 DEFAULT_OUT_DIR = Path("outputs")
 
 
-def _pipeline(model: Optional[Path]):
+def _pipeline(model: Optional[Path], device, threads: Optional[int]):
+    """The pipeline for ``model`` on ``device`` (a resolved :class:`torch.device`), threads set for it."""
     import opensd
     from opensd.defaults import resolve_model
 
-    return opensd.load(resolve_model(model))
+    pipe = opensd.load(resolve_model(model), device=device)
+    use_threads(threads, pipe.model)
+    return pipe
 
 
-def _out_paths(out: Optional[str], n: int, seed_hint: str) -> list[Path]:
+def _seed(seed: Optional[int]) -> tuple[int, bool]:
+    """The seed a run uses, and whether it was drawn: ``seed``, or (none, or -1) one drawn here,
+    which the caller prints so that the image can be made again."""
+    from opensd.pipelines.request import SEED_RANGE
+
+    if seed is not None and seed != -1:
+        return seed, False
+    return random.randrange(SEED_RANGE), True
+
+
+def _out_paths(out: Optional[str], n: int, seed: int) -> list[Path]:
+    """Where a run of ``n`` images writes them; the suffix of ``out`` names the format."""
+    from opensd.pipelines.infotext import image_format
+
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = DEFAULT_OUT_DIR / f"{stamp}-{seed_hint}.png"
+        base = DEFAULT_OUT_DIR / f"{stamp}-{seed}.png"
     else:
         if not out.strip():
             raise OpenSDError("--out is empty; give a file name such as out.png")
         base = Path(out)
         if base.exists() and base.is_dir():
             raise OpenSDError(f"--out {out} is a folder; give a file name such as {base / 'out.png'}")
-        if base.suffix.lower() != ".png":
-            base = base.with_suffix(base.suffix + ".png") if base.suffix else base.with_suffix(".png")
+        image_format(base, what="--out")
     if n == 1:
         return [base]
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]
@@ -59,24 +75,30 @@ class _Progress:
             self.bar.close()
 
 
-def _run(kind: str, pipe_args: dict, model: Optional[Path], out: Optional[str], quiet: bool) -> None:
+def _run(kind: str, pipe_args: dict, run: dict) -> None:
+    """Run ``pipe.<kind>(**pipe_args)`` and write the images; ``run``: model, device, threads, out, quiet."""
+    from opensd.devices import resolve_device
     from opensd.pipelines.images import load_image
-    from opensd.pipelines.infotext import save_png
+    from opensd.pipelines.infotext import save_image
 
-    # Read inputs and check the output path before the (slow) model load.
+    # Read inputs and check the output path and device before the (slow) model load.
+    device = resolve_device(run["device"])
     if "image" in pipe_args:
         pipe_args["image"] = load_image(pipe_args["image"])
     if "mask" in pipe_args:
         pipe_args["mask"] = load_image(pipe_args["mask"], what="mask")
-    paths = _out_paths(out, pipe_args["batch_size"], str(pipe_args.get("seed") or "random"))
-    pipe = _pipeline(model)
-    progress = _Progress(not quiet)
+    pipe_args["seed"], drawn = _seed(pipe_args.get("seed"))
+    paths = _out_paths(run["out"], pipe_args["batch_size"], pipe_args["seed"])
+    if drawn:
+        typer.echo(f"seed: {pipe_args['seed']}")
+    pipe = _pipeline(run["model"], device, run["threads"])
+    progress = _Progress(not run["quiet"])
     try:
         images = getattr(pipe, kind)(callback=progress, **pipe_args)
     finally:
         progress.close()
     for im, path in zip(images, paths):
-        save_png(im, path, im.info.get("parameters"))
+        save_image(im, path, im.info.get("parameters"))
         typer.echo(str(path))
 
 
@@ -90,6 +112,10 @@ def _common(
     )
 
 
+def _options(model: Optional[Path], device: Optional[str], threads: Optional[int], out: Optional[str], quiet: bool) -> dict:
+    return dict(model=model, device=device, threads=threads, out=out, quiet=quiet)
+
+
 MODEL = typer.Option(None, "--model", "-m", help="Model path (diffusers folder, SD file or opensd folder); default: the bundled model.")
 NEG = typer.Option("", "--negative-prompt", "-n", help="What to steer away from.")
 STEPS = typer.Option(20, help="Sampling steps.")
@@ -98,10 +124,17 @@ KARRAS = typer.Option(None, "--karras/--no-karras", help="Karras sigmas (default
 CFG = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale (1 = off).")
 WIDTH = typer.Option(None, help="Width in pixels, a multiple of 8 (default: the model's native size).")
 HEIGHT = typer.Option(None, help="Height in pixels, a multiple of 8 (default: the model's native size).")
-SEED = typer.Option(None, help="Seed; the same seed gives the same image. Default: random.")
+# img2img and inpaint keep the input's size (StableDiffusionPipeline._size_for)
+IMAGE_WIDTH = typer.Option(None, "--width", help="Width in pixels, a multiple of 8 (default: IMAGE's width, rounded down to a multiple of 8).")
+IMAGE_HEIGHT = typer.Option(None, "--height", help="Height in pixels, a multiple of 8 (default: IMAGE's height, rounded down to a multiple of 8).")
+SEED = typer.Option(None, help="Seed; the same seed gives the same image. Default (or -1): a random one, printed as 'seed: N'.")
 BATCH = typer.Option(1, "--batch-size", "-b", help="Images to make; image i uses seed + i.")
 CLIP_SKIP = typer.Option(1, "--clip-skip", help="Use the output of the n-th last text layer (A1111's Clip skip).")
-OUT = typer.Option(None, "--out", "-o", help="Output PNG path (a batch adds -0, -1, ...). Default: outputs/<time>-<seed>.png")
+OUT = typer.Option(
+    None, "--out", "-o",
+    help="Output file: .png, .jpg/.jpeg or .webp, with the parameters inside as A1111 stores them "
+    "(a batch adds -0, -1, ...). Default: outputs/<time>-<seed>.png",
+)
 TILED_VAE = typer.Option(
     None, "--tiled-vae/--no-tiled-vae",
     help="Run the VAE (decode, and the img2img/inpaint encode) in overlapping tiles: less memory for large images. Default: only above 96 latent cells (768 px) on a side.",
@@ -118,10 +151,11 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
     ) -> None:
         """Text to image: write PNGs carrying their generation parameters."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
-        _run("txt2img", {"prompt": prompt, **args}, model, out, quiet)
+        _run("txt2img", {"prompt": prompt, **args}, _options(model, device, threads, out, quiet))
 
     @app.command()
     @fail_cleanly
@@ -130,13 +164,14 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Argument(..., help="What it should become."),
         strength: float = typer.Option(0.75, help="0 keeps the image, 1 replaces it."),
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
-        cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
+        cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
     ) -> None:
         """Image to image: modify IMAGE toward PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
-        _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args}, model, out, quiet)
+        _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args}, _options(model, device, threads, out, quiet))
 
     @app.command()
     @fail_cleanly
@@ -146,27 +181,27 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Argument(..., help="What to paint there."),
         strength: float = typer.Option(1.0, help="How much of the masked part to replace."),
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
-        cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
+        cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
-        _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **args}, model, out, quiet)
+        _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **args}, _options(model, device, threads, out, quiet))
 
     @app.command("png-info")
     @fail_cleanly
     def png_info(
-        file: Path = typer.Argument(..., help="A PNG written by opensd or A1111."),
+        file: Path = typer.Argument(..., help="A PNG, JPEG or WebP written by opensd or A1111."),
         as_json: bool = typer.Option(False, "--json", help="Print the fields as JSON."),
     ) -> None:
-        """Read the generation parameters stored in a PNG."""
-        from opensd.pipelines.images import load_image
-        from opensd.pipelines.infotext import parse_infotext, read_png_parameters
+        """Read the generation parameters stored in an image (its pixels are not decoded)."""
+        from opensd.pipelines.infotext import parse_infotext, read_parameters
 
-        text = read_png_parameters(load_image(file))
+        text = read_parameters(file)
         if text is None:
-            raise OpenSDError(f"{file} carries no generation parameters (no 'parameters' text chunk)")
+            raise OpenSDError(f"{file} carries no generation parameters (no 'parameters' text chunk or EXIF UserComment)")
         fields = parse_infotext(text)
         if as_json:
             typer.echo(json.dumps(fields, indent=2, ensure_ascii=False))

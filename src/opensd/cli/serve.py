@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from opensd.cli.common import fail_cleanly
+from opensd.cli.common import DEVICE, fail_cleanly
 from opensd.errors import OpenSDError
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         ),
         models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of models that clients may switch to (option sd_model_checkpoint)."),
         host: str = typer.Option("127.0.0.1", help="Address to listen on. The default accepts connections from this machine only."),
-        port: int = typer.Option(7860, help="Port (A1111's default)."),
+        port: int = typer.Option(7860, help="Port, 1 to 65535 (7860 is A1111's default)."),
         api_auth: Optional[str] = typer.Option(
             None, "--api-auth", envvar="OPENSD_API_AUTH", help="'user:password' (several: 'u1:p1,u2:p2') to require HTTP Basic auth on every route."
         ),
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         max_batch_size: int = typer.Option(8, help="Largest batch_size (and OpenAI n)."),
         max_n_iter: int = typer.Option(16, help="Most batches (n_iter) per request."),
         max_body_mb: float = typer.Option(32.0, help="Largest request body, in MiB."),
-        device: Optional[str] = typer.Option(None, help="Device for the models, e.g. 'cuda' (default: 'cuda' if available, else 'cpu')."),
+        device: Optional[str] = DEVICE,
         dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
         log_level: str = typer.Option("info", help="uvicorn's log level."),
     ) -> None:
@@ -52,9 +52,13 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from opensd.defaults import default_model_path
+        from opensd.devices import resolve_device
         from opensd.serving import Limits, create_app
         from opensd.serving.security import parse_auth
 
+        if not 1 <= port <= 65535:
+            raise OpenSDError(f"--port must be from 1 to 65535, got {port}")
+        dev = resolve_device(device)  # a missing device fails before the model loads
         if dtype not in DTYPES:
             raise OpenSDError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if models_dir is not None and not models_dir.is_dir():
@@ -68,7 +72,6 @@ def register(app: typer.Typer) -> None:
             max_width=max_size, max_height=max_size, max_steps=max_steps, max_batch_size=max_batch_size,
             max_n_iter=max_n_iter, max_body_bytes=int(max_body_mb * 2**20), workers=workers, max_queue=max_queue,
         )
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         app_ = create_app(model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, dtype=getattr(torch, dtype))
         if not _is_loopback(host) and not api_auth:
             typer.echo(f"warning: listening on {host} without --api-auth: anyone who can reach it can use it", err=True)

@@ -25,7 +25,7 @@ from PIL import Image, ImageFilter, ImageOps
 import opensd
 from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, list_samplers, resolve_sampler
 from opensd.diffusion.schedules import SigmaSpacing
-from opensd.pipelines.infotext import parse_infotext
+from opensd.pipelines.infotext import parse_infotext, read_parameters
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, validate
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving.codec import decode_image, encode_png
@@ -264,7 +264,7 @@ def png_info(body: PngInfoRequest, request: Request) -> dict:
     if not body.image.strip():
         return {"info": "", "items": {}, "parameters": {}}
     image = decode_image(body.image, "image", max_pixels=server_state(request).limits.max_input_pixels)
-    text = image.info.get("parameters")
+    text = read_parameters(image)  # a PNG's text chunk, a JPEG's or WebP's EXIF UserComment
     items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != "parameters"}
     if not isinstance(text, str):
         return {"info": "", "items": items, "parameters": {}}

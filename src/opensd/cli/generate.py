@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
     ) -> None:
-        """Text to image: write PNGs carrying their generation parameters."""
+        """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         _run("txt2img", {"prompt": prompt, **args}, _options(model, device, threads, out, quiet))
 

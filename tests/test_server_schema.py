@@ -250,3 +250,27 @@ def test_a_bad_value_in_any_field_is_refused_naming_the_field(pipe, path, model,
     r = c.get("/sdapi/v1/progress", params={"skip_current_image": "maybe"})
     if path == BODIES[0][0]:
         assert r.status_code == 422 and r.json()["detail"].startswith("query.skip_current_image: "), r.text
+
+
+def test_line_wrapped_base64_images_are_read_and_bad_ones_name_their_field() -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from opensd.serving.codec import decode_image
+    from opensd.serving.errors import ApiError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 24), (200, 10, 10)).save(buf, format="PNG")
+    wrapped = base64.encodebytes(buf.getvalue()).decode()  # a newline every 76 characters
+    assert "\n" in wrapped.strip()
+    assert decode_image(wrapped, "init_images[0]", max_pixels=64 * 64).size == (40, 24)
+    assert decode_image("data:image/png;base64,\n" + wrapped, "mask", max_pixels=64 * 64).size == (40, 24)
+    for bad, status in [("not base64!", 400), (wrapped[:40], 400), ("https://x/y.png", 400)]:
+        with pytest.raises(ApiError) as e:
+            decode_image(bad, "init_images[0]", max_pixels=64 * 64)
+        assert e.value.status == status and e.value.param == "init_images[0]" and "init_images[0]" in e.value.detail
+    with pytest.raises(ApiError) as e:
+        decode_image(wrapped, "mask", max_pixels=100)
+    assert e.value.status == 413 and "40x24" in e.value.detail

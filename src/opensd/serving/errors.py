@@ -8,7 +8,9 @@ OpenAI-compatible routes) ``error`` is OpenAI's object ``{"message", "type", "pa
 readable ``BadRequestError``; ``detail`` is still the message.
 
 Every :class:`~opensd.errors.OpenSDError` (bad input, a bad file) is a 4xx: its ``status``,
-its ``kind`` and its message. Any other exception is a bug: the answer is 500 with a
+its ``kind`` and its message. A 405 carries ``Allow`` with every method the path answers.
+:class:`ErrorBody` and :class:`OpenAIErrorBody` are these bodies as pydantic models: the
+OpenAPI schema documents every error response with them (:mod:`opensd.serving.openapi`). Any other exception is a bug: the answer is 500 with a
 ``request_id`` that the server's log repeats beside the traceback, and nothing of the
 exception's text leaks to the client.
 """

@@ -28,23 +28,25 @@ from opensd.serving.errors import ErrorBody, OpenAIErrorBody, answered_status, b
 
 # (method, path) -> the statuses the route's own checks answer, beyond the ones every route gets.
 ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
-    # 404: unknown sampler or model; 429: the queue is full; 503: the models folder cannot be read
-    ("post", "/sdapi/v1/txt2img"): (404, 429, 503),
-    ("post", "/sdapi/v1/img2img"): (400, 404, 429, 503),  # 400: init_images or mask is not an image
+    # 404: unknown sampler or model; 409: interrupted before any image; 429: the queue is full;
+    # 503: the models folder cannot be read. (A client that went away gets nothing: no 499 here.)
+    ("post", "/sdapi/v1/txt2img"): (404, 409, 429, 503),
+    ("post", "/sdapi/v1/img2img"): (400, 404, 409, 429, 503),  # 400: init_images or mask is not an image
     ("post", "/sdapi/v1/png-info"): (400,),
     ("post", "/sdapi/v1/options"): (404, 503),
     ("get", "/sdapi/v1/sd-models"): (503,),
-    ("post", "/v1/images/generations"): (400, 404, 429),
-    ("post", "/opensd/v1/explain"): (429, 503),
+    ("post", "/v1/images/generations"): (400, 404, 409, 429),
+    ("post", "/opensd/v1/explain"): (409, 429, 503),
 }
 
 DESCRIPTIONS = {
     400: "Bad request: a parameter or an uploaded image is invalid",
     401: "Missing or wrong credentials (HTTP Basic auth)",
     404: "An unknown sampler or model",
+    409: "Interrupted: /sdapi/v1/interrupt stopped the request before it had made any image",
     413: "The request body, or an uploaded image, is larger than this server accepts",
     422: "Validation error: the body names each field at fault",
-    429: "The generation queue is full; retry later",
+    429: "The generation queue is full; Retry-After says in how many seconds to retry",
     500: "A bug in the server: the body holds the request_id its log repeats beside the traceback",
     503: "The models folder cannot be read",
 }
@@ -107,6 +109,13 @@ def _response(path: str, status: int) -> dict[str, Any]:
         "description": DESCRIPTIONS[status],
         "content": {"application/json": {"schema": {"$ref": _REF.format(model=body_model(path).__name__)}}},
     }
-    if status == 401:
-        out["headers"] = {"WWW-Authenticate": {"description": 'Basic realm="opensd"', "schema": {"type": "string"}}}
+    if status in _HEADERS:
+        name, description, kind = _HEADERS[status]
+        out["headers"] = {name: {"description": description, "schema": {"type": kind}}}
     return out
+
+
+_HEADERS = {
+    401: ("WWW-Authenticate", 'Basic realm="opensd"', "string"),
+    429: ("Retry-After", "Seconds until a queue slot is likely to be free", "integer"),
+}

@@ -123,3 +123,18 @@ def test_auth_answers_401_in_the_json_shape_and_lets_the_right_credentials_throu
     assert r.status_code == 401 and r.json()["error"] == "Unauthorized" and r.headers["www-authenticate"].startswith("Basic")
     right = {"Authorization": "Basic " + base64.b64encode(b"me:s3cret").decode()}
     assert c.get("/openapi.json", headers=right).json()["security"] == [{"basic": []}]
+
+
+def test_a_link_pointed_elsewhere_while_serving_switches_to_the_new_target(tmp_path: Path, models_dir: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    os.symlink(models_dir / "real-model", folder / "current")
+    c = TestClient(create_app(models_dir=folder), raise_server_exceptions=False)
+    first = c.get("/sdapi/v1/sd-models").json()[0]
+    (folder / "current").unlink()
+    os.symlink(models_dir / "other", folder / "current")  # the operator repoints the link
+    assert c.post("/sdapi/v1/txt2img", json={"steps": 1}).status_code == 200  # the loaded model still draws
+    assert c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "current"}).status_code == 200
+    now = c.get("/sdapi/v1/sd-models").json()[0]
+    assert now["model_name"] == "current" and now["hash"] != first["hash"]
+    assert c.post("/sdapi/v1/txt2img", json={"steps": 1}).status_code == 200

@@ -11,8 +11,8 @@ the current model.
 
 A symlink in the models folder is listed by the link's own name (two links to one
 file are two entries, one loaded pipeline): a checkpoint's ``path`` is where it was
-found, its ``key`` the resolved file, by which loaded pipelines are cached and listings
-deduplicated.
+found, its ``key`` the file it resolved to then, by which loaded pipelines are cached
+(a link pointed elsewhere later is a new checkpoint; the loaded one stays valid).
 
 Loaded pipelines are kept in a small cache (the current one is never evicted); a
 pipeline is stateless, so a request keeps the one it started with even if the current
@@ -54,16 +54,12 @@ class Checkpoint:
     path: Path
     label: str
     model_name: str
+    key: Path  # the file or folder itself (symlinks resolved when found): what loaded pipelines are cached by
 
     @classmethod
     def at(cls, path: Path) -> "Checkpoint":
         path = path.expanduser().absolute()  # not resolved: a symlink keeps its own name
-        return cls(path, path.name, path.stem if path.is_file() else path.name)
-
-    @property
-    def key(self) -> Path:
-        """The file or folder itself (symlinks resolved): what loaded pipelines are cached by."""
-        return self.path.resolve()
+        return cls(path, path.name, path.stem if path.is_file() else path.name, path.resolve())
 
     def title(self, short: str | None) -> str:
         return f"{self.label} [{short}]" if short else self.label

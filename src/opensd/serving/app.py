@@ -29,7 +29,8 @@ from opensd.serving.errors import install_handlers
 from opensd.serving.limits import Limits
 from opensd.serving.models import ModelRegistry
 from opensd.serving.queue import GenerationQueue
-from opensd.serving.security import BasicAuth, BodyLimit, parse_auth
+from opensd.serving.openapi import install_openapi
+from opensd.serving.security import BasicAuth, BodyLimit, check_credentials, parse_auth
 from opensd.serving.state import ServerState
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -49,12 +50,13 @@ def create_app(
 
     ``models_dir``: a folder whose models ``sd_model_checkpoint`` can switch to.
     ``auth``: ``"user:pass"`` (or ``"u1:p1,u2:p2"``, or a list of pairs) for HTTP Basic auth
-    on every route; ``None`` serves without auth. ``limits``: see :class:`Limits`.
+    on every route; ``None`` serves without auth. A blank string, or a blank user or
+    password, raises :class:`~opensd.errors.OpenSDError` (it never means "no auth"). ``limits``: see :class:`Limits`.
     ``device``/``dtype``: where models loaded from a path go. ``max_loaded``: how many
     models stay in memory at once (the current one always does).
     """
     limits = limits or Limits()
-    credentials = parse_auth(auth) if isinstance(auth, str) or auth is None else list(auth)
+    credentials = parse_auth(auth) if isinstance(auth, str) or auth is None else check_credentials(list(auth))
     loader = partial(StableDiffusionPipeline.from_path, device=device, dtype=dtype)
     registry = ModelRegistry(model, Path(models_dir) if models_dir is not None else None, loader=loader, max_loaded=max_loaded)
     queue = GenerationQueue(limits.workers, limits.max_queue)
@@ -72,6 +74,7 @@ def create_app(
     )
     app.state.opensd = ServerState(registry, queue, limits)
     install_handlers(app)
+    install_openapi(app, auth=bool(credentials))
     app.include_router(a1111.router)
     app.include_router(openai_api.router)
     app.include_router(explain_api.router)

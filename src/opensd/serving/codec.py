@@ -1,7 +1,7 @@
 """Base64 images in and out of the API.
 
 In: a base64 PNG/JPEG/WebP, optionally as a ``data:image/...;base64,`` URL (what browsers
-and ``webuiapi`` send). URLs are never fetched. Out: a base64 PNG whose ``parameters``
+and ``webuiapi`` send); whitespace inside it (line-wrapped base64) is ignored. URLs are never fetched. Out: a base64 PNG whose ``parameters``
 text chunk holds the infotext, so a saved file carries how it was made.
 """
 
@@ -28,6 +28,7 @@ def decode_image(data: str, what: str, *, max_pixels: int) -> Image.Image:
         head, sep, text = text.partition(",")
         if not sep or ";base64" not in head:
             raise ApiError(400, f"{what} is a data URL without ';base64,'", param=what)
+    text = "".join(text.split())  # MIME-wrapped base64 (base64.encodebytes, `base64` on Linux) has newlines
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:

@@ -9,6 +9,11 @@ under 512 MiB; until then the title is the bare name). Setting the option
 ``sd_model_checkpoint`` to any of title, model_name, file name, hash or path switches
 the current model.
 
+A symlink in the models folder is listed by the link's own name (two links to one
+file are two entries, one loaded pipeline): a checkpoint's ``path`` is where it was
+found, its ``key`` the file it resolved to then, by which loaded pipelines are cached
+(a link pointed elsewhere later is a new checkpoint; the loaded one stays valid).
+
 Loaded pipelines are kept in a small cache (the current one is never evicted); a
 pipeline is stateless, so a request keeps the one it started with even if the current
 model changes under it.
@@ -16,6 +21,7 @@ model changes under it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -28,22 +34,32 @@ from opensd.errors import OpenSDError
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving.errors import ApiError
 
+log = logging.getLogger("opensd.serving")
+
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 HASH_EAGERLY_BELOW = 512 * 2**20  # larger files are hashed when first loaded, not when listed
 
 
+class ModelsFolderError(OpenSDError):
+    """The models folder cannot be listed (it was removed or is unreadable): 503, naming the folder."""
+
+    status = 503
+    kind = "ModelsFolderError"
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    """A model on disk. ``label`` is the file or folder name (with extension)."""
+    """A model on disk. ``label`` is the file or folder name (with extension), a symlink's own name for a link."""
 
     path: Path
     label: str
     model_name: str
+    key: Path  # the file or folder itself (symlinks resolved when found): what loaded pipelines are cached by
 
     @classmethod
     def at(cls, path: Path) -> "Checkpoint":
-        path = path.expanduser().resolve()
-        return cls(path, path.name, path.stem if path.is_file() else path.name)
+        path = path.expanduser().absolute()  # not resolved: a symlink keeps its own name
+        return cls(path, path.name, path.stem if path.is_file() else path.name, path.resolve())
 
     def title(self, short: str | None) -> str:
         return f"{self.label} [{short}]" if short else self.label
@@ -51,15 +67,22 @@ class Checkpoint:
 
 def discover(models_dir: Path) -> list[Checkpoint]:
     """Direct children of ``models_dir`` that are models, sorted by name."""
+    try:
+        children = sorted(models_dir.iterdir(), key=lambda p: p.name.lower())
+    except OSError as e:
+        raise ModelsFolderError(f"the models folder {models_dir} cannot be listed ({type(e).__name__}: {e.strerror or e})") from None
     found = []
-    for child in sorted(models_dir.iterdir(), key=lambda p: p.name.lower()):
+    for child in children:
         if child.name.startswith("."):
             continue
-        if child.is_file() and child.suffix.lower() not in MODEL_SUFFIXES:
-            continue
         try:
+            if child.is_file() and child.suffix.lower() not in MODEL_SUFFIXES:
+                continue
             detect_format(child)
         except CheckpointError:
+            continue
+        except OSError as e:  # unreadable: not listed, but said
+            log.warning("models folder: skipping %s (%s: %s)", child, type(e).__name__, e)
             continue
         found.append(Checkpoint.at(child))
     return found
@@ -78,18 +101,18 @@ class ModelRegistry:
     ):
         if models_dir is not None and not Path(models_dir).is_dir():
             raise OpenSDError(f"models folder not found: {models_dir}")
-        self.models_dir = Path(models_dir).expanduser().resolve() if models_dir is not None else None
+        self.models_dir = Path(models_dir).expanduser().absolute() if models_dir is not None else None
         self.loader = loader
         self.max_loaded = max(1, max_loaded)
         self._lock = threading.Lock()  # guards the cache and the current model; held briefly
         self._load_lock = threading.Lock()  # one model load at a time
         self._hashes: dict[tuple[Path, int, float], str] = {}
-        self._cache: OrderedDict[Path, StableDiffusionPipeline] = OrderedDict()
+        self._cache: OrderedDict[Path, StableDiffusionPipeline] = OrderedDict()  # by Checkpoint.key
         self._extra: list[Checkpoint] = []
         if isinstance(initial, StableDiffusionPipeline):
             ckpt = Checkpoint.at(initial.loaded.path)
             self._extra.append(ckpt)
-            self._cache[ckpt.path] = initial
+            self._cache[ckpt.key] = initial
             self._current = ckpt
         else:
             if initial is None:
@@ -102,20 +125,20 @@ class ModelRegistry:
                 ckpt = Checkpoint.at(Path(initial))
                 self._extra.append(ckpt)
             self._current = ckpt
-            self._cache[ckpt.path] = self.loader(ckpt.path)
+            self._cache[ckpt.key] = self.loader(ckpt.path)
 
     # ---------------------------------------------------------------- listing
 
     def checkpoints(self) -> list[Checkpoint]:
         found = discover(self.models_dir) if self.models_dir is not None else []
-        known = {c.path for c in found}
-        return [c for c in self._extra if c.path not in known] + found
+        known = {(c.key, c.label) for c in found}  # the same model under the same name
+        return [c for c in self._extra if (c.key, c.label) not in known] + found
 
     def sha256(self, ckpt: Checkpoint) -> str | None:
         """The main weight file's SHA-256 (cached). Files over 512 MiB are not hashed here: a
         multi-GB checkpoint takes many seconds, so a listing shows ``None`` for them."""
         try:
-            f = main_weights_file(ckpt.path, detect_format(ckpt.path))
+            f = main_weights_file(ckpt.path, detect_format(ckpt.path)).resolve()
             st = f.stat()
         except (CheckpointError, OSError):
             return None
@@ -123,13 +146,17 @@ class ModelRegistry:
         if key not in self._hashes:
             if st.st_size > HASH_EAGERLY_BELOW:
                 return None
-            self._hashes[key] = full_hash(f)
+            try:
+                self._hashes[key] = full_hash(f)
+            except OSError as e:  # removed or unreadable since the listing: no hash, said in the log
+                log.warning("cannot hash %s (%s: %s)", f, type(e).__name__, e)
+                return None
         return self._hashes[key]
 
     def short_hash(self, ckpt: Checkpoint) -> str | None:
         """A1111's 10-digit hash: known for every loaded model (the loader computed it) and small files."""
         with self._lock:
-            pipe = self._cache.get(ckpt.path)
+            pipe = self._cache.get(ckpt.key)
         if pipe is not None:
             return pipe.loaded.hash
         sha = self.sha256(ckpt)
@@ -152,7 +179,7 @@ class ModelRegistry:
     @property
     def current(self) -> StableDiffusionPipeline:
         with self._lock:
-            return self._cache[self._current.path]
+            return self._cache[self._current.key]
 
     @property
     def current_checkpoint(self) -> Checkpoint:
@@ -161,7 +188,10 @@ class ModelRegistry:
     def find(self, name: str) -> Checkpoint:
         """The checkpoint called ``name`` (title, model_name, file name, hash or path); 404 if none."""
         if not isinstance(name, str) or not name.strip():
-            raise ApiError(422, "sd_model_checkpoint must be a non-empty model name", param="sd_model_checkpoint")
+            raise ApiError(
+                422, f"sd_model_checkpoint must be a non-empty model name (see /sdapi/v1/sd-models), got {name!r:.60}",
+                param="sd_model_checkpoint",
+            )
         want = name.strip()
         bare = want.rsplit(" [", 1)[0] if want.endswith("]") else want
         listed = self.checkpoints()
@@ -180,18 +210,19 @@ class ModelRegistry:
 
         Loads happen one at a time and outside the cache lock, so listings and progress keep answering.
         """
+        key = ckpt.key
         with self._lock:
-            if ckpt.path in self._cache:
-                self._cache.move_to_end(ckpt.path)
-                return self._cache[ckpt.path]
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         with self._load_lock:
             with self._lock:
-                if ckpt.path in self._cache:  # loaded by another request meanwhile
-                    return self._cache[ckpt.path]
+                if key in self._cache:  # loaded by another request meanwhile
+                    return self._cache[key]
             pipe = self.loader(ckpt.path)
             with self._lock:
-                self._cache[ckpt.path] = pipe
-                victims = [p for p in self._cache if p not in (self._current.path, ckpt.path)]
+                self._cache[key] = pipe
+                victims = [p for p in self._cache if p not in (self._current.key, key)]
                 while len(self._cache) > self.max_loaded and victims:
                     del self._cache[victims.pop(0)]
             return pipe

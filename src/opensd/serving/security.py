@@ -25,17 +25,50 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class AuthSpecError(OpenSDError):
+    """``--api-auth`` (or ``create_app(auth=...)``) is not a list of non-blank ``user:password`` pairs."""
+
+    kind = "AuthSpecError"
+
+
 def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
-    """``"user:pass"`` or ``"u1:p1,u2:p2"`` (A1111's ``--api-auth``) -> credential pairs; ``None``/empty -> no auth."""
-    if spec is None or not spec.strip():
+    """``"user:pass"`` or ``"u1:p1,u2:p2"`` (A1111's ``--api-auth``) -> credential pairs; ``None`` -> no auth.
+
+    A blank spec, a blank item (``"u:p,"``), or a user or password that is empty or only
+    whitespace raises :class:`AuthSpecError`: a typo must not turn auth off. The message
+    says which item is wrong but never repeats it (it holds a password).
+    """
+    if spec is None:
         return None
+    if not isinstance(spec, str) or not spec.strip():
+        raise AuthSpecError(
+            f"--api-auth is blank ({spec!r}); give 'user:password' (several separated by commas), or leave it out to serve without auth"
+        )
+    items = spec.split(",")
     pairs = []
-    for item in spec.split(","):
+    for i, item in enumerate(items, 1):
         user, sep, password = item.strip().partition(":")
-        if not sep or not user or not password:
-            raise OpenSDError(f"--api-auth must be 'user:password' (several separated by commas), got {item.strip()!r}")
+        where = f"item {i} of {len(items)}" if len(items) > 1 else "it"
+        if not sep:
+            raise AuthSpecError(f"--api-auth must be 'user:password' (several separated by commas); {where} has no ':'")
         pairs.append((user, password))
-    return pairs
+    return check_credentials(pairs)
+
+
+def check_credentials(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``pairs`` if every user and password is a non-blank string; else :class:`AuthSpecError` naming the pair."""
+    if not pairs:
+        raise AuthSpecError("auth credentials are an empty list; give at least one (user, password) pair, or None for no auth")
+    for i, pair in enumerate(pairs, 1):
+        where = f"pair {i} of {len(pairs)}" if len(pairs) > 1 else "the credential"
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise AuthSpecError(f"auth credentials must be (user, password) pairs of strings; {where} is not")
+        user, password = pair
+        for name, value in (("user", user), ("password", password)):
+            if not value.strip():
+                blank = "empty" if not value else "only whitespace"
+                raise AuthSpecError(f"--api-auth: {where} has a {name} that is {blank}; give 'user:password' with both set")
+    return [(u, p) for u, p in pairs]
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:

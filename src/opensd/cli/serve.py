@@ -43,6 +43,12 @@ def register(app: typer.Typer) -> None:
         max_batch_size: int = typer.Option(8, help="Largest batch_size (and OpenAI n)."),
         max_n_iter: int = typer.Option(16, help="Most batches (n_iter) per request."),
         max_body_mb: float = typer.Option(32.0, help="Largest request body, in MiB."),
+        max_prompt_bytes: int = typer.Option(32 * 1024, help="Largest prompt (and negative prompt), in UTF-8 bytes."),
+        max_prompt_tokens: int = typer.Option(1500, help="Most tokens in a prompt (and negative prompt): 20 chunks of 75."),
+        max_work: int = typer.Option(
+            2000, help="Most work per request, in native image-steps: (width*height / the model's native size squared) x steps x images."
+        ),
+        max_seconds: int = typer.Option(600, help="Longest a request may run (wall time, once started); then it is stopped with a 422."),
         device: Optional[str] = typer.Option(None, help="Device for the models, e.g. 'cuda' (default: 'cuda' if available, else 'cpu')."),
         dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
         log_level: str = typer.Option("info", help="uvicorn's log level."),
@@ -66,7 +72,8 @@ def register(app: typer.Typer) -> None:
                 raise OpenSDError("no model given and no default model found; pass --model PATH or --models-dir DIR")
         limits = Limits(
             max_width=max_size, max_height=max_size, max_steps=max_steps, max_batch_size=max_batch_size,
-            max_n_iter=max_n_iter, max_body_bytes=int(max_body_mb * 2**20), workers=workers, max_queue=max_queue,
+            max_n_iter=max_n_iter, max_body_bytes=int(max_body_mb * 2**20), max_prompt_bytes=max_prompt_bytes,
+            max_prompt_tokens=max_prompt_tokens, max_work=max_work, max_seconds=max_seconds, workers=workers, max_queue=max_queue,
         )
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         app_ = create_app(model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, dtype=getattr(torch, dtype))

@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         max_n_iter: int = typer.Option(16, help="Most batches (n_iter) per request."),
         max_body_mb: float = typer.Option(32.0, help="Largest request body, in MiB."),
         max_prompt_bytes: int = typer.Option(32 * 1024, help="Largest prompt (and negative prompt), in UTF-8 bytes."),
-        max_prompt_tokens: int = typer.Option(1500, help="Most tokens in a prompt (and negative prompt): 20 chunks of 75."),
+        max_prompt_tokens: int = typer.Option(1500, help="Most tokens in a prompt (and negative prompt), syntax removed: 20 CLIP chunks of 75."),
         max_work: int = typer.Option(
             2000, help="Most work per request, in native image-steps: (width*height / the model's native size squared) x steps x images."
         ),

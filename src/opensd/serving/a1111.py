@@ -28,8 +28,8 @@ from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, list_sam
 from opensd.diffusion.schedules import SigmaSpacing
 from opensd.pipelines.infotext import parse_infotext
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, validate
-from opensd.prompts.budget import PromptBudgetError, check_prompt
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+from opensd.prompts.budget import PromptBudgetError, check_prompt
 from opensd.serving.codec import decode_image, encode_png
 from opensd.serving.errors import ApiError
 from opensd.serving.models import Checkpoint

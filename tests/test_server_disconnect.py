@@ -22,7 +22,7 @@ import torch
 from opensd.checkpoints import LoadedModel
 from opensd.diffusion import Interrupted
 from opensd.pipelines.request import GenerationRequest
-from opensd.pipelines.vae_tiling import DEFAULT_TILE
+from opensd.pipelines.vae_tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tile_starts
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
@@ -82,9 +82,9 @@ def test_a_client_that_disconnects_frees_the_worker_and_its_queue_slot(loaded) -
         at_close = slow.steps_done
         hang_up(sock)
         took = wait_until(lambda: not queue.jobs(), timeout=10, what="the abandoned job leaving the queue")
-        assert took < 1.0  # about one step (0.1 s) plus the server's 0.1 s poll
+        assert took < 2.0  # about one step (0.1 s) plus the server's 0.1 s poll, on a loaded machine
         stopped_at = slow.steps_done
-        assert stopped_at <= at_close + 1 + int(took / PAUSE) < 150
+        assert stopped_at - at_close <= 3  # the step under way, and at most two while the server noticed
         time.sleep(3 * PAUSE)
         assert slow.steps_done == stopped_at  # the worker is idle: no step was taken since
         p = http.get("/sdapi/v1/progress").json()
@@ -112,7 +112,7 @@ def test_a_queued_request_whose_client_disconnects_leaves_the_queue_at_once(load
         assert r.status_code == 429  # two places, both taken
         hang_up(sock)
         took = wait_until(lambda: queue.pending() == 0, timeout=10, what="the abandoned request leaving the queue")
-        assert took < 1.0 and len(queue.jobs()) == 1  # the running job goes on
+        assert took < 2.0 and len(queue.jobs()) == 1  # the running job goes on
         assert http.get("/sdapi/v1/progress").json()["state"]["queue_pending"] == 0
         assert http.post("/sdapi/v1/interrupt").status_code == 200
         first.join(TIMEOUT)
@@ -195,14 +195,12 @@ def test_tiled_vae_decode_and_encode_stop_between_tiles() -> None:
     f = vae.cfg.downsample_factor
     cells = DEFAULT_TILE + DEFAULT_TILE // 4  # two tiles a side: four in all
     latents = torch.zeros(1, vae.cfg.embed_dim, cells, cells)
-    full = pipe.decode_latents(latents, tiled_vae=True)
-    assert vae.decodes == 4 and full.shape[-1] == cells * f
-    vae.decodes = 0
+    assert len(tile_starts(cells, DEFAULT_TILE, DEFAULT_OVERLAP)) == 2
     with pytest.raises(Interrupted, match="decoding"):
         pipe.decode_latents(latents, tiled_vae=True, should_stop=Counter(2))
-    assert vae.decodes == 1  # the second tile was not decoded
+    assert vae.decodes == 1  # the second of four tiles was not decoded
     with pytest.raises(Interrupted, match="encoding the image"):
-        pipe.encode_pixels(full.clamp(-1, 1), tiled_vae=True, should_stop=Counter(3))
+        pipe.encode_pixels(torch.zeros(1, 3, cells * f, cells * f), tiled_vae=True, should_stop=Counter(3))
     assert vae.encodes == 2
 
 

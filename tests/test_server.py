@@ -279,6 +279,20 @@ CASES = [
     ("/v1/images/generations", {"prompt": "x", "n": 50}, 400, "n must be from 1 to 8"),
     ("/v1/images/generations", {"prompt": "x", "size": "4096x4096"}, 400, "width must be from 1 to 2048"),
     ("/v1/images/generations", {"n": 1}, 400, "prompt: Field required"),
+    # the prompt budget: bytes before any parsing, then tokens; the negative prompt too
+    ("txt2img", {"prompt": "a " * 20000}, 422, "prompt is 40000 bytes; at most 32768 are allowed"),
+    ("txt2img", {"negative_prompt": "a red circle " * 600}, 422, "negative_prompt holds 1800 tokens; at most 1500"),
+    ("img2img", {"init_images": [GOOD], "prompt": "a " * 20000}, 422, "prompt is 40000 bytes"),
+    ("/v1/images/generations", {"prompt": "x" * 40000}, 400, "prompt is 40000 bytes"),
+    ("/opensd/v1/explain", {"prompt": "a red circle " * 600}, 422, "prompt holds 1800 tokens"),
+    # the work budget, in images of the model's native size (32 px here) x steps x images
+    ("txt2img", {"width": 512, "height": 512, "steps": 20}, 422,
+     r"512x512 is 256 images of this model's native 32x32, x 20 steps x 1 image\(s\) = 5120 native image-steps; "
+     r"the budget per request is 2000"),
+    ("txt2img", {"width": 64, "height": 64, "steps": 100, "batch_size": 2, "n_iter": 3}, 422, "= 2400 native image-steps"),
+    ("img2img", {"init_images": [GOOD], "width": 512, "height": 512, "steps": 40, "denoising_strength": 0.5}, 422,
+     r"20 effective steps \(40 x strength 0.5\) x 1 image\(s\) = 5120"),
+    ("/v1/images/generations", {"prompt": "x", "size": "512x512"}, 400, "= 5120 native image-steps"),
 ]
 
 
@@ -288,11 +302,66 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(client, endpoint,
 
     url = endpoint if endpoint.startswith("/") else f"/sdapi/v1/{endpoint}"
     body = {"prompt": "a red circle", "steps": 1, **payload} if endpoint in ("txt2img", "img2img") else payload
+    t0 = time.monotonic()
     r = client.post(url, json=body)
+    assert time.monotonic() - t0 < 10  # refused at once, not after the work
     assert r.status_code == status, r.text
     got = r.json()
     assert set(got) >= {"error", "detail"} and re.search(message, got["detail"]), got
     still_serving(client)
+
+
+def test_work_budget_scales_with_the_models_native_size() -> None:
+    limits = Limits()
+    # SD 1.x (512 px native) keeps ordinary requests: batch 8 of 50 steps, or 1024 px batch 4 of 30 steps
+    assert limits.check_work(native=512, width=512, height=512, steps=50, batch_size=8) == 400
+    assert limits.check_work(native=512, width=1024, height=1024, steps=30, batch_size=4) == 480
+    assert limits.check_work(native=512, width=512, height=512, steps=20, batch_size=4, n_iter=16) == 1280
+    # the 32 px model: its own size is cheap, webuiapi's default 512 px x 20 steps is not
+    assert limits.check_work(native=32, width=64, height=64, steps=50, batch_size=8) == 1600
+    with pytest.raises(ValueError, match="native 32x32.*5120 native image-steps"):
+        limits.check_work(native=32, width=512, height=512, steps=20, batch_size=1)
+    # img2img counts the steps it runs; at least one
+    assert limits.check_work(native=32, width=32, height=32, steps=50, batch_size=1, strength=0.1) == 5
+    assert limits.check_work(native=32, width=32, height=32, steps=5, batch_size=1, strength=0.01) == 1
+    assert Limits(max_work=6000).check_work(native=32, width=512, height=512, steps=20, batch_size=1) == 5120
+
+
+def test_webuiapis_default_request_is_refused_at_once_on_a_32px_model(pipe) -> None:
+    import webuiapi
+
+    with serve_in_thread(create_app(pipe)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port))  # its defaults: 512x512, 20 steps, batch 1
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError) as e:
+            api.txt2img(prompt="a red circle")
+        assert time.monotonic() - t0 < 5
+    status, text = e.value.args
+    detail = json.loads(text)["detail"]
+    assert status == 422 and json.loads(text)["error"] == "WorkBudgetExceeded"
+    assert "native 32x32" in detail and "5120 native image-steps" in detail and "budget per request is 2000" in detail
+
+
+def test_a_huge_prompt_is_refused_at_once_while_a_generation_runs(models_dir: Path) -> None:
+    slow = SlowPipeline(load_model(models_dir / "tiny-shapes"), pause=0.1)
+    app = create_app(slow, limits=Limits(workers=1, max_queue=4))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        worker = threading.Thread(target=lambda: http.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 100}))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while slow.steps_done < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for path in ("/sdapi/v1/txt2img", "/v1/images/generations", "/opensd/v1/explain"):
+            t0 = time.monotonic()
+            r = http.post(path, json={"prompt": "a red circle, " * 150_000})  # 2.1 MB: the bytes cap, before parsing
+            assert r.status_code in (400, 422) and "2100000 bytes; at most 32768" in r.json()["detail"], r.text
+            assert time.monotonic() - t0 < 5  # checked before queueing: not after the running job
+        assert app.state.opensd.queue.pending() == 0
+        http.post("/sdapi/v1/interrupt")
+        worker.join(TIMEOUT)
+        assert not worker.is_alive()
 
 
 def test_malformed_json_and_wrong_body_type(client) -> None:
@@ -379,6 +448,11 @@ def test_progress_preview_queue_full_skip_and_interrupt_within_one_step(models_d
         # the queue holds one request: another one is refused, not queued without bound
         r = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1})
         assert r.status_code == 429 and r.json()["error"] == "QueueFull"
+        assert 1 <= int(r.headers["retry-after"]) <= 60  # the running job's eta, at least 1 s
+        # the queue is checked first: a prompt over budget is not parsed while there is no room
+        for path in ("/sdapi/v1/txt2img", "/opensd/v1/explain", "/v1/images/generations"):
+            r = http.post(path, json={"prompt": "a red circle " * 600, "steps": 1})
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1, r.text
 
         assert http.post("/sdapi/v1/skip").json() == {}  # ends batch 1; batch 2 starts
         wait_for(calls=2, steps=2)
@@ -463,3 +537,25 @@ def test_serve_command_binds_loopback_by_default(models_dir: Path, monkeypatch) 
     assert res.exit_code == 2 and "user:password" in res.output and "Traceback" not in res.output
     res = runner.invoke(cli, ["serve", "--model", "/nonexistent/model"])
     assert res.exit_code == 2 and "model not found" in res.output
+
+
+def test_serve_command_sets_the_prompt_work_and_time_limits(models_dir: Path, monkeypatch) -> None:
+    import uvicorn
+
+    from opensd.cli.serve import register
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(app))
+    cli = typer.Typer()
+    register(cli)
+    cli.command("noop", hidden=True)(lambda: None)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["serve", "--model", str(models_dir / "tiny-shapes"), "--device", "cpu", "--max-work", "100",
+                              "--max-seconds", "30", "--max-prompt-bytes", "1000", "--max-prompt-tokens", "75"])
+    assert res.exit_code == 0, res.output
+    limits = calls[-1].state.opensd.limits
+    assert (limits.max_work, limits.max_seconds, limits.max_prompt_bytes, limits.max_prompt_tokens) == (100, 30, 1000, 75)
+    res = runner.invoke(cli, ["serve", "--model", str(models_dir / "tiny-shapes"), "--device", "cpu"])
+    assert res.exit_code == 0 and calls[-1].state.opensd.limits == Limits()  # the options' defaults are Limits'
+    res = runner.invoke(cli, ["serve", "--model", str(models_dir / "tiny-shapes"), "--max-work", "0"])
+    assert res.exit_code == 2 and "max_work must be a positive integer" in res.output and "Traceback" not in res.output

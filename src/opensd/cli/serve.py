@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from opensd.cli.common import DEVICE, fail_cleanly
+from opensd.cli.common import DEVICE, THREADS, fail_cleanly, use_threads
 from opensd.errors import OpenSDError
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -43,7 +43,14 @@ def register(app: typer.Typer) -> None:
         max_batch_size: int = typer.Option(8, help="Largest batch_size (and OpenAI n)."),
         max_n_iter: int = typer.Option(16, help="Most batches (n_iter) per request."),
         max_body_mb: float = typer.Option(32.0, help="Largest request body, in MiB."),
+        max_prompt_bytes: int = typer.Option(32 * 1024, help="Largest prompt (and negative prompt), in UTF-8 bytes."),
+        max_prompt_tokens: int = typer.Option(1500, help="Most tokens in a prompt (and negative prompt), syntax removed: 20 CLIP chunks of 75."),
+        max_work: int = typer.Option(
+            2000, help="Most work per request, in native image-steps: (width*height / the model's native size squared) x steps x images."
+        ),
+        max_seconds: int = typer.Option(600, help="Longest a request may run (wall time, once started); then it is stopped with a 422."),
         device: Optional[str] = DEVICE,
+        threads: Optional[int] = THREADS,
         dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
         log_level: str = typer.Option("info", help="uvicorn's log level."),
     ) -> None:
@@ -70,9 +77,11 @@ def register(app: typer.Typer) -> None:
                 raise OpenSDError("no model given and no default model found; pass --model PATH or --models-dir DIR")
         limits = Limits(
             max_width=max_size, max_height=max_size, max_steps=max_steps, max_batch_size=max_batch_size,
-            max_n_iter=max_n_iter, max_body_bytes=int(max_body_mb * 2**20), workers=workers, max_queue=max_queue,
+            max_n_iter=max_n_iter, max_body_bytes=int(max_body_mb * 2**20), max_prompt_bytes=max_prompt_bytes,
+            max_prompt_tokens=max_prompt_tokens, max_work=max_work, max_seconds=max_seconds, workers=workers, max_queue=max_queue,
         )
         app_ = create_app(model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, dtype=getattr(torch, dtype))
+        use_threads(threads, app_.state.opensd.registry.current.model)
         if not _is_loopback(host) and not api_auth:
             typer.echo(f"warning: listening on {host} without --api-auth: anyone who can reach it can use it", err=True)
         typer.echo(f"opensd: serving {app_.state.opensd.registry.current_title()} on http://{host}:{port} (web page at /, API docs at /docs)")

@@ -44,6 +44,28 @@ class StepInfo:
 
 
 StepCallback = Callable[[StepInfo], Any]
+StopCheck = Callable[[], bool]
+
+
+def _check_stop(should_stop: StopCheck | None, where: str) -> None:
+    """Raise :class:`Interrupted` when ``should_stop()`` says so (outside sampling there is no partial image)."""
+    if should_stop is not None and should_stop():
+        raise Interrupted(f"stopped while {where}")
+
+
+class _StoppableVAE:
+    """The VAE as the tiling functions see it: ``should_stop`` is checked before every tile."""
+
+    def __init__(self, vae: Any, should_stop: StopCheck | None):
+        self.vae, self.should_stop, self.cfg = vae, should_stop, vae.cfg
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        _check_stop(self.should_stop, "encoding the image")
+        return self.vae.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        _check_stop(self.should_stop, "decoding the latent")
+        return self.vae.decode(z)
 
 
 @dataclass
@@ -168,12 +190,19 @@ class StableDiffusionPipeline:
         callback: StepCallback | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_embeds: torch.Tensor | None = None,
+        should_stop: StopCheck | None = None,
     ) -> GenerationResult:
         """Run one validated request. ``latents`` (B, C, h, w) replaces the seeded noise.
 
         ``prompt_embeds`` / ``negative_embeds`` (1 or B, L, width) replace the encoded
         prompt / negative prompt (see :mod:`opensd.prompts.arithmetic`); the request's
         texts then only go into the infotext.
+
+        Sampling stops when ``callback`` returns ``False`` (the partial result is decoded
+        and flagged ``interrupted``). ``should_stop()`` is polled outside sampling: before
+        each prompt chunk is encoded, before the img2img encode and before the final
+        decode, and before every VAE tile when tiled; when it answers True, generate
+        raises :class:`~opensd.diffusion.Interrupted` (there is no image to return).
         """
         validate(req, multiple=8, min_side=max(8, self.cfg.vae.downsample_factor))
         if req.clip_skip > self.cfg.text.layers:
@@ -190,7 +219,7 @@ class StableDiffusionPipeline:
         def context(embeds: torch.Tensor | None, name: str, prompt: str) -> torch.Tensor:
             """(B, L, width): ``embeds`` checked and expanded to the batch, else ``prompt`` encoded."""
             if embeds is None:
-                return self.encode_prompt([prompt], req.clip_skip).expand(req.batch_size, -1, -1)
+                return self.encode_prompt([prompt], req.clip_skip, should_stop=should_stop).expand(req.batch_size, -1, -1)
             width = self.cfg.text.width
             if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] not in (1, req.batch_size) \
                     or embeds.shape[1] < 1 or embeds.shape[2] != width:
@@ -213,7 +242,7 @@ class StableDiffusionPipeline:
             init_latent = inpaint_concat = latent_mask = None
             if init_image is not None:
                 pixels = to_tensor(init_image, req.width, req.height).to(dev, dtype)
-                posterior = self.encode_pixels(pixels, req.tiled_vae)
+                posterior = self.encode_pixels(pixels, req.tiled_vae, should_stop=should_stop)
                 # One posterior draw per image, from that image's seed (diffusers draws it first too).
                 eps = torch.cat([torch.randn(posterior.mean.shape, generator=g) for g in gens]).to(dev, dtype)
                 init_latent = self.model.vae.to_latent(posterior.mean + posterior.std * eps)
@@ -221,7 +250,8 @@ class StableDiffusionPipeline:
                     m = mask_to_tensor(mask, req.width, req.height).to(dev, dtype)
                     latent_mask = torch.nn.functional.interpolate(m, size=shape[2:], mode="nearest").expand(req.batch_size, -1, -1, -1)
                     if self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
-                        masked = self.model.vae.to_latent(self.encode_pixels(pixels * (m < 0.5), req.tiled_vae).mode())
+                        masked = self.encode_pixels(pixels * (m < 0.5), req.tiled_vae, should_stop=should_stop).mode()
+                        masked = self.model.vae.to_latent(masked)
                         inpaint_concat = torch.cat([latent_mask, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
 
             if inpaint_concat is None and self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
@@ -264,7 +294,7 @@ class StableDiffusionPipeline:
                         result = init_latent if init_latent is not None else noise * 0
             if latent_mask is not None and inpaint_concat is None:
                 result = latent_mask * result + (1 - latent_mask) * init_latent
-            decoded = self.decode_latents(result.to(dtype), req.tiled_vae)
+            decoded = self.decode_latents(result.to(dtype), req.tiled_vae, should_stop=should_stop)
             if mask is not None:
                 # As A1111 does: outside the mask, the original pixels, exactly.
                 decoded = m * decoded + (1 - m) * pixels
@@ -277,36 +307,55 @@ class StableDiffusionPipeline:
 
     # ---------------------------------------------------------------- pieces
 
-    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1, *, should_stop: StopCheck | None = None) -> torch.Tensor:
         """(B, L, width) text embeddings; ``clip_skip`` 2 uses the penultimate layer (A1111).
 
         Prompts use A1111's syntax (``(word:1.3)``, ``[word]``, ``BREAK``) and may be
         longer than the context: L is a whole number of chunks (77 each for CLIP), see
-        :mod:`opensd.prompts.syntax`.
+        :mod:`opensd.prompts.syntax`. With ``should_stop``, the chunks are encoded one at
+        a time and ``should_stop()`` is checked before each (:class:`Interrupted` when it
+        answers True); each chunk is encoded on its own either way, so the result is the same.
         """
-        from opensd.prompts.syntax import encode_prompts
+        from opensd.prompts.syntax import TokenizedPrompt, context_length, encode_prompts, encode_tokenized, tokenize_prompt
 
-        return encode_prompts(self.model.text_encoder, self.tokenizer, prompts, skip_layers=clip_skip - 1)
+        te, skip = self.model.text_encoder, clip_skip - 1
+        if should_stop is None or len(prompts) != 1:
+            _check_stop(should_stop, "encoding the prompt")
+            return encode_prompts(te, self.tokenizer, prompts, skip_layers=skip)
+        ctx = context_length(self.tokenizer, te)
+        tokenized = tokenize_prompt(self.tokenizer, prompts[0], ctx)
+        parts = []
+        for chunk in tokenized.chunks:
+            _check_stop(should_stop, "encoding the prompt")
+            one = TokenizedPrompt([chunk], tokenized.words, tokenized.token_count, ctx)
+            parts.append(encode_tokenized(te, [one], self.tokenizer, skip_layers=skip))
+        return torch.cat(parts, dim=1)
 
-    def decode_latents(self, latents: torch.Tensor, tiled_vae: bool | None = None) -> torch.Tensor:
+    def decode_latents(
+        self, latents: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None
+    ) -> torch.Tensor:
         """Diffusion latents (B, C, h, w) -> images (B, 3, h*f, w*f) in about [-1, 1].
 
         ``tiled_vae``: decode in overlapping tiles (:mod:`opensd.pipelines.vae_tiling`);
         None decides by size (tiles when a side is over 96 latent cells, 768 px in SD 1.x).
+        ``should_stop`` is checked before the decode and before every tile.
         """
-        vae = self.model.vae
-        z = vae.from_latent(latents)
+        vae = _StoppableVAE(self.model.vae, should_stop)
+        z = self.model.vae.from_latent(latents)
         if should_tile(z.shape[2], z.shape[3], tiled_vae):
             return decode_tiled(vae, z)
         return vae.decode(z)
 
-    def encode_pixels(self, pixels: torch.Tensor, tiled_vae: bool | None = None) -> DiagonalGaussian:
+    def encode_pixels(
+        self, pixels: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None
+    ) -> DiagonalGaussian:
         """Images (B, 3, H, W) in [-1, 1] -> the VAE's posterior over (unscaled) latents.
 
         ``tiled_vae``: encode in overlapping tiles (:func:`~opensd.pipelines.vae_tiling.encode_tiled`);
-        None decides by size, as :meth:`decode_latents` does.
+        None decides by size, as :meth:`decode_latents` does. ``should_stop`` is checked
+        before the encode and before every tile.
         """
-        vae = self.model.vae
+        vae = _StoppableVAE(self.model.vae, should_stop)
         f = vae.cfg.downsample_factor
         if should_tile(pixels.shape[2] // f, pixels.shape[3] // f, tiled_vae):
             return encode_tiled(vae, pixels)

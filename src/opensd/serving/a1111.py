@@ -1,8 +1,10 @@
 """AUTOMATIC1111's web-UI API, ``/sdapi/v1``, on opensd's pipeline.
 
-A request is *planned* first (off the event loop): names resolved, sizes and counts checked
-against :class:`Limits`, images decoded, the model picked; every problem becomes a 4xx
-before anything is queued. The plan then runs on the generation queue, and the worker
+A request first takes its place in the generation queue (a full queue answers 429 before
+anything is parsed), then is *planned* (off the event loop): names resolved, sizes and
+counts checked against :class:`Limits`, the prompts against the prompt budget, the
+request's work against the work budget, images decoded, the model picked; every problem
+becomes a 4xx before any generation work starts. The plan then runs on a worker, which
 also encodes the response (base64 PNGs with their infotext, and A1111's ``info`` JSON).
 
 Samplers are named as A1111 names them (``"DPM++ 2M"``, ``"Euler a"``; a ``" Karras"``
@@ -19,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Body, Request
-from fastapi.concurrency import run_in_threadpool
 from PIL import Image, ImageFilter, ImageOps
 
 import opensd
@@ -28,6 +29,7 @@ from opensd.diffusion.schedules import SigmaSpacing
 from opensd.pipelines.infotext import parse_infotext, read_parameters
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, validate
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+from opensd.prompts.budget import PromptBudgetError, check_prompt
 from opensd.serving.codec import decode_image, encode_png
 from opensd.serving.errors import ApiError
 from opensd.serving.models import Checkpoint
@@ -111,6 +113,16 @@ def _clip_skip(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusion
     return value
 
 
+def check_prompts(st: ServerState, pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str) -> None:
+    """422 when the prompt or the negative prompt is over the server's prompt budget (bytes first, then tokens)."""
+    budget = st.limits.prompt_budget
+    for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        try:
+            check_prompt(text, pipe.tokenizer, budget, what=what)
+        except PromptBudgetError as e:
+            raise ApiError(422, f"{e} on this server (--max-prompt-bytes, --max-prompt-tokens)", kind="PromptTooLong", param=what) from None
+
+
 def plan_generation(
     st: ServerState, body: Txt2ImgRequest, *, strength: float = 1.0, init_image: Image.Image | None = None,
     mask: Image.Image | None = None,
@@ -131,6 +143,11 @@ def plan_generation(
     width = default_w if body.width is None else body.width
     height = default_h if body.height is None else body.height
     st.limits.check(width=width, height=height, steps=body.steps, batch_size=body.batch_size, n_iter=body.n_iter)
+    check_prompts(st, pipe, body.prompt, body.negative_prompt)
+    st.limits.check_work(
+        native=pipe.cfg.image_size, width=width, height=height, steps=body.steps, batch_size=body.batch_size,
+        n_iter=body.n_iter, strength=strength,
+    )
     seed = -1 if body.seed is None else body.seed
     if not -1 <= seed < SEED_RANGE:
         raise ApiError(422, f"seed must be from 0 to {SEED_RANGE - 1}, or -1 for a random one; got {seed}", param="seed")
@@ -205,14 +222,18 @@ def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) ->
 
 async def _generate(request: Request, body: Txt2ImgRequest, kind: str, plan_fn) -> dict:
     st = server_state(request)
-    plan: Plan = await run_in_threadpool(plan_fn, st)
-    job = Job(kind, n_iter=len(plan.requests))
+    job = Job(kind, max_seconds=st.limits.max_seconds)
 
-    def work(j: Job) -> dict:
+    def prepare() -> Plan:
+        plan: Plan = plan_fn(st)
+        job.n_iter = len(plan.requests)
+        return plan
+
+    def work(j: Job, plan: Plan) -> dict:
         results = run_batches(j, plan.pipeline, plan.requests, init_image=plan.init_image, mask=plan.mask)
         return build_response(body, plan, results, j)
 
-    return await st.queue.submit(job, work)
+    return await st.queue.submit(job, work, prepare=prepare, disconnected=request.is_disconnected)
 
 
 def _img2img_inputs(st: ServerState, body: Img2ImgRequest) -> tuple[Image.Image, Image.Image | None]:

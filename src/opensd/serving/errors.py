@@ -36,12 +36,15 @@ log = logging.getLogger("opensd.serving")
 class ApiError(OpenSDError):
     """An error answered as ``status`` with ``{"error": kind, "detail": detail}``."""
 
-    def __init__(self, status: int, detail: str, *, kind: str | None = None, param: str | None = None):
+    def __init__(
+        self, status: int, detail: str, *, kind: str | None = None, param: str | None = None, headers: dict | None = None,
+    ):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.kind = kind or _KINDS.get(status, "Error")
         self.param = param
+        self.headers = headers  # extra response headers, e.g. Retry-After on a 429
 
 
 _KINDS = {
@@ -192,7 +195,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
-        return error_response(request.url.path, e.status, e.kind, e.detail, param=e.param)
+        response = error_response(request.url.path, e.status, e.kind, e.detail, param=e.param)
+        response.headers.update(e.headers or {})
+        return response
 
     @app.exception_handler(OpenSDError)
     async def _user_error(request: Request, e: OpenSDError) -> JSONResponse:

@@ -7,11 +7,13 @@ maximum) and the denoising path strip (current latent above, predicted x0 below,
 the steps ``path_steps``), all as base64 PNGs. ``raw=true`` adds the maps as numbers.
 
 The request is checked as ``/sdapi/v1/txt2img`` checks one (the same sampler names,
-limits, size rules and ``override_settings``, through
-:func:`opensd.serving.a1111.plan_generation`) and then runs on the generation queue like
-any generation: it waits its turn, counts against ``max_queue``, shows in
-``/sdapi/v1/progress`` and stops on ``/sdapi/v1/interrupt``. Auth and the body limit are
-the app's middleware, as for every route.
+limits, prompt and work budgets, size rules and ``override_settings``, through
+:func:`opensd.serving.a1111.plan_generation`) once it holds a place in the generation
+queue (a full queue answers 429 before the prompt is parsed), and then runs like any
+generation: it waits its turn, counts against ``max_queue``, shows in
+``/sdapi/v1/progress``, stops on ``/sdapi/v1/interrupt``, on the wall-time limit and
+when its client goes away. Auth and the body limit are the app's middleware, as for
+every route.
 
 Capture hooks the shared U-Net's cross-attention layers, so explain jobs run one at a
 time (a lock), and the collector records only its own thread's U-Net calls: a
@@ -26,7 +28,6 @@ from typing import Any, Optional
 
 import torch
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import AliasChoices, BaseModel, Field, StrictInt
 
 from opensd.explain import AttentionCollector, AttentionResult, ExplainError, PathError, PathRecorder, build_result
@@ -215,7 +216,7 @@ def run_explain(job: Job, plan: ExplainPlan, *, raw: bool = False) -> dict:
     f = pipe.cfg.vae.downsample_factor
     try:
         with _CAPTURE, _ThreadCollector(pipe.model.unet, (req.height // f, req.width // f)) as collector:
-            result = pipe.generate(req, callback=step)
+            result = pipe.generate(req, callback=step, should_stop=job.should_stop)
         image = result.images[0]
         attn = build_result(pipe, req.prompt, image, collector)
         path = path_from_recorder(pipe, recorder, image) if recorder.steps else None
@@ -242,5 +243,8 @@ def run_explain(job: Job, plan: ExplainPlan, *, raw: bool = False) -> dict:
 @router.post("/explain", response_model=ExplainResponse, summary="Generate one image with its word attention maps and denoising path")
 async def explain(body: ExplainRequest, request: Request) -> dict:
     st = server_state(request)
-    plan: ExplainPlan = await run_in_threadpool(plan_explain, st, body)
-    return await st.queue.submit(Job("explain"), lambda job: run_explain(job, plan, raw=body.raw))
+    job = Job("explain", max_seconds=st.limits.max_seconds)
+    return await st.queue.submit(
+        job, lambda j, plan: run_explain(j, plan, raw=body.raw), prepare=lambda: plan_explain(st, body),
+        disconnected=request.is_disconnected,
+    )

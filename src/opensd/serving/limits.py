@@ -1,10 +1,22 @@
-"""What one request may ask of the server, checked before it is queued."""
+"""What one request may ask of the server, checked before it is queued.
+
+Three kinds of bound: the shape of a request (sizes, steps, batch counts), its prompt
+(bytes, then tokens: :mod:`opensd.prompts.budget`) and its *work*. Work is counted in
+native image-steps: ``width * height / native**2 * effective steps * images``, where
+``native`` is the served model's own resolution (``cfg.image_size``: 32 px for the
+bundled model, 512 px for SD 1.x), ``images`` is ``batch_size * n_iter`` and img2img's
+effective steps are ``int(steps * denoising_strength)`` (at least 1). One budget thus
+scales with the model: 512 px at 20 steps is 20 native image-steps for SD 1.x and 5120
+for the 32 px model. ``max_seconds`` bounds the wall time of a running request on top
+(see :mod:`opensd.serving.queue`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from opensd.errors import OpenSDError
+from opensd.prompts.budget import PromptBudget
 from opensd.serving.errors import ApiError
 
 
@@ -13,8 +25,11 @@ class Limits:
     """Bounds on a request; anything outside them is answered 4xx before any work is done.
 
     ``max_images`` bounds ``batch_size * n_iter``; ``max_body_bytes`` the raw request body
-    (base64 images included); ``max_input_pixels`` each uploaded image. ``workers`` is how
-    many generations run at once and ``max_queue`` how many may wait or run in total.
+    (base64 images included); ``max_input_pixels`` each uploaded image.
+    ``max_prompt_bytes`` / ``max_prompt_tokens`` bound the prompt and the negative prompt
+    each. ``max_work`` bounds a request's native image-steps (the module doc) and
+    ``max_seconds`` its running time. ``workers`` is how many generations run at once
+    and ``max_queue`` how many may wait or run in total.
     """
 
     max_width: int = 2048
@@ -25,6 +40,10 @@ class Limits:
     max_images: int = 64
     max_body_bytes: int = 32 * 2**20
     max_input_pixels: int = 4096 * 4096
+    max_prompt_bytes: int = 32 * 1024
+    max_prompt_tokens: int = 75 * 20
+    max_work: int = 2000
+    max_seconds: int = 600
     workers: int = 1
     max_queue: int = 32
 
@@ -34,6 +53,11 @@ class Limits:
                 raise OpenSDError(f"Limits.{name} must be a positive integer, got {value!r}")
         if self.max_queue < self.workers:
             raise OpenSDError(f"Limits.max_queue ({self.max_queue}) must be >= workers ({self.workers})")
+
+    @property
+    def prompt_budget(self) -> PromptBudget:
+        """The budget each prompt (and negative prompt) of a request is checked against."""
+        return PromptBudget(max_bytes=self.max_prompt_bytes, max_tokens=self.max_prompt_tokens)
 
     def check(self, *, width: int, height: int, steps: int, batch_size: int, n_iter: int = 1) -> None:
         """422 naming the first value out of bounds (types were checked by the schema)."""
@@ -46,6 +70,26 @@ class Limits:
             raise ApiError(
                 422, f"batch_size * n_iter must be at most {self.max_images}, got {batch_size} * {n_iter}", param="n_iter"
             )
+
+    def check_work(
+        self, *, native: int, width: int, height: int, steps: int, batch_size: int, n_iter: int = 1, strength: float = 1.0
+    ) -> float:
+        """The request's work in native image-steps (module doc); 422 naming cost and budget when over ``max_work``."""
+        effective = steps if strength >= 1.0 else max(1, int(steps * strength))
+        images = batch_size * n_iter
+        natives = width * height / (native * native)
+        work = natives * effective * images
+        if work > self.max_work:
+            step_text = f"{effective} steps" if effective == steps else f"{effective} effective steps ({steps} x strength {strength:g})"
+            raise ApiError(
+                422,
+                f"this request is too much work for this server: {width}x{height} is {natives:g} images of this model's "
+                f"native {native}x{native}, x {step_text} x {images} image(s) = {work:g} native image-steps; the budget "
+                f"per request is {self.max_work} (--max-work). Ask for the native size ({native}x{native}), fewer steps "
+                "or fewer images",
+                kind="WorkBudgetExceeded", param="width",
+            )
+        return work
 
 
 def _bound(name: str, value: int, low: int, high: int) -> None:

@@ -14,7 +14,6 @@ import re
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 
 from opensd.serving.a1111 import Plan, plan_generation
 from opensd.serving.codec import encode_png
@@ -60,12 +59,12 @@ def _plan(st: ServerState, body: OpenAIImageRequest) -> Plan:
              summary="Create images (OpenAI Images API)")
 async def images_generations(body: OpenAIImageRequest, request: Request) -> dict:
     st = server_state(request)
-    plan: Plan = await run_in_threadpool(_plan, st, body)
 
-    def work(job: Job) -> dict:
+    def work(job: Job, plan: Plan) -> dict:
         results = run_batches(job, plan.pipeline, plan.requests)
         data = [{"b64_json": encode_png(im, text)} for r in results for im, text in zip(r.images, r.infotexts)]
         req = plan.requests[0]
         return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{req.width}x{req.height}"}
 
-    return await st.queue.submit(Job("openai"), work)
+    job = Job("openai", max_seconds=st.limits.max_seconds)
+    return await st.queue.submit(job, work, prepare=lambda: _plan(st, body), disconnected=request.is_disconnected)

@@ -1,14 +1,26 @@
-"""The generation queue: bounded concurrency, per-request state, progress and interrupt.
+"""The generation queue: bounded concurrency, per-request state, progress and stopping.
 
 Requests wait in a FIFO and run on ``workers`` threads (default 1: one generation at a
 time, as A1111 runs them). Nothing is shared between requests: each :class:`Job` holds
-its own step counters, stop flags and latest x0 prediction; seeds and random generators
-are made per call inside the pipeline, which is stateless. A full queue refuses new work
-with 429 instead of growing without bound.
+its own step counters, stop flags, deadline and latest x0 prediction; seeds and random
+generators are made per call inside the pipeline, which is stateless.
 
-``interrupt`` stops every running job at the end of its current sampling step (the
-pipeline's step callback returns ``False``) and cancels its remaining batches; ``skip``
-ends only the current batch. A job whose HTTP client went away is interrupted too.
+A request takes its place in the queue *before* anything about it is parsed or checked
+(:meth:`GenerationQueue.submit`): a full queue answers 429 with ``Retry-After`` at once,
+and at most ``max_pending`` requests are being planned, waiting or running.
+
+How a job stops:
+
+- ``/interrupt`` stops every running job: at the end of its current sampling step (the
+  step callback returns ``False``; the partial image is decoded and returned, as A1111
+  does), or at the next prompt chunk or VAE tile when it comes while the job encodes or
+  decodes (that batch then gives no image). Later batches are cancelled.
+- ``/skip`` ends only the current batch's sampling.
+- A client that disconnects abandons its job: a queued one leaves the queue at once, a
+  running one stops at its next step, prompt chunk or VAE tile, and its slot is free as
+  soon as the worker stops. The server notices by polling the connection while it waits.
+- ``max_seconds`` (the wall time since the job started running) stops it the same way,
+  and the client gets a 422 ``TimeLimitExceeded`` rather than a half-made image.
 """
 
 from __future__ import annotations
@@ -16,32 +28,67 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import math
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 import torch
+from starlette.concurrency import run_in_threadpool
 
+from opensd.diffusion import Interrupted
 from opensd.pipelines.images import to_pil
 from opensd.pipelines.preview import linear_preview_for
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline, StepInfo
 from opensd.serving.errors import ApiError
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 # A1111's show_progress_type values that opensd implements (A1111 also has "Approx NN" and "TAESD").
 PREVIEW_MODES = ("Full", "Approx cheap")
+DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
+
+
+class QueueFull(ApiError):
+    """429: no room in the queue; ``Retry-After`` says when a slot is likely to be free."""
+
+    def __init__(self, max_pending: int, retry_after: int):
+        super().__init__(
+            429, f"the generation queue is full ({max_pending} requests); retry in about {retry_after} s",
+            kind="QueueFull", headers={"Retry-After": str(retry_after)},
+        )
+
+
+class TimeLimitExceeded(ApiError):
+    """422: the job ran past the server's wall-time limit and was stopped; no partial result is sent."""
+
+    def __init__(self, job: "Job"):
+        where = f"batch {job.iteration + 1} of {job.n_iter}, step {job.step} of {job.steps}" if job.steps else "before sampling"
+        super().__init__(
+            422, f"the generation ran past this server's time limit of {job.max_seconds:g} s per request "
+            f"(--max-seconds) and was stopped at {where}; ask for fewer steps, fewer images or a smaller size",
+            kind="TimeLimitExceeded",
+        )
+
+
+class ClientDisconnected(ApiError):
+    """The client went away; nobody reads this answer (499, as nginx logs it)."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client closed the connection; its generation was stopped", kind="ClientClosedRequest")
 
 
 @dataclass
 class Job:
     """One request's run, as ``/sdapi/v1/progress`` reports it."""
 
-    kind: str  # "txt2img" | "img2img" | "openai"
+    kind: str  # "txt2img" | "img2img" | "openai" | "explain"
     n_iter: int = 1
+    max_seconds: float | None = None  # wall time once running; None: no limit
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -51,19 +98,52 @@ class Job:
     steps: int = 0  # steps this batch will take
     pipeline: StableDiffusionPipeline | None = None  # set by the work function; used for previews
     denoised: torch.Tensor | None = None  # (1, C, h, w): the first image's latest x0 prediction
-    interrupted: threading.Event = field(default_factory=threading.Event)
+    interrupted: threading.Event = field(default_factory=threading.Event)  # /interrupt (or abandoned)
     skipped: threading.Event = field(default_factory=threading.Event)
+    abandoned: threading.Event = field(default_factory=threading.Event)  # the client went away, or the server stops
+    timed_out: threading.Event = field(default_factory=threading.Event)
+    _deadline: float | None = None  # time.monotonic() after which the job stops
+    _sampling_stopped: bool = False  # this batch's sampling already stopped for /interrupt
     _preview: tuple[tuple[int, int, str], str] | None = None
     _preview_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        """Mark the job running (on its worker) and start its wall-time clock."""
+        self.started = time.time()
+        if self.max_seconds is not None:
+            self._deadline = time.monotonic() + self.max_seconds
+
+    def must_stop(self) -> bool:
+        """A stop nobody wants the result of: the client went away or the time ran out."""
+        if self.abandoned.is_set() or self.timed_out.is_set():
+            return True
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self.timed_out.set()
+            return True
+        return False
+
+    def should_stop(self) -> bool:
+        """The pipeline's ``should_stop``, polled between prompt chunks and VAE tiles.
+
+        True on :meth:`must_stop`, and on ``/interrupt`` unless this batch's sampling has
+        already stopped for it (its partial image is then decoded and returned).
+        """
+        return self.must_stop() or (self.interrupted.is_set() and not self._sampling_stopped)
 
     def callback(self, info: StepInfo) -> bool:
         """The pipeline's step callback: record progress; ``False`` stops sampling now."""
         self.step, self.steps = info.step, info.total
         self.denoised = info.denoised[:1].detach().clone()
-        return not (self.interrupted.is_set() or self.skipped.is_set())
+        if self.must_stop():
+            return False
+        if self.interrupted.is_set():
+            self._sampling_stopped = True
+            return False
+        return not self.skipped.is_set()
 
     def next_batch(self, iteration: int) -> None:
         self.iteration, self.step, self.denoised = iteration, 0, None
+        self._sampling_stopped = False
         self.skipped.clear()
 
     @property
@@ -117,7 +197,7 @@ class Job:
 
 
 class GenerationQueue:
-    """Runs jobs on ``workers`` threads; at most ``max_pending`` jobs queued or running."""
+    """Runs jobs on ``workers`` threads; at most ``max_pending`` jobs planned, queued or running."""
 
     def __init__(self, workers: int = 1, max_pending: int = 32):
         if workers < 1:
@@ -127,33 +207,85 @@ class GenerationQueue:
         self.workers, self.max_pending = workers, max_pending
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="opensd-generate")
         self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}  # queued or running, in arrival order
+        self._jobs: dict[str, Job] = {}  # planned, queued or running, in arrival order
 
-    async def submit(self, job: Job, work: Callable[[Job], T]) -> T:
-        """Run ``work(job)`` on a worker thread and wait for its result (429 when the queue is full)."""
+    async def submit(
+        self,
+        job: Job,
+        work: Callable[[Job, P], T],
+        *,
+        prepare: Callable[[], P] = lambda: None,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> T:
+        """Take a place for ``job`` (429 when full), run ``prepare()`` off the event loop, then
+        ``work(job, prepared)`` on a worker thread, and return its result.
+
+        ``prepare`` is where a request is parsed and checked: it runs only once the request
+        holds a place, and an error there frees the place. ``disconnected`` (e.g.
+        Starlette's ``request.is_disconnected``) is polled while the job waits or runs;
+        when it answers True the job is abandoned (see the module doc) and
+        :class:`ClientDisconnected` is raised at once.
+        """
         with self._lock:
             if len(self._jobs) >= self.max_pending:
-                raise ApiError(429, f"the generation queue is full ({self.max_pending} requests); retry later", kind="QueueFull")
+                raise QueueFull(self.max_pending, self._retry_after())
             self._jobs[job.id] = job
-
-        def run() -> T:
-            job.started = time.time()
-            try:
-                return work(job)
-            finally:
-                job.finished = time.time()
-                with self._lock:
-                    self._jobs.pop(job.id, None)
-
-        fut = self._pool.submit(run)
         try:
-            return await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:  # the client went away: stop the work it asked for
-            job.interrupted.set()
-            if fut.cancel():
-                with self._lock:
-                    self._jobs.pop(job.id, None)
+            prepared = await run_in_threadpool(prepare)
+        except BaseException:
+            self._drop(job)
             raise
+        fut = self._pool.submit(self._run, job, work, prepared)
+        waiting = asyncio.wrap_future(fut)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return waiting.result()
+                if disconnected is not None and await disconnected():
+                    self._abandon(job, fut)
+                    waiting.add_done_callback(_consume)  # its ending is nobody's answer now
+                    raise ClientDisconnected()
+        except asyncio.CancelledError:  # the server cancelled the handler: stop the work it asked for
+            self._abandon(job, fut)
+            raise
+
+    def _run(self, job: Job, work: Callable[[Job, P], T], prepared: P) -> T:
+        """The worker's body: ``work`` with the job's clock running; its stops turned into answers."""
+        job.start()
+        try:
+            if job.abandoned.is_set():  # abandoned in the instant before it started
+                raise ClientDisconnected()
+            try:
+                result = work(job, prepared)
+            except Interrupted:  # stopped before it had any image to return
+                if job.timed_out.is_set():
+                    raise TimeLimitExceeded(job) from None
+                raise ApiError(
+                    409, "the generation was interrupted before it made an image", kind="Interrupted"
+                ) from None
+            if job.timed_out.is_set():
+                raise TimeLimitExceeded(job)
+            return result
+        finally:
+            job.finished = time.time()
+            self._drop(job)
+
+    def _abandon(self, job: Job, fut) -> None:
+        job.abandoned.set()
+        job.interrupted.set()
+        if fut.cancel():  # not started: leave the queue now
+            self._drop(job)
+
+    def _drop(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def _retry_after(self) -> int:
+        """Whole seconds until the running job closest to done should finish (at least 1)."""
+        etas = [j.eta() for j in self._jobs.values() if j.started is not None and j.finished is None]
+        etas = [e for e in etas if e > 0]
+        return max(1, math.ceil(min(etas))) if etas else 1
 
     def jobs(self) -> list[Job]:
         with self._lock:
@@ -166,10 +298,11 @@ class GenerationQueue:
         return running[0] if running else (jobs[0] if jobs else None)
 
     def pending(self) -> int:
+        """Requests that hold a place but are not running yet (being checked, or waiting)."""
         return sum(1 for j in self.jobs() if j.started is None)
 
     def interrupt(self) -> int:
-        """Stop every running job at its next step boundary; returns how many were told."""
+        """Stop every running job (module doc); returns how many were told."""
         running = [j for j in self.jobs() if j.started is not None and j.finished is None]
         for j in running:
             j.interrupted.set()
@@ -184,20 +317,35 @@ class GenerationQueue:
 
     def close(self) -> None:
         for j in self.jobs():
+            j.abandoned.set()
             j.interrupted.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _consume(fut: asyncio.Future) -> None:
+    """Retrieve a finished future's outcome, so that asyncio does not log it as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def run_batches(job: Job, pipeline: StableDiffusionPipeline, requests: list, *, init_image=None, mask=None) -> list:
     """The worker body of a generation request: batch after batch, stopping when told.
 
-    Returns one :class:`GenerationResult` per batch that ran (none after an interrupt).
+    Returns one :class:`GenerationResult` per batch that made images: none after an
+    interrupt; a batch stopped while it encoded or decoded gives none either.
     """
     job.pipeline = pipeline
     results = []
     for k, req in enumerate(requests):
-        if job.interrupted.is_set():
+        if job.interrupted.is_set() or job.must_stop():
             break
         job.next_batch(k)
-        results.append(pipeline.generate(req, init_image=init_image, mask=mask, callback=job.callback))
+        try:
+            results.append(pipeline.generate(
+                req, init_image=init_image, mask=mask, callback=job.callback, should_stop=job.should_stop,
+            ))
+        except Interrupted:
+            if not results:
+                raise
+            break
     return results

@@ -62,6 +62,8 @@ class _Progress:
 def _run(kind: str, pipe_args: dict, model: Optional[Path], out: Optional[str], quiet: bool) -> None:
     from opensd.pipelines.images import load_image
     from opensd.pipelines.infotext import save_png
+    from opensd.prompts.budget import check_text
+    from opensd.prompts.vocabulary import prompt_warnings
 
     # Read inputs and check the output path before the (slow) model load.
     if "image" in pipe_args:
@@ -69,7 +71,11 @@ def _run(kind: str, pipe_args: dict, model: Optional[Path], out: Optional[str], 
     if "mask" in pipe_args:
         pipe_args["mask"] = load_image(pipe_args["mask"], what="mask")
     paths = _out_paths(out, pipe_args["batch_size"], str(pipe_args.get("seed") or "random"))
+    for name in ("prompt", "negative_prompt"):  # before the (slow) model load: a non-UTF-8 byte in argv
+        check_text(pipe_args[name], what=name)
     pipe = _pipeline(model)
+    for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"]):
+        typer.echo(f"warning: {line}", err=True)
     progress = _Progress(not quiet)
     try:
         images = getattr(pipe, kind)(callback=progress, **pipe_args)

@@ -15,7 +15,7 @@ result is pasted over the original through the mask, so pixels outside it stay e
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +30,7 @@ from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_p
 from opensd.pipelines.infotext import format_infotext
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
 from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
+from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
 
 
 @dataclass
@@ -48,12 +49,17 @@ StepCallback = Callable[[StepInfo], Any]
 
 @dataclass
 class GenerationResult:
-    """Images plus what produced them (one seed and one infotext per image)."""
+    """Images plus what produced them (one seed and one infotext per image).
+
+    ``warnings``: what the user should know about the result, e.g. prompt words the
+    model does not know and ignored (:func:`opensd.prompts.vocabulary.prompt_warnings`).
+    """
 
     images: list[Image.Image]
     seeds: list[int]
     infotexts: list[str]
     interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 class StableDiffusionPipeline:
@@ -63,8 +69,17 @@ class StableDiffusionPipeline:
     >>> pipe.txt2img("a red circle above a blue square", seed=1)[0].save("out.png")
     """
 
-    def __init__(self, loaded: LoadedModel, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        prompt_budget: PromptBudget | None = DEFAULT_BUDGET,
+    ):
+        """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap."""
         self.loaded = loaded
+        self.prompt_budget = prompt_budget
         self.model = loaded.model.eval().requires_grad_(False)
         if device is not None or dtype is not None:
             self.model.to(device=device, dtype=dtype)
@@ -180,6 +195,9 @@ class StableDiffusionPipeline:
             raise RequestError(f"clip_skip must be at most {self.cfg.text.layers} for this model, got {req.clip_skip}")
         if mask is not None and init_image is None:
             raise RequestError("a mask needs an image to inpaint")
+        if self.prompt_budget is not None:  # before any work; encode_prompt checks again (for direct calls)
+            for name in ("prompt", "negative_prompt"):
+                check_prompt(getattr(req, name), self.tokenizer, self.prompt_budget, what=name)
         spec, spacing = req.resolved_sampler()
         dev, dtype = self.model.device, self.model.dtype
         f = self.cfg.vae.downsample_factor
@@ -273,7 +291,14 @@ class StableDiffusionPipeline:
         infotexts = [self.infotext(req, s) for s in seeds]
         for im, text in zip(images, infotexts):
             im.info["parameters"] = text
-        return GenerationResult(images, seeds, infotexts, interrupted)
+        from opensd.prompts.vocabulary import prompt_warnings
+
+        warnings = prompt_warnings(
+            self.tokenizer,
+            req.prompt if prompt_embeds is None else "",
+            req.negative_prompt if negative_embeds is None and req.cfg_scale != 1.0 else "",
+        )
+        return GenerationResult(images, seeds, infotexts, interrupted, warnings)
 
     # ---------------------------------------------------------------- pieces
 
@@ -286,7 +311,9 @@ class StableDiffusionPipeline:
         """
         from opensd.prompts.syntax import encode_prompts
 
-        return encode_prompts(self.model.text_encoder, self.tokenizer, prompts, skip_layers=clip_skip - 1)
+        return encode_prompts(
+            self.model.text_encoder, self.tokenizer, prompts, skip_layers=clip_skip - 1, budget=self.prompt_budget
+        )
 
     def decode_latents(self, latents: torch.Tensor, tiled_vae: bool | None = None) -> torch.Tensor:
         """Diffusion latents (B, C, h, w) -> images (B, 3, h*f, w*f) in about [-1, 1].

@@ -39,6 +39,7 @@ encodes exactly as the plain prompt, without the rescale.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from opensd.errors import OpenSDError
+from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
 
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
@@ -54,10 +56,25 @@ COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit"
 
 
 class PromptSyntaxError(OpenSDError):
-    """A prompt function got something other than text, or a context too short for one token."""
+    """A prompt that cannot be parsed: not text, brackets nested too deep, a weight out of range."""
 
 
 # ----------------------------------------------------------------------------- parsing
+
+MAX_NESTING = 32
+"""Brackets (round and square together) open at once. Real prompts nest a few levels
+(``((((masterpiece))))``); the cap bounds the parser's work to O(len(text) * MAX_NESTING)."""
+
+MAX_WEIGHT = 10.0
+"""A fragment's weight, explicit or multiplied through nesting, lies in [-MAX_WEIGHT, MAX_WEIGHT].
+
+A1111 bounds nothing, and documents weights around 0.5-1.5; past ~2 the image already
+falls apart. Negative weights are kept, as A1111 allows them (they push away from the
+word). The cap is far above anything useful yet keeps the weighted hidden states finite:
+``(red:1e30)`` overflowed the encoder's output to inf and gave an all-black image with no
+error; at 10 the products stay well inside float16's range (65504). 1.1 ** 24 (24
+nested round brackets) is about 9.85, so deep emphasis alone also stays inside."""
+
 
 class Fragment(NamedTuple):
     """A run of prompt text with one weight; ``is_break`` marks a BREAK (text "BREAK", weight -1)."""
@@ -83,7 +100,85 @@ _SYNTAX = re.compile(
     """,
     re.X,
 )
-_BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*")
+_BREAK_WORD = re.compile(r"\bBREAK\b")  # split on the word, then strip: linear (a "\s*BREAK" pattern is not)
+
+
+def _explicit_weight(text: str, position: int) -> float:
+    """The number of ``(a:text)``; out-of-range or non-finite weights raise, ``1.2.3`` gives ValueError."""
+    factor = float(text)  # ValueError for "1.2.3" or ".": the caller keeps it as text
+    if not math.isfinite(factor) or abs(factor) > MAX_WEIGHT:
+        raise PromptSyntaxError(
+            f"the weight {text[:20]}{'...' if len(text) > 20 else ''} at character {position} is out of range; "
+            f"allowed: a number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}"
+        )
+    return factor
+
+
+class _Parse:
+    """The parser's state: text items, and each bracket's span and factor in the order they closed.
+
+    A bracket multiplies every item from where it opened to where it closed (to the end
+    when it never closes). Instead of multiplying those items at every close (quadratic
+    in the nesting), the spans are recorded and :meth:`weights` applies them per run of
+    items that share the same open brackets, in the order A1111 applies them, so the
+    floats are the ones A1111's parser gives.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bool]] = []  # (text, is_break)
+        self.spans: list[tuple[int, int, float]] = []  # (first item, end item, factor), in closing order
+        self.round: list[int] = []  # item index where each open "(" started
+        self.square: list[int] = []
+
+    def open(self, stack: list[int], position: int) -> None:
+        if len(self.round) + len(self.square) >= MAX_NESTING:
+            raise PromptSyntaxError(
+                f"brackets nest more than {MAX_NESTING} deep at character {position}; at most {MAX_NESTING} "
+                "may be open at once (write \\( or \\[ for a literal bracket)"
+            )
+        stack.append(len(self.items))
+
+    def close(self, stack: list[int], factor: float) -> None:
+        self.spans.append((stack.pop(), len(self.items), factor))
+
+    def text(self, text: str) -> None:
+        if "BREAK" not in text:
+            self.items.append((text, False))
+            return
+        for i, part in enumerate(_BREAK_WORD.split(text)):
+            if i > 0:
+                self.items[-1] = (self.items[-1][0].rstrip(), False)
+                self.items.append(("BREAK", True))
+                part = part.lstrip()
+            self.items.append((part, False))
+
+    def weights(self) -> list[float]:
+        """The weight of every item: 1.0 times the factors of the brackets around it, in closing order."""
+        for start in self.round:  # unclosed brackets apply to the rest of the prompt
+            self.spans.append((start, len(self.items), ROUND_FACTOR))
+        for start in self.square:
+            self.spans.append((start, len(self.items), SQUARE_FACTOR))
+        self.round, self.square = [], []
+        starts: dict[int, list[int]] = {}
+        ends: dict[int, list[int]] = {}
+        for order, (a, b, _) in enumerate(self.spans):
+            if a < b:
+                starts.setdefault(a, []).append(order)
+                ends.setdefault(b, []).append(order)
+        active: list[int] = []  # orders of the spans around the current item, sorted
+        out: list[float] = []
+        weight = 1.0
+        for i in range(len(self.items)):
+            if i in starts or i in ends:
+                for order in ends.get(i, ()):
+                    active.remove(order)  # at most MAX_NESTING long
+                for order in starts.get(i, ()):
+                    bisect.insort(active, order)
+                weight = 1.0
+                for order in active:
+                    weight *= self.spans[order][2]
+            out.append(weight)
+        return out
 
 
 def parse_prompt_attention(text: str) -> list[Fragment]:
@@ -92,58 +187,63 @@ def parse_prompt_attention(text: str) -> list[Fragment]:
     >>> [tuple(f[:2]) for f in parse_prompt_attention("an (important) word")]
     [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
 
-    Never raises on a string; the empty prompt gives ``[Fragment("", 1.0)]``.
+    The empty prompt gives ``[Fragment("", 1.0)]``. Unbalanced input never fails (see
+    the module doc); :class:`PromptSyntaxError` only for a non-str, brackets nested over
+    :data:`MAX_NESTING` deep, or a weight outside +-:data:`MAX_WEIGHT` (explicit or
+    multiplied through nesting). Time and memory are linear in ``len(text)``.
     """
     if not isinstance(text, str):
         raise PromptSyntaxError(f"a prompt must be text, got {type(text).__name__}")
-    res: list[list] = []  # [text, weight, is_break]
-    round_open: list[int] = []  # index into res where each open "(" started
-    square_open: list[int] = []
-
-    def multiply(start: int, factor: float) -> None:
-        for item in res[start:]:
-            if not item[2]:
-                item[1] *= factor
-
+    p = _Parse()
     for m in _SYNTAX.finditer(text):
         tok, weight = m.group(0), m.group(1)
         if tok.startswith("\\"):
-            res.append([tok[1:], 1.0, False])
+            p.items.append((tok[1:], False))
         elif tok == "(":
-            round_open.append(len(res))
+            p.open(p.round, m.start())
         elif tok == "[":
-            square_open.append(len(res))
-        elif weight is not None and round_open:
+            p.open(p.square, m.start())
+        elif weight is not None and p.round:
             try:
-                factor = float(weight)
-            except ValueError:  # "(a:1.2.3)": the weight is text, the ")" still closes
-                res.append([tok[:-1].rstrip(), 1.0, False])
+                factor = _explicit_weight(weight, m.start(1))
+            except ValueError as e:
+                if isinstance(e, PromptSyntaxError):
+                    raise
+                # "(a:1.2.3)": the weight is text, the ")" still closes
+                p.items.append((tok[:-1].rstrip(), False))
                 factor = ROUND_FACTOR
-            multiply(round_open.pop(), factor)
-        elif tok == ")" and round_open:
-            multiply(round_open.pop(), ROUND_FACTOR)
-        elif tok == "]" and square_open:
-            multiply(square_open.pop(), SQUARE_FACTOR)
+            p.close(p.round, factor)
+        elif tok == ")" and p.round:
+            p.close(p.round, ROUND_FACTOR)
+        elif tok == "]" and p.square:
+            p.close(p.square, SQUARE_FACTOR)
         else:  # plain text, or a bracket / weight with nothing to close: literal
-            for i, part in enumerate(_BREAK_SPLIT.split(tok)):
-                if i > 0:
-                    res.append(["BREAK", -1.0, True])
-                res.append([part, 1.0, False])
+            p.text(tok)
+    return _merge(p.items, p.weights())
 
-    for start in round_open:  # unclosed brackets apply to the rest of the prompt
-        multiply(start, ROUND_FACTOR)
-    for start in square_open:
-        multiply(start, SQUARE_FACTOR)
 
-    merged: list[list] = []
-    for item in res:
-        if item[2] or not merged or merged[-1][2] or merged[-1][1] != item[1]:
-            merged.append(list(item))
+def _merge(items: list[tuple[str, bool]], weights: list[float]) -> list[Fragment]:
+    """Fragments with equal-weight neighbours joined (in linear time); weights checked against the range."""
+    merged: list[tuple[list[str], float, bool]] = []
+    parts: list[str] | None = None  # the texts of the last fragment, while it is no break
+    last = 0.0
+    for (text, is_break), w in zip(items, weights):
+        if is_break:
+            merged.append((["BREAK"], -1.0, True))
+            parts = None
+        elif parts is not None and w == last:
+            parts.append(text)
         else:
-            merged[-1][0] += item[0]
-    if not merged:
-        merged = [["", 1.0, False]]
-    return [Fragment(t, w, b) for t, w, b in merged]
+            parts, last = [text], w
+            merged.append((parts, w, False))
+    out = [Fragment("".join(parts), w, b) for parts, w, b in merged] or [Fragment("", 1.0)]
+    for f in out:
+        if not f.is_break and not abs(f.weight) <= MAX_WEIGHT:
+            raise PromptSyntaxError(
+                f"{f.text[:30]!r} gets the weight {f.weight:.4g} through nesting; "
+                f"allowed: from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g} (fewer brackets, or a smaller (word:weight))"
+            )
+    return out
 
 
 def as_pairs(fragments: Sequence[Fragment]) -> list[list]:
@@ -216,12 +316,20 @@ def empty_chunk(tokenizer, context: int) -> Chunk:
 
 
 def tokenize_prompt(
-    tokenizer, text: str, context: int | None = None, *, comma_backtrack: int = COMMA_BACKTRACK
+    tokenizer,
+    text: str,
+    context: int | None = None,
+    *,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    max_tokens: int | None = None,
 ) -> TokenizedPrompt:
     """Parse ``text`` and cut its weighted tokens into framed chunks of ``context`` ids.
 
     ``context`` defaults to the tokenizer's (77 for CLIP: 75 tokens per chunk).
-    ``comma_backtrack`` 0 turns the comma rule off.
+    ``comma_backtrack`` 0 turns the comma rule off. With ``max_tokens``, tokenizing
+    stops as soon as the prompt holds more: the result then has ``token_count ==
+    max_tokens + 1`` and is only good for saying that it is too long (see
+    :func:`opensd.prompts.budget.check_prompt`). Time and memory are linear in ``len(text)``.
     """
     context = int(tokenizer.context_length) if context is None else context
     if isinstance(context, bool) or not isinstance(context, int) or context < 3:
@@ -251,9 +359,11 @@ def tokenize_prompt(
         )
         ids, weights, words_of, last_comma = [], [], [], -1
 
-    words: list[str] = []
+    words: list[list[str]] = []  # each word's pieces, joined at the end (``+=`` on a long word is quadratic)
     joined = False  # the previous piece was a word with no whitespace after it
     for frag in fragments:
+        if max_tokens is not None and count > max_tokens:
+            break
         if frag.is_break:
             close_chunk()
             joined = False
@@ -264,10 +374,12 @@ def tokenize_prompt(
             if piece.isspace():
                 joined = False
                 continue
+            if max_tokens is not None and count > max_tokens:
+                break
             if joined:
-                words[-1] += piece
+                words[-1].append(piece)
             else:
-                words.append(piece)
+                words.append([piece])
             joined = True
             for token in tokenizer.encode(piece):
                 if token == comma:
@@ -286,7 +398,9 @@ def tokenize_prompt(
                 count += 1
     if ids or not chunks:
         close_chunk()
-    return TokenizedPrompt(chunks, words, count, context, fragments)
+    if max_tokens is not None and count > max_tokens:
+        count = max_tokens + 1
+    return TokenizedPrompt(chunks, ["".join(w) for w in words], count, context, fragments)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -338,13 +452,27 @@ def encode_tokenized(text_encoder, prompts: Sequence[TokenizedPrompt], tokenizer
 
 
 def encode_prompts(
-    text_encoder, tokenizer, prompts: str | Sequence[str], *, skip_layers: int = 0, comma_backtrack: int = COMMA_BACKTRACK
+    text_encoder,
+    tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    skip_layers: int = 0,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    budget: PromptBudget | None = DEFAULT_BUDGET,
 ) -> torch.Tensor:
-    """(B, n * context, D) context for ``prompts`` written in A1111 syntax (see the module doc)."""
+    """(B, n * context, D) context for ``prompts`` written in A1111 syntax (see the module doc).
+
+    Every prompt is first checked against ``budget`` (bytes, valid Unicode, tokens:
+    :func:`~opensd.prompts.budget.check_prompt`, which raises ``PromptBudgetError``);
+    ``budget=None`` encodes prompts of any length.
+    """
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
         raise PromptSyntaxError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+    if budget is not None:
+        for p in prompts:
+            check_prompt(p, tokenizer, budget)
     ctx = context_length(tokenizer, text_encoder)
     tokenized = [tokenize_prompt(tokenizer, p, ctx, comma_backtrack=comma_backtrack) for p in prompts]
     return encode_tokenized(text_encoder, tokenized, tokenizer, skip_layers=skip_layers)
@@ -375,6 +503,8 @@ def match_lengths(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor)
 __all__ = [
     "BREAK",
     "COMMA_BACKTRACK",
+    "MAX_NESTING",
+    "MAX_WEIGHT",
     "Chunk",
     "Fragment",
     "PromptSyntaxError",

@@ -91,6 +91,25 @@ def frame(
     return out
 
 
+def unknown_words(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The words of plain ``text`` (no prompt syntax) that ``tokenizer`` cannot represent, each once.
+
+    A tokenizer with an ``unknown_words`` method answers itself (:class:`WordTokenizer`:
+    the words that map to ``<unk>``; :class:`CLIPTokenizer`: none, its byte-level BPE
+    represents any text). Any other tokenizer with an ``unk_id`` is asked word by word
+    (whitespace-separated); one without has no unknown words.
+    """
+    if not isinstance(text, str):
+        raise TokenizerError(f"unknown_words expects a str, got {type(text).__name__}")
+    own = getattr(tokenizer, "unknown_words", None)
+    if callable(own):
+        return list(own(text))
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None:
+        return []
+    return list(dict.fromkeys(w for w in text.split() if unk in tokenizer.encode(w)))
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load a tokenizer saved by :meth:`Tokenizer.save`, or a diffusers ``tokenizer/`` folder.
 
@@ -129,4 +148,5 @@ __all__ = [
     "as_text_list",
     "frame",
     "load_tokenizer",
+    "unknown_words",
 ]

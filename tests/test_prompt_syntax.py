@@ -490,3 +490,17 @@ def test_seed_noise_is_the_pipelines_noise(word_pipe) -> None:
     assert np.array_equal(_np(frames[0]), _np(ref))
     end = word_pipe.txt2img("a red circle", seed=12, **kw)[0]
     assert np.abs(_np(frames[2]) - _np(end)).max() <= 1  # slerp at t=1 is seed 12's noise up to rounding
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [  # found by tests/test_prompt_fuzz.py: each was a TypeError (a 500 on the server)
+        ("sampler_options", None, "sampler_options must be a mapping"),
+        ("sampler_options", {1: 2}, "sampler_options must be a mapping"),
+        ("sampler", 3, "sampler must be a sampler name"),
+        ("karras", "yes", "karras must be true, false or None"),
+    ],
+)
+def test_validate_refuses_wrong_types_with_a_request_error(field: str, value, message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        validate(GenerationRequest(prompt="a red circle", **{field: value}))

@@ -92,6 +92,12 @@ def validate(req: GenerationRequest, *, multiple: int = 8, min_side: int = 16) -
         raise RequestError(f"clip_skip must be an integer >= 1, got {req.clip_skip!r}")
     if req.tiled_vae is not None and not isinstance(req.tiled_vae, bool):
         raise RequestError(f"tiled_vae must be true, false or None (automatic), got {req.tiled_vae!r}")
+    if not isinstance(req.sampler, str):
+        raise RequestError(f"sampler must be a sampler name (text), got {type(req.sampler).__name__}")
+    if req.karras is not None and not isinstance(req.karras, bool):
+        raise RequestError(f"karras must be true, false or None (as the sampler name says), got {req.karras!r}")
+    if not isinstance(req.sampler_options, dict) or not all(isinstance(k, str) for k in req.sampler_options):
+        raise RequestError(f"sampler_options must be a mapping of option names to values, got {req.sampler_options!r}")
     try:
         spec, _ = req.resolved_sampler()
     except ValueError as e:

@@ -38,7 +38,7 @@ from pathlib import Path
 import regex
 import torch
 
-from opensd.tokenizers import TokenizerError, as_text_list, frame
+from opensd.tokenizers import TokenizerError, as_text_list, frame, require_text
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -256,8 +256,7 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without bos/eos/padding."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        require_text(text, "encode's text")
         ids: list[int] = []
         start = 0
         for m in self._specials.finditer(text):
@@ -269,8 +268,7 @@ class CLIPTokenizer:
 
     def unknown_words(self, text: str) -> list[str]:
         """Always ``[]``: byte-level BPE represents any text (every byte is a token)."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"unknown_words expects a str, got {type(text).__name__}")
+        require_text(text, "unknown_words's text")
         return []
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:

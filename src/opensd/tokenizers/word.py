@@ -33,7 +33,7 @@ import torch
 from tokenizers import Tokenizer as _Backend
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
-from opensd.tokenizers import TokenizerError, as_text_list, frame
+from opensd.tokenizers import TokenizerError, as_text_list, frame, require_text
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
@@ -156,8 +156,7 @@ class WordTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Word ids of ``text`` (numbers in digits as words, unknown words -> ``<unk>``), without bos/eos/padding."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        require_text(text, "encode's text")
         return self._backend.encode(self.spell_numbers(text), add_special_tokens=False).ids
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
@@ -178,8 +177,7 @@ class WordTokenizer:
 
     def spell_numbers(self, text: str) -> str:
         """``text`` with every number standing on its own (0-20) written as its word, where the vocabulary has it."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"spell_numbers expects a str, got {type(text).__name__}")
+        require_text(text, "spell_numbers's text")
 
         def word(m: re.Match) -> str:
             digits = m.group(0)
@@ -201,8 +199,7 @@ class WordTokenizer:
         Adjacent unknown pieces are reported as one ("1.5", "x2"); a known piece next to
         an unknown one is left out ("dog," gives "dog" when "," is known).
         """
-        if not isinstance(text, str):
-            raise TokenizerError(f"unknown_words expects a str, got {type(text).__name__}")
+        require_text(text, "unknown_words's text")
         spelled = self.spell_numbers(text)
         enc = self._backend.encode(spelled, add_special_tokens=False)
         spans: list[list[int]] = []

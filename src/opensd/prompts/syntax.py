@@ -17,6 +17,12 @@ breaks: ``BREAK`` inside brackets still breaks (A1111 turns it into the word
 "BREAK"), and a weight that is no number (``(a:1.2.3)``) stays as text and the
 ``)`` closes with x 1.1 (A1111 raises).
 
+Two bounds A1111 does not have: at most :data:`MAX_NESTING` (32) brackets open at once,
+and every weight, explicit or multiplied through nesting, within +-:data:`MAX_WEIGHT`
+(10); past either, :class:`PromptSyntaxError` names the limit. The parser runs in time
+and memory linear in the prompt (A1111's, and this module's before, were quadratic in
+the nesting). Within the bounds it gives A1111's fragments and floats, bit for bit.
+
 Encoding (A1111's ``FrozenCLIPEmbedderWithCustomWords`` with emphasis "Original"):
 
 1. every fragment of the parse is tokenized on its own (per whitespace-separated
@@ -103,15 +109,13 @@ _SYNTAX = re.compile(
 _BREAK_WORD = re.compile(r"\bBREAK\b")  # split on the word, then strip: linear (a "\s*BREAK" pattern is not)
 
 
-def _explicit_weight(text: str, position: int) -> float:
-    """The number of ``(a:text)``; out-of-range or non-finite weights raise, ``1.2.3`` gives ValueError."""
-    factor = float(text)  # ValueError for "1.2.3" or ".": the caller keeps it as text
+def _check_weight(factor: float, text: str, position: int) -> None:
+    """Raise for the number of ``(a:text)`` when it is not finite or outside +-MAX_WEIGHT."""
     if not math.isfinite(factor) or abs(factor) > MAX_WEIGHT:
         raise PromptSyntaxError(
             f"the weight {text[:20]}{'...' if len(text) > 20 else ''} at character {position} is out of range; "
             f"allowed: a number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}"
         )
-    return factor
 
 
 class _Parse:
@@ -121,14 +125,22 @@ class _Parse:
     when it never closes). Instead of multiplying those items at every close (quadratic
     in the nesting), the spans are recorded and :meth:`weights` applies them per run of
     items that share the same open brackets, in the order A1111 applies them, so the
-    floats are the ones A1111's parser gives.
+    floats are the ones A1111's parser gives. State is kept in flat lists of str, int and
+    float (no tuple per item: the garbage collector's cost grows with tracked objects).
     """
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, bool]] = []  # (text, is_break)
-        self.spans: list[tuple[int, int, float]] = []  # (first item, end item, factor), in closing order
+        self.texts: list[str] = []
+        self.is_break = bytearray()  # one flag per item
+        self.span_start: list[int] = []  # per bracket, in closing order: first item, end item, factor
+        self.span_end: list[int] = []
+        self.span_factor: list[float] = []
         self.round: list[int] = []  # item index where each open "(" started
         self.square: list[int] = []
+
+    def add(self, text: str, is_break: bool = False) -> None:
+        self.texts.append(text)
+        self.is_break.append(is_break)
 
     def open(self, stack: list[int], position: int) -> None:
         if len(self.round) + len(self.square) >= MAX_NESTING:
@@ -136,39 +148,41 @@ class _Parse:
                 f"brackets nest more than {MAX_NESTING} deep at character {position}; at most {MAX_NESTING} "
                 "may be open at once (write \\( or \\[ for a literal bracket)"
             )
-        stack.append(len(self.items))
+        stack.append(len(self.texts))
 
-    def close(self, stack: list[int], factor: float) -> None:
-        self.spans.append((stack.pop(), len(self.items), factor))
+    def close(self, start: int, factor: float) -> None:
+        self.span_start.append(start)
+        self.span_end.append(len(self.texts))
+        self.span_factor.append(factor)
 
     def text(self, text: str) -> None:
         if "BREAK" not in text:
-            self.items.append((text, False))
+            self.add(text)
             return
         for i, part in enumerate(_BREAK_WORD.split(text)):
             if i > 0:
-                self.items[-1] = (self.items[-1][0].rstrip(), False)
-                self.items.append(("BREAK", True))
+                self.texts[-1] = self.texts[-1].rstrip()
+                self.add("BREAK", True)
                 part = part.lstrip()
-            self.items.append((part, False))
+            self.add(part)
 
     def weights(self) -> list[float]:
         """The weight of every item: 1.0 times the factors of the brackets around it, in closing order."""
         for start in self.round:  # unclosed brackets apply to the rest of the prompt
-            self.spans.append((start, len(self.items), ROUND_FACTOR))
+            self.close(start, ROUND_FACTOR)
         for start in self.square:
-            self.spans.append((start, len(self.items), SQUARE_FACTOR))
+            self.close(start, SQUARE_FACTOR)
         self.round, self.square = [], []
         starts: dict[int, list[int]] = {}
         ends: dict[int, list[int]] = {}
-        for order, (a, b, _) in enumerate(self.spans):
+        for order, (a, b) in enumerate(zip(self.span_start, self.span_end)):
             if a < b:
                 starts.setdefault(a, []).append(order)
                 ends.setdefault(b, []).append(order)
         active: list[int] = []  # orders of the spans around the current item, sorted
         out: list[float] = []
         weight = 1.0
-        for i in range(len(self.items)):
+        for i in range(len(self.texts)):
             if i in starts or i in ends:
                 for order in ends.get(i, ()):
                     active.remove(order)  # at most MAX_NESTING long
@@ -176,7 +190,7 @@ class _Parse:
                     bisect.insort(active, order)
                 weight = 1.0
                 for order in active:
-                    weight *= self.spans[order][2]
+                    weight *= self.span_factor[order]
             out.append(weight)
         return out
 
@@ -197,53 +211,54 @@ def parse_prompt_attention(text: str) -> list[Fragment]:
     p = _Parse()
     for m in _SYNTAX.finditer(text):
         tok, weight = m.group(0), m.group(1)
-        if tok.startswith("\\"):
-            p.items.append((tok[1:], False))
+        if tok[0] == "\\":
+            p.add(tok[1:])
         elif tok == "(":
             p.open(p.round, m.start())
         elif tok == "[":
             p.open(p.square, m.start())
         elif weight is not None and p.round:
             try:
-                factor = _explicit_weight(weight, m.start(1))
-            except ValueError as e:
-                if isinstance(e, PromptSyntaxError):
-                    raise
-                # "(a:1.2.3)": the weight is text, the ")" still closes
-                p.items.append((tok[:-1].rstrip(), False))
+                factor = float(weight)
+            except ValueError:  # "(a:1.2.3)": the weight is text, the ")" still closes
+                p.add(tok[:-1].rstrip())
                 factor = ROUND_FACTOR
-            p.close(p.round, factor)
+            else:
+                _check_weight(factor, weight, m.start(1))
+            p.close(p.round.pop(), factor)
         elif tok == ")" and p.round:
-            p.close(p.round, ROUND_FACTOR)
+            p.close(p.round.pop(), ROUND_FACTOR)
         elif tok == "]" and p.square:
-            p.close(p.square, SQUARE_FACTOR)
+            p.close(p.square.pop(), SQUARE_FACTOR)
         else:  # plain text, or a bracket / weight with nothing to close: literal
             p.text(tok)
-    return _merge(p.items, p.weights())
+    return _merge(p.texts, p.is_break, p.weights())
 
 
-def _merge(items: list[tuple[str, bool]], weights: list[float]) -> list[Fragment]:
+def _merge(texts: list[str], is_break: bytearray, weights: list[float]) -> list[Fragment]:
     """Fragments with equal-weight neighbours joined (in linear time); weights checked against the range."""
-    merged: list[tuple[list[str], float, bool]] = []
-    parts: list[str] | None = None  # the texts of the last fragment, while it is no break
-    last = 0.0
-    for (text, is_break), w in zip(items, weights):
-        if is_break:
-            merged.append((["BREAK"], -1.0, True))
-            parts = None
-        elif parts is not None and w == last:
-            parts.append(text)
-        else:
-            parts, last = [text], w
-            merged.append((parts, w, False))
-    out = [Fragment("".join(parts), w, b) for parts, w, b in merged] or [Fragment("", 1.0)]
+    out: list[Fragment] = []
+    start = -1  # first item of the fragment being built, -1: none (at the start, after a BREAK)
+    for i, w in enumerate(weights):
+        if is_break[i]:
+            if start >= 0:
+                out.append(Fragment("".join(texts[start:i]), weights[start]))
+            out.append(BREAK)
+            start = -1
+        elif start < 0:
+            start = i
+        elif w != weights[start]:
+            out.append(Fragment("".join(texts[start:i]), weights[start]))
+            start = i
+    if start >= 0:
+        out.append(Fragment("".join(texts[start:]), weights[start]))
     for f in out:
         if not f.is_break and not abs(f.weight) <= MAX_WEIGHT:
             raise PromptSyntaxError(
                 f"{f.text[:30]!r} gets the weight {f.weight:.4g} through nesting; "
                 f"allowed: from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g} (fewer brackets, or a smaller (word:weight))"
             )
-    return out
+    return out or [Fragment("", 1.0)]
 
 
 def as_pairs(fragments: Sequence[Fragment]) -> list[list]:

@@ -292,6 +292,9 @@ def test_a1111_server_returns_the_warnings_in_info(word_pipe) -> None:
         assert len(info["warnings"]) == 1 and "'cat' of the prompt" in info["warnings"][0]
         r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 1, "width": SIZE, "height": SIZE})
         assert json.loads(r.json()["info"])["warnings"] == []
+        body = '{"prompt": "a \\ud800 circle", "steps": 1, "width": 32, "height": 32}'  # a lone surrogate: was a 500
+        r = client.post("/sdapi/v1/txt2img", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "character 2 is a lone surrogate" in r.text, r.text
 
 
 # ----------------------------------------------------------------------------- chunks

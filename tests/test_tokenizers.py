@@ -353,3 +353,15 @@ def test_lone_surrogates_are_a_tokenizer_error(word_tok: WordTokenizer, clip_tok
     for call in (word_tok.encode, word_tok, word_tok.unknown_words, clip_tok.encode, clip_tok, lambda t: clip_tok([t])):
         with pytest.raises(TokenizerError, match="character 2 is a lone surrogate \\(U\\+DC80\\)"):
             call("ab\udc80")
+
+
+def test_prompt_warnings_name_the_lost_words_and_list_the_known_ones() -> None:
+    from opensd.prompts.vocabulary import prompt_warnings
+
+    tok = WordTokenizer.train(["a red, blue cube", "two cubes"], vocab_size=64)
+    (line,) = prompt_warnings(tok, "a (dog:1.2) BREAK on 2 [beaches]")
+    head, known = line.split("; it knows: ")
+    assert head == "the model does not know the words 'dog', 'on', 'beaches' of the prompt and ignores them"
+    assert sorted(known.split(", ")) == ["a", "blue", "cube", "cubes", "red", "two"]  # punctuation left out
+    assert prompt_warnings(tok, "two red cubes", "") == []
+    assert prompt_warnings(clip_bpe.CLIPTokenizer.from_open_clip(), "a dog on the beach") == []

@@ -29,7 +29,7 @@ def _known_words_hint(tokenizer) -> str:
     known = getattr(tokenizer, "known_words", None)
     if not callable(known):
         return "use words of the model's training captions"
-    words = known()
+    words = [w for w in known() if any(c.isalnum() for c in w)]  # punctuation reads badly in a list
     if len(words) <= LIST_AT_MOST:
         return "it knows: " + ", ".join(words)
     return f"its vocabulary holds {len(words)} words (see the tokenizer/ folder of the model)"

@@ -456,6 +456,18 @@ def test_parse_expression() -> None:
             A.parse_expression(bad)
 
 
+def test_expression_coefficients_are_bounded_and_parsing_is_linear() -> None:
+    for bad in ['1e999 * "red"', '"red" * 11', '-10.5 "red"', '"a" + 1e30 * "b"']:
+        with pytest.raises(A.PromptExpressionError, match="out of range; allowed: a number from -10 to 10"):
+            A.parse_expression(bad)
+    with pytest.raises(A.PromptExpressionError, match="out of range"):
+        A._terms([(float("nan"), "red")])
+    assert A.parse_expression('10 * "a" - 10 * "b"') == [A.Term(10.0, "a"), A.Term(-10.0, "b")]
+    t0 = time.perf_counter()
+    terms = A.parse_expression(' + "a"' * 20_000)  # 120 KB: a slice of the rest per token was quadratic
+    assert len(terms) == 20_000 and time.perf_counter() - t0 < 5.0
+
+
 def test_combine_is_a_token_aligned_weighted_sum(clip_pipe) -> None:
     e = {p: clip_pipe.encode_prompt([p]) for p in ("a red circle", "red", "blue")}
     got = A.combine(clip_pipe, '"a red circle" - "red" + "blue"')

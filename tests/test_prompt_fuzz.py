@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) over the prompt parser, the tokenizers and request validation.
+"""Property tests (hypothesis) over the prompt parsers, the tokenizers and request validation.
 
 Every property runs twice: a bounded, derandomized run in the normal suite (this file
 stays under ~10 s) and a ``slow`` run with many more random examples (``make test-slow``).
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from opensd.errors import OpenSDError
 from opensd.pipelines.request import GenerationRequest, RequestError, validate
+from opensd.prompts.arithmetic import PromptExpressionError, parse_expression
 from opensd.prompts.budget import PromptBudget, PromptBudgetError, check_prompt
 from opensd.prompts.syntax import (
     MAX_NESTING,
@@ -182,6 +183,21 @@ def _weights_multiply_through_nesting(word: str, rounds: int, squares: int, expl
 
 
 test_weights_multiply, test_weights_multiply_slow = _weights_multiply_through_nesting
+
+
+EXPRESSION_PIECES = ['"a red circle"', "'b'", '"', "'", "+", "-", "*", " ", "0.5", "2", "1e3", "1e999", ".", "\\", "x"]
+
+
+@both((st.lists(st.sampled_from(EXPRESSION_PIECES) | st.text(max_size=3), max_size=20).map("".join),))
+def _expressions_parse_or_raise_their_error(expr: str) -> None:
+    try:
+        terms = parse_expression(expr)
+    except PromptExpressionError:
+        return
+    assert terms and all(isinstance(t.prompt, str) and abs(t.coef) <= MAX_WEIGHT for t in terms)
+
+
+test_expressions_parse_or_raise_their_error, test_expressions_parse_or_raise_their_error_slow = _expressions_parse_or_raise_their_error
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -43,7 +43,7 @@ def main() -> None:
         "64 KB plain text": "a red circle " * (2**16 // 13),
         "64 KB of brackets '(a) [b] (c:0.5) '": "(a) [b] (c:0.5) " * 4096,
         "64 KB of spaces": " " * 2**16,
-        "64 KB, 30 deep, repeated": ("(" * 20 + "[" * 10 + "a" + "]" * 10 + ")" * 20 + " ") * 1074,
+        "64 KB, 30 deep, repeated": ("(" * 20 + "[" * 10 + "a" + "]" * 10 + ")" * 20 + " ") * 1050,
         "16 KB one random word": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(2**14)),
     }
     for name, text in prompts.items():

@@ -233,11 +233,17 @@ def test_out_suffix_names_the_format_and_parameters_round_trip(suffix, fmt, mode
     assert json.loads(res.output) == fields
 
 
-@pytest.mark.parametrize("out", ["out.gif", "out", "out.png.txt"])
+@pytest.mark.parametrize("out", ["out.gif", "out.png.txt"])
 def test_unknown_out_suffix_lists_the_allowed(out, model_dir, tmp_path) -> None:
     line = one_error_line(invoke("generate", "x", "-m", model_dir, "-o", tmp_path / out, "-q"))
     assert ".png, .jpg, .jpeg, .webp" in line
     assert not any(tmp_path.iterdir())
+
+
+def test_out_without_a_suffix_writes_a_png(model_dir, tmp_path) -> None:
+    res = invoke("generate", "x", "-m", model_dir, "--steps", 1, "--seed", 1, "-o", tmp_path / "out", "-q")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out.png").is_file() and read_parameters(tmp_path / "out.png") is not None
 
 
 def test_jpeg_exif_written_as_a1111_does(tmp_path) -> None:

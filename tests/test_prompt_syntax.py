@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,14 @@ import torch
 
 from opensd.checkpoints import LoadedModel
 from opensd.pipelines import RequestError
+from opensd.pipelines.request import GenerationRequest, validate
+from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, PromptBudgetError, check_prompt
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.prompts import arithmetic as A
 from opensd.prompts.syntax import (
+    MAX_NESTING,
+    MAX_WEIGHT,
+    SQUARE_FACTOR,
     PromptSyntaxError,
     apply_emphasis,
     as_pairs,
@@ -110,6 +117,184 @@ def test_parser_unbalanced_input_falls_back_without_errors() -> None:
         assert frags and all(isinstance(f.text, str) and np.isfinite(f.weight) for f in frags)
     with pytest.raises(PromptSyntaxError, match="must be text"):
         parse_prompt_attention(None)  # type: ignore[arg-type]
+
+
+def test_nesting_deeper_than_the_cap_is_refused_at_once() -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(PromptSyntaxError, match=f"more than {MAX_NESTING} deep at character {2 * MAX_NESTING}"):
+        parse_prompt_attention("(a" * 60_000)  # 120 KB: held the server's worker 63 s
+    assert time.perf_counter() - t0 < 0.5
+    deepest = "[" * MAX_NESTING + "a" + "]" * MAX_NESTING
+    assert pairs(deepest) == [["a", pytest.approx(SQUARE_FACTOR**MAX_NESTING)]]
+    with pytest.raises(PromptSyntaxError, match="deep"):
+        parse_prompt_attention("[" + deepest + "]")
+    with pytest.raises(PromptSyntaxError, match="deep"):  # round and square count together
+        parse_prompt_attention("(" * 16 + "[" * 17 + "a")
+    assert pairs(r"\(" * 100 + "a") == [["(" * 100 + "a", 1.0]]  # escaped brackets do not nest
+
+
+@pytest.mark.parametrize(
+    "text",
+    [  # 32-64 KB each (the default budget refuses more than 64 KB before parsing)
+        " " * 65_536,  # the BREAK split backtracked over whitespace runs: quadratic (10 K spaces took 5 s)
+        ("(" * 20 + "[" * 10 + "a" + "]" * 10 + ")" * 20 + " ") * 500,  # deep nesting, repeated
+        "(a) [b] (c:0.5) " * 2000,
+        "a(b)" * 8_000,  # one 16 K-letter word of many fragments
+        ":" * 16_000 + "a:1" * 5_000,
+        "\\" * 32_000,
+    ],
+    ids=["spaces", "deep-nesting", "many-brackets", "one-long-word", "colons", "backslashes"],
+)
+def test_parser_and_tokenizer_work_is_linear(text: str) -> None:
+    """Each of these took seconds to minutes before; linear, it is about 0.2 s (5 s: a loaded CI machine)."""
+    _, tok = tiny_word_bundle()
+    t0 = time.perf_counter()
+    frags = parse_prompt_attention(text)
+    tokenize_prompt(tok, text, max_tokens=10**9)
+    assert time.perf_counter() - t0 < 5.0
+    assert sum(len(f.text) for f in frags) <= len(text)
+
+
+def test_weights_out_of_range_are_refused_with_the_range() -> None:
+    for text in ["(red:1000)", "(red:" + "9" * 40 + ")", "(red:-10.5)", "a (b:" + "1" * 400 + ")"]:
+        with pytest.raises(PromptSyntaxError, match=r"out of range; allowed: a number from -10 to 10"):
+            parse_prompt_attention(text)
+    with pytest.raises(PromptSyntaxError, match="through nesting; allowed: from -10 to 10"):
+        parse_prompt_attention("(((((a:9)))))")  # 9 * 1.1**4 = 13.2
+    assert pairs("(red:10)") == [["red", 10.0]] and pairs("(red:-10)") == [["red", -10.0]]
+    assert pairs("(red:-2.5) sky") == [["red", -2.5], [" sky", 1.0]]  # negative weights stay (A1111)
+    assert pairs("(red:1e30)") == [["red:1e30", 1.1]]  # A1111's grammar has no exponents: text
+    assert MAX_WEIGHT == 10.0
+
+
+def test_tokenize_prompt_stops_past_max_tokens() -> None:
+    tok = clip_tokenizer()
+    tp = tokenize_prompt(tok, "red " * 10_000, max_tokens=100)
+    assert tp.token_count == 101 and len(tp.chunks) <= 3
+    assert tokenize_prompt(tok, "red " * 100, max_tokens=100).token_count == 100
+    with_words = tokenize_prompt(tok, "a (red)dish", max_tokens=100)
+    assert with_words.words == ["a", "reddish"] and with_words.token_count == 3
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+def test_check_prompt_caps_bytes_before_parsing_and_tokens() -> None:
+    tok = clip_tokenizer()
+    budget = PromptBudget(max_bytes=1000, max_tokens=20)
+    assert check_prompt("a red circle", tok, budget) == 3
+    t0 = time.perf_counter()
+    with pytest.raises(PromptBudgetError, match="prompt is 1048576 bytes; at most 1000 are allowed"):
+        check_prompt("a" * 2**20, tok, budget)  # 1 MB: took minutes and GBs before
+    with pytest.raises(PromptBudgetError, match="is 1048576 bytes"):
+        check_prompt("(a" * 2**19, tok, budget)
+    assert time.perf_counter() - t0 < 0.5
+    with pytest.raises(PromptBudgetError, match=r"negative prompt holds more than 20 tokens.*\(0 chunks of 75"):
+        check_prompt("red " * 30, tok, budget, what="negative prompt")
+    with pytest.raises(PromptBudgetError, match="character 3 is a lone surrogate \\(U\\+D800\\)"):
+        check_prompt("abc\ud800", tok, budget)
+    with pytest.raises(PromptSyntaxError, match="deep"):
+        check_prompt("(" * 40, tok, budget)
+    with pytest.raises(PromptBudgetError, match="must be text"):
+        check_prompt(b"red", tok, budget)  # type: ignore[arg-type]
+    with pytest.raises(PromptBudgetError, match="budget must be a PromptBudget"):
+        check_prompt("red", tok, 100)  # type: ignore[arg-type]
+    for bad in (0, -1, 1.5, True, None):
+        with pytest.raises(PromptBudgetError, match="positive integer"):
+            PromptBudget(max_tokens=bad)  # type: ignore[arg-type]
+    assert DEFAULT_BUDGET == PromptBudget(64 * 1024, 3000)
+
+
+def test_encode_and_the_pipeline_enforce_a_budget(word_pipe) -> None:
+    enc, tok = word_pipe.model.text_encoder, word_pipe.tokenizer
+    with pytest.raises(PromptBudgetError, match="more than 3000 tokens"):
+        encode_prompts(enc, tok, "circle " * 3001)  # the default budget
+    assert encode_prompts(enc, tok, "circle " * 3001, budget=None).shape[1] == 16 * 215  # 3001 / 14
+    small = StableDiffusionPipeline(word_pipe.loaded, prompt_budget=PromptBudget(max_bytes=64, max_tokens=5))
+    with pytest.raises(PromptBudgetError, match="more than 5 tokens"):
+        small.txt2img("a red circle and a blue square", steps=1, width=SIZE, height=SIZE, seed=0)
+    with pytest.raises(PromptBudgetError, match="negative_prompt is 65 bytes; at most 64"):
+        small.txt2img("a red circle", "a" * 65, steps=1, width=SIZE, height=SIZE, seed=0)
+    assert len(small.txt2img("a red circle", steps=1, width=SIZE, height=SIZE, seed=0)) == 1
+
+
+def test_pipeline_refuses_a_huge_weight_instead_of_a_black_image(word_pipe) -> None:
+    with pytest.raises(PromptSyntaxError, match="from -10 to 10"):
+        word_pipe.txt2img("(red:" + "1" + "0" * 30 + ") circle", steps=1, width=SIZE, height=SIZE, seed=0)
+
+
+# ----------------------------------------------------------------------------- lone surrogates
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_validate_refuses_a_lone_surrogate_naming_its_position(field: str) -> None:
+    req = GenerationRequest(**{"prompt": "a red circle", field: "a re\udcffd circle"})
+    with pytest.raises(RequestError, match=f"{field} is not valid Unicode text: character 4 is a lone surrogate"):
+        validate(req)
+
+
+def test_cli_prompt_with_a_non_utf8_byte_is_one_line_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from opensd.cli.main import app
+
+    bad = b"a red \xff circle".decode("utf-8", "surrogateescape")  # what Python makes of such an argv
+    r = CliRunner().invoke(app, ["generate", bad, "--model", str(tmp_path / "unused"), "--out", str(tmp_path / "o.png")])
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: prompt is not valid Unicode text: character 6"), lines
+    assert "Traceback" not in r.output
+
+
+# ----------------------------------------------------------------------------- unknown words
+
+
+def test_generation_result_warns_about_unknown_words(word_pipe) -> None:
+    req = GenerationRequest(prompt="a (dog:1.2) on the beach", negative_prompt="blurry", steps=1, width=SIZE, height=SIZE, seed=0)
+    result = word_pipe.generate(req)
+    assert len(result.warnings) == 2
+    assert result.warnings[0].startswith("the model does not know the words 'dog', 'beach' of the prompt and ignores them; it knows: a, ")
+    assert "'blurry' of the negative prompt and ignores it" in result.warnings[1]
+    assert "circle" in result.warnings[0].split("it knows:")[1]
+    assert word_pipe.generate(replace(req, prompt="a red circle", negative_prompt="")).warnings == []
+    embeds = word_pipe.encode_prompt(["a red circle"])
+    assert word_pipe.generate(replace(req, negative_prompt=""), prompt_embeds=embeds).warnings == []
+
+
+def test_cli_prints_unknown_words_as_one_warning_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from opensd.checkpoints.opensd_format import save_opensd
+    from opensd.cli.main import app
+
+    model, tok = tiny_word_bundle()
+    d = save_opensd(model, tok, tmp_path / "tiny")
+    args = ["generate", "3 red dogs", "--model", str(d), "--steps", "1", "--width", "32", "--height", "32", "-q", "--seed", "1"]
+    r = CliRunner().invoke(app, args + ["--out", str(tmp_path / "o.png")])
+    assert r.exit_code == 0, r.output
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "'dogs' of the prompt" in warnings[0] and "it knows: a, " in warnings[0], r.stderr
+    assert "'3'" not in warnings[0]  # "3" is "three", which the captions have
+    assert (tmp_path / "o.png").exists()
+
+
+def test_a1111_server_returns_the_warnings_in_info(word_pipe) -> None:
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from opensd.serving import create_app
+
+    with TestClient(create_app(word_pipe)) as client:
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 1, "width": SIZE, "height": SIZE, "seed": 0, "n_iter": 2})
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])
+        assert len(info["warnings"]) == 1 and "'cat' of the prompt" in info["warnings"][0]
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 1, "width": SIZE, "height": SIZE})
+        assert json.loads(r.json()["info"])["warnings"] == []
+        body = '{"prompt": "a \\ud800 circle", "steps": 1, "width": 32, "height": 32}'  # a lone surrogate: was a 500
+        r = client.post("/sdapi/v1/txt2img", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "character 2 is a lone surrogate" in r.text, r.text
 
 
 # ----------------------------------------------------------------------------- chunks
@@ -271,6 +456,18 @@ def test_parse_expression() -> None:
             A.parse_expression(bad)
 
 
+def test_expression_coefficients_are_bounded_and_parsing_is_linear() -> None:
+    for bad in ['1e999 * "red"', '"red" * 11', '-10.5 "red"', '"a" + 1e30 * "b"']:
+        with pytest.raises(A.PromptExpressionError, match="out of range; allowed: a number from -10 to 10"):
+            A.parse_expression(bad)
+    with pytest.raises(A.PromptExpressionError, match="out of range"):
+        A._terms([(float("nan"), "red")])
+    assert A.parse_expression('10 * "a" - 10 * "b"') == [A.Term(10.0, "a"), A.Term(-10.0, "b")]
+    t0 = time.perf_counter()
+    terms = A.parse_expression(' + "a"' * 20_000)  # 120 KB: a slice of the rest per token was quadratic
+    assert len(terms) == 20_000 and time.perf_counter() - t0 < 5.0
+
+
 def test_combine_is_a_token_aligned_weighted_sum(clip_pipe) -> None:
     e = {p: clip_pipe.encode_prompt([p]) for p in ("a red circle", "red", "blue")}
     got = A.combine(clip_pipe, '"a red circle" - "red" + "blue"')
@@ -308,3 +505,17 @@ def test_seed_noise_is_the_pipelines_noise(word_pipe) -> None:
     assert np.array_equal(_np(frames[0]), _np(ref))
     end = word_pipe.txt2img("a red circle", seed=12, **kw)[0]
     assert np.abs(_np(frames[2]) - _np(end)).max() <= 1  # slerp at t=1 is seed 12's noise up to rounding
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [  # found by tests/test_prompt_fuzz.py: each was a TypeError (a 500 on the server)
+        ("sampler_options", None, "sampler_options must be a mapping"),
+        ("sampler_options", {1: 2}, "sampler_options must be a mapping"),
+        ("sampler", 3, "sampler must be a sampler name"),
+        ("karras", "yes", "karras must be true, false or None"),
+    ],
+)
+def test_validate_refuses_wrong_types_with_a_request_error(field: str, value, message: str) -> None:
+    with pytest.raises(RequestError, match=message):
+        validate(GenerationRequest(prompt="a red circle", **{field: value}))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import unicodedata
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from opensd.tokenizers import (
     TokenizerError,
     WordTokenizer,
     load_tokenizer,
+    unknown_words,
 )
 from opensd.tokenizers import clip_bpe
 
@@ -291,3 +293,75 @@ def test_word_errors(tmp_path: Path) -> None:
         load_tokenizer(tmp_path)
     with pytest.raises(TokenizerError, match="not found"):
         load_tokenizer(tmp_path / "missing")
+
+
+# ---- numbers, unknown words, long words --------------------------------------------------
+
+
+def test_word_numbers_in_digits_become_the_words_the_vocabulary_knows() -> None:
+    tok = WordTokenizer.train(["three green triangles", "two red circles", "one blue square"], vocab_size=64)
+    enc = tok.encode
+    assert enc("3 green triangles") == enc("three green triangles")  # drew one triangle before
+    assert enc("2 red circles, 1 blue square") == enc("two red circles , one blue square")
+    assert tok("3 green triangles").tolist() == tok("three green triangles").tolist()
+    assert tok.spell_numbers("3 triangles, 2.5 circles, 3d, x2, 03, 7 squares, 3.") == (
+        "three triangles, 2.5 circles, 3d, x2, 03, 7 squares, three."  # "seven" is not in the vocabulary
+    )
+    assert WordTokenizer.train(["a 3 b"], vocab_size=64).spell_numbers("3") == "3"  # no "three": digits stay
+
+
+def test_word_unknown_words_are_named(word_tok: WordTokenizer) -> None:
+    assert word_tok.unknown_words("a red cube") == []
+    assert word_tok.unknown_words("a dog on the Beach, a DOG!") == ["dog", "Beach"]  # once each, case ignored
+    assert word_tok.unknown_words("zq7 blue 9") == ["zq7", "9"]  # adjacent unknown pieces stay together
+    assert unknown_words(word_tok, "zebra cube") == ["zebra"]
+    assert "cube" in word_tok.known_words() and "<unk>" not in word_tok.known_words()
+    with pytest.raises(TokenizerError, match="must be a str"):
+        word_tok.unknown_words(3)  # type: ignore[arg-type]
+
+
+def test_clip_has_no_unknown_words(clip_tok: CLIPTokenizer) -> None:
+    assert unknown_words(clip_tok, "a dog on the beach, 東京 🐱 \x00") == []
+
+
+def test_unknown_words_of_other_tokenizers() -> None:
+    class Minimal:  # a tokenizer with an unk id but no unknown_words method
+        unk_id = 0
+
+        def encode(self, text: str) -> list[int]:
+            return [1 if w in {"red", "cube"} else 0 for w in text.split()]
+
+    assert unknown_words(Minimal(), "red dog cube dog") == ["dog"]
+    assert unknown_words(object(), "anything") == []  # no unk id: nothing is unknown
+    with pytest.raises(TokenizerError, match="must be a str"):
+        unknown_words(Minimal(), None)  # type: ignore[arg-type]
+
+
+def test_clip_long_word_is_fast_and_matches_transformers(clip_tok: CLIPTokenizer, hf_tok) -> None:
+    """BPE merged pair by pair over the whole word: a 16 K-letter word took 45 s; now O(n log n)."""
+    rng = random.Random(5)
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(16_000))
+    clip_tok._cache.clear()
+    t0 = time.perf_counter()
+    ids = clip_tok.encode(word)
+    assert time.perf_counter() - t0 < 3.0
+    assert ids == hf_tok(word, add_special_tokens=False).input_ids
+
+
+def test_lone_surrogates_are_a_tokenizer_error(word_tok: WordTokenizer, clip_tok: CLIPTokenizer) -> None:
+    """Both crashed (TypeError from the tokenizers library, UnicodeEncodeError in the BPE)."""
+    for call in (word_tok.encode, word_tok, word_tok.unknown_words, clip_tok.encode, clip_tok, lambda t: clip_tok([t])):
+        with pytest.raises(TokenizerError, match="character 2 is a lone surrogate \\(U\\+DC80\\)"):
+            call("ab\udc80")
+
+
+def test_prompt_warnings_name_the_lost_words_and_list_the_known_ones() -> None:
+    from opensd.prompts.vocabulary import prompt_warnings
+
+    tok = WordTokenizer.train(["a red, blue cube", "two cubes"], vocab_size=64)
+    (line,) = prompt_warnings(tok, "a (dog:1.2) BREAK on 2 [beaches]")
+    head, known = line.split("; it knows: ")
+    assert head == "the model does not know the words 'dog', 'on', 'beaches' of the prompt and ignores them"
+    assert sorted(known.split(", ")) == ["a", "blue", "cube", "cubes", "red", "two"]  # punctuation left out
+    assert prompt_warnings(tok, "two red cubes", "") == []
+    assert prompt_warnings(clip_bpe.CLIPTokenizer.from_open_clip(), "a dog on the beach") == []

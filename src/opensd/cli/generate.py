@@ -37,7 +37,7 @@ def _seed(seed: Optional[int]) -> tuple[int, bool]:
 
 
 def _out_paths(out: Optional[str], n: int, seed: int) -> list[Path]:
-    """Where a run of ``n`` images writes them; the suffix of ``out`` names the format."""
+    """Where a run of ``n`` images writes them; the suffix of ``out`` names the format (none: ``.png``)."""
     from opensd.pipelines.infotext import image_format
 
     if out is None:
@@ -49,6 +49,8 @@ def _out_paths(out: Optional[str], n: int, seed: int) -> list[Path]:
         base = Path(out)
         if base.exists() and base.is_dir():
             raise OpenSDError(f"--out {out} is a folder; give a file name such as {base / 'out.png'}")
+        if not base.suffix:
+            base = base.with_name(base.name + ".png")
         image_format(base, what="--out")
     if n == 1:
         return [base]
@@ -80,6 +82,8 @@ def _run(kind: str, pipe_args: dict, run: dict) -> None:
     from opensd.devices import resolve_device
     from opensd.pipelines.images import load_image
     from opensd.pipelines.infotext import save_image
+    from opensd.prompts.budget import check_text
+    from opensd.prompts.vocabulary import prompt_warnings
 
     # Read inputs and check the output path and device before the (slow) model load.
     device = resolve_device(run["device"])
@@ -87,11 +91,15 @@ def _run(kind: str, pipe_args: dict, run: dict) -> None:
         pipe_args["image"] = load_image(pipe_args["image"])
     if "mask" in pipe_args:
         pipe_args["mask"] = load_image(pipe_args["mask"], what="mask")
+    for name in ("prompt", "negative_prompt"):  # before the (slow) model load: a non-UTF-8 byte in argv
+        check_text(pipe_args[name], what=name)
     pipe_args["seed"], drawn = _seed(pipe_args.get("seed"))
     paths = _out_paths(run["out"], pipe_args["batch_size"], pipe_args["seed"])
     if drawn:
         typer.echo(f"seed: {pipe_args['seed']}")
     pipe = _pipeline(run["model"], device, run["threads"])
+    for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"]):
+        typer.echo(f"warning: {line}", err=True)
     progress = _Progress(not run["quiet"])
     try:
         images = getattr(pipe, kind)(callback=progress, **pipe_args)

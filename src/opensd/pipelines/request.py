@@ -10,6 +10,7 @@ from opensd.diffusion import resolve_sampler
 from opensd.diffusion.registry import SamplerSpec
 from opensd.diffusion.schedules import SigmaSpacing
 from opensd.errors import OpenSDError
+from opensd.prompts.budget import PromptBudgetError, check_text
 
 MAX_SIDE = 4096
 MAX_STEPS = 1000
@@ -54,11 +55,19 @@ def _is_number(v: Any) -> bool:
 
 
 def validate(req: GenerationRequest, *, multiple: int = 8, min_side: int = 16) -> None:
-    """Raise :class:`RequestError` naming the first bad parameter and what is allowed."""
-    if not isinstance(req.prompt, str):
-        raise RequestError(f"prompt must be text, got {type(req.prompt).__name__}")
-    if not isinstance(req.negative_prompt, str):
-        raise RequestError(f"negative_prompt must be text, got {type(req.negative_prompt).__name__}")
+    """Raise :class:`RequestError` naming the first bad parameter and what is allowed.
+
+    Prompts must be valid Unicode text: a lone surrogate (from a broken client's JSON,
+    or a non-UTF-8 byte in a command-line argument) is refused with its position. Their
+    length is the model's to judge (its tokenizer), see :func:`opensd.prompts.budget.check_prompt`.
+    """
+    if not isinstance(req, GenerationRequest):
+        raise RequestError(f"validate expects a GenerationRequest, got {type(req).__name__}")
+    for name in ("prompt", "negative_prompt"):
+        try:
+            check_text(getattr(req, name), what=name)
+        except PromptBudgetError as e:
+            raise RequestError(str(e)) from None
     for name in ("width", "height"):
         v = getattr(req, name)
         if not _is_int(v):
@@ -83,6 +92,12 @@ def validate(req: GenerationRequest, *, multiple: int = 8, min_side: int = 16) -
         raise RequestError(f"clip_skip must be an integer >= 1, got {req.clip_skip!r}")
     if req.tiled_vae is not None and not isinstance(req.tiled_vae, bool):
         raise RequestError(f"tiled_vae must be true, false or None (automatic), got {req.tiled_vae!r}")
+    if not isinstance(req.sampler, str):
+        raise RequestError(f"sampler must be a sampler name (text), got {type(req.sampler).__name__}")
+    if req.karras is not None and not isinstance(req.karras, bool):
+        raise RequestError(f"karras must be true, false or None (as the sampler name says), got {req.karras!r}")
+    if not isinstance(req.sampler_options, dict) or not all(isinstance(k, str) for k in req.sampler_options):
+        raise RequestError(f"sampler_options must be a mapping of option names to values, got {req.sampler_options!r}")
     try:
         spec, _ = req.resolved_sampler()
     except ValueError as e:

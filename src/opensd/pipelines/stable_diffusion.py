@@ -15,7 +15,7 @@ result is pasted over the original through the mask, so pixels outside it stay e
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +30,7 @@ from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_p
 from opensd.pipelines.infotext import format_infotext
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
 from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
+from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
 
 
 @dataclass
@@ -70,12 +71,17 @@ class _StoppableVAE:
 
 @dataclass
 class GenerationResult:
-    """Images plus what produced them (one seed and one infotext per image)."""
+    """Images plus what produced them (one seed and one infotext per image).
+
+    ``warnings``: what the user should know about the result, e.g. prompt words the
+    model does not know and ignored (:func:`opensd.prompts.vocabulary.prompt_warnings`).
+    """
 
     images: list[Image.Image]
     seeds: list[int]
     infotexts: list[str]
     interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 class StableDiffusionPipeline:
@@ -85,8 +91,17 @@ class StableDiffusionPipeline:
     >>> pipe.txt2img("a red circle above a blue square", seed=1)[0].save("out.png")
     """
 
-    def __init__(self, loaded: LoadedModel, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        prompt_budget: PromptBudget | None = DEFAULT_BUDGET,
+    ):
+        """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap."""
         self.loaded = loaded
+        self.prompt_budget = prompt_budget
         self.model = loaded.model.eval().requires_grad_(False)
         if device is not None or dtype is not None:
             self.model.to(device=device, dtype=dtype)
@@ -209,6 +224,9 @@ class StableDiffusionPipeline:
             raise RequestError(f"clip_skip must be at most {self.cfg.text.layers} for this model, got {req.clip_skip}")
         if mask is not None and init_image is None:
             raise RequestError("a mask needs an image to inpaint")
+        if self.prompt_budget is not None:  # before any work; encode_prompt checks again (for direct calls)
+            for name in ("prompt", "negative_prompt"):
+                check_prompt(getattr(req, name), self.tokenizer, self.prompt_budget, what=name)
         spec, spacing = req.resolved_sampler()
         dev, dtype = self.model.device, self.model.dtype
         f = self.cfg.vae.downsample_factor
@@ -303,7 +321,14 @@ class StableDiffusionPipeline:
         infotexts = [self.infotext(req, s) for s in seeds]
         for im, text in zip(images, infotexts):
             im.info["parameters"] = text
-        return GenerationResult(images, seeds, infotexts, interrupted)
+        from opensd.prompts.vocabulary import prompt_warnings
+
+        warnings = prompt_warnings(
+            self.tokenizer,
+            req.prompt if prompt_embeds is None else "",
+            req.negative_prompt if negative_embeds is None and req.cfg_scale != 1.0 else "",
+        )
+        return GenerationResult(images, seeds, infotexts, interrupted, warnings)
 
     # ---------------------------------------------------------------- pieces
 
@@ -316,12 +341,15 @@ class StableDiffusionPipeline:
         a time and ``should_stop()`` is checked before each (:class:`Interrupted` when it
         answers True); each chunk is encoded on its own either way, so the result is the same.
         """
+        from opensd.prompts.budget import check_prompt
         from opensd.prompts.syntax import TokenizedPrompt, context_length, encode_prompts, encode_tokenized, tokenize_prompt
 
         te, skip = self.model.text_encoder, clip_skip - 1
         if should_stop is None or len(prompts) != 1:
             _check_stop(should_stop, "encoding the prompt")
-            return encode_prompts(te, self.tokenizer, prompts, skip_layers=skip)
+            return encode_prompts(te, self.tokenizer, prompts, skip_layers=skip, budget=self.prompt_budget)
+        if self.prompt_budget is not None:
+            check_prompt(prompts[0], self.tokenizer, self.prompt_budget)
         ctx = context_length(self.tokenizer, te)
         tokenized = tokenize_prompt(self.tokenizer, prompts[0], ctx)
         parts = []

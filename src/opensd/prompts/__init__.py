@@ -1,7 +1,10 @@
 """Prompts: A1111's attention syntax and chunked weighted encoding, and prompt arithmetic.
 
 - :mod:`opensd.prompts.syntax`: ``(word:1.3)``, ``(word)``, ``[word]``, escapes,
-  ``BREAK``; prompts of any length in chunks of 75 tokens; emphasis "Original".
+  ``BREAK``; prompts of any length in chunks of 75 tokens; emphasis "Original"
+  (the parser itself: :mod:`opensd.prompts.attention`).
+- :mod:`opensd.prompts.budget`: what one prompt may cost (bytes, tokens, valid Unicode).
+- :mod:`opensd.prompts.vocabulary`: the prompt words a model cannot read, as warnings.
 - :mod:`opensd.prompts.arithmetic`: ``'"a red circle" - "red" + "blue"'``, blends,
   prompt (lerp) and seed (slerp) interpolation, generation from ready embeddings.
 """

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from opensd.errors import OpenSDError
+from opensd.prompts.attention import MAX_WEIGHT
 
 
 class PromptExpressionError(OpenSDError):
@@ -60,6 +61,7 @@ _LEX = re.compile(
     re.X | re.S,
 )
 
+_NON_SPACE = re.compile(r"\S")
 _EXPRESSION_START = re.compile(r"""\s*[-+]?\s*(?:[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?\s*\*?\s*)?["']""")
 
 
@@ -72,7 +74,7 @@ def parse_expression(expr: str) -> list[Term]:
     tokens: list[tuple[str, str, int]] = []
     pos = 0
     while pos < len(expr):
-        if not expr[pos:].strip():
+        if not _NON_SPACE.search(expr, pos):  # only whitespace left (no slice per token: that was quadratic)
             break
         m = _LEX.match(expr, pos)
         if m is None or m.end() == pos:
@@ -116,12 +118,22 @@ def parse_expression(expr: str) -> list[Term]:
         text = re.sub(r"\\(.)", r"\1", raw[1:-1])
         i += 1
         coef *= expect_number_after_star()
-        terms.append(Term(sign * coef, text))
+        terms.append(_checked(Term(sign * coef, text)))
         if i < len(tokens) and not (tokens[i][0] == "op" and tokens[i][1] in "+-"):
             raise PromptExpressionError(f"expected + or - between terms at character {tokens[i][2]}")
     if not terms:
         raise PromptExpressionError("the expression holds no prompt")
     return terms
+
+
+def _checked(term: Term) -> Term:
+    """``term`` if its coefficient is finite and within +-MAX_WEIGHT (as prompt weights: inf gave a black image)."""
+    if not isinstance(term.coef, (int, float)) or not math.isfinite(term.coef) or abs(term.coef) > MAX_WEIGHT:
+        raise PromptExpressionError(
+            f"the coefficient {term.coef!r} of {term.prompt[:30]!r} is out of range; "
+            f"allowed: a number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}"
+        )
+    return term
 
 
 def _terms(terms: str | Sequence[Term | tuple[float, str]]) -> list[Term]:
@@ -130,9 +142,9 @@ def _terms(terms: str | Sequence[Term | tuple[float, str]]) -> list[Term]:
     out = []
     for t in terms:
         if isinstance(t, Term):
-            out.append(t)
+            out.append(_checked(t))
         elif isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], str) and isinstance(t[0], (int, float)):
-            out.append(Term(float(t[0]), t[1]))
+            out.append(_checked(Term(float(t[0]), t[1])))
         else:
             raise PromptExpressionError(f"a term must be a Term or a (coef, prompt) pair, got {t!r}")
     if not out:

@@ -49,15 +49,32 @@ def check_text(text: str, *, what: str = "prompt") -> None:
         ) from None
 
 
-def check_prompt(text: str, tokenizer, budget: PromptBudget, *, what: str = "prompt") -> int:
-    """Check ``text`` against ``budget`` and return its token count; the error names the limit and the size."""
+DEFAULT_BUDGET = PromptBudget()
+"""What the pipeline and the server allow unless told otherwise: 64 KiB, 3000 tokens."""
+
+
+def check_prompt(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, *, what: str = "prompt") -> int:
+    """Check ``text`` against ``budget`` and return its token count; the error names the limit and the size.
+
+    Raises :class:`PromptBudgetError` (not text, a lone surrogate, too many bytes or
+    tokens) or :class:`~opensd.prompts.syntax.PromptSyntaxError` (brackets nested too
+    deep, a weight out of range). The bytes are checked before any parsing and the
+    tokenizer stops one token past the cap, so a refusal costs at most ``max_bytes`` of
+    parsing and ``max_tokens`` of tokenizing.
+    """
     from opensd.prompts.syntax import tokenize_prompt
 
+    if not isinstance(budget, PromptBudget):
+        raise PromptBudgetError(f"budget must be a PromptBudget, got {type(budget).__name__}")
     check_text(text, what=what)
     size = len(text.encode("utf-8"))
     if size > budget.max_bytes:
         raise PromptBudgetError(f"{what} is {size} bytes; at most {budget.max_bytes} are allowed")
-    tokens = tokenize_prompt(tokenizer, text).token_count
+    tokens = tokenize_prompt(tokenizer, text, max_tokens=budget.max_tokens).token_count
     if tokens > budget.max_tokens:
-        raise PromptBudgetError(f"{what} holds {tokens} tokens; at most {budget.max_tokens} are allowed ({budget.max_tokens // 75} chunks of 75)")
+        per_chunk = max(1, int(tokenizer.context_length) - 2)
+        raise PromptBudgetError(
+            f"{what} holds more than {budget.max_tokens} tokens, the most allowed "
+            f"({budget.max_tokens // per_chunk} chunks of {per_chunk} for this model's tokenizer)"
+        )
     return tokens

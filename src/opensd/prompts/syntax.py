@@ -17,6 +17,12 @@ breaks: ``BREAK`` inside brackets still breaks (A1111 turns it into the word
 "BREAK"), and a weight that is no number (``(a:1.2.3)``) stays as text and the
 ``)`` closes with x 1.1 (A1111 raises).
 
+Two bounds A1111 does not have: at most :data:`MAX_NESTING` (32) brackets open at once,
+and every weight, explicit or multiplied through nesting, within +-:data:`MAX_WEIGHT`
+(10); past either, :class:`PromptSyntaxError` names the limit. The parser runs in time
+and memory linear in the prompt (A1111's, and this module's before, were quadratic in
+the nesting). Within the bounds it gives A1111's fragments and floats, bit for bit.
+
 Encoding (A1111's ``FrozenCLIPEmbedderWithCustomWords`` with emphasis "Original"):
 
 1. every fragment of the parse is tokenized on its own (per whitespace-separated
@@ -42,113 +48,24 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 
-from opensd.errors import OpenSDError
-
-ROUND_FACTOR = 1.1
-SQUARE_FACTOR = 1 / 1.1
-COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit"
-
-
-class PromptSyntaxError(OpenSDError):
-    """A prompt function got something other than text, or a context too short for one token."""
-
-
-# ----------------------------------------------------------------------------- parsing
-
-class Fragment(NamedTuple):
-    """A run of prompt text with one weight; ``is_break`` marks a BREAK (text "BREAK", weight -1)."""
-
-    text: str
-    weight: float
-    is_break: bool = False
-
-
-BREAK = Fragment("BREAK", -1.0, True)
-
-_SYNTAX = re.compile(
-    r"""
-      \\[\\()\[\]]                  # escaped character: literal
-    | \\                            # a lone backslash: dropped (as A1111)
-    | \(                            # open round
-    | \[                            # open square
-    | :\s*([+-]?[.\d]+)\s*\)         # ":weight)" closes a round bracket with an explicit weight
-    | \)                            # close round
-    | \]                            # close square
-    | [^\\()\[\]:]+                 # plain text
-    | :                             # a colon that is no weight: literal
-    """,
-    re.X,
+from opensd.prompts.attention import (  # noqa: F401  (the parser, re-exported: this module's public names)
+    BREAK,
+    MAX_NESTING,
+    MAX_WEIGHT,
+    ROUND_FACTOR,
+    SQUARE_FACTOR,
+    Fragment,
+    PromptSyntaxError,
+    as_pairs,
+    parse_prompt_attention,
 )
-_BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*")
+from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
 
-
-def parse_prompt_attention(text: str) -> list[Fragment]:
-    """``text`` as fragments with weights, equal neighbours merged (A1111's parser).
-
-    >>> [tuple(f[:2]) for f in parse_prompt_attention("an (important) word")]
-    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
-
-    Never raises on a string; the empty prompt gives ``[Fragment("", 1.0)]``.
-    """
-    if not isinstance(text, str):
-        raise PromptSyntaxError(f"a prompt must be text, got {type(text).__name__}")
-    res: list[list] = []  # [text, weight, is_break]
-    round_open: list[int] = []  # index into res where each open "(" started
-    square_open: list[int] = []
-
-    def multiply(start: int, factor: float) -> None:
-        for item in res[start:]:
-            if not item[2]:
-                item[1] *= factor
-
-    for m in _SYNTAX.finditer(text):
-        tok, weight = m.group(0), m.group(1)
-        if tok.startswith("\\"):
-            res.append([tok[1:], 1.0, False])
-        elif tok == "(":
-            round_open.append(len(res))
-        elif tok == "[":
-            square_open.append(len(res))
-        elif weight is not None and round_open:
-            try:
-                factor = float(weight)
-            except ValueError:  # "(a:1.2.3)": the weight is text, the ")" still closes
-                res.append([tok[:-1].rstrip(), 1.0, False])
-                factor = ROUND_FACTOR
-            multiply(round_open.pop(), factor)
-        elif tok == ")" and round_open:
-            multiply(round_open.pop(), ROUND_FACTOR)
-        elif tok == "]" and square_open:
-            multiply(square_open.pop(), SQUARE_FACTOR)
-        else:  # plain text, or a bracket / weight with nothing to close: literal
-            for i, part in enumerate(_BREAK_SPLIT.split(tok)):
-                if i > 0:
-                    res.append(["BREAK", -1.0, True])
-                res.append([part, 1.0, False])
-
-    for start in round_open:  # unclosed brackets apply to the rest of the prompt
-        multiply(start, ROUND_FACTOR)
-    for start in square_open:
-        multiply(start, SQUARE_FACTOR)
-
-    merged: list[list] = []
-    for item in res:
-        if item[2] or not merged or merged[-1][2] or merged[-1][1] != item[1]:
-            merged.append(list(item))
-        else:
-            merged[-1][0] += item[0]
-    if not merged:
-        merged = [["", 1.0, False]]
-    return [Fragment(t, w, b) for t, w, b in merged]
-
-
-def as_pairs(fragments: Sequence[Fragment]) -> list[list]:
-    """A1111's output format: ``[[text, weight], ...]`` with ``["BREAK", -1]`` for breaks."""
-    return [[f.text, f.weight] for f in fragments]
+COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit"
 
 
 # ----------------------------------------------------------------------------- tokenizing into chunks
@@ -216,12 +133,20 @@ def empty_chunk(tokenizer, context: int) -> Chunk:
 
 
 def tokenize_prompt(
-    tokenizer, text: str, context: int | None = None, *, comma_backtrack: int = COMMA_BACKTRACK
+    tokenizer,
+    text: str,
+    context: int | None = None,
+    *,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    max_tokens: int | None = None,
 ) -> TokenizedPrompt:
     """Parse ``text`` and cut its weighted tokens into framed chunks of ``context`` ids.
 
     ``context`` defaults to the tokenizer's (77 for CLIP: 75 tokens per chunk).
-    ``comma_backtrack`` 0 turns the comma rule off.
+    ``comma_backtrack`` 0 turns the comma rule off. With ``max_tokens``, tokenizing
+    stops as soon as the prompt holds more: the result then has ``token_count ==
+    max_tokens + 1`` and is only good for saying that it is too long (see
+    :func:`opensd.prompts.budget.check_prompt`). Time and memory are linear in ``len(text)``.
     """
     context = int(tokenizer.context_length) if context is None else context
     if isinstance(context, bool) or not isinstance(context, int) or context < 3:
@@ -251,9 +176,11 @@ def tokenize_prompt(
         )
         ids, weights, words_of, last_comma = [], [], [], -1
 
-    words: list[str] = []
+    words: list[list[str]] = []  # each word's pieces, joined at the end (``+=`` on a long word is quadratic)
     joined = False  # the previous piece was a word with no whitespace after it
     for frag in fragments:
+        if max_tokens is not None and count > max_tokens:
+            break
         if frag.is_break:
             close_chunk()
             joined = False
@@ -264,10 +191,12 @@ def tokenize_prompt(
             if piece.isspace():
                 joined = False
                 continue
+            if max_tokens is not None and count > max_tokens:
+                break
             if joined:
-                words[-1] += piece
+                words[-1].append(piece)
             else:
-                words.append(piece)
+                words.append([piece])
             joined = True
             for token in tokenizer.encode(piece):
                 if token == comma:
@@ -286,7 +215,9 @@ def tokenize_prompt(
                 count += 1
     if ids or not chunks:
         close_chunk()
-    return TokenizedPrompt(chunks, words, count, context, fragments)
+    if max_tokens is not None and count > max_tokens:
+        count = max_tokens + 1
+    return TokenizedPrompt(chunks, ["".join(w) for w in words], count, context, fragments)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -338,13 +269,27 @@ def encode_tokenized(text_encoder, prompts: Sequence[TokenizedPrompt], tokenizer
 
 
 def encode_prompts(
-    text_encoder, tokenizer, prompts: str | Sequence[str], *, skip_layers: int = 0, comma_backtrack: int = COMMA_BACKTRACK
+    text_encoder,
+    tokenizer,
+    prompts: str | Sequence[str],
+    *,
+    skip_layers: int = 0,
+    comma_backtrack: int = COMMA_BACKTRACK,
+    budget: PromptBudget | None = DEFAULT_BUDGET,
 ) -> torch.Tensor:
-    """(B, n * context, D) context for ``prompts`` written in A1111 syntax (see the module doc)."""
+    """(B, n * context, D) context for ``prompts`` written in A1111 syntax (see the module doc).
+
+    Every prompt is first checked against ``budget`` (bytes, valid Unicode, tokens:
+    :func:`~opensd.prompts.budget.check_prompt`, which raises ``PromptBudgetError``);
+    ``budget=None`` encodes prompts of any length.
+    """
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
         raise PromptSyntaxError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
+    if budget is not None:
+        for p in prompts:
+            check_prompt(p, tokenizer, budget)
     ctx = context_length(tokenizer, text_encoder)
     tokenized = [tokenize_prompt(tokenizer, p, ctx, comma_backtrack=comma_backtrack) for p in prompts]
     return encode_tokenized(text_encoder, tokenized, tokenizer, skip_layers=skip_layers)
@@ -375,6 +320,8 @@ def match_lengths(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor)
 __all__ = [
     "BREAK",
     "COMMA_BACKTRACK",
+    "MAX_NESTING",
+    "MAX_WEIGHT",
     "Chunk",
     "Fragment",
     "PromptSyntaxError",

@@ -207,6 +207,7 @@ def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) ->
         "styles": [],
         "job_timestamp": job.timestamp(),
         "clip_skip": plan.clip_skip,
+        "warnings": list(dict.fromkeys(w for r in results for w in getattr(r, "warnings", []))),
         "is_using_inpainting_conditioning": bool(inpainting_unet and plan.mask is not None),
         "version": f"opensd {opensd.__version__}",
         "interrupted": job.interrupted.is_set(),  # by /interrupt or a client that went away (not by /skip)

@@ -66,16 +66,29 @@ class Tokenizer(Protocol):
         ...
 
 
+def require_text(text: object, what: str = "tokenizer input") -> str:
+    """``text`` if it is a str of valid Unicode; else :class:`TokenizerError` (a lone surrogate: with its position)."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(
+            f"{what} is not valid Unicode text: character {e.start} is a lone surrogate (U+{ord(text[e.start]):04X})"
+        ) from None
+    return text
+
+
 def as_text_list(texts: str | Sequence[str]) -> list[str]:
-    """``texts`` as a list of strings (a single string becomes a batch of one)."""
+    """``texts`` as a list of valid Unicode strings (a single string becomes a batch of one)."""
     if isinstance(texts, str):
-        return [texts]
+        return [require_text(texts)]
     if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
         raise TokenizerError(
             f"tokenizer input must be a str or a list of str, got {type(texts).__name__}"
             + ("" if not isinstance(texts, Sequence) else " containing non-str items")
         )
-    return list(texts)
+    return [require_text(t, f"tokenizer input {i}") for i, t in enumerate(texts)]
 
 
 def frame(
@@ -89,6 +102,24 @@ def frame(
         row = [bos_id, *ids[: context_length - 2], eos_id]
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
+
+
+def unknown_words(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The words of plain ``text`` (no prompt syntax) that ``tokenizer`` cannot represent, each once.
+
+    A tokenizer with an ``unknown_words`` method answers itself (:class:`WordTokenizer`:
+    the words that map to ``<unk>``; :class:`CLIPTokenizer`: none, its byte-level BPE
+    represents any text). Any other tokenizer with an ``unk_id`` is asked word by word
+    (whitespace-separated); one without has no unknown words.
+    """
+    require_text(text, "unknown_words' text")
+    own = getattr(tokenizer, "unknown_words", None)
+    if callable(own):
+        return list(own(text))
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is None:
+        return []
+    return list(dict.fromkeys(w for w in text.split() if unk in tokenizer.encode(w)))
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
@@ -129,4 +160,6 @@ __all__ = [
     "as_text_list",
     "frame",
     "load_tokenizer",
+    "require_text",
+    "unknown_words",
 ]

@@ -9,7 +9,14 @@ WordLevel model:
 - pre-tokenization: split on whitespace, every punctuation character and every
   digit is its own token ("(masterpiece:1.2)" -> ( masterpiece : 1 . 2 ));
 - vocabulary: the special tokens ``<bos>`` ``<eos>`` ``<pad>`` ``<unk>`` (ids 0..3),
-  then the most frequent words; anything else maps to ``<unk>``.
+  then the most frequent words; anything else maps to ``<unk>``;
+- numbers written in digits: a number standing on its own ("3 green triangles", not
+  "1.5" or "3d") becomes its word when the vocabulary knows the word ("three"), from
+  0 to 20 (:data:`NUMBER_WORDS`); otherwise its digits stay (and map to ``<unk>``
+  unless the vocabulary has them).
+
+:meth:`WordTokenizer.unknown_words` names the words that map to ``<unk>``, so that
+callers can say which words a prompt loses instead of dropping them silently.
 
 Saved as ``tokenizer.json`` (the ``tokenizers`` format) plus ``opensd_tokenizer.json``
 holding the context length.
@@ -18,6 +25,7 @@ holding the context length.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -25,12 +33,18 @@ import torch
 from tokenizers import Tokenizer as _Backend
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
-from opensd.tokenizers import TokenizerError, as_text_list, frame
+from opensd.tokenizers import TokenizerError, as_text_list, frame, require_text
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
 META_FILE = "opensd_tokenizer.json"
 BACKEND_FILE = "tokenizer.json"
+NUMBER_WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+    "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+)
+# A run of ASCII digits standing on its own: not inside a word ("3d", "x2") or a decimal ("1.5", "2,5").
+_NUMBER = re.compile(r"(?<![\w.,])[0-9]+(?![\w]|[.,][0-9])")
 
 
 def _empty_backend() -> _Backend:
@@ -141,14 +155,13 @@ class WordTokenizer:
         return self._backend.token_to_id(UNK)
 
     def encode(self, text: str) -> list[int]:
-        """Word ids of ``text`` (unknown words -> ``<unk>``), without bos/eos/padding."""
-        if not isinstance(text, str):
-            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=False).ids
+        """Word ids of ``text`` (numbers in digits as words, unknown words -> ``<unk>``), without bos/eos/padding."""
+        require_text(text, "encode's text")
+        return self._backend.encode(self.spell_numbers(text), add_special_tokens=False).ids
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """(B, L) long tensor ``[bos, ids..., eos, pad...]``, ids truncated to L - 2."""
-        texts = as_text_list(texts)
+        texts = [self.spell_numbers(t) for t in as_text_list(texts)]
         encoded = [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
         length = self._context_length if context_length is None else context_length
         return frame(encoded, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id, context_length=length)
@@ -159,3 +172,45 @@ class WordTokenizer:
             ids = ids.tolist()
         skip = {self.bos_id, self.eos_id, self.pad_id}
         return " ".join(self._backend.id_to_token(i) for i in ids if i not in skip)
+
+    # ---- what the vocabulary holds ----------------------------------------------------
+
+    def spell_numbers(self, text: str) -> str:
+        """``text`` with every number standing on its own (0-20) written as its word, where the vocabulary has it."""
+        require_text(text, "spell_numbers's text")
+
+        def word(m: re.Match) -> str:
+            digits = m.group(0)
+            if len(digits) > 2 or int(digits) >= len(NUMBER_WORDS) or str(int(digits)) != digits:
+                return digits
+            name = NUMBER_WORDS[int(digits)]
+            return name if self._backend.token_to_id(name) is not None else digits
+
+        return _NUMBER.sub(word, text)
+
+    def known_words(self) -> list[str]:
+        """The vocabulary's words in id order, the special tokens left out."""
+        vocab = self._backend.get_vocab()
+        return [w for w in sorted(vocab, key=vocab.get) if w not in SPECIAL_TOKENS]
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The pieces of ``text`` that map to ``<unk>``, in order of appearance, each once (ignoring case).
+
+        Adjacent unknown pieces are reported as one ("1.5", "x2"); a known piece next to
+        an unknown one is left out ("dog," gives "dog" when "," is known).
+        """
+        require_text(text, "unknown_words's text")
+        spelled = self.spell_numbers(text)
+        enc = self._backend.encode(spelled, add_special_tokens=False)
+        spans: list[list[int]] = []
+        for token_id, (a, b) in zip(enc.ids, enc.offsets):
+            if token_id != self.unk_id:
+                continue
+            if spans and spans[-1][1] == a:
+                spans[-1][1] = b
+            else:
+                spans.append([a, b])
+        found: dict[str, str] = {}
+        for a, b in spans:
+            found.setdefault(spelled[a:b].lower(), spelled[a:b])
+        return list(found.values())

@@ -135,14 +135,14 @@ def _config(stage: str, preset: str | None, config=None, sets=(), options=None):
 def test_quick_preset_is_small_and_everything_the_user_gives_wins(tmp_path: Path) -> None:
     from opensd.training.presets import QUICK_SECONDS, RUN_PRESETS
 
-    for stage, steps, batch in (("vae", 400, 16), ("clip", 400, 64), ("unet", 1000, 32)):
+    for stage, steps, batch in (("vae", 400, 16), ("clip", 400, 64), ("unet", 600, 32)):
         default, quick = _config(stage, None), _config(stage, "quick")
         assert quick.model_preset == "tiny" and default.model_preset == "small", stage
         assert (quick.train.steps, quick.train.batch_size) == (steps, batch), stage
         assert quick.train.steps < default.train.steps and quick.train.checkpoint_every == 0, stage
         assert quick.train.out_dir == default.train.out_dir  # the run folder is still --out's
         assert RUN_PRESETS["quick"][stage]["train"]["steps"] == steps
-        assert 0 < QUICK_SECONDS[stage] <= 5 * 60
+        assert 0 < QUICK_SECONDS[stage] <= 30 * 60  # measured on a busy 2-core CPU
     assert _config("unet", "quick").cache_size == 2000 and _config("unet", None).cache_size == 20000
     toml = tmp_path / "x.toml"
     toml.write_text("[train]\nsteps = 123\nlr = 0.5\n")
@@ -211,3 +211,25 @@ def test_a_training_run_prints_its_estimate_and_the_bar_its_eta(tmp_path: Path, 
     assert len(lines) == 1 and lines[0].endswith(" steps/s") and " for 6 steps at " in lines[0], res.stderr
     assert "6/6 [" in res.stderr and "<00:00" in res.stderr  # tqdm's bar: elapsed<remaining
     assert " wall" in res.stdout.splitlines()[0]  # the summary line says how long it took
+
+
+@pytest.mark.slow
+def test_the_quick_preset_trains_a_model_that_generate_loads(tmp_path: Path) -> None:
+    """The three stages with --preset quick (cut to a few steps) export a model `opensd generate` draws with."""
+    from opensd.cli.main import app
+
+    runner, runs = CliRunner(), tmp_path / "runs"
+    short = ["--preset", "quick", "--steps", "3", "-q"]
+    for args in (["vae", "--out", str(runs / "vae")], ["clip", "--out", str(runs / "clip")],
+                 ["unet", "--vae", str(runs / "vae"), "--clip", str(runs / "clip"), "--out", str(runs / "unet"),
+                  "--set", "cache_size=64"]):
+        res = runner.invoke(app, ["train", *args, *short])
+        assert res.exit_code == 0, res.output
+    out = tmp_path / "x.png"
+    res = runner.invoke(app, ["generate", "a red circle", "-m", str(runs / "unet" / "model"), "--steps", "2",
+                              "--seed", "1", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (32, 32)

@@ -5,11 +5,11 @@ applied on top of the stage's defaults and below everything the user gives:
 defaults < ``--preset`` < ``--config`` file < ``--set`` < explicit options. (It is
 not ``model_preset``, which names only the network's size; a run preset may set it.)
 
-``quick``: a first run of the whole stack in minutes on a laptop-class CPU. Tiny
-networks (the VAE downsamples by 2, so a 32 px image is a 16x16x4 latent), a few
-hundred to a couple of thousand steps, small evaluations. It produces a model that
-``opensd generate`` loads and that draws coloured blobs roughly where the prompt
-asks; the default model's recipe (``configs/shapes/``) is what draws clean shapes.
+``quick``: a first run of the whole stack in minutes on a CPU. Tiny networks (the
+VAE downsamples by 2, so a 32 px image is a 16x16x4 latent), 400 / 400 / 600 steps,
+a 2,000-scene latent cache, small evaluations, no periodic checkpoints. It produces
+a model that ``opensd generate`` loads and that draws rough blobs; the default
+model's recipe (``configs/shapes/``) is what draws clean shapes.
 :data:`QUICK_SECONDS` are its measured wall times (docs/training.md says how).
 """
 
@@ -37,14 +37,16 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "unet": {
             "model_preset": "tiny", "eval_per_category": 1, "sample_steps": 10, "cache_size": 2000,
             "cache_batch": 128, "min_snr_gamma": 5.0,
-            "train": {**_QUICK_TRAIN, "steps": 1000, "batch_size": 32, "warmup_steps": 100, "ema_decay": 0.99},
+            "train": {**_QUICK_TRAIN, "steps": 600, "batch_size": 32, "warmup_steps": 60, "ema_decay": 0.99},
         },
     },
 }
 
-# Wall seconds of each quick stage (steps, evaluation and export) on the 2-core AMD EPYC of
-# docs/training.md ("A quick first run"), rounded up; the time estimate quotes them.
-QUICK_SECONDS = {"vae": 60, "clip": 60, "unet": 180}
+# Wall seconds of each quick stage (setup, steps, evaluation and export), measured with
+# scripts/time_quick_preset.sh (OMP_NUM_THREADS=1) on the project's 2-core AMD EPYC on 2026-12-02
+# while seven other jobs shared it (load average 10-15): an upper bound; an idle machine is
+# several times faster (docs/training.md, "A quick first run"). The time estimate quotes them.
+QUICK_SECONDS = {"vae": 345, "clip": 320, "unet": 803}
 
 
 def run_preset(stage: str, name: str | None) -> dict[str, Any]:

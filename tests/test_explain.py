@@ -223,6 +223,76 @@ def test_cli_explain_and_interpolate(word_pipe, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--at" in res.output
 
 
+def _cli_model(word_pipe, tmp_path: Path) -> tuple[Typer, Path]:
+    from opensd.checkpoints.opensd_format import save_opensd
+    from opensd.cli.explain import register
+
+    app = Typer()
+    register(app)
+    return app, save_opensd(word_pipe.model, word_pipe.tokenizer, tmp_path / "m")
+
+
+def _frame_pixels(folder: Path, n: int) -> list[np.ndarray]:
+    out = []
+    for i in range(n):
+        with Image.open(folder / f"frame-{i:03d}.png") as im:
+            out.append(np.asarray(im.convert("RGB"), dtype=np.int16))
+    return out
+
+
+def test_interpolate_without_a_target_walks_to_the_next_seed(word_pipe, tmp_path: Path) -> None:
+    from opensd.prompts.arithmetic import interpolate, interpolate_seeds
+
+    app, model_dir = _cli_model(word_pipe, tmp_path)
+    res = CliRunner().invoke(app, ["interpolate", "a red circle", "--seed", "4", "--frames", "3", "--steps", "1",
+                                   "--sampler", "euler", "--quiet", "-m", str(model_dir), "-o", str(tmp_path / "walk")])
+    assert res.exit_code == 0, res.output
+    assert "seed walk" in res.output and "from seed 4 to 5" in res.output
+    frames = _frame_pixels(tmp_path / "walk", 3)
+    assert all(np.abs(a - b).max() > 0 for a, b in zip(frames, frames[1:]))  # every frame differs from the last
+    # the library means the same: no end is the walk from seed to seed + 1
+    kw = dict(steps=1, sampler="euler")
+    walk = interpolate(word_pipe, "a red circle", seed=4, frames=3, **kw)
+    ref = interpolate_seeds(word_pipe, "a red circle", 4, 5, frames=3, **kw)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(walk, ref))
+
+
+def test_interpolate_refuses_identical_ends_and_out_of_range_input(word_pipe, tmp_path: Path) -> None:
+    from opensd.prompts.arithmetic import MAX_FRAMES, interpolate
+
+    app, model_dir = _cli_model(word_pipe, tmp_path)
+    runner = CliRunner()
+    base = ["interpolate", "a red circle", "--steps", "1", "-m", str(model_dir), "-o", str(tmp_path / "x")]
+    for args, words in ((["--frames", "0"], f"from 1 to {MAX_FRAMES}"), (["--frames", str(MAX_FRAMES + 1)], f"from 1 to {MAX_FRAMES}"),
+                        (["--seed", "3", "--to-seed", "3"], "nothing to interpolate"),
+                        (["--to-seed", str(2**40)], "--to-seed must be an integer from 0 to 4294967295"),
+                        (["--seed", "-1"], "--seed must be"), (["--cols", "0"], "--cols")):
+        res = runner.invoke(app, base + args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "error:" in res.output and words in res.output and "Traceback" not in res.output, (args, res.output)
+    assert not (tmp_path / "x").exists()  # refused before anything was generated
+    with pytest.raises(ValueError, match="nothing to interpolate"):
+        interpolate(word_pipe, "a red circle", "a red circle", frames=2, steps=1)
+    with pytest.raises(ValueError, match=f"from 1 to {MAX_FRAMES}"):
+        interpolate(word_pipe, "a red circle", frames=MAX_FRAMES + 1, steps=1)
+
+
+def test_interpolate_and_explain_show_a_progress_bar_unless_quiet(word_pipe, tmp_path: Path) -> None:
+    app, model_dir = _cli_model(word_pipe, tmp_path)
+    runner = CliRunner()
+    common = ["--steps", "2", "--sampler", "euler", "-m", str(model_dir)]
+    ip = ["interpolate", "a red circle", "--to", "a blue square", "--frames", "3", *common, "-o", str(tmp_path / "ip")]
+    ex = ["explain", "a red circle", "--noise-steps", "1", *common, "-o", str(tmp_path / "ex")]
+    for args, bar in ((ip, "interpolate: 100%"), (ex, "explain: 100%")):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert bar in res.stderr and ("6/6" if args is ip else "2/2") in res.stderr, res.stderr
+        assert "<00:00" in res.stderr  # the bar shows its ETA
+        res = runner.invoke(app, [*args, "--quiet"])
+        assert res.exit_code == 0, res.output
+        assert "100%" not in res.stderr
+
+
 # ----------------------------------------------------------------------------- ground truth
 
 

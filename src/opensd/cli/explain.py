@@ -43,6 +43,7 @@ CFG = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale (1 =
 WIDTH = typer.Option(None, help="Width in pixels, a multiple of 8 (default: the model's native size).")
 HEIGHT = typer.Option(None, help="Height in pixels, a multiple of 8 (default: the model's native size).")
 CLIP_SKIP = typer.Option(1, "--clip-skip", help="Use the output of the n-th last text layer (A1111's Clip skip).")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
 def register(app: typer.Typer) -> None:
@@ -59,22 +60,24 @@ def register(app: typer.Typer) -> None:
         width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT, clip_skip: int = CLIP_SKIP,
         model: Optional[Path] = MODEL,
         out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the pictures and raw maps."),
+        quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
     ) -> None:
         """Generate one image and show how: word attention maps, denoising path, forward noising."""
         from opensd.devices import resolve_device
-        from opensd.explain import explain, save_explanation
+        from opensd.explain import StepProgress, explain, save_explanation
         from opensd.pipelines.images import load_image
 
         out = _out_dir(out)
         steps_at = _steps_list(at)
         image = load_image(noise_image) if noise_image is not None else None
         pipe = _pipeline(model, resolve_device(device), threads)
-        ex = explain(
-            pipe, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, sampler=sampler,
-            cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip, at=steps_at,
-            noise_image=image, noise_steps=noise_steps,
-        )
+        with StepProgress(desc="explain", enabled=not quiet) as progress:
+            ex = explain(
+                pipe, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, sampler=sampler,
+                cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip, at=steps_at,
+                noise_image=image, noise_steps=noise_steps, progress=progress,
+            )
         for name, path in save_explanation(ex, out).items():
             typer.echo(f"{name}: {path}")
 
@@ -84,31 +87,48 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Argument(..., help='Start prompt, or an expression such as \'"a red circle" - "red" + "blue"\'.'),
         to: Optional[str] = typer.Option(None, "--to", help="End prompt (or expression); embeddings are lerped."),
         seed: int = typer.Option(0, help="Start seed."),
-        to_seed: Optional[int] = typer.Option(None, "--to-seed", help="End seed; initial noises are slerped."),
-        frames: int = typer.Option(8, help="Images from start to end (1: just the start)."),
+        to_seed: Optional[int] = typer.Option(
+            None, "--to-seed", help="End seed; initial noises are slerped. Without --to and --to-seed: SEED + 1 (a seed walk)."),
+        frames: int = typer.Option(8, help="Images from start to end, 1 to 100 (1: just the start)."),
         cols: Optional[int] = typer.Option(None, help="Grid columns (default: all frames in one row)."),
         steps: int = typer.Option(20, help="Sampling steps."),
         negative_prompt: str = NEG, sampler: str = SAMPLER, cfg_scale: float = CFG,
         width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT, clip_skip: int = CLIP_SKIP,
         model: Optional[Path] = MODEL,
         out: Path = typer.Option(Path("interpolate"), "--out", "-o", help="Folder for grid.png, animation.gif and the frames."),
+        quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
     ) -> None:
-        """Walk between two prompts and/or two seeds: a grid PNG and an animated GIF."""
+        """Walk between two prompts and/or two seeds: a grid PNG and an animated GIF.
+
+        With neither --to nor --to-seed it walks from SEED to SEED + 1 on the same prompt."""
         from opensd.devices import resolve_device
+        from opensd.explain import StepProgress
         from opensd.explain.render import grid, save_gif
         from opensd.pipelines.infotext import save_png
-        from opensd.prompts.arithmetic import interpolate, parse_expression
+        from opensd.prompts.arithmetic import check_frames, check_seed, interpolate, parse_expression, walk_end_seed
 
+        # fail on bad input before the (slow) model load
         out = _out_dir(out)
         for p in (prompt, to):
             if p is not None:
-                parse_expression(p)  # fail on a bad expression before the model loads
+                parse_expression(p)
+        check_frames(frames)
+        check_seed(seed, "--seed")
+        if to_seed is not None:
+            check_seed(to_seed, "--to-seed")
+        if cols is not None and cols < 1:
+            raise OpenSDError(f"--cols must be an integer >= 1, got {cols}")
+        if to is None and to_seed is None and frames > 1:
+            to_seed = walk_end_seed(seed)
+            typer.echo(f"no --to or --to-seed: a seed walk on the same prompt, from seed {seed} to {to_seed}", err=True)
         pipe = _pipeline(model, resolve_device(device), threads)
-        images = interpolate(
-            pipe, prompt, to, seed=seed, to_seed=to_seed, frames=frames, negative_prompt=negative_prompt,
-            steps=steps, sampler=sampler, cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip,
-        )
+        with StepProgress(frames, desc="interpolate", enabled=not quiet) as progress:
+            images = interpolate(
+                pipe, prompt, to, seed=seed, to_seed=to_seed, frames=frames, negative_prompt=negative_prompt,
+                steps=steps, sampler=sampler, cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip,
+                callback=progress,
+            )
         out.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             save_png(im, out / f"frame-{i:03d}.png", im.info.get("parameters"))

@@ -4,7 +4,9 @@ Mounted by :mod:`opensd.cli.main` with :func:`register`; also runs on its own as
 ``python -m opensd.cli.train`` (so ``torchrun --nproc_per_node N -m opensd.cli.train
 unet ...`` trains data-parallel). A config comes from the stage's defaults, a TOML
 file (``--config``), ``--set key=value`` overrides, then the explicit options, in that
-order of precedence (later wins).
+order of precedence (later wins), above a run preset (``--preset quick``: minutes on a
+CPU, see :mod:`opensd.training.presets`). After the first few steps the run prints how
+long it will take at the measured speed (:mod:`opensd.training.estimate`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ DEVICE = typer.Option(None, "--device", help="auto (CUDA if available), cpu, cud
 BF16 = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (train.bf16).")
 RESUME = typer.Option(False, "--resume", help="Continue the run folder from its last checkpoint (fresh if none).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+PRESET = typer.Option(None, "--preset", help="quick: a first run in minutes on a CPU (tiny networks, few steps); "
+                                             "--config, --set and the options above still override it.")
 
 
 def _set(data: dict[str, Any], key: str, value: Any) -> None:
@@ -53,12 +57,13 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build_config(cfg_cls: type, config: Optional[Path], sets: Optional[List[str]], options: dict[str, Any]):
-    """Defaults < TOML file < ``--set`` < explicit options (``None`` = not given)."""
-    from opensd.training.config import apply_overrides, read_toml, stage_config_from_dict
+def build_config(cfg_cls: type, config: Optional[Path], sets: Optional[List[str]], options: dict[str, Any],
+                 preset: Optional[dict[str, Any]] = None):
+    """Defaults < ``preset`` (a run preset's table) < TOML file < ``--set`` < explicit options (``None`` = not given)."""
+    from opensd.training.config import apply_overrides, merge_tables, read_toml, stage_config_from_dict
 
     data = read_toml(config) if config is not None else {}
-    data = apply_overrides(data, sets or [])
+    data = apply_overrides(merge_tables(preset or {}, data), sets or [])
     for key, value in options.items():
         if value is None:
             continue
@@ -81,18 +86,32 @@ def _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, devic
     }
 
 
-def _run(make_stage: Callable[[Any], Any], cfg: Any, resume: bool) -> None:
+def _config(stage: str, cfg_cls: type, config, sets, options, preset: Optional[str]):
+    from opensd.training.presets import run_preset
+
+    return build_config(cfg_cls, config, sets, options, run_preset(stage, preset))
+
+
+def _run(make_stage: Callable[[Any], Any], cfg: Any, resume: bool, preset: Optional[str]) -> None:
+    import time
+
+    from opensd.training.estimate import TimeEstimate, format_duration
     from opensd.training.loop import NonFiniteLossError, run_stage
+    from opensd.training.presets import QUICK_SECONDS
 
     stage = make_stage(cfg)
+    estimate = TimeEstimate(stage.name, cfg.train.steps, time_limit=cfg.train.time_limit,
+                            quick_seconds=None if preset == "quick" else QUICK_SECONDS.get(stage.name))
+    t0 = time.perf_counter()
     try:
-        result = run_stage(stage, resume=resume)
+        result = run_stage(stage, resume=resume, hooks=[estimate])
     except NonFiniteLossError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     if result.export is not None:  # rank 0
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if "loss" in k or k.startswith("eval_"))
-        typer.echo(f"{stage.name}: {result.step} steps in {result.run_dir} ({shown})")
+        typer.echo(f"{stage.name}: {result.step} steps in {result.run_dir} ({shown}), "
+                   f"{format_duration(time.perf_counter() - t0)} wall")
         typer.echo(f"exported {result.export}")
 
 
@@ -103,13 +122,13 @@ def vae(
     steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
     seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
     data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET,
 ) -> None:
     """Train the KL autoencoder; writes OUT/vae/ for `opensd train unet --vae OUT`."""
     from opensd.training.vae import VAEStage, VAEStageConfig
 
     opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
-    _run(VAEStage, build_config(VAEStageConfig, config, set_, opts), resume)
+    _run(VAEStage, _config("vae", VAEStageConfig, config, set_, opts, preset), resume, preset)
 
 
 @app.command("clip")
@@ -119,13 +138,13 @@ def clip(
     steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
     seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
     data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET,
 ) -> None:
     """Pre-train the text encoder contrastively; writes OUT/text_encoder/ for `--clip OUT`."""
     from opensd.training.clip import CLIPStage, CLIPStageConfig
 
     opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
-    _run(CLIPStage, build_config(CLIPStageConfig, config, set_, opts), resume)
+    _run(CLIPStage, _config("clip", CLIPStageConfig, config, set_, opts, preset), resume, preset)
 
 
 @app.command("unet")
@@ -137,7 +156,7 @@ def unet(
     steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
     seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
     data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET,
 ) -> None:
     """Train the U-Net on cached latents; exports OUT/model/ for `opensd generate -m OUT/model`."""
     from opensd.training.unet import UNetStage, UNetStageConfig
@@ -145,7 +164,7 @@ def unet(
     opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
     opts["vae_dir"] = None if vae_dir is None else str(vae_dir)
     opts["clip_dir"] = None if clip_dir is None else str(clip_dir)
-    _run(UNetStage, build_config(UNetStageConfig, config, set_, opts), resume)
+    _run(UNetStage, _config("unet", UNetStageConfig, config, set_, opts, preset), resume, preset)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,6 +37,7 @@ from opensd.explain.path import (
     forward_noising,
     path_from_recorder,
 )
+from opensd.explain.progress import StepProgress
 from opensd.explain.render import grid, heatmap_overlay, save_gif
 
 
@@ -68,16 +69,24 @@ def explain(
     at: Sequence[int] | None = None,
     noise_image=None,
     noise_steps: int = 10,
+    progress=None,
 ) -> Explanation:
     """One generation read three ways: word maps, the denoising path at steps ``at``
     (default: every step), and the forward noising of ``noise_image`` (default: the
-    generated image) over ``noise_steps`` levels."""
+    generated image) over ``noise_steps`` levels. ``progress``, a step callback (such
+    as :class:`~opensd.explain.progress.StepProgress`), is called after every sampling step."""
     if at is not None and (not at or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= steps for s in at)):
         raise PathError(f"at must list step numbers in 1..{steps}, got {at!r}")
     rec = PathRecorder(at)
+
+    def on_step(info) -> None:
+        rec(info)
+        if progress is not None:
+            progress(info)
+
     attn = attention_maps(
         pipe, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, sampler=sampler,
-        cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip, callback=rec,
+        cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip, callback=on_step,
     )
     path = path_from_recorder(pipe, rec, attn.image)
     noising = forward_noising(pipe, attn.image if noise_image is None else noise_image, noise_steps, seed=attn.seed or 0)
@@ -137,6 +146,7 @@ __all__ = [
     "NoisingPath",
     "PathError",
     "PathRecorder",
+    "StepProgress",
     "attention_for_image",
     "attention_maps",
     "build_result",

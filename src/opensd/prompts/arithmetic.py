@@ -21,7 +21,10 @@ every ordinary prompt, apostrophes included, is an expression.
 Interpolation: prompts by linear interpolation of their embeddings (same noise);
 seeds by spherical interpolation (slerp, Shoemake 1985; White 2016, "Sampling
 Generative Networks") of the initial noise, which keeps its norm where a straight
-line between two Gaussian draws would shrink it.
+line between two Gaussian draws would shrink it. With no end prompt and no end
+seed, an interpolation is a seed walk: the same prompt from ``seed``'s noise to the
+next seed's (:func:`walk_end_seed`), never ``frames`` copies of one image. At most
+:data:`MAX_FRAMES` frames (each is a whole generation).
 """
 
 from __future__ import annotations
@@ -220,9 +223,31 @@ def seed_noise(pipe, seed: int, width: int | None = None, height: int | None = N
     return torch.randn((1, cfg.vae.embed_dim, height // f, width // f), generator=torch.Generator("cpu").manual_seed(seed))
 
 
+MAX_FRAMES = 100  # each frame is a whole generation; 100 is a 4 s clip at 25 fps
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1, as in the pipeline
+
+
+def check_frames(frames: int) -> int:
+    """``frames`` if it is an integer in ``1 .. MAX_FRAMES``, else an error naming the range."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
+        raise OpenSDError(f"frames must be an integer from 1 to {MAX_FRAMES}, got {frames!r}")
+    return frames
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """``seed`` if it is an integer in ``0 .. 2**32 - 1``, else an error naming the range."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise OpenSDError(f"{name} must be an integer from 0 to {SEED_LIMIT - 1}, got {seed!r}")
+    return seed
+
+
+def walk_end_seed(seed: int) -> int:
+    """The end seed of a seed walk from ``seed`` (the next seed, wrapping at 2**32)."""
+    return (check_seed(seed) + 1) % SEED_LIMIT
+
+
 def _fractions(frames: int) -> list[float]:
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise OpenSDError(f"frames must be an integer >= 1, got {frames!r}")
+    check_frames(frames)
     return [0.0] if frames == 1 else [i / (frames - 1) for i in range(frames)]
 
 
@@ -268,11 +293,23 @@ def interpolate(
 ) -> list[Image.Image]:
     """``frames`` images going from (``prompt``, ``seed``) to (``to_prompt``, ``to_seed``).
 
-    Embeddings are lerped, initial noises slerped; a missing end stays fixed. Either
-    prompt may be an expression (:func:`parse_expression`). Frame i is at
-    ``t = i / (frames - 1)``.
+    Embeddings are lerped, initial noises slerped; a missing end stays fixed. With
+    neither end given, ``to_seed`` is :func:`walk_end_seed` (a seed walk on ``prompt``).
+    Either prompt may be an expression (:func:`parse_expression`). Frame i is at
+    ``t = i / (frames - 1)``. ``frames`` is 1 .. :data:`MAX_FRAMES`; seeds are
+    0 .. 2**32 - 1. Extra keywords (``steps``, ``callback`` ...) go to ``txt2img``.
     """
     ts = _fractions(frames)
+    check_seed(seed)
+    if to_prompt is None and to_seed is None:
+        to_seed = walk_end_seed(seed)
+    if to_seed is not None:
+        check_seed(to_seed, "to_seed")
+    if frames > 1 and (to_prompt is None or to_prompt == prompt) and (to_seed is None or to_seed == seed):
+        raise OpenSDError(
+            f"nothing to interpolate: the start and the end are both prompt {prompt!r} with seed {seed}; "
+            "give a different end prompt (--to) or end seed (--to-seed)"
+        )
     ea = combine(pipe, prompt, clip_skip=clip_skip)
     eb = ea if to_prompt is None else combine(pipe, to_prompt, clip_skip=clip_skip)
     if ea.shape != eb.shape:
@@ -304,9 +341,12 @@ def interpolate_seeds(pipe, prompt: str, seed_a: int, seed_b: int, frames: int =
 
 
 __all__ = [
+    "MAX_FRAMES",
     "PromptExpressionError",
     "Term",
     "blend",
+    "check_frames",
+    "check_seed",
     "combine",
     "encode_same_length",
     "generate_expression",
@@ -318,4 +358,5 @@ __all__ = [
     "seed_noise",
     "slerp",
     "txt2img_embeds",
+    "walk_end_seed",
 ]

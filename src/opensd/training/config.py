@@ -238,11 +238,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge_tables(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s keys set over it; tables merge key by key (neither input changes)."""
     out = dict(base)
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_tables(out[k], v)
         else:
             out[k] = v
     return out
@@ -261,7 +262,7 @@ def stage_config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
                 f"{cls.__name__}.model_preset: unknown preset {preset!r}; choose one of {', '.join(presets)}"
             )
         base["model"] = to_dict(presets[preset]())
-    return from_dict(cls, _merge(base, data))
+    return from_dict(cls, merge_tables(base, data))
 
 
 def load_stage_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

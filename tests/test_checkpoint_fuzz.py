@@ -155,8 +155,8 @@ def fuzz_bytes(originals: dict, root: Path, kind: str, seeds: range) -> dict[str
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_mutated_model_files_load_or_fail_cleanly(originals, tmp_path: Path, kind: str) -> None:
-    tally = fuzz_bytes(originals, tmp_path, kind, range(25))
-    assert sum(tally.values()) == 25
+    tally = fuzz_bytes(originals, tmp_path, kind, range(15))
+    assert sum(tally.values()) == 15
 
 
 @pytest.mark.slow
@@ -233,7 +233,7 @@ def json_case(originals: dict, root: Path, kind: str, data) -> None:
 
 @pytest.mark.parametrize("kind", ["opensd", "diffusers"])
 def test_json_mutations_of_model_folders_load_or_fail_cleanly(originals, tmp_path: Path, kind: str) -> None:
-    @settings(max_examples=30, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=15, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(st.data())
     def prop(data) -> None:

@@ -302,6 +302,11 @@ def broken_models(root: Path) -> dict[str, tuple[Path, str]]:
     save_opensd(model, tok, root / "bad-tokenizer")
     (root / "bad-tokenizer/tokenizer/tokenizer.json").write_text('{"model": {"type"')
     out["bad-tokenizer"] = (root / "bad-tokenizer/tokenizer/tokenizer.json", "is not valid JSON")
+    save_opensd(model, tok, root / "no-unk")  # parses, then fails on the first unknown word (found by fuzzing)
+    doc = json.loads((root / "no-unk/tokenizer/tokenizer.json").read_text())
+    del doc["model"]["vocab"]["<unk>"]
+    (root / "no-unk/tokenizer/tokenizer.json").write_text(json.dumps(doc))
+    out["no-unk"] = (root / "no-unk/tokenizer/tokenizer.json", "cannot tokenize text")
     save_opensd(model, tok, root / "bad-config")
     cfg = json.loads((root / "bad-config/config.json").read_text())
     cfg["model"]["unet"]["num_heads"] = 0

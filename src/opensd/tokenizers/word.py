@@ -31,6 +31,7 @@ BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
 META_FILE = "opensd_tokenizer.json"
 BACKEND_FILE = "tokenizer.json"
+PROBE_TEXT = "A red circle, 2 squares: (zqxjv)!"  # known and unknown words, digits, punctuation
 
 
 def _empty_backend() -> _Backend:
@@ -119,6 +120,10 @@ class WordTokenizer:
         ids = backend.get_vocab().values()
         if ids and (min(ids) < 0 or max(ids) >= backend.get_vocab_size()):
             raise TokenizerError(f"{d / BACKEND_FILE}: token ids must run from 0 to the vocabulary size - 1")
+        try:  # a file can parse and still fail on the first text (an unknown-word token not in the vocabulary)
+            backend.encode(PROBE_TEXT, add_special_tokens=False)
+        except Exception as e:  # the tokenizers library's own errors
+            raise TokenizerError(f"{d / BACKEND_FILE} cannot tokenize text: {' '.join(str(e).split())[:200]}") from None
         return tok
 
     def save(self, directory: str | Path) -> None:

@@ -386,7 +386,7 @@ def test_exact_resume_after_sigkill(tmp_path: Path) -> None:
 
 
 def test_a_checkpoint_cut_off_while_written_is_never_seen(tmp_path: Path, monkeypatch) -> None:
-    import opensd.training.loop as loop_mod
+    import opensd.training.checkpoint_store as loop_mod
 
     real = loop_mod._publish
 

@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from opensd.checkpoints.build import build_on_meta, tokenizer_for
 from opensd.checkpoints.io import (
     CheckpointError,
     StateDictMismatch,
@@ -32,10 +33,9 @@ from opensd.checkpoints.keymap_clip import (
 )
 from opensd.checkpoints.keymap_unet import from_diffusers_unet_config, to_diffusers_unet_config, unet_key_map
 from opensd.checkpoints.keymap_vae import from_diffusers_vae_config, needs_reshape, to_diffusers_vae_config, vae_key_map
-from opensd.config import ConfigError
 from opensd.diffusion.schedules import NoiseScheduleConfig
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
-from opensd.tokenizers import Tokenizer, load_tokenizer
+from opensd.tokenizers import Tokenizer
 from opensd.tokenizers.clip_bpe import CLIPTokenizer
 
 DIFFUSERS_WEIGHTS = (
@@ -122,39 +122,62 @@ def _read_component_weights(folder: Path, comp: str) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in read_weights(f).items()}
 
 
+def _sample_size(value: object, where: Path) -> int:
+    """diffusers' ``sample_size``: a positive integer, or a list of equal positive integers (height, width)."""
+    items = value if isinstance(value, list) else [value]
+    if not items or any(type(v) is not int or v < 1 for v in items) or len(set(items)) != 1:
+        raise CheckpointError(
+            f"{where}: sample_size must be a positive integer or a list of equal ones, got {value!r:.60}"
+        )
+    return items[0]
+
+
+def _component_config(file: Path, convert: Callable[[dict], object]) -> object:
+    """``convert(<the JSON object in file>)``; whatever the converter refuses is an error naming the file."""
+    data = read_json(file)
+    try:
+        return convert(data)
+    except CheckpointError:
+        raise
+    except Exception as e:  # any value of the untrusted config file that the converter trips over
+        text = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"{file}: unsupported configuration: {text}") from None
+
+
 def read_diffusers_config(folder: Path) -> SDConfig:
-    """The SDConfig of a diffusers folder, from its components' config files."""
+    """The SDConfig of a diffusers folder, from its components' config files.
+
+    Every problem is a one-line :class:`CheckpointError` naming the file at fault.
+    """
     index = read_json(folder / "model_index.json")
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if c not in index]
     if missing:
         raise CheckpointError(f"{folder / 'model_index.json'} lacks component(s): {', '.join(missing)}")
+    unet_file = folder / "unet" / "config.json"
+    unet = _component_config(unet_file, from_diffusers_unet_config)
+    sample = _sample_size(read_json(unet_file).get("sample_size", 64), unet_file)
+    vae = _component_config(folder / "vae" / "config.json", from_diffusers_vae_config)
+    text = _component_config(folder / "text_encoder" / "config.json", from_transformers_clip_config)
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    schedule = (_component_config(sched_file, NoiseScheduleConfig.from_diffusers) if sched_file.is_file()
+                else NoiseScheduleConfig())
     try:
-        unet_d = read_json(folder / "unet" / "config.json")
-        unet = from_diffusers_unet_config(unet_d)
-        vae = from_diffusers_vae_config(read_json(folder / "vae" / "config.json"))
-        text = from_transformers_clip_config(read_json(folder / "text_encoder" / "config.json"))
-        sched_file = folder / "scheduler" / "scheduler_config.json"
-        schedule = NoiseScheduleConfig.from_diffusers(read_json(sched_file)) if sched_file.is_file() else NoiseScheduleConfig()
-        sample = unet_d.get("sample_size", 64)
-        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-        return SDConfig(unet=unet, vae=vae, text=text, schedule=schedule, image_size=int(sample) * vae.downsample_factor)
-    except (ConfigError, ValueError, TypeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{folder}: unsupported configuration: {e}") from None
+        return SDConfig(unet=unet, vae=vae, text=text, schedule=schedule, image_size=sample * vae.downsample_factor)
+    except Exception as e:  # the components disagree (the U-Net's context width and the text encoder's, say)
+        text = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"{folder}: the components' configurations do not fit together: {text}") from None
 
 
 def load_diffusers(folder: str | Path) -> tuple[StableDiffusion, Tokenizer]:
     folder = Path(folder)
     cfg = read_diffusers_config(folder)
     states = {comp: _read_component_weights(folder, comp) for comp in COMPONENTS}
-    with torch.device("meta"):
-        model = StableDiffusion(cfg)
+    model = build_on_meta(cfg, sum(len(s) for s in states.values()), folder)
     own = model.state_dict()
     state = to_original_layout(cfg, states)
     state = {k: _fit(v, own[k].shape) if k in own else v for k, v in state.items()}
     load_strict(model, state, f"diffusers folder {folder}")
-    return model.eval(), load_tokenizer(folder / "tokenizer")
+    return model.eval(), tokenizer_for(folder / "tokenizer", cfg)
 
 
 # ---------------------------------------------------------------------------------------

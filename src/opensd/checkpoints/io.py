@@ -10,13 +10,12 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from opensd.errors import OpenSDError
@@ -29,7 +28,10 @@ class CheckpointError(OpenSDError):
 
 
 class StateDictMismatch(CheckpointError):
-    """A state dict does not fit a model: lists missing, unexpected and wrong-shape keys."""
+    """A state dict does not fit a model: one line naming the missing, unexpected, wrong-shape
+    and wrong-dtype keys (the first few of each; the lists are kept as attributes)."""
+
+    SHOWN = 5
 
     def __init__(
         self,
@@ -37,35 +39,40 @@ class StateDictMismatch(CheckpointError):
         missing: list[str],
         unexpected: list[str],
         wrong_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+        wrong_dtype: list[tuple[str, torch.dtype, torch.dtype]] | None = None,
     ):
         self.missing, self.unexpected, self.wrong_shape = missing, unexpected, wrong_shape
-        lines = [f"{what} does not fit the model:"]
+        self.wrong_dtype = wrong_dtype or []
+        parts = []
 
         def show(title: str, items: list[str]) -> None:
             if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines.extend(f"    {k}" for k in items[:20])
-                if len(items) > 20:
-                    lines.append(f"    ... and {len(items) - 20} more")
+                more = f", ... and {len(items) - self.SHOWN} more" if len(items) > self.SHOWN else ""
+                parts.append(f"{len(items)} {title} ({', '.join(items[: self.SHOWN])}{more})")
 
         show("missing key(s)", missing)
         show("unexpected key(s)", unexpected)
-        show(
-            "key(s) with the wrong shape (file vs model)",
-            [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in wrong_shape],
-        )
-        super().__init__("\n".join(lines))
+        show("key(s) with the wrong shape, file vs model", [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in wrong_shape])
+        show("key(s) with the wrong dtype, file vs model",
+             [f"{k}: {str(a).replace('torch.', '')} vs {str(b).replace('torch.', '')}" for k, a, b in self.wrong_dtype])
+        super().__init__(f"{what} does not fit the model: {'; '.join(parts)}")
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_PROTO = 0x80  # the first byte of a pickle of protocol >= 2 (torch's legacy format)
+_NEEDS_CODE = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat ``name -> tensor`` dict from a safetensors or a torch pickle file.
 
     Torch files are opened with ``weights_only=True``; an LDM-style ``{"state_dict": ...}``
-    wrapper is unwrapped. Raises :class:`CheckpointError` for a missing, truncated,
-    corrupt or unsafe file.
+    wrapper is unwrapped and entries that are not tensors are dropped. Every failure is a
+    one-line :class:`CheckpointError` naming the file and telling apart a file that is
+    no checkpoint at all, a truncated or corrupt one, and a pickle that needs code to
+    load (refused for safety).
     """
     path = Path(path)
     if not path.exists():
@@ -74,35 +81,81 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"not a file: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(
-                f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
-            ) from None
-    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported pickle"
-            raise CheckpointError(
-                f"{path} refused: it is a pickle that needs code to load ({first}). "
-                "opensd only loads plain tensors (torch.load weights_only=True); "
-                "convert it to .safetensors with a tool you trust."
-            ) from None
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {e}") from None
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
-        out = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if not out:
-            raise CheckpointError(f"{path} holds no tensors")
-        return out
+        return _check_tensors(_read_safetensors(path), path)
+    if suffix in TORCH_SUFFIXES:
+        return _check_tensors(_tensors_of(_read_torch(path), path), path)
     raise CheckpointError(
         f"{path}: unknown weight file type {suffix or '(none)'}; use one of {', '.join(WEIGHT_SUFFIXES)}"
     )
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or type(e).__name__)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # the parser of an untrusted file: whatever it raises, the file is at fault
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {_first_line(e)}"
+        ) from None
+
+
+def _read_torch(path: Path) -> object:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path} is empty: not a checkpoint")
+    if head != ZIP_MAGIC and head[0] != PICKLE_PROTO:
+        raise CheckpointError(
+            f"{path} is not a checkpoint at all: neither a zip archive (as torch.save writes) "
+            f"nor a pickle (it starts with {head!r})"
+        )
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # the parser of an untrusted file: whatever it raises, the file is at fault
+        code = _NEEDS_CODE.search(str(e))
+        if code:
+            raise CheckpointError(
+                f"{path} refused: it is a pickle that needs code to load ({code.group(1)}). "
+                "opensd only loads plain tensors (torch.load weights_only=True); "
+                "convert it to .safetensors with a tool you trust."
+            ) from None
+        what = str(e).split("WeightsUnpickler error:")[-1] if isinstance(e, pickle.UnpicklingError) else str(e)
+        raise CheckpointError(
+            f"{path} is a truncated or corrupt torch checkpoint: {_first_line(RuntimeError(what))}"
+        ) from None
+
+
+def _tensors_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded torch file: a dict, or an LDM ``{"state_dict": dict}``."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+# dtypes a weight can have; anything else (complex, quantised, unsigned > 8 bit...) is refused
+WEIGHT_DTYPES = frozenset({
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+})
+
+
+def _check_tensors(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    """``state`` if it is a non-empty ``str -> tensor`` dict of plain dense tensors; else a CheckpointError."""
+    if not state:
+        raise CheckpointError(f"{path} holds no tensors")
+    for k, v in state.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"{path}: tensor names must be strings, found {type(k).__name__} {k!r:.60}")
+        if v.layout != torch.strided or v.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{path}: {k} is a {v.dtype} {str(v.layout).replace('torch.', '')} tensor; "
+                                  "weights must be dense float or integer tensors")
+    return state
 
 
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -130,15 +183,16 @@ def write_json(obj: object, path: str | Path) -> None:
 
 
 def read_json(path: str | Path) -> dict:
+    """The JSON object in ``path``; a one-line :class:`CheckpointError` naming the file otherwise."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"missing file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, nested too deep
+        raise CheckpointError(f"{path} is not valid JSON: {' '.join(str(e).split())[:200]}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
 
 
@@ -164,13 +218,14 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = sorted(
-        (k, tuple(state[k].shape), tuple(own[k].shape))
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or wrong:
-        raise StateDictMismatch(what, missing, unexpected, wrong)
+    common = sorted(set(own) & set(state))
+    wrong = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in common
+             if tuple(state[k].shape) != tuple(own[k].shape)]
+    wrong_dtype = [(k, state[k].dtype, own[k].dtype) for k in common
+                   if state[k].is_floating_point() != own[k].is_floating_point()
+                   or (not own[k].is_floating_point() and state[k].dtype != own[k].dtype)]
+    if missing or unexpected or wrong or wrong_dtype:
+        raise StateDictMismatch(what, missing, unexpected, wrong, wrong_dtype)
     on_meta = any(p.is_meta for p in module.parameters())
     if on_meta:
         own_dtypes = {k: v.dtype for k, v in own.items()}

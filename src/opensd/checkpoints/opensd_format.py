@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from opensd.checkpoints.build import build_on_meta, tokenizer_for
 from opensd.checkpoints.io import CheckpointError, load_strict, read_json, read_weights, write_json, write_safetensors
 from opensd.config import ConfigError, from_dict, to_dict
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
-from opensd.tokenizers import Tokenizer, load_tokenizer
+from opensd.tokenizers import Tokenizer
 
 FORMAT = "opensd"
 VERSION = 1
@@ -48,16 +49,18 @@ def read_config(path: Path) -> SDConfig:
     try:
         return from_dict(SDConfig, data.get("model", {}), _where=f"{path / CONFIG}: model")
     except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+        raise CheckpointError(" ".join(str(e).split())) from None
+    except Exception as e:  # a value the config classes' checks trip over (a zero divisor, say)
+        raise CheckpointError(f"{path / CONFIG}: model: invalid configuration: {' '.join(str(e).split())[:200]}") from None
 
 
 def load_opensd(path: str | Path) -> tuple[StableDiffusion, Tokenizer]:
     path = Path(path)
     cfg = read_config(path)
-    with torch.device("meta"):
-        model = StableDiffusion(cfg)
-    load_strict(model, read_weights(path / WEIGHTS), f"{path / WEIGHTS}")
-    return model.eval(), load_tokenizer(path / "tokenizer")
+    state = read_weights(path / WEIGHTS)
+    model = build_on_meta(cfg, len(state), path / CONFIG)
+    load_strict(model, state, f"{path / WEIGHTS}")
+    return model.eval(), tokenizer_for(path / "tokenizer", cfg)
 
 
 def save_opensd(model: StableDiffusion, tokenizer: Tokenizer, path: str | Path,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from opensd.checkpoints.build import build_on_meta
 from opensd.checkpoints.io import CheckpointError, load_strict, read_weights, write_safetensors
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
 
@@ -73,10 +74,12 @@ def infer_config(state: dict[str, torch.Tensor]) -> SDConfig:
 def load_original(path: str | Path, config: SDConfig | None = None) -> StableDiffusion:
     """Load an original single-file checkpoint; ``config`` defaults to SD 1.5's (inferred)."""
     state = read_weights(path)
-    cfg = config or infer_config(state)
-    with torch.device("meta"):
-        model = StableDiffusion(cfg)
-    load_strict(model, network_state(state), f"checkpoint {Path(path).name}")
+    try:
+        cfg = config or infer_config(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    model = build_on_meta(cfg, len(state), path)
+    load_strict(model, network_state(state), f"checkpoint {path}")
     return model.eval()
 
 

@@ -219,13 +219,22 @@ class ModelRegistry:
             with self._lock:
                 if key in self._cache:  # loaded by another request meanwhile
                     return self._cache[key]
-            pipe = self.loader(ckpt.path)
+            pipe = self._load(ckpt)
             with self._lock:
                 self._cache[key] = pipe
                 victims = [p for p in self._cache if p not in (self._current.key, key)]
                 while len(self._cache) > self.max_loaded and victims:
                     del self._cache[victims.pop(0)]
             return pipe
+
+    def _load(self, ckpt: Checkpoint) -> StableDiffusionPipeline:
+        """``loader(ckpt.path)``; a model that cannot be loaded is a 4xx naming it (the current model stays)."""
+        try:
+            return self.loader(ckpt.path)
+        except OpenSDError as e:
+            raise ApiError(e.status if 400 <= e.status < 500 else 422,
+                           f"model {ckpt.label!r} cannot be loaded: {' '.join(str(e).split())}",
+                           kind=e.kind, param="sd_model_checkpoint") from None
 
     def switch(self, name: str) -> Checkpoint:
         """Make the model called ``name`` the current one (loading it now)."""

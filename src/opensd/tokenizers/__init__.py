@@ -122,12 +122,35 @@ def unknown_words(tokenizer: Tokenizer, text: str) -> list[str]:
     return list(dict.fromkeys(w for w in text.split() if unk in tokenizer.encode(w)))
 
 
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of a tokenizer file; a :class:`TokenizerError` naming it if unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TokenizerError(f"tokenizer file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path} is not a readable text file: {' '.join(str(e).split())[:200]}") from None
+
+
+def read_json_file(path: Path, kind: type = dict) -> object:
+    """The JSON value of a tokenizer file, which must be a ``kind``; else a :class:`TokenizerError` naming it."""
+    text = read_text_file(path)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise TokenizerError(f"{path} is not valid JSON: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(data, kind):
+        raise TokenizerError(f"{path} must hold a JSON {kind.__name__}, not {type(data).__name__}")
+    return data
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load a tokenizer saved by :meth:`Tokenizer.save`, or a diffusers ``tokenizer/`` folder.
 
     Recognises ``opensd_tokenizer.json`` (+ ``tokenizer.json``): a :class:`WordTokenizer`;
     ``vocab.json`` + ``merges.txt``: a :class:`CLIPTokenizer`. A diffusers model folder
-    (holding ``tokenizer/``) is also accepted.
+    (holding ``tokenizer/``) is also accepted. A missing, unreadable or inconsistent file
+    is a one-line :class:`TokenizerError` naming it.
     """
     d = Path(directory)
     if not d.is_dir():
@@ -136,10 +159,10 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         d = d / "tokenizer"
     meta_path = d / "opensd_tokenizer.json"
     if meta_path.exists():
-        kind = json.loads(meta_path.read_text()).get("kind")
+        kind = read_json_file(meta_path).get("kind")
         if kind == "word":
             return WordTokenizer.load(d)
-        raise TokenizerError(f"{meta_path}: unknown tokenizer kind {kind!r}; allowed: 'word'")
+        raise TokenizerError(f"{meta_path}: unknown tokenizer kind {kind!r:.60}; allowed: 'word'")
     if (d / "vocab.json").exists() and (d / "merges.txt").exists():
         return CLIPTokenizer.from_dir(d)
     raise TokenizerError(
@@ -160,6 +183,8 @@ __all__ = [
     "as_text_list",
     "frame",
     "load_tokenizer",
+    "read_json_file",
+    "read_text_file",
     "require_text",
     "unknown_words",
 ]

@@ -38,7 +38,7 @@ from pathlib import Path
 import regex
 import torch
 
-from opensd.tokenizers import TokenizerError, as_text_list, frame, require_text
+from opensd.tokenizers import TokenizerError, as_text_list, frame, read_json_file, read_text_file, require_text
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -180,13 +180,12 @@ class CLIPTokenizer:
         ``pad_token``/``context_length`` wins. Defaults: pad ``<|endoftext|>``, 77.
         """
         vocab_json, merges_txt = Path(vocab_json), Path(merges_txt)
-        for p in (vocab_json, merges_txt):
-            if not p.exists():
-                raise TokenizerError(f"tokenizer file not found: {p}")
-        vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
-        if not isinstance(vocab, dict):
-            raise TokenizerError(f"{vocab_json}: expected a JSON object token -> id")
-        lines = merges_txt.read_text(encoding="utf-8").split("\n")
+        vocab = read_json_file(vocab_json)
+        if not all(isinstance(t, str) and type(i) is int and 0 <= i < len(vocab) for t, i in vocab.items()):
+            raise TokenizerError(
+                f"{vocab_json}: expected a JSON object token -> id, the ids running from 0 to {len(vocab) - 1}"
+            )
+        lines = read_text_file(merges_txt).split("\n")
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = [_merge_pair(line, merges_txt) for line in lines if line.strip()]
@@ -196,17 +195,20 @@ class CLIPTokenizer:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins
             p = vocab_json.parent / name
             if p.exists():
-                data = json.loads(p.read_text(encoding="utf-8"))
+                data = read_json_file(p)
                 for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
                     tok = _special_token(data.get(key))
                     if tok is not None:
                         specials[key] = tok
-                if isinstance(data.get("model_max_length"), int) and data["model_max_length"] < 10_000:
+                if type(data.get("model_max_length")) is int and data["model_max_length"] < 10_000:
                     max_length = data["model_max_length"]
         if pad_token is not None:
             specials["pad_token"] = pad_token
         length = context_length if context_length is not None else (max_length or CONTEXT_LENGTH)
-        return cls(vocab, merges, context_length=length, **specials)
+        try:
+            return cls(vocab, merges, context_length=length, **specials)
+        except TokenizerError as e:
+            raise TokenizerError(f"{vocab_json.parent}: {e}") from None
 
     @classmethod
     def from_dir(cls, directory: str | Path, **kwargs: object) -> CLIPTokenizer:

@@ -33,7 +33,7 @@ import torch
 from tokenizers import Tokenizer as _Backend
 from tokenizers import models, normalizers, pre_tokenizers, trainers
 
-from opensd.tokenizers import TokenizerError, as_text_list, frame, require_text
+from opensd.tokenizers import TokenizerError, as_text_list, frame, read_json_file, require_text
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, UNK)
@@ -45,6 +45,7 @@ NUMBER_WORDS = (
 )
 # A run of ASCII digits standing on its own: not inside a word ("3d", "x2") or a decimal ("1.5", "2,5").
 _NUMBER = re.compile(r"(?<![\w.,])[0-9]+(?![\w]|[.,][0-9])")
+PROBE_TEXT = "A red circle, 2 squares: (zqxjv)!"  # known and unknown words, digits, punctuation
 
 
 def _empty_backend() -> _Backend:
@@ -110,15 +111,34 @@ class WordTokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> WordTokenizer:
-        """Read ``tokenizer.json`` + ``opensd_tokenizer.json`` written by :meth:`save`."""
+        """Read ``tokenizer.json`` + ``opensd_tokenizer.json`` written by :meth:`save`.
+
+        A missing, unreadable or inconsistent file is a :class:`TokenizerError` naming it.
+        """
         d = Path(directory)
         for name in (BACKEND_FILE, META_FILE):
-            if not (d / name).exists():
+            if not (d / name).is_file():
                 raise TokenizerError(f"word tokenizer file not found: {d / name}")
-        meta = json.loads((d / META_FILE).read_text())
+        meta = read_json_file(d / META_FILE)
         if meta.get("kind") != "word":
-            raise TokenizerError(f"{d / META_FILE}: kind is {meta.get('kind')!r}, expected 'word'")
-        return cls(_Backend.from_file(str(d / BACKEND_FILE)), meta.get("context_length"))
+            raise TokenizerError(f"{d / META_FILE}: kind is {meta.get('kind')!r:.60}, expected 'word'")
+        read_json_file(d / BACKEND_FILE)  # a clear error for a file that is no JSON object at all
+        try:
+            backend = _Backend.from_file(str(d / BACKEND_FILE))
+        except Exception as e:  # the tokenizers library's parser: whatever it raises, the file is at fault
+            raise TokenizerError(f"{d / BACKEND_FILE} is not a valid tokenizer file: {' '.join(str(e).split())[:200]}") from None
+        try:
+            tok = cls(backend, meta.get("context_length"))
+        except TokenizerError as e:
+            raise TokenizerError(f"{d}: {e}") from None
+        ids = backend.get_vocab().values()
+        if ids and (min(ids) < 0 or max(ids) >= backend.get_vocab_size()):
+            raise TokenizerError(f"{d / BACKEND_FILE}: token ids must run from 0 to the vocabulary size - 1")
+        try:  # a file can parse and still fail on the first text (an unknown-word token not in the vocabulary)
+            backend.encode(PROBE_TEXT, add_special_tokens=False)
+        except Exception as e:  # the tokenizers library's own errors
+            raise TokenizerError(f"{d / BACKEND_FILE} cannot tokenize text: {' '.join(str(e).split())[:200]}") from None
+        return tok
 
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` and ``opensd_tokenizer.json`` into ``directory``."""

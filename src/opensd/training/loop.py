@@ -15,7 +15,9 @@ losses; :func:`run_stage` does everything else:
 - **records**: a tqdm bar (loss, speed), ``log.jsonl`` (one JSON object per log or
   eval step), ``loss.png``, sample grids from the stage's ``evaluate``;
 - **checkpoints and exact resume**: ``checkpoints/step_XXXXXXXX.pt`` written to a
-  temporary file and renamed (atomic), holding the networks, optimisers, EMA, the
+  temporary file, its SHA-256 recorded beside it, then renamed (atomic; see
+  :mod:`opensd.training.checkpoint_store`: a checkpoint that fails its check is set
+  aside and resume falls back to the one before), holding the networks, optimisers, EMA, the
   python / numpy / torch RNG states of every rank and the data position (the step).
   All randomness inside a step comes from generators seeded by (seed, step, rank)
   and batches depend only on (seed, step, rank), so a run killed at any moment and
@@ -29,7 +31,7 @@ Run folder::
       log.jsonl               {"step", "kind": "train"|"eval", ...}
       loss.png
       samples/step_XXXXXXXX.png
-      checkpoints/step_XXXXXXXX.pt
+      checkpoints/step_XXXXXXXX.pt           (+ .sha256, its hash; a bad one is set aside as .pt.corrupt)
       <the stage's export>    vae/, text_encoder/ or model/
 """
 
@@ -57,6 +59,8 @@ from torch import nn
 from opensd import devices
 from opensd.config import ConfigError, to_dict
 from opensd.errors import OpenSDError
+from opensd.training import checkpoint_store as store
+from opensd.training.checkpoint_store import CHECKPOINTS, ResumeError, list_checkpoints, load_checkpoint  # noqa: F401
 from opensd.training.config import TrainConfig, config_differences
 from opensd.training.ema import EMA
 
@@ -65,11 +69,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stopped."""
 
 
-class ResumeError(OpenSDError):
-    """A run folder cannot be started or resumed as asked."""
-
-
-CHECKPOINTS = "checkpoints"
 LOG = "log.jsonl"
 PLOT = "loss.png"
 SAMPLES = "samples"
@@ -200,44 +199,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Make a fully written temporary file visible under its final name (atomic rename)."""
-    os.replace(tmp, path)
-
-
-def atomic_save(obj: Any, path: Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _publish(tmp, path)
-    return path
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the finished checkpoints in ``run_dir``, oldest first."""
-    folder = run_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    out = []
-    for p in folder.glob("step_*.pt"):
-        digits = p.stem[len("step_"):]
-        if digits.isdigit():
-            out.append((int(digits), p))
-    return sorted(out)
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint written by the loop (plain tensors and containers only)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a torn file cannot exist (atomic rename); anything else is named
-        raise ResumeError(f"cannot read checkpoint {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- the stage contract
@@ -392,6 +353,7 @@ class _Trainer:
         self.ctx = RunContext(self.run_dir, self.device, rank, world, self.cfg, resuming=False)
         self.log_path = self.run_dir / LOG
         self._pending: tuple[torch.Tensor, list] | None = None  # queued finiteness checks (GPU)
+        self.resumed_from: Path | None = None
 
     # -- setup -----------------------------------------------------------------------
 
@@ -402,15 +364,17 @@ class _Trainer:
                 f"{self.run_dir} already holds checkpoints (last: step {ckpts[-1][0]}); pass --resume to continue "
                 f"that run, or choose another out_dir"
             )
-        if not ckpts:
+        found = self._find_resumable()
+        if found is None:
             return 0, None
-        step, path = ckpts[-1]
-        state = load_checkpoint(path, self.device)
+        step, path, state = found
+        self.resumed_from = path
+        store.check_structure(state, path, self.stage.name, [], [])
         diffs = [d for d in config_differences(state["config"], to_dict(self.stage.cfg))
                  if d not in type(self.stage.cfg).RESUMABLE]
         if diffs:
             raise ResumeError(
-                f"cannot resume {self.run_dir}: the config differs from the checkpoint's in {', '.join(diffs)}; "
+                f"cannot resume from {path}: the config differs from the checkpoint's in {', '.join(diffs)}; "
                 f"only {', '.join(sorted(type(self.stage.cfg).RESUMABLE))} may change"
             )
         if step > self.cfg.steps:
@@ -433,6 +397,27 @@ class _Trainer:
             self._log({"step": step, "kind": "resume",
                        "changed": {k: [value(state["config"], k), value(new, k)] for k in changed}})
         return step, state
+
+    def _find_resumable(self) -> tuple[int, Path, dict[str, Any]] | None:
+        """Rank 0 picks the newest checkpoint that verifies (setting bad ones aside) and tells the others."""
+        ctx = self.ctx
+        found, error = None, None
+        if ctx.is_main:
+            try:
+                found = store.find_resumable(self.run_dir, self.device, lambda m: print(m, file=sys.stderr))
+            except ResumeError as e:
+                error = e
+        if ctx.world > 1:
+            choice = [None if found is None else (found[0], str(found[1])), None if error is None else str(error)]
+            dist.broadcast_object_list(choice, src=0)
+            if not ctx.is_main and choice[1] is not None:
+                error = ResumeError(choice[1])
+            elif not ctx.is_main and choice[0] is not None:
+                step, path = choice[0][0], Path(choice[0][1])
+                found = (step, path, store.load_checkpoint(path, self.device))
+        if error is not None:
+            raise error
+        return found
 
     def _setup(self) -> int:
         cfg, ctx = self.cfg, self.ctx
@@ -467,15 +452,7 @@ class _Trainer:
         if cfg.ema_decay > 0:
             ctx.emas = {k: EMA(modules[k], cfg.ema_decay) for k in self.stage.ema_groups if k in modules}
         if state is not None:
-            for k, m in modules.items():
-                m.load_state_dict(state["modules"][k])
-            for k, opt in self.optimizers.items():
-                opt.load_state_dict(state["optimizers"][k])
-            for k, ema in ctx.emas.items():
-                ema.load_state_dict(state["ema"][k])
-            rngs = state["rng"]
-            if ctx.rank < len(rngs):
-                _set_rng_state(rngs[ctx.rank], self.device)
+            self._restore(state, modules)
         if ctx.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -492,10 +469,23 @@ class _Trainer:
             tmp = self.log_path.with_name(f".{LOG}.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.log_path)
-            for stale in (self.run_dir / CHECKPOINTS).glob(".*.tmp") if (self.run_dir / CHECKPOINTS).is_dir() else ():
-                stale.unlink()
+            store.remove_leftovers(self.run_dir)
         ctx.barrier()
         return start
+
+    def _restore(self, state: dict[str, Any], modules: dict[str, nn.Module]) -> None:
+        """Load a checkpoint's modules, optimisers, EMAs and RNG states; a mismatch is one line naming it."""
+        path, emas = self.resumed_from, self.ctx.emas
+        store.check_structure(state, path, self.stage.name, list(modules), list(emas))
+        for k, m in modules.items():
+            store.restore(f"{k} module", path, lambda: m.load_state_dict(state["modules"][k]))
+        for k, opt in self.optimizers.items():
+            store.restore(f"{k} optimiser", path, lambda: opt.load_state_dict(state["optimizers"][k]))
+        for k, ema in emas.items():
+            store.restore(f"{k} EMA", path, lambda: ema.load_state_dict(state["ema"][k]))
+        rngs = state["rng"]
+        if self.ctx.rank < len(rngs):
+            store.restore("RNG states", path, lambda: _set_rng_state(rngs[self.ctx.rank], self.device))
 
     # -- pieces of a step ------------------------------------------------------------
 
@@ -528,9 +518,9 @@ class _Trainer:
             self._raise_non_finite(value, step, group, what)
 
     def _raise_non_finite(self, value: torch.Tensor, step: int, group: str, what: str) -> None:
-        ckpts = list_checkpoints(self.run_dir)
-        last = (f"the last good checkpoint is {ckpts[-1][1]} (step {ckpts[-1][0]}); resume from it with --resume "
-                f"after lowering train.lr or turning train.bf16 off") if ckpts else "no checkpoint was written yet"
+        last = store.last_good(self.run_dir) if self.ctx.is_main else "see rank 0's message for the last good checkpoint"
+        if "the last good checkpoint is" in last:
+            last += "; resume from it with --resume after lowering train.lr or turning train.bf16 off"
         local = value.detach().float().reshape(-1)
         if torch.isnan(local).any():
             shown = "NaN"
@@ -575,9 +565,7 @@ class _Trainer:
                 "ema": {k: e.state_dict() for k, e in ctx.emas.items()},
                 "rng": rngs,
             }
-            atomic_save(state, self.run_dir / CHECKPOINTS / f"step_{step:08d}.pt")
-            for _, old in list_checkpoints(self.run_dir)[: -self.cfg.keep_checkpoints]:
-                old.unlink()
+            store.write_checkpoint(state, self.run_dir, step, self.cfg.keep_checkpoints)
         ctx.barrier()
 
     def _log(self, record: dict[str, Any]) -> None:

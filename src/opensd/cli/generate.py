@@ -154,7 +154,7 @@ def register(app: typer.Typer) -> None:
         strength: float = typer.Option(1.0, help="How much of the masked part to replace."),
         mask_blur: int = typer.Option(0, "--mask-blur", help="Blur the mask's edge by N pixels (A1111's mask blur), so the seam fades."),
         masked_content: str = typer.Option(
-            "fill", "--masked-content",
+            "original", "--masked-content",
             help="What the masked part starts from: fill (the colours around it), original, latent-noise or latent-nothing (A1111's masked content).",
         ),
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,

@@ -11,11 +11,11 @@ A mask is white (1) where the image is repainted, as in A1111. Before sampling:
    mask by up to ``f - 1`` pixels, so the new object was drawn partly where the paste
    then restores the original, and came out cut.
 3. **Masked content** (:class:`MaskedContent`, A1111's ``inpainting_fill``): what the
-   masked part of the starting latent holds. Even at strength 1 the start is
-   ``init + sigma_max * noise``, and the model reads the old object through the noise
-   and tends to draw it again: ``fill`` (the default, measured best on the default
-   model by ``scripts/inpaint_success.py``) first paints the masked pixels with the
-   colours around them.
+   masked part of the starting latent holds. At strength 1 the start is
+   ``init + sigma_max * noise``, so the choice matters little there (on the default
+   model all four modes draw the requested object in 0.38 to 0.42 of the cases of
+   ``scripts/inpaint_success.py``, within its noise); below strength 1 it decides what
+   the sampler starts from. The default, ``original``, tied for the best measured.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class MaskedContent(enum.Enum):
         raise InpaintError(f"masked content must be one of {allowed}; got {value!r}")
 
 
-DEFAULT_MASKED_CONTENT = MaskedContent.FILL
+DEFAULT_MASKED_CONTENT = MaskedContent.ORIGINAL  # measured: see the module docstring
 DEFAULT_MASK_BLUR = 0
 
 
@@ -139,8 +139,9 @@ def masked_init_latent(
 ) -> torch.Tensor:
     """The starting latent with its masked cells (``mask`` 1) set as ``content`` says.
 
-    ``fill`` and ``original`` act on the pixels before encoding and leave the latent as
-    it is; ``latent-noise`` puts the seed's noise there (as A1111 does), ``latent-nothing`` zeros.
+    ``original`` and ``fill`` (done on the pixels before encoding, see
+    :func:`fill_masked`) leave the latent as it is; ``latent-noise`` puts the seed's
+    noise there (as A1111 does), ``latent-nothing`` zeros.
     """
     if content is MaskedContent.LATENT_NOISE:
         return mask * noise.to(init_latent) + (1 - mask) * init_latent

@@ -11,8 +11,11 @@ of that shape and colour whose centre lies in the mask, and no pixel outside the
 of the (blurred) mask moved by more than 1 of 255. One row per masked-content mode.
 
 A pipeline whose ``inpaint`` has no ``masked_content`` (opensd before it had one) is
-measured as it is, in one row "(no choice)": how the README's "before" number was taken,
-from a checkout of that commit.
+measured as it is, in one row "(no choice)": the README's "before" number, taken with
+this script on the sources of commit 587ae1e::
+
+    mkdir /tmp/before && git archive 587ae1e src | tar -x -C /tmp/before
+    PYTHONPATH=/tmp/before/src python scripts/inpaint_success.py -m models/opensd-shapes
 """
 
 from __future__ import annotations

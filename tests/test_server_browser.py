@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -37,13 +38,17 @@ TIMEOUT_MS = 30_000
 
 
 class SlowPipeline(StableDiffusionPipeline):
-    """The tiny pipeline with a short pause after each step, so that a poll sees sampling under way."""
+    """The tiny pipeline with a short pause after each step, so that a poll sees sampling under way.
+    ``masks`` records the mask of every request it ran (None for none)."""
 
     def __init__(self, loaded, pause: float):
         super().__init__(loaded)
         self.pause = pause
+        self.masks: list = []
 
     def generate(self, req, *, callback=None, **kw):
+        self.masks.append(kw.get("mask"))
+
         def slow(info):
             time.sleep(self.pause)
             return callback(info) if callback is not None else None
@@ -57,8 +62,11 @@ def server(tmp_path_factory):
     torch.set_num_threads(1)
     model, tok = tiny_word_bundle()
     path = save_opensd(model, tok, tmp_path_factory.mktemp("m") / "tiny-shapes")
-    with serve_in_thread(create_app(SlowPipeline(load_model(path), pause=0.02))) as url:
-        yield url
+    pipe = SlowPipeline(load_model(path), pause=0.02)
+    with serve_in_thread(create_app(pipe)) as url:
+        url_with_pipe = type("ServerUrl", (str,), {})(url)
+        url_with_pipe.pipe = pipe
+        yield url_with_pipe
     torch.set_num_threads(before)
 
 
@@ -197,3 +205,63 @@ def test_interrupt_button_stops_sampling(page) -> None:
     page.click("#interrupt")
     page.wait_for_function("() => document.getElementById('progress-text').textContent === 'Interrupted'", timeout=TIMEOUT_MS)
     assert page.eval_on_selector_all("#gallery figure", "f => f.length") == 1
+
+
+def test_no_broken_image_on_load(page) -> None:
+    """Every image the page shows on load has loaded (an <img> with no src shows a broken-image box)."""
+    shown = page.eval_on_selector_all(
+        "img", "imgs => imgs.filter(i => i.getClientRects().length > 0)"
+        ".map(i => ({id: i.id, ok: i.complete && i.naturalWidth > 0}))",
+    )
+    assert [s["id"] for s in shown if not s["ok"]] == []
+    assert page.is_hidden("#mask-editor")  # no editor before there is an image to paint on
+
+
+def _drag(page, points: list[tuple[float, float]], side: int) -> None:
+    """A mouse stroke through ``points``, given in pixels of a ``side`` x ``side`` image, over the mask canvas."""
+    canvas = page.locator("#mask-canvas")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()  # its 1 px border included
+    at = [(box["x"] + 1 + x / side * (box["width"] - 2), box["y"] + 1 + y / side * (box["height"] - 2)) for x, y in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for p in at[1:]:
+        page.mouse.move(*p, steps=8)
+    page.mouse.up()
+
+
+def test_inpainting_with_a_mask_painted_on_the_page(page, server, tmp_path: Path) -> None:
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "start.png")
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "3")
+    page.set_input_files("#init_image", str(tmp_path / "start.png"))
+    page.wait_for_selector("#mask-editor", state="visible")
+    page.fill("#brush_size", "4")
+    _drag(page, [(4, 8), (28, 8)], 32)  # a horizontal stroke across the top
+    assert page.evaluate("window.MaskEditor.hasMask()")
+    page.click("#mask-invert")
+    page.click("#mask-invert")  # twice: the stroke again
+    page.check("#mask_erase")
+    _drag(page, [(26, 8), (28, 8)], 32)  # rub out its right end
+    page.uncheck("#mask_erase")
+    page.fill("#mask_blur", "1")
+    page.select_option("#inpainting_fill", "2")
+    if os.environ.get("OPENSD_SCREENSHOTS"):
+        page.screenshot(path=os.path.join(os.environ["OPENSD_SCREENSHOTS"], "mask-editor.png"), full_page=True)
+    server.pipe.masks.clear()
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 1")
+    assert page.inner_text("#error") == ""
+    (sent,) = server.pipe.masks
+    assert sent.blur == 1 and sent.content.value == "latent-noise"
+    m = np.asarray(sent.image.convert("L")) >= 128
+    assert m.shape == (32, 32)
+    assert m[8, 5:22].all() and m[6:10, 10].all() and not m[11:, 10].any()  # the stroke, 4 px wide around y = 8
+    assert not m[8, 28:].any()  # the erased end
+    assert not m[14:].any() and not m[:4].any()  # nowhere else
+    # cleared, the mask is gone: plain img2img again
+    page.click("#mask-clear")
+    assert not page.evaluate("window.MaskEditor.hasMask()")
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 2")
+    assert server.pipe.masks[-1] is None

@@ -110,6 +110,13 @@ def _run(kind: str, pipe_args: dict, run: dict) -> None:
         typer.echo(str(path))
 
 
+def _inpaint_options(mask_blur: int, masked_content: str) -> dict:
+    """``inpaint``'s --mask-blur and --masked-content, checked before the model loads."""
+    from opensd.pipelines.inpaint import MaskedContent, check_mask_blur
+
+    return {"mask_blur": check_mask_blur(mask_blur), "masked_content": MaskedContent.parse(masked_content)}
+
+
 def _common(
     steps: int, sampler: str, karras: Optional[bool], cfg_scale: float, width: Optional[int], height: Optional[int],
     seed: Optional[int], batch_size: int, clip_skip: int, negative_prompt: str, tiled_vae: Optional[bool] = None,
@@ -188,6 +195,11 @@ def register(app: typer.Typer) -> None:
         mask: Path = typer.Argument(..., help="Same size as IMAGE; white marks what to repaint."),
         prompt: str = typer.Argument(..., help="What to paint there."),
         strength: float = typer.Option(1.0, help="How much of the masked part to replace."),
+        mask_blur: int = typer.Option(0, "--mask-blur", help="Blur the mask's edge by N pixels (A1111's mask blur), so the seam fades."),
+        masked_content: str = typer.Option(
+            "original", "--masked-content",
+            help="What the masked part starts from: fill (the colours around it), original, latent-noise or latent-nothing (A1111's masked content).",
+        ),
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
         cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
@@ -196,7 +208,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
-        _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **args}, _options(model, device, threads, out, quiet))
+        inpainting = _inpaint_options(mask_blur, masked_content)
+        _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args}, _options(model, device, threads, out, quiet))
 
     @app.command("png-info")
     @fail_cleanly

@@ -8,14 +8,16 @@ gives the same image on any device, as A1111 does); run a sampler on the denoise
 img2img starts the same loop part-way, from the encoded image plus noise at the sigma
 that ``strength`` selects. Inpainting with an ordinary model re-imposes the re-noised
 original outside the mask before every network call and in every prediction; a
-9-channel inpainting U-Net also gets the mask and the masked image's latent. The decoded
-result is pasted over the original through the mask, so pixels outside it stay exact.
+9-channel inpainting U-Net also gets the mask and the masked image's latent. The mask's
+blur, its latent cells and what the masked part starts from ("masked content") are
+:mod:`opensd.pipelines.inpaint`'s. The decoded result is pasted over the original
+through the (blurred) mask, so pixels outside its reach stay exact.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +29,16 @@ from opensd.diffusion import ClassifierFreeGuidance, Denoiser, DiscreteSchedule,
 from opensd.diffusion.registry import sample
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_pil, to_tensor
+from opensd.pipelines.inpaint import (
+    DEFAULT_MASK_BLUR,
+    DEFAULT_MASKED_CONTENT,
+    InpaintMask,
+    MaskedContent,
+    blur_mask,
+    fill_masked,
+    latent_mask as to_latent_mask,
+    masked_init_latent,
+)
 from opensd.pipelines.infotext import format_infotext
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
 from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
@@ -181,17 +193,25 @@ class StableDiffusionPipeline:
         height: int | None = None,
         seed: int | None = None,
         batch_size: int = 1,
+        mask_blur: int = DEFAULT_MASK_BLUR,
+        masked_content: MaskedContent | str | int = DEFAULT_MASKED_CONTENT,
         callback: StepCallback | None = None,
         **options: Any,
     ) -> list[Image.Image]:
-        """Repaint the white part of ``mask`` (same size as ``image``) following ``prompt``."""
+        """Repaint the white part of ``mask`` (same size as ``image``) following ``prompt``.
+
+        ``mask_blur``: Gaussian blur of the mask's edge, in pixels (A1111's mask blur).
+        ``masked_content``: what the masked part starts from, a :class:`MaskedContent`
+        (or its name, or A1111's ``inpainting_fill`` 0..3); see :mod:`opensd.pipelines.inpaint`.
+        """
         image = load_image(image)
         mask = load_image(mask, what="mask")
         if mask.size != image.size:
             raise RequestError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}; they must be the same size")
+        spec = InpaintMask(mask, mask_blur, masked_content)
         width, height = self._size_for(image, width, height)
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
-        return self.generate(req, init_image=image, mask=mask, callback=callback).images
+        return self.generate(req, init_image=image, mask=spec, callback=callback).images
 
     # ---------------------------------------------------------------- the loop
 
@@ -200,7 +220,7 @@ class StableDiffusionPipeline:
         req: GenerationRequest,
         *,
         init_image: Image.Image | None = None,
-        mask: Image.Image | None = None,
+        mask: InpaintMask | Image.Image | None = None,
         latents: torch.Tensor | None = None,
         callback: StepCallback | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -208,6 +228,9 @@ class StableDiffusionPipeline:
         should_stop: StopCheck | None = None,
     ) -> GenerationResult:
         """Run one validated request. ``latents`` (B, C, h, w) replaces the seeded noise.
+
+        ``mask``: an :class:`~opensd.pipelines.inpaint.InpaintMask` (mask, blur, masked
+        content), or a bare mask image, inpainted with the defaults of :meth:`inpaint`.
 
         ``prompt_embeds`` / ``negative_embeds`` (1 or B, L, width) replace the encoded
         prompt / negative prompt (see :mod:`opensd.prompts.arithmetic`); the request's
@@ -227,6 +250,8 @@ class StableDiffusionPipeline:
         if self.prompt_budget is not None:  # before any work; encode_prompt checks again (for direct calls)
             for name in ("prompt", "negative_prompt"):
                 check_prompt(getattr(req, name), self.tokenizer, self.prompt_budget, what=name)
+        if isinstance(mask, Image.Image):
+            mask = InpaintMask(mask)
         spec, spacing = req.resolved_sampler()
         dev, dtype = self.model.device, self.model.dtype
         f = self.cfg.vae.downsample_factor
@@ -265,12 +290,7 @@ class StableDiffusionPipeline:
                 eps = torch.cat([torch.randn(posterior.mean.shape, generator=g) for g in gens]).to(dev, dtype)
                 init_latent = self.model.vae.to_latent(posterior.mean + posterior.std * eps)
                 if mask is not None:
-                    m = mask_to_tensor(mask, req.width, req.height).to(dev, dtype)
-                    latent_mask = torch.nn.functional.interpolate(m, size=shape[2:], mode="nearest").expand(req.batch_size, -1, -1, -1)
-                    if self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
-                        masked = self.encode_pixels(pixels * (m < 0.5), req.tiled_vae, should_stop=should_stop).mode()
-                        masked = self.model.vae.to_latent(masked)
-                        inpaint_concat = torch.cat([latent_mask, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
+                    m, latent_mask, init_latent, inpaint_concat = self._mask_latents(mask, pixels, eps, init_latent, req, should_stop)
 
             if inpaint_concat is None and self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
                 # An inpainting U-Net without a mask: all of it masked, the masked image blank (A1111).
@@ -285,6 +305,8 @@ class StableDiffusionPipeline:
                 noise = latents.to(dev, torch.float32)
             else:
                 noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(dev)
+            if latent_mask is not None:  # after the noise: the seeds' draws keep their order
+                init_latent = masked_init_latent(mask.content, init_latent, latent_mask, noise)
 
             no_step = req.strength < 1.0 and int(req.steps * req.strength) < 1
             denoiser = Denoiser(self._network(inpaint_concat, req), self.schedule).with_quantize_t(
@@ -331,6 +353,26 @@ class StableDiffusionPipeline:
         return GenerationResult(images, seeds, infotexts, interrupted, warnings)
 
     # ---------------------------------------------------------------- pieces
+
+    def _mask_latents(
+        self, mask: InpaintMask, pixels: torch.Tensor, eps: torch.Tensor, init_latent: torch.Tensor, req: GenerationRequest,
+        should_stop: StopCheck | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(pixel mask (1, 1, H, W) blurred, latent mask (B, 1, h, w), init latent, 9-channel concat or None)``.
+
+        With ``fill`` the masked latent cells come from the filled image, encoded with the
+        same posterior draw ``eps``; the cells outside keep the original's latent.
+        """
+        m = mask_to_tensor(blur_mask(mask.image, mask.blur), req.width, req.height).to(pixels)
+        lm = to_latent_mask(m, tuple(init_latent.shape[2:])).expand(req.batch_size, -1, -1, -1)
+        if mask.content is MaskedContent.FILL:
+            filled = self.encode_pixels(fill_masked(pixels, m), req.tiled_vae, should_stop=should_stop)
+            init_latent = lm * self.model.vae.to_latent(filled.mean + filled.std * eps) + (1 - lm) * init_latent
+        concat = None
+        if self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
+            masked = self.model.vae.to_latent(self.encode_pixels(pixels * (m < 0.5), req.tiled_vae, should_stop=should_stop).mode())
+            concat = torch.cat([lm, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
+        return m, lm, init_latent, concat
 
     def encode_prompt(self, prompts: list[str], clip_skip: int = 1, *, should_stop: StopCheck | None = None) -> torch.Tensor:
         """(B, L, width) text embeddings; ``clip_skip`` 2 uses the penultimate layer (A1111).

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Body, Request
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
 import opensd
 from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, list_samplers, resolve_sampler
 from opensd.diffusion.schedules import SigmaSpacing
 from opensd.pipelines.infotext import parse_infotext, read_parameters
+from opensd.pipelines.inpaint import MAX_MASK_BLUR, InpaintMask, MaskedContent
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, validate
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.prompts.budget import PromptBudgetError, check_prompt
@@ -94,7 +95,7 @@ class Plan:
     schedule_label: str
     clip_skip: int
     init_image: Image.Image | None = None
-    mask: Image.Image | None = None
+    mask: InpaintMask | None = None
 
 
 def _model_for(st: ServerState, overrides: dict[str, Any]) -> StableDiffusionPipeline:
@@ -125,7 +126,7 @@ def check_prompts(st: ServerState, pipe: StableDiffusionPipeline, prompt: str, n
 
 def plan_generation(
     st: ServerState, body: Txt2ImgRequest, *, strength: float = 1.0, init_image: Image.Image | None = None,
-    mask: Image.Image | None = None,
+    mask: InpaintMask | None = None,
 ) -> Plan:
     """Resolve and check everything in ``body``; raise a 4xx :class:`ApiError` on the first problem."""
     if body.script_name:
@@ -237,7 +238,8 @@ async def _generate(request: Request, body: Txt2ImgRequest, kind: str, plan_fn) 
     return await st.queue.submit(job, work, prepare=prepare, disconnected=request.is_disconnected)
 
 
-def _img2img_inputs(st: ServerState, body: Img2ImgRequest) -> tuple[Image.Image, Image.Image | None]:
+def _img2img_inputs(st: ServerState, body: Img2ImgRequest) -> tuple[Image.Image, InpaintMask | None]:
+    """The init image and, with a mask, the mask (inverted if asked) with its blur and masked content."""
     if not body.init_images:
         raise ApiError(422, "init_images must hold one base64 image", param="init_images")
     if len(body.init_images) > 1:
@@ -254,14 +256,15 @@ def _img2img_inputs(st: ServerState, body: Img2ImgRequest) -> tuple[Image.Image,
         )
     if body.inpainting_mask_invert not in (0, 1):
         raise ApiError(422, f"inpainting_mask_invert must be 0 or 1, got {body.inpainting_mask_invert}", param="inpainting_mask_invert")
-    if not 0 <= body.mask_blur <= 64:
-        raise ApiError(422, f"mask_blur must be from 0 to 64, got {body.mask_blur}", param="mask_blur")
+    if not 0 <= body.mask_blur <= MAX_MASK_BLUR:
+        raise ApiError(422, f"mask_blur must be from 0 to {MAX_MASK_BLUR}, got {body.mask_blur}", param="mask_blur")
+    if not 0 <= body.inpainting_fill < len(MaskedContent):
+        names = ", ".join(f"{i} {m.value}" for i, m in enumerate(MaskedContent))
+        raise ApiError(422, f"inpainting_fill must be one of {names}; got {body.inpainting_fill}", param="inpainting_fill")
     mask = mask.convert("L")
     if body.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
-    if body.mask_blur:
-        mask = mask.filter(ImageFilter.GaussianBlur(body.mask_blur))
-    return image, mask
+    return image, InpaintMask(mask, body.mask_blur, MaskedContent.parse(body.inpainting_fill))
 
 
 # ---------------------------------------------------------------- generation

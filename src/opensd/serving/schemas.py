@@ -68,6 +68,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     denoising_strength: float = 0.75
     inpainting_mask_invert: int = Field(0, description="1: repaint the black part of the mask instead.")
     mask_blur: int = Field(4, description="Gaussian blur radius applied to the mask, in pixels (A1111's default 4).")
+    inpainting_fill: int = Field(
+        0, description="Masked content: 0 fill (the colours around the mask), 1 original, 2 latent noise, 3 latent nothing (A1111's)."
+    )
     include_init_images: bool = False
 
 

@@ -1,5 +1,6 @@
-// opensd web page: a form that calls /sdapi/v1/txt2img or img2img, polls /sdapi/v1/progress
-// for a live preview, and keeps a gallery of results; an Explain section that calls
+// opensd web page: a form that calls /sdapi/v1/txt2img or img2img (inpainting with the mask
+// painted in the mask editor, mask.js), polls /sdapi/v1/progress for a live preview, and
+// keeps a gallery of results; an Explain section that calls
 // /opensd/v1/explain and shows one heatmap per word and the denoising path. Plain JS, no build step.
 "use strict";
 
@@ -72,6 +73,11 @@ function payload(initImage) {
   if (initImage) {
     body.init_images = [initImage];
     body.denoising_strength = numberOrNull("denoising_strength") ?? 0.75;
+    if (window.MaskEditor.hasMask()) {
+      body.mask = window.MaskEditor.toDataURL();
+      body.mask_blur = numberOrNull("mask_blur") ?? 0;
+      body.inpainting_fill = Number($("inpainting_fill").value);
+    }
   }
   return body;
 }
@@ -259,7 +265,13 @@ $("gen-form").addEventListener("keydown", (event) => {
   }
 });
 $("interrupt").addEventListener("click", () => api(`${API}/interrupt`, { method: "POST" }).catch((e) => showError(e.message)));
-$("clear-image").addEventListener("click", () => { $("init_image").value = ""; });
+$("clear-image").addEventListener("click", () => { $("init_image").value = ""; window.MaskEditor.reset(); });
+$("init_image").addEventListener("change", () => {
+  const file = $("init_image").files[0];
+  showError("");
+  if (!file) { window.MaskEditor.reset(); return; }
+  window.MaskEditor.load(file).catch((err) => showError(`Could not show the image: ${err.message}`));
+});
 $("explain-form").addEventListener("submit", runExplain);
 $("explain-form").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {

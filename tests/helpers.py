@@ -58,6 +58,16 @@ def tiny_word_bundle(seed: int = 0):
     return randomize(StableDiffusion(cfg), seed).eval(), tok
 
 
+def tiny_loaded(seed: int = 0):
+    """:func:`tiny_word_bundle` as the :class:`LoadedModel` a pipeline takes (name "tiny", a dummy hash)."""
+    from pathlib import Path
+
+    from opensd.checkpoints import LoadedModel
+
+    model, tok = tiny_word_bundle(seed)
+    return LoadedModel(model, tok, "tiny", Path("."), "opensd", "0" * 10)
+
+
 @contextlib.contextmanager
 def one_thread_direct_loopback():
     """One torch thread, and no HTTP proxy for loopback traffic (server tests), restored after."""

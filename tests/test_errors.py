@@ -17,7 +17,7 @@ from opensd.cli.main import app as cli_app
 from opensd.devices import DeviceError, resolve_device
 from opensd.errors import OpenSDError
 
-from helpers import tiny_word_bundle
+from helpers import tiny_loaded
 
 
 def _all_modules():
@@ -71,8 +71,7 @@ def test_server_answers_a_bug_with_500_and_a_request_id_that_the_log_repeats(mon
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
     from opensd.serving import a1111, create_app
 
-    model, tok = tiny_word_bundle()
-    client = TestClient(create_app(StableDiffusionPipeline(_loaded(model, tok))), raise_server_exceptions=False)
+    client = TestClient(create_app(StableDiffusionPipeline(tiny_loaded())), raise_server_exceptions=False)
 
     def boom(*a, **k):
         raise RuntimeError("secret internal detail")
@@ -86,10 +85,3 @@ def test_server_answers_a_bug_with_500_and_a_request_id_that_the_log_repeats(mon
     rid = body["request_id"]
     assert rid in body["detail"] and any(rid in rec.getMessage() for rec in caplog.records)
 
-
-def _loaded(model, tok):
-    from pathlib import Path
-
-    from opensd.checkpoints import LoadedModel
-
-    return LoadedModel(model=model, tokenizer=tok, path=Path("tiny"), format="opensd", name="tiny", hash="0" * 10)

@@ -28,7 +28,7 @@ from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.queue import Job
 
-from helpers import SlowPipeline, one_thread_direct_loopback, tiny_word_bundle
+from helpers import tiny_loaded, SlowPipeline, one_thread_direct_loopback, tiny_word_bundle
 
 TIMEOUT = 60.0
 PAUSE = 0.1  # seconds per step of the slow pipeline
@@ -42,8 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
-    model, tok = tiny_word_bundle(seed=5)
-    return LoadedModel(model, tok, "tiny", Path("."), "opensd", "0" * 10)
+    return tiny_loaded(seed=5)
 
 
 def wait_until(condition, timeout: float = 30.0, what: str = "the condition") -> float:

@@ -12,14 +12,11 @@ import os
 import re
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from opensd.checkpoints import LoadedModel
 from opensd.explain import PathRecorder, attention_maps, path_from_recorder
@@ -29,7 +26,7 @@ from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.explain_api import default_path_steps
 
-from helpers import SlowPipeline, decode_png as decode, one_thread_direct_loopback, png_pixels as pixels, tiny_word_bundle
+from helpers import tiny_loaded, SlowPipeline, decode_png as decode, one_thread_direct_loopback, png_pixels as pixels
 
 URL = "/opensd/v1/explain"
 PROMPT = "a small blue square above a green triangle"  # eight words the tiny tokenizer knows ("a" twice)
@@ -45,8 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
-    model, tok = tiny_word_bundle(seed=3)
-    return LoadedModel(model, tok, "tiny", Path("."), "opensd", "0" * 10)
+    return tiny_loaded(seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import gc
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -26,7 +25,7 @@ from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.queue import Job
 
-from helpers import SlowPipeline, one_thread_direct_loopback, png_pixels as pixels, tiny_word_bundle
+from helpers import tiny_loaded, SlowPipeline, one_thread_direct_loopback, png_pixels as pixels
 
 TIMEOUT = 120.0
 PROMPTS = ["a red circle", "a small blue square above a green triangle", "there is a large cyan triangle"]
@@ -41,8 +40,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def loaded() -> LoadedModel:
-    model, tok = tiny_word_bundle(seed=7)
-    return LoadedModel(model, tok, "tiny", Path("."), "opensd", "0" * 10)
+    return tiny_loaded(seed=7)
 
 
 def request(i: int) -> dict:

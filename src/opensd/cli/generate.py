@@ -95,9 +95,9 @@ def _run(kind: str, pipe_args: dict, run: dict) -> None:
         check_text(pipe_args[name], what=name)
     pipe_args["seed"], drawn = _seed(pipe_args.get("seed"))
     paths = _out_paths(run["out"], pipe_args["batch_size"], pipe_args["seed"])
-    if drawn:
-        typer.echo(f"seed: {pipe_args['seed']}")
     pipe = _pipeline(run["model"], device, run["threads"])
+    if drawn:  # once the model has loaded: a bad model is the only line then
+        typer.echo(f"seed: {pipe_args['seed']}")
     for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"]):
         typer.echo(f"warning: {line}", err=True)
     progress = _Progress(not run["quiet"])

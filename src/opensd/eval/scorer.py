@@ -251,17 +251,20 @@ def _is_cut(alpha: np.ndarray, x0: int, y0: int, h: int, w: int) -> bool:
 
 def _read_blob(alpha: np.ndarray, obj: DetectedObject, x0: int, y0: int, side: float, min_px: float,
                shape: tuple[int, int], ring: float) -> list[DetectedObject]:
-    """The objects one same-coloured blob holds (``obj``: the blob measured as one object).
+    """The objects one same-coloured blob holds (``obj``: the blob measured as one object;
+    ``ring``: the neutral fraction of the pixels around the blob).
 
-    The blob itself if it looks like the shape it was read as (:func:`_fit_of` >= FIT_MIN, size
-    in R_RANGE); else the ideal shapes that together explain it better (objects that touch or
-    overlap and merged, :func:`opensd.eval.shape_fit.decompose`; or one shape whose bitten or
-    blurred outline the fill rule misread), each with the blob's colour; else the
-    blob as one object: of the shape it was read as if that still fits with IoU >= FIT_LOOSE and
-    ``ring`` (the neutral fraction of the pixels around the blob) >= RING_LOOSE (small objects at
-    32 px, blurred by a VAE; a patch of noise borders other colours), else of unknown shape. A
-    reading as one object always needs ``ring >= RING_MIN``. A blob cut by the image's edge (:func:`_is_cut`) is never
-    read as a shape.
+    1. The blob itself if it looks like the shape it was read as (:func:`_fit_of` >= FIT_MIN,
+       half side R_STRICT_MIN..R_RANGE[1], ``ring >= RING_MIN``: a patch of noise borders
+       other colours).
+    2. Else the ideal shapes that explain it better, with IoU >= FIT_MIN (objects that touch
+       or overlap and merged, :func:`opensd.eval.shape_fit.decompose`; or one shape whose
+       bitten or blurred outline the fill rule misread), each with the blob's colour.
+    3. Else the blob as one object, of the shape it was read as if that still fits with IoU
+       >= FIT_LOOSE and ``ring >= RING_LOOSE`` (small objects at 32 px, blurred by a VAE),
+       else of unknown shape.
+
+    A blob cut by the image's edge (:func:`_is_cut`) is never read as a shape.
     """
     image_area = shape[0] * shape[1]
     fit = _fit_of(obj, alpha, x0, y0)

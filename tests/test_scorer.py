@@ -192,6 +192,7 @@ def test_an_object_whose_hue_straddles_two_palette_colours_is_one_object():
     img[8:20, 14:20] = _rgb_of_hue(17)
     parsed = parse(img.astype(np.uint8))
     assert [o.shape for o in parsed.objects] == ["square"], [o.describe() for o in parsed.objects]
+    assert [o.shape for o in parse(img.transpose(1, 0, 2).astype(np.uint8)).objects] == ["square"]  # halves stacked
     j = judge(img.astype(np.uint8), _spec(O("square", count=2)))
     assert not j.correct and "found 1" in j.reason
     r = S.SIZES["small"]

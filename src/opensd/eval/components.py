@@ -1,4 +1,5 @@
-"""Connected components of a pixel mask, and a 3x3 dilation, in numpy (for the scorer)."""
+"""Connected components of a pixel mask, joining components of close hue, and a 3x3 dilation,
+in numpy (for the scorer)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,45 @@ def dilate(m: np.ndarray) -> np.ndarray:
     out[:, 1:] |= v[:, :-1]
     out[:, :-1] |= v[:, 1:]
     return out
+
+
+def merge_close_hues(labels: np.ndarray, n: int, a: np.ndarray, b: np.ndarray, tol: float) -> tuple[np.ndarray, int]:
+    """Join touching components (``labels`` from :func:`label_components`) whose mean hues, from
+    opponent coordinates ``a``, ``b`` (H, W), are within ``tol`` degrees.
+
+    Pixels take the palette colour of nearest hue, so an object whose hue sits near the middle
+    of two palette hues (a generated orange-red square) falls into two components; two objects
+    of two palette colours differ by >= 31 degrees and stay apart. Returns (labels, n) relabelled
+    0..n-1."""
+    if n < 2:
+        return labels, n
+    on = labels >= 0
+    idx = np.flatnonzero(on.ravel())
+    lab = labels.ravel()[idx]
+    mean_a = np.bincount(lab, a.ravel()[idx], n)
+    mean_b = np.bincount(lab, b.ravel()[idx], n)
+    hue = np.degrees(np.arctan2(mean_b, mean_a)) % 360
+    h, w = labels.shape
+    pairs = set()
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):  # each pixel and its 8-neighbour at (y + dy, x + dx)
+        p = labels[: h - dy, max(0, -dx): w - max(0, dx)]
+        q = labels[dy:, max(0, dx): w - max(0, -dx)]
+        touch = (p >= 0) & (q >= 0) & (p != q)
+        pairs.update(zip(p[touch].tolist(), q[touch].tolist()))
+    root = list(range(n))
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for i, j in pairs:
+        d = abs(float(hue[i]) - float(hue[j])) % 360
+        if min(d, 360 - d) < tol:
+            ri, rj = find(i), find(j)
+            root[max(ri, rj)] = min(ri, rj)
+    roots = np.array([find(i) for i in range(n)])
+    uniq, new = np.unique(roots, return_inverse=True)
+    out = labels.copy()
+    out[on] = new[labels[on]]
+    return out, len(uniq)

@@ -59,7 +59,7 @@ from opensd.data.shapes import (
     relations_between,
 )
 from opensd.errors import OpenSDError
-from opensd.eval.components import dilate, label_components
+from opensd.eval.components import dilate, label_components, merge_close_hues
 from opensd.eval.shape_fit import decompose, soft_iou, template
 
 
@@ -292,46 +292,6 @@ def _read_blob(alpha: np.ndarray, obj: DetectedObject, x0: int, y0: int, side: f
     return out
 
 
-def _merge_split_hues(labels: np.ndarray, n: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
-    """Join touching components whose mean hues are within HUE_MERGE degrees.
-
-    Pixels take the palette colour of nearest hue, so an object whose hue sits near the middle
-    of two palette hues (a generated orange-red square) falls into two components; two objects
-    of two palette colours differ by >= 31 degrees and stay apart. Returns (labels, n) relabelled
-    0..n-1."""
-    if n < 2:
-        return labels, n
-    on = labels >= 0
-    idx = np.flatnonzero(on.ravel())
-    lab = labels.ravel()[idx]
-    mean_a = np.bincount(lab, a.ravel()[idx], n)
-    mean_b = np.bincount(lab, b.ravel()[idx], n)
-    hue = np.degrees(np.arctan2(mean_b, mean_a)) % 360
-    pairs = set()
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        p = labels[max(dy, 0):labels.shape[0], max(-dx, 0):labels.shape[1] - max(dx, 0)]
-        q = labels[dy:, max(dx, 0):labels.shape[1] + min(dx, 0)][: p.shape[0]]
-        p = p[: q.shape[0]]
-        touch = (p >= 0) & (q >= 0) & (p != q)
-        pairs.update(zip(p[touch].tolist(), q[touch].tolist()))
-    root = list(range(n))
-
-    def find(i: int) -> int:
-        while root[i] != i:
-            i = root[i]
-        return i
-
-    for i, j in pairs:
-        if _hue_distance(np.float64(hue[i]), np.float64(hue[j])) < HUE_MERGE:
-            ri, rj = find(i), find(j)
-            root[max(ri, rj)] = min(ri, rj)
-    roots = np.array([find(i) for i in range(n)])
-    uniq, new = np.unique(roots, return_inverse=True)
-    out = labels.copy()
-    out[on] = new[labels[on]]
-    return out, len(uniq)
-
-
 def parse(image: Image.Image | np.ndarray) -> Parsed:
     """Read every object of a shapes-world image (PIL or uint8 (H, W, 3) array).
 
@@ -354,7 +314,7 @@ def parse(image: Image.Image | np.ndarray) -> Parsed:
     nearest[coloured] = _HUE_LUT[(hue * 2).astype(np.int64) % 720]
 
     labels, n = label_components(coloured, nearest)
-    labels, n = _merge_split_hues(labels, n, a, b)
+    labels, n = merge_close_hues(labels, n, a, b, HUE_MERGE)
     min_px = MIN_AREA_FRAC * h * w
     counts = np.bincount(labels[labels >= 0], minlength=n)
     side = math.sqrt(h * w)

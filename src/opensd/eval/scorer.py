@@ -11,18 +11,28 @@ is exact geometry instead of a learned model:
    anti-aliased or blurred edges on them) scales chroma and keeps hue exactly, so a
    pixel with chroma >= ``CHROMA_MIN`` takes the palette colour of nearest hue.
    The background is the neutral pixels' median level, nearest of BACKGROUNDS.
-2. **Objects.** 8-connected components of same-colour pixels (a union-find in
-   numpy). Each gets its core chroma (the median of its pixels above 0.75 of the
-   90th percentile: the flat interior) and a coverage map ``alpha = chroma / core``;
+2. **Objects.** An image whose neutral pixels are under ``BACKGROUND_MIN_FRAC`` of it has
+   no background for objects to stand on (a flat colour, coloured noise): no objects.
+   Otherwise 8-connected components of same-colour pixels (a union-find in numpy).
+   Each gets its core chroma (the median of its pixels above 0.75 of the 90th
+   percentile: the flat interior) and a coverage map ``alpha = chroma / core``;
    components are split again at ``alpha >= 0.5`` so objects that blur together
-   separate. Components under ``MIN_AREA_FRAC`` of the image, or whose 90th
-   percentile chroma is weak (< ``CORE_CHROMA_MIN``), are dropped.
+   separate. Components under ``MIN_AREA_FRAC`` of the image, whose 90th percentile
+   chroma is weak (< ``CORE_CHROMA_MIN``), or whose interior is not one colour
+   (:func:`_is_flat`: noise) are dropped.
 3. **Shape, size, place** from the coverage map: width and height are the sums of
    the column- and row-maxima of alpha (sub-pixel), fill = area / (width x height)
    (square 1, circle pi/4, triangle 1/2), and a triangle's area centroid sits h/6
    below its box centre. Size is small/large by the box extent against
    ``SIZE_SPLIT`` of the side; the box feeds GenEval's relation rule
    (:func:`opensd.data.shapes.relations_between`).
+4. **Checked against the ideal shape** (:func:`_read_blob`): the reading stands when
+   the ideal shape drawn in its box covers the blob with soft IoU >= ``FIT_MIN`` and
+   its size is in ``R_RANGE``. Otherwise the blob is objects that touch or overlap
+   and merged (same colour): :func:`opensd.eval.shape_fit.decompose` finds the ideal
+   shapes that explain it together, each read as an object; if none do, it is one
+   object of unknown shape. A blob cut by the image's edge (:func:`_is_cut`: noise,
+   gradients) has no shape.
 
 :func:`judge` then applies GenEval's rules per category (see its docstring), and
 :func:`score_images` averages: per-category accuracy over images, overall = mean of
@@ -32,7 +42,7 @@ the category accuracies.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -40,6 +50,7 @@ from PIL import Image
 
 from opensd.data.shapes import (
     BACKGROUNDS,
+    MAX_COUNT,
     PALETTE,
     PLURALS,
     SIZES,
@@ -48,6 +59,8 @@ from opensd.data.shapes import (
     relations_between,
 )
 from opensd.errors import OpenSDError
+from opensd.eval.components import dilate, label_components, merge_close_hues
+from opensd.eval.shape_fit import decompose, soft_iou, template
 
 
 class ScorerError(OpenSDError):
@@ -64,6 +77,17 @@ SQUARE_FILL = 0.89  # fill >= this: square (1.0); circle is pi / 4
 CIRCLE_FILL = 0.66  # fill >= this (and no shift): circle; below: nothing we know
 TRIANGLE_SHIFT = 0.05  # |area centroid - box centre| / height over this: triangle (1/6; circles, squares 0)
 BACKGROUND_TOL = 48.0  # neutral median level further than this from every background: None
+BACKGROUND_MIN_FRAC = 0.2  # objects need a background: under this neutral fraction of the image, none are read
+FIT_MIN = 0.75  # soft IoU with the ideal shape in its box that a reading of a shape stands on without question
+FIT_LOOSE = 0.5  # ... and the least it needs when no set of touching shapes explains the blob better
+RING_LOOSE = 0.75  # ... if at least this much of the pixel ring around it is background
+RING_MIN = 0.5  # any reading of one object needs this much background around it (a patch of noise has other colours)
+HUE_MERGE = 25.0  # degrees: touching components of neighbouring palette hues closer than this are one object
+EDGE_ALPHA = 0.9  # coverage at the image's edge above which an object runs off the image (see _is_cut)
+R_RANGE = (0.05, 0.27)  # an object's half box side, / image side (small 0.13, large 0.21)
+R_STRICT_MIN = 0.08  # below this half side only a loose reading (RING_LOOSE) stands
+HUE_SPREAD_MAX = 20.0  # degrees: a flat-coloured object's interior hue varies less (circular std)
+CHROMA_SPREAD_MAX = 0.2  # ... and its interior chroma's std / median less than this
 
 
 def _opponent(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,66 +111,6 @@ def _hue_distance(h: np.ndarray, ref: np.ndarray) -> np.ndarray:
 _HUE_LUT = _hue_distance((np.arange(720)[:, None] + 0.5) / 2, _PALETTE_HUES).argmin(axis=1).astype(np.int8)
 
 
-# ----------------------------------------------------------------------------- connected components
-
-def label_components(mask: np.ndarray, key: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """8-connected components of boolean ``mask`` (H, W); with ``key``, neighbours join only if keys are equal.
-
-    Returns (labels (H, W) int32 with -1 off the mask and 0..n-1 on it, n). A
-    union-find over neighbour pairs with hooking to the smaller root and pointer
-    jumping, all in numpy.
-    """
-    if mask.ndim != 2:
-        raise ScorerError(f"mask must be 2-D, got shape {mask.shape}")
-    h, w = mask.shape
-    flat = mask.ravel()
-    idx = np.flatnonzero(flat)
-    labels = np.full(h * w, -1, np.int32)
-    if idx.size == 0:
-        return labels.reshape(h, w), 0
-    k = None if key is None else key.ravel()
-    col = idx % w
-    src, dst = [], []
-    for off, ok in ((1, col < w - 1), (w, None), (w + 1, col < w - 1), (w - 1, col > 0)):
-        j = idx + off
-        keep = j < h * w if ok is None else (j < h * w) & ok
-        s, t = idx[keep], j[keep]
-        keep = flat[t]
-        if k is not None:
-            keep &= k[s] == k[t]
-        src.append(s[keep])
-        dst.append(t[keep])
-    pos = np.empty(h * w, np.int64)
-    pos[idx] = np.arange(idx.size)  # pixel -> compact node id
-    a, b = pos[np.concatenate(src)], pos[np.concatenate(dst)]
-    parent = np.arange(idx.size)
-    while True:
-        pa, pb = parent[a], parent[b]
-        diff = pa != pb
-        if not diff.any():
-            break
-        np.minimum.at(parent, np.maximum(pa[diff], pb[diff]), np.minimum(pa[diff], pb[diff]))
-        while True:  # pointer jumping until every node points at its root
-            nxt = parent[parent]
-            if np.array_equal(nxt, parent):
-                break
-            parent = nxt
-    roots, inverse = np.unique(parent, return_inverse=True)
-    labels[idx] = inverse
-    return labels.reshape(h, w), len(roots)
-
-
-def _dilate(m: np.ndarray) -> np.ndarray:
-    """3x3 binary dilation."""
-    v = m.copy()
-    v[1:] |= m[:-1]
-    v[:-1] |= m[1:]
-    out = v.copy()
-    out[:, 1:] |= v[:, :-1]
-    out[:, :-1] |= v[:, 1:]
-    return out
-
-
 # ----------------------------------------------------------------------------- parsing an image
 
 @dataclass(frozen=True)
@@ -164,6 +128,7 @@ class DetectedObject:
     area: float
     fill: float
     hue: float
+    fit: float = 1.0  # soft IoU of the object's coverage with its ideal shape (0 for a blob)
 
     def describe(self) -> str:
         return f"{self.size} {self.color or 'off-palette'} {self.shape or 'blob'}"
@@ -230,8 +195,110 @@ def _measure(
     return DetectedObject(shape, color, size, box, (cx, cy), area / image_area, fill, hue)
 
 
+def _background(rgb: np.ndarray, coloured: np.ndarray) -> tuple[str | None, float]:
+    """(name of the background, or None if no neutral level dominates; neutral fraction of the image)."""
+    neutral = rgb[~coloured].mean(axis=-1) if (~coloured).any() else np.empty(0)
+    if not neutral.size:
+        return None, 0.0
+    level = float(np.median(neutral))
+    name, ref = min(BACKGROUNDS.items(), key=lambda kv: abs(kv[1][0] - level))
+    return (name if abs(ref[0] - level) <= BACKGROUND_TOL else None), neutral.size / coloured.size
+
+
+def _is_flat(a: np.ndarray, b: np.ndarray, chroma: np.ndarray) -> bool:
+    """Whether interior pixels (opponent a, b and chroma, 1-D) have one colour, as a drawn object
+    does: hue spread (circular std) <= HUE_SPREAD_MAX and chroma std / median <= CHROMA_SPREAD_MAX.
+    Noise that happens to pass the chroma threshold in a patch varies far more."""
+    if chroma.size < 2:
+        return True
+    resultant = math.hypot(float((a / chroma).mean()), float((b / chroma).mean()))
+    spread = math.degrees(math.sqrt(-2 * math.log(min(max(resultant, 1e-9), 1.0))))
+    return spread <= HUE_SPREAD_MAX and float(chroma.std()) <= CHROMA_SPREAD_MAX * float(np.median(chroma))
+
+
+def _fit_of(obj: DetectedObject, alpha: np.ndarray, x0: int, y0: int) -> float:
+    """Soft IoU of ``alpha`` (a crop at (x0, y0)) with the ideal ``obj.shape`` in ``obj.box``."""
+    if obj.shape is None:
+        return 0.0
+    bx0, by0, bx1, by1 = obj.box
+    h, w = alpha.shape
+    tmpl = template(obj.shape, (bx0 + bx1) / 2 - x0, (by0 + by1) / 2 - y0, (bx1 - bx0) / 2, (by1 - by0) / 2, h, w)
+    return soft_iou(alpha, tmpl)
+
+
+def _in_size_range(obj: DetectedObject, side: float, r_min: float = R_RANGE[0]) -> bool:
+    r = max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]) / 2 / side
+    return r_min <= r <= R_RANGE[1]
+
+
+def _is_cut(alpha: np.ndarray, x0: int, y0: int, h: int, w: int) -> bool:
+    """Whether a blob (crop ``alpha`` at (x0, y0) of an (h, w) image) runs off the image: at least
+    2 pixels of an image edge, and a quarter of the blob's extent along it, fully covered
+    (>= EDGE_ALPHA). Scenes keep objects BORDER inside, so their edge pixels are partly covered
+    at most; noise and gradients cut by the frame have straight edges that read as squares."""
+    ch, cw = alpha.shape
+    edges = []
+    if y0 == 0:
+        edges.append((alpha[0], cw))
+    if y0 + ch == h:
+        edges.append((alpha[-1], cw))
+    if x0 == 0:
+        edges.append((alpha[:, 0], ch))
+    if x0 + cw == w:
+        edges.append((alpha[:, -1], ch))
+    return any((n := int((e >= EDGE_ALPHA).sum())) >= 2 and n >= extent / 4 for e, extent in edges)
+
+
+def _read_blob(alpha: np.ndarray, obj: DetectedObject, x0: int, y0: int, side: float, min_px: float,
+               shape: tuple[int, int], ring: float) -> list[DetectedObject]:
+    """The objects one same-coloured blob holds (``obj``: the blob measured as one object;
+    ``ring``: the neutral fraction of the pixels around the blob).
+
+    1. The blob itself if it looks like the shape it was read as (:func:`_fit_of` >= FIT_MIN,
+       half side R_STRICT_MIN..R_RANGE[1], ``ring >= RING_MIN``: a patch of noise borders
+       other colours).
+    2. Else the ideal shapes that explain it better, with IoU >= FIT_MIN (objects that touch
+       or overlap and merged, :func:`opensd.eval.shape_fit.decompose`; or one shape whose
+       bitten or blurred outline the fill rule misread), each with the blob's colour.
+    3. Else the blob as one object, of the shape it was read as if that still fits with IoU
+       >= FIT_LOOSE and ``ring >= RING_LOOSE`` (small objects at 32 px, blurred by a VAE),
+       else of unknown shape.
+
+    A blob cut by the image's edge (:func:`_is_cut`) is never read as a shape.
+    """
+    image_area = shape[0] * shape[1]
+    fit = _fit_of(obj, alpha, x0, y0)
+    if _is_cut(alpha, x0, y0, *shape):
+        return [replace(obj, shape=None, fit=fit)]
+    single = obj.shape is not None and _in_size_range(obj, side) and ring >= RING_MIN
+    if single and fit >= FIT_MIN and _in_size_range(obj, side, R_STRICT_MIN):
+        return [replace(obj, fit=fit)]
+    fits = decompose(alpha, R_RANGE[0] * side, R_RANGE[1] * side, MAX_COUNT, min_px / 2)
+    union = np.minimum(sum(f.coverage for f in fits), 1) if fits else np.zeros_like(alpha)
+    whole = soft_iou(alpha, union)
+    if whole < FIT_MIN or whole <= fit or (len(fits) == 1 and ring < RING_MIN):
+        # one object after all: a small or blurred one fits its ideal shape less well
+        loose = single and ring >= RING_LOOSE and fit >= FIT_LOOSE
+        return [replace(obj, fit=fit) if loose else replace(obj, shape=None, fit=fit)]
+    out = []
+    for f in fits:
+        mass = float(f.coverage.sum())
+        ys, xs = np.arange(alpha.shape[0]) + 0.5, np.arange(alpha.shape[1]) + 0.5
+        centre = (float(f.coverage.sum(axis=0) @ xs) / mass + x0, float(f.coverage.sum(axis=1) @ ys) / mass + y0)
+        box = (f.cx - f.r + x0, f.cy - f.r + y0, f.cx + f.r + x0, f.cy + f.r + y0)
+        size = "large" if 2 * f.r / side >= SIZE_SPLIT else "small"
+        out.append(DetectedObject(f.shape, obj.color, size, box, centre, mass / image_area, mass / (4 * f.r * f.r),
+                                  obj.hue, whole))
+    return out
+
+
 def parse(image: Image.Image | np.ndarray) -> Parsed:
-    """Read every object of a shapes-world image (PIL or uint8 (H, W, 3) array)."""
+    """Read every object of a shapes-world image (PIL or uint8 (H, W, 3) array).
+
+    An image without a background (under BACKGROUND_MIN_FRAC of it neutral: a flat colour,
+    coloured noise) holds no objects; nor does a coloured patch whose inside is not one
+    colour (:func:`_is_flat`: noise). A same-coloured blob is read by :func:`_read_blob`.
+    """
     rgb = _as_array(image)  # (H, W, 3) float32
     h, w = rgb.shape[:2]
     if min(h, w) < 8:
@@ -239,18 +306,15 @@ def parse(image: Image.Image | np.ndarray) -> Parsed:
     a, b = _opponent(rgb)
     chroma = np.hypot(a, b)
     coloured = chroma >= CHROMA_MIN
+    background, neutral_frac = _background(rgb, coloured)
+    if neutral_frac < BACKGROUND_MIN_FRAC:
+        return Parsed((), background)
     hue = np.degrees(np.arctan2(b[coloured], a[coloured])) % 360
     nearest = np.full((h, w), -1, np.int8)  # (H, W) palette index of the nearest hue, -1 if neutral
     nearest[coloured] = _HUE_LUT[(hue * 2).astype(np.int64) % 720]
 
-    neutral = rgb[~coloured].mean(axis=-1) if (~coloured).any() else np.empty(0)
-    background = None
-    if neutral.size:
-        level = float(np.median(neutral))
-        name, ref = min(BACKGROUNDS.items(), key=lambda kv: abs(kv[1][0] - level))
-        background = name if abs(ref[0] - level) <= BACKGROUND_TOL else None
-
     labels, n = label_components(coloured, nearest)
+    labels, n = merge_close_hues(labels, n, a, b, HUE_MERGE)
     min_px = MIN_AREA_FRAC * h * w
     counts = np.bincount(labels[labels >= 0], minlength=n)
     side = math.sqrt(h * w)
@@ -259,24 +323,28 @@ def parse(image: Image.Image | np.ndarray) -> Parsed:
         ys, xs = np.nonzero(labels == comp)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         mask = labels[y0:y1, x0:x1] == comp
-        ch = chroma[y0:y1, x0:x1]
+        ch, ca, cb = chroma[y0:y1, x0:x1], a[y0:y1, x0:x1], b[y0:y1, x0:x1]
         vals = ch[mask]
         top = float(np.percentile(vals, 90))
         if top < CORE_CHROMA_MIN:
             continue
-        core = float(np.median(vals[vals >= 0.75 * top]))  # the flat interior's chroma, noise averaged out
+        inner = mask & (ch >= 0.75 * top)
+        core = float(np.median(ch[inner]))  # the flat interior's chroma, noise averaged out
+        if not _is_flat(ca[inner], cb[inner], ch[inner]):
+            continue
         alpha = np.where(mask, ch / core, 0).astype(np.float32)  # unclipped: sums keep blurred mass
+        whole = labels == comp
+        ring = dilate(whole) & ~whole
+        ring_frac = float((~coloured[ring]).mean()) if ring.any() else 0.0
         sub, m = label_components(alpha >= 0.5)  # split objects that blurred together
         for s in range(m):
             strong = sub == s
             if strong.sum() < min_px / 2:
                 continue
-            support = _dilate(strong) & mask if m > 1 else mask
-            obj = _measure(
-                np.where(support, alpha, 0), strong, a[y0:y1, x0:x1], b[y0:y1, x0:x1], x0, y0, side, h * w
-            )
+            support = np.where(dilate(strong) & mask if m > 1 else mask, alpha, 0)
+            obj = _measure(support, strong, ca, cb, x0, y0, side, h * w)
             if obj.area * h * w >= min_px:
-                objects.append(obj)
+                objects.extend(_read_blob(support, obj, x0, y0, side, min_px, (h, w), ring_frac))
     objects.sort(key=lambda o: (o.center[1], o.center[0]))
     return Parsed(tuple(objects), background)
 

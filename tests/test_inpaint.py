@@ -294,7 +294,7 @@ def test_cli_only_masked_and_whole_picture(model_dir: Path, tmp_path: Path, monk
     real = sd.StableDiffusionPipeline.inpaint
     monkeypatch.setattr(sd.StableDiffusionPipeline, "inpaint", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
     base = ["inpaint", tmp_path / "in.png", tmp_path / "mask.png", PROMPT, "-m", model_dir, "--steps", 1, "-o", tmp_path / "o.png", "-q"]
-    for extra, only, padding in (([], True, 4), (["--whole-picture"], False, 4), (["--only-masked", "--only-masked-padding", 9], True, 9)):
+    for extra, only, padding in (([], True, 2), (["--whole-picture"], False, 2), (["--only-masked", "--only-masked-padding", 9], True, 9)):
         res = invoke(*base, *extra)
         assert res.exit_code == 0, res.output
         assert (seen[-1]["only_masked"], seen[-1]["only_masked_padding"]) == (only, padding)

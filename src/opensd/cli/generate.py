@@ -112,7 +112,7 @@ def _run(kind: str, pipe_args: dict, run: dict) -> None:
 
 # The CLI's inpaint area, measured with scripts/inpaint_success.py (README, Inpainting).
 CLI_ONLY_MASKED = True
-CLI_ONLY_MASKED_PADDING = 4
+CLI_ONLY_MASKED_PADDING = 2
 
 
 def _inpaint_options(mask_blur: int, masked_content: str, only_masked: bool, padding: int) -> dict:
@@ -212,8 +212,8 @@ def register(app: typer.Typer) -> None:
             CLI_ONLY_MASKED, "--only-masked/--whole-picture",
             help="Inpaint area (A1111's): only the mask's region plus --only-masked-padding, cut out and generated at "
             "the output size, so PROMPT describes just that region; or the whole picture. The CLI defaults to "
-            "--only-masked (the A1111 API to the whole picture): on the default model it draws the requested object "
-            "far more often (README, Inpainting).",
+            "--only-masked (the A1111 API to the whole picture): on the default model the README's example draws the "
+            "requested object in the mask 0.98 of the time with padding 2, 0.42 with --whole-picture (README, Inpainting).",
         ),
         only_masked_padding: int = typer.Option(
             CLI_ONLY_MASKED_PADDING, "--only-masked-padding",

@@ -21,7 +21,11 @@ A mask is white (1) where the image is repainted, as in A1111. Before sampling:
    generation size's aspect ratio and kept inside the image (:func:`crop_box`), is cut
    out, resized to the generation size, inpainted there, resized back and pasted into
    the picture through the (blurred) mask. The prompt then describes only that region,
-   which is what a model trained on whole-scene captions draws.
+   which is what a model trained on whole-scene captions draws: on the default model
+   ``scripts/inpaint_success.py --only-masked --only-masked-padding 2`` scores 0.92 to
+   0.98 against the whole picture's 0.38 to 0.42 (README, Inpainting). The library and
+   the A1111 API default to the whole picture (A1111's API default) with A1111's
+   padding 32; the CLI and the web page to only masked, padding 2.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """How often inpainting draws the requested object in the mask and leaves the rest alone.
 
     python scripts/inpaint_success.py [-m MODEL] [--n 50] [--steps 20] [--cfg-scale 7.5] [--mask-blur 0]
+                                      [--only-masked] [--only-masked-padding 32]
 
 The README's example, ``opensd inpaint in.png mask.png "a green triangle"``, scored
 exactly: for seed i, a shapes-world scene (one or two objects, the model's size), a
@@ -9,6 +10,8 @@ COLOUR SHAPE" naming a different shape (a colour the training data shows on it).
 inpainting succeeds when the scorer (:func:`opensd.eval.scorer.parse`) finds an object
 of that shape and colour whose centre lies in the mask, and no pixel outside the reach
 of the (blurred) mask moved by more than 1 of 255. One row per masked-content mode.
+``--only-masked`` inpaints only the mask's region plus ``--only-masked-padding`` pixels
+(A1111's "Inpaint area: Only masked"; see :mod:`opensd.pipelines.inpaint`).
 
 A pipeline whose ``inpaint`` has no ``masked_content`` (opensd before it had one) is
 measured as it is, in one row "(no choice)": the README's "before" number, taken with
@@ -72,6 +75,8 @@ def main() -> None:
     ap.add_argument("--cfg-scale", type=float, default=7.5)
     ap.add_argument("--strength", type=float, default=1.0)
     ap.add_argument("--mask-blur", type=int, default=0)
+    ap.add_argument("--only-masked", action="store_true", help="inpaint only the mask's region (default: the whole picture)")
+    ap.add_argument("--only-masked-padding", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     pipe = opensd.load(resolve_model(args.model))
@@ -85,11 +90,14 @@ def main() -> None:
         modes = [None]
     todo = cases(args.n, size)
     print(f"{args.n} inpaintings per row, {size} px, {args.steps} steps of DPM++ 2M, CFG {args.cfg_scale}, "
-          f"strength {args.strength}, mask blur {args.mask_blur}")
+          f"strength {args.strength}, mask blur {args.mask_blur}, "
+          + (f"only masked, padding {args.only_masked_padding}" if args.only_masked else "whole picture"))
     print("| masked content | success | object in the mask | rest unchanged |")
     print("|---|---|---|---|")
     for mode in modes:
         extra = {"masked_content": mode, "mask_blur": args.mask_blur} if mode is not None else {}
+        if args.only_masked:
+            extra.update(only_masked=True, only_masked_padding=args.only_masked_padding)
         hits = kept = both = 0
         for i, (image, mask, prompt, shape, color) in enumerate(todo):
             out = pipe.inpaint(image, Image.fromarray(mask), prompt, steps=args.steps, cfg_scale=args.cfg_scale,

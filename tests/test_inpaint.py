@@ -1,5 +1,6 @@
-"""Inpainting's mask handling: masked content, mask blur and the latent mask, in the library,
-the CLI (`opensd inpaint --mask-blur --masked-content`) and the server (`inpainting_fill`)."""
+"""Inpainting's mask handling: masked content, mask blur, the latent mask and "only masked", in
+the library, the CLI (`opensd inpaint --mask-blur --masked-content --only-masked`) and the
+server (`inpainting_fill`, `inpaint_full_res`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
+from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 import opensd
@@ -24,6 +25,7 @@ from opensd.pipelines.inpaint import (
     InpaintError,
     InpaintMask,
     MaskedContent,
+    crop_box,
     fill_masked,
     latent_mask,
 )
@@ -176,6 +178,89 @@ def test_a_bare_mask_image_gets_the_default_masked_content(pipe, monkeypatch) ->
     assert pipe.inpaint.__kwdefaults__["masked_content"] is DEFAULT_MASKED_CONTENT
 
 
+# ---------------------------------------------------------------- only masked
+
+
+def box_mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    m = Image.new("L", size, 0)
+    m.paste(255, box)
+    return m
+
+
+def test_crop_box_pads_the_masks_bounding_box() -> None:
+    m = box_mask((64, 64), (20, 24, 30, 34))  # 10 x 10 at (20, 24)
+    assert crop_box(m, 0, (64, 64)) == (20, 24, 30, 34)
+    assert crop_box(m, 5, (64, 64)) == (15, 19, 35, 39)
+    assert crop_box(Image.new("L", (64, 64), 0), 5, (64, 64)) is None
+
+
+def test_crop_box_stays_inside_the_image() -> None:
+    m = box_mask((64, 64), (0, 2, 6, 8))  # in the top left corner
+    assert crop_box(m, 4, (64, 64)) == (0, 0, 12, 12)  # padding clamped at 0, then grown to a square
+    assert crop_box(box_mask((32, 32), (0, 0, 32, 32)), 8, (32, 32)) == (0, 0, 32, 32)
+    # a tall mask in a wide image: grown sideways to 2:1 but shifted to stay inside
+    m = box_mask((64, 32), (58, 4, 62, 12))  # 4 x 8 at the right edge
+    left, top, right, bottom = crop_box(m, 0, (64, 32))
+    assert (right - left, bottom - top) == (16, 8) and right == 64 and (top, bottom) == (4, 12)
+
+
+def test_crop_box_grows_to_the_generation_aspect_ratio() -> None:
+    m = box_mask((64, 64), (20, 30, 40, 34))  # 20 wide, 4 high
+    left, top, right, bottom = crop_box(m, 0, (64, 64))
+    assert (left, right) == (20, 40) and bottom - top == 20 and top <= 30 and bottom >= 34
+    left, top, right, bottom = crop_box(m, 0, (64, 32))  # 2:1: 20 x 10
+    assert (left, right, bottom - top) == (20, 40, 10)
+    m = box_mask((64, 64), (30, 10, 34, 50))  # 4 wide, 40 high: grown to 40 x 40
+    left, top, right, bottom = crop_box(m, 0, (64, 64))
+    assert (top, bottom) == (10, 50) and (right - left) == 40 and left <= 30 and right >= 34
+
+
+def test_only_masked_inpaints_the_region_at_the_generation_size(pipe, monkeypatch) -> None:
+    """The crop (mask plus padding) is what the sampler sees, upscaled to the request's size."""
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[:, :16] = (200, 30, 30)  # red left half, blue right half
+    a[:, 16:] = (30, 30, 200)
+    image = Image.fromarray(a)
+    mask = box_mask((32, 32), (4, 4, 12, 12))
+    seen = []
+    real = sd.to_tensor
+    monkeypatch.setattr(sd, "to_tensor", lambda im, w, h: seen.append((im.size, np.asarray(im.convert("RGB")), (w, h))) or real(im, w, h))
+    spy = Spy(monkeypatch)
+    out = pipe.inpaint(image, mask, PROMPT, steps=1, sampler="euler", seed=1, only_masked=True, only_masked_padding=2)[0]
+    assert out.size == (32, 32)
+    (size, pixels, wanted), = seen
+    assert size == wanted == (32, 32)  # the 12 px crop, resized to the generation size
+    assert (np.abs(pixels.astype(int) - (200, 30, 30)).max(axis=2) <= 2).all()  # all of it from the red half
+    assert tuple(spy.calls[0]["noise"].shape[2:]) == (32 // pipe.cfg.vae.downsample_factor,) * 2
+    assert spy.mask.float().mean() < 0.75  # the mask fills much of the crop, not all of it
+    whole = pipe.inpaint(image, mask, PROMPT, steps=1, sampler="euler", seed=1)[0]
+    assert seen[-1][1].shape == (32, 32, 3) and (seen[-1][1][:, 16:] == (30, 30, 200)).all()  # the whole picture
+    assert not np.array_equal(np.asarray(out), np.asarray(whole))
+
+
+@pytest.mark.parametrize("blur", [0, 2])
+def test_only_masked_leaves_the_pixels_outside_the_masks_reach_exact(pipe, blur) -> None:
+    image, mask = scene()
+    out = pipe.inpaint(image, mask, PROMPT, steps=2, seed=5, mask_blur=blur, only_masked=True, only_masked_padding=3)[0]
+    reach = np.asarray(mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask) > 0
+    got, original = np.asarray(out, np.int16), np.asarray(image, np.int16)
+    assert (got[~reach] == original[~reach]).all()
+    assert np.abs(got[np.asarray(mask) > 0] - original[np.asarray(mask) > 0]).max() > 0  # the mask was repainted
+
+
+def test_only_masked_with_an_empty_mask_changes_nothing(pipe) -> None:
+    image, _ = scene()
+    out = pipe.inpaint(image, Image.new("L", (32, 32), 0), PROMPT, steps=1, seed=1, only_masked=True)[0]
+    assert np.array_equal(np.asarray(out), np.asarray(image))
+
+
+@pytest.mark.parametrize("padding", [-1, 257, 1.5, True])
+def test_only_masked_padding_is_checked(pipe, padding) -> None:
+    image, mask = scene()
+    with pytest.raises(InpaintError, match="only-masked padding must be a whole number of pixels from 0 to 256"):
+        pipe.inpaint(image, mask, PROMPT, steps=1, only_masked=True, only_masked_padding=padding)
+
+
 # ---------------------------------------------------------------- CLI and server
 
 
@@ -199,6 +284,23 @@ def test_cli_inpaint_takes_mask_blur_and_masked_content(model_dir: Path, tmp_pat
         res = invoke("inpaint", tmp_path / "in.png", tmp_path / "mask.png", PROMPT, "-m", model_dir, flag, value, "-o", out)
         assert res.exit_code == 2 and res.output.startswith("error: ") and message in res.output, res.output
         assert "Traceback" not in res.output
+
+
+def test_cli_only_masked_and_whole_picture(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    image, mask = scene()
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    seen = []
+    real = sd.StableDiffusionPipeline.inpaint
+    monkeypatch.setattr(sd.StableDiffusionPipeline, "inpaint", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw))
+    base = ["inpaint", tmp_path / "in.png", tmp_path / "mask.png", PROMPT, "-m", model_dir, "--steps", 1, "-o", tmp_path / "o.png", "-q"]
+    for extra, only, padding in (([], True, 2), (["--whole-picture"], False, 2), (["--only-masked", "--only-masked-padding", 9], True, 9)):
+        res = invoke(*base, *extra)
+        assert res.exit_code == 0, res.output
+        assert (seen[-1]["only_masked"], seen[-1]["only_masked_padding"]) == (only, padding)
+    res = invoke(*base, "--only-masked-padding", 300)
+    assert res.exit_code == 2 and res.output.startswith("error: only-masked padding must be a whole number of pixels from 0 to 256"), res.output
+    assert len(seen) == 3  # refused before the model ran
 
 
 def test_cli_defaults_are_the_library_defaults() -> None:
@@ -239,3 +341,34 @@ def test_server_inpainting_fill_and_mask_blur(model_dir: Path, monkeypatch) -> N
         assert r.status_code == 422 and "inpainting_fill must be one of 0 fill, 1 original, 2 latent-noise, 3 latent-nothing" in r.text
         r = client.post("/sdapi/v1/img2img", json={**body, "mask_blur": 65})
         assert r.status_code == 422 and "mask_blur must be from 0 to 64" in r.text
+
+
+def test_server_inpaint_full_res_and_its_padding(model_dir: Path, monkeypatch) -> None:
+    image, mask = scene()
+    pipe = opensd.load(model_dir)
+    seen = []
+    real = pipe.generate
+
+    def generate(req, **kw):
+        seen.append(kw["mask"])
+        return real(req, **kw)
+
+    monkeypatch.setattr(pipe, "generate", generate)
+    body = {"init_images": [b64png(image)], "mask": b64png(mask), "prompt": PROMPT, "steps": 1, "seed": 3,
+            "denoising_strength": 1.0, "mask_blur": 0}
+    with TestClient(create_app(pipe)) as client:
+        r = client.post("/sdapi/v1/img2img", json=body)
+        assert r.status_code == 200, r.text
+        assert not seen[0].only_masked and seen[0].padding == 32  # A1111's API: the whole picture
+        seen.clear()
+        r = client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res": True, "inpaint_full_res_padding": 6})
+        assert r.status_code == 200, r.text
+        assert seen[0].only_masked and seen[0].padding == 6
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+        keep = np.asarray(mask) == 0
+        assert (got[keep] == np.asarray(image)[keep]).all()
+        for value in (-1, 257):
+            r = client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res": True, "inpaint_full_res_padding": value})
+            assert r.status_code == 422 and "inpaint_full_res_padding must be from 0 to 256 pixels" in r.text, r.text
+        r = client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res": "sometimes"})
+        assert r.status_code == 422 and "inpaint_full_res" in r.text, r.text

@@ -246,22 +246,31 @@ def test_inpainting_with_a_mask_painted_on_the_page(page, server, tmp_path: Path
     page.uncheck("#mask_erase")
     page.fill("#mask_blur", "1")
     page.select_option("#inpainting_fill", "2")
+    assert page.is_checked("#inpaint_full_res")  # only masked by default, as the CLI
+    page.fill("#inpaint_full_res_padding", "6")
     if os.environ.get("OPENSD_SCREENSHOTS"):
         page.screenshot(path=os.path.join(os.environ["OPENSD_SCREENSHOTS"], "mask-editor.png"), full_page=True)
     server.pipe.masks.clear()
     page.click("#generate")
     page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 1")
     assert page.inner_text("#error") == ""
-    (sent,) = server.pipe.masks
+    sent = server.pipe.masks[0]  # (only masked calls generate again, on the cut-out region)
     assert sent.blur == 1 and sent.content.value == "latent-noise"
+    assert sent.only_masked and sent.padding == 6
     m = np.asarray(sent.image.convert("L")) >= 128
     assert m.shape == (32, 32)
     assert m[8, 5:22].all() and m[6:10, 10].all() and not m[11:, 10].any()  # the stroke, 4 px wide around y = 8
     assert not m[8, 28:].any()  # the erased end
     assert not m[14:].any() and not m[:4].any()  # nowhere else
+    page.uncheck("#inpaint_full_res")  # the whole picture
+    server.pipe.masks.clear()
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 2")
+    (sent,) = server.pipe.masks
+    assert not sent.only_masked
     # cleared, the mask is gone: plain img2img again
     page.click("#mask-clear")
     assert not page.evaluate("window.MaskEditor.hasMask()")
     page.click("#generate")
-    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 2")
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 3")
     assert server.pipe.masks[-1] is None

@@ -110,11 +110,19 @@ def _run(kind: str, pipe_args: dict, run: dict) -> None:
         typer.echo(str(path))
 
 
-def _inpaint_options(mask_blur: int, masked_content: str) -> dict:
-    """``inpaint``'s --mask-blur and --masked-content, checked before the model loads."""
-    from opensd.pipelines.inpaint import MaskedContent, check_mask_blur
+# The CLI's inpaint area, measured with scripts/inpaint_success.py (README, Inpainting).
+CLI_ONLY_MASKED = True
+CLI_ONLY_MASKED_PADDING = 2
 
-    return {"mask_blur": check_mask_blur(mask_blur), "masked_content": MaskedContent.parse(masked_content)}
+
+def _inpaint_options(mask_blur: int, masked_content: str, only_masked: bool, padding: int) -> dict:
+    """``inpaint``'s --mask-blur, --masked-content, --only-masked and its padding, checked before the model loads."""
+    from opensd.pipelines.inpaint import MaskedContent, check_mask_blur, check_padding
+
+    return {
+        "mask_blur": check_mask_blur(mask_blur), "masked_content": MaskedContent.parse(masked_content),
+        "only_masked": only_masked, "only_masked_padding": check_padding(padding),
+    }
 
 
 def _common(
@@ -200,6 +208,17 @@ def register(app: typer.Typer) -> None:
             "original", "--masked-content",
             help="What the masked part starts from: fill (the colours around it), original, latent-noise or latent-nothing (A1111's masked content).",
         ),
+        only_masked: bool = typer.Option(
+            CLI_ONLY_MASKED, "--only-masked/--whole-picture",
+            help="Inpaint area (A1111's): only the mask's region plus --only-masked-padding, cut out and generated at "
+            "the output size, so PROMPT describes just that region; or the whole picture. The CLI defaults to "
+            "--only-masked (the A1111 API to the whole picture): on the default model the README's example draws the "
+            "requested object in the mask 0.98 of the time with padding 2, 0.42 with --whole-picture (README, Inpainting).",
+        ),
+        only_masked_padding: int = typer.Option(
+            CLI_ONLY_MASKED_PADDING, "--only-masked-padding",
+            help="With --only-masked: pixels of the picture kept around the mask's bounding box as context.",
+        ),
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
         cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
@@ -208,7 +227,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
-        inpainting = _inpaint_options(mask_blur, masked_content)
+        inpainting = _inpaint_options(mask_blur, masked_content, only_masked, only_masked_padding)
         _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args}, _options(model, device, threads, out, quiet))
 
     @app.command("png-info")

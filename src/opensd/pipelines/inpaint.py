@@ -16,12 +16,24 @@ A mask is white (1) where the image is repainted, as in A1111. Before sampling:
    model all four modes draw the requested object in 0.38 to 0.42 of the cases of
    ``scripts/inpaint_success.py``, within its noise); below strength 1 it decides what
    the sampler starts from. The default, ``original``, tied for the best measured.
+4. **Only masked** (A1111's "Inpaint area: Only masked", ``inpaint_full_res``): instead
+   of the whole picture, the mask's bounding box plus ``padding`` pixels, grown to the
+   generation size's aspect ratio and kept inside the image (:func:`crop_box`), is cut
+   out, resized to the generation size, inpainted there, resized back and pasted into
+   the picture through the (blurred) mask. The prompt then describes only that region,
+   which is what a model trained on whole-scene captions draws: on the default model
+   ``scripts/inpaint_success.py --only-masked --only-masked-padding 2`` scores 0.92 to
+   0.98 against the whole picture's 0.38 to 0.42 (README, Inpainting). The library and
+   the A1111 API default to the whole picture (A1111's API default) with A1111's
+   padding 32; the CLI and the web page to only masked, padding 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +42,7 @@ from PIL import Image, ImageFilter
 from opensd.errors import OpenSDError
 
 MAX_MASK_BLUR = 64
+MAX_ONLY_MASKED_PADDING = 256  # A1111's slider's end
 
 
 class InpaintError(OpenSDError):
@@ -65,6 +78,7 @@ class MaskedContent(enum.Enum):
 
 DEFAULT_MASKED_CONTENT = MaskedContent.ORIGINAL  # measured: see the module docstring
 DEFAULT_MASK_BLUR = 0
+DEFAULT_ONLY_MASKED_PADDING = 32  # A1111's default, in pixels of the generation size
 
 
 @dataclass(frozen=True)
@@ -74,12 +88,17 @@ class InpaintMask:
     image: Image.Image
     blur: int = DEFAULT_MASK_BLUR
     content: MaskedContent = DEFAULT_MASKED_CONTENT
+    only_masked: bool = False  # inpaint the mask's region at the generation size (see the module docstring)
+    padding: int = DEFAULT_ONLY_MASKED_PADDING  # only masked: pixels of context around the mask
 
     def __post_init__(self) -> None:
         if not isinstance(self.image, Image.Image):
             raise InpaintError(f"the mask must be an image, got {type(self.image).__name__}")
         check_mask_blur(self.blur)
         object.__setattr__(self, "content", MaskedContent.parse(self.content))
+        if not isinstance(self.only_masked, bool):
+            raise InpaintError(f"only masked must be true or false, got {self.only_masked!r}")
+        check_padding(self.padding)
 
 
 def check_mask_blur(blur: int) -> int:
@@ -87,6 +106,72 @@ def check_mask_blur(blur: int) -> int:
     if isinstance(blur, bool) or not isinstance(blur, int) or not 0 <= blur <= MAX_MASK_BLUR:
         raise InpaintError(f"mask blur must be a whole number of pixels from 0 to {MAX_MASK_BLUR}, got {blur!r}")
     return blur
+
+
+def check_padding(padding: int) -> int:
+    """``padding`` when it is a whole number of pixels from 0 to MAX_ONLY_MASKED_PADDING, else :class:`InpaintError`."""
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= MAX_ONLY_MASKED_PADDING:
+        raise InpaintError(
+            f"only-masked padding must be a whole number of pixels from 0 to {MAX_ONLY_MASKED_PADDING}, got {padding!r}"
+        )
+    return padding
+
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive), as PIL's crop
+
+
+def crop_box(mask: Image.Image, padding: int, aspect: tuple[int, int]) -> Box | None:
+    """The region "only masked" inpaints: the bounding box of the mask's nonzero pixels,
+    ``padding`` pixels wider on every side, grown along its short side (centred) until its
+    width:height is ``aspect``'s, and kept inside the mask's image (shifted, then clamped
+    when the image itself is too small). None when nothing is masked."""
+    bbox = mask.convert("L").getbbox()
+    if bbox is None:
+        return None
+    size = mask.size
+    lo = [max(0, bbox[0] - padding), max(0, bbox[1] - padding)]
+    hi = [min(size[0], bbox[2] + padding), min(size[1], bbox[3] + padding)]
+    w, h = hi[0] - lo[0], hi[1] - lo[1]
+    ratio = aspect[0] / aspect[1]
+    grow, want = (1, round(w / ratio)) if w / h > ratio else (0, round(h * ratio))
+    have = hi[grow] - lo[grow]
+    if want > have:
+        new_lo = lo[grow] - (want - have) // 2
+        new_lo = max(0, min(new_lo, size[grow] - want))
+        lo[grow], hi[grow] = new_lo, min(size[grow], new_lo + want)
+    return lo[0], lo[1], hi[0], hi[1]
+
+
+def inpaint_only_masked(
+    run: Callable[[Image.Image, "InpaintMask"], Any], size: tuple[int, int], image: Image.Image, mask: "InpaintMask"
+) -> Any:
+    """A1111's "only masked". ``run(image, mask)`` inpaints the whole of a ``size`` image
+    and returns a result with ``.images`` (a dataclass; the pipeline's GenerationResult).
+
+    The image and mask are resized to ``size``, the mask blurred; :func:`crop_box` is cut
+    out of both, resized to ``size`` and inpainted by ``run`` (its mask already blurred);
+    each image comes back resized to the box and pasted through the blurred mask, so
+    pixels outside its reach stay exact. Nothing masked: ``run`` on the whole picture.
+    """
+    lanczos = Image.Resampling.LANCZOS
+    image = image.convert("RGB")
+    image = image if image.size == size else image.resize(size, lanczos)
+    m = mask.image.convert("L")
+    blurred = blur_mask(m if m.size == size else m.resize(size, lanczos), mask.blur)
+    box = crop_box(blurred, mask.padding, size)
+    if box is None:
+        return run(image, dataclasses.replace(mask, only_masked=False))
+    region = image.crop(box).resize(size, lanczos)
+    region_mask = blurred.crop(box).resize(size, lanczos)
+    inner = run(region, dataclasses.replace(mask, image=region_mask, blur=0, only_masked=False))
+    images = []
+    for im in inner.images:
+        layer = image.copy()
+        layer.paste(im.resize((box[2] - box[0], box[3] - box[1]), lanczos), box[:2])
+        out = Image.composite(layer, image, blurred)
+        out.info["parameters"] = im.info.get("parameters", "")
+        images.append(out)
+    return dataclasses.replace(inner, images=images)
 
 
 def blur_mask(mask: Image.Image, blur: int) -> Image.Image:

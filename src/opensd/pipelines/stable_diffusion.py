@@ -32,10 +32,12 @@ from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_p
 from opensd.pipelines.inpaint import (
     DEFAULT_MASK_BLUR,
     DEFAULT_MASKED_CONTENT,
+    DEFAULT_ONLY_MASKED_PADDING,
     InpaintMask,
     MaskedContent,
     blur_mask,
     fill_masked,
+    inpaint_only_masked,
     latent_mask as to_latent_mask,
     masked_init_latent,
 )
@@ -195,6 +197,8 @@ class StableDiffusionPipeline:
         batch_size: int = 1,
         mask_blur: int = DEFAULT_MASK_BLUR,
         masked_content: MaskedContent | str | int = DEFAULT_MASKED_CONTENT,
+        only_masked: bool = False,
+        only_masked_padding: int = DEFAULT_ONLY_MASKED_PADDING,
         callback: StepCallback | None = None,
         **options: Any,
     ) -> list[Image.Image]:
@@ -203,12 +207,14 @@ class StableDiffusionPipeline:
         ``mask_blur``: Gaussian blur of the mask's edge, in pixels (A1111's mask blur).
         ``masked_content``: what the masked part starts from, a :class:`MaskedContent`
         (or its name, or A1111's ``inpainting_fill`` 0..3); see :mod:`opensd.pipelines.inpaint`.
+        ``only_masked``: inpaint only the mask's region plus ``only_masked_padding`` pixels,
+        cut out and generated at the output size (A1111's "Inpaint area: Only masked").
         """
         image = load_image(image)
         mask = load_image(mask, what="mask")
         if mask.size != image.size:
             raise RequestError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}; they must be the same size")
-        spec = InpaintMask(mask, mask_blur, masked_content)
+        spec = InpaintMask(mask, mask_blur, masked_content, only_masked, only_masked_padding)
         width, height = self._size_for(image, width, height)
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
         return self.generate(req, init_image=image, mask=spec, callback=callback).images
@@ -252,6 +258,14 @@ class StableDiffusionPipeline:
                 check_prompt(getattr(req, name), self.tokenizer, self.prompt_budget, what=name)
         if isinstance(mask, Image.Image):
             mask = InpaintMask(mask)
+        if mask is not None and mask.only_masked:
+            return inpaint_only_masked(
+                lambda image, m: self.generate(
+                    req, init_image=image, mask=m, latents=latents, callback=callback, prompt_embeds=prompt_embeds,
+                    negative_embeds=negative_embeds, should_stop=should_stop,
+                ),
+                (req.width, req.height), init_image, mask,
+            )
         spec, spacing = req.resolved_sampler()
         dev, dtype = self.model.device, self.model.dtype
         f = self.cfg.vae.downsample_factor

@@ -27,7 +27,7 @@ import opensd
 from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, list_samplers, resolve_sampler
 from opensd.diffusion.schedules import SigmaSpacing
 from opensd.pipelines.infotext import parse_infotext, read_parameters
-from opensd.pipelines.inpaint import MAX_MASK_BLUR, InpaintMask, MaskedContent
+from opensd.pipelines.inpaint import MAX_MASK_BLUR, MAX_ONLY_MASKED_PADDING, InpaintMask, MaskedContent
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, validate
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.prompts.budget import PromptBudgetError, check_prompt
@@ -239,7 +239,7 @@ async def _generate(request: Request, body: Txt2ImgRequest, kind: str, plan_fn) 
 
 
 def _img2img_inputs(st: ServerState, body: Img2ImgRequest) -> tuple[Image.Image, InpaintMask | None]:
-    """The init image and, with a mask, the mask (inverted if asked) with its blur and masked content."""
+    """The init image and, with a mask, the mask (inverted if asked) with its blur, masked content and inpaint area."""
     if not body.init_images:
         raise ApiError(422, "init_images must hold one base64 image", param="init_images")
     if len(body.init_images) > 1:
@@ -261,10 +261,16 @@ def _img2img_inputs(st: ServerState, body: Img2ImgRequest) -> tuple[Image.Image,
     if not 0 <= body.inpainting_fill < len(MaskedContent):
         names = ", ".join(f"{i} {m.value}" for i, m in enumerate(MaskedContent))
         raise ApiError(422, f"inpainting_fill must be one of {names}; got {body.inpainting_fill}", param="inpainting_fill")
+    if not 0 <= body.inpaint_full_res_padding <= MAX_ONLY_MASKED_PADDING:
+        raise ApiError(
+            422, f"inpaint_full_res_padding must be from 0 to {MAX_ONLY_MASKED_PADDING} pixels, got {body.inpaint_full_res_padding}",
+            param="inpaint_full_res_padding",
+        )
     mask = mask.convert("L")
     if body.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
-    return image, InpaintMask(mask, body.mask_blur, MaskedContent.parse(body.inpainting_fill))
+    content = MaskedContent.parse(body.inpainting_fill)
+    return image, InpaintMask(mask, body.mask_blur, content, body.inpaint_full_res, body.inpaint_full_res_padding)
 
 
 # ---------------------------------------------------------------- generation

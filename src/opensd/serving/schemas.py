@@ -71,6 +71,13 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpainting_fill: int = Field(
         0, description="Masked content: 0 fill (the colours around the mask), 1 original, 2 latent noise, 3 latent nothing (A1111's)."
     )
+    inpaint_full_res: bool = Field(
+        False, description="Inpaint area: true only the mask's region (plus inpaint_full_res_padding), cut out and "
+        "generated at width x height, then pasted back; false the whole picture (A1111's default).",
+    )
+    inpaint_full_res_padding: int = Field(
+        32, description="With inpaint_full_res: pixels of the picture kept around the mask's bounding box, 0 to 256 (A1111's default 32).",
+    )
     include_init_images: bool = False
 
 

@@ -77,6 +77,8 @@ function payload(initImage) {
       body.mask = window.MaskEditor.toDataURL();
       body.mask_blur = numberOrNull("mask_blur") ?? 0;
       body.inpainting_fill = Number($("inpainting_fill").value);
+      body.inpaint_full_res = $("inpaint_full_res").checked;
+      body.inpaint_full_res_padding = numberOrNull("inpaint_full_res_padding") ?? 2;
     }
   }
   return body;

@@ -57,29 +57,10 @@ def _out_paths(out: Optional[str], n: int, seed: int) -> list[Path]:
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]
 
 
-class _Progress:
-    """A tqdm bar over sampling steps, driven by the pipeline's step callback."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar = enabled, None
-
-    def __call__(self, info) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=info.total, desc="sampling", unit="step")
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _run(kind: str, pipe_args: dict, run: dict) -> None:
     """Run ``pipe.<kind>(**pipe_args)`` and write the images; ``run``: model, device, threads, out, quiet."""
     from opensd.devices import resolve_device
+    from opensd.explain.progress import StepProgress
     from opensd.pipelines.images import load_image
     from opensd.pipelines.infotext import save_image
     from opensd.prompts.budget import check_text
@@ -100,11 +81,8 @@ def _run(kind: str, pipe_args: dict, run: dict) -> None:
         typer.echo(f"seed: {pipe_args['seed']}")
     for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"]):
         typer.echo(f"warning: {line}", err=True)
-    progress = _Progress(not run["quiet"])
-    try:
+    with StepProgress(enabled=not run["quiet"]) as progress:
         images = getattr(pipe, kind)(callback=progress, **pipe_args)
-    finally:
-        progress.close()
     for im, path in zip(images, paths):
         save_image(im, path, im.info.get("parameters"))
         typer.echo(str(path))

@@ -397,17 +397,18 @@ class StableDiffusionPipeline:
         a time and ``should_stop()`` is checked before each (:class:`Interrupted` when it
         answers True); each chunk is encoded on its own either way, so the result is the same.
         """
-        from opensd.prompts.budget import check_prompt
+        from opensd.prompts.budget import tokenize_within_budget
         from opensd.prompts.syntax import TokenizedPrompt, context_length, encode_prompts, encode_tokenized, tokenize_prompt
 
         te, skip = self.model.text_encoder, clip_skip - 1
         if should_stop is None or len(prompts) != 1:
             _check_stop(should_stop, "encoding the prompt")
             return encode_prompts(te, self.tokenizer, prompts, skip_layers=skip, budget=self.prompt_budget)
-        if self.prompt_budget is not None:
-            check_prompt(prompts[0], self.tokenizer, self.prompt_budget)
         ctx = context_length(self.tokenizer, te)
-        tokenized = tokenize_prompt(self.tokenizer, prompts[0], ctx)
+        if self.prompt_budget is None:
+            tokenized = tokenize_prompt(self.tokenizer, prompts[0], ctx)
+        else:
+            tokenized = tokenize_within_budget(prompts[0], self.tokenizer, self.prompt_budget, ctx)
         parts = []
         for chunk in tokenized.chunks:
             _check_stop(should_stop, "encoding the prompt")

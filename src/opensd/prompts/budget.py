@@ -62,7 +62,17 @@ def check_prompt(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, *,
     tokenizer stops one token past the cap, so a refusal costs at most ``max_bytes`` of
     parsing and ``max_tokens`` of tokenizing.
     """
-    from opensd.prompts.syntax import tokenize_prompt
+    return tokenize_within_budget(text, tokenizer, budget, what=what).token_count
+
+
+def tokenize_within_budget(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, context: int | None = None, *,
+                           comma_backtrack: int | None = None, what: str = "prompt"):
+    """:func:`~opensd.prompts.syntax.tokenize_prompt` of ``text`` once it passes :func:`check_prompt`'s checks.
+
+    One tokenization serves both the check and the encoding (``context`` and
+    ``comma_backtrack`` as ``tokenize_prompt`` takes them).
+    """
+    from opensd.prompts.syntax import COMMA_BACKTRACK, tokenize_prompt
 
     if not isinstance(budget, PromptBudget):
         raise PromptBudgetError(f"budget must be a PromptBudget, got {type(budget).__name__}")
@@ -70,11 +80,12 @@ def check_prompt(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, *,
     size = len(text.encode("utf-8"))
     if size > budget.max_bytes:
         raise PromptBudgetError(f"{what} is {size} bytes; at most {budget.max_bytes} are allowed")
-    tokens = tokenize_prompt(tokenizer, text, max_tokens=budget.max_tokens).token_count
-    if tokens > budget.max_tokens:
+    backtrack = COMMA_BACKTRACK if comma_backtrack is None else comma_backtrack
+    tokenized = tokenize_prompt(tokenizer, text, context, comma_backtrack=backtrack, max_tokens=budget.max_tokens)
+    if tokenized.token_count > budget.max_tokens:
         per_chunk = max(1, int(tokenizer.context_length) - 2)
         raise PromptBudgetError(
             f"{what} holds more than {budget.max_tokens} tokens, the most allowed "
             f"({budget.max_tokens // per_chunk} chunks of {per_chunk} for this model's tokenizer)"
         )
-    return tokens
+    return tokenized

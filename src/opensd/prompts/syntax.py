@@ -63,7 +63,7 @@ from opensd.prompts.attention import (  # noqa: F401  (the parser, re-exported: 
     as_pairs,
     parse_prompt_attention,
 )
-from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
+from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, tokenize_within_budget
 
 COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit"
 
@@ -287,11 +287,11 @@ def encode_prompts(
         prompts = [prompts]
     if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
         raise PromptSyntaxError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
-    if budget is not None:
-        for p in prompts:
-            check_prompt(p, tokenizer, budget)
     ctx = context_length(tokenizer, text_encoder)
-    tokenized = [tokenize_prompt(tokenizer, p, ctx, comma_backtrack=comma_backtrack) for p in prompts]
+    if budget is None:
+        tokenized = [tokenize_prompt(tokenizer, p, ctx, comma_backtrack=comma_backtrack) for p in prompts]
+    else:
+        tokenized = [tokenize_within_budget(p, tokenizer, budget, ctx, comma_backtrack=comma_backtrack) for p in prompts]
     return encode_tokenized(text_encoder, tokenized, tokenizer, skip_layers=skip_layers)
 
 

@@ -10,14 +10,13 @@ import pkgutil
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from helpers import tiny_loaded
 from typer.testing import CliRunner
 
 import opensd
 from opensd.cli.main import app as cli_app
 from opensd.devices import DeviceError, resolve_device
 from opensd.errors import OpenSDError
-
-from helpers import tiny_loaded
 
 
 def _all_modules():

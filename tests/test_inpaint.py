@@ -317,17 +317,22 @@ def b64png(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def test_server_inpainting_fill_and_mask_blur(model_dir: Path, monkeypatch) -> None:
-    image, mask = scene()
+def recording_masks(model_dir: Path, monkeypatch):
+    """The model's pipeline, and the list of the masks its ``generate`` receives."""
     pipe = opensd.load(model_dir)
-    seen = []
-    real = pipe.generate
+    seen, real = [], pipe.generate
 
     def generate(req, **kw):
         seen.append(kw["mask"])
         return real(req, **kw)
 
     monkeypatch.setattr(pipe, "generate", generate)
+    return pipe, seen
+
+
+def test_server_inpainting_fill_and_mask_blur(model_dir: Path, monkeypatch) -> None:
+    image, mask = scene()
+    pipe, seen = recording_masks(model_dir, monkeypatch)
     body = {"init_images": [b64png(image)], "mask": b64png(mask), "prompt": PROMPT, "steps": 2, "seed": 3,
             "denoising_strength": 1.0}
     with TestClient(create_app(pipe)) as client:
@@ -345,15 +350,7 @@ def test_server_inpainting_fill_and_mask_blur(model_dir: Path, monkeypatch) -> N
 
 def test_server_inpaint_full_res_and_its_padding(model_dir: Path, monkeypatch) -> None:
     image, mask = scene()
-    pipe = opensd.load(model_dir)
-    seen = []
-    real = pipe.generate
-
-    def generate(req, **kw):
-        seen.append(kw["mask"])
-        return real(req, **kw)
-
-    monkeypatch.setattr(pipe, "generate", generate)
+    pipe, seen = recording_masks(model_dir, monkeypatch)
     body = {"init_images": [b64png(image)], "mask": b64png(mask), "prompt": PROMPT, "steps": 1, "seed": 3,
             "denoising_strength": 1.0, "mask_blur": 0}
     with TestClient(create_app(pipe)) as client:

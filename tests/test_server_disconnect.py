@@ -18,17 +18,16 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from helpers import SlowPipeline, one_thread_direct_loopback, tiny_loaded, tiny_word_bundle
 
 from opensd.checkpoints import LoadedModel
 from opensd.diffusion import Interrupted
 from opensd.pipelines.request import GenerationRequest
-from opensd.pipelines.vae_tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tile_starts
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+from opensd.pipelines.vae_tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tile_starts
 from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.queue import Job
-
-from helpers import tiny_loaded, SlowPipeline, one_thread_direct_loopback, tiny_word_bundle
 
 TIMEOUT = 60.0
 PAUSE = 0.1  # seconds per step of the slow pipeline

@@ -17,6 +17,9 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import SlowPipeline, one_thread_direct_loopback, tiny_loaded
+from helpers import decode_png as decode
+from helpers import png_pixels as pixels
 
 from opensd.checkpoints import LoadedModel
 from opensd.explain import PathRecorder, attention_maps, path_from_recorder
@@ -25,8 +28,6 @@ from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.explain_api import default_path_steps
-
-from helpers import tiny_loaded, SlowPipeline, decode_png as decode, one_thread_direct_loopback, png_pixels as pixels
 
 URL = "/opensd/v1/explain"
 PROMPT = "a small blue square above a green triangle"  # eight words the tiny tokenizer knows ("a" twice)

@@ -18,14 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from helpers import SlowPipeline, one_thread_direct_loopback, tiny_loaded
+from helpers import png_pixels as pixels
 
 from opensd.checkpoints import LoadedModel
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.queue import Job
-
-from helpers import tiny_loaded, SlowPipeline, one_thread_direct_loopback, png_pixels as pixels
 
 TIMEOUT = 120.0
 PROMPTS = ["a red circle", "a small blue square above a green triangle", "there is a large cyan triangle"]

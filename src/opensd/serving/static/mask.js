@@ -83,13 +83,20 @@ window.MaskEditor = (() => {
     render();
   }
 
+  function filledCanvas(color) {
+    // A canvas the size of the mask, filled with one colour.
+    const c = document.createElement("canvas");
+    c.width = mask.width;
+    c.height = mask.height;
+    const ctx = c.getContext("2d");
+    ctx.fillStyle = color;
+    ctx.fillRect(0, 0, c.width, c.height);
+    return c;
+  }
+
   function invert() {
-    const inverted = document.createElement("canvas");
-    inverted.width = mask.width;
-    inverted.height = mask.height;
+    const inverted = filledCanvas("#fff");
     const ctx = inverted.getContext("2d");
-    ctx.fillStyle = "#fff";
-    ctx.fillRect(0, 0, inverted.width, inverted.height);
     ctx.globalCompositeOperation = "destination-out";
     ctx.drawImage(mask, 0, 0);
     const m = mask.getContext("2d");
@@ -106,13 +113,8 @@ window.MaskEditor = (() => {
   }
 
   function toDataURL() {
-    const out = document.createElement("canvas");
-    out.width = mask.width;
-    out.height = mask.height;
-    const ctx = out.getContext("2d");
-    ctx.fillStyle = "#000";
-    ctx.fillRect(0, 0, out.width, out.height);
-    ctx.drawImage(mask, 0, 0);
+    const out = filledCanvas("#000");
+    out.getContext("2d").drawImage(mask, 0, 0);
     return out.toDataURL("image/png");
   }
 

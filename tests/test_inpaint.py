@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from helpers import tiny_word_bundle
 from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
@@ -30,8 +31,6 @@ from opensd.pipelines.inpaint import (
     latent_mask,
 )
 from opensd.serving import create_app
-
-from helpers import tiny_word_bundle
 
 PROMPT = "a red circle"
 
@@ -172,7 +171,7 @@ def test_a_bare_mask_image_gets_the_default_masked_content(pipe, monkeypatch) ->
     image, mask = scene()
     spy = Spy(monkeypatch)
     pipe.inpaint(image, mask, PROMPT, steps=1, sampler="euler", seed=4)
-    req = pipe._request(PROMPT, "", 1, "euler", 7.5, 32, 32, 4, 1, 1.0, {})
+    req = pipe.request(PROMPT, steps=1, sampler="euler", width=32, height=32, seed=4)
     pipe.generate(req, init_image=image, mask=mask)
     assert torch.equal(spy.calls[0]["init"], spy.calls[1]["init"])
     assert pipe.inpaint.__kwdefaults__["masked_content"] is DEFAULT_MASKED_CONTENT

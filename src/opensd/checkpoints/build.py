@@ -24,9 +24,9 @@ def _depths(cfg: SDConfig) -> dict[str, int]:
     """How many repeated blocks each network of ``cfg`` has (each holds at least one tensor)."""
     u, v = cfg.unet, cfg.vae
     return {
-        "unet": len(u.channel_mult) * (u.num_res_blocks + 1) * max(u.transformer_depth, 1),
+        "unet": sum((u.num_res_blocks + 1) * max(u.depth_at(lv), 1) for lv in range(len(u.channel_mult))),
         "vae": len(v.ch_mult) * (v.num_res_blocks + 1),
-        "text encoder": cfg.text.layers,
+        "text encoder": sum(t.layers for t in cfg.text_configs),
     }
 
 

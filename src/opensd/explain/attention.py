@@ -237,7 +237,10 @@ def attention_maps(
     ``callback`` is passed on to the pipeline (e.g. to record the denoising path in
     the same run).
     """
-    req = pipe._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, 1, 1.0, {"clip_skip": clip_skip})
+    req = pipe.request(
+        prompt, negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale, width=width, height=height,
+        seed=seed, clip_skip=clip_skip,
+    )
     f = pipe.cfg.vae.downsample_factor
     with AttentionCollector(pipe.model.unet, (req.height // f, req.width // f)) as col:
         result = pipe.generate(req, callback=callback)
@@ -277,12 +280,13 @@ def attention_for_image(
         pixels = to_tensor(image, width, height).to(dev, dtype)
         x0 = model.vae.to_latent(model.vae.encode(pixels).mean)  # (1, C, h, w)
         eps = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(dev, dtype)
-        context = pipe.encode_prompt([prompt], clip_skip)
+        req = pipe.request(prompt, width=width, height=height, clip_skip=clip_skip, cfg_scale=1.0)
+        cond, _ = pipe.conditioner.for_request(req)  # {"context": (1, L, D)} (+ SDXL's "y")
         with AttentionCollector(model.unet, tuple(x0.shape[2:])) as col:
             for t in timesteps:
                 a = pipe.schedule.alphas_cumprod[t].item()
                 x_t = a**0.5 * x0 + (1 - a) ** 0.5 * eps  # VP noising (Ho et al. 2020, eq. 4)
-                model.unet(x_t, torch.tensor([float(t)], device=dev, dtype=dtype), context)
+                model.unet(x_t, torch.tensor([float(t)], device=dev, dtype=dtype), **cond)
     shown = image.convert("RGB")
     if shown.size != (width, height):
         shown = shown.resize((width, height), Image.Resampling.LANCZOS)

@@ -131,7 +131,10 @@ def denoising_path(
     if at is not None and (not at or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= steps for s in at)):
         raise PathError(f"at must list step numbers in 1..{steps}, got {at!r}")
     rec = PathRecorder(at)
-    req = pipe._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, 1, 1.0, {"clip_skip": clip_skip})
+    req = pipe.request(
+        prompt, negative_prompt, steps=steps, sampler=sampler, cfg_scale=cfg_scale, width=width, height=height,
+        seed=seed, clip_skip=clip_skip,
+    )
     result = pipe.generate(req, callback=rec)
     return path_from_recorder(pipe, rec, result.images[0])
 

@@ -56,6 +56,8 @@ class CLIPTextConfig:
     mlp_width: int = 3072
     activation: Activation = Activation.QUICK_GELU
     layer_norm_eps: float = 1e-5
+    # Width of the pooled output's projection (OpenCLIP's ``text_projection``); None: none.
+    projection_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_length", "width", "layers", "heads", "mlp_width"):
@@ -73,11 +75,24 @@ class CLIPTextConfig:
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
             raise ConfigError(f"CLIPTextConfig.layer_norm_eps must be a number in (0, 1), got {eps!r}")
+        p = self.projection_dim
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ConfigError(f"CLIPTextConfig.projection_dim must be None or a positive integer, got {p!r}")
 
     @classmethod
     def sd15(cls) -> CLIPTextConfig:
         """OpenAI CLIP ViT-L/14 text tower, SD1.x's text encoder (123,060,480 parameters)."""
         return cls()
+
+    @classmethod
+    def open_clip_vit_h(cls) -> CLIPTextConfig:
+        """OpenCLIP ViT-H/14 text tower, SD 2.x's text encoder (354,032,641 parameters)."""
+        return cls(width=1024, layers=24, heads=16, mlp_width=4096, activation=Activation.GELU, projection_dim=1024)
+
+    @classmethod
+    def open_clip_vit_bigg(cls) -> CLIPTextConfig:
+        """OpenCLIP ViT-bigG/14 text tower, SDXL's second text encoder (694,659,841 parameters)."""
+        return cls(width=1280, layers=32, heads=20, mlp_width=5120, activation=Activation.GELU, projection_dim=1280)
 
     @classmethod
     def tiny(cls) -> CLIPTextConfig:
@@ -93,6 +108,20 @@ class CLIPTextConfig:
 
 
 # ---- helpers ---------------------------------------------------------------------------
+
+
+def check_text_input(cfg: CLIPTextConfig, input_ids: torch.Tensor, skip_layers: int) -> None:
+    """Raise ValueError unless ``input_ids`` is a (B, L <= max_length) integer tensor and
+    ``skip_layers`` leaves at least one block."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (B, L) tensor, got {shape}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if not 1 <= input_ids.shape[1] <= cfg.max_length:
+        raise ValueError(f"input_ids length {input_ids.shape[1]} must be in 1..{cfg.max_length} (max_length)")
+    if isinstance(skip_layers, bool) or not isinstance(skip_layers, int) or not 0 <= skip_layers < cfg.layers:
+        raise ValueError(f"skip_layers must be an integer in 0..{cfg.layers - 1}, got {skip_layers!r}")
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -193,29 +222,23 @@ class CLIPTextModel(nn.Module):
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
-    def forward(self, input_ids: torch.Tensor, skip_layers: int = 0) -> torch.Tensor:
-        """Hidden states (B, L, width) after the final LayerNorm.
+    def forward(self, input_ids: torch.Tensor, skip_layers: int = 0, final_norm: bool = True) -> torch.Tensor:
+        """Hidden states (B, L, width), after the final LayerNorm unless ``final_norm=False``.
 
         ``input_ids``: (B, L) integer ids, L <= ``cfg.max_length``. ``skip_layers``: how
         many of the last blocks to skip; 1 is A1111's "clip skip 2" (the penultimate
-        block's output, then the final LayerNorm).
+        block's output, then the final LayerNorm). SDXL takes the penultimate block's
+        output without the final LayerNorm (``skip_layers=1, final_norm=False``).
         """
-        cfg = self.cfg
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a (B, L) tensor, got {shape}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if not 1 <= input_ids.shape[1] <= cfg.max_length:
-            raise ValueError(f"input_ids length {input_ids.shape[1]} must be in 1..{cfg.max_length} (max_length)")
-        if isinstance(skip_layers, bool) or not isinstance(skip_layers, int) or not 0 <= skip_layers < cfg.layers:
-            raise ValueError(f"skip_layers must be an integer in 0..{cfg.layers - 1}, got {skip_layers!r}")
-
+        check_text_input(self.cfg, input_ids, skip_layers)
         tm = self.text_model
         x = tm.embeddings(input_ids.long())  # (B, L, C)
-        for layer in tm.encoder.layers[: cfg.layers - skip_layers]:
+        for layer in tm.encoder.layers[: self.cfg.layers - skip_layers]:
             x = layer(x)
-        return tm.final_layer_norm(x)
+        return tm.final_layer_norm(x) if final_norm else x
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.text_model.final_layer_norm(hidden)
 
     @staticmethod
     def pooled(hidden: torch.Tensor, input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

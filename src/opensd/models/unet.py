@@ -1,17 +1,29 @@
-"""The Stable Diffusion 1.x denoising U-Net (LDM's ``openaimodel.UNetModel``).
+"""The Stable Diffusion denoising U-Net (LDM's and SGM's ``openaimodel.UNetModel``).
 
 Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models":
 the U-Net of Ho et al. 2020 / Dhariwal & Nichol 2021 (ResBlocks conditioned on a
 sinusoidal timestep embedding) with a :class:`SpatialTransformer` after the ResBlocks
 of chosen resolution levels, through which the text context enters by cross-attention.
 
-``UNetModel(cfg)(x, timesteps, context)`` maps noisy latents (B, C, H, W), timesteps
-(B,) and text context (B, L, context_dim) to a prediction (B, out_channels, H, W)
-(noise, or v, as the training objective decides).
+``UNetModel(cfg)(x, timesteps, context, y=None)`` maps noisy latents (B, C, H, W),
+timesteps (B,), text context (B, L, context_dim) and, for SDXL, the vector ``y`` (B,
+adm_in_channels) to a prediction (B, out_channels, H, W) (noise, or v, as the training
+objective decides). The names are the original code's.
+
+One class covers the family:
+
+- SD 1.x: attention at levels 0-2, 8 heads, 1x1-conv ``proj_in/proj_out``;
+- SD 2.x: heads of 64 channels (``head_channels``), Linear ``proj_in/proj_out``;
+- SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution
+  Image Synthesis"): a transformer depth per level (``transformer_depth`` a tuple, 0-10
+  blocks), no attention at the first level, and ``label_emb``, an MLP on ``y`` (the
+  pooled text embedding and the Fourier-embedded size conditioning) whose output is
+  added to the timestep embedding.
 
 Attribute paths equal the original checkpoint keys under ``model.diffusion_model.``
-(``time_embed``, ``input_blocks.N.M``, ``middle_block``, ``output_blocks.N.M``,
-``out``), so an original SD 1.x state dict loads with ``load_state_dict`` as is.
+(``time_embed``, ``label_emb``, ``input_blocks.N.M``, ``middle_block``,
+``output_blocks.N.M``, ``out``), so an original state dict loads with
+``load_state_dict`` as is.
 
 Latent sizes need not be multiples of ``2 ** (levels - 1)``: downsampling rounds up
 (stride-2 conv, padding 1) and each upsampling interpolates (nearest) to the exact
@@ -45,7 +57,10 @@ class UNetConfig:
     ``attention_levels``: the resolution levels (0 = full resolution) whose blocks
     get a SpatialTransformer; the middle block always has one. Heads: ``num_heads``
     per transformer (SD 1), or, when ``head_channels`` is set, ``channels //
-    head_channels`` heads of that width (SD 2).
+    head_channels`` heads of that width (SD 2, SDXL). ``transformer_depth``: blocks per
+    transformer, one number or one per level (SDXL); ``transformer_depth_middle`` that of
+    the middle block (default: the last level's). ``adm_in_channels``: width of the
+    vector ``y`` that ``label_emb`` embeds (SDXL: 2816 base, 2560 refiner); None: no ``y``.
     """
 
     in_channels: int = 4
@@ -56,23 +71,24 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)
     num_heads: int = 8
     head_channels: int | None = None
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768
     norm_groups: int = 32
     use_linear_in_transformer: bool = False
+    transformer_depth_middle: int | None = None
+    adm_in_channels: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("channel_mult", "attention_levels"):  # lists (from JSON) become tuples
+        for name in ("channel_mult", "attention_levels", "transformer_depth"):  # lists (from JSON) become tuples
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks",
-                     "num_heads", "transformer_depth", "context_dim", "norm_groups"):
+                     "num_heads", "context_dim", "norm_groups"):
             if not _positive_int(getattr(self, name)):
                 raise ConfigError(f"UNetConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.head_channels is not None and not _positive_int(self.head_channels):
-            raise ConfigError(
-                f"UNetConfig.head_channels must be None or a positive integer, got {self.head_channels!r}"
-            )
+        for name in ("head_channels", "transformer_depth_middle", "adm_in_channels"):
+            if getattr(self, name) is not None and not _positive_int(getattr(self, name)):
+                raise ConfigError(f"UNetConfig.{name} must be None or a positive integer, got {getattr(self, name)!r}")
         if not self.channel_mult or not all(_positive_int(m) for m in self.channel_mult):
             raise ConfigError(
                 f"UNetConfig.channel_mult must be a non-empty tuple of positive integers, got {self.channel_mult!r}"
@@ -90,8 +106,32 @@ class UNetConfig:
                 raise ConfigError(
                     f"UNetConfig: level {level} has {ch} channels, not divisible by norm_groups={self.norm_groups}"
                 )
+        depth = self.transformer_depth
+        if isinstance(depth, tuple):
+            if len(depth) != levels or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in depth):
+                raise ConfigError(
+                    f"UNetConfig.transformer_depth must be a positive integer or {levels} integers >= 0 "
+                    f"(one per level), got {depth!r}"
+                )
+        elif not _positive_int(depth):
+            raise ConfigError(f"UNetConfig.transformer_depth must be a positive integer, got {depth!r}")
+        for level in self.attention_levels:
+            if self.depth_at(level) < 1:
+                raise ConfigError(f"UNetConfig: level {level} has attention but transformer_depth 0 there")
         for level in sorted({*self.attention_levels, levels - 1}):  # levels - 1: the middle block
             self.heads_at(level)  # raises when the heads do not divide the channels
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at ``level``."""
+        d = self.transformer_depth
+        return d[level] if isinstance(d, tuple) else d
+
+    @property
+    def middle_depth(self) -> int:
+        """Transformer blocks of the middle block's SpatialTransformer."""
+        if self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
+        return max(self.depth_at(len(self.channel_mult) - 1), 1)
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -121,6 +161,28 @@ class UNetConfig:
     def sd15(cls) -> UNetConfig:
         """Stable Diffusion 1.x (v1-inference.yaml): 859,520,964 parameters."""
         return cls()
+
+    @classmethod
+    def sd21(cls) -> UNetConfig:
+        """Stable Diffusion 2.x (v2-inference(-v).yaml): 865,910,724 parameters."""
+        return cls(head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+
+    @classmethod
+    def sdxl_base(cls) -> UNetConfig:
+        """SDXL base (sd_xl_base.yaml): 2,567,463,684 parameters."""
+        return cls(
+            channel_mult=(1, 2, 4), attention_levels=(1, 2), head_channels=64, transformer_depth=(0, 2, 10),
+            context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+        )
+
+    @classmethod
+    def sdxl_refiner(cls) -> UNetConfig:
+        """SDXL refiner (sd_xl_refiner.yaml): 2,259,526,660 parameters."""
+        return cls(
+            model_channels=384, channel_mult=(1, 2, 4, 4), attention_levels=(1, 2), head_channels=64,
+            transformer_depth=(0, 4, 4, 0), transformer_depth_middle=4, context_dim=1280,
+            use_linear_in_transformer=True, adm_in_channels=2560,
+        )
 
     @classmethod
     def tiny(cls) -> UNetConfig:
@@ -240,15 +302,19 @@ class UNetModel(nn.Module):
         self.cfg = cfg
         mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.time_embed_dim
 
-        def transformer(level: int) -> SpatialTransformer:
+        def transformer(level: int, depth: int | None = None) -> SpatialTransformer:
             ch = cfg.level_channels[level]
             heads = cfg.heads_at(level)
             return SpatialTransformer(
-                ch, heads, ch // heads, cfg.context_dim, cfg.transformer_depth, groups,
+                ch, heads, ch // heads, cfg.context_dim, cfg.depth_at(level) if depth is None else depth, groups,
                 cfg.use_linear_in_transformer,
             )
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels is not None:  # SGM's num_classes="sequential": keys label_emb.0.{0,2}
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
         # Encoder: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]), then Downsample.
         self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -268,7 +334,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
 
         self.middle_block = EmbedSequential(
-            ResBlock(ch, ch, emb_dim, groups), transformer(last), ResBlock(ch, ch, emb_dim, groups)
+            ResBlock(ch, ch, emb_dim, groups), transformer(last, cfg.middle_depth), ResBlock(ch, ch, emb_dim, groups)
         )
 
         # Decoder: per level (coarsest first) num_res_blocks + 1 x (ResBlock on [h, skip]
@@ -289,7 +355,9 @@ class UNetModel(nn.Module):
             group_norm(ch, groups, eps=1e-5), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
 
-    def _check_inputs(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _check_inputs(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor:
         cfg = self.cfg
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"UNetModel: x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -306,14 +374,23 @@ class UNetModel(nn.Module):
             raise ValueError(
                 f"UNetModel: context must be ({b}, L, {cfg.context_dim}), got {tuple(context.shape)}"
             )
+        if cfg.adm_in_channels is None and y is not None:
+            raise ValueError("UNetModel: this U-Net takes no y (it has no label_emb)")
+        if cfg.adm_in_channels is not None and (y is None or y.shape != (b, cfg.adm_in_channels)):
+            got = None if y is None else tuple(y.shape)
+            raise ValueError(f"UNetModel: y must be ({b}, {cfg.adm_in_channels}), got {got}")
         return timesteps
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_channels, H, W), timesteps: (B,) or scalar, context: (B, L, context_dim)
-        -> (B, out_channels, H, W)."""
-        timesteps = self._check_inputs(x, timesteps, context)
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, in_channels, H, W), timesteps: (B,) or scalar, context: (B, L, context_dim),
+        y: (B, adm_in_channels) for a U-Net with ``label_emb``, else None -> (B, out_channels, H, W)."""
+        timesteps = self._check_inputs(x, timesteps, context, y)
         t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)  # (B, mc)
         emb = self.time_embed(t_emb)  # (B, 4 mc)
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
 
         h = x
         skips = []

@@ -41,6 +41,13 @@ class GenerationRequest:
     clip_skip: int = 1
     tiled_vae: bool | None = None  # VAE decode (and img2img/inpaint encode) in tiles; None: when the latent is over 96 cells on a side
     sampler_options: dict[str, Any] = field(default_factory=dict)
+    # SDXL's size conditioning (SGM's names): the size the model is told the training image
+    # had, (height, width), None: the output size; the crop's top-left corner (top, left).
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    # The SDXL refiner's aesthetic-score conditioning, of the prompt and of the negative prompt.
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
 
     def resolved_sampler(self) -> tuple[SamplerSpec, SigmaSpacing]:
         return resolve_sampler(self.sampler, self.karras)
@@ -92,6 +99,15 @@ def validate(req: GenerationRequest, *, multiple: int = 8, min_side: int = 16) -
         raise RequestError(f"clip_skip must be an integer >= 1, got {req.clip_skip!r}")
     if req.tiled_vae is not None and not isinstance(req.tiled_vae, bool):
         raise RequestError(f"tiled_vae must be true, false or None (automatic), got {req.tiled_vae!r}")
+    for name, pair in (("original_size", req.original_size), ("crop_top_left", req.crop_top_left)):
+        if name == "original_size" and pair is None:
+            continue
+        low = 1 if name == "original_size" else 0
+        if not isinstance(pair, tuple) or len(pair) != 2 or not all(_is_int(v) and low <= v <= 4 * MAX_SIDE for v in pair):
+            raise RequestError(f"{name} must be two integers (height, width / top, left) from {low} to {4 * MAX_SIDE}, got {pair!r}")
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        if not _is_number(getattr(req, name)) or not 0 <= getattr(req, name) <= 10:
+            raise RequestError(f"{name} must be a number from 0 to 10, got {getattr(req, name)!r}")
     if not isinstance(req.sampler, str):
         raise RequestError(f"sampler must be a sampler name (text), got {type(req.sampler).__name__}")
     if req.karras is not None and not isinstance(req.karras, bool):

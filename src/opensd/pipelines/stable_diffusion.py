@@ -28,7 +28,9 @@ from opensd.checkpoints import LoadedModel, load_model
 from opensd.diffusion import ClassifierFreeGuidance, Denoiser, DiscreteSchedule, Interrupted
 from opensd.diffusion.registry import sample
 from opensd.models.vae import DiagonalGaussian
+from opensd.pipelines.conditioning import Conditioner
 from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_pil, to_tensor
+from opensd.pipelines.infotext import format_infotext
 from opensd.pipelines.inpaint import (
     DEFAULT_MASK_BLUR,
     DEFAULT_MASKED_CONTENT,
@@ -38,10 +40,11 @@ from opensd.pipelines.inpaint import (
     blur_mask,
     fill_masked,
     inpaint_only_masked,
-    latent_mask as to_latent_mask,
     masked_init_latent,
 )
-from opensd.pipelines.infotext import format_infotext
+from opensd.pipelines.inpaint import (
+    latent_mask as to_latent_mask,
+)
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
 from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
@@ -84,6 +87,18 @@ class _StoppableVAE:
 
 
 @dataclass
+class _Start:
+    """Where sampling starts: the noise, and for img2img/inpainting what the image gives."""
+
+    noise: torch.Tensor  # (B, C, h, w) float32, one draw per seed
+    init_latent: torch.Tensor | None = None  # (B, C, h, w) the encoded image (masked start for inpainting)
+    pixels: torch.Tensor | None = None  # (B, 3, H, W) the init image in [-1, 1]
+    pixel_mask: torch.Tensor | None = None  # (1, 1, H, W) the blurred mask
+    latent_mask: torch.Tensor | None = None  # (B, 1, h, w)
+    concat: torch.Tensor | None = None  # (B, 1 + C, h, w) the 9-channel inpainting U-Net's extra input
+
+
+@dataclass
 class GenerationResult:
     """Images plus what produced them (one seed and one infotext per image).
 
@@ -122,6 +137,7 @@ class StableDiffusionPipeline:
         self.tokenizer = loaded.tokenizer
         self.cfg = self.model.cfg
         self.schedule = DiscreteSchedule(self.cfg.schedule)
+        self.conditioner = Conditioner(self.model, self.tokenizer, prompt_budget)
 
     @classmethod
     def from_path(cls, path: str | Path, **kw: Any) -> "StableDiffusionPipeline":
@@ -248,16 +264,7 @@ class StableDiffusionPipeline:
         decode, and before every VAE tile when tiled; when it answers True, generate
         raises :class:`~opensd.diffusion.Interrupted` (there is no image to return).
         """
-        validate(req, multiple=8, min_side=max(8, self.cfg.vae.downsample_factor))
-        if req.clip_skip > self.cfg.text.layers:
-            raise RequestError(f"clip_skip must be at most {self.cfg.text.layers} for this model, got {req.clip_skip}")
-        if mask is not None and init_image is None:
-            raise RequestError("a mask needs an image to inpaint")
-        if self.prompt_budget is not None:  # before any work; encode_prompt checks again (for direct calls)
-            for name in ("prompt", "negative_prompt"):
-                check_prompt(getattr(req, name), self.tokenizer, self.prompt_budget, what=name)
-        if isinstance(mask, Image.Image):
-            mask = InpaintMask(mask)
+        mask = self._check(req, init_image, mask)
         if mask is not None and mask.only_masked:
             return inpaint_only_masked(
                 lambda image, m: self.generate(
@@ -266,97 +273,123 @@ class StableDiffusionPipeline:
                 ),
                 (req.width, req.height), init_image, mask,
             )
-        spec, spacing = req.resolved_sampler()
-        dev, dtype = self.model.device, self.model.dtype
-        f = self.cfg.vae.downsample_factor
-        shape = (req.batch_size, self.cfg.vae.embed_dim, req.height // f, req.width // f)
         seeds = self._seeds(req.seed, req.batch_size)
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-        def context(embeds: torch.Tensor | None, name: str, prompt: str) -> torch.Tensor:
-            """(B, L, width): ``embeds`` checked and expanded to the batch, else ``prompt`` encoded."""
-            if embeds is None:
-                return self.encode_prompt([prompt], req.clip_skip, should_stop=should_stop).expand(req.batch_size, -1, -1)
-            width = self.cfg.text.width
-            if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] not in (1, req.batch_size) \
-                    or embeds.shape[1] < 1 or embeds.shape[2] != width:
-                got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
-                raise RequestError(f"{name} must be a (1 or {req.batch_size}, L, {width}) tensor, got {got}")
-            return embeds.to(dev, dtype).expand(req.batch_size, -1, -1)
-
         with torch.inference_mode():
-            # Text: encoded once per call, never per step.
-            cond = context(prompt_embeds, "prompt_embeds", req.prompt)
-            extra: dict[str, Any] = {"cond": {"context": cond}}
-            if req.cfg_scale != 1.0:
-                uncond = context(negative_embeds, "negative_embeds", req.negative_prompt)
-                if uncond.shape[1] != cond.shape[1]:  # A1111: pad the shorter with empty-prompt chunks
-                    from opensd.prompts.syntax import match_lengths
-
-                    cond, uncond = match_lengths(cond, uncond, self.encode_prompt([""], req.clip_skip))
-                extra = {"cond": {"context": cond}, "uncond": {"context": uncond}}
-
-            init_latent = inpaint_concat = latent_mask = None
-            if init_image is not None:
-                pixels = to_tensor(init_image, req.width, req.height).to(dev, dtype)
-                posterior = self.encode_pixels(pixels, req.tiled_vae, should_stop=should_stop)
-                # One posterior draw per image, from that image's seed (diffusers draws it first too).
-                eps = torch.cat([torch.randn(posterior.mean.shape, generator=g) for g in gens]).to(dev, dtype)
-                init_latent = self.model.vae.to_latent(posterior.mean + posterior.std * eps)
-                if mask is not None:
-                    m, latent_mask, init_latent, inpaint_concat = self._mask_latents(mask, pixels, eps, init_latent, req, should_stop)
-
-            if inpaint_concat is None and self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
-                # An inpainting U-Net without a mask: all of it masked, the masked image blank (A1111).
-                blank = torch.zeros(1, 3, req.height, req.width, device=dev, dtype=dtype)
-                masked = self.model.vae.to_latent(self.encode_pixels(blank, req.tiled_vae).mode())
-                ones = torch.ones(req.batch_size, 1, *shape[2:], device=dev, dtype=dtype)
-                inpaint_concat = torch.cat([ones, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
-
-            if latents is not None:
-                if tuple(latents.shape) != shape:
-                    raise RequestError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-                noise = latents.to(dev, torch.float32)
-            else:
-                noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(dev)
-            if latent_mask is not None:  # after the noise: the seeds' draws keep their order
-                init_latent = masked_init_latent(mask.content, init_latent, latent_mask, noise)
-
-            no_step = req.strength < 1.0 and int(req.steps * req.strength) < 1
-            denoiser = Denoiser(self._network(inpaint_concat, req), self.schedule).with_quantize_t(
-                spec.rule.quantize_t(spacing)
+            cond, uncond = self.conditioner.for_request(
+                req, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, should_stop=should_stop
             )
-            if latent_mask is not None and inpaint_concat is None:
-                denoiser = _MaskedDenoiser(denoiser, init_latent, noise, latent_mask)
-
-            if no_step:  # strength too small for a single step: keep the image
-                result, interrupted = init_latent, False
-            else:
-                state = {"denoised": None}
-                step_cb = self._step_callback(callback, int(req.steps * req.strength) if req.strength < 1 else req.steps, state)
-                sampler_gen = torch.Generator("cpu").manual_seed((seeds[0] + 0x5EED) % SEED_RANGE)
-                try:
-                    result = sample(
-                        denoiser, noise.to(dtype), self.schedule, req.sampler, req.steps, karras=req.karras,
-                        generator=sampler_gen, callback=step_cb, strength=req.strength, init_latent=init_latent,
-                        extra_args=extra, **req.sampler_options,
-                    )
-                    interrupted = False
-                except Interrupted:
-                    result, interrupted = state["denoised"], True
-                    if result is None:
-                        result = init_latent if init_latent is not None else noise * 0
-            if latent_mask is not None and inpaint_concat is None:
-                result = latent_mask * result + (1 - latent_mask) * init_latent
-            decoded = self.decode_latents(result.to(dtype), req.tiled_vae, should_stop=should_stop)
-            if mask is not None:
-                # As A1111 does: outside the mask, the original pixels, exactly.
-                decoded = m * decoded + (1 - m) * pixels
-            images = to_pil(decoded)
+            start = self._initial_latents(req, seeds, init_image, mask, latents, should_stop)
+            denoiser = self._denoiser(req, start)
+            result, interrupted = self._sample(req, denoiser, start, cond, uncond, seeds, callback)
+            images = to_pil(self._decode(req, result, start, should_stop))
 
         infotexts = [self.infotext(req, s) for s in seeds]
         for im, text in zip(images, infotexts):
             im.info["parameters"] = text
+        return GenerationResult(images, seeds, infotexts, interrupted, self._warnings(req, prompt_embeds, negative_embeds))
+
+    # ---------------------------------------------------------------- the loop's steps
+
+    def _check(self, req: GenerationRequest, init_image: Image.Image | None, mask: InpaintMask | Image.Image | None):
+        """Validate ``req`` for this model before any work; the mask as an :class:`InpaintMask`."""
+        validate(req, multiple=8, min_side=max(8, self.cfg.vae.downsample_factor))
+        if self.conditioner.clip_skip_applies() and req.clip_skip > self.cfg.text.layers:
+            raise RequestError(f"clip_skip must be at most {self.cfg.text.layers} for this model, got {req.clip_skip}")
+        if mask is not None and init_image is None:
+            raise RequestError("a mask needs an image to inpaint")
+        if self.prompt_budget is not None:  # before any work; the encoder checks again (for direct calls)
+            for name in ("prompt", "negative_prompt"):
+                check_prompt(getattr(req, name), self.tokenizer, self.prompt_budget, what=name)
+        return InpaintMask(mask) if isinstance(mask, Image.Image) else mask
+
+    def _initial_latents(
+        self, req: GenerationRequest, seeds: list[int], init_image: Image.Image | None, mask: InpaintMask | None,
+        latents: torch.Tensor | None, should_stop: StopCheck | None,
+    ) -> _Start:
+        """The noise (one draw per seed, on the CPU) and, for img2img/inpainting, the encoded
+        image, its mask and the 9-channel inpainting input. The seeds' draws keep A1111's
+        order: the posterior draw, then the noise."""
+        dev, dtype = self.model.device, self.model.dtype
+        f = self.cfg.vae.downsample_factor
+        shape = (req.batch_size, self.cfg.vae.embed_dim, req.height // f, req.width // f)
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        st = _Start(noise=torch.empty(0))
+        if init_image is not None:
+            st.pixels = to_tensor(init_image, req.width, req.height).to(dev, dtype)
+            posterior = self.encode_pixels(st.pixels, req.tiled_vae, should_stop=should_stop)
+            # One posterior draw per image, from that image's seed (diffusers draws it first too).
+            eps = torch.cat([torch.randn(posterior.mean.shape, generator=g) for g in gens]).to(dev, dtype)
+            st.init_latent = self.model.vae.to_latent(posterior.mean + posterior.std * eps)
+            if mask is not None:
+                st.pixel_mask, st.latent_mask, st.init_latent, st.concat = self._mask_latents(
+                    mask, st.pixels, eps, st.init_latent, req, should_stop
+                )
+        if st.concat is None and self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
+            # An inpainting U-Net without a mask: all of it masked, the masked image blank (A1111).
+            blank = torch.zeros(1, 3, req.height, req.width, device=dev, dtype=dtype)
+            masked = self.model.vae.to_latent(self.encode_pixels(blank, req.tiled_vae).mode())
+            ones = torch.ones(req.batch_size, 1, *shape[2:], device=dev, dtype=dtype)
+            st.concat = torch.cat([ones, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise RequestError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            st.noise = latents.to(dev, torch.float32)
+        else:
+            st.noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in gens]).to(dev)
+        if st.latent_mask is not None:  # after the noise: the seeds' draws keep their order
+            assert mask is not None and st.init_latent is not None
+            st.init_latent = masked_init_latent(mask.content, st.init_latent, st.latent_mask, st.noise)
+        return st
+
+    def _denoiser(self, req: GenerationRequest, st: _Start) -> Callable[..., torch.Tensor]:
+        """U-Net -> classifier-free guidance -> eps/v parameterization (-> the inpainting mask)."""
+        spec, spacing = req.resolved_sampler()
+        denoiser: Callable[..., torch.Tensor] = Denoiser(self._network(st.concat, req), self.schedule).with_quantize_t(
+            spec.rule.quantize_t(spacing)
+        )
+        if st.latent_mask is not None and st.concat is None:
+            assert st.init_latent is not None
+            denoiser = _MaskedDenoiser(denoiser, st.init_latent, st.noise, st.latent_mask)
+        return denoiser
+
+    def _sample(
+        self, req: GenerationRequest, denoiser: Callable[..., torch.Tensor], st: _Start, cond: dict,
+        uncond: dict | None, seeds: list[int], callback: StepCallback | None,
+    ) -> tuple[torch.Tensor, bool]:
+        """``(final latent, interrupted)``; a stopped run returns its last prediction."""
+        extra: dict[str, Any] = {"cond": cond} if uncond is None else {"cond": cond, "uncond": uncond}
+        if req.strength < 1.0 and int(req.steps * req.strength) < 1:  # too weak for a single step: keep the image
+            assert st.init_latent is not None
+            return st.init_latent, False
+        state: dict[str, Any] = {"denoised": None}
+        step_cb = self._step_callback(callback, int(req.steps * req.strength) if req.strength < 1 else req.steps, state)
+        sampler_gen = torch.Generator("cpu").manual_seed((seeds[0] + 0x5EED) % SEED_RANGE)
+        try:
+            result = sample(
+                denoiser, st.noise.to(self.model.dtype), self.schedule, req.sampler, req.steps, karras=req.karras,
+                generator=sampler_gen, callback=step_cb, strength=req.strength, init_latent=st.init_latent,
+                extra_args=extra, **req.sampler_options,
+            )
+            return result, False
+        except Interrupted:
+            result = state["denoised"]
+            if result is None:
+                result = st.init_latent if st.init_latent is not None else st.noise * 0
+            return result, True
+
+    def _decode(self, req: GenerationRequest, result: torch.Tensor, st: _Start, should_stop: StopCheck | None) -> torch.Tensor:
+        """The final latent decoded; when inpainting, pasted over the original through the mask."""
+        if st.latent_mask is not None and st.concat is None:
+            assert st.init_latent is not None
+            result = st.latent_mask * result + (1 - st.latent_mask) * st.init_latent
+        decoded = self.decode_latents(result.to(self.model.dtype), req.tiled_vae, should_stop=should_stop)
+        if st.pixel_mask is not None:
+            assert st.pixels is not None
+            # As A1111 does: outside the mask, the original pixels, exactly.
+            decoded = st.pixel_mask * decoded + (1 - st.pixel_mask) * st.pixels
+        return decoded
+
+    def _warnings(self, req: GenerationRequest, prompt_embeds: Any, negative_embeds: Any) -> list[str]:
         from opensd.prompts.vocabulary import prompt_warnings
 
         warnings = prompt_warnings(
@@ -364,7 +397,9 @@ class StableDiffusionPipeline:
             req.prompt if prompt_embeds is None else "",
             req.negative_prompt if negative_embeds is None and req.cfg_scale != 1.0 else "",
         )
-        return GenerationResult(images, seeds, infotexts, interrupted, warnings)
+        if req.clip_skip > 1 and not self.conditioner.clip_skip_applies():
+            warnings.append(f"clip skip has no effect on {self.cfg.family.value} models (their text layer is fixed)")
+        return warnings
 
     # ---------------------------------------------------------------- pieces
 
@@ -389,32 +424,16 @@ class StableDiffusionPipeline:
         return m, lm, init_latent, concat
 
     def encode_prompt(self, prompts: list[str], clip_skip: int = 1, *, should_stop: StopCheck | None = None) -> torch.Tensor:
-        """(B, L, width) text embeddings; ``clip_skip`` 2 uses the penultimate layer (A1111).
+        """(B, L, D) text context for ``prompts``; ``clip_skip`` 2 uses the penultimate layer (A1111, SD 1.x).
 
         Prompts use A1111's syntax (``(word:1.3)``, ``[word]``, ``BREAK``) and may be
         longer than the context: L is a whole number of chunks (77 each for CLIP), see
         :mod:`opensd.prompts.syntax`. With ``should_stop``, the chunks are encoded one at
         a time and ``should_stop()`` is checked before each (:class:`Interrupted` when it
-        answers True); each chunk is encoded on its own either way, so the result is the same.
+        answers True). The family's whole text embedding (with SDXL's pooled one) is
+        :meth:`Conditioner.encode <opensd.pipelines.conditioning.Conditioner.encode>`'s.
         """
-        from opensd.prompts.budget import tokenize_within_budget
-        from opensd.prompts.syntax import TokenizedPrompt, context_length, encode_prompts, encode_tokenized, tokenize_prompt
-
-        te, skip = self.model.text_encoder, clip_skip - 1
-        if should_stop is None or len(prompts) != 1:
-            _check_stop(should_stop, "encoding the prompt")
-            return encode_prompts(te, self.tokenizer, prompts, skip_layers=skip, budget=self.prompt_budget)
-        ctx = context_length(self.tokenizer, te)
-        if self.prompt_budget is None:
-            tokenized = tokenize_prompt(self.tokenizer, prompts[0], ctx)
-        else:
-            tokenized = tokenize_within_budget(prompts[0], self.tokenizer, self.prompt_budget, ctx)
-        parts = []
-        for chunk in tokenized.chunks:
-            _check_stop(should_stop, "encoding the prompt")
-            one = TokenizedPrompt([chunk], tokenized.words, tokenized.token_count, ctx)
-            parts.append(encode_tokenized(te, [one], self.tokenizer, skip_layers=skip))
-        return torch.cat(parts, dim=1)
+        return self.conditioner.encode(prompts, clip_skip, should_stop=should_stop).context
 
     def decode_latents(
         self, latents: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None
@@ -466,11 +485,13 @@ class StableDiffusionPipeline:
     def _network(self, concat: torch.Tensor | None, req: GenerationRequest) -> Callable[..., torch.Tensor]:
         unet = self.model.unet
 
-        def unet_fn(x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        def unet_fn(
+            x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+        ) -> torch.Tensor:
             if concat is not None:  # (2B or B, 4+1+4, h, w) for 9-channel inpainting U-Nets
                 c = concat.repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)
                 x_in = torch.cat([x_in, c.to(x_in)], dim=1)
-            return unet(x_in, t.to(x_in.dtype), context)
+            return unet(x_in, t.to(x_in.dtype), context, y)
 
         return ClassifierFreeGuidance(unet_fn, req.cfg_scale, req.guidance_rescale)
 
@@ -497,27 +518,47 @@ class StableDiffusionPipeline:
             height = max(8, image.size[1] // 8 * 8)
         return width, height
 
+    def request(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        steps: int = 20,
+        sampler: str = "dpmpp_2m",
+        cfg_scale: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        batch_size: int = 1,
+        strength: float = 1.0,
+        **options: Any,
+    ) -> GenerationRequest:
+        """The :class:`GenerationRequest` these settings make for this model (its native size
+        where width/height are None); ``options`` are the request's other fields
+        (``karras``, ``guidance_rescale``, ``clip_skip``, ``tiled_vae``, SDXL's
+        ``original_size``...) and, beyond those, the sampler's options."""
+        return self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, dict(options))
+
     def _request(self, prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options) -> GenerationRequest:
-        karras = options.pop("karras", None)
-        rescale = options.pop("guidance_rescale", 0.0)
-        clip_skip = options.pop("clip_skip", 1)
-        tiled_vae = options.pop("tiled_vae", None)
+        fields = {
+            name: options.pop(name)
+            for name in ("karras", "guidance_rescale", "clip_skip", "tiled_vae", "original_size", "crop_top_left",
+                         "aesthetic_score", "negative_aesthetic_score")
+            if name in options
+        }
         return GenerationRequest(
             prompt=prompt,
             negative_prompt=negative_prompt,
             steps=steps,
             sampler=sampler,
-            karras=karras,
             cfg_scale=cfg_scale,
-            guidance_rescale=rescale,
             width=self.cfg.image_size if width is None else width,
             height=self.cfg.image_size if height is None else height,
             seed=seed,
             batch_size=batch_size,
             strength=strength,
-            clip_skip=clip_skip,
-            tiled_vae=tiled_vae,
             sampler_options=options,
+            **fields,
         )
 
 

@@ -252,6 +252,17 @@ def encode_tokenized(text_encoder, prompts: Sequence[TokenizedPrompt], tokenizer
 
     Prompts with fewer chunks than the longest get empty-prompt chunks appended.
     """
+    ids, weights, n = chunk_rows(prompts, tokenizer, device=next(text_encoder.parameters()).device)
+    z = text_encoder(ids, skip_layers=skip_layers)  # (B*n, ctx, D)
+    z = apply_emphasis(z, weights)
+    return z.reshape(len(prompts), n * z.shape[1], z.shape[-1])  # (B, n*ctx, D)
+
+
+def chunk_rows(
+    prompts: Sequence[TokenizedPrompt], tokenizer, *, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(ids (B*n, ctx) long on device, weights (B*n, ctx) float32, n)``: every prompt's
+    chunks, those with fewer than the longest's n padded with empty-prompt chunks."""
     if not prompts:
         raise PromptSyntaxError("encode needs at least one prompt")
     ctx = prompts[0].context
@@ -260,12 +271,9 @@ def encode_tokenized(text_encoder, prompts: Sequence[TokenizedPrompt], tokenizer
     n = max(len(p.chunks) for p in prompts)
     empty = empty_chunk(tokenizer, ctx)
     rows = [c for p in prompts for c in p.chunks + [empty] * (n - len(p.chunks))]
-    param = next(text_encoder.parameters())
-    ids = torch.tensor([c.ids for c in rows], dtype=torch.long, device=param.device)  # (B*n, ctx)
+    ids = torch.tensor([c.ids for c in rows], dtype=torch.long, device=device)  # (B*n, ctx)
     weights = torch.tensor([c.weights for c in rows], dtype=torch.float32)  # (B*n, ctx)
-    z = text_encoder(ids, skip_layers=skip_layers)  # (B*n, ctx, D)
-    z = apply_emphasis(z, weights)
-    return z.reshape(len(prompts), n * ctx, z.shape[-1])  # (B, n*ctx, D)
+    return ids, weights, n
 
 
 def encode_prompts(
@@ -328,6 +336,7 @@ __all__ = [
     "TokenizedPrompt",
     "apply_emphasis",
     "as_pairs",
+    "chunk_rows",
     "context_length",
     "empty_chunk",
     "encode_prompts",

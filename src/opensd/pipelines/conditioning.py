@@ -1,0 +1,217 @@
+"""The conditioning path: a request's prompts and sizes become dicts of named tensors.
+
+Every family conditions its U-Net through ``UNetModel(x, t, context, y=None)``; what
+goes in is one dict per guidance branch, built here and nowhere else:
+
+- ``context`` (B, L, D): the text encoders' hidden states per token, concatenated on
+  D. SD 1.x: CLIP ViT-L's last layer (``clip_skip`` 2: its penultimate) through the
+  final LayerNorm. SD 2.x: OpenCLIP ViT-H's penultimate layer through ``ln_final``.
+  SDXL: CLIP ViT-L's and OpenCLIP bigG's penultimate layers as they are (768 + 1280 =
+  2048); the refiner: bigG's alone (1280). Long prompts are chunks of 77 tokens
+  encoded one by one and concatenated on L (:mod:`opensd.prompts.syntax`).
+- ``y`` (B, adm), SDXL only (Podell et al. 2023, Sec. 2.2): the pooled, projected bigG
+  embedding of the prompt's first chunk, then the Fourier (sinusoidal) embedding of each
+  size number: original size (h, w), crop top-left (top, left) and target size (h, w)
+  for the base; original size, crop and aesthetic score for the refiner.
+
+Guidance batches every key (:class:`~opensd.diffusion.ClassifierFreeGuidance`). As
+A1111 and diffusers do for SDXL, an empty negative prompt is all zeros (context and
+pooled), and the refiner's negative branch gets the negative aesthetic score.
+
+OpenCLIP pads with id 0 (``!``) where CLIP pads with end-of-text: a chunk built with the
+first tokenizer is re-padded for an OpenCLIP encoder of SDXL (everything after the
+first end-of-text becomes 0), which A1111 does by tokenizing once per embedder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from opensd.models.layers import timestep_embedding
+from opensd.models.open_clip import OpenCLIPTextModel
+from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
+from opensd.pipelines.request import GenerationRequest, RequestError
+from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, tokenize_within_budget
+from opensd.prompts.syntax import (
+    TokenizedPrompt,
+    apply_emphasis,
+    chunk_rows,
+    context_length,
+    encode_tokenized,
+    match_lengths,
+    tokenize_prompt,
+)
+
+OPEN_CLIP_PAD_ID = 0  # OpenCLIP's tokenizer pads with 0 ("!")
+Conditioning = dict[str, torch.Tensor]
+StopCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    """Encoded prompts: ``context`` (B, L, D) and, for families with ``y``, ``pooled`` (B, P)."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def expand(self, batch: int) -> TextEmbedding:
+        pooled = None if self.pooled is None else self.pooled.expand(batch, -1)
+        return TextEmbedding(self.context.expand(batch, -1, -1), pooled)
+
+
+def repad(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """``ids`` (N, L) with every position after each row's first ``eos_id`` set to ``pad_id``."""
+    is_eos = (ids == eos_id).int()
+    after = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first eos
+    return ids.masked_fill(after, pad_id)
+
+
+class Conditioner:
+    """Turns prompts and a request's sizes into the U-Net's conditioning dicts.
+
+    Stateless between calls (safe to share). ``tokenizer`` frames the chunks (the first
+    text encoder's); ``budget`` caps every prompt before it is encoded (None: no cap).
+    """
+
+    def __init__(self, model: StableDiffusion, tokenizer: Any, budget: PromptBudget | None = DEFAULT_BUDGET):
+        self.model, self.tokenizer, self.budget = model, tokenizer, budget
+        self.family = model.cfg.family
+
+    # ------------------------------------------------------------------ text
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.tokenizer, self.model.text_encoder)
+
+    def tokenize(self, prompt: str) -> TokenizedPrompt:
+        """``prompt`` cut into chunks, within the budget."""
+        if self.budget is None:
+            return tokenize_prompt(self.tokenizer, prompt, self.context_length)
+        return tokenize_within_budget(prompt, self.tokenizer, self.budget, self.context_length)
+
+    def clip_skip_applies(self) -> bool:
+        """Only SD 1.x has A1111's "clip skip"; SD 2.x and SDXL use their fixed layers (as A1111)."""
+        return self.family is ModelFamily.SD1
+
+    def encode_tokenized(self, prompts: list[TokenizedPrompt], clip_skip: int = 1) -> TextEmbedding:
+        """Every chunk encoded on its own, weighted (A1111's emphasis, per encoder), concatenated."""
+        encoders = self.model.text_encoders
+        if self.family is ModelFamily.SD1:
+            return TextEmbedding(encode_tokenized(encoders[0], prompts, self.tokenizer, skip_layers=clip_skip - 1))
+        if self.family is ModelFamily.SD2:
+            return TextEmbedding(encode_tokenized(encoders[0], prompts, self.tokenizer, skip_layers=1))
+        device = next(encoders[0].parameters()).device
+        ids, weights, n = chunk_rows(prompts, self.tokenizer, device=device)  # (B*n, ctx)
+        parts, pooled = [], None
+        for enc in encoders:
+            if isinstance(enc, OpenCLIPTextModel):
+                hidden, pooled = enc.hidden_and_pooled(repad(ids, self.tokenizer.eos_id, OPEN_CLIP_PAD_ID), 1)
+            else:
+                hidden = enc(ids, skip_layers=1, final_norm=False)
+            parts.append(apply_emphasis(hidden, weights))  # (B*n, ctx, D_i)
+        z = torch.cat(parts, dim=-1)
+        assert pooled is not None
+        b = len(prompts)
+        first = pooled.reshape(b, n, -1)[:, 0]  # (B, P): the first chunk's, as A1111
+        return TextEmbedding(z.reshape(b, n * z.shape[1], z.shape[-1]), first)
+
+    def encode(self, prompts: list[str], clip_skip: int = 1, *, should_stop: StopCheck | None = None) -> TextEmbedding:
+        """Encode ``prompts`` (A1111 syntax, any length). With ``should_stop`` a single prompt
+        is encoded chunk by chunk and ``should_stop()`` polled before each (the result is
+        the same: every chunk is encoded on its own either way)."""
+        from opensd.pipelines.stable_diffusion import _check_stop
+
+        if should_stop is None or len(prompts) != 1:
+            _check_stop(should_stop, "encoding the prompt")
+            return self.encode_tokenized([self.tokenize(p) for p in prompts], clip_skip)
+        tokenized = self.tokenize(prompts[0])
+        parts = []
+        for chunk in tokenized.chunks:
+            _check_stop(should_stop, "encoding the prompt")
+            one = TokenizedPrompt([chunk], tokenized.words, tokenized.token_count, tokenized.context)
+            parts.append(self.encode_tokenized([one], clip_skip))
+        pooled = parts[0].pooled
+        return TextEmbedding(torch.cat([p.context for p in parts], dim=1), pooled)
+
+    # ------------------------------------------------------------------ size conditioning
+
+    def size_vector(self, req: GenerationRequest, *, negative: bool = False) -> torch.Tensor:
+        """(1, numbers * size_embed_dim): the Fourier-embedded size numbers of ``y``."""
+        original = req.original_size or (req.height, req.width)
+        if self.family is ModelFamily.SDXL:
+            numbers = [*original, *req.crop_top_left, req.height, req.width]
+        elif self.family is ModelFamily.SDXL_REFINER:
+            score = req.negative_aesthetic_score if negative else req.aesthetic_score
+            numbers = [*original, *req.crop_top_left, score]
+        else:
+            raise RequestError(f"a {self.family.value} model takes no size conditioning")
+        dim = self.model.cfg.size_embed_dim
+        emb = timestep_embedding(torch.tensor(numbers, dtype=torch.float32), dim)  # (numbers, dim)
+        return emb.reshape(1, -1)
+
+    # ------------------------------------------------------------------ request -> dicts
+
+    def to_dict(self, text: TextEmbedding, req: GenerationRequest, *, negative: bool = False) -> Conditioning:
+        """One guidance branch's conditioning: ``context``, and ``y`` where the family has it."""
+        if self.model.cfg.adm_channels is None:
+            return {"context": text.context}
+        if text.pooled is None:
+            raise RequestError(f"a {self.family.value} model needs the pooled text embedding too")
+        size = self.size_vector(req, negative=negative).to(text.pooled)
+        y = torch.cat([text.pooled, size.expand(text.pooled.shape[0], -1)], dim=1)  # (B, adm)
+        return {"context": text.context, "y": y}
+
+    def for_request(
+        self,
+        req: GenerationRequest,
+        *,
+        prompt_embeds: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        negative_embeds: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        should_stop: StopCheck | None = None,
+    ) -> tuple[Conditioning, Conditioning | None]:
+        """``(cond, uncond)`` for ``req``, each batched to ``req.batch_size``; uncond is None
+        at ``cfg_scale`` 1 (no unconditional pass)."""
+        batch = req.batch_size
+        cond = self._text(prompt_embeds, "prompt_embeds", req.prompt, req, should_stop).expand(batch)
+        if req.cfg_scale == 1.0:
+            return self.to_dict(cond, req), None
+        if negative_embeds is None and req.negative_prompt == "" and self.family in (
+            ModelFamily.SDXL, ModelFamily.SDXL_REFINER
+        ):
+            pooled = None if cond.pooled is None else torch.zeros_like(cond.pooled)
+            uncond = TextEmbedding(torch.zeros_like(cond.context), pooled)
+        else:
+            uncond = self._text(negative_embeds, "negative_embeds", req.negative_prompt, req, should_stop).expand(batch)
+        if uncond.context.shape[1] != cond.context.shape[1]:  # A1111: pad the shorter with empty-prompt chunks
+            empty = self.encode([""], req.clip_skip).context
+            c, u = match_lengths(cond.context, uncond.context, empty)
+            cond, uncond = TextEmbedding(c, cond.pooled), TextEmbedding(u, uncond.pooled)
+        return self.to_dict(cond, req), self.to_dict(uncond, req, negative=True)
+
+    def _text(
+        self, embeds: Any, name: str, prompt: str, req: GenerationRequest, should_stop: StopCheck | None
+    ) -> TextEmbedding:
+        """``embeds`` checked (a context tensor, or a dict with ``context`` and ``pooled``), else ``prompt`` encoded."""
+        if embeds is None:
+            return self.encode([prompt], req.clip_skip, should_stop=should_stop)
+        cfg, batch = self.model.cfg, req.batch_size
+        context, pooled = (embeds.get("context"), embeds.get("pooled")) if isinstance(embeds, Mapping) else (embeds, None)
+        width = cfg.context_dim
+        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] not in (1, batch) \
+                or context.shape[1] < 1 or context.shape[2] != width:
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise RequestError(f"{name} must be a (1 or {batch}, L, {width}) tensor, got {got}")
+        p_dim = cfg.pooled_dim
+        if p_dim is not None:
+            if not isinstance(pooled, torch.Tensor) or pooled.shape not in ((1, p_dim), (batch, p_dim)):
+                got = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+                raise RequestError(
+                    f"{name} for a {self.family.value} model must be a dict with 'context' and 'pooled' "
+                    f"(1 or {batch}, {p_dim}), got pooled {got}"
+                )
+        param = next(self.model.unet.parameters())
+        pooled = None if p_dim is None else pooled.to(param.device, param.dtype)
+        return TextEmbedding(context.to(param.device, param.dtype), pooled)

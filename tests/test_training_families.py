@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import clip_tokenizer, randomize
 from safetensors.torch import load_file, save_file
 
 from opensd.checkpoints.opensd_format import save_opensd
@@ -19,8 +20,6 @@ from opensd.training.config import stage_config_from_dict
 from opensd.training.data import TrainingDataError, open_source, read_latent_cache
 from opensd.training.loop import read_log, run_stage
 from opensd.training.unet import UNetStage, UNetStageConfig
-
-from helpers import clip_tokenizer, randomize
 
 SIZE = 16  # pixels; the tiny VAE halves it
 

@@ -10,10 +10,13 @@ uninterrupted run does.
 
 The latent cache (Rombach et al. 2022 train the U-Net on latents of a frozen
 autoencoder) encodes a pool of N examples once: VAE latents (posterior mode,
-scaled by ``to_latent``) and the frozen text encoder's hidden states of each
-caption, plus the empty caption's (for caption dropout). It is a safetensors file
-whose name holds hashes of the VAE weights, the text encoder weights and
-tokenizer, and the data settings, so a changed input never reuses a stale cache.
+scaled by ``to_latent``) and the frozen text conditioning of each caption as named
+tensors (``context``, and SDXL's ``pooled`` text embedding), plus the empty
+caption's (for caption dropout). It is a safetensors file whose name holds hashes
+of the VAE weights, the text encoders' weights and tokenizer, and the data
+settings, so a changed input never reuses a stale cache. Its tensors are
+``latents``, ``cond.<name>`` and ``empty.<name>`` (version 2, in the file's
+metadata); a version-1 file (``context``, ``empty_context``) is still read.
 """
 
 from __future__ import annotations

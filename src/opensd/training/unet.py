@@ -14,16 +14,26 @@ The per-sample MSE is optionally weighted by min-SNR-gamma (Hang et al. 2023,
 ``snr = a_t / (1 - a_t)``, the weight is ``min(snr, gamma) / snr`` for eps and
 ``min(snr, gamma) / (snr + 1)`` for v (both equal ``min(snr, gamma)`` on the x0 loss).
 
-With probability ``caption_dropout`` a sample's caption becomes the empty caption,
-so one network gives both terms of classifier-free guidance (Ho & Salimans 2022).
+The text conditioning is a dict of named tensors, as at inference
+(:mod:`opensd.pipelines.conditioning`), and the U-Net is called as
+``unet(x_t, t, **cond)``: ``{"context": (B, L, D)}``, plus for SDXL families
+``"y"``: the pooled text and the Fourier-embedded size numbers (Podell et al. 2023,
+Sec. 2.2), here original size = the image's (``data.image_size``, the data being
+resized to it), crop (0, 0), target = ``data.image_size`` (the refiner: the request's
+default aesthetic score, 6).
+
+With probability ``caption_dropout`` a sample's caption becomes the empty caption
+(SD 1.x, 2.x) or zeros (SDXL families: SGM's ``ucg_rate``, and what inference gives
+an empty negative prompt), so one network gives both terms of classifier-free
+guidance (Ho & Salimans 2022).
 The U-Net keeps an EMA (``train.ema_decay``); samples and the export use it.
 
 ``grounding_weight > 0`` and ``grounding_pixel_weight > 0`` (shapes world only) add
 TokenCompose's token and pixel losses on the U-Net's cross-attention
 (:mod:`opensd.training.grounding`): each shape, colour and size word of a caption is
 pulled to attend inside its object's mask, and to take the attention there. ``init_from``
-fine-tunes an existing opensd model: its VAE, text encoder and tokenizer are the
-frozen parts, its U-Net the starting weights.
+fine-tunes an existing opensd model of any family (SD 1.x, 2.x, SDXL base or refiner):
+its VAE, text encoder(s) and tokenizer are the frozen parts, its U-Net the starting weights.
 
 ``evaluate`` assembles the full model (EMA U-Net, VAE, text encoder, tokenizer,
 schedule), generates the validation suite's prompts through the real pipeline and
@@ -83,8 +93,8 @@ class UNetStageConfig(StageConfig):
     """``opensd train unet``. ``model``'s ``in_channels``/``out_channels`` and ``context_dim``
     are taken from the frozen VAE and text encoder, whatever the config says.
     ``export_half`` stores the exported model's weights in float16 (half the size;
-    loading casts them back to float32). ``init_from`` (an opensd model folder)
-    replaces ``vae_dir`` and ``clip_dir`` by that model's VAE and text encoder and
+    loading casts them back to float32). ``init_from`` (an opensd model folder, any
+    family) replaces ``vae_dir`` and ``clip_dir`` by that model's VAE and text encoder(s) and
     starts from its U-Net; the architecture and noise schedule are then the model's
     (``[model]`` and ``[schedule]`` are not used). ``grounding_weight`` and
     ``grounding_pixel_weight`` scale the cross-attention grounding losses (0: off; they

@@ -92,8 +92,8 @@ def _can_share_batches(pipe: Any, cfg: EvalConfig) -> bool:
 def _generate(pipe: Any, cfg: EvalConfig, chunk: list[tuple[int, BenchmarkPrompt]]) -> list[list[Image.Image]]:
     """Images of each ``(index, prompt)`` in ``chunk``: prompt ``i`` uses seeds ``seed + 1000 i + j``.
 
-    One prompt: a plain ``txt2img``. Several: one call with each row's text embedding and
-    its own seeded initial noise, so every image equals the one its prompt gets alone (up
+    One prompt: a plain ``txt2img``. Several: one call with each row's text embedding (for
+    SDXL families its context and pooled embedding) and its own seeded initial noise, so every image equals the one its prompt gets alone (up
     to float rounding in batched kernels).
     """
     n = cfg.images_per_prompt
@@ -106,17 +106,35 @@ def _generate(pipe: Any, cfg: EvalConfig, chunk: list[tuple[int, BenchmarkPrompt
     mc = pipe.cfg
     side = mc.image_size // mc.vae.downsample_factor
     with torch.inference_mode():
-        rows = [pipe.encode_prompt([p.text]) for _, p in chunk]  # each (1, L, D)
-        negative = pipe.encode_prompt([cfg.negative_prompt])  # (1, L, D)
-    if len({r.shape for r in rows + [negative]}) > 1:  # prompts of different chunk counts: one call each
+        rows = [_text_embeds(pipe, p.text) for _, p in chunk]  # each {"context": (1, L, D)[, "pooled": (1, P)]}
+        negative = _text_embeds(pipe, cfg.negative_prompt)
+    if len({r["context"].shape for r in rows + [negative]}) > 1:  # prompts of different chunk counts: one call each
         return [_generate(pipe, cfg, [item])[0] for item in chunk]
-    embeds = torch.cat([r.expand(n, -1, -1) for r in rows])  # (B, L, D)
+    embeds = {k: torch.cat([r[k].expand(n, *r[k].shape[1:]) for r in rows]) for k in rows[0]}  # (B, L, D), (B, P)
+    if "pooled" in negative and cfg.negative_prompt == "":
+        negative_embeds = None  # SDXL zeroes an empty negative prompt (as txt2img alone does); given embeds it would not
+    else:
+        negative_embeds = _as_embeds(negative)
     seeds = [cfg.seed + 1000 * i + j for i, _ in chunk for j in range(n)]
     noise = torch.cat([torch.randn((1, mc.vae.embed_dim, side, side), generator=torch.Generator("cpu").manual_seed(s))
                        for s in seeds])  # (B, C, h, w): what txt2img draws for each seed
     images = pipe.txt2img(chunk[0][1].text, cfg.negative_prompt, seed=seeds[0], batch_size=len(seeds), latents=noise,
-                          prompt_embeds=embeds, negative_embeds=negative, **kw)
+                          prompt_embeds=_as_embeds(embeds), negative_embeds=negative_embeds, **kw)
     return [images[k * n:(k + 1) * n] for k in range(len(chunk))]
+
+
+def _text_embeds(pipe: Any, text: str) -> dict:
+    """``{"context": (1, L, D)}`` of ``text`` (``pipe.encode_prompt``), and for families
+    with a pooled text embedding (SDXL) ``"pooled": (1, P)`` too (the pipeline's conditioner)."""
+    if getattr(pipe.cfg, "pooled_dim", None) is None or not hasattr(pipe, "conditioner"):
+        return {"context": pipe.encode_prompt([text])}
+    encoded = pipe.conditioner.encode([text])
+    return {"context": encoded.context, "pooled": encoded.pooled}
+
+
+def _as_embeds(parts: dict) -> Any:
+    """What ``txt2img(prompt_embeds=...)`` takes: the bare context, or the dict for SDXL families."""
+    return parts["context"] if set(parts) == {"context"} else parts
 
 
 def evaluate(

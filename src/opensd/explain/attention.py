@@ -19,6 +19,14 @@ which pixels it shaped. Here:
   which take most of it in trained models). Pictures normalize each word's map by
   its maximum, as DAAM's figures do.
 
+Every family works the same way: the U-Net's conditioning comes from the pipeline's
+``Conditioner`` (``pipe.request`` / ``pipe.conditioner.for_request``), so SDXL's ``y``
+goes in too. SDXL concatenates its two encoders on the width (CLIP ViT-L 768 + bigG
+1280 = 2048), not on the length: context position ``i`` is still token ``i`` of the
+prompt's chunks, and a word's positions are those its tokens have under the first
+tokenizer, as in SD 1.x. SD 2.x pads with ``!`` (id 0); padding positions are
+labelled ``<pad>`` whatever their id.
+
 Capture uses the U-Net's ``CrossAttention.attn_store`` hook: while collecting,
 attention is computed explicitly instead of by SDPA (the same result up to float
 rounding); outside the ``with`` block the hook is removed.

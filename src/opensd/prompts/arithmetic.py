@@ -13,6 +13,14 @@ cond / uncond); nothing is aligned by word. Coefficients that sum to 1 (as
 ``1 - 1 + 1``, or a blend ``0.3 "a" + 0.7 "b"``) keep the embedding's scale;
 ``normalize=True`` divides by the sum of the coefficients.
 
+Families. The sum is taken per named tensor of the conditioning. SD 1.x and 2.x have
+only the context, and an expression gives a (1, L, D) tensor. SDXL and its refiner
+also condition on the pooled text embedding (in ``y``): every term's pooled vector
+(its first chunk's, as A1111) is summed with the same coefficients, and an expression
+gives ``{"context": (1, L, 2048 in SDXL), "pooled": (1, P)}``, which
+``pipe.generate(prompt_embeds=...)`` takes as it is; the size part of ``y`` comes from
+the request, not from the prompt. Interpolation lerps each tensor.
+
 Expressions: ``[coef [*]] "prompt" [* coef]`` terms joined by ``+`` / ``-``, quotes
 ``"..."`` or ``'...'`` (a backslash escapes a quote). Text that does not start
 with a quote (or a coefficient and a quote) is one prompt with coefficient 1, so
@@ -157,23 +165,51 @@ def _terms(terms: str | Sequence[Term | tuple[float, str]]) -> list[Term]:
 
 # ----------------------------------------------------------------------------- embeddings
 
-def encode_same_length(pipe, prompts: Sequence[str], *, clip_skip: int = 1) -> torch.Tensor:
-    """(N, L, D): each prompt encoded by ``pipe.encode_prompt``, padded with empty-prompt chunks to one length."""
+Embeds = torch.Tensor | dict[str, torch.Tensor]  # what ``pipe.generate`` takes as ``prompt_embeds``
+
+
+def as_prompt_embeds(parts: dict[str, torch.Tensor]) -> Embeds:
+    """``parts`` in the form ``pipe.generate`` takes: the bare context (1, L, D) when that is
+    all the family uses (SD 1.x, 2.x), else the dict ``{"context", "pooled"}`` (SDXL families)."""
+    return parts["context"] if set(parts) == {"context"} else parts
+
+
+def embeds_parts(embeds: Embeds) -> dict[str, torch.Tensor]:
+    """The named tensors of ``embeds`` (a bare tensor is the context)."""
+    return {"context": embeds} if isinstance(embeds, torch.Tensor) else dict(embeds)
+
+
+def encode_terms(pipe, prompts: Sequence[str], *, clip_skip: int = 1) -> dict[str, torch.Tensor]:
+    """Each prompt encoded on its own by the pipeline's conditioner: ``context`` (N, L, D),
+    padded with empty-prompt chunks to one length, and for SDXL families ``pooled`` (N, P)
+    (the projected bigG embedding of each prompt's first chunk)."""
     from opensd.prompts.syntax import pad_context
 
     with torch.inference_mode():
-        embs = [pipe.encode_prompt([p], clip_skip) for p in prompts]
-        n = max(e.shape[1] for e in embs)
-        if any(e.shape[1] != n for e in embs):
-            empty = pipe.encode_prompt([""], clip_skip)
-            embs = [pad_context(e, n, empty) for e in embs]
-        return torch.cat(embs).clone()
+        texts = [pipe.conditioner.encode([p], clip_skip) for p in prompts]
+        contexts = [t.context for t in texts]
+        n = max(c.shape[1] for c in contexts)
+        if any(c.shape[1] != n for c in contexts):
+            empty = pipe.conditioner.encode([""], clip_skip).context
+            contexts = [pad_context(c, n, empty) for c in contexts]
+        out = {"context": torch.cat(contexts).clone()}
+        if texts[0].pooled is not None:
+            out["pooled"] = torch.cat([t.pooled for t in texts]).clone()
+        return out
+
+
+def encode_same_length(pipe, prompts: Sequence[str], *, clip_skip: int = 1) -> torch.Tensor:
+    """(N, L, D): each prompt's context (:func:`encode_terms`), padded with empty-prompt chunks to one length."""
+    return encode_terms(pipe, prompts, clip_skip=clip_skip)["context"]
 
 
 def combine(
     pipe, terms: str | Sequence[Term | tuple[float, str]], *, clip_skip: int = 1, normalize: bool = False
-) -> torch.Tensor:
-    """(1, L, D): ``sum_i coef_i * E(prompt_i)`` (see the module doc); ``normalize`` divides by ``sum coef_i``."""
+) -> Embeds:
+    """``sum_i coef_i * E(prompt_i)`` per named tensor (see the module doc); ``normalize``
+    divides by ``sum coef_i``. Returns the context (1, L, D) for SD 1.x / 2.x, and for SDXL
+    families ``{"context": (1, L, D), "pooled": (1, P)}``, the pooled embedding combined
+    with the same coefficients (:func:`as_prompt_embeds`)."""
     ts = _terms(terms)
     coefs = torch.tensor([t.coef for t in ts], dtype=torch.float32)
     if normalize:
@@ -181,23 +217,37 @@ def combine(
         if abs(total) < 1e-8:
             raise PromptExpressionError("normalize=True needs coefficients whose sum is not 0")
         coefs = coefs / total
-    embs = encode_same_length(pipe, [t.prompt for t in ts], clip_skip=clip_skip)  # (N, L, D)
-    return (coefs.to(embs)[:, None, None] * embs).sum(0, keepdim=True)
+    parts = encode_terms(pipe, [t.prompt for t in ts], clip_skip=clip_skip)  # name -> (N, ...)
+    summed = {k: (coefs.to(v).reshape(-1, *[1] * (v.ndim - 1)) * v).sum(0, keepdim=True) for k, v in parts.items()}
+    return as_prompt_embeds(summed)
 
 
-def blend(pipe, prompts: Sequence[str], weights: Sequence[float] | None = None, *, clip_skip: int = 1) -> torch.Tensor:
-    """(1, L, D): the weighted mean of the prompts' embeddings (equal weights by default)."""
+def blend(pipe, prompts: Sequence[str], weights: Sequence[float] | None = None, *, clip_skip: int = 1) -> Embeds:
+    """The weighted mean of the prompts' embeddings (equal weights by default), in :func:`combine`'s form."""
     weights = [1.0] * len(prompts) if weights is None else list(weights)
     if len(weights) != len(prompts) or not prompts:
         raise PromptExpressionError(f"blend needs one weight per prompt, got {len(weights)} weights for {len(prompts)} prompts")
     return combine(pipe, list(zip(weights, prompts)), clip_skip=clip_skip, normalize=True)
 
 
-def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    """``(1 - t) a + t b``."""
-    if a.shape != b.shape:
-        raise OpenSDError(f"lerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return a + (b - a) * t
+def lerp(a: Embeds, b: Embeds, t: float) -> Embeds:
+    """``(1 - t) a + t b``, of tensors or, key by key, of embedding dicts with the same keys."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            raise OpenSDError(f"lerp needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        return a + (b - a) * t
+    pa, pb = embeds_parts(a), embeds_parts(b)
+    if set(pa) != set(pb):
+        raise OpenSDError(f"lerp needs embeddings with the same parts, got {sorted(pa)} and {sorted(pb)}")
+    return {k: lerp(pa[k], pb[k], t) for k in pa}
+
+
+def pad_embeds(embeds: Embeds, length: int, empty: torch.Tensor) -> Embeds:
+    """``embeds`` with its context extended to ``length`` tokens by empty-prompt chunks (``pooled`` unchanged)."""
+    from opensd.prompts.syntax import pad_context
+
+    parts = embeds_parts(embeds)
+    return as_prompt_embeds({**parts, "context": pad_context(parts["context"], length, empty)})
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, eps: float = 1e-7) -> torch.Tensor:
@@ -255,14 +305,15 @@ def _fractions(frames: int) -> list[float]:
 
 def txt2img_embeds(
     pipe,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None = None,
+    prompt_embeds: Embeds,
+    negative_embeds: Embeds | None = None,
     *,
     label: str = "",
     negative_prompt: str = "",
     **txt2img_args: Any,
 ) -> list[Image.Image]:
-    """:meth:`txt2img` with a ready context: ``prompt_embeds`` (1 or B, L, D) instead of a prompt.
+    """:meth:`txt2img` with ready embeddings instead of a prompt: ``prompt_embeds`` is the
+    context (1 or B, L, D), or for SDXL families ``{"context": ..., "pooled": (1 or B, P)}``.
 
     ``label`` is the prompt written into the infotext; ``negative_embeds`` replaces the
     encoded ``negative_prompt`` when given.
@@ -312,12 +363,10 @@ def interpolate(
         )
     ea = combine(pipe, prompt, clip_skip=clip_skip)
     eb = ea if to_prompt is None else combine(pipe, to_prompt, clip_skip=clip_skip)
-    if ea.shape != eb.shape:
-        from opensd.prompts.syntax import pad_context
-
-        n = max(ea.shape[1], eb.shape[1])
+    la, lb = embeds_parts(ea)["context"].shape[1], embeds_parts(eb)["context"].shape[1]
+    if la != lb:
         empty = encode_same_length(pipe, [""], clip_skip=clip_skip)
-        ea, eb = pad_context(ea, n, empty), pad_context(eb, n, empty)
+        ea, eb = pad_embeds(ea, max(la, lb), empty), pad_embeds(eb, max(la, lb), empty)
     na = seed_noise(pipe, seed, width, height)
     nb = na if to_seed is None else seed_noise(pipe, to_seed, width, height)
     out = []
@@ -343,17 +392,22 @@ def interpolate_seeds(pipe, prompt: str, seed_a: int, seed_b: int, frames: int =
 __all__ = [
     "MAX_FRAMES",
     "PromptExpressionError",
+    "Embeds",
     "Term",
     "blend",
     "check_frames",
     "check_seed",
     "combine",
+    "as_prompt_embeds",
+    "embeds_parts",
     "encode_same_length",
+    "encode_terms",
     "generate_expression",
     "interpolate",
     "interpolate_prompts",
     "interpolate_seeds",
     "lerp",
+    "pad_embeds",
     "parse_expression",
     "seed_noise",
     "slerp",

@@ -10,10 +10,13 @@ uninterrupted run does.
 
 The latent cache (Rombach et al. 2022 train the U-Net on latents of a frozen
 autoencoder) encodes a pool of N examples once: VAE latents (posterior mode,
-scaled by ``to_latent``) and the frozen text encoder's hidden states of each
-caption, plus the empty caption's (for caption dropout). It is a safetensors file
-whose name holds hashes of the VAE weights, the text encoder weights and
-tokenizer, and the data settings, so a changed input never reuses a stale cache.
+scaled by ``to_latent``) and the frozen text conditioning of each caption as named
+tensors (``context``, and SDXL's ``pooled`` text embedding), plus the empty
+caption's (for caption dropout). It is a safetensors file whose name holds hashes
+of the VAE weights, the text encoders' weights and tokenizer, and the data
+settings, so a changed input never reuses a stale cache. Its tensors are
+``latents``, ``cond.<name>`` and ``empty.<name>`` (version 2, in the file's
+metadata); a version-1 file (``context``, ``empty_context``) is still read.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -215,6 +218,11 @@ def load_batch(source: Source, indices: Sequence[int]) -> Batch:
 
 # ----------------------------------------------------------------------------- the latent cache
 
+CACHE_VERSION = 2  # 1: "context" / "empty_context" (no metadata); 2: "cond.<key>" / "empty.<key>"
+_VERSION_KEY = "opensd_cache_version"
+TextConditioning = dict[str, torch.Tensor]  # {"context": (B, L, D)} (+ "pooled": (B, P) for SDXL families)
+CaptionEncoder = Callable[[list[str]], TextConditioning]
+
 
 def state_hash(*modules: torch.nn.Module, extra: bytes = b"") -> str:
     """SHA-256 (hex) of the modules' state dicts (names, dtypes, shapes, bytes) and ``extra``."""
@@ -259,7 +267,7 @@ def build_latent_cache(
     source: Source,
     n: int,
     vae: torch.nn.Module,
-    text_encoder: torch.nn.Module,
+    encode: CaptionEncoder,
     tokenizer,
     *,
     batch_size: int = 64,
@@ -268,11 +276,13 @@ def build_latent_cache(
     progress: bool = False,
     grounding: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Encode items ``0 .. n-1`` of ``source``.
+    """Encode items ``0 .. n-1`` of ``source`` into the tensors of a version-2 cache file.
 
+    ``encode(captions)`` gives the frozen text conditioning of a batch of captions as
+    named tensors (``context`` (B, L, D), and ``pooled`` (B, P) for SDXL families).
     Returns ``latents`` (n, C, h, w) float32 (``vae.to_latent`` of the posterior mode),
-    ``context`` (n, L, D) in ``text_dtype`` and ``empty_context`` (1, L, D) float32
-    (the empty caption). With ``grounding`` (shapes-world sources only) also
+    ``cond.<key>`` (n, ...) in ``text_dtype`` and ``empty.<key>`` (1, ...) float32 (the
+    empty caption). With ``grounding`` (shapes-world sources only) also
     ``ground_tokens`` (n, G, K) int64 and ``ground_masks`` (n, G, h, w) float16, see
     :func:`opensd.training.grounding.grounding_targets`.
     """
@@ -282,14 +292,13 @@ def build_latent_cache(
 
     from opensd.training.grounding import grounding_targets
 
-    latents, contexts, tokens, masks = [], [], [], []
+    latents, conds, tokens, masks = [], [], [], []
     bar = tqdm(total=n, desc="caching latents", unit="img", disable=not progress)
     for start in range(0, n, batch_size):
         b = load_batch(source, range(start, min(start + batch_size, n)))
         z = vae.encode(b.images.to(device)).mode()
         latents.append(vae.to_latent(z).float().cpu())
-        ids = tokenizer(b.captions).to(device)
-        contexts.append(text_encoder(ids).to(text_dtype).cpu())
+        conds.append({k: v.to(text_dtype).cpu() for k, v in encode(b.captions).items()})
         if grounding:
             if any(spec is None or scene is None for spec, scene in zip(b.specs, b.scenes)):
                 raise TrainingDataError("grounding needs object masks, which only the shapes world (data.source = "
@@ -300,11 +309,62 @@ def build_latent_cache(
             masks.append(torch.stack([m for _, m in pairs]).half())
         bar.update(len(b.indices))
     bar.close()
-    empty = text_encoder(tokenizer([""]).to(device)).float().cpu()
-    out = {"latents": torch.cat(latents), "context": torch.cat(contexts), "empty_context": empty}
+    out = {"latents": torch.cat(latents)}
+    out.update({f"cond.{k}": torch.cat([c[k] for c in conds]) for k in conds[0]})
+    out.update({f"empty.{k}": v.float().cpu() for k, v in encode([""]).items()})
     if grounding:
         out.update(ground_tokens=torch.cat(tokens), ground_masks=torch.cat(masks))
     return out
+
+
+def write_latent_cache(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a cache file (atomically), stamped with :data:`CACHE_VERSION`."""
+    from opensd.checkpoints.io import write_safetensors
+
+    write_safetensors(tensors, path, metadata={**metadata, _VERSION_KEY: str(CACHE_VERSION)})
+
+
+@dataclass
+class LatentCache:
+    """A cache file's contents: latents (N, C, h, w), the captions' text conditioning
+    (``cond``: name -> (N, ...)) and the empty caption's (``empty``: name -> (1, ...)),
+    and the other tensors (grounding targets) by name."""
+
+    latents: torch.Tensor
+    cond: TextConditioning
+    empty: TextConditioning
+    extra: dict[str, torch.Tensor]
+
+
+def read_latent_cache(path: Path, text_keys: Sequence[str]) -> LatentCache:
+    """Read the cache at ``path``; ``text_keys`` are the text tensors the stage needs
+    (``context``, and ``pooled`` for SDXL families).
+
+    A version-1 file (opensd before the conditioning dicts: ``context`` and
+    ``empty_context``) is read as ``{"context": ...}``; a file of another version, or one
+    lacking a needed tensor, is refused with a :class:`TrainingDataError` saying to rebuild it.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    rebuild = f"delete {path} (or the run's cache/ folder) and run again to rebuild it"
+    with safe_open(str(path), "pt") as f:
+        version = (f.metadata() or {}).get(_VERSION_KEY, "1")
+    tensors = load_file(str(path))
+    if version == "1":
+        renamed = {"context": "cond.context", "empty_context": "empty.context"}
+        tensors = {renamed.get(k, k): v for k, v in tensors.items()}
+    elif version != str(CACHE_VERSION):
+        raise TrainingDataError(f"the latent cache {path} has version {version!r}; this opensd reads versions 1 "
+                                f"and {CACHE_VERSION}: {rebuild}")
+    wanted = ["latents"] + [f"{part}.{k}" for part in ("cond", "empty") for k in text_keys]
+    missing = [k for k in wanted if k not in tensors]
+    if missing:
+        raise TrainingDataError(f"the latent cache {path} (version {version}) lacks {', '.join(missing)}, which this "
+                                f"model needs: {rebuild}")
+    cond = {k: tensors.pop(f"cond.{k}") for k in text_keys}
+    empty = {k: tensors.pop(f"empty.{k}") for k in text_keys}
+    return LatentCache(tensors.pop("latents"), cond, empty, tensors)
 
 
 # ----------------------------------------------------------------------------- frozen parts from earlier stages

@@ -14,16 +14,26 @@ The per-sample MSE is optionally weighted by min-SNR-gamma (Hang et al. 2023,
 ``snr = a_t / (1 - a_t)``, the weight is ``min(snr, gamma) / snr`` for eps and
 ``min(snr, gamma) / (snr + 1)`` for v (both equal ``min(snr, gamma)`` on the x0 loss).
 
-With probability ``caption_dropout`` a sample's caption becomes the empty caption,
-so one network gives both terms of classifier-free guidance (Ho & Salimans 2022).
+The text conditioning is a dict of named tensors, as at inference
+(:mod:`opensd.pipelines.conditioning`), and the U-Net is called as
+``unet(x_t, t, **cond)``: ``{"context": (B, L, D)}``, plus for SDXL families
+``"y"``: the pooled text and the Fourier-embedded size numbers (Podell et al. 2023,
+Sec. 2.2), here original size = the image's (``data.image_size``, the data being
+resized to it), crop (0, 0), target = ``data.image_size`` (the refiner: the request's
+default aesthetic score, 6).
+
+With probability ``caption_dropout`` a sample's caption becomes the empty caption
+(SD 1.x, 2.x) or zeros (SDXL families: SGM's ``ucg_rate``, and what inference gives
+an empty negative prompt), so one network gives both terms of classifier-free
+guidance (Ho & Salimans 2022).
 The U-Net keeps an EMA (``train.ema_decay``); samples and the export use it.
 
 ``grounding_weight > 0`` and ``grounding_pixel_weight > 0`` (shapes world only) add
 TokenCompose's token and pixel losses on the U-Net's cross-attention
 (:mod:`opensd.training.grounding`): each shape, colour and size word of a caption is
 pulled to attend inside its object's mask, and to take the attention there. ``init_from``
-fine-tunes an existing opensd model: its VAE, text encoder and tokenizer are the
-frozen parts, its U-Net the starting weights.
+fine-tunes an existing opensd model of any family (SD 1.x, 2.x, SDXL base or refiner):
+its VAE, text encoder(s) and tokenizer are the frozen parts, its U-Net the starting weights.
 
 ``evaluate`` assembles the full model (EMA U-Net, VAE, text encoder, tokenizer,
 schedule), generates the validation suite's prompts through the real pipeline and
@@ -38,25 +48,28 @@ import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from opensd.config import ConfigError, to_dict
 from opensd.diffusion.schedules import DiscreteSchedule, NoiseScheduleConfig, Prediction
-from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+from opensd.models.stable_diffusion import ModelFamily, SDConfig, StableDiffusion
 from opensd.models.unet import UNetConfig, UNetModel
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig
 from opensd.training.data import (
+    CaptionEncoder,
     batch_indices,
     build_latent_cache,
     cache_path,
     load_text_encoder,
     load_vae,
     open_source,
+    read_latent_cache,
     state_hash,
     tokenizer_hash,
+    write_latent_cache,
 )
 from opensd.training.grounding import AttentionCapture, PixelTarget, grounding_loss
 from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
@@ -80,8 +93,8 @@ class UNetStageConfig(StageConfig):
     """``opensd train unet``. ``model``'s ``in_channels``/``out_channels`` and ``context_dim``
     are taken from the frozen VAE and text encoder, whatever the config says.
     ``export_half`` stores the exported model's weights in float16 (half the size;
-    loading casts them back to float32). ``init_from`` (an opensd model folder)
-    replaces ``vae_dir`` and ``clip_dir`` by that model's VAE and text encoder and
+    loading casts them back to float32). ``init_from`` (an opensd model folder, any
+    family) replaces ``vae_dir`` and ``clip_dir`` by that model's VAE and text encoder(s) and
     starts from its U-Net; the architecture and noise schedule are then the model's
     (``[model]`` and ``[schedule]`` are not used). ``grounding_weight`` and
     ``grounding_pixel_weight`` scale the cross-attention grounding losses (0: off; they
@@ -163,11 +176,14 @@ def min_snr_weight(alphas_cumprod_t: torch.Tensor, gamma: float, prediction: Pre
 
 
 class DiffusionLoss(nn.Module):
-    """The trainable module: ``forward(x0, context, t, noise, ground) -> ((B,), ((B,), (B,)) | None)``.
+    """The trainable module: ``forward(x0, cond, t, noise, ground) -> ((B,), ((B,), (B,)) | None)``.
 
-    The first output is the weighted per-sample MSE. With ``ground = (tokens, masks,
-    keep)`` (see :func:`opensd.training.grounding.grounding_loss`) the second is the
-    per-sample (token, pixel) grounding losses of the same forward pass, else None.
+    ``cond`` is the U-Net's conditioning as named tensors, passed on as
+    ``unet(x_t, t, **cond)``: ``{"context": (B, L, D)}``, plus ``"y": (B, adm)`` for SDXL
+    families (a bare (B, L, D) tensor is taken as the context). The first output is the
+    weighted per-sample MSE. With ``ground = (tokens, masks, keep)`` (see
+    :func:`opensd.training.grounding.grounding_loss`) the second is the per-sample
+    (token, pixel) grounding losses of the same forward pass, else None.
     """
 
     def __init__(
@@ -188,19 +204,20 @@ class DiffusionLoss(nn.Module):
     def forward(
         self,
         x0: torch.Tensor,
-        context: torch.Tensor,
+        cond: Mapping[str, torch.Tensor] | torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
         ground: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        cond = {"context": cond} if isinstance(cond, torch.Tensor) else dict(cond)
         a = self.alphas_cumprod[t]  # (B,)
         xt, target = noisy_latents_and_target(x0, noise, a, self.prediction)
         grounded = None
         if ground is None:
-            pred = self.unet(xt, t.float(), context).float()
+            pred = self.unet(xt, t.float(), **cond).float()
         else:
             with self.capture:
-                pred = self.unet(xt, t.float(), context).float()
+                pred = self.unet(xt, t.float(), **cond).float()
             grounded = grounding_loss(self.capture.probs, *ground, pixel_target=self.pixel_target)
             self.capture.probs.clear()  # the graph holds what backward needs
         per_sample = (pred - target).pow(2).flatten(1).mean(dim=1)  # (B,)
@@ -215,86 +232,119 @@ class UNetStage(Stage):
     ema_groups = ("unet",)
 
     def build(self, ctx: RunContext) -> dict[str, nn.Module]:
+        from opensd.pipelines.conditioning import Conditioner
+
         cfg = self.cfg
         self.ctx = ctx
         start = None
         if cfg.init_from:
-            vae, text, self.tokenizer, start = _parts_of_model(cfg.init_from)
-            ucfg, schedule = start.model.diffusion_model.cfg, start.cfg.schedule
-            if start.cfg.image_size != cfg.data.image_size:
-                raise ConfigError(f"init_from's model makes {start.cfg.image_size} px images; set data.image_size = "
-                                  f"{start.cfg.image_size} (got {cfg.data.image_size})")
+            frozen, self.tokenizer = _model_of(cfg.init_from)
+            if frozen.cfg.image_size != cfg.data.image_size:
+                raise ConfigError(f"init_from's model makes {frozen.cfg.image_size} px images; set data.image_size = "
+                                  f"{frozen.cfg.image_size} (got {cfg.data.image_size})")
+            self.sd_cfg, start = frozen.cfg, frozen.unet.state_dict()
+            with torch.device("meta"):  # the trainable copy is made below; the frozen model keeps no U-Net
+                frozen.model.diffusion_model = UNetModel(self.sd_cfg.unet)
         else:
             vae = load_vae(cfg.vae_dir)
             text, self.tokenizer = load_text_encoder(cfg.clip_dir)
             ucfg = dataclasses.replace(cfg.model, in_channels=vae.cfg.embed_dim, out_channels=vae.cfg.embed_dim,
                                        context_dim=text.cfg.width)
-            schedule = cfg.schedule
-        self.vae = vae.to(ctx.device).requires_grad_(False)
-        self.text = text.to(ctx.device).requires_grad_(False)
-        try:
-            self.sd_cfg = SDConfig(unet=ucfg, vae=self.vae.cfg, text=self.text.cfg, schedule=schedule,
-                                   image_size=cfg.data.image_size)
-        except ValueError as e:
-            raise ConfigError(f"the U-Net stage's parts do not fit together: {e}") from None
+            try:
+                self.sd_cfg = SDConfig(unet=ucfg, vae=vae.cfg, text=text.cfg, schedule=cfg.schedule,
+                                       image_size=cfg.data.image_size)
+            except ValueError as e:
+                raise ConfigError(f"the U-Net stage's parts do not fit together: {e}") from None
+            with torch.device("meta"):
+                frozen = StableDiffusion(self.sd_cfg)
+            frozen.first_stage_model, frozen.cond_stage_model.transformer = vae, text  # an SD 1.x model
+        self.frozen = frozen  # the VAE and text encoder(s) at their checkpoint paths; the U-Net on "meta"
+        self.vae = frozen.vae.to(ctx.device).requires_grad_(False)
+        for encoder in frozen.text_encoders:
+            encoder.to(ctx.device).requires_grad_(False)
+        self.conditioner = Conditioner(frozen, self.tokenizer, budget=None)
         self._load_cache()
-        unet = UNetModel(ucfg)
+        unet = UNetModel(self.sd_cfg.unet)
         if start is not None:
-            unet.load_state_dict(start.model.diffusion_model.state_dict())
-        return {"unet": DiffusionLoss(unet, schedule, cfg.min_snr_gamma, cfg.grounding_pixel_target)}
+            unet.load_state_dict(start)
+        return {"unet": DiffusionLoss(unet, self.sd_cfg.schedule, cfg.min_snr_gamma, cfg.grounding_pixel_target)}
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.sd_cfg.family
+
+    @property
+    def context(self) -> torch.Tensor:
+        """(N, L, D): the cached captions' context, in its storage type on the CPU."""
+        return self.cond["context"]
 
     def _load_cache(self) -> None:
         """Build (rank 0) or read the latent cache; every rank then holds it."""
-        from safetensors.torch import load_file
-
-        from opensd.checkpoints.io import write_safetensors
+        from opensd.pipelines.request import GenerationRequest
 
         cfg, ctx = self.cfg, self.ctx
         source = open_source(cfg.data)
         n = min(cfg.cache_size, source.pool) if source.pool is not None else cfg.cache_size
         vae_hash = state_hash(self.vae, extra=json.dumps(to_dict(self.vae.cfg)).encode())
-        text_hash = state_hash(self.text, extra=json.dumps(to_dict(self.text.cfg)).encode()
-                               + tokenizer_hash(self.tokenizer).encode())
+        text_hash = _text_hash(self.frozen.text_encoders, self.tokenizer, self.family)
         grounding = cfg.grounding_weight > 0 or cfg.grounding_pixel_weight > 0
         path = cache_path(ctx.run_dir / "cache", vae_hash, text_hash, cfg.data, n, cfg.cache_text_dtype.value,
                           grounding)
         if ctx.is_main and not path.is_file():
             source.prefill(n, cfg.data.workers)
-            tensors = build_latent_cache(source, n, self.vae, self.text, self.tokenizer, batch_size=cfg.cache_batch,
+            encode = caption_encoder(self.conditioner, self.tokenizer)
+            tensors = build_latent_cache(source, n, self.vae, encode, self.tokenizer, batch_size=cfg.cache_batch,
                                          device=ctx.device, text_dtype=cfg.cache_text_dtype.torch,
                                          progress=cfg.train.progress, grounding=grounding)
-            write_safetensors(tensors, path, metadata={"vae_dir": str(cfg.vae_dir), "clip_dir": str(cfg.clip_dir)})
+            write_latent_cache(tensors, path, metadata={"vae_dir": str(cfg.vae_dir), "clip_dir": str(cfg.clip_dir),
+                                                        "init_from": str(cfg.init_from)})
         ctx.barrier()
-        tensors = load_file(str(path))
+        cache = read_latent_cache(path, ["context"] if self.sd_cfg.pooled_dim is None else ["context", "pooled"])
         self.cache_file = path
-        self.latents = tensors["latents"].to(ctx.device)  # (N, C, h, w)
-        self.context = tensors["context"]  # (N, L, D), kept on the CPU in its storage type
-        self.empty = tensors["empty_context"].to(ctx.device)  # (1, L, D)
-        self.ground_tokens = tensors["ground_tokens"].to(ctx.device) if grounding else None  # (N, G, K)
-        self.ground_masks = tensors["ground_masks"].to(ctx.device) if grounding else None  # (N, G, h, w)
+        self.latents = cache.latents.to(ctx.device)  # (N, C, h, w)
+        self.cond = cache.cond  # {"context": (N, L, D)[, "pooled": (N, P)]}, on the CPU in its storage type
+        # What a dropped caption becomes: the empty caption's encoding (SD 1.x / 2.x), or zeros
+        # for SDXL families (SGM's ucg_rate zeroes the embedding, as inference's empty negative).
+        zero = self.family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER)
+        self.empty = {k: (torch.zeros_like(v) if zero else v).to(ctx.device) for k, v in cache.empty.items()}
+        self.ground_tokens = cache.extra["ground_tokens"].to(ctx.device) if grounding else None  # (N, G, K)
+        self.ground_masks = cache.extra["ground_masks"].to(ctx.device) if grounding else None  # (N, G, h, w)
         self.pool = self.latents.shape[0]
+        size = cfg.data.image_size  # SDXL's y: original size = the image's, crop (0, 0), target = the training size
+        self.size_request = GenerationRequest("", width=size, height=size, original_size=(size, size))
 
-    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
+    def unet_conditioning(self, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The U-Net's keyword arguments for cached text tensors: ``context``, and for SDXL
+        families ``y`` = the pooled text and the size numbers of :attr:`size_request`
+        (:meth:`Conditioner.to_dict <opensd.pipelines.conditioning.Conditioner.to_dict>`)."""
+        from opensd.pipelines.conditioning import TextEmbedding
+
+        return self.conditioner.to_dict(TextEmbedding(text["context"], text.get("pooled")), self.size_request)
+
+    def batch(self, step: int) -> tuple:
         ctx = self.ctx
         idx = torch.tensor(batch_indices(ctx.cfg.seed, step, ctx.rank, ctx.world, ctx.local_batch, self.pool))
         on_device = ctx.to_device(idx)
-        out = (self.latents[on_device], ctx.to_device(self.context[idx], torch.float32))
+        text = {k: ctx.to_device(v[idx], torch.float32) for k, v in self.cond.items()}
+        out: tuple = (self.latents[on_device], text)
         if self.ground_tokens is not None:
             out += (self.ground_tokens[on_device], self.ground_masks[on_device].float())
         return out
 
     def updates(self, batch: tuple[torch.Tensor, ...], step: int) -> Iterator[Update]:
         ctx, cfg = self.ctx, self.cfg
-        x0, context = batch[:2]
+        x0, text = batch[:2]
         b = x0.shape[0]
         g = ctx.generator(step)
         t = ctx.to_device(torch.randint(0, self.sd_cfg.schedule.num_train_timesteps, (b,), generator=g))
         noise = ctx.to_device(torch.randn(x0.shape, generator=g))
         drop = ctx.to_device(torch.rand(b, generator=g) < cfg.caption_dropout)
-        context = torch.where(drop.reshape(-1, 1, 1), self.empty.expand_as(context), context)
+        text = {k: torch.where(drop.reshape(-1, *[1] * (v.ndim - 1)), self.empty[k].expand_as(v), v)
+                for k, v in text.items()}
+        cond = self.unet_conditioning(text)
         ground = (batch[2], batch[3], ~drop) if len(batch) > 2 else None
         with ctx.autocast():
-            diffusion, grounded = ctx.wrapped["unet"](x0, context, t, noise, ground)
+            diffusion, grounded = ctx.wrapped["unet"](x0, cond, t, noise, ground)
             diffusion = diffusion.mean()
             metrics = {}
             loss = diffusion
@@ -308,12 +358,13 @@ class UNetStage(Stage):
     # -- evaluation and export (rank 0) ----------------------------------------------
 
     def assemble(self) -> StableDiffusion:
-        """The whole model with the EMA U-Net, the frozen VAE and text encoder (shared, not copied)."""
+        """The whole model with the EMA U-Net, the frozen VAE and text encoder(s) (shared, not copied)."""
         with torch.device("meta"):
             sd = StableDiffusion(self.sd_cfg)
+        for name, part in self.frozen.named_children():
+            if name != "model":  # first_stage_model, cond_stage_model or conditioner
+                setattr(sd, name, part)
         sd.model.diffusion_model = self.ctx.averaged("unet").unet
-        sd.first_stage_model = self.vae
-        sd.cond_stage_model.transformer = self.text
         return sd
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -354,8 +405,33 @@ class UNetStage(Stage):
         return save_opensd(self.assemble(), self.tokenizer, self.ctx.run_dir / MODEL_FOLDER, dtype=dtype)
 
 
-def _parts_of_model(path: str):
-    """(VAE, text encoder, tokenizer, StableDiffusion) of the opensd model folder at ``path``, in float32."""
+def caption_encoder(conditioner, tokenizer) -> CaptionEncoder:
+    """Captions -> ``{"context": (B, L, D)[, "pooled": (B, P)]}``, as the pipeline encodes
+    a prompt of one chunk (the family's text layers, SDXL's two encoders and re-padding),
+    but read as plain text: the tokenizer's framing and truncation, no A1111 syntax, every
+    weight 1 (so an SD 1.x context is the text encoder's output, bit for bit)."""
+    from opensd.prompts.syntax import Chunk, TokenizedPrompt
+
+    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+        ids = tokenizer(captions)  # (B, ctx)
+        n = ids.shape[1]
+        prompts = [TokenizedPrompt([Chunk(row, [1.0] * n, [-1] * n)], [], n, n) for row in ids.tolist()]
+        text = conditioner.encode_tokenized(prompts)
+        return {"context": text.context} if text.pooled is None else {"context": text.context, "pooled": text.pooled}
+
+    return encode
+
+
+def _text_hash(encoders: list[nn.Module], tokenizer, family: ModelFamily) -> str:
+    """What names the cache's text part: the encoders' weights and configs and the tokenizer
+    (for SD 1.x exactly what opensd hashed before families, so its caches are found again)."""
+    configs = [to_dict(e.cfg) for e in encoders]
+    described = configs[0] if family is ModelFamily.SD1 else {"family": family.value, "text": configs}
+    return state_hash(*encoders, extra=json.dumps(described).encode() + tokenizer_hash(tokenizer).encode())
+
+
+def _model_of(path: str) -> tuple[StableDiffusion, object]:
+    """(StableDiffusion in float32, tokenizer) of the opensd model folder at ``path``, of any family."""
     from opensd.checkpoints import CheckpointError, detect_format, load_model
 
     p = Path(path)
@@ -365,5 +441,4 @@ def _parts_of_model(path: str):
         loaded = load_model(p)
     except CheckpointError as e:
         raise ConfigError(f"init_from: {e}") from None
-    sd = loaded.model.float()
-    return sd.first_stage_model, sd.cond_stage_model.transformer, loaded.tokenizer, sd
+    return loaded.model.float(), loaded.tokenizer

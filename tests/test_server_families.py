@@ -80,8 +80,10 @@ def txt2img(client, family: ModelFamily, **fields):
 # ---------------------------------------------------------------- listing and default sizes
 
 
-def test_sd_models_lists_each_family_and_native_size_without_loading_them(client) -> None:
-    listed = {m["model_name"]: m for m in client.get("/sdapi/v1/sd-models").json()}
+def test_sd_models_lists_each_family_and_native_size_without_loading_them(models_dir: Path) -> None:
+    app = create_app(models_dir / NAME[ModelFamily.SD1], models_dir=models_dir)
+    with TestClient(app) as client:
+        listed = {m["model_name"]: m for m in client.get("/sdapi/v1/sd-models").json()}
     assert set(listed) == set(NAME.values())
     for family, name in NAME.items():
         item = listed[name]
@@ -89,7 +91,7 @@ def test_sd_models_lists_each_family_and_native_size_without_loading_them(client
         assert item["title"] == f"{name} [{item['hash']}]" and len(item["hash"]) == 10
         assert item["family"] == family.value and item["image_size"] == NATIVE[family]
     # only the served model is loaded: the others were probed from their config files
-    assert len(client.app.state.opensd.registry._cache) == 1
+    assert len(app.state.opensd.registry._cache) == 1
 
 
 def test_a_single_file_is_probed_from_its_tensor_names(tmp_path: Path) -> None:

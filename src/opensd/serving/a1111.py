@@ -11,6 +11,14 @@ Samplers are named as A1111 names them (``"DPM++ 2M"``, ``"Euler a"``; a ``" Kar
 suffix still works) or by opensd id; ``scheduler`` (A1111 >= 1.9) picks the sigma
 spacing: ``Automatic``, ``Karras`` or ``Exponential``. A suffix on the sampler name wins
 over ``scheduler``, as in A1111.
+
+Every model family draws here: an omitted width/height is the model's native size
+(``cfg.image_size``: 512 SD 1.x, 768 SD 2.x 768-v, 512 SD 2.x base, 1024 SDXL), and
+``refiner_checkpoint`` / ``refiner_switch_at`` hand the last steps to a refiner
+(:mod:`opensd.serving.refiner`). SDXL's size conditioning is not in A1111's API: it is
+the output size, as A1111 sends it. ``CLIP_stop_at_last_layers`` on a model whose text
+layer is fixed (SD 2.x, SDXL) is no error: the result's warnings (``info["warnings"]``)
+say it had no effect.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from opensd.serving.codec import decode_image, encode_png
 from opensd.serving.errors import ApiError
 from opensd.serving.models import Checkpoint
 from opensd.serving.queue import PREVIEW_MODES, Job, run_batches
+from opensd.serving.refiner import RefinerPlan, plan_refiner
 from opensd.serving.schemas import (
     ImageResponse,
     Img2ImgRequest,
@@ -96,19 +105,25 @@ class Plan:
     clip_skip: int
     init_image: Image.Image | None = None
     mask: InpaintMask | None = None
+    refiner: RefinerPlan | None = None
 
 
-def _model_for(st: ServerState, overrides: dict[str, Any]) -> StableDiffusionPipeline:
+def _model_for(st: ServerState, overrides: dict[str, Any]) -> tuple[Checkpoint, StableDiffusionPipeline]:
     name = overrides.get("sd_model_checkpoint")
     if name is None:
-        return st.registry.current
+        return st.registry.current_pair()
     ckpt: Checkpoint = st.registry.find(name)
-    return st.registry.get(ckpt)
+    return ckpt, st.registry.get(ckpt)
+
+
+A1111_CLIP_SKIP_MAX = 12  # A1111's slider; where clip skip has no effect (SD 2.x, SDXL) any of it is accepted
 
 
 def _clip_skip(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusionPipeline) -> int:
     value = overrides.get("CLIP_stop_at_last_layers", st.options["CLIP_stop_at_last_layers"])
     layers = pipe.cfg.text.layers
+    if not pipe.conditioner.clip_skip_applies():
+        layers = max(layers, A1111_CLIP_SKIP_MAX)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= layers:
         raise ApiError(422, f"CLIP_stop_at_last_layers must be an integer from 1 to {layers}, got {value!r}", param="CLIP_stop_at_last_layers")
     return value
@@ -135,8 +150,9 @@ def plan_generation(
     if not isinstance(overrides, dict):
         raise ApiError(422, "override_settings must be an object", param="override_settings")
     sampler, spec, label = resolve_a1111_sampler(body.sampler_name, body.sampler_index, body.scheduler)
-    pipe = _model_for(st, overrides)
+    ckpt, pipe = _model_for(st, overrides)
     clip_skip = _clip_skip(st, overrides, pipe)
+    refiner = plan_refiner(st.registry, body.refiner_checkpoint, body.refiner_switch_at, pipe, ckpt)
     if init_image is not None:  # the image's own size, rounded down to a multiple of 8
         default_w, default_h = (max(8, side // 8 * 8) for side in init_image.size)
     else:
@@ -148,23 +164,25 @@ def plan_generation(
     st.limits.check_work(
         native=pipe.cfg.image_size, width=width, height=height, steps=body.steps, batch_size=body.batch_size,
         n_iter=body.n_iter, strength=strength,
+        refiner=(refiner.pipeline.cfg.image_size, refiner.switch_at) if refiner is not None else None,
     )
     seed = -1 if body.seed is None else body.seed
     if not -1 <= seed < SEED_RANGE:
         raise ApiError(422, f"seed must be from 0 to {SEED_RANGE - 1}, or -1 for a random one; got {seed}", param="seed")
     if seed == -1:
         seed = random.randrange(SEED_RANGE)
+    switch = {"refiner_switch_at": refiner.switch_at} if refiner is not None else {}
     requests = [
         GenerationRequest(
             prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
             cfg_scale=body.cfg_scale, width=width, height=height, seed=(seed + k * body.batch_size) % SEED_RANGE,
-            batch_size=body.batch_size, strength=strength, clip_skip=clip_skip,
+            batch_size=body.batch_size, strength=strength, clip_skip=clip_skip, **switch,
         )
         for k in range(body.n_iter)
     ]
     for req in requests:
         validate(req, multiple=8, min_side=max(8, pipe.cfg.vae.downsample_factor))
-    return Plan(pipe, requests, spec, label, clip_skip, init_image, mask)
+    return Plan(pipe, requests, spec, label, clip_skip, init_image, mask, refiner)
 
 
 def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) -> dict:
@@ -202,7 +220,7 @@ def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) ->
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": first.strength if plan.init_image is not None else None,
-        "extra_generation_params": {"Schedule type": plan.schedule_label},
+        "extra_generation_params": {"Schedule type": plan.schedule_label, **_refiner_params(plan.refiner)},
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],
@@ -222,6 +240,11 @@ def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) ->
     return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
 
 
+def _refiner_params(refiner: RefinerPlan | None) -> dict[str, Any]:
+    """A1111's infotext fields for a refiner (none without one)."""
+    return {"Refiner": refiner.title, "Refiner switch at": refiner.switch_at} if refiner is not None else {}
+
+
 async def _generate(request: Request, body: Txt2ImgRequest, kind: str, plan_fn) -> dict:
     st = server_state(request)
     job = Job(kind, max_seconds=st.limits.max_seconds)
@@ -232,7 +255,8 @@ async def _generate(request: Request, body: Txt2ImgRequest, kind: str, plan_fn) 
         return plan
 
     def work(j: Job, plan: Plan) -> dict:
-        results = run_batches(j, plan.pipeline, plan.requests, init_image=plan.init_image, mask=plan.mask)
+        refiner = plan.refiner.pipeline if plan.refiner is not None else None
+        results = run_batches(j, plan.pipeline, plan.requests, init_image=plan.init_image, mask=plan.mask, refiner=refiner)
         return build_response(body, plan, results, j)
 
     return await st.queue.submit(job, work, prepare=prepare, disconnected=request.is_disconnected)

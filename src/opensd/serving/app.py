@@ -28,8 +28,8 @@ from opensd.serving import a1111, explain_api, openai_api
 from opensd.serving.errors import install_handlers
 from opensd.serving.limits import Limits
 from opensd.serving.models import ModelRegistry
-from opensd.serving.queue import GenerationQueue
 from opensd.serving.openapi import install_openapi
+from opensd.serving.queue import GenerationQueue
 from opensd.serving.security import BasicAuth, BodyLimit, check_credentials, parse_auth
 from opensd.serving.state import ServerState
 

@@ -13,7 +13,9 @@ queue (a full queue answers 429 before the prompt is parsed), and then runs like
 generation: it waits its turn, counts against ``max_queue``, shows in
 ``/sdapi/v1/progress``, stops on ``/sdapi/v1/interrupt``, on the wall-time limit and
 when its client goes away. Auth and the body limit are the app's middleware, as for
-every route.
+every route. Every model family is explained the same way: the maps are the U-Net's
+cross-attention over the prompt's context (SDXL: one position per token, its CLIP-L and
+bigG features side by side; its ``y`` vector has no tokens and no map).
 
 Capture hooks the shared U-Net's cross-attention layers, so explain jobs run one at a
 time (a lock), and the collector records only its own thread's U-Net calls: a
@@ -106,6 +108,7 @@ class ExplainResponse(BaseModel):
     path_steps: list[int] = Field(description="The steps shown in the strip, left to right.")
     path_sigmas: list[float] = Field(description="The noise level at each of those steps.")
     interrupted: bool = Field(description="True when /sdapi/v1/interrupt stopped sampling early.")
+    warnings: list[str] = Field(default_factory=list, description="What to know about the result (e.g. clip skip has no effect).")
     raw: Optional[RawMaps] = None
 
 
@@ -236,6 +239,7 @@ def run_explain(job: Job, plan: ExplainPlan, *, raw: bool = False) -> dict:
         "path_steps": path.steps if path is not None else [],
         "path_sigmas": path.sigmas if path is not None else [],
         "interrupted": result.interrupted,
+        "warnings": result.warnings,
         "raw": _raw(attn) if raw else None,
     }
 

@@ -7,12 +7,15 @@ native image-steps: ``width * height / native**2 * effective steps * images``, w
 bundled model, 512 px for SD 1.x), ``images`` is ``batch_size * n_iter`` and img2img's
 effective steps are ``int(steps * denoising_strength)`` (at least 1). One budget thus
 scales with the model: 512 px at 20 steps is 20 native image-steps for SD 1.x and 5120
-for the 32 px model. ``max_seconds`` bounds the wall time of a running request on top
+for the 32 px model. A refiner's steps (:mod:`opensd.serving.refiner`) count at the
+refiner's own native size: the base draws the first ``ceil(steps * switch_at)`` effective
+steps, the refiner the rest. ``max_seconds`` bounds the wall time of a running request on top
 (see :mod:`opensd.serving.queue`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from opensd.errors import OpenSDError
@@ -72,24 +75,43 @@ class Limits:
             )
 
     def check_work(
-        self, *, native: int, width: int, height: int, steps: int, batch_size: int, n_iter: int = 1, strength: float = 1.0
+        self, *, native: int, width: int, height: int, steps: int, batch_size: int, n_iter: int = 1, strength: float = 1.0,
+        refiner: tuple[int, float] | None = None,
     ) -> float:
-        """The request's work in native image-steps (module doc); 422 naming cost and budget when over ``max_work``."""
+        """The request's work in native image-steps (module doc); 422 naming cost and budget when over ``max_work``.
+
+        ``refiner``: (the refiner's native size, refiner_switch_at) when a refiner takes over sampling."""
         effective = steps if strength >= 1.0 else max(1, int(steps * strength))
         images = batch_size * n_iter
         natives = width * height / (native * native)
-        work = natives * effective * images
+        if refiner is None:
+            work = natives * effective * images
+            stages = ""
+        else:
+            refiner_native, switch_at = refiner
+            base_steps, refiner_steps = split_steps(effective, switch_at)
+            refiner_natives = width * height / (refiner_native * refiner_native)
+            work = (natives * base_steps + refiner_natives * refiner_steps) * images
+            stages = (f" ({base_steps} with the model, {refiner_steps} with the refiner at its native "
+                      f"{refiner_native}x{refiner_native}: {refiner_natives:g} of its images)")
         if work > self.max_work:
             step_text = f"{effective} steps" if effective == steps else f"{effective} effective steps ({steps} x strength {strength:g})"
             raise ApiError(
                 422,
                 f"this request is too much work for this server: {width}x{height} is {natives:g} images of this model's "
-                f"native {native}x{native}, x {step_text} x {images} image(s) = {work:g} native image-steps; the budget "
+                f"native {native}x{native}, x {step_text}{stages} x {images} image(s) = {work:g} native image-steps; the budget "
                 f"per request is {self.max_work} (--max-work). Ask for the native size ({native}x{native}), fewer steps "
                 "or fewer images",
                 kind="WorkBudgetExceeded", param="width",
             )
         return work
+
+
+def split_steps(steps: int, switch_at: float) -> tuple[int, int]:
+    """(base steps, refiner steps) of ``steps`` sampling steps: the refiner takes over at the first step
+    ``i`` (0-based) with ``i / steps >= switch_at``, as A1111 switches."""
+    base = min(steps, math.ceil(steps * switch_at - 1e-9))  # 10 * 0.7 is 7.000000000000001 in floats
+    return base, steps - base
 
 
 def _bound(name: str, value: int, low: int, high: int) -> None:

@@ -7,7 +7,8 @@ folder's name; ``title`` is ``"<file or folder name> [<short hash>]"``, the hash
 first 10 hex digits of the main weight file's SHA-256 (known for loaded models and files
 under 512 MiB; until then the title is the bare name). Setting the option
 ``sd_model_checkpoint`` to any of title, model_name, file name, hash or path switches
-the current model.
+the current model. Each item also says the model's ``family`` (``sd1``, ``sd2``, ``sdxl``,
+``sdxl_refiner``) and its native ``image_size`` (:mod:`opensd.serving.model_kind`).
 
 A symlink in the models folder is listed by the link's own name (two links to one
 file are two entries, one loaded pipeline): a checkpoint's ``path`` is where it was
@@ -33,6 +34,7 @@ from opensd.checkpoints.io import CheckpointError, full_hash
 from opensd.errors import OpenSDError
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving.errors import ApiError
+from opensd.serving.model_kind import ModelKind, probe
 
 log = logging.getLogger("opensd.serving")
 
@@ -107,6 +109,7 @@ class ModelRegistry:
         self._lock = threading.Lock()  # guards the cache and the current model; held briefly
         self._load_lock = threading.Lock()  # one model load at a time
         self._hashes: dict[tuple[Path, int, float], str] = {}
+        self._kinds: dict[tuple[Path, float], ModelKind] = {}  # probed, by (key, mtime)
         self._cache: OrderedDict[Path, StableDiffusionPipeline] = OrderedDict()  # by Checkpoint.key
         self._extra: list[Checkpoint] = []
         if isinstance(initial, StableDiffusionPipeline):
@@ -162,9 +165,25 @@ class ModelRegistry:
         sha = self.sha256(ckpt)
         return sha[:10] if sha else None
 
+    def kind(self, ckpt: Checkpoint) -> ModelKind:
+        """Family and native size: a loaded model's own; else probed without its weights (cached per mtime)."""
+        with self._lock:
+            pipe = self._cache.get(ckpt.key)
+        if pipe is not None:
+            return ModelKind.of(pipe.cfg)
+        try:
+            fmt = detect_format(ckpt.path)
+            key = (ckpt.key, ckpt.key.stat().st_mtime)
+        except (CheckpointError, OSError):
+            return ModelKind()
+        if key not in self._kinds:
+            self._kinds[key] = probe(ckpt.path, fmt)
+        return self._kinds[key]
+
     def describe(self, ckpt: Checkpoint) -> dict:
-        """A1111's ``/sdapi/v1/sd-models`` item."""
+        """A1111's ``/sdapi/v1/sd-models`` item, plus opensd's ``family`` and ``image_size``."""
         short = self.short_hash(ckpt)
+        kind = self.kind(ckpt)
         return {
             "title": ckpt.title(short),
             "model_name": ckpt.model_name,
@@ -172,6 +191,8 @@ class ModelRegistry:
             "sha256": self.sha256(ckpt),
             "filename": str(ckpt.path),
             "config": None,
+            "family": kind.family,
+            "image_size": kind.image_size,
         }
 
     # ---------------------------------------------------------------- lookup and loading
@@ -185,12 +206,18 @@ class ModelRegistry:
     def current_checkpoint(self) -> Checkpoint:
         return self._current
 
-    def find(self, name: str) -> Checkpoint:
-        """The checkpoint called ``name`` (title, model_name, file name, hash or path); 404 if none."""
+    def current_pair(self) -> tuple[Checkpoint, StableDiffusionPipeline]:
+        """The current checkpoint and its pipeline, read together (a switch cannot come between them)."""
+        with self._lock:
+            return self._current, self._cache[self._current.key]
+
+    def find(self, name: str, param: str = "sd_model_checkpoint") -> Checkpoint:
+        """The checkpoint called ``name`` (title, model_name, file name, hash or path); 404 if none.
+
+        ``param`` is the field that named it, for the error (``refiner_checkpoint``, say)."""
         if not isinstance(name, str) or not name.strip():
             raise ApiError(
-                422, f"sd_model_checkpoint must be a non-empty model name (see /sdapi/v1/sd-models), got {name!r:.60}",
-                param="sd_model_checkpoint",
+                422, f"{param} must be a non-empty model name (see /sdapi/v1/sd-models), got {name!r:.60}", param=param,
             )
         want = name.strip()
         bare = want.rsplit(" [", 1)[0] if want.endswith("]") else want
@@ -203,9 +230,9 @@ class ModelRegistry:
             if want in {sha, short, ckpt.title(short)} - {None}:
                 return ckpt
         titles = ", ".join(self.describe(c)["title"] for c in listed) or "none"
-        raise ApiError(404, f"model {name!r} not found; available: {titles}", param="sd_model_checkpoint")
+        raise ApiError(404, f"{param}: model {name!r} not found; available: {titles}", param=param)
 
-    def get(self, ckpt: Checkpoint) -> StableDiffusionPipeline:
+    def get(self, ckpt: Checkpoint, param: str = "sd_model_checkpoint") -> StableDiffusionPipeline:
         """The pipeline for ``ckpt``, loading it (and evicting the least recently used other one) if needed.
 
         Loads happen one at a time and outside the cache lock, so listings and progress keep answering.
@@ -219,7 +246,7 @@ class ModelRegistry:
             with self._lock:
                 if key in self._cache:  # loaded by another request meanwhile
                     return self._cache[key]
-            pipe = self._load(ckpt)
+            pipe = self._load(ckpt, param)
             with self._lock:
                 self._cache[key] = pipe
                 victims = [p for p in self._cache if p not in (self._current.key, key)]
@@ -227,14 +254,14 @@ class ModelRegistry:
                     del self._cache[victims.pop(0)]
             return pipe
 
-    def _load(self, ckpt: Checkpoint) -> StableDiffusionPipeline:
+    def _load(self, ckpt: Checkpoint, param: str) -> StableDiffusionPipeline:
         """``loader(ckpt.path)``; a model that cannot be loaded is a 4xx naming it (the current model stays)."""
         try:
             return self.loader(ckpt.path)
         except OpenSDError as e:
             raise ApiError(e.status if 400 <= e.status < 500 else 422,
                            f"model {ckpt.label!r} cannot be loaded: {' '.join(str(e).split())}",
-                           kind=e.kind, param="sd_model_checkpoint") from None
+                           kind=e.kind, param=param) from None
 
     def switch(self, name: str) -> Checkpoint:
         """Make the model called ``name`` the current one (loading it now)."""

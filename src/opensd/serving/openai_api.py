@@ -1,9 +1,14 @@
 """OpenAI's Images API, ``POST /v1/images/generations``, on the current model.
 
-Accepts ``prompt``, ``n`` and ``size`` (``"WxH"`` or ``"auto"``: the model's native size)
-and answers ``{"created", "data": [{"b64_json"}], "output_format", "size"}``. Images are
+Accepts ``prompt``, ``n`` and ``size`` (``"WxH"``, any multiple of 8 within the server's
+limits, or ``"auto"``; omitted or ``"auto"``: the model's native size, 512 SD 1.x, 768
+SD 2.x 768-v, 1024 SDXL) and answers ``{"created", "data": [{"b64_json"}],
+"output_format", "size"}`` (plus opensd's ``warnings`` when there are any). Images are
 returned inline only: ``response_format="url"`` is a 400, since this server keeps no
-files to link to. ``model``, ``quality``, ``style`` and ``user`` are accepted and ignored.
+files to link to. ``model`` naming one of the server's models (``/sdapi/v1/sd-models``)
+draws with it; omitted, or one of OpenAI's own names (``dall-e-*``, ``gpt-image-*``), the
+current model draws; any other name is a 404. ``quality``, ``style`` and ``user`` are
+accepted and ignored.
 Through the client's ``extra_body`` a caller may also send ``negative_prompt``,
 ``steps``, ``seed``, ``cfg_scale`` and ``sampler_name`` (opensd extensions).
 """
@@ -27,14 +32,27 @@ router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*x\s*(\d{1,5})\s*$")
 
 
-def parse_size(size: str | None) -> tuple[int | None, int | None]:
-    """``"WxH"`` -> (W, H); ``None``/``"auto"`` -> (None, None) for the model's native size."""
+OPENAI_MODELS = ("dall-e", "gpt-image")  # name prefixes of OpenAI's own models: the current model draws
+
+
+def parse_size(size: str | None, native: int = 512) -> tuple[int | None, int | None]:
+    """``"WxH"`` -> (W, H); ``None``/``"auto"`` -> (None, None) for the model's native size (``native``, for the error)."""
     if size is None or size.strip().lower() == "auto":
         return None, None
     m = _SIZE.match(size)
     if not m:
-        raise ApiError(400, f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {size!r}", param="size")
+        raise ApiError(
+            400, f"size must be 'WIDTHxHEIGHT' in multiples of 8 (this model's native size is '{native}x{native}') or "
+            f"'auto', got {size!r}", param="size",
+        )
     return int(m.group(1)), int(m.group(2))
+
+
+def _model_override(model: str | None) -> dict:
+    """``override_settings`` for the ``model`` field: none when omitted or one of OpenAI's names (module doc)."""
+    if model is None or not model.strip() or model.strip().lower().startswith(OPENAI_MODELS):
+        return {}
+    return {"sd_model_checkpoint": model}
 
 
 def _plan(st: ServerState, body: OpenAIImageRequest) -> Plan:
@@ -47,10 +65,13 @@ def _plan(st: ServerState, body: OpenAIImageRequest) -> Plan:
         raise ApiError(400, f"output_format {body.output_format!r} is not supported; only 'png'", param="output_format")
     if not 1 <= body.n <= st.limits.max_batch_size:
         raise ApiError(400, f"n must be from 1 to {st.limits.max_batch_size} on this server, got {body.n}", param="n")
-    width, height = parse_size(body.size)
+    overrides = _model_override(body.model)
+    ckpt = st.registry.find(body.model, param="model") if overrides else st.registry.current_checkpoint  # 404 naming `model`
+    width, height = parse_size(body.size, st.registry.kind(ckpt).image_size or 512)
     a1111 = Txt2ImgRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed, sampler_name=body.sampler_name,
         batch_size=body.n, steps=body.steps, cfg_scale=body.cfg_scale, width=width, height=height,
+        override_settings=overrides,
     )
     return plan_generation(st, a1111)
 
@@ -64,7 +85,9 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> dict
         results = run_batches(job, plan.pipeline, plan.requests)
         data = [{"b64_json": encode_png(im, text)} for r in results for im, text in zip(r.images, r.infotexts)]
         req = plan.requests[0]
-        return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{req.width}x{req.height}"}
+        warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
+        return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{req.width}x{req.height}",
+                "warnings": warnings or None}
 
     job = Job("openai", max_seconds=st.limits.max_seconds)
     return await st.queue.submit(job, work, prepare=lambda: _plan(st, body), disconnected=request.is_disconnected)

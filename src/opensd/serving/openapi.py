@@ -35,7 +35,7 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/sdapi/v1/png-info"): (400,),
     ("post", "/sdapi/v1/options"): (404, 503),
     ("get", "/sdapi/v1/sd-models"): (503,),
-    ("post", "/v1/images/generations"): (400, 404, 409, 429),
+    ("post", "/v1/images/generations"): (400, 404, 409, 429, 503),  # 503: the `model` field reads the models folder
     ("post", "/opensd/v1/explain"): (409, 429, 503),
 }
 

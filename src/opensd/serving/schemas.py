@@ -8,7 +8,10 @@ any field nobody knows are ignored, as A1111 ignores unknown fields.
 Defaults that differ from A1111, on purpose:
 
 - ``width``/``height``: A1111 defaults to 512; here an omitted size means the model's
-  native size (``SDConfig.image_size``), which is what small models are trained at.
+  native size (``SDConfig.image_size``): 512 for SD 1.x, 768 for SD 2.x 768-v, 512 for
+  SD 2.x base, 1024 for SDXL and its refiner, and what small models are trained at.
+- ``refiner_switch_at``: A1111 leaves it None (its web UI shows 0.8); here a refiner
+  without it switches at 0.8.
 - ``steps``: 50 and ``cfg_scale``: 7.0 as A1111; ``sampler_index``: ``"Euler"`` as A1111.
 """
 
@@ -56,6 +59,13 @@ class Txt2ImgRequest(_Lenient):
         None, description="Per-request options: sd_model_checkpoint, CLIP_stop_at_last_layers."
     )
     override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: Optional[str] = Field(
+        None, description="A model (as sd_model_checkpoint names one, see /sdapi/v1/sd-models) that takes over sampling at "
+        "refiner_switch_at, e.g. the SDXL refiner; it must share the model's latent space. '' or 'None': no refiner (A1111 >= 1.6).",
+    )
+    refiner_switch_at: Optional[float] = Field(
+        None, description="With refiner_checkpoint: the fraction of the steps after which the refiner samples, 0 to 1 (default 0.8).",
+    )
     script_name: Optional[str] = None
     send_images: bool = True
     save_images: bool = False
@@ -147,6 +157,10 @@ class SDModelItem(BaseModel):
     sha256: Optional[str] = None
     filename: str
     config: Optional[str] = None
+    family: Optional[str] = Field(None, description="opensd: 'sd1', 'sd2', 'sdxl' or 'sdxl_refiner'; null when unknown until loaded.")
+    image_size: Optional[int] = Field(
+        None, description="opensd: the native size in pixels (the default width and height); null when unknown until loaded."
+    )
 
 
 class ScriptsList(BaseModel):
@@ -162,9 +176,14 @@ class OpenAIImageRequest(_Lenient):
     ``sampler_name`` are opensd extensions (send them with the client's ``extra_body``)."""
 
     prompt: str
-    model: Optional[str] = Field(None, description="Ignored: the server's current model draws.")
+    model: Optional[str] = Field(
+        None, description="A model this server lists (/sdapi/v1/sd-models) draws this request; omitted, or an OpenAI model "
+        "name (dall-e-*, gpt-image-*): the current model.",
+    )
     n: int = 1
-    size: Optional[str] = Field(None, description="'WxH' (e.g. '512x512') or 'auto' (the model's native size).")
+    size: Optional[str] = Field(
+        None, description="'WxH' (multiples of 8, e.g. '1024x1024') or 'auto'; default: the model's native size (512, 768, 1024 ...)."
+    )
     response_format: Optional[str] = Field("b64_json", description="Only 'b64_json'.")
     output_format: Optional[str] = Field(None, description="Only 'png'.")
     quality: Optional[str] = None
@@ -187,3 +206,4 @@ class OpenAIImagesResponse(BaseModel):
     data: list[OpenAIImage]
     output_format: str = "png"
     size: str
+    warnings: Optional[list[str]] = Field(None, description="opensd: what to know about the result (e.g. clip skip has no effect).")

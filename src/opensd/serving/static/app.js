@@ -1,15 +1,21 @@
 // opensd web page: a form that calls /sdapi/v1/txt2img or img2img (inpainting with the mask
 // painted in the mask editor, mask.js), polls /sdapi/v1/progress for a live preview, and
 // keeps a gallery of results; an Explain section that calls
-// /opensd/v1/explain and shows one heatmap per word and the denoising path. Plain JS, no build step.
+// /opensd/v1/explain and shows one heatmap per word and the denoising path. The model menu lists
+// /sdapi/v1/sd-models with each model's family and native size (the size used when Width and
+// Height are empty); the chosen model and refiner go with each request (override_settings,
+// refiner_checkpoint), so the server's current model does not change. Plain JS, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const API = "/sdapi/v1";
 const POLL_MS = 250;
 
+const FAMILIES = { sd1: "SD 1.x", sd2: "SD 2.x", sdxl: "SDXL", sdxl_refiner: "SDXL refiner" };
+
 let busy = false;
 let pollTimer = null;
+let models = [];
 
 async function api(path, options = {}) {
   const response = await fetch(path, {
@@ -35,17 +41,37 @@ function fillSelect(select, items, chosen) {
   }));
 }
 
+function modelKind(m) {
+  const family = FAMILIES[m.family] || "unknown family";
+  return m.image_size ? `${family}, ${m.image_size}x${m.image_size}` : family;
+}
+
+function showModel() {
+  const m = models.find((x) => x.title === $("model").value);
+  $("model-kind").textContent = m ? modelKind(m) : "";
+  const size = m && m.image_size ? `${m.image_size} (model's size)` : "model's size";
+  for (const key of ["width", "height"]) $(key).placeholder = size;
+}
+
 async function loadChoices() {
   try {
-    const [samplers, schedulers, options] = await Promise.all([
-      api(`${API}/samplers`), api(`${API}/schedulers`), api(`${API}/options`),
+    const [samplers, schedulers, options, listed] = await Promise.all([
+      api(`${API}/samplers`), api(`${API}/schedulers`), api(`${API}/options`), api(`${API}/sd-models`),
     ]);
     fillSelect($("sampler_name"), samplers.map((s) => ({ value: s.name, label: s.name })), "DPM++ 2M");
     fillSelect($("scheduler"), schedulers.map((s) => ({ value: s.label, label: s.label })), "Automatic");
-    $("model-name").textContent = options.sd_model_checkpoint;
+    models = listed;
+    fillSelect($("model"), models.map((m) => ({ value: m.title, label: `${m.title} (${modelKind(m)})` })), options.sd_model_checkpoint);
+    fillSelect($("refiner_checkpoint"), [{ value: "", label: "None" }, ...models.map((m) => ({ value: m.title, label: m.title }))], "");
+    showModel();
   } catch (err) {
     showError(`Could not reach the server: ${err.message}`);
   }
+}
+
+function withModel(body) {
+  if ($("model").value) body.override_settings = { sd_model_checkpoint: $("model").value };
+  return body;
 }
 
 function showError(message) { $("error").textContent = message || ""; }
@@ -70,6 +96,11 @@ function payload(initImage) {
     const v = numberOrNull(key);
     if (v !== null) body[key] = v;
   }
+  if ($("refiner_checkpoint").value) {
+    body.refiner_checkpoint = $("refiner_checkpoint").value;
+    body.refiner_switch_at = numberOrNull("refiner_switch_at") ?? 0.8;
+  }
+  withModel(body);
   if (initImage) {
     body.init_images = [initImage];
     body.denoising_strength = numberOrNull("denoising_strength") ?? 0.75;
@@ -203,7 +234,7 @@ function explainPayload() {
     const v = numberOrNull(key);
     if (v !== null) body[key] = v;
   }
-  return body;
+  return withModel(body);
 }
 
 function wordPanel(word, b64) {
@@ -259,6 +290,7 @@ async function runExplain(event) {
 
 // ---------------------------------------------------------------- wiring
 
+$("model").addEventListener("change", showModel);
 $("gen-form").addEventListener("submit", generate);
 $("gen-form").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {

@@ -171,6 +171,48 @@ def _native_size(cfg: SDConfig, prediction: Prediction, meta: dict[str, str]) ->
     return SD2_SIZE[prediction] if cfg.family is ModelFamily.SD2 else NATIVE_SIZE[cfg.family]
 
 
+CHUNK_BYTES = 256 << 20  # how much of a safetensors file one opening of it reads
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``dtype`` when both are floating point, else a copy (never a view of the file)."""
+    if dtype is not None and t.is_floating_point() and dtype.is_floating_point and t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone()
+
+
+def cast_one_by_one(path: Path, state: dict[str, torch.Tensor], model: StableDiffusion) -> dict[str, torch.Tensor]:
+    """``state``'s tensors in the dtypes of ``model`` (built on meta), read and cast one at a time.
+
+    A safetensors file is memory-mapped as one region, whose pages stay resident while
+    any view of it lives: casting its tensors in place would hold the whole file's pages
+    beside the float32 weights. So ``state`` (only its keys and shapes were read) is
+    dropped by the caller, and the file is opened again for every :data:`CHUNK_BYTES`:
+    a float16 file loaded as a float32 model peaks near the float32 weights.
+    """
+    own = {k: v.dtype for k, v in model.state_dict().items()}
+    if path.suffix.lower() != ".safetensors":
+        return {k: _cast(v, own.get(k)) for k, v in state.items()}
+    from safetensors import safe_open
+
+    names, out, i = list(state), {}, 0
+    state.clear()
+    try:
+        while i < len(names):
+            with safe_open(str(path), "pt") as f:
+                done = 0
+                while i < len(names) and done < CHUNK_BYTES:
+                    t = f.get_tensor(names[i])
+                    done += t.numel() * t.element_size()
+                    out[names[i]] = _cast(t, own.get(names[i]))
+                    del t
+                    i += 1
+    except Exception as e:  # the file changed or broke between the two readings
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                              f"{' '.join(str(e).split())[:200]}") from None
+    return out
+
+
 @dataclass
 class OriginalFile:
     """A loaded original file: the model (its ``cfg`` carrying the prediction) and how that was found."""
@@ -196,8 +238,11 @@ def read_original(path: str | Path, config: SDConfig | None = None, prediction: 
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     model = build_on_meta(cfg, len(state), path)
-    load_strict(model, network_state(state), f"checkpoint {path}")
-    del state
+    net = network_state(state)
+    del state  # ``net`` holds the only references now: cast_one_by_one reads the file again, tensor by tensor
+    net = cast_one_by_one(path, net, model)
+    load_strict(model, net, f"checkpoint {path}")
+    del net
     model.eval()
     try:
         par = resolve_prediction(prediction, meta, keys, cfg.family,

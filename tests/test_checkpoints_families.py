@@ -290,3 +290,16 @@ def test_bad_files_are_one_line_errors_saying_what_they_are(tmp_path: Path) -> N
         res = CliRunner().invoke(app, ["info", str(path)])
         lines = res.output.strip().splitlines()
         assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.output
+
+
+def test_generate_takes_prediction_through_to_the_loader(tmp_path: Path, tiny_presets) -> None:
+    save_original(tiny(ModelFamily.SD1), tmp_path / "m.safetensors")
+    outs = {}
+    for prediction in ("auto", "eps", "v"):
+        out = tmp_path / f"{prediction}.png"
+        res = CliRunner().invoke(app, ["generate", "a red circle", "-m", str(tmp_path / "m.safetensors"), "--steps", "2",
+                                       "--seed", "1", "--width", "32", "--height", "32", "-q", "-o", str(out),
+                                       "--prediction", prediction])
+        assert res.exit_code == 0, res.output
+        outs[prediction] = out.read_bytes()
+    assert outs["auto"] == outs["eps"] != outs["v"]

@@ -4,22 +4,31 @@
 
 - a diffusers pipeline folder (``model_index.json``),
 - an opensd model folder (``config.json`` with ``"format": "opensd"``),
-- an original SD 1.x single file (``.safetensors``, or ``.ckpt`` read with ``weights_only=True``).
+- an original single file of SD 1.x, SD 2.x, SDXL or the SDXL refiner (``.safetensors``,
+  or ``.ckpt`` read with ``weights_only=True``); its family comes from its keys
+  (:mod:`opensd.checkpoints.families`), its parameterization from what it says
+  (:mod:`opensd.checkpoints.parameterization`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from opensd.checkpoints.io import CheckpointError, StateDictMismatch, short_hash
+from opensd.checkpoints.parameterization import Parameterization, parse_prediction
+from opensd.diffusion.schedules import Prediction
 from opensd.models.stable_diffusion import StableDiffusion
 from opensd.tokenizers import Tokenizer
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for a pipeline, with what A1111-style metadata needs."""
+    """A model ready for a pipeline, with what A1111-style metadata needs.
+
+    ``parameterization``: the model's prediction and how it was found (None: not recorded).
+    """
 
     model: StableDiffusion
     tokenizer: Tokenizer
@@ -27,6 +36,7 @@ class LoadedModel:
     path: Path
     format: str  # "diffusers" | "opensd" | "original"
     hash: str  # first 10 hex digits of the main weight file's SHA-256
+    parameterization: Parameterization | None = None
 
 
 def detect_format(path: Path) -> str:
@@ -48,7 +58,7 @@ def detect_format(path: Path) -> str:
         return "original"
     raise CheckpointError(
         f"{path}: not a model; give a diffusers folder, an opensd model folder, "
-        "or an SD 1.x .safetensors/.ckpt file"
+        "or an original SD 1.x, SD 2.x or SDXL .safetensors/.ckpt file"
     )
 
 
@@ -66,26 +76,45 @@ def main_weights_file(path: Path, fmt: str) -> Path:
     return f
 
 
-def load_model(path: str | Path) -> LoadedModel:
-    """Load a model from a diffusers folder, an opensd folder or an original SD file."""
+FOLDER_SOURCE = {"diffusers": "the folder's scheduler config", "opensd": "the folder's config.json"}
+
+
+def _with_prediction(model: StableDiffusion, fmt: str, prediction: Prediction | None) -> Parameterization:
+    """A folder's parameterization: its config's, or ``prediction`` (which then replaces it)."""
+    if prediction is not None:
+        model.cfg = model.cfg.replace(schedule=dataclasses.replace(model.cfg.schedule, prediction=prediction))
+        return Parameterization(prediction, "set by the caller (--prediction)")
+    return Parameterization(model.cfg.schedule.prediction, FOLDER_SOURCE[fmt])
+
+
+def load_model(path: str | Path, prediction: Prediction | str | None = None) -> LoadedModel:
+    """Load a model from a diffusers folder, an opensd folder or an original single file.
+
+    ``prediction`` (``Prediction.EPS``/``Prediction.V``, or ``"eps"``/``"v"``; None or
+    ``"auto"``: what the model says) overrides the parameterization of any format.
+    """
     path = Path(path).expanduser()
+    prediction = parse_prediction(prediction)
     fmt = detect_format(path)
-    if fmt == "diffusers":
-        from opensd.checkpoints.diffusers_folder import load_diffusers
+    if fmt == "original":
+        from opensd.checkpoints.families import original_tokenizer
+        from opensd.checkpoints.original import read_original
 
-        model, tok = load_diffusers(path)
-    elif fmt == "opensd":
-        from opensd.checkpoints.opensd_format import load_opensd
-
-        model, tok = load_opensd(path)
+        loaded = read_original(path, prediction=prediction)
+        model, par = loaded.model, loaded.parameterization
+        tok = original_tokenizer(model.cfg.family)
     else:
-        from opensd.checkpoints.original import load_original
-        from opensd.tokenizers.clip_bpe import CLIPTokenizer
+        if fmt == "diffusers":
+            from opensd.checkpoints.diffusers_folder import load_diffusers
 
-        model = load_original(path)
-        tok = CLIPTokenizer.from_open_clip()
+            model, tok = load_diffusers(path)
+        else:
+            from opensd.checkpoints.opensd_format import load_opensd
+
+            model, tok = load_opensd(path)
+        par = _with_prediction(model, fmt, prediction)
     name = path.stem if path.is_file() else path.name
-    return LoadedModel(model, tok, name, path, fmt, short_hash(main_weights_file(path, fmt)))
+    return LoadedModel(model, tok, name, path, fmt, short_hash(main_weights_file(path, fmt)), par)
 
 
-__all__ = ["CheckpointError", "StateDictMismatch", "LoadedModel", "load_model", "detect_format"]
+__all__ = ["CheckpointError", "StateDictMismatch", "LoadedModel", "load_model", "detect_format", "Prediction"]

@@ -1,4 +1,4 @@
-"""What a model file or folder holds: architecture, parameter counts, dtype, hash."""
+"""What a model file or folder holds: family, parameterization, architecture, parameter counts, dtype, hash."""
 
 from __future__ import annotations
 
@@ -10,7 +10,42 @@ from safetensors import safe_open
 
 from opensd.checkpoints import detect_format, load_model, main_weights_file
 from opensd.checkpoints.io import short_hash
+from opensd.checkpoints.parameterization import Parameterization
 from opensd.config import to_dict
+from opensd.diffusion.schedules import Prediction
+from opensd.models.clip import CLIPTextConfig
+from opensd.models.stable_diffusion import ModelFamily, SDConfig
+
+FAMILY_NAMES = {
+    ModelFamily.SD1: "SD 1.x",
+    ModelFamily.SD2: "SD 2.x",
+    ModelFamily.SDXL: "SDXL base",
+    ModelFamily.SDXL_REFINER: "SDXL refiner",
+}
+ENCODER_NAMES = (
+    (CLIPTextConfig.sd15(), "OpenAI CLIP ViT-L/14"),
+    (CLIPTextConfig.open_clip_vit_h(), "OpenCLIP ViT-H/14"),
+    (CLIPTextConfig.open_clip_vit_bigg(), "OpenCLIP ViT-bigG/14"),
+)
+
+
+def encoder_name(cfg: CLIPTextConfig, open_clip: bool) -> str:
+    """The released text tower ``cfg`` is, else the kind it is (CLIP or OpenCLIP)."""
+    for preset, name in ENCODER_NAMES:
+        if cfg == preset:
+            return name
+    return "OpenCLIP text tower" if open_clip else "CLIP text model"
+
+
+def family_line(cfg: SDConfig) -> str:
+    """``SDXL base (sdxl): OpenAI CLIP ViT-L/14 + OpenCLIP ViT-bigG/14``, and a U-Net of unusual inputs."""
+    opens = [cfg.family is not ModelFamily.SD1 and (i > 0 or cfg.family is not ModelFamily.SDXL)
+             for i in range(len(cfg.text_configs))]
+    names = " + ".join(encoder_name(t, o) for t, o in zip(cfg.text_configs, opens))
+    line = f"{FAMILY_NAMES[cfg.family]} ({cfg.family.value}): {names}"
+    if cfg.unet.in_channels == 2 * cfg.vae.embed_dim + 1:
+        line += f"; inpainting U-Net ({cfg.unet.in_channels} input channels)"
+    return line
 
 
 @dataclass
@@ -22,25 +57,53 @@ class ModelInfo:
     parameters: dict[str, int]
     architecture: dict
     tokenizer: str
+    family: str = ""
+    parameterization: Parameterization | None = None
+
+    def _text_lines(self) -> list[str]:
+        p, arch = self.parameters, self.architecture
+        lines = []
+        for i, key in enumerate(("text", "text_2")):
+            t = arch.get(key)
+            if t is None:
+                continue
+            label = "text encoder:" if i == 0 else "text encoder 2:"
+            name = "text_encoder" if i == 0 else "text_encoder_2"
+            lines.append(
+                f"{label:<14}{p[name]:,} params; width {t['width']}, {t['layers']} layers, "
+                f"{t['heads']} heads, vocab {t['vocab_size']}, context {t['max_length']}"
+            )
+        return lines
+
+    def _prediction_lines(self) -> list[str]:
+        par = self.parameterization
+        if par is None:
+            return []
+        lines = [f"prediction:   {par.describe()}"]
+        if par.zero_terminal_snr:
+            lines.append(f"zero SNR:     trained with zero terminal SNR ({par.zero_terminal_snr}); "
+                         "opensd samples it with the plain schedule (it does not rescale betas)")
+        return lines
 
     def render(self) -> str:
         p = self.parameters
         arch = self.architecture
-        u, v, t = arch["unet"], arch["vae"], arch["text"]
+        u, v = arch["unet"], arch["vae"]
         lines = [
             f"path:         {self.path}",
             f"format:       {self.format}",
             f"hash:         {self.hash}",
             f"dtype:        {', '.join(f'{k} ({n} tensors)' for k, n in self.dtypes.items())}",
-            f"image size:   {arch['image_size']}x{arch['image_size']} px, latent "
+            *([f"family:       {self.family}"] if self.family else []),
+            *self._prediction_lines(),
+            f"image size:   {arch['image_size']}x{arch['image_size']} px (native), latent "
             f"{v['embed_dim']}x{arch['image_size'] // 2 ** (len(v['ch_mult']) - 1)}^2",
             f"unet:         {p['unet']:,} params; channels {u['model_channels']} x {tuple(u['channel_mult'])}, "
             f"{u['num_res_blocks']} res blocks/level, attention at levels {tuple(u['attention_levels'])}, "
-            f"context {u['context_dim']}",
+            f"context {u['context_dim']}" + (f", y {u['adm_in_channels']}" if u.get("adm_in_channels") else ""),
             f"vae:          {p['vae']:,} params; ch {v['ch']} x {tuple(v['ch_mult'])}, z {v['z_channels']}, "
             f"scale {v['scale_factor']}",
-            f"text encoder: {p['text_encoder']:,} params; width {t['width']}, {t['layers']} layers, "
-            f"{t['heads']} heads, vocab {t['vocab_size']}, context {t['max_length']}",
+            *self._text_lines(),
             f"tokenizer:    {self.tokenizer}",
             f"schedule:     {arch['schedule']['beta_schedule']}, {arch['schedule']['prediction']}-prediction, "
             f"{arch['schedule']['num_train_timesteps']} steps",
@@ -64,17 +127,27 @@ def _dtypes(f: Path) -> dict[str, int]:
     return dict(Counter(str(v.dtype).replace("torch.", "") for v in read_weights(f).values()))
 
 
-def describe(path: str | Path) -> ModelInfo:
+def _tokenizer_name(tok) -> str:
+    text = type(tok).__name__ + f" ({tok.vocab_size} tokens"
+    pad = getattr(tok, "pad_token", None)
+    return text + (f", pads with {pad!r})" if isinstance(pad, str) else ")")
+
+
+def describe(path: str | Path, prediction: Prediction | str | None = None) -> ModelInfo:
+    """What ``path`` holds; ``prediction`` overrides its parameterization as :func:`load_model`'s does."""
     path = Path(path).expanduser()
     fmt = detect_format(path)
-    loaded = load_model(path)
+    loaded = load_model(path, prediction=prediction)
     weights = main_weights_file(path, fmt)
+    cfg = loaded.model.cfg
     return ModelInfo(
         path=path,
         format=fmt,
         hash=short_hash(weights),
         dtypes=_dtypes(weights),
         parameters=loaded.model.parameter_counts(),
-        architecture=to_dict(loaded.model.cfg),
-        tokenizer=type(loaded.tokenizer).__name__ + f" ({loaded.tokenizer.vocab_size} tokens)",
+        architecture=to_dict(cfg),
+        tokenizer=_tokenizer_name(loaded.tokenizer),
+        family=family_line(cfg),
+        parameterization=loaded.parameterization,
     )

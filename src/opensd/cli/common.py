@@ -8,6 +8,7 @@ to rerun with ``--debug`` (or ``OPENSD_DEBUG=1``), which shows the traceback, an
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 from typing import Callable, TypeVar
@@ -25,6 +26,21 @@ DEBUG_ENV = "OPENSD_DEBUG"
 
 # The --device option every command that runs a model takes (opensd.devices.resolve_device reads it).
 DEVICE = typer.Option(None, "--device", help="auto (CUDA, then MPS, else the CPU), cpu, cuda, cuda:N or mps. Default: auto.")
+
+class PredictionChoice(str, enum.Enum):
+    """--prediction's values: auto (what the model says), eps, v."""
+
+    AUTO = "auto"
+    EPS = "eps"
+    V = "v"
+
+
+# The --prediction option of the commands that load a model (opensd.checkpoints.load_model's prediction).
+PREDICTION = typer.Option(
+    PredictionChoice.AUTO, "--prediction", case_sensitive=False,
+    help="What the model predicts: auto (what the file says: its metadata, a v_pred key, for SD 2.x "
+    "A1111's probe; else eps), eps (the noise) or v (v-prediction, SD 2.x 768-v). docs/models.md.",
+)
 
 # Models below this many U-Net parameters run on one CPU thread by default (see default_threads).
 SMALL_MODEL_PARAMS = 100_000_000

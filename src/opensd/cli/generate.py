@@ -10,18 +10,26 @@ from typing import Optional
 
 import typer
 
-from opensd.cli.common import DEVICE, THREADS, fail_cleanly, use_threads
+from opensd.cli.common import DEVICE, PREDICTION, THREADS, PredictionChoice, fail_cleanly, use_threads
 from opensd.errors import OpenSDError
 
 DEFAULT_OUT_DIR = Path("outputs")
 
 
-def _pipeline(model: Optional[Path], device, threads: Optional[int]):
-    """The pipeline for ``model`` on ``device`` (a resolved :class:`torch.device`), threads set for it."""
+def _pipeline(model: Optional[Path], device, threads: Optional[int], prediction: str = "auto"):
+    """The pipeline for ``model`` on ``device`` (a resolved :class:`torch.device`), threads set for it;
+    ``prediction``: --prediction (auto: what the model says; eps or v: load it so)."""
     import opensd
     from opensd.defaults import resolve_model
 
-    pipe = opensd.load(resolve_model(model), device=device)
+    path = resolve_model(model)
+    if prediction == "auto":
+        pipe = opensd.load(path, device=device)
+    else:
+        from opensd.checkpoints import load_model
+        from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(load_model(path, prediction=prediction), device=device)
     use_threads(threads, pipe.model)
     return pipe
 
@@ -76,7 +84,7 @@ def _run(kind: str, pipe_args: dict, run: dict) -> None:
         check_text(pipe_args[name], what=name)
     pipe_args["seed"], drawn = _seed(pipe_args.get("seed"))
     paths = _out_paths(run["out"], pipe_args["batch_size"], pipe_args["seed"])
-    pipe = _pipeline(run["model"], device, run["threads"])
+    pipe = _pipeline(run["model"], device, run["threads"], run.get("prediction", "auto"))
     if drawn:  # once the model has loaded: a bad model is the only line then
         typer.echo(f"seed: {pipe_args['seed']}")
     for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"]):
@@ -152,11 +160,11 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, prediction: PredictionChoice = PREDICTION,
     ) -> None:
         """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
-        _run("txt2img", {"prompt": prompt, **args}, _options(model, device, threads, out, quiet))
+        _run("txt2img", {"prompt": prompt, **args}, {**_options(model, device, threads, out, quiet), "prediction": prediction.value})
 
     @app.command()
     @fail_cleanly

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from opensd.cli.common import DEBUG_ENV, fail_cleanly, set_debug
+from opensd.cli.common import DEBUG_ENV, PREDICTION, PredictionChoice, fail_cleanly, set_debug
 
 
 class _OpenSDTyper(typer.Typer):
@@ -57,11 +57,14 @@ def main(
 
 @app.command()
 @fail_cleanly
-def info(path: Path = typer.Argument(..., help="A diffusers folder, an opensd model folder or an SD 1.x file.")) -> None:
-    """Print a model's architecture, parameter counts, dtype and short SHA-256 hash."""
+def info(
+    path: Path = typer.Argument(..., help="A diffusers folder, an opensd model folder or an original SD 1.x/2.x/SDXL file."),
+    prediction: PredictionChoice = PREDICTION,
+) -> None:
+    """Print a model's family, parameterization, architecture, parameter counts, dtype and short SHA-256 hash."""
     from opensd.checkpoints.info import describe
 
-    typer.echo(describe(path).render())
+    typer.echo(describe(path, prediction=prediction.value).render())
 
 
 def _mount_subapps() -> None:

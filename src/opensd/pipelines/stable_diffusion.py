@@ -140,8 +140,10 @@ class StableDiffusionPipeline:
         self.conditioner = Conditioner(self.model, self.tokenizer, prompt_budget)
 
     @classmethod
-    def from_path(cls, path: str | Path, **kw: Any) -> "StableDiffusionPipeline":
-        return cls(load_model(path), **kw)
+    def from_path(cls, path: str | Path, *, prediction: Any = None, **kw: Any) -> "StableDiffusionPipeline":
+        """Load the model at ``path``; ``prediction`` ("eps", "v" or None: as the file says,
+        see :mod:`opensd.checkpoints.parameterization`) overrides its parameterization."""
+        return cls(load_model(path, prediction=prediction), **kw)
 
     # ---------------------------------------------------------------- public API
 

@@ -32,13 +32,17 @@ every step (the base's network is never called).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from opensd.diffusion.registry import SamplingRun
+from opensd.diffusion import Interrupted
+from opensd.diffusion.registry import SamplingRun, plan_sampling
+from opensd.diffusion.schedules import to_vp
 from opensd.models.stable_diffusion import ModelFamily, SDConfig
+from opensd.pipelines.infotext import refiner_field
 from opensd.pipelines.request import GenerationRequest, RequestError
 
 if TYPE_CHECKING:
@@ -99,8 +103,7 @@ def switch_step(train_sigmas: torch.Tensor, sigmas: torch.Tensor, switch_at: flo
 
 def refiner_label(pipe: "StableDiffusionPipeline") -> str:
     """A1111's ``Refiner`` infotext value: ``name [hash]`` (its checkpoint's short title)."""
-    name, short = pipe.loaded.name, pipe.loaded.hash
-    return f"{name} [{short}]" if short else name
+    return refiner_field(pipe.loaded.name, pipe.loaded.hash)
 
 
 @dataclass
@@ -118,10 +121,16 @@ class RefinerPlan:
         return self.step < self.steps
 
 
+def _is_inpainting(cfg: SDConfig) -> bool:
+    return cfg.unet.in_channels != cfg.vae.embed_dim
+
+
 def plan_refiner(
-    base: "StableDiffusionPipeline", refiner: "StableDiffusionPipeline | None", req: GenerationRequest, sigmas: torch.Tensor | None,
+    base: "StableDiffusionPipeline", refiner: "StableDiffusionPipeline | None", req: GenerationRequest,
+    prompt_embeds: Any = None, negative_embeds: Any = None,
 ) -> RefinerPlan | None:
-    """Check the pair and the request; the switch step on the run's ``sigmas`` (None: no step to run)."""
+    """Check the pair and the request before any work; where the refiner takes over on
+    the run's sigmas (None: no refiner; a plan that never runs when no step is left)."""
     if refiner is None:
         if req.refiner_switch_at is not None:
             raise RequestError("refiner_switch_at needs a refiner model; give one (refiner=, --refiner) or leave it out")
@@ -131,13 +140,59 @@ def plan_refiner(
     if not isinstance(refiner, StableDiffusionPipeline):
         raise RequestError(f"refiner must be a loaded pipeline (opensd.load(path)), got {type(refiner).__name__}")
     check_pair(base.cfg, refiner.cfg)
+    if prompt_embeds is not None or negative_embeds is not None:
+        raise RequestError("prompt_embeds / negative_embeds cannot be used with a refiner (it encodes the prompts with its own text encoder)")
+    if _is_inpainting(refiner.cfg) and refiner.cfg.unet.in_channels != base.cfg.unet.in_channels:
+        raise RequestError("an inpainting (9-channel) refiner needs an inpainting model as the base")
     if refiner.model.device != base.model.device:
         raise RequestError(f"the refiner is on {refiner.model.device} but the model on {base.model.device}; load both on one device")
+    refiner._check(req, None, None)  # its own prompt budget and limits
     switch_at = DEFAULT_SWITCH_AT if req.refiner_switch_at is None else float(req.refiner_switch_at)
-    if sigmas is None:
-        return RefinerPlan(refiner, switch_at, 0, 0)
-    steps = len(sigmas) - 1
-    return RefinerPlan(refiner, switch_at, switch_step(base.schedule.sigmas, sigmas, switch_at), steps)
+    if req.strength < 1.0 and int(req.steps * req.strength) < 1:
+        return RefinerPlan(refiner, switch_at, 0, 0)  # too weak for a step: the image is kept
+    spec, spacing = req.resolved_sampler()
+    sigmas = base.schedule.sigmas_for(req.steps, spacing, rule=spec.rule, strength=req.strength)
+    return RefinerPlan(refiner, switch_at, switch_step(base.schedule.sigmas, sigmas, switch_at), len(sigmas) - 1)
+
+
+def sample_refined(
+    base: "StableDiffusionPipeline", plan: RefinerPlan, req: GenerationRequest, denoiser: Callable[..., torch.Tensor],
+    start: Any, conds: tuple[dict, dict | None], seeds: list[int], callback: Any, should_stop: Any,
+) -> tuple[torch.Tensor, bool, "StableDiffusionPipeline"]:
+    """``(final latent, interrupted, the pipeline that ran the last step)``: ``base``'s
+    steps with ``denoiser`` and ``conds``, then the refiner's on the same latent."""
+    ref = plan.pipe
+    r_cond, r_uncond = ref.conditioner.for_request(req, should_stop=should_stop)
+    concat = start.concat if _is_inpainting(ref.cfg) else None  # a 4-channel refiner inpaints by re-imposing
+    r_denoiser = ref._denoiser(req, dataclasses.replace(start, concat=concat))
+    run = plan_sampling(
+        start.noise.to(base.model.dtype), base.schedule, req.sampler, req.steps, karras=req.karras,
+        strength=req.strength, init_latent=start.init_latent, options=req.sampler_options,
+    )
+    state: dict[str, Any] = {"denoised": None, "finisher": base}
+    step_cb = base._step_callback(callback, plan.steps, state)
+
+    def phase_cb(d: dict) -> None:
+        if d["i"] >= plan.step:
+            state["finisher"] = ref
+        step_cb(d)
+
+    try:
+        x = run_two_phase(
+            run, plan.step, (denoiser, guidance_args(*conds)), (r_denoiser, guidance_args(r_cond, r_uncond)),
+            ref.model.dtype, generator=base._sampler_generator(seeds), callback=phase_cb, options=req.sampler_options,
+        )
+        return to_vp(x, run.sigmas[-1]), False, ref
+    except Interrupted:
+        result = state["denoised"]
+        if result is None:
+            result = start.init_latent if start.init_latent is not None else start.noise * 0
+        return result, True, state["finisher"]
+
+
+def guidance_args(cond: dict, uncond: dict | None) -> dict[str, Any]:
+    """The denoiser's keyword arguments: one conditioning dict per guidance branch (none at CFG 1)."""
+    return {"cond": cond} if uncond is None else {"cond": cond, "uncond": uncond}
 
 
 def _offset_callback(callback: Callable[[dict], Any] | None, k: int) -> Callable[[dict], Any] | None:

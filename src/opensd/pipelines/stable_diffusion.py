@@ -17,18 +17,12 @@ With a refiner (``refiner=`` another pipeline), the base model runs the first pa
 the steps and the refiner the rest, on the same latent and sigmas
 (:mod:`opensd.pipelines.refiner`, A1111's "Refiner switch at").
 
-Half precision: SDXL's VAE overflows float16 (activations beyond 65504 give NaN, a
-black image), so a float16 SDXL-family pipeline runs its VAE (decode and encode) in
-float32 on a float32 copy of the VAE, made once per pipeline and kept (the model's own
-VAE keeps its dtype). The copy is always used, not only when a float16 result is not
-finite: an overflow can also give finite garbage, and one path gives one image. This is
-diffusers' ``force_upcast`` for SDXL's VAE; ``vae_upcast=`` overrides the choice.
+Half precision: SDXL's VAE overflows float16, so a float16 SDXL-family pipeline runs
+its VAE in float32 on a kept copy (:mod:`opensd.pipelines.vae_codec`).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +33,11 @@ from PIL import Image
 
 from opensd.checkpoints import LoadedModel, load_model
 from opensd.diffusion import ClassifierFreeGuidance, Denoiser, DiscreteSchedule, Interrupted
-from opensd.diffusion.registry import plan_sampling, sample
-from opensd.diffusion.schedules import to_vp
-from opensd.models.stable_diffusion import ModelFamily
+from opensd.diffusion.registry import sample
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.conditioning import Conditioner
 from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_pil, to_tensor
-from opensd.pipelines.infotext import format_infotext
+from opensd.pipelines.infotext import format_infotext, schedule_type
 from opensd.pipelines.inpaint import (
     DEFAULT_MASK_BLUR,
     DEFAULT_MASKED_CONTENT,
@@ -60,9 +52,9 @@ from opensd.pipelines.inpaint import (
 from opensd.pipelines.inpaint import (
     latent_mask as to_latent_mask,
 )
-from opensd.pipelines.refiner import RefinerPlan, plan_refiner, refiner_label, run_two_phase
+from opensd.pipelines.refiner import RefinerPlan, guidance_args, plan_refiner, refiner_label, sample_refined
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
-from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
+from opensd.pipelines.vae_codec import VAECodec
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
 
 
@@ -78,8 +70,6 @@ class StepInfo:
 
 
 StepCallback = Callable[[StepInfo], Any]
-# A1111's "Schedule type" labels of the sigma spacings
-SCHEDULE_LABELS = {"default": "Automatic", "sgm_uniform": "SGM Uniform"}
 StopCheck = Callable[[], bool]
 
 
@@ -87,21 +77,6 @@ def _check_stop(should_stop: StopCheck | None, where: str) -> None:
     """Raise :class:`Interrupted` when ``should_stop()`` says so (outside sampling there is no partial image)."""
     if should_stop is not None and should_stop():
         raise Interrupted(f"stopped while {where}")
-
-
-class _StoppableVAE:
-    """The VAE as the tiling functions see it: ``should_stop`` is checked before every tile."""
-
-    def __init__(self, vae: Any, should_stop: StopCheck | None):
-        self.vae, self.should_stop, self.cfg = vae, should_stop, vae.cfg
-
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        _check_stop(self.should_stop, "encoding the image")
-        return self.vae.encode(x)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        _check_stop(self.should_stop, "decoding the latent")
-        return self.vae.decode(z)
 
 
 @dataclass
@@ -151,8 +126,6 @@ class StableDiffusionPipeline:
         ``vae_upcast``: run a float16 VAE in float32 (a kept float32 copy); None: for the SDXL
         families only (their VAE overflows float16), False: never."""
         self.loaded = loaded
-        self.vae_upcast = vae_upcast
-        self._vae32: tuple[Any, Any] | None = None  # (the model's VAE, its float32 copy)
         self.prompt_budget = prompt_budget
         self.model = loaded.model.eval().requires_grad_(False)
         if device is not None or dtype is not None:
@@ -161,6 +134,7 @@ class StableDiffusionPipeline:
         self.cfg = self.model.cfg
         self.schedule = DiscreteSchedule(self.cfg.schedule)
         self.conditioner = Conditioner(self.model, self.tokenizer, prompt_budget)
+        self.codec = VAECodec(self.model, vae_upcast)
 
     @classmethod
     def from_path(cls, path: str | Path, **kw: Any) -> "StableDiffusionPipeline":
@@ -309,7 +283,7 @@ class StableDiffusionPipeline:
                 ),
                 (req.width, req.height), init_image, mask,
             )
-        plan = self._refiner_plan(req, refiner, prompt_embeds, negative_embeds)
+        plan = plan_refiner(self, refiner, req, prompt_embeds, negative_embeds)
         seeds = self._seeds(req.seed, req.batch_size)
         with torch.inference_mode():
             cond, uncond = self.conditioner.for_request(
@@ -321,8 +295,8 @@ class StableDiffusionPipeline:
             if plan is None or not plan.runs:
                 result, interrupted = self._sample(req, denoiser, start, cond, uncond, seeds, callback)
             else:
-                result, interrupted, finisher = self._sample_refined(
-                    req, plan, denoiser, start, (cond, uncond), seeds, callback, should_stop
+                result, interrupted, finisher = sample_refined(
+                    self, plan, req, denoiser, start, (cond, uncond), seeds, callback, should_stop
                 )
             images = to_pil(self._decode(req, result, start, should_stop, finisher))
 
@@ -401,7 +375,7 @@ class StableDiffusionPipeline:
         uncond: dict | None, seeds: list[int], callback: StepCallback | None,
     ) -> tuple[torch.Tensor, bool]:
         """``(final latent, interrupted)``; a stopped run returns its last prediction."""
-        extra = _guidance_args(cond, uncond)
+        extra = guidance_args(cond, uncond)
         if req.strength < 1.0 and int(req.steps * req.strength) < 1:  # too weak for a single step: keep the image
             assert st.init_latent is not None
             return st.init_latent, False
@@ -420,59 +394,6 @@ class StableDiffusionPipeline:
             if result is None:
                 result = st.init_latent if st.init_latent is not None else st.noise * 0
             return result, True
-
-    def _refiner_plan(
-        self, req: GenerationRequest, refiner: StableDiffusionPipeline | None, prompt_embeds: Any, negative_embeds: Any
-    ) -> RefinerPlan | None:
-        """The refiner checked against this model and ``req``, and where it takes over (None: no refiner)."""
-        if refiner is None:
-            return plan_refiner(self, None, req, None)
-        if prompt_embeds is not None or negative_embeds is not None:
-            raise RequestError("prompt_embeds / negative_embeds cannot be used with a refiner (it encodes the prompts with its own text encoder)")
-        if isinstance(refiner, StableDiffusionPipeline):
-            refiner._check(req, None, None)
-            inpainting = refiner.cfg.unet.in_channels != refiner.cfg.vae.embed_dim
-            if inpainting and refiner.cfg.unet.in_channels != self.cfg.unet.in_channels:
-                raise RequestError("an inpainting (9-channel) refiner needs an inpainting model as the base")
-        spec, spacing = req.resolved_sampler()
-        sigmas = None
-        if req.strength >= 1.0 or int(req.steps * req.strength) >= 1:
-            sigmas = self.schedule.sigmas_for(req.steps, spacing, rule=spec.rule, strength=req.strength)
-        return plan_refiner(self, refiner, req, sigmas)
-
-    def _sample_refined(
-        self, req: GenerationRequest, plan: RefinerPlan, denoiser: Callable[..., torch.Tensor], st: _Start,
-        conds: tuple[dict, dict | None], seeds: list[int], callback: StepCallback | None, should_stop: StopCheck | None,
-    ) -> tuple[torch.Tensor, bool, StableDiffusionPipeline]:
-        """``(final latent, interrupted, the pipeline that ran the last step)``: the base's
-        steps, then the refiner's on the same latent (:func:`~opensd.pipelines.refiner.run_two_phase`)."""
-        ref = plan.pipe
-        r_cond, r_uncond = ref.conditioner.for_request(req, should_stop=should_stop)
-        inpainting = ref.cfg.unet.in_channels != ref.cfg.vae.embed_dim
-        r_denoiser = ref._denoiser(req, dataclasses.replace(st, concat=st.concat if inpainting else None))
-        run = plan_sampling(
-            st.noise.to(self.model.dtype), self.schedule, req.sampler, req.steps, karras=req.karras,
-            strength=req.strength, init_latent=st.init_latent, options=req.sampler_options,
-        )
-        state: dict[str, Any] = {"denoised": None, "finisher": self}
-        step_cb = self._step_callback(callback, plan.steps, state)
-
-        def phase_cb(d: dict) -> None:
-            if d["i"] >= plan.step:
-                state["finisher"] = ref
-            step_cb(d)
-
-        try:
-            x = run_two_phase(
-                run, plan.step, (denoiser, _guidance_args(*conds)), (r_denoiser, _guidance_args(r_cond, r_uncond)),
-                ref.model.dtype, generator=self._sampler_generator(seeds), callback=phase_cb, options=req.sampler_options,
-            )
-            return to_vp(x, run.sigmas[-1]), False, ref
-        except Interrupted:
-            result = state["denoised"]
-            if result is None:
-                result = st.init_latent if st.init_latent is not None else st.noise * 0
-            return result, True, state["finisher"]
 
     def _decode(
         self, req: GenerationRequest, result: torch.Tensor, st: _Start, should_stop: StopCheck | None,
@@ -548,12 +469,7 @@ class StableDiffusionPipeline:
         ``should_stop`` is checked before the decode and before every tile. A float16
         SDXL-family model decodes in float32 (the module docstring) and returns float32.
         """
-        model_vae = self.codec_vae()
-        vae = _StoppableVAE(model_vae, should_stop)
-        z = model_vae.from_latent(latents.to(next(model_vae.parameters()).dtype))
-        if should_tile(z.shape[2], z.shape[3], tiled_vae, native=self.cfg.latent_size):
-            return decode_tiled(vae, z)
-        return vae.decode(z)
+        return self.codec.decode(latents, tiled_vae, should_stop)
 
     def encode_pixels(
         self, pixels: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None
@@ -565,37 +481,7 @@ class StableDiffusionPipeline:
         before the encode and before every tile. A float16 SDXL-family model encodes in
         float32; the posterior comes back in the model's dtype.
         """
-        model_vae = self.codec_vae()
-        vae = _StoppableVAE(model_vae, should_stop)
-        f = vae.cfg.downsample_factor
-        x = pixels.to(next(model_vae.parameters()).dtype)
-        if should_tile(pixels.shape[2] // f, pixels.shape[3] // f, tiled_vae, native=self.cfg.latent_size):
-            posterior = encode_tiled(vae, x)
-        else:
-            posterior = vae.encode(x)
-        if model_vae is self.model.vae:
-            return posterior
-        return DiagonalGaussian(posterior.moments.to(next(self.model.vae.parameters()).dtype))
-
-    def upcasts_vae(self) -> bool:
-        """Whether the VAE runs in float32 on a copy: a float16 VAE of an SDXL-family model
-        (``vae_upcast`` None), any float16 VAE (True), never (False)."""
-        if next(self.model.vae.parameters()).dtype != torch.float16 or self.vae_upcast is False:
-            return False
-        return self.vae_upcast is True or self.cfg.family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER)
-
-    def codec_vae(self) -> Any:
-        """The VAE that decodes and encodes: the model's, or its float32 copy (:meth:`upcasts_vae`),
-        made on first use and kept; remade if the model's VAE is replaced or moves to another device."""
-        vae = self.model.vae
-        if not self.upcasts_vae():
-            return vae
-        device = next(vae.parameters()).device
-        kept = self._vae32
-        if kept is None or kept[0] is not vae or next(kept[1].parameters()).device != device:
-            kept = (vae, copy.deepcopy(vae).float().eval().requires_grad_(False))
-            self._vae32 = kept
-        return kept[1]
+        return self.codec.encode(pixels, tiled_vae, should_stop)
 
     def infotext(self, req: GenerationRequest, seed: int, *, refiner: RefinerPlan | None = None) -> str:
         """A1111's infotext of one image; ``refiner``: the refiner that ran (its two fields)."""
@@ -603,7 +489,7 @@ class StableDiffusionPipeline:
         params = {
             "Steps": req.steps,
             "Sampler": spec.a1111_name,
-            "Schedule type": SCHEDULE_LABELS.get(spacing.value, spacing.value.capitalize()),
+            "Schedule type": schedule_type(spacing.value),
             "CFG scale": req.cfg_scale,
             "Seed": seed,
             "Size": f"{req.width}x{req.height}",
@@ -699,11 +585,6 @@ class StableDiffusionPipeline:
             sampler_options=options,
             **fields,
         )
-
-
-def _guidance_args(cond: dict, uncond: dict | None) -> dict[str, Any]:
-    """The denoiser's keyword arguments: one conditioning dict per guidance branch."""
-    return {"cond": cond} if uncond is None else {"cond": cond, "uncond": uncond}
 
 
 class _MaskedDenoiser:

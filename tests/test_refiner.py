@@ -199,3 +199,15 @@ def test_bad_refiner_requests_are_one_line_errors(base, refiner) -> None:
     embeds = {"context": torch.zeros(1, 77, base.cfg.context_dim), "pooled": torch.zeros(1, base.cfg.pooled_dim)}
     with pytest.raises(RequestError, match="cannot be used with a refiner"):
         base.txt2img("a red circle", steps=2, refiner=refiner, prompt_embeds=embeds)
+
+
+def test_stopping_after_the_switch_decodes_with_the_refiner(base, refiner) -> None:
+    def stop_at(n):
+        return lambda info: info.step < n
+
+    req = base.request("a red circle", steps=10, sampler="euler", seed=8, refiner_switch_at=0.5)
+    late = base.generate(req, refiner=refiner, callback=stop_at(8))
+    early = base.generate(req, refiner=refiner, callback=stop_at(3))
+    assert late.interrupted and early.interrupted
+    assert "Refiner: xl-refiner" in late.infotexts[0]  # the refiner ran steps 6..8 and decodes
+    assert "Refiner" not in early.infotexts[0]  # stopped before the switch: the base's result alone

@@ -122,3 +122,17 @@ class SlowPipeline(StableDiffusionPipeline):
             return callback(info) if callback is not None else None
 
         return super().generate(req, callback=slow, **kw)
+
+
+def tiny_family_model(family, seed: int = 0):
+    """A tiny random model of ``family`` (:class:`ModelFamily`) whose text encoders use the real
+    CLIP vocabulary (49,408 tokens, 77 positions), and its tokenizer."""
+    tok = clip_tokenizer()
+    cfg = SDConfig.tiny(family)
+    vocab = {"vocab_size": tok.vocab_size, "max_length": tok.context_length}
+    cfg = cfg.replace(
+        text=dataclasses.replace(cfg.text, **vocab),
+        **({"text_2": dataclasses.replace(cfg.text_2, **vocab)} if cfg.text_2 is not None else {}),
+    )
+    torch.manual_seed(seed)
+    return randomize(StableDiffusion(cfg), seed).eval(), tok

@@ -152,7 +152,8 @@ def test_timestep_grids_equal_diffusers(spacing, steps):
 
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("steps", [7, 10, 20])
-@pytest.mark.parametrize("sigma_spacing", list(SigmaSpacing))
+# SGM Uniform has no diffusers flag (A1111's; tests/test_sdxl_pipeline.py checks it)
+@pytest.mark.parametrize("sigma_spacing", [sp for sp in SigmaSpacing if sp is not SigmaSpacing.SGM_UNIFORM])
 def test_euler_family_sigmas_equal_diffusers(spacing, steps, sigma_spacing):
     cfg = _cfg(spacing)
     flags = {

@@ -65,8 +65,9 @@ def _out_paths(out: Optional[str], n: int, seed: int) -> list[Path]:
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]
 
 
-def _run(kind: str, pipe_args: dict, run: dict) -> None:
-    """Run ``pipe.<kind>(**pipe_args)`` and write the images; ``run``: model, device, threads, out, quiet."""
+def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) -> None:
+    """Run ``pipe.<kind>(**pipe_args)`` and write the images; ``run``: model, device, threads, out, quiet;
+    ``refiner``: a second model's path, loaded after the first (``refiner=`` of the pipeline)."""
     from opensd.devices import resolve_device
     from opensd.explain.progress import StepProgress
     from opensd.pipelines.images import load_image
@@ -85,6 +86,8 @@ def _run(kind: str, pipe_args: dict, run: dict) -> None:
     pipe_args["seed"], drawn = _seed(pipe_args.get("seed"))
     paths = _out_paths(run["out"], pipe_args["batch_size"], pipe_args["seed"])
     pipe = _pipeline(run["model"], device, run["threads"], run.get("prediction", "auto"))
+    if refiner is not None:
+        pipe_args["refiner"] = _pipeline(refiner, device, run["threads"])
     if drawn:  # once the model has loaded: a bad model is the only line then
         typer.echo(f"seed: {pipe_args['seed']}")
     for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"]):
@@ -121,6 +124,60 @@ def _common(
     )
 
 
+def _original_size(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """``--original-size HEIGHTxWIDTH`` as (height, width)."""
+    if text is None:
+        return None
+    parts = text.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise OpenSDError(f"--original-size must be HEIGHTxWIDTH in pixels, e.g. 1024x1024, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _turbo(ctx: typer.Context, args: dict, strength: float = 1.0) -> None:
+    """``--turbo``: SD-Turbo/SDXL-Turbo's settings in ``args``, each only where the user gave none:
+    1 step (img2img/inpaint: ceil(1 / strength), the fewest that run one), CFG 1, Euler a,
+    and the SGM Uniform schedule (first step at t = 999) unless the sampler names a spacing."""
+    import math
+
+    from opensd.diffusion.registry import resolve_sampler
+    from opensd.diffusion.schedules import SigmaSpacing
+
+    def given(name: str) -> bool:  # typer vendors click: compare the source's name, not click's enum
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    if not given("steps"):
+        args["steps"] = max(1, math.ceil(1 / strength)) if strength > 0 else 1
+    if not given("cfg_scale"):
+        args["cfg_scale"] = 1.0
+    if not given("sampler"):
+        args["sampler"] = "euler_a"
+    try:
+        _, spacing = resolve_sampler(args["sampler"], args["karras"])
+    except OpenSDError:
+        return  # the request's validation names the bad sampler
+    if spacing is SigmaSpacing.DEFAULT and args["karras"] is None:
+        args["sampler"] = f"{args['sampler']} SGM Uniform"
+
+
+def _sdxl(
+    ctx: typer.Context, args: dict, turbo: bool, refiner: Optional[Path], switch_at: Optional[float],
+    aesthetic: float, negative_aesthetic: float, original_size: Optional[str], strength: float = 1.0,
+) -> dict:
+    """The SDXL, refiner and Turbo options into ``args`` (checked before the model loads)."""
+    if switch_at is not None and refiner is None:
+        raise OpenSDError("--refiner-switch-at needs --refiner (the model that takes over)")
+    if turbo:
+        _turbo(ctx, args, strength)
+    extra = {"aesthetic_score": aesthetic, "negative_aesthetic_score": negative_aesthetic}
+    if original_size is not None:
+        extra["original_size"] = _original_size(original_size)
+    if switch_at is not None:
+        extra["refiner_switch_at"] = switch_at
+    return {**args, **extra}
+
+
 def _options(model: Optional[Path], device: Optional[str], threads: Optional[int], out: Optional[str], quiet: bool) -> dict:
     return dict(model=model, device=device, threads=threads, out=out, quiet=quiet)
 
@@ -146,29 +203,51 @@ OUT = typer.Option(
 )
 TILED_VAE = typer.Option(
     None, "--tiled-vae/--no-tiled-vae",
-    help="Run the VAE (decode, and the img2img/inpaint encode) in overlapping tiles: less memory for large images. Default: only above 96 latent cells (768 px) on a side.",
+    help="Run the VAE (decode, and the img2img/inpaint encode) in overlapping tiles: less memory for large images. "
+    "Default: only above 1.5x the model's native size on a side (SD 1.x: 768 px, SDXL: 1536 px).",
 )
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+REFINER = typer.Option(
+    None, "--refiner",
+    help="A second model that finishes the run (A1111's Refiner; e.g. SDXL's refiner after the SDXL base): same latent space as --model.",
+)
+SWITCH_AT = typer.Option(None, "--refiner-switch-at", help="Fraction of the run after which --refiner takes over, 0..1 (default 0.8).")
+AESTHETIC = typer.Option(6.0, "--aesthetic-score", help="The SDXL refiner's aesthetic-score conditioning of the prompt.")
+NEG_AESTHETIC = typer.Option(2.5, "--negative-aesthetic-score", help="The SDXL refiner's aesthetic score of the negative prompt.")
+ORIGINAL_SIZE = typer.Option(
+    None, "--original-size", help="SDXL's size conditioning: HEIGHTxWIDTH the model is told the source image had (default: the output size).",
+)
+TURBO = typer.Option(
+    False, "--turbo",
+    help="SD-Turbo / SDXL-Turbo settings, each unless given: 1 step (img2img: ceil(1/strength)), --cfg-scale 1, "
+    "Euler a, SGM Uniform schedule (the first step at t = 999).",
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     @fail_cleanly
     def generate(
+        ctx: typer.Context,
         prompt: str = typer.Argument(..., help="What to draw."),
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
         cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, prediction: PredictionChoice = PREDICTION,
+        refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
+        negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
     ) -> None:
         """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
-        _run("txt2img", {"prompt": prompt, **args}, {**_options(model, device, threads, out, quiet), "prediction": prediction.value})
+        args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size)
+        run = {**_options(model, device, threads, out, quiet), "prediction": prediction.value}
+        _run("txt2img", {"prompt": prompt, **args}, run, refiner)
 
     @app.command()
     @fail_cleanly
     def img2img(
+        ctx: typer.Context,
         image: Path = typer.Argument(..., help="The image to modify."),
         prompt: str = typer.Argument(..., help="What it should become."),
         strength: float = typer.Option(0.75, help="0 keeps the image, 1 replaces it."),
@@ -177,14 +256,18 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
+        negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
     ) -> None:
         """Image to image: modify IMAGE toward PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
-        _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args}, _options(model, device, threads, out, quiet))
+        args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
+        _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args}, _options(model, device, threads, out, quiet), refiner)
 
     @app.command()
     @fail_cleanly
     def inpaint(
+        ctx: typer.Context,
         image: Path = typer.Argument(..., help="The image to repaint."),
         mask: Path = typer.Argument(..., help="Same size as IMAGE; white marks what to repaint."),
         prompt: str = typer.Argument(..., help="What to paint there."),
@@ -210,11 +293,15 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
+        negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
+        args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         inpainting = _inpaint_options(mask_blur, masked_content, only_masked, only_masked_padding)
-        _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args}, _options(model, device, threads, out, quiet))
+        _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args},
+             _options(model, device, threads, out, quiet), refiner)
 
     @app.command("png-info")
     @fail_cleanly

@@ -3,7 +3,8 @@
 Names are snake_case ids (``dpmpp_2m``, ``euler_a``), AUTOMATIC1111 web-UI names
 (``"DPM++ 2M Karras"``, ``"Euler a"``) or A1111's k-diffusion aliases
 (``k_dpmpp_2m``); matching ignores case and surrounding spaces. A `` Karras`` /
-`` Exponential`` (or ``_karras`` / ``_exponential``) suffix selects the sigma spacing;
+`` Exponential`` / `` SGM Uniform`` (or ``_karras`` / ``_exponential`` / ``_sgm_uniform``)
+suffix selects the sigma spacing;
 every sampler runs with any spacing.
 """
 
@@ -18,7 +19,6 @@ import torch
 from opensd.diffusion import samplers as S
 from opensd.diffusion.denoisers import Denoiser
 from opensd.diffusion.schedules import (
-    initial_noise_scale,
     DDIM_RULE,
     DDPM_RULE,
     DPM_RULE,
@@ -26,6 +26,7 @@ from opensd.diffusion.schedules import (
     DiscreteSchedule,
     SigmaSpacing,
     TimestepRule,
+    initial_noise_scale,
     to_vp,
 )
 from opensd.errors import OpenSDError
@@ -101,6 +102,8 @@ _SUFFIXES = {
     "_karras": SigmaSpacing.KARRAS,
     " exponential": SigmaSpacing.EXPONENTIAL,
     "_exponential": SigmaSpacing.EXPONENTIAL,
+    " sgm uniform": SigmaSpacing.SGM_UNIFORM,
+    "_sgm_uniform": SigmaSpacing.SGM_UNIFORM,
 }
 
 
@@ -132,15 +135,66 @@ def resolve_sampler(name: str, karras: bool | None = None) -> tuple[SamplerSpec,
     if spec is None:
         raise UnknownSamplerError(
             f"unknown sampler {name!r}; known: {', '.join(known_names())} "
-            f"(optionally with a ' Karras' or ' Exponential' suffix)"
+            f"(optionally with a ' Karras', ' Exponential' or ' SGM Uniform' suffix)"
         )
     if karras is True:
-        if spacing is SigmaSpacing.EXPONENTIAL:
-            raise UnknownSamplerError(f"sampler {name!r} asks for exponential sigmas but karras=True")
+        if spacing is not SigmaSpacing.DEFAULT and spacing is not SigmaSpacing.KARRAS:
+            raise UnknownSamplerError(f"sampler {name!r} asks for {spacing.value} sigmas but karras=True")
         spacing = SigmaSpacing.KARRAS
     elif karras is False and spacing is not SigmaSpacing.DEFAULT:
         raise UnknownSamplerError(f"sampler {name!r} asks for {spacing.value} sigmas but karras=False")
     return spec, spacing
+
+
+@dataclass(frozen=True)
+class SamplingRun:
+    """A run laid out before its first network call: what :func:`sample` executes.
+
+    ``sigmas`` (k + 1,) float32, the steps actually taken (img2img: the last ``k``);
+    ``x`` the start latent at ``sigmas[0]`` in k-diffusion space. A two-model run
+    (:mod:`opensd.pipelines.refiner`) runs ``spec.fn`` on two slices of ``sigmas``.
+    """
+
+    spec: SamplerSpec
+    spacing: SigmaSpacing
+    sigmas: torch.Tensor
+    x: torch.Tensor
+
+
+def plan_sampling(
+    noise: torch.Tensor,
+    schedule: DiscreteSchedule,
+    sampler_name: str,
+    steps: int,
+    *,
+    karras: bool = False,
+    strength: float = 1.0,
+    init_latent: torch.Tensor | None = None,
+    options: dict[str, Any] | None = None,
+) -> SamplingRun:
+    """The sampler, its sigmas and the start latent of :func:`sample` (its arguments checked)."""
+    spec, spacing = resolve_sampler(sampler_name, True if karras else None)
+    allowed = spec.options()
+    unknown = sorted(set(options or {}) - set(allowed))
+    if unknown:
+        raise S.SamplerError(
+            f"sampler {spec.id!r} has no option(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(allowed) if allowed else 'none'}"
+        )
+    if not isinstance(noise, torch.Tensor) or not torch.is_floating_point(noise):
+        raise S.SamplerError("noise must be a floating point tensor")
+    if init_latent is not None and init_latent.shape != noise.shape:
+        raise S.SamplerError(
+            f"init_latent shape {tuple(init_latent.shape)} does not match noise shape {tuple(noise.shape)}"
+        )
+    if strength != 1.0 and init_latent is None:
+        raise S.SamplerError("strength < 1 needs an init_latent (image-to-image)")
+    sigmas = schedule.sigmas_for(steps, spacing, rule=spec.rule, strength=strength)
+    if init_latent is None:
+        x = noise * initial_noise_scale(sigmas[0].item())
+    else:
+        x = init_latent.to(noise) + noise * sigmas[0].item()
+    return SamplingRun(spec, spacing, sigmas, x)
 
 
 def sample(
@@ -168,28 +222,10 @@ def sample(
     does that (``TimestepRule.quantize_t``). ``options`` go to the sampler (e.g.
     ``eta`` for ``ddim``); ``extra_args`` go to every denoiser call.
     """
-    spec, spacing = resolve_sampler(sampler_name, True if karras else None)
-    allowed = spec.options()
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise S.SamplerError(
-            f"sampler {spec.id!r} has no option(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join(allowed) if allowed else 'none'}"
-        )
-    if not isinstance(noise, torch.Tensor) or not torch.is_floating_point(noise):
-        raise S.SamplerError("noise must be a floating point tensor")
-    if init_latent is not None and init_latent.shape != noise.shape:
-        raise S.SamplerError(
-            f"init_latent shape {tuple(init_latent.shape)} does not match noise shape {tuple(noise.shape)}"
-        )
-    if strength != 1.0 and init_latent is None:
-        raise S.SamplerError("strength < 1 needs an init_latent (image-to-image)")
-    sigmas = schedule.sigmas_for(steps, spacing, rule=spec.rule, strength=strength)
+    run = plan_sampling(
+        noise, schedule, sampler_name, steps, karras=karras, strength=strength, init_latent=init_latent, options=options
+    )
     if isinstance(denoiser, Denoiser):
-        denoiser = denoiser.with_quantize_t(spec.rule.quantize_t(spacing))
-    if init_latent is None:
-        x = noise * initial_noise_scale(sigmas[0].item())
-    else:
-        x = init_latent.to(noise) + noise * sigmas[0].item()
-    x = spec.fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, generator=generator, **options)
-    return to_vp(x, sigmas[-1])
+        denoiser = denoiser.with_quantize_t(run.spec.rule.quantize_t(run.spacing))
+    x = run.spec.fn(denoiser, run.x, run.sigmas, extra_args=extra_args, callback=callback, generator=generator, **options)
+    return to_vp(x, run.sigmas[-1])

@@ -80,12 +80,17 @@ class SigmaSpacing(enum.Enum):
 
     ``DEFAULT``: at the timesteps of the model's timestep spacing. ``KARRAS``: uniform
     in ``sigma ** (1/7)`` (Karras et al. 2022, eq. 5, rho = 7). ``EXPONENTIAL``:
-    uniform in ``log sigma``.
+    uniform in ``log sigma``. ``SGM_UNIFORM``: uniform in the timestep from the last
+    training timestep (T - 1) down to 0, the end point left out (A1111's "SGM Uniform",
+    the discretization of Stability's sgm code): its first step is at t = T - 1 whatever
+    the model's timestep spacing, as distilled few-step models (SD-Turbo, SDXL-Turbo;
+    Sauer et al. 2023) need. At 1 step it is t = 999, as diffusers' "trailing" spacing.
     """
 
     DEFAULT = "default"
     KARRAS = "karras"
     EXPONENTIAL = "exponential"
+    SGM_UNIFORM = "sgm_uniform"
 
 
 class TimestepGrid(enum.Enum):
@@ -425,6 +430,13 @@ class DiscreteSchedule:
         ts = np.asarray(timesteps, dtype=np.float64)
         return np.interp(ts, np.arange(self.num_train_timesteps), self._sigmas_np)
 
+    def sgm_uniform_sigmas(self, steps: int) -> np.ndarray:
+        """``steps`` sigmas (float64, without the final 0) at timesteps uniform from T - 1
+        down to 0 with the end point left out, sigma by log-linear interpolation (A1111's
+        ``sgm_uniform``: ``linspace(t(sigma_max), t(sigma_min), steps + 1)[:-1]``)."""
+        ts = torch.linspace(self.num_train_timesteps - 1, 0, steps + 1, dtype=torch.float32)[:-1]
+        return self.t_to_sigma(ts).double().numpy()
+
     def sigmas_for(
         self,
         steps: int,
@@ -446,7 +458,9 @@ class DiscreteSchedule:
         ts = self.timesteps_for(steps, rule.grid)
         start = strength_start(steps, strength)
         sig = self.sigmas_from_timesteps(ts)
-        if spacing is not SigmaSpacing.DEFAULT:
+        if spacing is SigmaSpacing.SGM_UNIFORM:
+            sig = self.sgm_uniform_sigmas(steps)
+        elif spacing is not SigmaSpacing.DEFAULT:
             if rule.sigma_range is SigmaRange.TRAIN:
                 lo, hi = self.sigma_min, self.sigma_max
             else:

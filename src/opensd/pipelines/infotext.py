@@ -41,6 +41,9 @@ MAX_PARAMETERS_BYTES = 16 * 2**20  # the largest stored infotext read back
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 NEGATIVE = "Negative prompt:"
+# A1111's "Schedule type" of each sigma spacing (SigmaSpacing values); others: capitalized
+SCHEDULE_TYPES = {"default": "Automatic", "sgm_uniform": "SGM Uniform"}
+_REFINER = re.compile(r"^(.*?)(?: \[([0-9a-fA-F]{8,12})\])?$")
 # key: value, where value is a JSON string or runs to the next ", " / end of line.
 _PAIR = re.compile(r'\s*([\w \-/+]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
@@ -90,6 +93,32 @@ def parse_infotext(text: str) -> dict[str, str]:
                 pass
         fields[key.strip()] = value
     return fields
+
+
+def schedule_type(spacing: str) -> str:
+    """A1111's "Schedule type" label of a sigma spacing's value (``"karras"`` -> ``"Karras"``)."""
+    return SCHEDULE_TYPES.get(spacing, spacing.capitalize())
+
+
+def refiner_field(name: str, short_hash: str | None) -> str:
+    """A1111's ``Refiner`` value: the checkpoint's short title ``name [hash]``."""
+    return f"{name} [{short_hash}]" if short_hash else name
+
+
+def parse_refiner(fields: Mapping[str, str]) -> tuple[str, str | None, float | None] | None:
+    """``(name, short hash or None, switch at or None)`` of the refiner a parsed infotext
+    names (A1111's ``Refiner`` and ``Refiner switch at``); None when it names none."""
+    value = fields.get("Refiner")
+    if not value:
+        return None
+    m = _REFINER.match(value.strip())
+    assert m is not None  # the pattern matches any text
+    switch: float | None = None
+    try:
+        switch = float(fields["Refiner switch at"]) if "Refiner switch at" in fields else None
+    except ValueError:
+        switch = None
+    return m.group(1), m.group(2), switch
 
 
 def _looks_like_params(line: str) -> bool:

@@ -39,7 +39,7 @@ class GenerationRequest:
     batch_size: int = 1
     strength: float = 1.0
     clip_skip: int = 1
-    tiled_vae: bool | None = None  # VAE decode (and img2img/inpaint encode) in tiles; None: when the latent is over 96 cells on a side
+    tiled_vae: bool | None = None  # VAE decode (and img2img/inpaint encode) in tiles; None: when a side is over 1.5x the model's native size (SD 1.x: 96 cells, 768 px)
     sampler_options: dict[str, Any] = field(default_factory=dict)
     # SDXL's size conditioning (SGM's names): the size the model is told the training image
     # had, (height, width), None: the output size; the crop's top-left corner (top, left).
@@ -48,6 +48,9 @@ class GenerationRequest:
     # The SDXL refiner's aesthetic-score conditioning, of the prompt and of the negative prompt.
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    # With a refiner model: the fraction of the run after which it takes over (A1111's
+    # "Refiner switch at"); None: 0.8 (A1111's default). See opensd.pipelines.refiner.
+    refiner_switch_at: float | None = None
 
     def resolved_sampler(self) -> tuple[SamplerSpec, SigmaSpacing]:
         return resolve_sampler(self.sampler, self.karras)
@@ -108,6 +111,8 @@ def validate(req: GenerationRequest, *, multiple: int = 8, min_side: int = 16) -
     for name in ("aesthetic_score", "negative_aesthetic_score"):
         if not _is_number(getattr(req, name)) or not 0 <= getattr(req, name) <= 10:
             raise RequestError(f"{name} must be a number from 0 to 10, got {getattr(req, name)!r}")
+    if req.refiner_switch_at is not None and (not _is_number(req.refiner_switch_at) or not 0 <= req.refiner_switch_at <= 1):
+        raise RequestError(f"refiner_switch_at must be a number from 0 to 1 (or None: 0.8), got {req.refiner_switch_at!r}")
     if not isinstance(req.sampler, str):
         raise RequestError(f"sampler must be a sampler name (text), got {type(req.sampler).__name__}")
     if req.karras is not None and not isinstance(req.karras, bool):

@@ -12,6 +12,13 @@ original outside the mask before every network call and in every prediction; a
 blur, its latent cells and what the masked part starts from ("masked content") are
 :mod:`opensd.pipelines.inpaint`'s. The decoded result is pasted over the original
 through the (blurred) mask, so pixels outside its reach stay exact.
+
+With a refiner (``refiner=`` another pipeline), the base model runs the first part of
+the steps and the refiner the rest, on the same latent and sigmas
+(:mod:`opensd.pipelines.refiner`, A1111's "Refiner switch at").
+
+Half precision: SDXL's VAE overflows float16, so a float16 SDXL-family pipeline runs
+its VAE in float32 on a kept copy (:mod:`opensd.pipelines.vae_codec`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from opensd.diffusion.registry import sample
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.conditioning import Conditioner
 from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_pil, to_tensor
-from opensd.pipelines.infotext import format_infotext
+from opensd.pipelines.infotext import format_infotext, schedule_type
 from opensd.pipelines.inpaint import (
     DEFAULT_MASK_BLUR,
     DEFAULT_MASKED_CONTENT,
@@ -45,8 +52,9 @@ from opensd.pipelines.inpaint import (
 from opensd.pipelines.inpaint import (
     latent_mask as to_latent_mask,
 )
+from opensd.pipelines.refiner import RefinerPlan, guidance_args, plan_refiner, refiner_label, sample_refined
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
-from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
+from opensd.pipelines.vae_codec import VAECodec
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
 
 
@@ -69,21 +77,6 @@ def _check_stop(should_stop: StopCheck | None, where: str) -> None:
     """Raise :class:`Interrupted` when ``should_stop()`` says so (outside sampling there is no partial image)."""
     if should_stop is not None and should_stop():
         raise Interrupted(f"stopped while {where}")
-
-
-class _StoppableVAE:
-    """The VAE as the tiling functions see it: ``should_stop`` is checked before every tile."""
-
-    def __init__(self, vae: Any, should_stop: StopCheck | None):
-        self.vae, self.should_stop, self.cfg = vae, should_stop, vae.cfg
-
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        _check_stop(self.should_stop, "encoding the image")
-        return self.vae.encode(x)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        _check_stop(self.should_stop, "decoding the latent")
-        return self.vae.decode(z)
 
 
 @dataclass
@@ -127,8 +120,11 @@ class StableDiffusionPipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         prompt_budget: PromptBudget | None = DEFAULT_BUDGET,
+        vae_upcast: bool | None = None,
     ):
-        """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap."""
+        """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap.
+        ``vae_upcast``: run a float16 VAE in float32 (a kept float32 copy); None: for the SDXL
+        families only (their VAE overflows float16), False: never."""
         self.loaded = loaded
         self.prompt_budget = prompt_budget
         self.model = loaded.model.eval().requires_grad_(False)
@@ -138,6 +134,7 @@ class StableDiffusionPipeline:
         self.cfg = self.model.cfg
         self.schedule = DiscreteSchedule(self.cfg.schedule)
         self.conditioner = Conditioner(self.model, self.tokenizer, prompt_budget)
+        self.codec = VAECodec(self.model, vae_upcast)
 
     @classmethod
     def from_path(cls, path: str | Path, *, prediction: Any = None, **kw: Any) -> "StableDiffusionPipeline":
@@ -163,16 +160,20 @@ class StableDiffusionPipeline:
         callback: StepCallback | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_embeds: torch.Tensor | None = None,
+        refiner: StableDiffusionPipeline | None = None,
         **options: Any,
     ) -> list[Image.Image]:
         """Images for ``prompt``; each carries its A1111 infotext in ``image.info["parameters"]``.
 
         ``prompt_embeds`` / ``negative_embeds`` (1 or B, L, width) replace the encoded texts,
         which then only label the infotext (see :mod:`opensd.prompts.arithmetic`).
+        ``refiner``: a second pipeline that finishes the run after ``refiner_switch_at``
+        (default 0.8) of it (:mod:`opensd.pipelines.refiner`).
         """
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, 1.0, options)
         return self.generate(
-            req, latents=latents, callback=callback, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds
+            req, latents=latents, callback=callback, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
+            refiner=refiner,
         ).images
 
     def img2img(
@@ -190,13 +191,15 @@ class StableDiffusionPipeline:
         seed: int | None = None,
         batch_size: int = 1,
         callback: StepCallback | None = None,
+        refiner: StableDiffusionPipeline | None = None,
         **options: Any,
     ) -> list[Image.Image]:
-        """Modify ``image`` toward ``prompt``; ``strength`` 0 keeps it, 1 replaces it."""
+        """Modify ``image`` toward ``prompt``; ``strength`` 0 keeps it, 1 replaces it.
+        ``refiner``: as in :meth:`txt2img` (the switch counts the steps img2img runs)."""
         image = load_image(image)
         width, height = self._size_for(image, width, height)
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
-        return self.generate(req, init_image=image, callback=callback).images
+        return self.generate(req, init_image=image, callback=callback, refiner=refiner).images
 
     def inpaint(
         self,
@@ -218,6 +221,7 @@ class StableDiffusionPipeline:
         only_masked: bool = False,
         only_masked_padding: int = DEFAULT_ONLY_MASKED_PADDING,
         callback: StepCallback | None = None,
+        refiner: StableDiffusionPipeline | None = None,
         **options: Any,
     ) -> list[Image.Image]:
         """Repaint the white part of ``mask`` (same size as ``image``) following ``prompt``.
@@ -227,6 +231,7 @@ class StableDiffusionPipeline:
         (or its name, or A1111's ``inpainting_fill`` 0..3); see :mod:`opensd.pipelines.inpaint`.
         ``only_masked``: inpaint only the mask's region plus ``only_masked_padding`` pixels,
         cut out and generated at the output size (A1111's "Inpaint area: Only masked").
+        ``refiner``: as in :meth:`txt2img`.
         """
         image = load_image(image)
         mask = load_image(mask, what="mask")
@@ -235,7 +240,7 @@ class StableDiffusionPipeline:
         spec = InpaintMask(mask, mask_blur, masked_content, only_masked, only_masked_padding)
         width, height = self._size_for(image, width, height)
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
-        return self.generate(req, init_image=image, mask=spec, callback=callback).images
+        return self.generate(req, init_image=image, mask=spec, callback=callback, refiner=refiner).images
 
     # ---------------------------------------------------------------- the loop
 
@@ -250,8 +255,13 @@ class StableDiffusionPipeline:
         prompt_embeds: torch.Tensor | None = None,
         negative_embeds: torch.Tensor | None = None,
         should_stop: StopCheck | None = None,
+        refiner: StableDiffusionPipeline | None = None,
     ) -> GenerationResult:
         """Run one validated request. ``latents`` (B, C, h, w) replaces the seeded noise.
+
+        ``refiner``: a pipeline of a model in the same latent space that runs the steps
+        after ``req.refiner_switch_at`` (None: 0.8) with its own conditioning
+        (:mod:`opensd.pipelines.refiner`); ``prompt_embeds`` cannot go with it.
 
         ``mask``: an :class:`~opensd.pipelines.inpaint.InpaintMask` (mask, blur, masked
         content), or a bare mask image, inpainted with the defaults of :meth:`inpaint`.
@@ -271,10 +281,11 @@ class StableDiffusionPipeline:
             return inpaint_only_masked(
                 lambda image, m: self.generate(
                     req, init_image=image, mask=m, latents=latents, callback=callback, prompt_embeds=prompt_embeds,
-                    negative_embeds=negative_embeds, should_stop=should_stop,
+                    negative_embeds=negative_embeds, should_stop=should_stop, refiner=refiner,
                 ),
                 (req.width, req.height), init_image, mask,
             )
+        plan = plan_refiner(self, refiner, req, prompt_embeds, negative_embeds)
         seeds = self._seeds(req.seed, req.batch_size)
         with torch.inference_mode():
             cond, uncond = self.conditioner.for_request(
@@ -282,10 +293,17 @@ class StableDiffusionPipeline:
             )
             start = self._initial_latents(req, seeds, init_image, mask, latents, should_stop)
             denoiser = self._denoiser(req, start)
-            result, interrupted = self._sample(req, denoiser, start, cond, uncond, seeds, callback)
-            images = to_pil(self._decode(req, result, start, should_stop))
+            finisher = self
+            if plan is None or not plan.runs:
+                result, interrupted = self._sample(req, denoiser, start, cond, uncond, seeds, callback)
+            else:
+                result, interrupted, finisher = sample_refined(
+                    self, plan, req, denoiser, start, (cond, uncond), seeds, callback, should_stop
+                )
+            images = to_pil(self._decode(req, result, start, should_stop, finisher))
 
-        infotexts = [self.infotext(req, s) for s in seeds]
+        ran = plan if plan is not None and finisher is not self else None
+        infotexts = [self.infotext(req, s, refiner=ran) for s in seeds]
         for im, text in zip(images, infotexts):
             im.info["parameters"] = text
         return GenerationResult(images, seeds, infotexts, interrupted, self._warnings(req, prompt_embeds, negative_embeds))
@@ -359,13 +377,13 @@ class StableDiffusionPipeline:
         uncond: dict | None, seeds: list[int], callback: StepCallback | None,
     ) -> tuple[torch.Tensor, bool]:
         """``(final latent, interrupted)``; a stopped run returns its last prediction."""
-        extra: dict[str, Any] = {"cond": cond} if uncond is None else {"cond": cond, "uncond": uncond}
+        extra = guidance_args(cond, uncond)
         if req.strength < 1.0 and int(req.steps * req.strength) < 1:  # too weak for a single step: keep the image
             assert st.init_latent is not None
             return st.init_latent, False
         state: dict[str, Any] = {"denoised": None}
         step_cb = self._step_callback(callback, int(req.steps * req.strength) if req.strength < 1 else req.steps, state)
-        sampler_gen = torch.Generator("cpu").manual_seed((seeds[0] + 0x5EED) % SEED_RANGE)
+        sampler_gen = self._sampler_generator(seeds)
         try:
             result = sample(
                 denoiser, st.noise.to(self.model.dtype), self.schedule, req.sampler, req.steps, karras=req.karras,
@@ -379,16 +397,21 @@ class StableDiffusionPipeline:
                 result = st.init_latent if st.init_latent is not None else st.noise * 0
             return result, True
 
-    def _decode(self, req: GenerationRequest, result: torch.Tensor, st: _Start, should_stop: StopCheck | None) -> torch.Tensor:
-        """The final latent decoded; when inpainting, pasted over the original through the mask."""
+    def _decode(
+        self, req: GenerationRequest, result: torch.Tensor, st: _Start, should_stop: StopCheck | None,
+        finisher: StableDiffusionPipeline | None = None,
+    ) -> torch.Tensor:
+        """The final latent decoded (by ``finisher``'s VAE: the model that ran the last step);
+        when inpainting, pasted over the original through the mask."""
         if st.latent_mask is not None and st.concat is None:
             assert st.init_latent is not None
-            result = st.latent_mask * result + (1 - st.latent_mask) * st.init_latent
-        decoded = self.decode_latents(result.to(self.model.dtype), req.tiled_vae, should_stop=should_stop)
+            result = st.latent_mask * result.to(st.init_latent) + (1 - st.latent_mask) * st.init_latent
+        finisher = finisher or self
+        decoded = finisher.decode_latents(result.to(finisher.model.dtype), req.tiled_vae, should_stop=should_stop)
         if st.pixel_mask is not None:
             assert st.pixels is not None
             # As A1111 does: outside the mask, the original pixels, exactly.
-            decoded = st.pixel_mask * decoded + (1 - st.pixel_mask) * st.pixels
+            decoded = st.pixel_mask * decoded + (1 - st.pixel_mask) * st.pixels.to(decoded)
         return decoded
 
     def _warnings(self, req: GenerationRequest, prompt_embeds: Any, negative_embeds: Any) -> list[str]:
@@ -443,14 +466,12 @@ class StableDiffusionPipeline:
         """Diffusion latents (B, C, h, w) -> images (B, 3, h*f, w*f) in about [-1, 1].
 
         ``tiled_vae``: decode in overlapping tiles (:mod:`opensd.pipelines.vae_tiling`);
-        None decides by size (tiles when a side is over 96 latent cells, 768 px in SD 1.x).
-        ``should_stop`` is checked before the decode and before every tile.
+        None decides by size (tiles when a side is over 1.5 times the model's native size,
+        at least 96 latent cells: 768 px in SD 1.x, 1536 px in SDXL).
+        ``should_stop`` is checked before the decode and before every tile. A float16
+        SDXL-family model decodes in float32 (the module docstring) and returns float32.
         """
-        vae = _StoppableVAE(self.model.vae, should_stop)
-        z = self.model.vae.from_latent(latents)
-        if should_tile(z.shape[2], z.shape[3], tiled_vae):
-            return decode_tiled(vae, z)
-        return vae.decode(z)
+        return self.codec.decode(latents, tiled_vae, should_stop)
 
     def encode_pixels(
         self, pixels: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None
@@ -459,20 +480,18 @@ class StableDiffusionPipeline:
 
         ``tiled_vae``: encode in overlapping tiles (:func:`~opensd.pipelines.vae_tiling.encode_tiled`);
         None decides by size, as :meth:`decode_latents` does. ``should_stop`` is checked
-        before the encode and before every tile.
+        before the encode and before every tile. A float16 SDXL-family model encodes in
+        float32; the posterior comes back in the model's dtype.
         """
-        vae = _StoppableVAE(self.model.vae, should_stop)
-        f = vae.cfg.downsample_factor
-        if should_tile(pixels.shape[2] // f, pixels.shape[3] // f, tiled_vae):
-            return encode_tiled(vae, pixels)
-        return vae.encode(pixels)
+        return self.codec.encode(pixels, tiled_vae, should_stop)
 
-    def infotext(self, req: GenerationRequest, seed: int) -> str:
+    def infotext(self, req: GenerationRequest, seed: int, *, refiner: RefinerPlan | None = None) -> str:
+        """A1111's infotext of one image; ``refiner``: the refiner that ran (its two fields)."""
         spec, spacing = req.resolved_sampler()
         params = {
             "Steps": req.steps,
             "Sampler": spec.a1111_name,
-            "Schedule type": {"default": "Automatic"}.get(spacing.value, spacing.value.capitalize()),
+            "Schedule type": schedule_type(spacing.value),
             "CFG scale": req.cfg_scale,
             "Seed": seed,
             "Size": f"{req.width}x{req.height}",
@@ -481,6 +500,8 @@ class StableDiffusionPipeline:
             "Denoising strength": req.strength if req.strength < 1.0 else None,
             "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
             "CFG Rescale phi": req.guidance_rescale or None,
+            "Refiner": refiner_label(refiner.pipe) if refiner is not None else None,
+            "Refiner switch at": refiner.switch_at if refiner is not None else None,
         }
         return format_infotext(req.prompt, req.negative_prompt, params)
 
@@ -496,6 +517,10 @@ class StableDiffusionPipeline:
             return unet(x_in, t.to(x_in.dtype), context, y)
 
         return ClassifierFreeGuidance(unet_fn, req.cfg_scale, req.guidance_rescale)
+
+    def _sampler_generator(self, seeds: list[int]) -> torch.Generator:
+        """The stochastic samplers' noise, one stream per run from the first seed."""
+        return torch.Generator("cpu").manual_seed((seeds[0] + 0x5EED) % SEED_RANGE)
 
     def _step_callback(self, callback: StepCallback | None, total: int, state: dict):
         def step_cb(d: dict) -> None:
@@ -545,7 +570,7 @@ class StableDiffusionPipeline:
         fields = {
             name: options.pop(name)
             for name in ("karras", "guidance_rescale", "clip_skip", "tiled_vae", "original_size", "crop_top_left",
-                         "aesthetic_score", "negative_aesthetic_score")
+                         "aesthetic_score", "negative_aesthetic_score", "refiner_switch_at")
             if name in options
         }
         return GenerationRequest(

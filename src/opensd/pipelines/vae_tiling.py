@@ -23,21 +23,32 @@ from opensd.errors import OpenSDError
 from opensd.models.vae import DiagonalGaussian
 
 # Defaults of the pipeline (latent cells): 64-cell tiles (512 px for SD 1.x) overlapping
-# by 16, used automatically when the latent is larger than 96 cells (768 px) on a side.
+# by 16, used automatically when the latent is larger than 1.5 times the model's native
+# size on a side (SD 1.x: 96 cells = 768 px; SD 2.x 768-v: 144 cells; SDXL: 192 cells =
+# 1536 px), and never at 96 cells or fewer (small models keep SD 1.x's rule).
 DEFAULT_TILE = 64
 DEFAULT_OVERLAP = 16
 AUTO_TILE_ABOVE = 96
+AUTO_TILE_NATIVE_RATIO = 1.5
 
 
 class TilingError(OpenSDError):
     """Bad arguments to :func:`decode_tiled` or :func:`encode_tiled`; the message names what is allowed."""
 
 
-def should_tile(h: int, w: int, tiled: bool | None) -> bool:
+def auto_tile_above(native: int | None = None) -> int:
+    """The automatic threshold in latent cells for a model whose native size is ``native``
+    cells (None: SD 1.x's 64): the larger of :data:`AUTO_TILE_ABOVE` and 1.5 times ``native``."""
+    if native is None:
+        return AUTO_TILE_ABOVE
+    return max(AUTO_TILE_ABOVE, int(native * AUTO_TILE_NATIVE_RATIO))
+
+
+def should_tile(h: int, w: int, tiled: bool | None, *, native: int | None = None) -> bool:
     """Whether to run the VAE on an (h, w)-cell latent in tiles: ``tiled`` if given, else automatic
-    (a side larger than :data:`AUTO_TILE_ABOVE` cells)."""
+    (a side larger than :func:`auto_tile_above` cells for a model of ``native`` latent cells)."""
     if tiled is None:
-        return max(h, w) > AUTO_TILE_ABOVE
+        return max(h, w) > auto_tile_above(native)
     return bool(tiled)
 
 

@@ -250,3 +250,68 @@ def test_base_then_refiner_matches_diffusers(xl, refiner) -> None:
     got = ours.txt2img(PROMPT, NEGATIVE, steps=10, sampler="euler", cfg_scale=7.0, width=SIZE, height=SIZE, latents=lat,
                        refiner=ours_refiner, refiner_switch_at=0.8)
     assert np.abs(_np(got) - want).max() <= TOL
+
+
+def _write_real_folder(root: Path, family: ModelFamily) -> Path:
+    """The config files (no weights) of the real stabilityai folders, as diffusers wrote them."""
+    from test_families_parity import REAL
+
+    clip_l = {"architectures": ["CLIPTextModel"], "bos_token_id": 0, "eos_token_id": 2, "hidden_act": "quick_gelu",
+              "hidden_size": 768, "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+              "model_type": "clip_text_model", "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1,
+              "projection_dim": 768, "vocab_size": 49408}
+    big_g = dict(clip_l, architectures=["CLIPTextModelWithProjection"], hidden_act="gelu", hidden_size=1280,
+                 intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280)
+    vit_h = dict(clip_l, hidden_act="gelu", hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                 num_hidden_layers=23, projection_dim=512)
+    vae = {"_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4, "in_channels": 3,
+           "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "force_upcast": True,
+           "scaling_factor": 0.18215 if family is ModelFamily.SD2 else 0.13025}
+    sched = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+             "prediction_type": "v_prediction" if family is ModelFamily.SD2 else "epsilon", "sample_max_value": 1.0,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+             "trained_betas": None, "use_karras_sigmas": False}
+    name = {ModelFamily.SD2: "sd21", ModelFamily.SDXL: "sdxl_base", ModelFamily.SDXL_REFINER: "sdxl_refiner"}[family]
+    files = {"unet/config.json": dict(REAL[name][2], _class_name="UNet2DConditionModel"), "vae/config.json": vae,
+             "scheduler/scheduler_config.json": sched}
+    te, tok = ["transformers", "CLIPTextModel"], ["transformers", "CLIPTokenizer"]
+    index = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    if family is ModelFamily.SD2:
+        index |= {"_class_name": "StableDiffusionPipeline", "text_encoder": te, "tokenizer": tok}
+        files |= {"text_encoder/config.json": vit_h, "tokenizer/special_tokens_map.json": {"pad_token": "!"}}
+    elif family is ModelFamily.SDXL:
+        index |= {"_class_name": "StableDiffusionXLPipeline", "text_encoder": te, "tokenizer": tok,
+                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": tok}
+        files |= {"text_encoder/config.json": clip_l, "text_encoder_2/config.json": big_g}
+    else:
+        index |= {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+                  "tokenizer": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "tokenizer_2": tok, "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}
+        files |= {"text_encoder_2/config.json": big_g}
+    files["model_index.json"] = index
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.parametrize("family,preset", [
+    (ModelFamily.SD2, SDConfig.sd21), (ModelFamily.SDXL, SDConfig.sdxl), (ModelFamily.SDXL_REFINER, SDConfig.sdxl_refiner),
+])
+def test_real_folder_configs_read_as_our_presets(tmp_path: Path, family, preset) -> None:
+    cfg = read_diffusers_config(_write_real_folder(tmp_path, family))
+    want = preset()
+    assert cfg.family is family
+    if family is ModelFamily.SDXL:
+        assert cfg == want
+        return
+    with torch.device("meta"):
+        shapes = [{k: v.shape for k, v in StableDiffusion(c).unet.state_dict().items()} for c in (cfg, want)]
+    assert shapes[0] == shapes[1]  # the refiner's depth 4 is spelled (0, 4, 4, 0) + middle 4 in SGM
+    if family is ModelFamily.SD2:  # diffusers' SD 2.1 records a 512-wide projection (unused) where OpenCLIP's is 1024
+        assert cfg.text == dataclasses.replace(want.text, projection_dim=512)
+        want = want.replace(text=cfg.text)
+    assert cfg == want.replace(unet=cfg.unet)

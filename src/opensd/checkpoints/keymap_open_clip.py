@@ -131,21 +131,23 @@ def from_transformers(
     for o, t in _TOP.items():
         if (v := take(t)) is not None:
             out[o] = v
-    w, mlp = cfg.width, cfg.mlp_width
-    zero_blocks = []
-    for n in range(cfg.layers):
+    held = [n for n in range(cfg.layers) if any(k.startswith(f"text_model.encoder.layers.{n}.") for k in src)]
+    for n in held:
         p = f"text_model.encoder.layers.{n}.self_attn."
-        if not any(k.startswith(f"text_model.encoder.layers.{n}.") for k in src):
-            zero_blocks.append(n)
-            out |= _zero_block(n, w, mlp)
-            continue
         out |= {o: v for o, t in _block_keys(n).items() if (v := take(t)) is not None}
         for name in ("weight", "bias"):
             parts = [take(f"{p}{q}.{name}") for q in _QKV]
             if all(x is not None for x in parts):
                 out[f"transformer.resblocks.{n}.attn.in_proj_{name}"] = torch.cat(parts, dim=0)  # 3 x (w, ...) -> (3w, ...)
+    # blocks after the file's last (SD 2.x's 24th): zeros shaped as that block (a file holding
+    # none fills none: the strict load then names every missing key)
+    zero_blocks = [n for n in range(max(held, default=cfg.layers) + 1, cfg.layers)]
+    for n in zero_blocks:
+        last = f"transformer.resblocks.{held[-1]}."
+        out |= {f"transformer.resblocks.{n}.{k[len(last):]}": torch.zeros_like(v) for k, v in out.items() if k.startswith(last)}
     if zero_blocks:
         notes.append(f"block(s) {zero_blocks} are not in the file: zeros (unused: SD 2.x conditions on the penultimate block)")
+    w = cfg.width
     if cfg.projection_dim is not None:
         proj = take(PROJECTION_KEY)
         if proj is None:
@@ -157,20 +159,6 @@ def from_transformers(
     for key in sorted(set(src) - used):
         out[f"<transformers>.{key}"] = src[key]
     return out, notes
-
-
-def _zero_block(n: int, width: int, mlp: int) -> dict[str, torch.Tensor]:
-    """Block ``n`` as all zeros (LayerNorm weights too): a block the file does not hold."""
-    p = f"transformer.resblocks.{n}."
-    shapes = {
-        "ln_1.weight": (width,), "ln_1.bias": (width,),
-        "attn.in_proj_weight": (3 * width, width), "attn.in_proj_bias": (3 * width,),
-        "attn.out_proj.weight": (width, width), "attn.out_proj.bias": (width,),
-        "ln_2.weight": (width,), "ln_2.bias": (width,),
-        "mlp.c_fc.weight": (mlp, width), "mlp.c_fc.bias": (mlp,),
-        "mlp.c_proj.weight": (width, mlp), "mlp.c_proj.bias": (width,),
-    }
-    return {p + k: torch.zeros(s) for k, s in shapes.items()}
 
 
 # ---------------------------------------------------------------------------------------

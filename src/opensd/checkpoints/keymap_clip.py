@@ -3,7 +3,10 @@
 opensd's :class:`~opensd.models.clip.CLIPTextModel` uses the parameter names of
 transformers' ``CLIPTextModel`` checkpoints (``text_model.*``), so a diffusers
 ``text_encoder/`` folder maps by the identity, and the original SD1 checkpoint by
-adding the prefix ``cond_stage_model.transformer.``.
+adding the prefix ``cond_stage_model.transformer.``. SDXL's first text encoder is the
+same CLIP ViT-L under ``conditioner.embedders.0.transformer.`` (``SDXL_PREFIX``), and
+diffusers' SDXL ``text_encoder/`` the same transformers model. OpenCLIP towers (SD 2.x,
+SDXL's second) are converted by :mod:`opensd.checkpoints.keymap_open_clip`.
 
 Two wrinkles that :func:`from_transformers_clip_state_dict` irons out:
 
@@ -24,6 +27,7 @@ from opensd.config import ConfigError
 from opensd.models.clip import Activation, CLIPTextConfig
 
 SD1_PREFIX = "cond_stage_model.transformer."
+SDXL_PREFIX = "conditioner.embedders.0.transformer."
 
 # transformers CLIPTextConfig defaults, used for keys a config.json leaves out.
 _HF_DEFAULTS: dict[str, Any] = {

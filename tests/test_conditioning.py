@@ -198,3 +198,18 @@ def test_size_conditioning_fields_are_validated(name) -> None:
         validate(GenerationRequest("x", **{name: (0, -5)}))
     with pytest.raises(RequestError, match="aesthetic_score"):
         validate(GenerationRequest("x", aesthetic_score=float("nan")))
+
+
+def test_sd2_conditions_on_zero_padding_whatever_the_tokenizer_pads_with() -> None:
+    from opensd.tokenizers.clip_bpe import CLIPTokenizer
+
+    model, eos_padded = _bundle(ModelFamily.SD2)
+    zero_padded = CLIPTokenizer.from_open_clip(pad_token="!")
+    with torch.no_grad():
+        a = Conditioner(model, eos_padded).encode(["a red (circle:1.3)"]).context
+        b = Conditioner(model, zero_padded).encode(["a red (circle:1.3)"]).context
+        ids = zero_padded(["a red circle"])
+        direct = model.text_encoder(ids, skip_layers=1)  # penultimate block through ln_final
+    assert int((ids == 0).sum()) == 77 - 5
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(Conditioner(model, eos_padded).encode(["a red circle"]).context, direct)

@@ -187,7 +187,7 @@ def test_listings(client, models_dir: Path) -> None:
     assert "euler_ancestral" in by_name["Euler a"]["aliases"] and by_name["Euler a"]["options"]["eta"] == "1.0"
     assert all(isinstance(v, str) for s in samplers for v in s["options"].values())
     schedulers = client.get("/sdapi/v1/schedulers").json()
-    assert [s["label"] for s in schedulers] == ["Automatic", "Karras", "Exponential"]
+    assert [s["label"] for s in schedulers] == ["Automatic", "Karras", "Exponential", "SGM Uniform"]
     assert schedulers[1] == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False}
     models = client.get("/sdapi/v1/sd-models").json()
     assert [m["model_name"] for m in models] == ["tiny-other", "tiny-shapes"]
@@ -198,6 +198,17 @@ def test_listings(client, models_dir: Path) -> None:
     p = client.get("/sdapi/v1/progress").json()
     assert p["progress"] == 0 and p["current_image"] is None
     assert {"job", "job_count", "sampling_step", "sampling_steps", "interrupted", "skipped"} <= set(p["state"])
+
+
+def test_sgm_uniform_scheduler_runs_turbo_settings(client) -> None:
+    """SD-Turbo's settings through A1111's API: 1 step, CFG 1, Euler a, the SGM Uniform schedule."""
+    req = {"prompt": "a red circle", "steps": 1, "cfg_scale": 1, "sampler_name": "Euler a", "scheduler": "SGM Uniform", "seed": 3}
+    r = client.post("/sdapi/v1/txt2img", json=req)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert "Schedule type: SGM Uniform" in info["infotexts"][0]
+    plain = client.post("/sdapi/v1/txt2img", json={**req, "scheduler": "Automatic"}).json()
+    assert plain["images"][0] != r.json()["images"][0]  # the first step starts elsewhere
 
 
 def test_options_switch_the_model(client) -> None:

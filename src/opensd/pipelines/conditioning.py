@@ -19,8 +19,9 @@ A1111 and diffusers do for SDXL, an empty negative prompt is all zeros (context 
 pooled), and the refiner's negative branch gets the negative aesthetic score.
 
 OpenCLIP pads with id 0 (``!``) where CLIP pads with end-of-text: a chunk built with the
-first tokenizer is re-padded for an OpenCLIP encoder of SDXL (everything after the
-first end-of-text becomes 0), which A1111 does by tokenizing once per embedder.
+first tokenizer is re-padded for every OpenCLIP encoder (everything after the first
+end-of-text becomes 0), which A1111 does by tokenizing once per embedder; so an SD 2.x
+model conditions the same whichever of the two paddings its tokenizer has.
 """
 
 from __future__ import annotations
@@ -101,10 +102,12 @@ class Conditioner:
         encoders = self.model.text_encoders
         if self.family is ModelFamily.SD1:
             return TextEmbedding(encode_tokenized(encoders[0], prompts, self.tokenizer, skip_layers=clip_skip - 1))
-        if self.family is ModelFamily.SD2:
-            return TextEmbedding(encode_tokenized(encoders[0], prompts, self.tokenizer, skip_layers=1))
         device = next(encoders[0].parameters()).device
         ids, weights, n = chunk_rows(prompts, self.tokenizer, device=device)  # (B*n, ctx)
+        if self.family is ModelFamily.SD2:  # OpenCLIP was trained on zero padding, whatever the tokenizer pads with
+            hidden = encoders[0](repad(ids, self.tokenizer.eos_id, OPEN_CLIP_PAD_ID), skip_layers=1)
+            z = apply_emphasis(hidden, weights)
+            return TextEmbedding(z.reshape(len(prompts), n * z.shape[1], z.shape[-1]))
         parts, pooled = [], None
         for enc in encoders:
             if isinstance(enc, OpenCLIPTextModel):

@@ -65,8 +65,12 @@ SCHEDULERS = (
     ("automatic", "Automatic", SigmaSpacing.DEFAULT, -1.0),
     ("karras", "Karras", SigmaSpacing.KARRAS, 7.0),
     ("exponential", "Exponential", SigmaSpacing.EXPONENTIAL, -1.0),
+    ("sgm_uniform", "SGM Uniform", SigmaSpacing.SGM_UNIFORM, -1.0),  # SD-Turbo / SDXL-Turbo
 )
-_SUFFIX = {SigmaSpacing.DEFAULT: "", SigmaSpacing.KARRAS: "_karras", SigmaSpacing.EXPONENTIAL: "_exponential"}
+_SUFFIX = {
+    SigmaSpacing.DEFAULT: "", SigmaSpacing.KARRAS: "_karras", SigmaSpacing.EXPONENTIAL: "_exponential",
+    SigmaSpacing.SGM_UNIFORM: "_sgm_uniform",
+}
 _LABEL = {spacing: label for _, label, spacing, _ in SCHEDULERS}
 
 # Options GET /options reports but no client may change.

@@ -48,7 +48,7 @@ class Txt2ImgRequest(_Lenient):
     seed: int = Field(-1, description="-1 picks a random seed; image i of a batch uses seed + i.")
     sampler_name: Optional[str] = Field(None, description="An A1111 name ('DPM++ 2M', 'Euler a') or an opensd id.")
     sampler_index: str = Field("Euler", description="Older name of sampler_name; used when sampler_name is empty.")
-    scheduler: Optional[str] = Field(None, description="'Automatic', 'Karras' or 'Exponential' (A1111 >= 1.9).")
+    scheduler: Optional[str] = Field(None, description="'Automatic', 'Karras', 'Exponential' or 'SGM Uniform' (A1111 >= 1.9).")
     batch_size: int = 1
     n_iter: int = Field(1, description="Batches run one after the other; batch k starts at seed + k * batch_size.")
     steps: int = 50

@@ -60,7 +60,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.calls: list[dict] = []
-        real_sample, real_masked = sd.sample, sd._MaskedDenoiser
+        real_sample, real_masked = sd.sample, sd.MaskedDenoiser
 
         def sample(denoiser, noise, *a, init_latent=None, **kw):
             self.calls.append({"noise": noise.clone(), "init": init_latent.clone()})
@@ -71,7 +71,7 @@ class Spy:
             return real_masked(inner, init, noise, mask)
 
         monkeypatch.setattr(sd, "sample", sample)
-        monkeypatch.setattr(sd, "_MaskedDenoiser", masked)
+        monkeypatch.setattr(sd, "MaskedDenoiser", masked)
 
 
 # ---------------------------------------------------------------- the pieces

@@ -27,13 +27,14 @@ model conditions the same whichever of the two paddings its tokenizer has.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from opensd.models.layers import timestep_embedding
 from opensd.models.open_clip import OpenCLIPTextModel
 from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
+from opensd.pipelines.generation import StopCheck, check_stop
 from opensd.pipelines.request import GenerationRequest, RequestError
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, tokenize_within_budget
 from opensd.prompts.syntax import (
@@ -48,7 +49,6 @@ from opensd.prompts.syntax import (
 
 OPEN_CLIP_PAD_ID = 0  # OpenCLIP's tokenizer pads with 0 ("!")
 Conditioning = dict[str, torch.Tensor]
-StopCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -125,15 +125,13 @@ class Conditioner:
         """Encode ``prompts`` (A1111 syntax, any length). With ``should_stop`` a single prompt
         is encoded chunk by chunk and ``should_stop()`` polled before each (the result is
         the same: every chunk is encoded on its own either way)."""
-        from opensd.pipelines.stable_diffusion import _check_stop
-
         if should_stop is None or len(prompts) != 1:
-            _check_stop(should_stop, "encoding the prompt")
+            check_stop(should_stop, "encoding the prompt")
             return self.encode_tokenized([self.tokenize(p) for p in prompts], clip_skip)
         tokenized = self.tokenize(prompts[0])
         parts = []
         for chunk in tokenized.chunks:
-            _check_stop(should_stop, "encoding the prompt")
+            check_stop(should_stop, "encoding the prompt")
             one = TokenizedPrompt([chunk], tokenized.words, tokenized.token_count, tokenized.context)
             parts.append(self.encode_tokenized([one], clip_skip))
         pooled = parts[0].pooled

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from opensd.errors import OpenSDError
+from opensd.pipelines.images import mask_to_tensor
 
 MAX_MASK_BLUR = 64
 MAX_ONLY_MASKED_PADDING = 256  # A1111's slider's end
@@ -233,3 +234,41 @@ def masked_init_latent(
     if content is MaskedContent.LATENT_NOTHING:
         return (1 - mask) * init_latent
     return init_latent
+
+
+class MaskedDenoiser:
+    """Inpainting with an ordinary model: outside the mask, the latent is the original
+    re-noised to the current sigma before each call, and the prediction is the original."""
+
+    def __init__(self, inner: Callable[..., torch.Tensor], init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
+        self.inner, self.init, self.noise, self.mask = inner, init, noise.to(init), mask
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **kw: Any) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+        known = self.init + self.noise * s
+        x = self.mask * x + (1 - self.mask) * known
+        return self.mask * self.inner(x, sigma, **kw) + (1 - self.mask) * self.init
+
+
+def mask_latents(
+    mask: InpaintMask, pixels: torch.Tensor, eps: torch.Tensor, init_latent: torch.Tensor, batch: int, *,
+    encode: Callable[[torch.Tensor], Any], to_latent: Callable[[torch.Tensor], torch.Tensor], nine_channel: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(pixel mask (1, 1, H, W) blurred, latent mask (B, 1, h, w), init latent, 9-channel concat or None)``.
+
+    ``encode`` maps pixels to the VAE's posterior, ``to_latent`` scales its samples. With
+    ``fill`` the masked latent cells come from the filled image, encoded with the same
+    posterior draw ``eps``; the cells outside keep the original's latent. A 9-channel
+    inpainting U-Net (``nine_channel``) also gets the mask and the masked image's latent.
+    """
+    height, width = pixels.shape[2:]
+    m = mask_to_tensor(blur_mask(mask.image, mask.blur), width, height).to(pixels)
+    lm = latent_mask(m, tuple(init_latent.shape[2:])).expand(batch, -1, -1, -1)
+    if mask.content is MaskedContent.FILL:
+        filled = encode(fill_masked(pixels, m))
+        init_latent = lm * to_latent(filled.mean + filled.std * eps) + (1 - lm) * init_latent
+    concat = None
+    if nine_channel:
+        masked = to_latent(encode(pixels * (m < 0.5)).mode())
+        concat = torch.cat([lm, masked.expand(batch, -1, -1, -1)], dim=1)
+    return m, lm, init_latent, concat

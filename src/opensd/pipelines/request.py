@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,23 @@ class GenerationRequest:
 
     def resolved_sampler(self) -> tuple[SamplerSpec, SigmaSpacing]:
         return resolve_sampler(self.sampler, self.karras)
+
+
+def request_from_settings(
+    native_size: int, *, width: int | None, height: int | None, options: dict[str, Any], **settings: Any
+) -> GenerationRequest:
+    """A request from keyword settings: ``width``/``height`` default to the model's
+    ``native_size``; ``options`` (consumed) holds the request's other fields by name
+    (``karras``, ``clip_skip``, ``original_size``...), and what is left, the sampler's options."""
+    names = {f.name for f in dataclasses.fields(GenerationRequest)} - set(settings) - {"width", "height", "sampler_options"}
+    fields = {name: options.pop(name) for name in list(options) if name in names}
+    return GenerationRequest(
+        width=native_size if width is None else width,
+        height=native_size if height is None else height,
+        sampler_options=options,
+        **settings,
+        **fields,
+    )
 
 
 def _is_int(v: Any) -> bool:

@@ -24,7 +24,7 @@ its VAE in float32 on a kept copy (:mod:`opensd.pipelines.vae_codec`).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +36,8 @@ from opensd.diffusion import ClassifierFreeGuidance, Denoiser, DiscreteSchedule,
 from opensd.diffusion.registry import sample
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.conditioning import Conditioner
-from opensd.pipelines.images import ImageInput, load_image, mask_to_tensor, to_pil, to_tensor
+from opensd.pipelines.generation import GenerationResult, StepCallback, StepInfo, StopCheck
+from opensd.pipelines.images import ImageInput, load_image, to_pil, to_tensor
 from opensd.pipelines.infotext import format_infotext, schedule_type
 from opensd.pipelines.inpaint import (
     DEFAULT_MASK_BLUR,
@@ -44,39 +45,15 @@ from opensd.pipelines.inpaint import (
     DEFAULT_ONLY_MASKED_PADDING,
     InpaintMask,
     MaskedContent,
-    blur_mask,
-    fill_masked,
+    MaskedDenoiser,
     inpaint_only_masked,
+    mask_latents,
     masked_init_latent,
 )
-from opensd.pipelines.inpaint import (
-    latent_mask as to_latent_mask,
-)
 from opensd.pipelines.refiner import RefinerPlan, guidance_args, plan_refiner, refiner_label, sample_refined
-from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, validate
+from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, request_from_settings, validate
 from opensd.pipelines.vae_codec import VAECodec
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
-
-
-@dataclass
-class StepInfo:
-    """What a per-step callback sees. Return ``False`` from the callback to stop early."""
-
-    step: int  # 1-based index of the step just finished
-    total: int
-    sigma: float
-    latents: torch.Tensor  # (B, C, h, w), k-diffusion space
-    denoised: torch.Tensor  # (B, C, h, w), the current prediction of the clean latent
-
-
-StepCallback = Callable[[StepInfo], Any]
-StopCheck = Callable[[], bool]
-
-
-def _check_stop(should_stop: StopCheck | None, where: str) -> None:
-    """Raise :class:`Interrupted` when ``should_stop()`` says so (outside sampling there is no partial image)."""
-    if should_stop is not None and should_stop():
-        raise Interrupted(f"stopped while {where}")
 
 
 @dataclass
@@ -89,21 +66,6 @@ class _Start:
     pixel_mask: torch.Tensor | None = None  # (1, 1, H, W) the blurred mask
     latent_mask: torch.Tensor | None = None  # (B, 1, h, w)
     concat: torch.Tensor | None = None  # (B, 1 + C, h, w) the 9-channel inpainting U-Net's extra input
-
-
-@dataclass
-class GenerationResult:
-    """Images plus what produced them (one seed and one infotext per image).
-
-    ``warnings``: what the user should know about the result, e.g. prompt words the
-    model does not know and ignored (:func:`opensd.prompts.vocabulary.prompt_warnings`).
-    """
-
-    images: list[Image.Image]
-    seeds: list[int]
-    infotexts: list[str]
-    interrupted: bool = False
-    warnings: list[str] = field(default_factory=list)
 
 
 class StableDiffusionPipeline:
@@ -341,8 +303,11 @@ class StableDiffusionPipeline:
             eps = torch.cat([torch.randn(posterior.mean.shape, generator=g) for g in gens]).to(dev, dtype)
             st.init_latent = self.model.vae.to_latent(posterior.mean + posterior.std * eps)
             if mask is not None:
-                st.pixel_mask, st.latent_mask, st.init_latent, st.concat = self._mask_latents(
-                    mask, st.pixels, eps, st.init_latent, req, should_stop
+                st.pixel_mask, st.latent_mask, st.init_latent, st.concat = mask_latents(
+                    mask, st.pixels, eps, st.init_latent, req.batch_size,
+                    encode=lambda x: self.encode_pixels(x, req.tiled_vae, should_stop=should_stop),
+                    to_latent=self.model.vae.to_latent,
+                    nine_channel=self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1,
                 )
         if st.concat is None and self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
             # An inpainting U-Net without a mask: all of it masked, the masked image blank (A1111).
@@ -369,7 +334,7 @@ class StableDiffusionPipeline:
         )
         if st.latent_mask is not None and st.concat is None:
             assert st.init_latent is not None
-            denoiser = _MaskedDenoiser(denoiser, st.init_latent, st.noise, st.latent_mask)
+            denoiser = MaskedDenoiser(denoiser, st.init_latent, st.noise, st.latent_mask)
         return denoiser
 
     def _sample(
@@ -427,26 +392,6 @@ class StableDiffusionPipeline:
         return warnings
 
     # ---------------------------------------------------------------- pieces
-
-    def _mask_latents(
-        self, mask: InpaintMask, pixels: torch.Tensor, eps: torch.Tensor, init_latent: torch.Tensor, req: GenerationRequest,
-        should_stop: StopCheck | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(pixel mask (1, 1, H, W) blurred, latent mask (B, 1, h, w), init latent, 9-channel concat or None)``.
-
-        With ``fill`` the masked latent cells come from the filled image, encoded with the
-        same posterior draw ``eps``; the cells outside keep the original's latent.
-        """
-        m = mask_to_tensor(blur_mask(mask.image, mask.blur), req.width, req.height).to(pixels)
-        lm = to_latent_mask(m, tuple(init_latent.shape[2:])).expand(req.batch_size, -1, -1, -1)
-        if mask.content is MaskedContent.FILL:
-            filled = self.encode_pixels(fill_masked(pixels, m), req.tiled_vae, should_stop=should_stop)
-            init_latent = lm * self.model.vae.to_latent(filled.mean + filled.std * eps) + (1 - lm) * init_latent
-        concat = None
-        if self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
-            masked = self.model.vae.to_latent(self.encode_pixels(pixels * (m < 0.5), req.tiled_vae, should_stop=should_stop).mode())
-            concat = torch.cat([lm, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
-        return m, lm, init_latent, concat
 
     def encode_prompt(self, prompts: list[str], clip_skip: int = 1, *, should_stop: StopCheck | None = None) -> torch.Tensor:
         """(B, L, D) text context for ``prompts``; ``clip_skip`` 2 uses the penultimate layer (A1111, SD 1.x).
@@ -567,37 +512,8 @@ class StableDiffusionPipeline:
         return self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, dict(options))
 
     def _request(self, prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options) -> GenerationRequest:
-        fields = {
-            name: options.pop(name)
-            for name in ("karras", "guidance_rescale", "clip_skip", "tiled_vae", "original_size", "crop_top_left",
-                         "aesthetic_score", "negative_aesthetic_score", "refiner_switch_at")
-            if name in options
-        }
-        return GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            sampler=sampler,
-            cfg_scale=cfg_scale,
-            width=self.cfg.image_size if width is None else width,
-            height=self.cfg.image_size if height is None else height,
-            seed=seed,
-            batch_size=batch_size,
-            strength=strength,
-            sampler_options=options,
-            **fields,
+        return request_from_settings(
+            self.cfg.image_size, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
+            cfg_scale=cfg_scale, width=width, height=height, seed=seed, batch_size=batch_size, strength=strength,
+            options=options,
         )
-
-
-class _MaskedDenoiser:
-    """Inpainting with an ordinary model: outside the mask, the latent is the original
-    re-noised to the current sigma before each call, and the prediction is the original."""
-
-    def __init__(self, inner: Callable[..., torch.Tensor], init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
-        self.inner, self.init, self.noise, self.mask = inner, init, noise.to(init), mask
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **kw: Any) -> torch.Tensor:
-        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-        known = self.init + self.noise * s
-        x = self.mask * x + (1 - self.mask) * known
-        return self.mask * self.inner(x, sigma, **kw) + (1 - self.mask) * self.init

@@ -17,16 +17,15 @@ native size in latent cells (at least 96 cells: SD 1.x tiles above 768 px, SDXL 
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from opensd.diffusion import Interrupted
 from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
 from opensd.models.vae import DiagonalGaussian
+from opensd.pipelines.generation import StopCheck, check_stop
 from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
 
-StopCheck = Callable[[], bool]
 UPCAST_FAMILIES = (ModelFamily.SDXL, ModelFamily.SDXL_REFINER)
 
 
@@ -37,8 +36,7 @@ class _StoppableVAE:
         self.vae, self.should_stop, self.cfg = vae, should_stop, vae.cfg
 
     def _check(self, where: str) -> None:
-        if self.should_stop is not None and self.should_stop():
-            raise Interrupted(f"stopped while {where}")
+        check_stop(self.should_stop, where)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         self._check("encoding the image")

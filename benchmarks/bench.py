@@ -17,6 +17,11 @@ Cases (``--cases``, comma separated; default: all):
   achieved share of this machine's matmul peak.
 - ``sd15_vae``   one VAE decode of a (1, 4, 64, 64) latent to 512x512.
 - ``sd15_text``  one CLIP ViT-L/14 text-encoder pass over (2, 77) token ids.
+- ``sd21_unet``  one guided U-Net step of the SD 2.1 768-v architecture (``UNetConfig.sd21()``),
+  latents (2, 4, 64, 64) at 512² on CPU (768² on CUDA), context (2, 77, 1024).
+- ``sdxl_unet``  one guided step of the SDXL base U-Net (``UNetConfig.sdxl_base()``) with ``y``,
+  at 512² on CPU and 1024² on CUDA; diffusers' weights come through diffusers' own
+  single-file converter (``families.py``). ``--unet-size`` sets the side of both.
 - ``train_unet`` one AdamW step of the small U-Net: eps-MSE on 8x8x4 latents, batch 64.
 - ``train_vae``  one AdamW step of the small VAE: L1 + MSE reconstruction, 32 px, batch 32.
 - ``memory``     peak RSS of a whole SD 1.5-architecture generation at 512x512, each
@@ -28,6 +33,8 @@ Usage (from the repository root)::
     PYTHONPATH=src python3 benchmarks/bench.py --device cuda --dtype fp16 --quick \
         --cases sd15_unet,sd15_vae,sd15_text,default_txt2img
     PYTHONPATH=src python3 benchmarks/bench.py --device cuda --dtype fp16 --cases sd15_unet --compile
+    PYTHONPATH=src python3 benchmarks/bench.py --dtype bf16 --quick --threads 1 --cases sd21_unet,sdxl_unet
+    bash benchmarks/gpu_families.sh          # SDXL 1024² and SD 2.1 768² on a CUDA GPU, fp16 then bf16
 
 diffusers and transformers are imported only by the cases that need them.
 """
@@ -39,20 +46,30 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from families import FAMILY_CASES, FAMILY_FUNCS, family_notes
+from harness import (
+    Row,
+    Settings,
+    build,
+    efficiency,
+    interleave,
+    machine,
+    max_abs_diff,
+    maybe_compile,
+    silence_reference_logs,
+    versions,
+)
 
-CASES = ("default_txt2img", "sd15_unet", "sd15_vae", "sd15_text", "train_unet", "train_vae", "memory")
+CASES = ("default_txt2img", "sd15_unet", "sd15_vae", "sd15_text", *FAMILY_CASES, "train_unet", "train_vae", "memory")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "a green triangle"
@@ -66,211 +83,7 @@ CAPTIONS = [
 ]
 
 
-# ----------------------------------------------------------------------------- settings and results
 
-
-@dataclass(frozen=True)
-class Settings:
-    """What every case runs with; both sides always get the same."""
-
-    device: torch.device
-    dtype: torch.dtype
-    dtype_name: str
-    compile: bool
-    compile_mode: str
-    quick: bool
-    repeats: int | None  # None: each case's default
-    threads: int
-    memory_size: int
-    memory_steps: int
-
-    def reps(self, heavy: bool) -> int:
-        """Timed repeats: few for the SD 1.5 cases on a CPU (a guided step takes seconds)."""
-        if self.repeats is not None:
-            return self.repeats
-        cuda = self.device.type == "cuda"
-        if heavy:
-            return (10 if self.quick else 20) if cuda else (2 if self.quick else 3)
-        return (5 if self.quick else 10) if cuda else (3 if self.quick else 10)
-
-    def warmup(self) -> int:
-        return 3 if self.device.type == "cuda" else 1
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-@dataclass
-class Row:
-    """One line of the table: one workload, both implementations."""
-
-    case: str
-    what: str
-    unit: str  # throughput unit, e.g. "img/s"
-    per_call: float  # work items per timed call (images, steps, samples)
-    opensd_s: list[float] = field(default_factory=list)
-    diffusers_s: list[float] = field(default_factory=list)
-    first_call_s: dict[str, float] = field(default_factory=dict)  # warm-up / compile
-    max_abs_diff: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def median(self, side: str) -> float:
-        return statistics.median(getattr(self, f"{side}_s"))
-
-    def to_json(self) -> dict[str, Any]:
-        a, b = self.median("opensd"), self.median("diffusers")
-        return {
-            "case": self.case,
-            "what": self.what,
-            "opensd_median_s": a,
-            "diffusers_median_s": b,
-            "ratio_time_opensd_over_diffusers": a / b,
-            "throughput_unit": self.unit,
-            "opensd_throughput": self.per_call / a,
-            "diffusers_throughput": self.per_call / b,
-            "opensd_spread_max_over_min": max(self.opensd_s) / min(self.opensd_s),
-            "diffusers_spread_max_over_min": max(self.diffusers_s) / min(self.diffusers_s),
-            "opensd_times_s": self.opensd_s,
-            "diffusers_times_s": self.diffusers_s,
-            "first_call_s": self.first_call_s,
-            "max_abs_diff": self.max_abs_diff,
-            **self.extra,
-        }
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def timed(fn: Callable[[], Any], s: Settings) -> tuple[float, Any]:
-    s.sync()
-    if s.compile and s.compile_mode == "reduce-overhead":
-        torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: CUDA graphs may reuse its buffers
-    t0 = time.perf_counter()
-    out = fn()
-    s.sync()
-    return time.perf_counter() - t0, out
-
-
-def kept(out: Any) -> Any:
-    """A copy of a call's output that later calls cannot overwrite (CUDA graphs reuse their output buffers)."""
-    return out.clone() if isinstance(out, torch.Tensor) else out
-
-
-def interleave(row: Row, ours: Callable[[], Any], ref: Callable[[], Any], s: Settings, heavy: bool) -> tuple[Any, Any]:
-    """Warm up both, then time ours, ref, ours, ref, ... Returns the first outputs of each."""
-    first_ours = first_ref = None
-    for i in range(s.warmup()):
-        ta, out_a = timed(ours, s)
-        if i == 0 and s.compile:  # printed at once: a run cut off by a timeout still shows it
-            print(f"# {row.case}: opensd first call (compile) {ta:.1f} s", flush=True)
-        tb, out_b = timed(ref, s)
-        if i == 0:
-            if s.compile:
-                print(f"# {row.case}: diffusers first call (compile) {tb:.1f} s", flush=True)
-            row.first_call_s = {"opensd": ta, "diffusers": tb}
-            first_ours, first_ref = kept(out_a), kept(out_b)
-    for _ in range(s.reps(heavy)):
-        row.opensd_s.append(timed(ours, s)[0])
-        row.diffusers_s.append(timed(ref, s)[0])
-    return first_ours, first_ref
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def maybe_compile(module: torch.nn.Module, s: Settings) -> torch.nn.Module:
-    return torch.compile(module, mode=s.compile_mode) if s.compile else module
-
-
-# ----------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict[str, str | None]:
-    """Library versions without importing them (diffusers/transformers may be absent)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
-    for name in ("diffusers", "transformers"):
-        if name in sys.modules:  # imported by a case (perhaps from PYTHONPATH, without package metadata)
-            out[name] = getattr(sys.modules[name], "__version__", None)
-            continue
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def machine(s: Settings) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "platform": platform.platform(),
-        **versions(),
-    }
-    if s.device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(s.device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def matmul_peak(s: Settings, dtype: torch.dtype) -> float:
-    """Best GFLOP/s of large square matmuls (2 n^3 FLOPs each) in ``dtype`` on the device."""
-    cuda = s.device.type == "cuda"
-    n = 8192 if cuda else (2048 if s.quick else 4096)
-    per_timing = 10 if cuda else 1
-    g = torch.Generator(s.device).manual_seed(0)
-    a = torch.randn(n, n, device=s.device, generator=g).to(dtype)
-    b = torch.randn(n, n, device=s.device, generator=g).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5 if cuda or s.quick else 3):
-        t, _ = timed(lambda: [torch.mm(a, b) for _ in range(per_timing)], s)
-        best = min(best, t / per_timing)
-    return 2 * n**3 / best / 1e9
-
-
-# ----------------------------------------------------------------------------- weights, shared
-
-
-def _silence_reference_logs() -> None:
-    """diffusers/transformers print deprecation notes and progress bars; the table is enough."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)  # e.g. diffusers' torch_dtype -> dtype rename
-    for name in ("diffusers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-        try:
-            __import__(f"{name}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
-        except (ImportError, AttributeError):
-            pass
-
-
-def build(cls: Callable[[], torch.nn.Module], s: Settings) -> torch.nn.Module:
-    """A module initialized directly on the device (fast on a GPU), cast to the dtype."""
-    torch.manual_seed(0)
-    with torch.device(s.device):
-        module = cls()
-    return module.to(s.dtype).eval().requires_grad_(False)
 
 
 def diffusers_unet_sharing(ours: torch.nn.Module, cfg, sample_size: int, copy: bool = False) -> torch.nn.Module:
@@ -307,7 +120,7 @@ def diffusers_vae_sharing(ours: torch.nn.Module, cfg, sample_size: int, copy: bo
 
 
 def case_sd15_unet(s: Settings) -> list[Row]:
-    _silence_reference_logs()
+    silence_reference_logs()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -333,24 +146,15 @@ def case_sd15_unet(s: Settings) -> list[Row]:
     with torch.inference_mode():
         a, b = interleave(row, lambda: ours_c(x, t, context), lambda: ref_c(x, t, encoder_hidden_states=context).sample, s, True)
     row.max_abs_diff = max_abs_diff(a, b)
-    peak = matmul_peak(s, s.dtype)
     row.extra = {
-        "unet_flops_per_call": flops,
-        "matmul_peak_gflops": peak,
-        "matmul_peak_dtype": s.dtype_name,
-        "opensd_achieved_gflops": flops / row.median("opensd") / 1e9,
-        "diffusers_achieved_gflops": flops / row.median("diffusers") / 1e9,
-        "opensd_pct_of_peak": 100 * flops / row.median("opensd") / 1e9 / peak,
-        "diffusers_pct_of_peak": 100 * flops / row.median("diffusers") / 1e9 / peak,
+        **efficiency(flops, row, s),
         "diffusers_attention_processor": type(next(iter(ref.attn_processors.values()))).__name__,
     }
-    if s.dtype != torch.float32:
-        row.extra["matmul_peak_fp32_gflops"] = matmul_peak(s, torch.float32)
     return [row]
 
 
 def case_sd15_vae(s: Settings) -> list[Row]:
-    _silence_reference_logs()
+    silence_reference_logs()
     from opensd.models.vae import AutoencoderKL, VAEConfig
 
     cfg = VAEConfig.sd15()
@@ -372,7 +176,7 @@ def case_sd15_vae(s: Settings) -> list[Row]:
 
 
 def case_sd15_text(s: Settings) -> list[Row]:
-    _silence_reference_logs()
+    silence_reference_logs()
     import transformers
 
     from opensd.checkpoints.keymap_clip import to_transformers_clip_config
@@ -426,7 +230,7 @@ def default_model(s: Settings):
 
 
 def case_default_txt2img(s: Settings) -> list[Row]:
-    _silence_reference_logs()
+    silence_reference_logs()
     import diffusers
     import numpy as np
 
@@ -507,7 +311,7 @@ def case_train_unet(s: Settings) -> list[Row]:
     from opensd.diffusion.schedules import DiscreteSchedule, NoiseScheduleConfig
     from opensd.models.unet import UNetConfig, UNetModel
 
-    _silence_reference_logs()
+    silence_reference_logs()
     cfg = UNetConfig.small()
     torch.manual_seed(0)
     with torch.device(s.device):
@@ -535,7 +339,7 @@ def case_train_vae(s: Settings) -> list[Row]:
     """L1 + MSE reconstruction through a posterior sample, AdamW."""
     from opensd.models.vae import AutoencoderKL, VAEConfig
 
-    _silence_reference_logs()
+    silence_reference_logs()
     cfg = VAEConfig.small()
     torch.manual_seed(0)
     with torch.device(s.device):
@@ -563,7 +367,7 @@ def case_memory(s: Settings) -> dict[str, Any]:
     from opensd.tokenizers.word import WordTokenizer
 
     tok = WordTokenizer.train(CAPTIONS, vocab_size=64, context_length=77)
-    _silence_reference_logs()
+    silence_reference_logs()
     cfg = SDConfig.sd15()
     out: dict[str, Any] = {"size": s.memory_size, "steps": s.memory_steps, "weights_dtype": s.dtype_name}
     with tempfile.TemporaryDirectory(prefix="opensd-bench-mem-") as tmp:
@@ -606,7 +410,7 @@ def memory_child(lib: str, folder: str, s: Settings) -> None:
         t1 = time.perf_counter()
         pipe.txt2img(PROMPT, NEGATIVE, steps=steps, sampler="dpmpp_2m", width=size, height=size, latents=lat, seed=1)
     else:
-        _silence_reference_logs()
+        silence_reference_logs()
         import diffusers
 
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=s.dtype)
@@ -661,6 +465,7 @@ def table(rows: list[Row], memory: dict[str, Any] | None, compiled: bool) -> str
             fc = r.first_call_s
             label = "first call (compile included)" if compiled else "first call"
             out += f"\n{r.what}: {label} opensd {fmt_s(fc['opensd'])}, diffusers {fmt_s(fc['diffusers'])}."
+    out += family_notes(rows)
     if memory:
         o, d = memory["opensd"], memory["diffusers"]
         gib = 1024**3
@@ -702,6 +507,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None, help="seconds; cases not started by then are skipped")
     p.add_argument("--memory-size", type=int, default=512, help="image side of the memory case (default 512)")
     p.add_argument("--memory-steps", type=int, default=None, help="sampling steps of the memory case (default 4, --quick 2)")
+    p.add_argument("--unet-size", type=int, default=None,
+                   help="image side of sd21_unet/sdxl_unet (default: 512 on CPU; 768 and 1024 on CUDA)")
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_folder", dest="folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -710,6 +517,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.unet_size is not None and (args.unet_size < 64 or args.unet_size % 64):
+        p.error("--unet-size must be a multiple of 64 (the latent is 1/8 of it, halved three times)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
     return args
@@ -729,6 +538,7 @@ def settings(args: argparse.Namespace) -> Settings:
         threads=torch.get_num_threads(),
         memory_size=args.memory_size,
         memory_steps=args.memory_steps or (2 if args.quick else 4),
+        unet_size=args.unet_size,
     )
 
 
@@ -753,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     m = report["machine"]
     print(f"# opensd vs diffusers, {report['date']}")
-    print(f"# {m['cpu']}, {m['cores']} cores, {m.get('gpu', 'no GPU')}; torch {m['torch']}, diffusers "
+    flags = " ".join(f for f, have in m["cpu_flags"].items() if have) or "unknown"
+    print(f"# {m['cpu']} (flags: {flags}), {m['cores']} cores, {m.get('gpu', 'no GPU')}; torch {m['torch']}, diffusers "
           f"{m['diffusers']}, transformers {m['transformers']}; {s.threads} threads; {args.device} {args.dtype}"
           f"{' compiled' if args.compile else ''}")
     print(f"# {report['command']}", flush=True)
@@ -763,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         s.sync()
     rows: list[Row] = []
     funcs = {"default_txt2img": case_default_txt2img, "sd15_unet": case_sd15_unet, "sd15_vae": case_sd15_vae,
-             "sd15_text": case_sd15_text, "train_unet": case_train_unet, "train_vae": case_train_vae}
+             "sd15_text": case_sd15_text, "train_unet": case_train_unet, "train_vae": case_train_vae, **FAMILY_FUNCS}
     for name in [c for c in CASES if c in args.cases.split(",")]:
         if args.budget is not None and time.perf_counter() - start > args.budget:
             report["skipped"].append(name)

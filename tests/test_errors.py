@@ -52,7 +52,7 @@ def test_cli_maps_user_errors_to_one_line_and_bugs_to_one_line_with_a_hint(monke
 
     import opensd.checkpoints.info as info_mod
 
-    def boom(path):
+    def boom(path, **kw):
         raise KeyError("a bug")
 
     monkeypatch.setattr(info_mod, "describe", boom)

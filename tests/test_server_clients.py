@@ -78,7 +78,7 @@ def test_webuiapi_listings_and_options(webui) -> None:
     assert "DPM++ 2M" in webui.util_get_sampler_names()
     current = webui.util_get_current_model()
     assert current.startswith("tiny-shapes [") and webui.util_get_model_names() == [current]
-    assert webui.util_get_scheduler_names() == ["automatic", "exponential", "karras"]
+    assert webui.util_get_scheduler_names() == ["automatic", "exponential", "karras", "sgm_uniform"]
     webui.util_set_model("tiny-shapes")  # finds the closest title and sets it
     assert webui.get_options()["sd_model_checkpoint"] == current
     assert webui.get_progress()["state"]["job_count"] == 0

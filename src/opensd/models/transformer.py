@@ -154,7 +154,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)  # (B, H*W, C)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # (B, inner or C, H, W)
+        # (B, inner or C, H, W); contiguous, else the linear path hands the next convolutions a
+        # channels-last view and they copy their weights into that layout on every call
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)  # (B, C, H, W)
         return x + residual

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import clip_tokenizer, randomize
+from helpers import tiny_family_model
 
 from opensd.config import ConfigError
 from opensd.models.layers import timestep_embedding
@@ -17,15 +17,7 @@ from opensd.pipelines.request import GenerationRequest, RequestError
 
 
 def _bundle(family: ModelFamily, seed: int = 0):
-    tok = clip_tokenizer()
-    cfg = SDConfig.tiny(family)
-    fit = {"vocab_size": tok.vocab_size, "max_length": tok.context_length}
-    cfg = cfg.replace(
-        text=dataclasses.replace(cfg.text, **fit),
-        **({"text_2": dataclasses.replace(cfg.text_2, **fit)} if cfg.text_2 is not None else {}),
-    )
-    torch.manual_seed(seed)
-    return randomize(StableDiffusion(cfg), seed).eval(), tok
+    return tiny_family_model(family, seed)
 
 
 @pytest.fixture(scope="module", params=list(ModelFamily), ids=lambda f: f.value)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opensd.config import ConfigError
+from opensd.models.adapters import Linear
 from opensd.models.attention import multihead_attention
 
 
@@ -144,9 +145,10 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         length = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:length]  # (B, L, C)
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding.weight[:length]  # (B, L, C)
 
 
 class CLIPAttention(nn.Module):
@@ -155,10 +157,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, cfg: CLIPTextConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.q_proj = Linear(cfg.width, cfg.width)
+        self.k_proj = Linear(cfg.width, cfg.width)
+        self.v_proj = Linear(cfg.width, cfg.width)
+        self.out_proj = Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -169,8 +171,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig) -> None:
         super().__init__()
         self.act = activation_fn(cfg.activation)
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
-        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
+        self.fc1 = Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -222,17 +224,22 @@ class CLIPTextModel(nn.Module):
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
-    def forward(self, input_ids: torch.Tensor, skip_layers: int = 0, final_norm: bool = True) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, skip_layers: int = 0, final_norm: bool = True,
+        token_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Hidden states (B, L, width), after the final LayerNorm unless ``final_norm=False``.
 
         ``input_ids``: (B, L) integer ids, L <= ``cfg.max_length``. ``skip_layers``: how
         many of the last blocks to skip; 1 is A1111's "clip skip 2" (the penultimate
         block's output, then the final LayerNorm). SDXL takes the penultimate block's
         output without the final LayerNorm (``skip_layers=1, final_norm=False``).
+        ``token_embeds`` (B, L, width) replaces the token-embedding lookup (textual
+        inversion puts its vectors there); ``input_ids`` still gives the length.
         """
         check_text_input(self.cfg, input_ids, skip_layers)
         tm = self.text_model
-        x = tm.embeddings(input_ids.long())  # (B, L, C)
+        x = tm.embeddings(input_ids.long(), token_embeds)  # (B, L, C)
         for layer in tm.encoder.layers[: self.cfg.layers - skip_layers]:
             x = layer(x)
         return tm.final_layer_norm(x) if final_norm else x

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd.models.adapters import Conv2d, Linear
 from opensd.models.attention import multihead_attention
 from opensd.models.layers import group_norm
 
@@ -36,10 +37,10 @@ class CrossAttention(nn.Module):
         inner = heads * head_dim
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(0.0))
         # Inspection hook (opensd.explain): when set, attention is computed explicitly and
         # the probabilities softmax(QK^T / sqrt(d)), (B, heads, N, L), are passed to it.
         # None (the default) keeps the fused SDPA path.
@@ -72,7 +73,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
@@ -84,7 +85,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -132,11 +133,11 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = group_norm(channels, norm_groups, eps=1e-6)
         if use_linear:
-            self.proj_in: nn.Module = nn.Linear(channels, inner)
-            self.proj_out: nn.Module = nn.Linear(inner, channels)
+            self.proj_in: nn.Module = Linear(channels, inner)
+            self.proj_out: nn.Module = Linear(inner, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, inner, kernel_size=1)
-            self.proj_out = nn.Conv2d(inner, channels, kernel_size=1)
+            self.proj_in = Conv2d(channels, inner, kernel_size=1)
+            self.proj_out = Conv2d(inner, channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)]
         )

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opensd.config import ConfigError
+from opensd.models.adapters import Conv2d, Linear
 from opensd.models.layers import group_norm, timestep_embedding
 from opensd.models.transformer import SpatialTransformer
 
@@ -223,17 +224,17 @@ class ResBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            group_norm(channels, groups, eps=1e-5), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            group_norm(channels, groups, eps=1e-5), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
             group_norm(out_channels, groups, eps=1e-5),
             nn.SiLU(),
             nn.Dropout(dropout),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = (
-            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -248,7 +249,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -259,7 +260,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None:
@@ -310,14 +311,14 @@ class UNetModel(nn.Module):
                 cfg.use_linear_in_transformer,
             )
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         if cfg.adm_in_channels is not None:  # SGM's num_classes="sequential": keys label_emb.0.{0,2}
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                nn.Sequential(Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
             )
 
         # Encoder: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]), then Downsample.
-        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([EmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]  # channels of every input block's output, consumed by the decoder
         ch = mc
         last = len(cfg.channel_mult) - 1
@@ -352,7 +353,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            group_norm(ch, groups, eps=1e-5), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+            group_norm(ch, groups, eps=1e-5), nn.SiLU(), Conv2d(ch, cfg.out_channels, 3, padding=1)
         )
 
     def _check_inputs(

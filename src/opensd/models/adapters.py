@@ -1,0 +1,258 @@
+"""Adapters: weight deltas added to a network's layers for one call, never written into it.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") adds to a
+layer's weight ``W`` (out, in) a low-rank update ``ΔW = s · up @ down`` with ``down``
+(r, in), ``up`` (out, r) and a scale ``s`` (kohya: ``multiplier · alpha / r``). LyCORIS
+(Yeh et al. 2023, "Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to
+Model Evaluation") adds the same idea for convolutions (LoCon, optionally with a Tucker
+core), the Hadamard product of two low-rank products (LoHa) and Kronecker products (LoKr).
+
+How they reach the network: a request's deltas are an :class:`AdapterSet` (module ->
+deltas), entered with :func:`use_adapters`. The layers of opensd's networks
+(:class:`Linear`, :class:`Conv2d`, and OpenCLIP's fused in-projection through
+:func:`adapted`) read the current set from a context variable, which is private to a
+thread and to an asyncio task, and add ``Δ(x)`` to their base output ``W x + b``. So:
+
+* the base weights are never modified: removing an adapter is leaving the ``with`` block,
+  and 100 apply/remove cycles leave every weight bit-identical;
+* two requests on one shared model, in two threads, each see only their own adapters;
+* a low-rank delta is applied unmerged, ``up(down(x))``, as PEFT does, so it costs
+  ``r/in`` of the layer's work and no copy of ``W``; LoHa and LoKr build ``ΔW`` during
+  the call (its memory is freed after).
+
+Deltas may hold trainable parameters (``opensd train lora``): gradients flow through
+:func:`adapted` like through any other op.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------- deltas
+
+
+class Delta(Protocol):
+    """One adapter's update of one layer."""
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The change of ``module``'s output for input ``x`` (same shape as the output)."""
+        ...
+
+    def weight(self) -> torch.Tensor:
+        """``ΔW`` in the layer's weight shape, scale included (for merging and tests)."""
+        ...
+
+
+def _apply_weight(module: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``module``'s op with weight ``w`` and no bias (linear or conv)."""
+    if isinstance(module, nn.Conv2d):
+        return F.conv2d(x, w, None, module.stride, module.padding, module.dilation, module.groups)
+    return F.linear(x, w)
+
+
+@dataclass(frozen=True, eq=False)
+class LowRank:
+    """LoRA / LoCon: ``ΔW = scale · up @ [mid ∘] down``.
+
+    Linear: ``down`` (r, in), ``up`` (out, r). Conv: ``down`` (r, in, kh, kw) and ``up``
+    (out, r, 1, 1); with a Tucker core ``mid`` (r, r, kh, kw), ``down`` is (r, in, 1, 1).
+    The first conv of the chain takes the layer's stride, padding and dilation.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    mid: torch.Tensor | None = None
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(module, nn.Conv2d):
+            s, p, d = module.stride, module.padding, module.dilation
+            if self.mid is None:
+                h = F.conv2d(x, self.down, None, s, p, d)
+            else:
+                h = F.conv2d(F.conv2d(x, self.down), self.mid, None, s, p, d)
+            return F.conv2d(h, self.up) * self.scale
+        return F.linear(F.linear(x, self.down), self.up) * self.scale
+
+    def weight(self) -> torch.Tensor:
+        up, down = self.up.flatten(1), self.down
+        if self.mid is None:
+            w = up @ down.flatten(1)  # (out, in * kh * kw)
+            return (w.view(up.shape[0], *down.shape[1:]) if down.ndim == 4 else w) * self.scale
+        # Tucker: ΔW[o, i, y, x] = Σ_ab up[o, a] · mid[a, b, y, x] · down[b, i]
+        w = torch.einsum("oa,abyx,bi->oiyx", up, self.mid, down.flatten(1))
+        return w * self.scale
+
+
+@dataclass(frozen=True, eq=False)
+class Hadamard:
+    """LoHa: ``ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b)``, reshaped to the layer's weight.
+
+    ``w1a``/``w2a`` (out, r), ``w1b``/``w2b`` (r, in·kh·kw). With Tucker cores ``t1``/``t2``
+    (r, r, kh, kw) each factor is ``einsum(t, a, b)`` instead (LyCORIS' ``use_tucker``).
+    """
+
+    w1a: torch.Tensor
+    w1b: torch.Tensor
+    w2a: torch.Tensor
+    w2b: torch.Tensor
+    scale: float
+    shape: tuple[int, ...]
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+    @staticmethod
+    def _factor(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        if t is None:
+            return a @ b
+        return torch.einsum("ijyx,io,jc->ocyx", t, a, b)  # LyCORIS: t (r, r, kh, kw), a (r, out), b (r, in)
+
+    def weight(self) -> torch.Tensor:
+        w = self._factor(self.w1a, self.w1b, self.t1) * self._factor(self.w2a, self.w2b, self.t2)
+        return w.reshape(self.shape) * self.scale
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _apply_weight(module, x, self.weight())
+
+
+@dataclass(frozen=True, eq=False)
+class Kronecker:
+    """LoKr: ``ΔW = scale · w1 ⊗ w2`` (Kronecker product), reshaped to the layer's weight.
+
+    ``w1`` (a, c) and ``w2`` (b, d) or, for convs, (b, d, kh, kw); either may be given as
+    low-rank factors, already multiplied here by whoever builds the delta.
+    """
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    scale: float
+    shape: tuple[int, ...]
+
+    def weight(self) -> torch.Tensor:
+        w1 = self.w1
+        if self.w2.ndim == 4:
+            w1 = w1[:, :, None, None]
+        return torch.kron(w1, self.w2).reshape(self.shape) * self.scale
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _apply_weight(module, x, self.weight())
+
+
+@dataclass(frozen=True, eq=False)
+class Full:
+    """A full ``ΔW`` (LyCORIS ``diff``), optionally with a bias change ``bias`` (out,)."""
+
+    w: torch.Tensor
+    scale: float
+    bias: torch.Tensor | None = None
+
+    def weight(self) -> torch.Tensor:
+        return self.w * self.scale
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = _apply_weight(module, x, self.weight())
+        if self.bias is None:
+            return out
+        b = self.bias * self.scale
+        return out + (b.view(1, -1, 1, 1) if isinstance(module, nn.Conv2d) else b)
+
+
+@dataclass(frozen=True, eq=False)
+class RowSlice:
+    """``delta`` applied to output rows ``[start, start + rows)`` of a fused layer of
+    ``total`` outputs (OpenCLIP's ``in_proj``: q, k and v stacked); zero elsewhere."""
+
+    delta: Delta
+    start: int
+    total: int
+
+    def _pad(self, y: torch.Tensor, dim: int) -> torch.Tensor:
+        before = self.start
+        after = self.total - self.start - y.shape[dim]
+        pad = [0, 0] * (y.ndim - 1 - dim % y.ndim) + [before, after]
+        return F.pad(y, pad)
+
+    def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self._pad(self.delta.forward(module, x), -1)
+
+    def weight(self) -> torch.Tensor:
+        return self._pad(self.delta.weight(), 0)
+
+
+# ----------------------------------------------------------------------------- the set
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterSet:
+    """Deltas per layer module for one call (one request). Immutable once built."""
+
+    deltas: Mapping[nn.Module, tuple[Delta, ...]]
+
+    def __len__(self) -> int:
+        return len(self.deltas)
+
+    def get(self, module: nn.Module) -> tuple[Delta, ...]:
+        return self.deltas.get(module, ())
+
+    @staticmethod
+    def merge(sets: Sequence["AdapterSet | None"]) -> "AdapterSet | None":
+        """One set holding every delta of ``sets`` (None entries skipped); None when empty."""
+        out: dict[nn.Module, tuple[Delta, ...]] = {}
+        for s in sets:
+            if s is None:
+                continue
+            for m, ds in s.deltas.items():
+                out[m] = out.get(m, ()) + tuple(ds)
+        return AdapterSet(out) if out else None
+
+
+_ACTIVE: ContextVar[AdapterSet | None] = ContextVar("opensd_adapters", default=None)
+
+
+@contextmanager
+def use_adapters(adapters: AdapterSet | None) -> Iterator[None]:
+    """Inside the block, every adapted layer of this thread/task adds its deltas from
+    ``adapters`` (None: none; nested blocks replace, not add)."""
+    token = _ACTIVE.set(adapters if adapters else None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_adapters() -> AdapterSet | None:
+    return _ACTIVE.get()
+
+
+def adapted(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (the base output of ``module`` for ``x``) plus the current set's deltas for ``module``."""
+    adapters = _ACTIVE.get()
+    if adapters is None:
+        return out
+    for delta in adapters.get(module):
+        out = out + delta.forward(module, x).to(out.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same keys) that adds the active adapters' deltas."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return adapted(self, x, F.linear(x, self.weight, self.bias))
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same keys) that adds the active adapters' deltas."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return adapted(self, x, self._conv_forward(x, self.weight, self.bias))

@@ -172,9 +172,11 @@ class Conditioner:
         prompt_embeds: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
         negative_embeds: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
         should_stop: StopCheck | None = None,
+        embeddings: Mapping[str, Any] | None = None,
     ) -> tuple[Conditioning, Conditioning | None]:
         """``(cond, uncond)`` for ``req``, each batched to ``req.batch_size``; uncond is None
-        at ``cfg_scale`` 1 (no unconditional pass)."""
+        at ``cfg_scale`` 1 (no unconditional pass). ``embeddings``: the request's textual
+        inversions by name (:mod:`opensd.pipelines.networks`)."""
         batch = req.batch_size
         cond = self._text(prompt_embeds, "prompt_embeds", req.prompt, req, should_stop).expand(batch)
         if req.cfg_scale == 1.0:

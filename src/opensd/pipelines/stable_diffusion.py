@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from PIL import Image
@@ -34,6 +34,7 @@ from PIL import Image
 from opensd.checkpoints import LoadedModel, load_model
 from opensd.diffusion import ClassifierFreeGuidance, Denoiser, DiscreteSchedule, Interrupted
 from opensd.diffusion.registry import sample
+from opensd.models.adapters import use_adapters
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.conditioning import Conditioner
 from opensd.pipelines.generation import GenerationResult, StepCallback, StepInfo, StopCheck
@@ -50,6 +51,7 @@ from opensd.pipelines.inpaint import (
     mask_latents,
     masked_init_latent,
 )
+from opensd.pipelines.networks import NO_NETWORKS, RequestNetworks
 from opensd.pipelines.refiner import RefinerPlan, guidance_args, plan_refiner, refiner_label, sample_refined
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, request_from_settings, validate
 from opensd.pipelines.vae_codec import VAECodec
@@ -218,8 +220,12 @@ class StableDiffusionPipeline:
         negative_embeds: torch.Tensor | None = None,
         should_stop: StopCheck | None = None,
         refiner: StableDiffusionPipeline | None = None,
+        networks: RequestNetworks | None = None,
     ) -> GenerationResult:
         """Run one validated request. ``latents`` (B, C, h, w) replaces the seeded noise.
+
+        ``networks``: the request's LoRAs and textual inversions
+        (:mod:`opensd.pipelines.networks`), active for this run only; the refiner runs without them.
 
         ``refiner``: a pipeline of a model in the same latent space that runs the steps
         after ``req.refiner_switch_at`` (None: 0.8) with its own conditioning
@@ -243,29 +249,33 @@ class StableDiffusionPipeline:
             return inpaint_only_masked(
                 lambda image, m: self.generate(
                     req, init_image=image, mask=m, latents=latents, callback=callback, prompt_embeds=prompt_embeds,
-                    negative_embeds=negative_embeds, should_stop=should_stop, refiner=refiner,
+                    negative_embeds=negative_embeds, should_stop=should_stop, refiner=refiner, networks=networks,
                 ),
                 (req.width, req.height), init_image, mask,
             )
         plan = plan_refiner(self, refiner, req, prompt_embeds, negative_embeds)
         seeds = self._seeds(req.seed, req.batch_size)
+        networks = networks or NO_NETWORKS
         with torch.inference_mode():
-            cond, uncond = self.conditioner.for_request(
-                req, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, should_stop=should_stop
-            )
+            with use_adapters(networks.adapters):
+                cond, uncond = self.conditioner.for_request(
+                    req, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, should_stop=should_stop,
+                    embeddings=networks.embeddings,
+                )
             start = self._initial_latents(req, seeds, init_image, mask, latents, should_stop)
             denoiser = self._denoiser(req, start)
             finisher = self
-            if plan is None or not plan.runs:
-                result, interrupted = self._sample(req, denoiser, start, cond, uncond, seeds, callback)
-            else:
-                result, interrupted, finisher = sample_refined(
-                    self, plan, req, denoiser, start, (cond, uncond), seeds, callback, should_stop
-                )
+            with use_adapters(networks.adapters):
+                if plan is None or not plan.runs:
+                    result, interrupted = self._sample(req, denoiser, start, cond, uncond, seeds, callback)
+                else:
+                    result, interrupted, finisher = sample_refined(
+                        self, plan, req, denoiser, start, (cond, uncond), seeds, callback, should_stop
+                    )
             images = to_pil(self._decode(req, result, start, should_stop, finisher))
 
         ran = plan if plan is not None and finisher is not self else None
-        infotexts = [self.infotext(req, s, refiner=ran) for s in seeds]
+        infotexts = [self.infotext(req, s, refiner=ran, extra=networks.infotext) for s in seeds]
         for im, text in zip(images, infotexts):
             im.info["parameters"] = text
         return GenerationResult(images, seeds, infotexts, interrupted, self._warnings(req, prompt_embeds, negative_embeds))
@@ -430,8 +440,11 @@ class StableDiffusionPipeline:
         """
         return self.codec.encode(pixels, tiled_vae, should_stop)
 
-    def infotext(self, req: GenerationRequest, seed: int, *, refiner: RefinerPlan | None = None) -> str:
-        """A1111's infotext of one image; ``refiner``: the refiner that ran (its two fields)."""
+    def infotext(
+        self, req: GenerationRequest, seed: int, *, refiner: RefinerPlan | None = None, extra: Mapping[str, str] | None = None,
+    ) -> str:
+        """A1111's infotext of one image; ``refiner``: the refiner that ran (its two fields);
+        ``extra``: more fields after the model's (a request's ``Lora hashes``, ``TI hashes``)."""
         spec, spacing = req.resolved_sampler()
         params = {
             "Steps": req.steps,
@@ -447,6 +460,7 @@ class StableDiffusionPipeline:
             "CFG Rescale phi": req.guidance_rescale or None,
             "Refiner": refiner_label(refiner.pipe) if refiner is not None else None,
             "Refiner switch at": refiner.switch_at if refiner is not None else None,
+            **(extra or {}),
         }
         return format_infotext(req.prompt, req.negative_prompt, params)
 

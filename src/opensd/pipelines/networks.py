@@ -1,0 +1,49 @@
+"""What a request adds to a shared model for its own run: LoRAs and textual inversions.
+
+A :class:`RequestNetworks` is built per request (by the LoRA and embedding libraries
+from the prompt's ``<lora:name:w>`` tags, the embedding names it mentions, and the
+CLI's ``--lora``) and handed to :meth:`StableDiffusionPipeline.generate`, which
+
+* enters ``adapters`` (:func:`opensd.models.adapters.use_adapters`) around the text
+  encoding and the sampling, so the LoRA deltas reach the U-Net and the text encoders of
+  this run only (the VAE has no adapters);
+* gives ``embeddings`` (name -> textual inversion) to the conditioner, which puts their
+  vectors where the prompts name them;
+* adds ``infotext`` (A1111's ``Lora hashes``, ``TI hashes``) to every image's infotext.
+
+Nothing of it is stored on the model or the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from opensd.models.adapters import AdapterSet
+
+
+@dataclass(frozen=True)
+class RequestNetworks:
+    """One request's LoRA deltas, textual-inversion embeddings (name -> embedding) and infotext fields."""
+
+    adapters: AdapterSet | None = None
+    embeddings: Mapping[str, Any] = field(default_factory=dict)
+    infotext: Mapping[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.adapters) or bool(self.embeddings) or bool(self.infotext)
+
+    @staticmethod
+    def merge(parts: Sequence["RequestNetworks | None"]) -> "RequestNetworks":
+        """All of ``parts`` in one (later infotext fields of one name join earlier ones with ", ")."""
+        parts = [p for p in parts if p is not None]
+        embeddings: dict[str, Any] = {}
+        infotext: dict[str, str] = {}
+        for p in parts:
+            embeddings.update(p.embeddings)
+            for k, v in p.infotext.items():
+                infotext[k] = f"{infotext[k]}, {v}" if k in infotext else v
+        return RequestNetworks(AdapterSet.merge([p.adapters for p in parts]), embeddings, infotext)
+
+
+NO_NETWORKS = RequestNetworks()

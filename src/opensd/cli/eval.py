@@ -1,9 +1,14 @@
-"""``opensd eval``: generate for a fixed prompt suite and score exactly."""
+"""``opensd eval``: generate for a fixed prompt suite and score exactly.
+
+``--suite concept:NAME`` scores a concept's own prompts (:mod:`opensd.eval.concept`);
+``--lora PATH[:W]`` (repeatable) scores the model with LoRA files applied at multiplier
+``W`` (default 1) to the U-Net and the text encoder, as the pipeline's ``networks``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -16,7 +21,8 @@ def register(app: typer.Typer) -> None:
     @fail_cleanly
     def eval_command(
         model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model to evaluate; default: the bundled model."),
-        suite: str = typer.Option("benchmark", help="benchmark, validation (for checkpoint selection) or holdout."),
+        suite: str = typer.Option("benchmark", help="benchmark, validation (for checkpoint selection), holdout or concept:NAME (e.g. concept:purple-triangle)."),
+        lora: Optional[List[str]] = typer.Option(None, "--lora", help="PATH[:W]: a LoRA file at multiplier W (default 1) on the U-Net and text encoder; repeatable."),
         steps: int = typer.Option(20, help="Sampling steps."),
         sampler: str = typer.Option("dpmpp_2m", help="Sampler id or A1111 name."),
         cfg_scale: float = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale."),
@@ -33,13 +39,16 @@ def register(app: typer.Typer) -> None:
         import opensd
         from opensd.defaults import resolve_model
         from opensd.devices import resolve_device
+        from opensd.eval.concept import parse_suite_name
         from opensd.eval.run import EvalConfig, Suite, evaluate, write_results
 
+        kind, concept = parse_suite_name(suite)
         try:
-            suite_enum = Suite(suite)
+            suite_enum = Suite(kind)
         except ValueError:
-            raise OpenSDError(f"unknown suite {suite!r}; choose one of {', '.join(s.value for s in Suite)}") from None
-        cfg = EvalConfig(suite=suite_enum, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+            raise OpenSDError(f"unknown suite {suite!r}; choose one of benchmark, validation, holdout, concept:NAME") from None
+        uses = [parse_lora_option(text) for text in lora or []]
+        cfg = EvalConfig(suite=suite_enum, concept=concept, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                          images_per_prompt=images_per_prompt, per_category=per_category, seed=seed,
                          batch_size=batch_size)
         if out.exists() and not out.is_dir():
@@ -47,6 +56,9 @@ def register(app: typer.Typer) -> None:
         pipe = opensd.load(resolve_model(model), device=resolve_device(device))
         use_threads(threads, pipe.model)
         info = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash}
+        networks = lora_networks(pipe.model, uses)
+        if uses:
+            info["loras"] = ", ".join(f"{path}:{w:g}" for path, w in uses)
         bar = None
         if not quiet:
             from tqdm import tqdm
@@ -59,7 +71,8 @@ def register(app: typer.Typer) -> None:
                 bar.update(done - bar.n)
 
         try:
-            results, kept = evaluate(pipe, cfg, model_info=info, on_image=progress, distribution=distribution)
+            results, kept = evaluate(pipe, cfg, model_info=info, on_image=progress, distribution=distribution,
+                                     networks=networks)
         finally:
             if bar is not None:
                 bar.close()
@@ -71,3 +84,26 @@ def register(app: typer.Typer) -> None:
             for net, d in results["distribution"]["nets"].items():
                 typer.echo(f"{'FD/' + net:>14}: {d['generated']['fd']:.2f} (real-vs-real {d['real_baseline']['fd']:.2f})")
         typer.echo(f"wrote {paths['results']} and {paths['report']}")
+
+
+def parse_lora_option(text: str) -> tuple[Path, float]:
+    """``PATH[:W]`` -> ``(PATH, W)``; W defaults to 1. A Windows drive letter is not a weight."""
+    path, sep, weight = text.rpartition(":")
+    if not sep or not path or "/" in weight or "\\" in weight:
+        return Path(text), 1.0
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        raise OpenSDError(f"--lora {text!r}: the weight after ':' must be a number (PATH[:W])") from None
+
+
+def lora_networks(model, uses: list[tuple[Path, float]]):
+    """The pipeline's ``networks`` for ``uses`` (None when empty): each file at its weight on the U-Net and text encoder."""
+    if not uses:
+        return None
+    from opensd.checkpoints.lora import LoRAFile, LoRAUse, bind_loras
+    from opensd.pipelines.networks import RequestNetworks
+
+    files = [LoRAUse(LoRAFile.load(path), unet=w, te=w) for path, w in uses]
+    infotext = {"Lora hashes": ", ".join(f"{u.file.name}: {u.file.hash}" for u in files)}
+    return RequestNetworks(adapters=bind_loras(model, files), infotext=infotext)

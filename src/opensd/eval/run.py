@@ -5,6 +5,10 @@ seeds (prompt ``i`` starts at ``seed + 1000 i``) and judged by :mod:`opensd.eval
 Results are a JSON-able dict: the settings, the model, GenEval-style per-category
 accuracy and the overall mean, and one record per image with the scorer's reason.
 
+``networks`` (a LoRA's deltas, :mod:`opensd.pipelines.networks`) are active for the whole
+run, text encoding included; ``Suite.CONCEPT`` scores :func:`opensd.eval.concept.concept_suite`
+of ``EvalConfig.concept``.
+
 The scorer only measures. It never guides sampling or picks checkpoints on the
 benchmark suite; selection uses :func:`opensd.eval.prompts.validation_suite`.
 """
@@ -29,6 +33,7 @@ class Suite(enum.Enum):
     BENCHMARK = "benchmark"
     VALIDATION = "validation"
     HOLDOUT = "holdout"
+    CONCEPT = "concept"
 
 
 SUITES: dict[Suite, Callable[[], tuple[BenchmarkPrompt, ...]]] = {
@@ -49,6 +54,7 @@ class EvalConfig:
     per_category: int | None = None  # first N prompts of each category (None: all)
     seed: int = 0
     batch_size: int = 16  # images per network call: several prompts share one (same seeds, same images)
+    concept: str | None = None  # Suite.CONCEPT's concept (opensd.eval.concept.CONCEPTS), e.g. "purple-triangle"
 
     def __post_init__(self) -> None:
         if not isinstance(self.images_per_prompt, int) or self.images_per_prompt < 1:
@@ -57,6 +63,8 @@ class EvalConfig:
             raise OpenSDError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         if self.per_category is not None and self.per_category < 1:
             raise OpenSDError(f"per_category must be >= 1, got {self.per_category}")
+        if (self.suite is Suite.CONCEPT) != (self.concept is not None):
+            raise OpenSDError("a concept goes with the concept suite and only with it (suite concept:NAME)")
 
 
 class Generator(Protocol):
@@ -66,7 +74,12 @@ class Generator(Protocol):
 
 
 def select_prompts(cfg: EvalConfig) -> list[BenchmarkPrompt]:
-    prompts = list(SUITES[cfg.suite]())
+    if cfg.suite is Suite.CONCEPT:
+        from opensd.eval.concept import concept_suite
+
+        prompts = list(concept_suite(cfg.concept))
+    else:
+        prompts = list(SUITES[cfg.suite]())
     if cfg.per_category is None:
         return prompts
     taken: dict[str, int] = {}
@@ -89,7 +102,9 @@ def _can_share_batches(pipe: Any, cfg: EvalConfig) -> bool:
     return not resolve_sampler(cfg.sampler)[0].stochastic
 
 
-def _generate(pipe: Any, cfg: EvalConfig, chunk: list[tuple[int, BenchmarkPrompt]]) -> list[list[Image.Image]]:
+def _generate(
+    pipe: Any, cfg: EvalConfig, chunk: list[tuple[int, BenchmarkPrompt]], networks: Any = None
+) -> list[list[Image.Image]]:
     """Images of each ``(index, prompt)`` in ``chunk``: prompt ``i`` uses seeds ``seed + 1000 i + j``.
 
     One prompt: a plain ``txt2img``. Several: one call with each row's text embedding (for
@@ -97,19 +112,23 @@ def _generate(pipe: Any, cfg: EvalConfig, chunk: list[tuple[int, BenchmarkPrompt
     to float rounding in batched kernels).
     """
     n = cfg.images_per_prompt
-    kw = dict(steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
+    kw: dict[str, Any] = dict(steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
+    if networks:
+        kw["networks"] = networks
     if len(chunk) == 1:
         i, p = chunk[0]
         return [pipe.txt2img(p.text, cfg.negative_prompt, seed=cfg.seed + 1000 * i, batch_size=n, **kw)]
     import torch
 
+    from opensd.models.adapters import use_adapters
+
     mc = pipe.cfg
     side = mc.image_size // mc.vae.downsample_factor
-    with torch.inference_mode():
+    with torch.inference_mode(), use_adapters(networks.adapters if networks else None):
         rows = [_text_embeds(pipe, p.text) for _, p in chunk]  # each {"context": (1, L, D)[, "pooled": (1, P)]}
         negative = _text_embeds(pipe, cfg.negative_prompt)
     if len({r["context"].shape for r in rows + [negative]}) > 1:  # prompts of different chunk counts: one call each
-        return [_generate(pipe, cfg, [item])[0] for item in chunk]
+        return [_generate(pipe, cfg, [item], networks)[0] for item in chunk]
     embeds = {k: torch.cat([r[k].expand(n, *r[k].shape[1:]) for r in rows]) for k in rows[0]}  # (B, L, D), (B, P)
     if "pooled" in negative and cfg.negative_prompt == "":
         negative_embeds = None  # SDXL zeroes an empty negative prompt (as txt2img alone does); given embeds it would not
@@ -145,10 +164,12 @@ def evaluate(
     on_image: Callable[[int, int], None] | None = None,
     keep_images: Callable[[dict], bool] | None = None,
     distribution: bool = False,
+    networks: Any = None,
 ) -> tuple[dict, list[tuple[Image.Image, dict]]]:
     """Generate and score. Returns ``(results, kept)``: ``kept`` holds ``(image, record)``
     for the records ``keep_images`` accepts (by default the failures). ``distribution``
-    adds ``results["distribution"]`` (:func:`distribution_metrics`)."""
+    adds ``results["distribution"]`` (:func:`distribution_metrics`). ``networks``: a
+    :class:`~opensd.pipelines.networks.RequestNetworks` given to every generation."""
     keep_images = keep_images or (lambda rec: not rec["correct"])
     prompts = select_prompts(cfg)
     total = len(prompts) * cfg.images_per_prompt
@@ -159,7 +180,7 @@ def evaluate(
     per_call = max(1, cfg.batch_size // cfg.images_per_prompt) if _can_share_batches(pipe, cfg) else 1
     for first in range(0, len(prompts), per_call):
         chunk = list(enumerate(prompts[first:first + per_call], start=first))
-        for (i, p), images in zip(chunk, _generate(pipe, cfg, chunk)):
+        for (i, p), images in zip(chunk, _generate(pipe, cfg, chunk, networks)):
             for j, im in enumerate(images):
                 verdict = judge(im, p.spec)
                 rec = {

@@ -125,6 +125,7 @@ class StableDiffusionPipeline:
         prompt_embeds: torch.Tensor | None = None,
         negative_embeds: torch.Tensor | None = None,
         refiner: StableDiffusionPipeline | None = None,
+        networks: RequestNetworks | None = None,
         **options: Any,
     ) -> list[Image.Image]:
         """Images for ``prompt``; each carries its A1111 infotext in ``image.info["parameters"]``.
@@ -133,11 +134,12 @@ class StableDiffusionPipeline:
         which then only label the infotext (see :mod:`opensd.prompts.arithmetic`).
         ``refiner``: a second pipeline that finishes the run after ``refiner_switch_at``
         (default 0.8) of it (:mod:`opensd.pipelines.refiner`).
+        ``networks``: LoRAs and textual inversions for this call (:meth:`generate`).
         """
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, 1.0, options)
         return self.generate(
             req, latents=latents, callback=callback, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
-            refiner=refiner,
+            refiner=refiner, networks=networks,
         ).images
 
     def img2img(

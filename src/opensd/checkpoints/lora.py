@@ -17,8 +17,7 @@ Every mismatch is a one-line :class:`LoRAError` naming the file and the key: a k
 format knows, a layer this model does not have (often: a LoRA made for another family),
 a rank that differs between ``down`` and ``up``, a shape that does not fit the layer, a
 file mixing formats, an empty file, a torch file holding more than tensors, or one that
-needs code to load. 
-A file is bound whole or not at all.
+needs code to load. A file is bound whole or not at all.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ REFUSED = {
     "b_norm": "LyCORIS norm-layer",
 }
 KNOWN = "kohya/LyCORIS lora_down/lora_up/lora_mid/hada_*/lokr_*/diff/alpha, PEFT lora_A/lora_B, diffusers lora.down/lora.up"
-NEED = {"lora": (("down", "up"),), "loha": (("w1a", "w1b", "w2a", "w2b"),), "full": (("diff",),),
+# per kind, the tensors a layer needs: one of each group
+NEED = {"lora": (("down",), ("up",)), "loha": (("w1a",), ("w1b",), ("w2a",), ("w2b",)), "full": (("diff",),),
         "lokr": (("w1", "w1a"), ("w2", "w2a"))}
 
 

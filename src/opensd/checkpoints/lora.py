@@ -35,16 +35,10 @@ import torch
 from torch import nn
 
 from opensd.checkpoints.io import TORCH_SUFFIXES, CheckpointError, _check_tensors, _read_torch, read_weights
-from opensd.checkpoints.lora_formats import FormatError, LayerWeights, guess_family, read_layers
+from opensd.checkpoints.lora_formats import FormatError, LayerWeights, LoRAError, guess_family, read_layers
 from opensd.checkpoints.lora_names import Target, lora_targets
 from opensd.models.adapters import AdapterSet, Delta, Full, Hadamard, Kronecker, LowRank, RowSlice
 from opensd.models.stable_diffusion import StableDiffusion
-
-
-class LoRAError(CheckpointError):
-    """A LoRA or embedding file cannot be read, or does not fit the model."""
-
-    kind = "LoRAError"
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,7 +113,7 @@ def a1111_hash(path: Path) -> str:
 def group_layers(state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> dict[str, LayerWeights]:
     """``state``'s keys grouped by layer in any format :mod:`opensd.checkpoints.lora_formats` reads."""
     try:
-        return read_layers(state, metadata or {}, path.name)
+        return read_layers(state, metadata or {})
     except FormatError as e:
         raise LoRAError(f"{path.name}: {e}") from None
 

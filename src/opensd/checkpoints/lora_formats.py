@@ -45,6 +45,8 @@ from typing import Mapping
 
 import torch
 
+from opensd.checkpoints.io import CheckpointError
+
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 PEFT_PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 # first path parts of a diffusers U-Net module: a name starting with one lacks its "unet." prefix
@@ -119,8 +121,14 @@ NEED = {"lora": (("down",), ("up",)), "loha": (("w1a",), ("w1b",), ("w2a",), ("w
         "lokr": (("w1", "w1a"), ("w2", "w2a"))}
 
 
-class FormatError(ValueError):
-    """A file's keys do not make a LoRA (one line; :mod:`opensd.checkpoints.lora` names the file)."""
+class LoRAError(CheckpointError):
+    """A LoRA or embedding file cannot be read, or does not fit the model."""
+
+    kind = "LoRAError"
+
+
+class FormatError(LoRAError):
+    """A file's keys do not make a LoRA (one line; :mod:`opensd.checkpoints.lora` adds the file's name)."""
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -162,7 +170,7 @@ def _format_of(naming: str, family: str) -> str:
     return {"peft": "PEFT", "diffusers": "diffusers (pre-PEFT)"}.get(family, "")
 
 
-def read_layers(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], name: str = "") -> dict[str, LayerWeights]:
+def read_layers(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, LayerWeights]:
     """``state``'s keys grouped by layer (named as :func:`lora_targets` spells it) with their
     scale's alpha. Raises :class:`FormatError` for an unknown, refused or misplaced key, a file
     mixing formats, a layer missing a tensor or mixing kinds, and a file with no layers."""

@@ -247,6 +247,19 @@ def test_same_lora_twice_adds_its_weights(pipe, lora_dir):
     assert lib.networks_for(pipe.model, "<lora:style:0.5> <lora:style:0.5>").infotext["Lora hashes"].count("style:") == 2
 
 
+def test_kept_bound_sets_do_not_hold_a_dropped_model(lora_dir):
+    import weakref
+
+    lib = LoraLibrary(lora_dir)
+    model, _ = tiny_word_bundle(seed=3)
+    adapters = lib.networks_for(model, "<lora:style:0.7>").adapters
+    assert lib.networks_for(model, "<lora:style:0.7>").adapters is adapters  # kept
+    layer = weakref.ref(next(iter(adapters.deltas)))
+    del model, adapters
+    gc.collect()
+    assert layer() is None  # an unloaded model's layers (and their weights) are not pinned by the library's cache
+
+
 def _image(pipe, lib, prompt, seed=7):
     req = GenerationRequest(prompt, negative_prompt="blurry <lora:hero:1>", steps=2, width=32, height=32, seed=seed,
                             sampler="euler_a")

@@ -98,4 +98,7 @@ def register(app: typer.Typer) -> None:
         if not _is_loopback(host) and not api_auth:
             typer.echo(f"warning: listening on {host} without --api-auth: anyone who can reach it can use it", err=True)
         typer.echo(f"opensd: serving {app_.state.opensd.registry.current_title()} on http://{host}:{port} (web page at /, API docs at /docs)")
+        loras = app_.state.opensd.loras
+        if loras.folder is not None:
+            typer.echo(f"opensd: {len(loras.entries())} LoRAs in {loras.folder} (<lora:name:weight> in prompts)")
         uvicorn.run(app_, host=host, port=port, log_level=log_level)

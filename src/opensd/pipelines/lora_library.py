@@ -16,10 +16,11 @@ mentions it, ``:`` and ``,`` removed; A1111's 12-digit short hash; one entry per
 so a LoRA named twice is listed twice, as it is applied twice).
 
 Costs are bounded: parsed files are kept in an LRU of at most ``cache_bytes`` tensor
-bytes (a file larger than that is used but not kept), the last ``bound_sets`` bound
-:class:`~opensd.models.adapters.AdapterSet` per (model, files, multipliers) are kept too
-(dropped with their files), and a :class:`LoraBudget` caps the LoRAs of one request and
-their total file bytes before anything is read. The library is safe to share between
+bytes (a file larger than that is used but not kept); the last ``bound_sets`` bound
+:class:`~opensd.models.adapters.AdapterSet` of each model, by (files, multipliers), are
+kept too (dropped with their files, and with the model: a model the server unloads is not
+held here); and a :class:`LoraBudget` caps the LoRAs of one request and their total file
+bytes before anything is read. The library is safe to share between
 threads: its caches are locked, and what it returns is immutable.
 
 An unknown name is a :class:`~opensd.pipelines.request.RequestError` naming it, the
@@ -162,7 +163,9 @@ class LoraLibrary:
         self._entries: list[LoraEntry] = []
         self._scanned_at = 0.0
         self._files: OrderedDict[Path, tuple[tuple[int, int], LoRAFile, int]] = OrderedDict()
-        self._bound: OrderedDict[tuple, tuple[weakref.ref, AdapterSet | None]] = OrderedDict()
+        # per model (weakly: a model the server unloads takes its sets along), files and multipliers -> bound set
+        self._bound: weakref.WeakKeyDictionary[StableDiffusion, OrderedDict[tuple[LoRAUse, ...], AdapterSet | None]] = (
+            weakref.WeakKeyDictionary())
         self.refresh()
 
     # ---------------------------------------------------------------- the folder
@@ -254,8 +257,9 @@ class LoraLibrary:
         got = self._files.pop(path, None)
         if got is None:
             return
-        for k in [k for k in self._bound if any(u.file is got[1] for u in k[1])]:
-            del self._bound[k]
+        for sets in self._bound.values():
+            for k in [k for k in sets if any(u.file is got[1] for u in k)]:
+                del sets[k]
 
     @property
     def cached_bytes(self) -> int:
@@ -280,20 +284,21 @@ class LoraLibrary:
         return uses + [(u.file.name, u) for u in extra]
 
     def bind(self, model: StableDiffusion, uses: Sequence[LoRAUse]) -> AdapterSet | None:
-        """:func:`bind_loras` of ``uses`` on ``model``, the last :attr:`bound_sets` results kept."""
-        key = (id(model), tuple(uses))
+        """:func:`bind_loras` of ``uses`` on ``model``, the last :attr:`bound_sets` results per model kept."""
+        key = tuple(uses)
         with self._lock:
-            got = self._bound.get(key)
-            if got is not None and got[0]() is model:
-                self._bound.move_to_end(key)
-                return got[1]
+            sets = self._bound.get(model)
+            if sets is not None and key in sets:
+                sets.move_to_end(key)
+                return sets[key]
         adapters = bind_loras(model, uses)
         with self._lock:
             kept = all(u.file.path in self._files and self._files[u.file.path][1] is u.file for u in uses)
             if kept and self.bound_sets > 0:  # only sets of files the cache keeps: they leave with their files
-                self._bound[key] = (weakref.ref(model), adapters)
-                while len(self._bound) > self.bound_sets:
-                    self._bound.popitem(last=False)
+                sets = self._bound.setdefault(model, OrderedDict())
+                sets[key] = adapters
+                while len(sets) > self.bound_sets:
+                    sets.popitem(last=False)
         return adapters
 
     def networks_for(

@@ -41,6 +41,9 @@ Encoding (A1111's ``FrozenCLIPEmbedderWithCustomWords`` with emphasis "Original"
 
 A prompt whose weights are all 1 (``(word:1.0)`` included: equal weights merge)
 encodes exactly as the plain prompt, without the rescale.
+
+Extra-network tags (``<lora:name:0.8>``, any ``<kind:...>``) are removed before parsing,
+as A1111 removes them (:mod:`opensd.prompts.extra_networks`); the infotext keeps them.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from opensd.prompts.attention import (  # noqa: F401  (the parser, re-exported: 
     parse_prompt_attention,
 )
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, tokenize_within_budget
+from opensd.prompts.extra_networks import strip_tags
 
 COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit"
 
@@ -154,7 +158,7 @@ def tokenize_prompt(
     if isinstance(comma_backtrack, bool) or not isinstance(comma_backtrack, int) or comma_backtrack < 0:
         raise PromptSyntaxError(f"comma_backtrack must be an integer >= 0, got {comma_backtrack!r}")
     size = context - 2
-    fragments = parse_prompt_attention(text)
+    fragments = parse_prompt_attention(strip_tags(text))  # <lora:name:w> and every other <kind:...> tag is not text
     comma = _comma_id(tokenizer)
 
     chunks: list[Chunk] = []

@@ -137,7 +137,11 @@ class EmbeddingLibrary:
 
     def networks_for(self, model: StableDiffusion, req: Prompted) -> RequestNetworks:
         """The embeddings ``req``'s prompt and negative prompt name, with A1111's ``TI hashes`` infotext."""
-        embeddings = self.embeddings_for(model, req.prompt, req.negative_prompt)
+        return self.networks_for_prompts(model, req.prompt, req.negative_prompt)
+
+    def networks_for_prompts(self, model: StableDiffusion, prompt: str, negative_prompt: str = "") -> RequestNetworks:
+        """:meth:`networks_for` of a prompt and a negative prompt."""
+        embeddings = self.embeddings_for(model, prompt, negative_prompt)
         return RequestNetworks(embeddings=embeddings, infotext=ti_hashes(embeddings.values()))
 
 

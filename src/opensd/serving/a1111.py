@@ -36,10 +36,12 @@ from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, list_sam
 from opensd.diffusion.schedules import SigmaSpacing
 from opensd.pipelines.infotext import parse_infotext, read_parameters
 from opensd.pipelines.inpaint import MAX_MASK_BLUR, MAX_ONLY_MASKED_PADDING, InpaintMask, MaskedContent
+from opensd.pipelines.networks import RequestNetworks
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, validate
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.prompts.budget import PromptBudgetError, check_prompt
 from opensd.serving.codec import decode_image, encode_png
+from opensd.serving.embeddings import request_networks
 from opensd.serving.errors import ApiError
 from opensd.serving.models import Checkpoint
 from opensd.serving.queue import PREVIEW_MODES, Job, run_batches
@@ -110,6 +112,7 @@ class Plan:
     init_image: Image.Image | None = None
     mask: InpaintMask | None = None
     refiner: RefinerPlan | None = None
+    networks: RequestNetworks | None = None  # the embeddings (and LoRAs) the prompts name
 
 
 def _model_for(st: ServerState, overrides: dict[str, Any]) -> tuple[Checkpoint, StableDiffusionPipeline]:
@@ -186,7 +189,8 @@ def plan_generation(
     ]
     for req in requests:
         validate(req, multiple=8, min_side=max(8, pipe.cfg.vae.downsample_factor))
-    return Plan(pipe, requests, spec, label, clip_skip, init_image, mask, refiner)
+    networks = request_networks(st, pipe, body.prompt, body.negative_prompt)
+    return Plan(pipe, requests, spec, label, clip_skip, init_image, mask, refiner, networks)
 
 
 def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) -> dict:
@@ -260,7 +264,8 @@ async def _generate(request: Request, body: Txt2ImgRequest, kind: str, plan_fn) 
 
     def work(j: Job, plan: Plan) -> dict:
         refiner = plan.refiner.pipeline if plan.refiner is not None else None
-        results = run_batches(j, plan.pipeline, plan.requests, init_image=plan.init_image, mask=plan.mask, refiner=refiner)
+        results = run_batches(j, plan.pipeline, plan.requests, init_image=plan.init_image, mask=plan.mask, refiner=refiner,
+                              networks=plan.networks)
         return build_response(body, plan, results, j)
 
     return await st.queue.submit(job, work, prepare=prepare, disconnected=request.is_disconnected)

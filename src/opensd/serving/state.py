@@ -25,6 +25,7 @@ class ServerState:
         "CLIP_stop_at_last_layers": 1, "live_previews_enable": True, "show_progress_type": "Full",
     })
     options_lock: threading.Lock = field(default_factory=threading.Lock)
+    embeddings: Any = None  # an EmbeddingLibrary (opensd serve --embeddings-dir), or None
 
 
 def server_state(request: Request) -> ServerState:

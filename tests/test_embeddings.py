@@ -506,3 +506,14 @@ def test_serve_command_takes_embeddings_dir(tiny_dir: Path, emb_dir: Path, tmp_p
     assert calls[-1].state.opensd.embeddings.folder == emb_dir
     res = runner.invoke(cli, ["serve", "--model", str(tiny_dir), "--embeddings-dir", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "is not a folder" in res.output and "Traceback" not in res.output
+
+
+def test_server_prompt_budget_counts_the_vectors(tiny_dir: Path, emb_dir: Path) -> None:
+    from opensd.serving import Limits
+
+    pipe = opensd.load(tiny_dir)
+    with TestClient(create_app(pipe, embeddings_dir=emb_dir, limits=Limits(max_prompt_tokens=5))) as c:
+        body = {"steps": 1, "seed": 1, "width": 32, "height": 32, "send_images": False}
+        assert c.post("/sdapi/v1/txt2img", json={**body, "prompt": "myemb myemb"}).status_code == 200  # 4 tokens
+        r = c.post("/sdapi/v1/txt2img", json={**body, "prompt": "myemb myemb myemb"})  # 3 words, 6 tokens
+        assert r.status_code == 422 and r.json()["error"] == "PromptTooLong" and "more than 5 tokens" in r.json()["detail"]

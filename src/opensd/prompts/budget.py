@@ -53,16 +53,17 @@ DEFAULT_BUDGET = PromptBudget()
 """What the pipeline and the server allow unless told otherwise: 64 KiB, 3000 tokens."""
 
 
-def check_prompt(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, *, what: str = "prompt") -> int:
+def check_prompt(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, *, what: str = "prompt", embeddings=None) -> int:
     """Check ``text`` against ``budget`` and return its token count; the error names the limit and the size.
 
     Raises :class:`PromptBudgetError` (not text, a lone surrogate, too many bytes or
     tokens) or :class:`~opensd.prompts.syntax.PromptSyntaxError` (brackets nested too
     deep, a weight out of range). The bytes are checked before any parsing and the
     tokenizer stops one token past the cap, so a refusal costs at most ``max_bytes`` of
-    parsing and ``max_tokens`` of tokenizing.
+    parsing and ``max_tokens`` of tokenizing. ``embeddings`` (name -> vector count): each
+    embedding the text names counts its vectors.
     """
-    return tokenize_within_budget(text, tokenizer, budget, what=what).token_count
+    return tokenize_within_budget(text, tokenizer, budget, what=what, embeddings=embeddings).token_count
 
 
 def tokenize_within_budget(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, context: int | None = None, *,

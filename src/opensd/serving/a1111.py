@@ -136,12 +136,16 @@ def _clip_skip(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusion
     return value
 
 
-def check_prompts(st: ServerState, pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str) -> None:
-    """422 when the prompt or the negative prompt is over the server's prompt budget (bytes first, then tokens)."""
+def check_prompts(
+    st: ServerState, pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, networks: RequestNetworks | None = None,
+) -> None:
+    """422 when the prompt or the negative prompt is over the server's prompt budget (bytes first, then tokens;
+    an embedding of ``networks`` counts its vectors)."""
     budget = st.limits.prompt_budget
+    counts = {name: ti.count for name, ti in networks.embeddings.items()} if networks is not None else None
     for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         try:
-            check_prompt(text, pipe.tokenizer, budget, what=what)
+            check_prompt(text, pipe.tokenizer, budget, what=what, embeddings=counts)
         except PromptBudgetError as e:
             raise ApiError(422, f"{e} on this server (--max-prompt-bytes, --max-prompt-tokens)", kind="PromptTooLong", param=what) from None
 
@@ -168,6 +172,9 @@ def plan_generation(
     height = default_h if body.height is None else body.height
     st.limits.check(width=width, height=height, steps=body.steps, batch_size=body.batch_size, n_iter=body.n_iter)
     check_prompts(st, pipe, body.prompt, body.negative_prompt)
+    networks = request_networks(st, pipe, body.prompt, body.negative_prompt)
+    if networks is not None and networks.embeddings:  # their vectors count in the budget
+        check_prompts(st, pipe, body.prompt, body.negative_prompt, networks)
     st.limits.check_work(
         native=pipe.cfg.image_size, width=width, height=height, steps=body.steps, batch_size=body.batch_size,
         n_iter=body.n_iter, strength=strength,
@@ -189,7 +196,6 @@ def plan_generation(
     ]
     for req in requests:
         validate(req, multiple=8, min_side=max(8, pipe.cfg.vae.downsample_factor))
-    networks = request_networks(st, pipe, body.prompt, body.negative_prompt)
     return Plan(pipe, requests, spec, label, clip_skip, init_image, mask, refiner, networks)
 
 

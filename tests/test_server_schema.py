@@ -94,7 +94,7 @@ def fuzz(schema, *, max_examples: int, derandomize: bool, headers: dict | None =
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(pipe) -> None:
     counts = fuzz(_schema(create_app(pipe, limits=SMALL)), max_examples=12, derandomize=True)
     operations = {label for label, _ in counts}
-    assert len(operations) == 18, operations  # every operation was sent requests (16 + GET loras, POST refresh-loras)
+    assert len(operations) == 20, operations  # every operation was sent requests (16 + LoRA and embedding listings and refreshes)
     statuses = collections.Counter(status for _, status in counts.elements())
     assert statuses[200] > 0 and statuses[422] > 0 and statuses[400] > 0, statuses  # accepted and refused requests
 

@@ -132,6 +132,7 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     from opensd.explain.progress import StepProgress
     from opensd.pipelines.images import load_image
     from opensd.pipelines.infotext import save_image
+    from opensd.pipelines.networks import RequestNetworks
     from opensd.prompts.budget import check_text
     from opensd.prompts.vocabulary import prompt_warnings
 
@@ -146,8 +147,13 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     pipe_args["seed"], drawn = _seed(pipe_args.get("seed"))
     paths = _out_paths(run["out"], pipe_args["batch_size"], pipe_args["seed"])
     library, lora_uses = _loras(run.get("lora"), run.get("lora_dir"), pipe_args["prompt"])
+    embeddings = _embeddings(run.get("embeddings_dir"))
     pipe = _pipeline(run["model"], device, run["threads"], run.get("prediction", "auto"))
-    networks = library.networks_for(pipe.model, pipe_args["prompt"], lora_uses, _cli_budget())
+    networks = RequestNetworks.merge([
+        library.networks_for(pipe.model, pipe_args["prompt"], lora_uses, _cli_budget()),
+        embeddings.networks_for_prompts(pipe.model, pipe_args["prompt"], pipe_args["negative_prompt"])
+        if embeddings is not None else None,
+    ])
     if networks:
         pipe_args["networks"] = networks
     if refiner is not None:
@@ -161,6 +167,15 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     for im, path in zip(images, paths):
         save_image(im, path, im.info.get("parameters"))
         typer.echo(str(path))
+
+
+def _embeddings(folder: Optional[Path]):
+    """The :class:`EmbeddingLibrary` of ``--embeddings-dir`` (checked before the model loads), or None."""
+    if folder is None:
+        return None
+    from opensd.pipelines.embedding_library import EmbeddingLibrary
+
+    return EmbeddingLibrary(folder)
 
 
 # The CLI's inpaint area, measured with scripts/inpaint_success.py (README, Inpainting).
@@ -244,9 +259,10 @@ def _sdxl(
 
 def _options(
     model: Optional[Path], device: Optional[str], threads: Optional[int], out: Optional[str], quiet: bool,
-    lora: Optional[list[str]] = None, lora_dir: Optional[Path] = None,
+    lora: Optional[list[str]] = None, lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None,
 ) -> dict:
-    return dict(model=model, device=device, threads=threads, out=out, quiet=quiet, lora=lora, lora_dir=lora_dir)
+    return dict(model=model, device=device, threads=threads, out=out, quiet=quiet, lora=lora, lora_dir=lora_dir,
+                embeddings_dir=embeddings_dir)
 
 
 MODEL = typer.Option(None, "--model", "-m", help="Model path (diffusers folder, SD file or opensd folder); default: the bundled model.")
@@ -274,6 +290,11 @@ TILED_VAE = typer.Option(
     "Default: only above 1.5x the model's native size on a side (SD 1.x: 768 px, SDXL: 1536 px).",
 )
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+EMBEDDINGS_DIR = typer.Option(
+    None, "--embeddings-dir", envvar="OPENSD_EMBEDDINGS_DIR",
+    help="Folder of textual-inversion embeddings (.pt, .bin, .safetensors, as A1111's embeddings/): "
+    "a prompt or negative prompt uses one by its file name, e.g. '(myemb:1.2)'. Default: none.",
+)
 REFINER = typer.Option(
     None, "--refiner",
     help="A second model that finishes the run (A1111's Refiner; e.g. SDXL's refiner after the SDXL base): same latent space as --model.",
@@ -313,14 +334,14 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, prediction: PredictionChoice = PREDICTION,
-        refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
+        embeddings_dir: Optional[Path] = EMBEDDINGS_DIR, refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
         lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR,
     ) -> None:
         """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size)
-        run = {**_options(model, device, threads, out, quiet, lora, lora_dir), "prediction": prediction.value}
+        run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir), "prediction": prediction.value}
         _run("txt2img", {"prompt": prompt, **args}, run, refiner)
 
     @app.command()
@@ -334,7 +355,7 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
         lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR,
@@ -343,7 +364,7 @@ def register(app: typer.Typer) -> None:
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args},
-             _options(model, device, threads, out, quiet, lora, lora_dir), refiner)
+             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir), refiner)
 
     @app.command()
     @fail_cleanly
@@ -373,7 +394,7 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
         lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR,
@@ -383,7 +404,7 @@ def register(app: typer.Typer) -> None:
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         inpainting = _inpaint_options(mask_blur, masked_content, only_masked, only_masked_padding)
         _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args},
-             _options(model, device, threads, out, quiet, lora, lora_dir), refiner)
+             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir), refiner)
 
     @app.command("png-info")
     @fail_cleanly

@@ -31,6 +31,10 @@ def register(app: typer.Typer) -> None:
             None, "--model", "-m", help="Model to serve first (diffusers folder, SD file or opensd folder); default: the bundled model, or the first one in --models-dir."
         ),
         models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of models that clients may switch to (option sd_model_checkpoint)."),
+        embeddings_dir: Optional[Path] = typer.Option(
+            None, "--embeddings-dir", envvar="OPENSD_EMBEDDINGS_DIR",
+            help="Folder of textual-inversion embeddings (.pt, .bin, .safetensors) that prompts use by file name (GET /sdapi/v1/embeddings).",
+        ),
         host: str = typer.Option("127.0.0.1", help="Address to listen on. The default accepts connections from this machine only."),
         port: int = typer.Option(7860, help="Port, 1 to 65535 (7860 is A1111's default)."),
         api_auth: Optional[str] = typer.Option(
@@ -77,6 +81,8 @@ def register(app: typer.Typer) -> None:
             raise OpenSDError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if models_dir is not None and not models_dir.is_dir():
             raise OpenSDError(f"--models-dir {models_dir} is not a folder")
+        if embeddings_dir is not None and not embeddings_dir.is_dir():
+            raise OpenSDError(f"--embeddings-dir {embeddings_dir} is not a folder")
         parse_auth(api_auth)  # a bad --api-auth fails before the model loads
         if lora_dir is not None and not lora_dir.is_dir():
             raise OpenSDError(f"--lora-dir {lora_dir} is not a folder")
@@ -92,7 +98,7 @@ def register(app: typer.Typer) -> None:
         )
         app_ = create_app(
             model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, dtype=getattr(torch, dtype),
-            lora_dir=lora_dir if lora_dir is not None else default_lora_dir(),
+            lora_dir=lora_dir if lora_dir is not None else default_lora_dir(), embeddings_dir=embeddings_dir,
         )
         use_threads(threads, app_.state.opensd.registry.current.model)
         if not _is_loopback(host) and not api_auth:

@@ -133,8 +133,8 @@ class StableDiffusionPipeline:
         ``prompt_embeds`` / ``negative_embeds`` (1 or B, L, width) replace the encoded texts,
         which then only label the infotext (see :mod:`opensd.prompts.arithmetic`).
         ``refiner``: a second pipeline that finishes the run after ``refiner_switch_at``
-        (default 0.8) of it (:mod:`opensd.pipelines.refiner`). ``networks``: this call's LoRAs
-        (e.g. ``LoraLibrary.networks_for(pipe.model, prompt)``), see :meth:`generate`.
+        (default 0.8) of it (:mod:`opensd.pipelines.refiner`). ``networks``: this run's
+        LoRAs and textual inversions (:meth:`generate`).
         """
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, 1.0, options)
         return self.generate(

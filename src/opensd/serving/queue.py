@@ -334,14 +334,16 @@ def run_batches(
     """The worker body of a generation request: batch after batch, stopping when told.
 
     ``refiner``: a pipeline that takes over sampling at each request's ``refiner_switch_at``
-    (passed to ``generate`` only when given). ``networks``: the request's LoRAs
-    (:class:`~opensd.pipelines.networks.RequestNetworks`), for every batch.
+    (passed to ``generate`` only when given). ``networks``: the request's LoRAs and
+    embeddings (:class:`~opensd.pipelines.networks.RequestNetworks`), for every batch.
 
     Returns one :class:`GenerationResult` per batch that made images: none after an
     interrupt; a batch stopped while it encoded or decoded gives none either.
     """
     job.pipeline = pipeline
     extra = {"refiner": refiner} if refiner is not None else {}
+    if networks is not None:
+        extra["networks"] = networks
     results = []
     for k, req in enumerate(requests):
         if job.interrupted.is_set() or job.must_stop():

@@ -28,6 +28,7 @@ class ServerState:
     options_lock: threading.Lock = field(default_factory=threading.Lock)
     # The LoRA folder (--lora-dir) that prompt tags name; None: an empty one (every tag is a 422).
     loras: LoraLibrary = field(default_factory=lambda: LoraLibrary(None))
+    embeddings: Any = None  # an EmbeddingLibrary (opensd serve --embeddings-dir), or None
 
 
 def server_state(request: Request) -> ServerState:

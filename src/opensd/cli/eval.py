@@ -1,8 +1,8 @@
 """``opensd eval``: generate for a fixed prompt suite and score exactly.
 
 ``--suite concept:NAME`` scores a concept's own prompts (:mod:`opensd.eval.concept`);
-``--lora PATH[:W]`` (repeatable) scores the model with LoRA files applied at multiplier
-``W`` (default 1) to the U-Net and the text encoder, as the pipeline's ``networks``.
+``--lora PATH[:W]`` or ``PATH:TE:UNET`` (repeatable, as ``opensd generate`` reads it) scores
+the model with LoRA files applied, as the pipeline's ``networks``, to every image.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
     def eval_command(
         model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model to evaluate; default: the bundled model."),
         suite: str = typer.Option("benchmark", help="benchmark, validation (for checkpoint selection), holdout or concept:NAME (e.g. concept:purple-triangle)."),
-        lora: Optional[List[str]] = typer.Option(None, "--lora", help="PATH[:W]: a LoRA file at multiplier W (default 1) on the U-Net and text encoder; repeatable."),
+        lora: Optional[List[str]] = typer.Option(None, "--lora", help="PATH[:W] or PATH:TE:UNET: a LoRA file at these multipliers (default 1); repeatable."),
         steps: int = typer.Option(20, help="Sampling steps."),
         sampler: str = typer.Option("dpmpp_2m", help="Sampler id or A1111 name."),
         cfg_scale: float = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale."),
@@ -37,17 +37,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score a model GenEval-style on the shapes world; writes results.json and report.md."""
         import opensd
+        from opensd.cli.generate import _cli_budget, _lora_use
         from opensd.defaults import resolve_model
         from opensd.devices import resolve_device
         from opensd.eval.concept import parse_suite_name
         from opensd.eval.run import EvalConfig, Suite, evaluate, write_results
+        from opensd.pipelines.lora_library import LoraLibrary
 
         kind, concept = parse_suite_name(suite)
         try:
             suite_enum = Suite(kind)
         except ValueError:
             raise OpenSDError(f"unknown suite {suite!r}; choose one of benchmark, validation, holdout, concept:NAME") from None
-        uses = [parse_lora_option(text) for text in lora or []]
+        library = LoraLibrary(None)
+        uses = [_lora_use(spec, library) for spec in lora or []]  # every file read before the model loads
         cfg = EvalConfig(suite=suite_enum, concept=concept, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                          images_per_prompt=images_per_prompt, per_category=per_category, seed=seed,
                          batch_size=batch_size)
@@ -56,9 +59,9 @@ def register(app: typer.Typer) -> None:
         pipe = opensd.load(resolve_model(model), device=resolve_device(device))
         use_threads(threads, pipe.model)
         info = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash}
-        networks = lora_networks(pipe.model, uses)
+        networks = library.networks_for(pipe.model, "", uses, _cli_budget()) if uses else None
         if uses:
-            info["loras"] = ", ".join(f"{path}:{w:g}" for path, w in uses)
+            info["loras"] = ", ".join(lora)
         bar = None
         if not quiet:
             from tqdm import tqdm
@@ -85,25 +88,3 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{'FD/' + net:>14}: {d['generated']['fd']:.2f} (real-vs-real {d['real_baseline']['fd']:.2f})")
         typer.echo(f"wrote {paths['results']} and {paths['report']}")
 
-
-def parse_lora_option(text: str) -> tuple[Path, float]:
-    """``PATH[:W]`` -> ``(PATH, W)``; W defaults to 1. A Windows drive letter is not a weight."""
-    path, sep, weight = text.rpartition(":")
-    if not sep or not path or "/" in weight or "\\" in weight:
-        return Path(text), 1.0
-    try:
-        return Path(path), float(weight)
-    except ValueError:
-        raise OpenSDError(f"--lora {text!r}: the weight after ':' must be a number (PATH[:W])") from None
-
-
-def lora_networks(model, uses: list[tuple[Path, float]]):
-    """The pipeline's ``networks`` for ``uses`` (None when empty): each file at its weight on the U-Net and text encoder."""
-    if not uses:
-        return None
-    from opensd.checkpoints.lora import LoRAFile, LoRAUse, bind_loras
-    from opensd.pipelines.networks import RequestNetworks
-
-    files = [LoRAUse(LoRAFile.load(path), unet=w, te=w) for path, w in uses]
-    infotext = {"Lora hashes": ", ".join(f"{u.file.name}: {u.file.hash}" for u in files)}
-    return RequestNetworks(adapters=bind_loras(model, files), infotext=infotext)

@@ -189,3 +189,26 @@ def test_the_script_summarizes_and_writes_its_table() -> None:
     assert s.train == {"--steps": "2", "--no-text-encoder": None}
     cmd = t.train_command(s, Path("d"), Path("p"), Path("o"))
     assert cmd[-5:] == ["--steps", "2", "--no-text-encoder", "--set", "sample_images=0"]
+
+
+def test_the_script_runs_every_phase_on_a_tiny_model(tmp_path: Path) -> None:
+    t = _teach_module()
+    model, tok = tiny_word_bundle()
+    save_opensd(model, tok, tmp_path / "m")
+    s = t.TeachSettings(model=str(tmp_path / "m"), concept_images=4, prior_images=4,
+                        concept_eval=t.EvalSettings(1, 1), benchmark_eval=t.EvalSettings(1, 1), steps=1,
+                        train={"--steps": "2", "--batch-size": "2", "--rank": "2", "--alpha": "2",
+                               "--no-text-encoder": None, "--seed": "0"})
+    report = t.teach(s, tmp_path / "teach")
+    out = tmp_path / "teach"
+    assert report == json.loads((out / "teach.json").read_text())
+    assert (out / "lora" / "purple-triangle.safetensors").is_file()
+    assert report["data"]["concept_images"] == 4 and report["data"]["prior_images"] == 4
+    for when in ("before", "after"):
+        assert report[when]["concept"]["images"] == 4 and report[when]["benchmark"]["images"] == 6
+    after = json.loads((out / "after" / "concept" / "results.json").read_text())
+    assert after["model"]["loras"].endswith("purple-triangle.safetensors")
+    assert report["phases"]["train"]["cpu_s"] > 0 and set(report["verdict"]) == {
+        "concept_met", "benchmark_drop", "drop_met", "cpu_met"}
+    md = (out / "teach.md").read_text()
+    assert "| purple-triangle prompts (4 images) | before | after | change |" in md and "CPU-minutes" in md

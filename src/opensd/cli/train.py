@@ -206,5 +206,26 @@ def lora(
     _run(LoRAStage, build_config(LoRAStageConfig, config, set_, opts), resume, None)
 
 
+@app.command("embedding")
+@fail_cleanly
+def embedding(
+    model: Optional[Path] = MODEL,
+    token: str = typer.Option(..., "--token", help="The new word, e.g. sks-style; also the file's name."),
+    init_word: str = typer.Option(..., "--init-word", help="The word whose embedding the vectors start from."),
+    vectors: Optional[int] = typer.Option(None, "--vectors", help="Vectors per use of the token (default 1)."),
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16, resume: bool = RESUME, quiet: bool = QUIET,
+) -> None:
+    """Textual inversion on a frozen model; writes OUT/TOKEN.safetensors (A1111's embedding format)."""
+    from opensd.training.embedding import EmbeddingStage, EmbeddingStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, None, device, bf16, quiet)
+    opts.update({"model": None if model is None else str(model), "token": token, "init_word": init_word,
+                 "vectors": vectors})
+    _run(EmbeddingStage, build_config(EmbeddingStageConfig, config, set_, opts), resume, None)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -229,11 +229,9 @@ class EmbeddingStage(Stage):
             embeds = module.encode(ids[None].to(self.ctx.device), mask[None].to(self.ctx.device))
         pipe = StableDiffusionPipeline(self.loaded, prompt_budget=None)
         prompt, size = cfg.sample_prompt.format(cfg.token), cfg.data.image_size
-        images = []
-        for i in range(cfg.sample_images):
-            req = GenerationRequest(prompt, steps=cfg.sample_steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale,
-                                    width=size, height=size, seed=1000 + i)
-            images.append(pipe.generate(req, prompt_embeds=embeds if "pooled" in embeds else embeds["context"]).images[0])
+        req = GenerationRequest(prompt, steps=cfg.sample_steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale,
+                                width=size, height=size, seed=1000, batch_size=cfg.sample_images)
+        images = pipe.generate(req, prompt_embeds=embeds if "pooled" in embeds else embeds["context"]).images
         path = self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png"
         save_grid(images, path, min(4, len(images)))
         path.with_suffix(".txt").write_text(prompt + "\n")

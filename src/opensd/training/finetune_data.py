@@ -113,11 +113,12 @@ class ClassImageSpec:
     cfg_scale: float
     size: int
     model_hash: str
+    batch: int = 8
 
 
 def generate_class_images(pipe: Any, spec: ClassImageSpec, run_dir: Path, progress: bool = False) -> Path:
     """``run_dir/class_images``: ``spec.count`` images of ``spec.prompt`` by ``pipe`` (seeds
-    ``spec.seed + i``), written once (into a temporary folder, then renamed); an existing
+    ``spec.seed + i``, drawn ``spec.batch`` at a time), written once (into a temporary folder, then renamed); an existing
     folder made with the same spec is reused, one made otherwise is an error."""
     folder = run_dir / CLASS_IMAGES
     record = to_dict(spec)
@@ -132,10 +133,14 @@ def generate_class_images(pipe: Any, spec: ClassImageSpec, run_dir: Path, progre
     tmp = run_dir / f".{CLASS_IMAGES}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     samples = []
-    for i in tqdm(range(spec.count), desc="class images", unit="img", disable=not progress):
-        im = pipe.txt2img(spec.prompt, steps=spec.steps, sampler=spec.sampler, cfg_scale=spec.cfg_scale,
-                          width=spec.size, height=spec.size, seed=spec.seed + i)[0]
-        samples.append((im, spec.prompt))
+    bar = tqdm(total=spec.count, desc="class images", unit="img", disable=not progress)
+    for start in range(0, spec.count, spec.batch):
+        n = min(spec.batch, spec.count - start)
+        images = pipe.txt2img(spec.prompt, steps=spec.steps, sampler=spec.sampler, cfg_scale=spec.cfg_scale,
+                              width=spec.size, height=spec.size, seed=spec.seed + start, batch_size=n)
+        samples += [(im, spec.prompt) for im in images]
+        bar.update(n)
+    bar.close()
     write_imagefolder(samples, tmp)
     (tmp / "spec.json").write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, folder)

@@ -49,7 +49,7 @@ class LoRAStageConfig(StageConfig):
     images (captioned, or all ``class_prompt``), else ``num_class_images`` drawn from
     ``class_prompt`` (0 = as many as instance images) with ``sample_steps``, ``sampler``,
     ``cfg_scale``. ``sample_prompts``: what ``evaluate`` draws with the LoRA (empty: the
-    instance prompt or the first captions), ``sample_images`` of them (0: none)."""
+    instance prompt or the first captions), ``sample_images`` of each (0: none)."""
 
     RESUMABLE: ClassVar = StageConfig.RESUMABLE | {"sample_images", "sample_prompts", "output_name",
                                                    "training_comment"}
@@ -220,7 +220,7 @@ class LoRAStage(Stage):
             return open_images(data, cfg.class_prompt, "prior_data")
         count = cfg.num_class_images or self.instance_count
         spec = ClassImageSpec(cfg.class_prompt, count, cfg.train.seed, cfg.sample_steps, cfg.sampler, cfg.cfg_scale,
-                              cfg.data.image_size, self.loaded.hash)
+                              cfg.data.image_size, self.loaded.hash, cfg.cache_batch)
         if ctx.is_main:
             generate_class_images(self.pipeline(), spec, ctx.run_dir, cfg.train.progress)
         ctx.barrier()
@@ -283,12 +283,12 @@ class LoRAStage(Stage):
         return self._pipe
 
     def sample_prompts(self) -> list[str]:
+        """What ``evaluate`` draws: ``sample_prompts``, else the instance prompt, else the first
+        four distinct captions."""
         cfg = self.cfg
         if cfg.sample_prompts:
-            prompts = list(cfg.sample_prompts)
-        else:
-            prompts = [cfg.instance_prompt] if cfg.instance_prompt else list(dict.fromkeys(self.instance.captions))
-        return [prompts[i % len(prompts)] for i in range(cfg.sample_images)]
+            return list(cfg.sample_prompts)
+        return [cfg.instance_prompt] if cfg.instance_prompt else list(dict.fromkeys(self.instance.captions))[:4]
 
     def evaluate(self, step: int) -> dict[str, float]:
         from opensd.pipelines.networks import RequestNetworks
@@ -300,13 +300,13 @@ class LoRAStage(Stage):
         networks = RequestNetworks(adapters=self.ctx.averaged("lora").network.adapters())
         pipe, size = self.pipeline(), cfg.data.image_size
         prompts = self.sample_prompts()
-        images = []
-        for i, p in enumerate(prompts):
+        images: list = []
+        for p in prompts:  # a row of sample_images per prompt, seeds 1000, 1001, ...
             req = GenerationRequest(p, steps=cfg.sample_steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale,
-                                    width=size, height=size, seed=1000 + i)
-            images.append(pipe.generate(req, networks=networks).images[0])
+                                    width=size, height=size, seed=1000, batch_size=cfg.sample_images)
+            images += pipe.generate(req, networks=networks).images
         path = self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png"
-        save_grid(images, path, min(4, len(images)))
+        save_grid(images, path, cfg.sample_images)
         path.with_suffix(".txt").write_text("".join(f"{p}\n" for p in prompts))
         return {}
 

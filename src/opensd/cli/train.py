@@ -24,12 +24,13 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 @app.callback()
 def _train() -> None:
-    """Train the VAE, the text encoder (CLIP) and the U-Net from scratch."""
+    """Train the VAE, the text encoder (CLIP) and the U-Net from scratch, or a LoRA or an embedding."""
 
 
 def register(parent: typer.Typer) -> None:
     """Add the ``train`` sub-app to the main ``opensd`` app."""
-    parent.add_typer(app, name="train", help="Train the VAE, the text encoder (CLIP) and the U-Net from scratch.")
+    parent.add_typer(app, name="train", help="Train the VAE, the text encoder (CLIP) and the U-Net from scratch, "
+                                                      "or fine-tune a model (LoRA, textual inversion).")
 
 
 CONFIG = typer.Option(None, "--config", "-c", help="TOML config file (see docs/training.md).")

@@ -46,7 +46,7 @@ def _is_lora_key(k: str) -> bool:
 # (test on one key, what the file is): the first match names a file that is no whole SD model
 _NOT_A_MODEL: tuple[tuple[object, str], ...] = (
     (_is_lora_key, "this is a LoRA (lora_* tensors), not a model: it only changes a base model; "
-     "load the base model it was trained for (opensd cannot apply LoRAs yet)"),
+     "load the base model it was trained for and the file as a LoRA (--lora FILE, or <lora:name:1> in the prompt)"),
     (lambda k: k.startswith(("control_model.", "controlnet_")) or "input_hint_block" in k,
      "this is a ControlNet (control_model.* tensors), not a model: opensd does not run ControlNets; "
      "load the Stable Diffusion checkpoint itself"),

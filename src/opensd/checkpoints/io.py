@@ -89,6 +89,16 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
+def read_torch_object(path: str | Path) -> object:
+    """What a ``.pt``/``.bin``/``.ckpt`` file holds, as loaded with ``weights_only=True``
+    (nested dicts and lists of str, int, float, None and tensors), with :func:`read_weights`'
+    one-line errors. For files that are not flat ``name -> tensor`` dicts (A1111's embeddings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"not a file: {path}" if path.exists() else f"checkpoint not found: {path}")
+    return _read_torch(path)
+
+
 def _first_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return (text[:200] + "...") if len(text) > 200 else (text or type(e).__name__)

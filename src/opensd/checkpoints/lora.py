@@ -8,14 +8,16 @@ A :class:`LoRAFile` is a file's layers, grouped by the layer name the file uses
 :class:`~opensd.models.adapters.AdapterSet` for all the files of a request. Nothing
 is written to the model.
 
-Scale (kohya / A1111): ``ΔW = multiplier · (alpha / rank) · up @ down``; a file without
-``alpha`` means ``alpha = rank``. The U-Net's and the text encoders' multipliers are
-separate (A1111's ``<lora:name:te:unet>``).
+The formats (kohya, LyCORIS LoCon/LoHa/LoKr/full, PEFT, older diffusers) are read by
+:mod:`opensd.checkpoints.lora_formats`. Scale (kohya / A1111): ``ΔW = multiplier ·
+(alpha / rank) · up @ down``; a file without ``alpha`` means ``alpha = rank``. The
+U-Net's and the text encoders' multipliers are separate (A1111's ``<lora:name:te:unet>``).
 
 Every mismatch is a one-line :class:`LoRAError` naming the file and the key: a key no
 format knows, a layer this model does not have (often: a LoRA made for another family),
-a rank that differs between ``down`` and ``up``, or a shape that does not fit the layer.
-A file is bound whole or not at all.
+a rank that differs between ``down`` and ``up``, a shape that does not fit the layer, a
+file mixing formats, an empty file, a torch file holding more than tensors, or one that
+needs code to load. A file is bound whole or not at all.
 """
 
 from __future__ import annotations
@@ -25,33 +27,18 @@ import json
 import struct
 import weakref
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from opensd.checkpoints.io import CheckpointError, read_weights
+from opensd.checkpoints.io import TORCH_SUFFIXES, CheckpointError, _check_tensors, _read_torch, read_weights
+from opensd.checkpoints.lora_formats import FormatError, LayerWeights, LoRAError, guess_family, read_layers
 from opensd.checkpoints.lora_names import Target, lora_targets
-from opensd.models.adapters import AdapterSet, Delta, LowRank, RowSlice
+from opensd.models.adapters import AdapterSet, Delta, Full, Hadamard, Kronecker, LowRank, RowSlice
 from opensd.models.stable_diffusion import StableDiffusion
-
-
-class LoRAError(CheckpointError):
-    """A LoRA or embedding file cannot be read, or does not fit the model."""
-
-    kind = "LoRAError"
-
-
-@dataclass(frozen=True, eq=False)
-class LayerWeights:
-    """One layer of a LoRA file. ``kind``: ``"lora"`` (down/up, optional mid), and the
-    LyCORIS kinds the format readers add. ``tensors`` by format-independent name;
-    ``alpha`` None when the file has none (alpha = rank)."""
-
-    kind: str
-    tensors: Mapping[str, torch.Tensor]
-    alpha: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,14 +59,31 @@ class LoRAFile:
         """Read and group a file (``.safetensors``, or ``.pt``/``.ckpt`` with ``weights_only``)."""
         path = Path(path)
         try:
-            state = read_weights(path)
+            state = read_state(path)
         except CheckpointError as e:
             raise LoRAError(str(e)) from None
-        layers = group_layers(state, path)
-        return cls(path, layers, read_metadata(path), a1111_hash(path))
+        metadata = read_metadata(path)
+        return cls(path, group_layers(state, path, metadata), metadata, a1111_hash(path))
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors, through :func:`read_weights` (safetensors, or a torch pickle
+    with ``weights_only``). A torch file holding anything but tensors is refused: a
+    dropped entry would be a partial load."""
+    if path.suffix.lower() in TORCH_SUFFIXES and path.is_file():
+        obj = _read_torch(path)
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+        if isinstance(obj, Mapping):
+            junk = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+            if junk is not None:
+                raise CheckpointError(f"{path}: entry {str(junk)!r:.80} is a {type(obj[junk]).__name__}, not a tensor; "
+                                      "a LoRA file holds tensors only")
+            return _check_tensors(dict(obj), path)
+    return read_weights(path)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -106,29 +110,12 @@ def a1111_hash(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-_KOHYA = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha"}
-
-
-def group_layers(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, LayerWeights]:
-    """``state``'s keys grouped by layer: ``<layer>.<part>`` for the parts each format has."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        for suffix, part in _KOHYA.items():
-            if key.endswith("." + suffix):
-                parts.setdefault(key[: -len(suffix) - 1], {})[part] = tensor
-                break
-        else:
-            raise LoRAError(f"{path.name}: key {key!r} is not a LoRA weight opensd knows (kohya lora_down/lora_up/alpha)")
-    out = {}
-    for layer, p in parts.items():
-        alpha = p.pop("alpha", None)
-        for need in ("down", "up"):
-            if need not in p:
-                raise LoRAError(f"{path.name}: layer {layer!r} has no lora_{need}.weight")
-        out[layer] = LayerWeights("lora", p, None if alpha is None else float(alpha))
-    if not out:
-        raise LoRAError(f"{path.name}: holds no LoRA layers")
-    return out
+def group_layers(state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> dict[str, LayerWeights]:
+    """``state``'s keys grouped by layer in any format :mod:`opensd.checkpoints.lora_formats` reads."""
+    try:
+        return read_layers(state, metadata or {})
+    except FormatError as e:
+        raise LoRAError(f"{path.name}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- binding
@@ -183,15 +170,109 @@ def low_rank_delta(layer: LayerWeights, target: Target, scale: float, where: str
     return delta
 
 
-def layer_delta(layer: LayerWeights, target: Target, scale: float, where: str) -> Delta:
-    """The delta of one file layer on its target (the format readers' kinds dispatch here)."""
-    if layer.kind == "lora":
-        delta: Delta = low_rank_delta(layer, target, scale, where)
+def _check_fits(got: tuple[int, ...], target: Target, where: str) -> None:
+    """``got`` (a ΔW's shape, or (out, in·kh·kw) for a flat one) must be the layer's weight shape."""
+    want = target.weight_shape
+    if got != want and got != (want[0], prod(want[1:])):
+        raise LoRAError(f"{where}: gives a {got} update to a {want} layer ({target.path}); "
+                        "is the LoRA for another model family?")
+
+
+def _rank_check(where: str, ok: bool, **shapes: torch.Tensor | None) -> None:
+    if not ok:
+        told = ", ".join(f"{k} {tuple(v.shape)}" for k, v in shapes.items() if v is not None)
+        raise LoRAError(f"{where}: rank mismatch: {told}")
+
+
+def loha_delta(layer: LayerWeights, target: Target, scale: float, where: str) -> Hadamard:
+    """LyCORIS LoHa: ``(w1a @ w1b) ⊙ (w2a @ w2b) · alpha / rank``, rank = ``w1b.shape[0]``. With
+    Tucker cores ``t1``/``t2`` (r, r, kh, kw), ``w?a`` is (r, out) and ``w?b`` (r, in)."""
+    t = layer.tensors
+    w1a, w1b, w2a, w2b, t1, t2 = (t.get(k) for k in ("w1a", "w1b", "w2a", "w2b", "t1", "t2"))
+    rank = w1b.shape[0]
+    if t1 is None:
+        w1b, w2b = w1b.flatten(1), w2b.flatten(1)  # (r, in·kh·kw)
+        _rank_check(where, w1a.ndim == 2 and w1a.shape[1] == rank and tuple(w2a.shape[1:]) == (w2b.shape[0],),
+                    w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b)
+        got = (w1a.shape[0], w1b.shape[1])
+        _check_fits(got, target, where)
+        _check_fits((w2a.shape[0], w2b.shape[1]), target, where)
     else:
+        ok = all(x.ndim == 2 for x in (w1a, w1b, w2a, w2b)) and w1a.shape[0] == rank and \
+            tuple(t1.shape[:2]) == (rank, rank) and tuple(t2.shape[:2]) == (w2a.shape[0], w2b.shape[0])
+        _rank_check(where, ok, w1a=w1a, w1b=w1b, t1=t1, w2a=w2a, w2b=w2b, t2=t2)
+        _check_fits((w1a.shape[1], w1b.shape[1], *t1.shape[2:]), target, where)
+        _check_fits((w2a.shape[1], w2b.shape[1], *t2.shape[2:]), target, where)
+    p = next(target.module.parameters())
+    alpha = rank if layer.alpha is None else layer.alpha
+    cast = [None if x is None else x.to(p) for x in (w1a, w1b, w2a, w2b, t1, t2)]
+    return Hadamard(*cast[:4], scale * alpha / rank, target.weight_shape, cast[4], cast[5])
+
+
+def lokr_delta(layer: LayerWeights, target: Target, scale: float, where: str) -> Kronecker:
+    """LyCORIS LoKr: ``w1 ⊗ w2``, each half whole or low-rank (``w?a @ w?b``; ``w2`` also as a
+    Tucker ``t2``). Scale ``alpha / rank`` with the rank of the decomposed half (``w1a``'s first),
+    1 when both halves are whole (LyCORIS' own rule)."""
+    t = {k: v.to(next(target.module.parameters())) for k, v in layer.tensors.items()}
+    w1a, w1b, w2a, w2b, t2 = (t.get(k) for k in ("w1a", "w1b", "w2a", "w2b", "t2"))
+    if "w1" in t:
+        w1 = t["w1"]
+    else:
+        _rank_check(where, w1a.ndim == 2 and w1b.ndim == 2 and w1a.shape[1] == w1b.shape[0], w1a=w1a, w1b=w1b)
+        w1 = w1a @ w1b  # (a, c)
+    if "w2" in t:
+        w2 = t["w2"]
+    elif t2 is not None:
+        _rank_check(where, w2a.ndim == 2 and w2b.ndim == 2 and tuple(t2.shape[:2]) == (w2a.shape[0], w2b.shape[0]),
+                    w2a=w2a, w2b=w2b, t2=t2)
+        w2 = torch.einsum("ijyx,ib,jd->bdyx", t2, w2a, w2b)  # t2 (r, r, kh, kw), w2a (r, b), w2b (r, d)
+    else:
+        _rank_check(where, w2a.ndim == 2 and w2a.shape[1] == w2b.shape[0], w2a=w2a, w2b=w2b)
+        w2 = w2a @ w2b.flatten(1)  # (b, d·kh·kw)
+    if w1.ndim != 2:
+        raise LoRAError(f"{where}: lokr_w1 must be a matrix, got shape {tuple(w1.shape)}")
+    got = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
+    _check_fits(got if w2.ndim == 4 else got[:2], target, where)
+    rank = w1b.shape[0] if w1b is not None else w2b.shape[0] if w2b is not None else None
+    factor = 1.0 if rank is None else (rank if layer.alpha is None else layer.alpha) / rank
+    return Kronecker(w1, w2, scale * factor, target.weight_shape)
+
+
+def full_delta(layer: LayerWeights, target: Target, scale: float, where: str) -> Full:
+    """LyCORIS full: ``diff`` is ΔW itself (and ``diff_b`` a bias change); only the multiplier scales it."""
+    p = next(target.module.parameters())
+    diff, bias = layer.tensors["diff"], layer.tensors.get("diff_b")
+    want = target.weight_shape
+    if diff.numel() != prod(want) or diff.shape[0] != want[0]:
+        raise LoRAError(f"{where}: gives a {tuple(diff.shape)} update to a {want} layer ({target.path}); "
+                        "is the LoRA for another model family?")
+    if bias is not None and tuple(bias.shape) != want[:1]:
+        raise LoRAError(f"{where}: diff_b has shape {tuple(bias.shape)}, the layer has {want[0]} outputs")
+    return Full(diff.reshape(want).to(p), scale, None if bias is None else bias.to(p))
+
+
+_BUILDERS = {"lora": low_rank_delta, "loha": loha_delta, "lokr": lokr_delta, "full": full_delta}
+
+
+def layer_delta(layer: LayerWeights, target: Target, scale: float, where: str) -> Delta:
+    """The delta of one file layer on its target (by the layer's kind)."""
+    build = _BUILDERS.get(layer.kind)
+    if build is None:
         raise LoRAError(f"{where}: layers of kind {layer.kind!r} are not supported")
+    delta: Delta = build(layer, target, scale, where)
     if target.rows is not None:
         delta = RowSlice(delta, *target.rows)
     return delta
+
+
+def _missing_layer(file: LoRAFile, name: str, model: StableDiffusion) -> LoRAError:
+    """The error for a layer ``model`` lacks, naming the family the file looks made for."""
+    family = model.cfg.family.value
+    guess = guess_family(file.layers)
+    hint = "is the LoRA for another model family?"
+    if guess is not None:
+        hint = f"the file looks made for {guess[0]} ({guess[1]})"
+    return LoRAError(f"{file.path.name}: {name}: no such layer in this {family} model; {hint}")
 
 
 def bind_loras(model: StableDiffusion, uses: Sequence[LoRAUse]) -> AdapterSet | None:
@@ -207,8 +288,7 @@ def bind_loras(model: StableDiffusion, uses: Sequence[LoRAUse]) -> AdapterSet | 
             where = f"{use.file.path.name}: {name}"
             target = table.get(name)
             if target is None:
-                raise LoRAError(f"{where}: no such layer in this {model.cfg.family.value} model; "
-                                "is the LoRA for another model family?")
+                raise _missing_layer(use.file, name, model)
             scale = use.unet if target.network == "unet" else use.te
             if scale == 0:
                 continue

@@ -65,6 +65,66 @@ def _out_paths(out: Optional[str], n: int, seed: int) -> list[Path]:
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") for i in range(n)]
 
 
+# ----------------------------------------------------------------------------- LoRAs (--lora, --lora-dir, <lora:...> tags)
+
+
+def _lora_target(head: str, library):
+    """The LoRA file ``head`` names: a path, else a name in the LoRA folder; None when neither."""
+    from opensd.checkpoints.lora import LoRAFile
+
+    if Path(head).is_file():
+        return LoRAFile.load(head)
+    if head and library.has(head):
+        return library.load(library.find(head))
+    return None
+
+
+def _lora_use(spec: str, library):
+    """``--lora PATH``, ``PATH:WEIGHT`` (text encoder and U-Net) or ``PATH:TE:UNET``; PATH may be a NAME in --lora-dir."""
+    from opensd.checkpoints.lora import LoRAUse
+    from opensd.prompts.extra_networks import parse_multiplier
+
+    parts = spec.split(":")
+    for k in range(min(2, len(parts) - 1) + 1):  # 0, 1 or 2 trailing numbers (a Windows drive's colon stays in the path)
+        head, nums = ":".join(parts[: len(parts) - k]), parts[len(parts) - k:]
+        if k and not all(_is_number(n) for n in nums):
+            break
+        target = _lora_target(head, library)
+        if target is not None:
+            te = parse_multiplier(nums[0], f"--lora {spec}") if nums else 1.0
+            unet = parse_multiplier(nums[-1], f"--lora {spec}") if nums else te
+            return LoRAUse(target, unet=unet, te=te)
+    where = f", and no LoRA of that name in {library.folder}" if library.folder is not None else ""
+    raise OpenSDError(f"--lora {spec}: no such file{where}; give PATH[:WEIGHT] or PATH:TE:UNET (a .safetensors, .pt or .ckpt file)")
+
+
+def _cli_budget():
+    """No cap on the LoRAs of a run on one's own machine (the server has one: docs/server.md)."""
+    from opensd.pipelines.lora_library import LoraBudget
+
+    return LoraBudget(max_count=2**31, max_bytes=2**62)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _loras(specs: Optional[list[str]], lora_dir: Optional[Path], prompt: str):
+    """(library, --lora uses) with every file read and every prompt tag resolved: before the model loads."""
+    from opensd.pipelines.lora_library import LoraLibrary, default_lora_dir
+
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise OpenSDError(f"--lora-dir {lora_dir} is not a folder")
+    library = LoraLibrary(lora_dir if lora_dir is not None else default_lora_dir())
+    extra = [_lora_use(spec, library) for spec in specs or []]
+    library.uses_for(prompt, _cli_budget(), extra)  # tag errors and unknown names now; the files stay cached
+    return library, extra
+
+
 def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) -> None:
     """Run ``pipe.<kind>(**pipe_args)`` and write the images; ``run``: model, device, threads, out, quiet;
     ``refiner``: a second model's path, loaded after the first (``refiner=`` of the pipeline)."""
@@ -72,6 +132,7 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     from opensd.explain.progress import StepProgress
     from opensd.pipelines.images import load_image
     from opensd.pipelines.infotext import save_image
+    from opensd.pipelines.networks import RequestNetworks
     from opensd.prompts.budget import check_text
     from opensd.prompts.vocabulary import prompt_warnings
 
@@ -85,7 +146,16 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
         check_text(pipe_args[name], what=name)
     pipe_args["seed"], drawn = _seed(pipe_args.get("seed"))
     paths = _out_paths(run["out"], pipe_args["batch_size"], pipe_args["seed"])
+    library, lora_uses = _loras(run.get("lora"), run.get("lora_dir"), pipe_args["prompt"])
+    embeddings = _embeddings(run.get("embeddings_dir"))
     pipe = _pipeline(run["model"], device, run["threads"], run.get("prediction", "auto"))
+    networks = RequestNetworks.merge([
+        library.networks_for(pipe.model, pipe_args["prompt"], lora_uses, _cli_budget()),
+        embeddings.networks_for_prompts(pipe.model, pipe_args["prompt"], pipe_args["negative_prompt"])
+        if embeddings is not None else None,
+    ])
+    if networks:
+        pipe_args["networks"] = networks
     if refiner is not None:
         pipe_args["refiner"] = _pipeline(refiner, device, run["threads"])
     if drawn:  # once the model has loaded: a bad model is the only line then
@@ -97,6 +167,15 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     for im, path in zip(images, paths):
         save_image(im, path, im.info.get("parameters"))
         typer.echo(str(path))
+
+
+def _embeddings(folder: Optional[Path]):
+    """The :class:`EmbeddingLibrary` of ``--embeddings-dir`` (checked before the model loads), or None."""
+    if folder is None:
+        return None
+    from opensd.pipelines.embedding_library import EmbeddingLibrary
+
+    return EmbeddingLibrary(folder)
 
 
 # The CLI's inpaint area, measured with scripts/inpaint_success.py (README, Inpainting).
@@ -178,8 +257,12 @@ def _sdxl(
     return {**args, **extra}
 
 
-def _options(model: Optional[Path], device: Optional[str], threads: Optional[int], out: Optional[str], quiet: bool) -> dict:
-    return dict(model=model, device=device, threads=threads, out=out, quiet=quiet)
+def _options(
+    model: Optional[Path], device: Optional[str], threads: Optional[int], out: Optional[str], quiet: bool,
+    lora: Optional[list[str]] = None, lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None,
+) -> dict:
+    return dict(model=model, device=device, threads=threads, out=out, quiet=quiet, lora=lora, lora_dir=lora_dir,
+                embeddings_dir=embeddings_dir)
 
 
 MODEL = typer.Option(None, "--model", "-m", help="Model path (diffusers folder, SD file or opensd folder); default: the bundled model.")
@@ -207,6 +290,11 @@ TILED_VAE = typer.Option(
     "Default: only above 1.5x the model's native size on a side (SD 1.x: 768 px, SDXL: 1536 px).",
 )
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+EMBEDDINGS_DIR = typer.Option(
+    None, "--embeddings-dir", envvar="OPENSD_EMBEDDINGS_DIR",
+    help="Folder of textual-inversion embeddings (.pt, .bin, .safetensors, as A1111's embeddings/): "
+    "a prompt or negative prompt uses one by its file name, e.g. '(myemb:1.2)'. Default: none.",
+)
 REFINER = typer.Option(
     None, "--refiner",
     help="A second model that finishes the run (A1111's Refiner; e.g. SDXL's refiner after the SDXL base): same latent space as --model.",
@@ -216,6 +304,17 @@ AESTHETIC = typer.Option(6.0, "--aesthetic-score", help="The SDXL refiner's aest
 NEG_AESTHETIC = typer.Option(2.5, "--negative-aesthetic-score", help="The SDXL refiner's aesthetic score of the negative prompt.")
 ORIGINAL_SIZE = typer.Option(
     None, "--original-size", help="SDXL's size conditioning: HEIGHTxWIDTH the model is told the source image had (default: the output size).",
+)
+LORA = typer.Option(
+    None, "--lora",
+    help="A LoRA to apply: PATH (.safetensors, .pt or .ckpt) or a NAME in --lora-dir, optionally :WEIGHT "
+    "(text encoder and U-Net) or :TE:UNET, e.g. --lora style.safetensors:0.8. Repeatable; the same as "
+    "<lora:NAME:WEIGHT> in the prompt.",
+)
+LORA_DIR = typer.Option(
+    None, "--lora-dir",
+    help="Folder of LoRAs (subfolders too) that <lora:name:weight> tags in the prompt name, by file name or "
+    "metadata alias. Default: $OPENSD_LORA_DIR, else ./models/Lora (A1111's) when it exists.",
 )
 TURBO = typer.Option(
     False, "--turbo",
@@ -235,13 +334,14 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, prediction: PredictionChoice = PREDICTION,
-        refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
+        embeddings_dir: Optional[Path] = EMBEDDINGS_DIR, refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
+        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR,
     ) -> None:
         """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size)
-        run = {**_options(model, device, threads, out, quiet), "prediction": prediction.value}
+        run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir), "prediction": prediction.value}
         _run("txt2img", {"prompt": prompt, **args}, run, refiner)
 
     @app.command()
@@ -255,14 +355,16 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
+        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR,
     ) -> None:
         """Image to image: modify IMAGE toward PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
-        _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args}, _options(model, device, threads, out, quiet), refiner)
+        _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args},
+             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir), refiner)
 
     @app.command()
     @fail_cleanly
@@ -292,16 +394,17 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
         tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
+        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR,
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         inpainting = _inpaint_options(mask_blur, masked_content, only_masked, only_masked_padding)
         _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args},
-             _options(model, device, threads, out, quiet), refiner)
+             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir), refiner)
 
     @app.command("png-info")
     @fail_cleanly

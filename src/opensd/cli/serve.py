@@ -31,6 +31,10 @@ def register(app: typer.Typer) -> None:
             None, "--model", "-m", help="Model to serve first (diffusers folder, SD file or opensd folder); default: the bundled model, or the first one in --models-dir."
         ),
         models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of models that clients may switch to (option sd_model_checkpoint)."),
+        embeddings_dir: Optional[Path] = typer.Option(
+            None, "--embeddings-dir", envvar="OPENSD_EMBEDDINGS_DIR",
+            help="Folder of textual-inversion embeddings (.pt, .bin, .safetensors) that prompts use by file name (GET /sdapi/v1/embeddings).",
+        ),
         host: str = typer.Option("127.0.0.1", help="Address to listen on. The default accepts connections from this machine only."),
         port: int = typer.Option(7860, help="Port, 1 to 65535 (7860 is A1111's default)."),
         api_auth: Optional[str] = typer.Option(
@@ -49,6 +53,12 @@ def register(app: typer.Typer) -> None:
             2000, help="Most work per request, in native image-steps: (width*height / the model's native size squared) x steps x images."
         ),
         max_seconds: int = typer.Option(600, help="Longest a request may run (wall time, once started); then it is stopped with a 422."),
+        lora_dir: Optional[Path] = typer.Option(
+            None, "--lora-dir", help="Folder of LoRAs that <lora:name:weight> tags in prompts name (subfolders too); "
+            "default: $OPENSD_LORA_DIR, else ./models/Lora (A1111's) when it exists.",
+        ),
+        max_loras: int = typer.Option(16, help="Most <lora:...> tags in one request."),
+        max_lora_mb: int = typer.Option(4096, help="Largest total size of the LoRA files one request names, in MiB."),
         device: Optional[str] = DEVICE,
         threads: Optional[int] = THREADS,
         dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
@@ -60,6 +70,7 @@ def register(app: typer.Typer) -> None:
 
         from opensd.defaults import default_model_path
         from opensd.devices import resolve_device
+        from opensd.pipelines.lora_library import default_lora_dir
         from opensd.serving import Limits, create_app
         from opensd.serving.security import parse_auth
 
@@ -70,7 +81,11 @@ def register(app: typer.Typer) -> None:
             raise OpenSDError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if models_dir is not None and not models_dir.is_dir():
             raise OpenSDError(f"--models-dir {models_dir} is not a folder")
+        if embeddings_dir is not None and not embeddings_dir.is_dir():
+            raise OpenSDError(f"--embeddings-dir {embeddings_dir} is not a folder")
         parse_auth(api_auth)  # a bad --api-auth fails before the model loads
+        if lora_dir is not None and not lora_dir.is_dir():
+            raise OpenSDError(f"--lora-dir {lora_dir} is not a folder")
         if model is None and models_dir is None:
             model = default_model_path()
             if model is None:
@@ -79,10 +94,17 @@ def register(app: typer.Typer) -> None:
             max_width=max_size, max_height=max_size, max_steps=max_steps, max_batch_size=max_batch_size,
             max_n_iter=max_n_iter, max_body_bytes=int(max_body_mb * 2**20), max_prompt_bytes=max_prompt_bytes,
             max_prompt_tokens=max_prompt_tokens, max_work=max_work, max_seconds=max_seconds, workers=workers, max_queue=max_queue,
+            max_loras=max_loras, max_lora_bytes=max_lora_mb * 2**20,
         )
-        app_ = create_app(model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, dtype=getattr(torch, dtype))
+        app_ = create_app(
+            model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, dtype=getattr(torch, dtype),
+            lora_dir=lora_dir if lora_dir is not None else default_lora_dir(), embeddings_dir=embeddings_dir,
+        )
         use_threads(threads, app_.state.opensd.registry.current.model)
         if not _is_loopback(host) and not api_auth:
             typer.echo(f"warning: listening on {host} without --api-auth: anyone who can reach it can use it", err=True)
         typer.echo(f"opensd: serving {app_.state.opensd.registry.current_title()} on http://{host}:{port} (web page at /, API docs at /docs)")
+        loras = app_.state.opensd.loras
+        if loras.folder is not None:
+            typer.echo(f"opensd: {len(loras.entries())} LoRAs in {loras.folder} (<lora:name:weight> in prompts)")
         uvicorn.run(app_, host=host, port=port, log_level=log_level)

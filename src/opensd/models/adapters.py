@@ -139,7 +139,7 @@ class Kronecker:
         w1 = self.w1
         if self.w2.ndim == 4:
             w1 = w1[:, :, None, None]
-        return torch.kron(w1, self.w2).reshape(self.shape) * self.scale
+        return torch.kron(w1, self.w2.contiguous()).reshape(self.shape) * self.scale  # kron fails on strided views
 
     def forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _apply_weight(module, x, self.weight())

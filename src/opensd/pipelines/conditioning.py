@@ -22,6 +22,14 @@ OpenCLIP pads with id 0 (``!``) where CLIP pads with end-of-text: a chunk built 
 first tokenizer is re-padded for every OpenCLIP encoder (everything after the first
 end-of-text becomes 0), which A1111 does by tokenizing once per embedder; so an SD 2.x
 model conditions the same whichever of the two paddings its tokenizer has.
+
+Textual inversions (:mod:`opensd.checkpoints.embeddings`): a request's ``embeddings``
+(name -> :class:`~opensd.checkpoints.embeddings.TextualInversion`) are found in its
+prompts by name (:mod:`opensd.prompts.embedding_names`); each stands for n placeholder
+tokens (:func:`~opensd.prompts.syntax.tokenize_prompt`), and every text encoder gets the
+embedding's vectors for it in place of the placeholders' token embeddings (A1111's
+``EmbeddingsWithFixes``), so emphasis, chunking, re-padding and pooling apply as to words.
+Without embeddings in a prompt, its encoding is exactly what it was without them.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+from torch import nn
 
+from opensd.checkpoints.embeddings import TextualInversion, check_fits
 from opensd.models.layers import timestep_embedding
 from opensd.models.open_clip import OpenCLIPTextModel
 from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
@@ -49,6 +59,7 @@ from opensd.prompts.syntax import (
 
 OPEN_CLIP_PAD_ID = 0  # OpenCLIP's tokenizer pads with 0 ("!")
 Conditioning = dict[str, torch.Tensor]
+Embeddings = Mapping[str, TextualInversion]  # a request's textual inversions by name
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,16 @@ class TextEmbedding:
     def expand(self, batch: int) -> TextEmbedding:
         pooled = None if self.pooled is None else self.pooled.expand(batch, -1)
         return TextEmbedding(self.context.expand(batch, -1, -1), pooled)
+
+
+def token_embedding(encoder: nn.Module) -> nn.Embedding:
+    """A text encoder's token-embedding table (CLIP's and OpenCLIP's module names)."""
+    return encoder.token_embedding if isinstance(encoder, OpenCLIPTextModel) else encoder.text_model.embeddings.token_embedding
+
+
+def embedding_fixes(prompts: list[TokenizedPrompt], n: int) -> list[tuple[int, int, str]]:
+    """``(row, offset, name)`` of every embedding in :func:`chunk_rows`' rows (prompt i's chunk j is row i * n + j)."""
+    return [(i * n + j, off, name) for i, p in enumerate(prompts) for j, c in enumerate(p.chunks) for off, name in c.embeddings]
 
 
 def repad(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -87,33 +108,44 @@ class Conditioner:
     def context_length(self) -> int:
         return context_length(self.tokenizer, self.model.text_encoder)
 
-    def tokenize(self, prompt: str) -> TokenizedPrompt:
-        """``prompt`` cut into chunks, within the budget."""
+    def tokenize(self, prompt: str, embeddings: Embeddings | None = None) -> TokenizedPrompt:
+        """``prompt`` cut into chunks, within the budget; ``embeddings`` where it names them."""
+        counts = {name: ti.count for name, ti in embeddings.items()} if embeddings else None
         if self.budget is None:
-            return tokenize_prompt(self.tokenizer, prompt, self.context_length)
-        return tokenize_within_budget(prompt, self.tokenizer, self.budget, self.context_length)
+            return tokenize_prompt(self.tokenizer, prompt, self.context_length, embeddings=counts)
+        return tokenize_within_budget(prompt, self.tokenizer, self.budget, self.context_length, embeddings=counts)
 
     def clip_skip_applies(self) -> bool:
         """Only SD 1.x has A1111's "clip skip"; SD 2.x and SDXL use their fixed layers (as A1111)."""
         return self.family is ModelFamily.SD1
 
-    def encode_tokenized(self, prompts: list[TokenizedPrompt], clip_skip: int = 1) -> TextEmbedding:
-        """Every chunk encoded on its own, weighted (A1111's emphasis, per encoder), concatenated."""
+    def encode_tokenized(
+        self, prompts: list[TokenizedPrompt], clip_skip: int = 1, embeddings: Embeddings | None = None
+    ) -> TextEmbedding:
+        """Every chunk encoded on its own, weighted (A1111's emphasis, per encoder), concatenated;
+        the chunks' embeddings (:attr:`Chunk.embeddings`) taken from ``embeddings`` by name."""
         encoders = self.model.text_encoders
-        if self.family is ModelFamily.SD1:
-            return TextEmbedding(encode_tokenized(encoders[0], prompts, self.tokenizer, skip_layers=clip_skip - 1))
         device = next(encoders[0].parameters()).device
         ids, weights, n = chunk_rows(prompts, self.tokenizer, device=device)  # (B*n, ctx)
+        fixes = embedding_fixes(prompts, n)
+        if self.family is ModelFamily.SD1:
+            if not fixes:
+                return TextEmbedding(encode_tokenized(encoders[0], prompts, self.tokenizer, skip_layers=clip_skip - 1))
+            hidden = encoders[0](ids, skip_layers=clip_skip - 1, token_embeds=self._token_embeds(0, ids, fixes, embeddings))
+            z = apply_emphasis(hidden, weights)
+            return TextEmbedding(z.reshape(len(prompts), n * z.shape[1], z.shape[-1]))
         if self.family is ModelFamily.SD2:  # OpenCLIP was trained on zero padding, whatever the tokenizer pads with
-            hidden = encoders[0](repad(ids, self.tokenizer.eos_id, OPEN_CLIP_PAD_ID), skip_layers=1)
+            ids = repad(ids, self.tokenizer.eos_id, OPEN_CLIP_PAD_ID)
+            hidden = encoders[0](ids, skip_layers=1, token_embeds=self._token_embeds(0, ids, fixes, embeddings))
             z = apply_emphasis(hidden, weights)
             return TextEmbedding(z.reshape(len(prompts), n * z.shape[1], z.shape[-1]))
         parts, pooled = [], None
-        for enc in encoders:
+        for k, enc in enumerate(encoders):
             if isinstance(enc, OpenCLIPTextModel):
-                hidden, pooled = enc.hidden_and_pooled(repad(ids, self.tokenizer.eos_id, OPEN_CLIP_PAD_ID), 1)
+                padded = repad(ids, self.tokenizer.eos_id, OPEN_CLIP_PAD_ID)
+                hidden, pooled = enc.hidden_and_pooled(padded, 1, self._token_embeds(k, padded, fixes, embeddings))
             else:
-                hidden = enc(ids, skip_layers=1, final_norm=False)
+                hidden = enc(ids, skip_layers=1, final_norm=False, token_embeds=self._token_embeds(k, ids, fixes, embeddings))
             parts.append(apply_emphasis(hidden, weights))  # (B*n, ctx, D_i)
         z = torch.cat(parts, dim=-1)
         assert pooled is not None
@@ -121,19 +153,40 @@ class Conditioner:
         first = pooled.reshape(b, n, -1)[:, 0]  # (B, P): the first chunk's, as A1111
         return TextEmbedding(z.reshape(b, n * z.shape[1], z.shape[-1]), first)
 
-    def encode(self, prompts: list[str], clip_skip: int = 1, *, should_stop: StopCheck | None = None) -> TextEmbedding:
+    def _token_embeds(
+        self, k: int, ids: torch.Tensor, fixes: list[tuple[int, int, str]], embeddings: Embeddings | None
+    ) -> torch.Tensor | None:
+        """(N, ctx, D_k): text encoder ``k``'s token embeddings of ``ids`` (N, ctx) with each
+        fix's placeholders replaced by its embedding's vectors; None without fixes."""
+        if not fixes:
+            return None
+        assert embeddings is not None
+        x = token_embedding(self.model.text_encoders[k])(ids)  # (N, ctx, D_k)
+        for row, offset, name in fixes:
+            vectors = embeddings[name].vectors[k]  # (n, D_k)
+            x[row, offset: offset + vectors.shape[0]] = vectors.to(x.dtype)
+        return x
+
+    def encode(
+        self, prompts: list[str], clip_skip: int = 1, *, should_stop: StopCheck | None = None,
+        embeddings: Embeddings | None = None,
+    ) -> TextEmbedding:
         """Encode ``prompts`` (A1111 syntax, any length). With ``should_stop`` a single prompt
         is encoded chunk by chunk and ``should_stop()`` polled before each (the result is
-        the same: every chunk is encoded on its own either way)."""
+        the same: every chunk is encoded on its own either way). ``embeddings``: textual
+        inversions by name, put where the prompts name them (differentiable in their vectors
+        outside inference mode); each must fit the model."""
+        for ti in (embeddings or {}).values():
+            check_fits(ti, self.model)
         if should_stop is None or len(prompts) != 1:
             check_stop(should_stop, "encoding the prompt")
-            return self.encode_tokenized([self.tokenize(p) for p in prompts], clip_skip)
-        tokenized = self.tokenize(prompts[0])
+            return self.encode_tokenized([self.tokenize(p, embeddings) for p in prompts], clip_skip, embeddings)
+        tokenized = self.tokenize(prompts[0], embeddings)
         parts = []
         for chunk in tokenized.chunks:
             check_stop(should_stop, "encoding the prompt")
             one = TokenizedPrompt([chunk], tokenized.words, tokenized.token_count, tokenized.context)
-            parts.append(self.encode_tokenized([one], clip_skip))
+            parts.append(self.encode_tokenized([one], clip_skip, embeddings))
         pooled = parts[0].pooled
         return TextEmbedding(torch.cat([p.context for p in parts], dim=1), pooled)
 
@@ -176,9 +229,10 @@ class Conditioner:
     ) -> tuple[Conditioning, Conditioning | None]:
         """``(cond, uncond)`` for ``req``, each batched to ``req.batch_size``; uncond is None
         at ``cfg_scale`` 1 (no unconditional pass). ``embeddings``: the request's textual
-        inversions by name (:mod:`opensd.pipelines.networks`)."""
+        inversions by name (:mod:`opensd.pipelines.networks`), in the prompt and the negative prompt."""
         batch = req.batch_size
-        cond = self._text(prompt_embeds, "prompt_embeds", req.prompt, req, should_stop).expand(batch)
+        embeddings = embeddings or None
+        cond = self._text(prompt_embeds, "prompt_embeds", req.prompt, req, should_stop, embeddings).expand(batch)
         if req.cfg_scale == 1.0:
             return self.to_dict(cond, req), None
         if negative_embeds is None and req.negative_prompt == "" and self.family in (
@@ -187,7 +241,9 @@ class Conditioner:
             pooled = None if cond.pooled is None else torch.zeros_like(cond.pooled)
             uncond = TextEmbedding(torch.zeros_like(cond.context), pooled)
         else:
-            uncond = self._text(negative_embeds, "negative_embeds", req.negative_prompt, req, should_stop).expand(batch)
+            uncond = self._text(
+                negative_embeds, "negative_embeds", req.negative_prompt, req, should_stop, embeddings
+            ).expand(batch)
         if uncond.context.shape[1] != cond.context.shape[1]:  # A1111: pad the shorter with empty-prompt chunks
             empty = self.encode([""], req.clip_skip).context
             c, u = match_lengths(cond.context, uncond.context, empty)
@@ -195,11 +251,12 @@ class Conditioner:
         return self.to_dict(cond, req), self.to_dict(uncond, req, negative=True)
 
     def _text(
-        self, embeds: Any, name: str, prompt: str, req: GenerationRequest, should_stop: StopCheck | None
+        self, embeds: Any, name: str, prompt: str, req: GenerationRequest, should_stop: StopCheck | None,
+        embeddings: Embeddings | None = None,
     ) -> TextEmbedding:
         """``embeds`` checked (a context tensor, or a dict with ``context`` and ``pooled``), else ``prompt`` encoded."""
         if embeds is None:
-            return self.encode([prompt], req.clip_skip, should_stop=should_stop)
+            return self.encode([prompt], req.clip_skip, should_stop=should_stop, embeddings=embeddings)
         cfg, batch = self.model.cfg, req.batch_size
         context, pooled = (embeds.get("context"), embeds.get("pooled")) if isinstance(embeds, Mapping) else (embeds, None)
         width = cfg.context_dim

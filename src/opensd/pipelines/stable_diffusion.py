@@ -125,6 +125,7 @@ class StableDiffusionPipeline:
         prompt_embeds: torch.Tensor | None = None,
         negative_embeds: torch.Tensor | None = None,
         refiner: StableDiffusionPipeline | None = None,
+        networks: RequestNetworks | None = None,
         **options: Any,
     ) -> list[Image.Image]:
         """Images for ``prompt``; each carries its A1111 infotext in ``image.info["parameters"]``.
@@ -132,12 +133,13 @@ class StableDiffusionPipeline:
         ``prompt_embeds`` / ``negative_embeds`` (1 or B, L, width) replace the encoded texts,
         which then only label the infotext (see :mod:`opensd.prompts.arithmetic`).
         ``refiner``: a second pipeline that finishes the run after ``refiner_switch_at``
-        (default 0.8) of it (:mod:`opensd.pipelines.refiner`).
+        (default 0.8) of it (:mod:`opensd.pipelines.refiner`). ``networks``: this run's
+        LoRAs and textual inversions (:meth:`generate`).
         """
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, 1.0, options)
         return self.generate(
             req, latents=latents, callback=callback, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
-            refiner=refiner,
+            refiner=refiner, networks=networks,
         ).images
 
     def img2img(
@@ -156,6 +158,7 @@ class StableDiffusionPipeline:
         batch_size: int = 1,
         callback: StepCallback | None = None,
         refiner: StableDiffusionPipeline | None = None,
+        networks: RequestNetworks | None = None,
         **options: Any,
     ) -> list[Image.Image]:
         """Modify ``image`` toward ``prompt``; ``strength`` 0 keeps it, 1 replaces it.
@@ -163,7 +166,7 @@ class StableDiffusionPipeline:
         image = load_image(image)
         width, height = self._size_for(image, width, height)
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
-        return self.generate(req, init_image=image, callback=callback, refiner=refiner).images
+        return self.generate(req, init_image=image, callback=callback, refiner=refiner, networks=networks).images
 
     def inpaint(
         self,
@@ -186,6 +189,7 @@ class StableDiffusionPipeline:
         only_masked_padding: int = DEFAULT_ONLY_MASKED_PADDING,
         callback: StepCallback | None = None,
         refiner: StableDiffusionPipeline | None = None,
+        networks: RequestNetworks | None = None,
         **options: Any,
     ) -> list[Image.Image]:
         """Repaint the white part of ``mask`` (same size as ``image``) following ``prompt``.
@@ -204,7 +208,7 @@ class StableDiffusionPipeline:
         spec = InpaintMask(mask, mask_blur, masked_content, only_masked, only_masked_padding)
         width, height = self._size_for(image, width, height)
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
-        return self.generate(req, init_image=image, mask=spec, callback=callback, refiner=refiner).images
+        return self.generate(req, init_image=image, mask=spec, callback=callback, refiner=refiner, networks=networks).images
 
     # ---------------------------------------------------------------- the loop
 

@@ -53,24 +53,26 @@ DEFAULT_BUDGET = PromptBudget()
 """What the pipeline and the server allow unless told otherwise: 64 KiB, 3000 tokens."""
 
 
-def check_prompt(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, *, what: str = "prompt") -> int:
+def check_prompt(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, *, what: str = "prompt", embeddings=None) -> int:
     """Check ``text`` against ``budget`` and return its token count; the error names the limit and the size.
 
     Raises :class:`PromptBudgetError` (not text, a lone surrogate, too many bytes or
     tokens) or :class:`~opensd.prompts.syntax.PromptSyntaxError` (brackets nested too
     deep, a weight out of range). The bytes are checked before any parsing and the
     tokenizer stops one token past the cap, so a refusal costs at most ``max_bytes`` of
-    parsing and ``max_tokens`` of tokenizing.
+    parsing and ``max_tokens`` of tokenizing. ``embeddings`` (name -> vector count): each
+    embedding the text names counts its vectors.
     """
-    return tokenize_within_budget(text, tokenizer, budget, what=what).token_count
+    return tokenize_within_budget(text, tokenizer, budget, what=what, embeddings=embeddings).token_count
 
 
 def tokenize_within_budget(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, context: int | None = None, *,
-                           comma_backtrack: int | None = None, what: str = "prompt"):
+                           comma_backtrack: int | None = None, what: str = "prompt", embeddings=None):
     """:func:`~opensd.prompts.syntax.tokenize_prompt` of ``text`` once it passes :func:`check_prompt`'s checks.
 
-    One tokenization serves both the check and the encoding (``context`` and
-    ``comma_backtrack`` as ``tokenize_prompt`` takes them).
+    One tokenization serves both the check and the encoding (``context``,
+    ``comma_backtrack`` and ``embeddings`` as ``tokenize_prompt`` takes them: an embedding
+    counts its vectors).
     """
     from opensd.prompts.syntax import COMMA_BACKTRACK, tokenize_prompt
 
@@ -81,7 +83,8 @@ def tokenize_within_budget(text: str, tokenizer, budget: PromptBudget = DEFAULT_
     if size > budget.max_bytes:
         raise PromptBudgetError(f"{what} is {size} bytes; at most {budget.max_bytes} are allowed")
     backtrack = COMMA_BACKTRACK if comma_backtrack is None else comma_backtrack
-    tokenized = tokenize_prompt(tokenizer, text, context, comma_backtrack=backtrack, max_tokens=budget.max_tokens)
+    tokenized = tokenize_prompt(tokenizer, text, context, comma_backtrack=backtrack, max_tokens=budget.max_tokens,
+                                embeddings=embeddings)
     if tokenized.token_count > budget.max_tokens:
         per_chunk = max(1, int(tokenizer.context_length) - 2)
         raise PromptBudgetError(

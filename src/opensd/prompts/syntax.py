@@ -41,6 +41,9 @@ Encoding (A1111's ``FrozenCLIPEmbedderWithCustomWords`` with emphasis "Original"
 
 A prompt whose weights are all 1 (``(word:1.0)`` included: equal weights merge)
 encodes exactly as the plain prompt, without the rescale.
+
+Extra-network tags (``<lora:name:0.8>``, any ``<kind:...>``) are removed before parsing,
+as A1111 removes them (:mod:`opensd.prompts.extra_networks`); the infotext keeps them.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -64,8 +67,13 @@ from opensd.prompts.attention import (  # noqa: F401  (the parser, re-exported: 
     parse_prompt_attention,
 )
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, tokenize_within_budget
+from opensd.prompts.embedding_names import EmbeddingNames
+from opensd.prompts.extra_networks import strip_tags
 
 COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit"
+# The id under an embedding's vectors (A1111's 0): low, so that OpenCLIP's pooling at the
+# highest id of a row still finds end-of-text, and before eos, so re-padding keeps it.
+PLACEHOLDER_ID = 0
 
 
 # ----------------------------------------------------------------------------- tokenizing into chunks
@@ -74,12 +82,14 @@ COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit"
 class Chunk:
     """One framed chunk: ``ids``, ``weights`` and ``word_index`` have the context's length.
 
-    ``word_index`` is -1 at bos, eos and padding.
+    ``word_index`` is -1 at bos, eos and padding. ``embeddings``: the textual inversions
+    the chunk holds, each at the offset of its first placeholder (bos is offset 0).
     """
 
     ids: list[int]
     weights: list[float]
     word_index: list[int]
+    embeddings: list[tuple[int, str]] = field(default_factory=list)  # (offset, name): where each embedding's vectors go
 
 
 @dataclass
@@ -139,6 +149,7 @@ def tokenize_prompt(
     *,
     comma_backtrack: int = COMMA_BACKTRACK,
     max_tokens: int | None = None,
+    embeddings: Mapping[str, int] | None = None,
 ) -> TokenizedPrompt:
     """Parse ``text`` and cut its weighted tokens into framed chunks of ``context`` ids.
 
@@ -147,6 +158,12 @@ def tokenize_prompt(
     stops as soon as the prompt holds more: the result then has ``token_count ==
     max_tokens + 1`` and is only good for saying that it is too long (see
     :func:`opensd.prompts.budget.check_prompt`). Time and memory are linear in ``len(text)``.
+
+    ``embeddings`` (name -> vector count n): where the text names one
+    (:mod:`opensd.prompts.embedding_names`), n placeholder tokens (:data:`PLACEHOLDER_ID`,
+    weighted as the name's fragment) stand for its vectors, counted as n tokens, and the
+    chunk records where (:attr:`Chunk.embeddings`). As A1111, an embedding is never split:
+    when it does not fit in what is left of a chunk, the chunk ends and it starts the next.
     """
     context = int(tokenizer.context_length) if context is None else context
     if isinstance(context, bool) or not isinstance(context, int) or context < 3:
@@ -154,27 +171,10 @@ def tokenize_prompt(
     if isinstance(comma_backtrack, bool) or not isinstance(comma_backtrack, int) or comma_backtrack < 0:
         raise PromptSyntaxError(f"comma_backtrack must be an integer >= 0, got {comma_backtrack!r}")
     size = context - 2
-    fragments = parse_prompt_attention(text)
-    comma = _comma_id(tokenizer)
-
-    chunks: list[Chunk] = []
-    ids: list[int] = []
-    weights: list[float] = []
-    words_of: list[int] = []
-    last_comma = -1
+    fragments = parse_prompt_attention(strip_tags(text))  # <lora:name:w> and every other <kind:...> tag is not text
+    chunker = _Chunker(tokenizer, size, comma_backtrack)
+    names = EmbeddingNames(embeddings) if embeddings else None
     count = 0
-
-    def close_chunk() -> None:
-        nonlocal ids, weights, words_of, last_comma
-        n = size - len(ids)
-        chunks.append(
-            Chunk(
-                [tokenizer.bos_id, *ids, tokenizer.eos_id] + [tokenizer.pad_id] * n,
-                [1.0, *weights, 1.0] + [1.0] * n,
-                [-1, *words_of, -1] + [-1] * n,
-            )
-        )
-        ids, weights, words_of, last_comma = [], [], [], -1
 
     words: list[list[str]] = []  # each word's pieces, joined at the end (``+=`` on a long word is quadratic)
     joined = False  # the previous piece was a word with no whitespace after it
@@ -182,42 +182,99 @@ def tokenize_prompt(
         if max_tokens is not None and count > max_tokens:
             break
         if frag.is_break:
-            close_chunk()
+            chunker.close()
             joined = False
             continue
-        for piece in re.split(r"(\s+)", frag.text):
-            if not piece:
-                continue
-            if piece.isspace():
-                joined = False
-                continue
-            if max_tokens is not None and count > max_tokens:
-                break
-            if joined:
-                words[-1].append(piece)
-            else:
-                words.append([piece])
-            joined = True
-            for token in tokenizer.encode(piece):
-                if token == comma:
-                    last_comma = len(ids)
-                elif comma_backtrack and len(ids) == size and last_comma != -1 and size - last_comma <= comma_backtrack:
-                    cut = last_comma + 1  # the comma stays, what follows it moves on
-                    moved = ids[cut:], weights[cut:], words_of[cut:]
-                    ids, weights, words_of = ids[:cut], weights[:cut], words_of[:cut]
-                    close_chunk()
-                    ids, weights, words_of = (list(x) for x in moved)
-                if len(ids) == size:
-                    close_chunk()
-                ids.append(token)
-                weights.append(float(frag.weight))
-                words_of.append(len(words) - 1)
-                count += 1
-    if ids or not chunks:
-        close_chunk()
+        for segment, is_name in names.split(frag.text) if names else [(frag.text, False)]:
+            for piece in [segment] if is_name else re.split(r"(\s+)", segment):
+                if not piece:
+                    continue
+                if piece.isspace():
+                    joined = False
+                    continue
+                if max_tokens is not None and count > max_tokens:
+                    break
+                if joined:
+                    words[-1].append(piece)
+                else:
+                    words.append([piece])
+                joined = True
+                if is_name:
+                    assert embeddings is not None
+                    chunker.add_embedding(piece, embeddings[piece], float(frag.weight), len(words) - 1)
+                    count += embeddings[piece]
+                    continue
+                for token in tokenizer.encode(piece):
+                    chunker.add_token(token, float(frag.weight), len(words) - 1)
+                    count += 1
+    if chunker.ids or not chunker.chunks:
+        chunker.close()
     if max_tokens is not None and count > max_tokens:
         count = max_tokens + 1
-    return TokenizedPrompt(chunks, ["".join(w) for w in words], count, context, fragments)
+    return TokenizedPrompt(chunker.chunks, ["".join(w) for w in words], count, context, fragments)
+
+
+class _Chunker:
+    """Step 2 of the module doc: weighted tokens (and embeddings' placeholders) into framed chunks."""
+
+    def __init__(self, tokenizer, size: int, comma_backtrack: int):
+        self.tokenizer, self.size, self.comma_backtrack = tokenizer, size, comma_backtrack
+        self.comma = _comma_id(tokenizer)
+        self.chunks: list[Chunk] = []
+        self.ids: list[int] = []
+        self.weights: list[float] = []
+        self.words_of: list[int] = []
+        self.fixes: list[tuple[int, str]] = []  # (index in ids, embedding name)
+        self.last_comma = -1
+
+    def close(self) -> None:
+        n = self.size - len(self.ids)
+        tok = self.tokenizer
+        self.chunks.append(
+            Chunk(
+                [tok.bos_id, *self.ids, tok.eos_id] + [tok.pad_id] * n,
+                [1.0, *self.weights, 1.0] + [1.0] * n,
+                [-1, *self.words_of, -1] + [-1] * n,
+                [(i + 1, name) for i, name in self.fixes],  # + 1: after bos
+            )
+        )
+        self.ids, self.weights, self.words_of, self.fixes, self.last_comma = [], [], [], [], -1
+
+    def _make_room(self, is_comma: bool) -> None:
+        """Before a token: note a comma; or, in a full chunk with a comma at most
+        ``comma_backtrack`` back, move what follows the comma to the next chunk; close a full chunk."""
+        if is_comma:
+            self.last_comma = len(self.ids)
+        elif (self.comma_backtrack and len(self.ids) == self.size and self.last_comma != -1
+              and self.size - self.last_comma <= self.comma_backtrack):
+            cut = self.last_comma + 1  # the comma stays, what follows it moves on
+            moved = self.ids[cut:], self.weights[cut:], self.words_of[cut:]
+            moved_fixes = [(i - cut, name) for i, name in self.fixes if i >= cut]
+            self.ids, self.weights, self.words_of = self.ids[:cut], self.weights[:cut], self.words_of[:cut]
+            self.fixes = [f for f in self.fixes if f[0] < cut]
+            self.close()
+            self.ids, self.weights, self.words_of = (list(x) for x in moved)
+            self.fixes = moved_fixes
+        if len(self.ids) == self.size:
+            self.close()
+
+    def add_token(self, token: int, weight: float, word: int) -> None:
+        self._make_room(token == self.comma)
+        self.ids.append(token)
+        self.weights.append(weight)
+        self.words_of.append(word)
+
+    def add_embedding(self, name: str, n: int, weight: float, word: int) -> None:
+        """n placeholders for embedding ``name``, all in one chunk (A1111's rule)."""
+        if not 1 <= n <= self.size:
+            raise PromptSyntaxError(f"embedding {name!r} has {n} vectors; a prompt chunk holds 1 to {self.size}")
+        self._make_room(False)
+        if len(self.ids) + n > self.size:
+            self.close()
+        self.fixes.append((len(self.ids), name))
+        self.ids += [PLACEHOLDER_ID] * n
+        self.weights += [weight] * n
+        self.words_of += [word] * n
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -330,6 +387,7 @@ __all__ = [
     "COMMA_BACKTRACK",
     "MAX_NESTING",
     "MAX_WEIGHT",
+    "PLACEHOLDER_ID",
     "Chunk",
     "Fragment",
     "PromptSyntaxError",

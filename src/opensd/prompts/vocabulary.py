@@ -12,6 +12,7 @@ prompt, which the pipeline returns in ``GenerationResult.warnings``, the CLI pri
 
 from __future__ import annotations
 
+from opensd.prompts.extra_networks import strip_tags
 from opensd.prompts.syntax import parse_prompt_attention
 from opensd.tokenizers import unknown_words
 
@@ -21,7 +22,7 @@ SHOW_AT_MOST = 10  # unknown words quoted in one warning
 
 def prompt_unknown_words(tokenizer, prompt: str) -> list[str]:
     """The words of ``prompt`` (A1111 syntax removed) that ``tokenizer`` cannot represent, each once."""
-    text = " ".join(f.text for f in parse_prompt_attention(prompt) if not f.is_break)
+    text = " ".join(f.text for f in parse_prompt_attention(strip_tags(prompt)) if not f.is_break)
     return unknown_words(tokenizer, text)
 
 

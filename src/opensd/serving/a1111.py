@@ -36,11 +36,14 @@ from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, list_sam
 from opensd.diffusion.schedules import SigmaSpacing
 from opensd.pipelines.infotext import parse_infotext, read_parameters
 from opensd.pipelines.inpaint import MAX_MASK_BLUR, MAX_ONLY_MASKED_PADDING, InpaintMask, MaskedContent
+from opensd.pipelines.networks import RequestNetworks
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, validate
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.prompts.budget import PromptBudgetError, check_prompt
 from opensd.serving.codec import decode_image, encode_png
+from opensd.serving.embeddings import request_networks as embedding_networks
 from opensd.serving.errors import ApiError
+from opensd.serving.loras import request_networks as lora_networks
 from opensd.serving.models import Checkpoint
 from opensd.serving.queue import PREVIEW_MODES, Job, run_batches
 from opensd.serving.refiner import RefinerPlan, plan_refiner
@@ -110,6 +113,7 @@ class Plan:
     init_image: Image.Image | None = None
     mask: InpaintMask | None = None
     refiner: RefinerPlan | None = None
+    networks: RequestNetworks | None = None  # the LoRAs (<lora:...> tags, bound) and embeddings the prompts name
 
 
 def _model_for(st: ServerState, overrides: dict[str, Any]) -> tuple[Checkpoint, StableDiffusionPipeline]:
@@ -133,12 +137,16 @@ def _clip_skip(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusion
     return value
 
 
-def check_prompts(st: ServerState, pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str) -> None:
-    """422 when the prompt or the negative prompt is over the server's prompt budget (bytes first, then tokens)."""
+def check_prompts(
+    st: ServerState, pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, networks: RequestNetworks | None = None,
+) -> None:
+    """422 when the prompt or the negative prompt is over the server's prompt budget (bytes first, then tokens;
+    an embedding of ``networks`` counts its vectors)."""
     budget = st.limits.prompt_budget
+    counts = {name: ti.count for name, ti in networks.embeddings.items()} if networks is not None else None
     for what, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         try:
-            check_prompt(text, pipe.tokenizer, budget, what=what)
+            check_prompt(text, pipe.tokenizer, budget, what=what, embeddings=counts)
         except PromptBudgetError as e:
             raise ApiError(422, f"{e} on this server (--max-prompt-bytes, --max-prompt-tokens)", kind="PromptTooLong", param=what) from None
 
@@ -165,6 +173,9 @@ def plan_generation(
     height = default_h if body.height is None else body.height
     st.limits.check(width=width, height=height, steps=body.steps, batch_size=body.batch_size, n_iter=body.n_iter)
     check_prompts(st, pipe, body.prompt, body.negative_prompt)
+    embeddings = embedding_networks(st, pipe, body.prompt, body.negative_prompt)
+    if embeddings is not None and embeddings.embeddings:  # their vectors count in the budget
+        check_prompts(st, pipe, body.prompt, body.negative_prompt, embeddings)
     st.limits.check_work(
         native=pipe.cfg.image_size, width=width, height=height, steps=body.steps, batch_size=body.batch_size,
         n_iter=body.n_iter, strength=strength,
@@ -186,7 +197,8 @@ def plan_generation(
     ]
     for req in requests:
         validate(req, multiple=8, min_side=max(8, pipe.cfg.vae.downsample_factor))
-    return Plan(pipe, requests, spec, label, clip_skip, init_image, mask, refiner)
+    networks = RequestNetworks.merge([lora_networks(st, pipe, requests[0]), embeddings])  # every batch has the same prompt
+    return Plan(pipe, requests, spec, label, clip_skip, init_image, mask, refiner, networks)
 
 
 def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) -> dict:
@@ -260,7 +272,9 @@ async def _generate(request: Request, body: Txt2ImgRequest, kind: str, plan_fn) 
 
     def work(j: Job, plan: Plan) -> dict:
         refiner = plan.refiner.pipeline if plan.refiner is not None else None
-        results = run_batches(j, plan.pipeline, plan.requests, init_image=plan.init_image, mask=plan.mask, refiner=refiner)
+        results = run_batches(
+            j, plan.pipeline, plan.requests, init_image=plan.init_image, mask=plan.mask, refiner=refiner, networks=plan.networks,
+        )
         return build_response(body, plan, results, j)
 
     return await st.queue.submit(job, work, prepare=prepare, disconnected=request.is_disconnected)

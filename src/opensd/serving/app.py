@@ -23,8 +23,10 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 import opensd
+from opensd.pipelines.embedding_library import EmbeddingLibrary
+from opensd.pipelines.lora_library import LoraLibrary
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-from opensd.serving import a1111, explain_api, openai_api
+from opensd.serving import a1111, embeddings, explain_api, loras, openai_api
 from opensd.serving.errors import install_handlers
 from opensd.serving.limits import Limits
 from opensd.serving.models import ModelRegistry
@@ -45,6 +47,8 @@ def create_app(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     max_loaded: int = 2,
+    lora_dir: str | Path | None = None,
+    embeddings_dir: str | Path | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``model`` (a path or a loaded pipeline; default: the first model in ``models_dir``).
 
@@ -53,13 +57,17 @@ def create_app(
     on every route; ``None`` serves without auth. A blank string, or a blank user or
     password, raises :class:`~opensd.errors.OpenSDError` (it never means "no auth"). ``limits``: see :class:`Limits`.
     ``device``/``dtype``: where models loaded from a path go. ``max_loaded``: how many
-    models stay in memory at once (the current one always does).
+    models stay in memory at once (the current one always does). ``lora_dir``: the folder
+    that ``<lora:name:weight>`` tags name (:mod:`opensd.serving.loras`); None: no LoRAs.
+    ``embeddings_dir``: a folder of textual-inversion embeddings prompts may name
+    (:mod:`opensd.serving.embeddings`).
     """
     limits = limits or Limits()
     credentials = parse_auth(auth) if isinstance(auth, str) or auth is None else check_credentials(list(auth))
     loader = partial(StableDiffusionPipeline.from_path, device=device, dtype=dtype)
     registry = ModelRegistry(model, Path(models_dir) if models_dir is not None else None, loader=loader, max_loaded=max_loaded)
     queue = GenerationQueue(limits.workers, limits.max_queue)
+    library = EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -72,12 +80,14 @@ def create_app(
         description="Stable Diffusion over HTTP: AUTOMATIC1111's `/sdapi/v1` API, OpenAI's Images API, and a web page at `/`.",
         lifespan=lifespan,
     )
-    app.state.opensd = ServerState(registry, queue, limits)
+    app.state.opensd = ServerState(registry, queue, limits, loras=LoraLibrary(lora_dir), embeddings=library)
     install_handlers(app)
     install_openapi(app, auth=bool(credentials))
     app.include_router(a1111.router)
+    app.include_router(loras.router)
     app.include_router(openai_api.router)
     app.include_router(explain_api.router)
+    app.include_router(embeddings.router)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -32,7 +32,8 @@ class Limits:
     ``max_prompt_bytes`` / ``max_prompt_tokens`` bound the prompt and the negative prompt
     each. ``max_work`` bounds a request's native image-steps (the module doc) and
     ``max_seconds`` its running time. ``workers`` is how many generations run at once
-    and ``max_queue`` how many may wait or run in total.
+    and ``max_queue`` how many may wait or run in total. ``max_loras`` and ``max_lora_bytes``
+    bound the ``<lora:...>`` tags of one request and their files' total size.
     """
 
     max_width: int = 2048
@@ -49,6 +50,8 @@ class Limits:
     max_seconds: int = 600
     workers: int = 1
     max_queue: int = 32
+    max_loras: int = 16
+    max_lora_bytes: int = 4 * 2**30
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -328,17 +328,22 @@ def _consume(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-def run_batches(job: Job, pipeline: StableDiffusionPipeline, requests: list, *, init_image=None, mask=None, refiner=None) -> list:
+def run_batches(
+    job: Job, pipeline: StableDiffusionPipeline, requests: list, *, init_image=None, mask=None, refiner=None, networks=None,
+) -> list:
     """The worker body of a generation request: batch after batch, stopping when told.
 
     ``refiner``: a pipeline that takes over sampling at each request's ``refiner_switch_at``
-    (passed to ``generate`` only when given).
+    (passed to ``generate`` only when given). ``networks``: the request's LoRAs and
+    embeddings (:class:`~opensd.pipelines.networks.RequestNetworks`), for every batch.
 
     Returns one :class:`GenerationResult` per batch that made images: none after an
     interrupt; a batch stopped while it encoded or decoded gives none either.
     """
     job.pipeline = pipeline
     extra = {"refiner": refiner} if refiner is not None else {}
+    if networks is not None:
+        extra["networks"] = networks
     results = []
     for k, req in enumerate(requests):
         if job.interrupted.is_set() or job.must_stop():
@@ -346,7 +351,8 @@ def run_batches(job: Job, pipeline: StableDiffusionPipeline, requests: list, *, 
         job.next_batch(k)
         try:
             results.append(pipeline.generate(
-                req, init_image=init_image, mask=mask, callback=job.callback, should_stop=job.should_stop, **extra,
+                req, init_image=init_image, mask=mask, callback=job.callback, should_stop=job.should_stop,
+                **extra,
             ))
         except Interrupted:
             if not results:

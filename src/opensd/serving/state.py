@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import Request
 
+from opensd.pipelines.lora_library import LoraLibrary
 from opensd.serving.limits import Limits
 from opensd.serving.models import ModelRegistry
 from opensd.serving.queue import GenerationQueue
@@ -25,6 +26,9 @@ class ServerState:
         "CLIP_stop_at_last_layers": 1, "live_previews_enable": True, "show_progress_type": "Full",
     })
     options_lock: threading.Lock = field(default_factory=threading.Lock)
+    # The LoRA folder (--lora-dir) that prompt tags name; None: an empty one (every tag is a 422).
+    loras: LoraLibrary = field(default_factory=lambda: LoraLibrary(None))
+    embeddings: Any = None  # an EmbeddingLibrary (opensd serve --embeddings-dir), or None
 
 
 def server_state(request: Request) -> ServerState:

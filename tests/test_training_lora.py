@@ -337,13 +337,23 @@ def test_cli_trains_a_lora_that_generate_uses(models, images, tmp_path: Path) ->
     assert (out / "samples/step_00000003.png").is_file()
     lora = LoRAFile.load(out / "run.safetensors")
     assert lora.metadata["ss_network_dim"] == "2" and all(k.startswith("lora_unet_") for k in lora.layers)
+    # opensd generate --lora draws what the Python API draws with the file bound, and not the base image
+    from opensd.cli.main import app
+
+    gen = ["generate", "a sks circle", "-m", str(models[ModelFamily.SD1]), "--steps", "2", "--width", str(SIZE),
+           "--height", str(SIZE), "--seed", "1", "-q"]
+    res = CliRunner().invoke(app, [*gen, "--lora", str(out / "run.safetensors"), "--out", str(tmp_path / "lora.png")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, [*gen, "--out", str(tmp_path / "base.png")])
+    assert res.exit_code == 0, res.output
     import opensd
 
     pipe = opensd.load(models[ModelFamily.SD1])
     req = GenerationRequest("a sks circle", steps=2, width=SIZE, height=SIZE, seed=1)
-    with_lora = pipe.generate(req, networks=RequestNetworks(bind_loras(pipe.model, [LoRAUse(lora)]))).images[0]
-    assert with_lora.size == (SIZE, SIZE)
-    assert not np.array_equal(np.asarray(with_lora), np.asarray(pipe.generate(req).images[0]))
+    want = pipe.generate(req, networks=RequestNetworks(bind_loras(pipe.model, [LoRAUse(lora)]))).images[0]
+    got = np.asarray(Image.open(tmp_path / "lora.png").convert("RGB"))
+    assert np.array_equal(got, np.asarray(want.convert("RGB")))
+    assert not np.array_equal(got, np.asarray(Image.open(tmp_path / "base.png").convert("RGB")))
     res = CliRunner().invoke(cli_app(), args)
     assert res.exit_code == 2 and "already holds checkpoints" in res.output
 
@@ -360,39 +370,43 @@ def embedding_stage(model: Path, data: Path, out: Path, steps: int = 4, **extra)
 
 
 @pytest.mark.parametrize("family", [ModelFamily.SD1, ModelFamily.SDXL])
-def test_embedding_trains_only_its_vectors_where_the_token_stands(models, images, tmp_path: Path, family) -> None:
-    from opensd.training.embedding import placeholder_ids
+def test_embedding_trains_only_its_vectors_and_reads_back(models, images, tmp_path: Path, family) -> None:
+    from opensd.checkpoints.embeddings import bind_embedding, read_embedding
 
     stage = embedding_stage(models[family], images, tmp_path / "run", steps=3, vectors=1)
     build = stage.build
 
-    def checked_build(ctx):  # at step 0 "a photo of {}" is "a photo of circle", bit for bit
+    def checked_build(ctx):  # at step 0 "a photo of sks" is "a photo of circle", bit for bit
         modules = build(ctx)
-        tok = stage.loaded.tokenizer
-        ids, mask = placeholder_ids(tok, "a photo of {}", 1, stage.fill)
+        conditioner = modules["embedding"].frozen.conditioner
         with torch.no_grad():
-            got = modules["embedding"].encode(ids[None], mask[None])
-            want = encode_ids(stage.loaded.model, tok, tok(["a photo of circle"]))
-        assert all(torch.equal(got[k], want[k]) for k in want)
+            got = modules["embedding"].encode(["a photo of sks"])
+            want = conditioner.encode(["a photo of circle"])
+        assert torch.equal(got.context, want.context)
+        assert (got.pooled is None) == (family is ModelFamily.SD1)
+        assert got.pooled is None or torch.equal(got.pooled, want.pooled)
         return modules
 
     stage.build = checked_build
     result = run_stage(stage)
     module = stage.ctx.modules["embedding"]
-    assert [n for n, _ in module.named_parameters()] == [f"vectors.{i}" for i in range(len(stage.loaded.model.text_encoders))]
+    model = stage.loaded.model
+    assert [n for n, _ in module.named_parameters()] == [f"vectors.{i}" for i in range(len(model.text_encoders))]
     from safetensors import safe_open
 
     with safe_open(str(result.export), "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
-        tensors = {k: f.get_tensor(k) for k in keys}
     assert keys == ({"clip_l", "clip_g"} if family is ModelFamily.SDXL else {"emb_params"})
     assert meta["name"] == "sks" and meta["step"] == "3" and result.export.name == "sks.safetensors"
-    first = tensors["clip_l" if family is ModelFamily.SDXL else "emb_params"]
-    assert first.shape == (1, stage.loaded.model.text_encoders[0].cfg.width)
-    assert torch.equal(first, module.vectors[0].detach())
-    table = stage.loaded.model.text_encoders[0]
-    init = (table.text_model.embeddings.token_embedding if hasattr(table, "text_model") else table.token_embedding).weight[stage.fill]
-    assert not torch.equal(first[0], init)  # it trained; the base table did not (checked by the bit-equal start above)
+    # the file, read and bound as inference does, encodes a prompt as the trained vectors do
+    ti = bind_embedding(read_embedding(result.export), model)
+    assert ti.name == "sks" and ti.count == 1
+    with torch.no_grad():
+        trained = module.encode(["a sks, in the style of a photo"])
+        read_back = module.frozen.conditioner.encode(["a sks, in the style of a photo"], embeddings={"sks": ti})
+        start = module.frozen.conditioner.encode(["a circle, in the style of a photo"])
+    assert torch.equal(trained.context, read_back.context)
+    assert not torch.equal(trained.context, start.context)  # it trained; the base did not change (the start above)
 
 
 def test_embedding_resume_after_a_crash_is_exact(models, images, tmp_path: Path) -> None:
@@ -430,5 +444,12 @@ def test_cli_trains_an_embedding(models, images, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert f"exported {out / 'sks.safetensors'}" in res.output and (out / "samples/step_00000002.png").is_file()
     assert read_weights(out / "sks.safetensors")["emb_params"].shape == (2, 32)
+    from opensd.cli.main import app
+
+    gen = ["generate", "a photo of sks", "-m", str(models[ModelFamily.SD1]), "--steps", "2", "--width", str(SIZE),
+           "--height", str(SIZE), "--seed", "1", "-q"]
+    res = CliRunner().invoke(app, [*gen, "--embeddings-dir", str(out), "--out", str(tmp_path / "ti.png")])
+    assert res.exit_code == 0, res.output
+    assert "TI hashes" in Image.open(tmp_path / "ti.png").info["parameters"]  # the prompt used the trained embedding
     res = CliRunner().invoke(cli_app(), [*args[:-1], "--set", "templates=['a photo']", "--resume"])
     assert res.exit_code == 2 and "{}" in res.output and "\n" not in res.output.strip()

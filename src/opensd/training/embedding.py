@@ -1,21 +1,24 @@
 """``opensd train embedding``: textual inversion (Gal et al. 2022, "An Image is Worth One Word").
 
 A new word ``token`` is ``vectors`` token embeddings per text encoder, (N, width_i); they
-alone train, everything else is frozen. In a caption the token takes N consecutive positions
-and the text encoders see the trained vectors there (``token_embeds`` of
-:mod:`opensd.models.clip` / :mod:`opensd.models.open_clip`, through
-:func:`opensd.training.text_encoding.encode_ids`); every other position keeps its lookup,
-as A1111 places an embedding's vectors where the prompt names it. The vectors start as the
-embedding of ``init_word`` (its tokens' vectors, cycled to fill N).
+alone train, everything else is frozen. They are a
+:class:`~opensd.checkpoints.embeddings.TextualInversion` whose vectors are parameters, and
+captions are encoded by the pipeline's own
+:meth:`Conditioner.encode(..., embeddings=) <opensd.pipelines.conditioning.Conditioner.encode>`:
+where a caption names the token it takes N positions and the text encoders see the vectors
+there, exactly as a prompt that names the finished embedding at inference (differentiable in
+the vectors). The vectors start as the embedding of ``init_word`` (its tokens' vectors,
+cycled to fill N).
 
 Captions: each step draws, per image, one of ``templates`` (``{}`` marks the token; Gal et
 al.'s "a photo of {}" kind), or, with ``templates`` empty, the folder's captions, each of
 which must contain ``token``. The objective, the latent cache, the checkpoints (the vectors,
 their optimiser, EMA, RNG) and exact resume are the LoRA trainer's and the shared loop's.
 
-The export is A1111's embedding file ``<out>/<token>.safetensors``: ``emb_params`` (N, width)
-for SD 1.x / 2.x, ``clip_l`` and ``clip_g`` for SDXL (``clip_g`` alone for the refiner), with
-``name`` and ``step`` (and the base model) in the metadata.
+The export is A1111's embedding file ``<out>/<token>.safetensors``
+(:func:`opensd.checkpoints.embeddings.write_embedding`): ``emb_params`` (N, width) for SD 1.x /
+2.x, ``clip_l`` and ``clip_g`` for SDXL (``clip_g`` alone for the refiner), with ``name``,
+``step`` and the base model in the metadata; ``opensd generate --embeddings-dir`` uses it.
 """
 
 from __future__ import annotations
@@ -27,15 +30,13 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
+from opensd.checkpoints.embeddings import TextualInversion
 from opensd.config import ConfigError
-from opensd.models.clip import CLIPTextModel
-from opensd.models.stable_diffusion import ModelFamily
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig, _check_float, _check_int
 from opensd.training.data import batch_indices
 from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
 from opensd.training.lora import Frozen, check_image_size, load_frozen
 from opensd.training.lora_network import Shared
-from opensd.training.text_encoding import encode_ids
 from opensd.training.unet import DiffusionLoss
 
 TEMPLATES = ("a photo of {}", "a rendering of {}", "a picture of {}", "a close-up photo of {}", "an image of {}")
@@ -78,62 +79,34 @@ class EmbeddingStageConfig(StageConfig):
                 raise ConfigError(f"templates and sample_prompt must hold {{}} once (where the token goes), got {t!r}")
 
 
-# ----------------------------------------------------------------------------- tokens
-
-
-def token_table(encoder: nn.Module) -> nn.Embedding:
-    """The token-embedding lookup of a CLIP or OpenCLIP text encoder."""
-    return encoder.text_model.embeddings.token_embedding if isinstance(encoder, CLIPTextModel) else encoder.token_embedding
-
-
-def placeholder_ids(tokenizer: Any, template: str, n: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``template``'s ids (L,) with N slots (id ``fill``) where ``{}`` is, and their mask (L,) bool."""
-    from opensd.tokenizers import frame
-
-    before, after = template.split("{}")
-    a = tokenizer.encode(before.strip()) if before.strip() else []
-    b = tokenizer.encode(after.strip()) if after.strip() else []
-    length = tokenizer.context_length
-    if len(a) + n + len(b) > length - 2:
-        raise ConfigError(f"{template!r} with {n} token vectors is longer than the tokenizer's {length - 2} tokens")
-    ids = frame([a + [fill] * n + b], bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                context_length=length)[0]
-    mask = torch.zeros(length, dtype=torch.bool)
-    mask[1 + len(a): 1 + len(a) + n] = True
-    return ids, mask
+# ----------------------------------------------------------------------------- the trainable vectors
 
 
 class EmbeddingLoss(nn.Module):
-    """The trainable module: ``vectors[i]`` (N, width_i) per text encoder; ``forward(x0, ids,
-    mask, t, noise) -> (B,)`` per-sample loss, ``mask`` (B, L) marking the token's N slots."""
+    """The trainable module: ``vectors[i]`` (N, width_i) per text encoder; ``forward(x0,
+    captions, t, noise) -> (B,)`` per-sample loss, the captions naming ``token``."""
 
-    def __init__(self, init: list[torch.Tensor], frozen: Frozen) -> None:
+    def __init__(self, token: str, init: list[torch.Tensor], frozen: Frozen) -> None:
         super().__init__()
-        self.vectors = nn.ParameterList([nn.Parameter(v.clone().float()) for v in init])
+        self.token = token
+        self.vectors = nn.ParameterList([nn.Parameter(v.detach().clone().float()) for v in init])
         self._frozen = Shared(base=frozen)  # not a child module: neither saved nor copied with this one
 
     @property
     def frozen(self) -> Frozen:
         return self._frozen["base"]
 
-    def token_embeds(self, i: int, encoder: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        base = token_table(encoder)(ids.long())  # (B, L, width)
-        v = self.vectors[i].to(base.dtype)  # (N, width)
-        out = base.clone()
-        out[mask] = v.repeat(ids.shape[0], 1)  # each row's N masked positions, in order
-        return out
+    def inversion(self, **info: Any) -> TextualInversion:
+        """The embedding, live on the parameters."""
+        return TextualInversion(self.token, tuple(self.vectors), **info)
 
-    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, captions: list[str]):
+        """The captions' :class:`~opensd.pipelines.conditioning.TextEmbedding`, as the pipeline encodes them."""
+        return self.frozen.conditioner.encode(captions, embeddings={self.token: self.inversion()})
+
+    def forward(self, x0: torch.Tensor, captions: list[str], t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         f = self.frozen
-        return encode_ids(f.model, f.tokenizer, ids, lambda i, enc, x: self.token_embeds(i, enc, x, mask))
-
-    def forward(self, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
-                noise: torch.Tensor) -> torch.Tensor:
-        from opensd.pipelines.conditioning import TextEmbedding
-
-        f = self.frozen
-        enc = self.encode(ids, mask)
-        cond = f.conditioner.to_dict(TextEmbedding(enc["context"], enc.get("pooled")), f.size_request)
+        cond = f.conditioner.to_dict(self.encode(captions), f.size_request)
         return f.diffusion(x0, cond, t, noise)[0]
 
 
@@ -145,7 +118,7 @@ class EmbeddingStage(Stage):
     ema_groups = ("embedding",)
 
     def build(self, ctx: RunContext) -> dict[str, nn.Module]:
-        from opensd.pipelines.conditioning import Conditioner
+        from opensd.pipelines.conditioning import Conditioner, token_embedding
         from opensd.pipelines.request import GenerationRequest
         from opensd.tokenizers import unknown_words
         from opensd.training.finetune_data import cached_latents, open_images
@@ -173,86 +146,73 @@ class EmbeddingStage(Stage):
                                size=size, device=ctx.device, batch_size=cfg.cache_batch,
                                progress=cfg.train.progress, main=ctx.is_main, barrier=ctx.barrier)
         self.latents = cache.latents.to(ctx.device)  # (N, C, h, w)
-        self.fill = init_ids[0]
-        texts = list(cfg.templates) or [self._caption_template(c) for c in images.texts]
-        rows = [placeholder_ids(tok, t, cfg.vectors, self.fill) for t in texts]
-        self.ids = torch.stack([r[0] for r in rows]).to(ctx.device)  # (T, L): templates, or one per image
-        self.masks = torch.stack([r[1] for r in rows]).to(ctx.device)  # (T, L)
-        ids = torch.tensor(init_ids)
+        self.captions = images.texts
+        ids = torch.tensor(init_ids, device=ctx.device)
         with torch.no_grad():
-            init = [token_table(e)(ids.to(ctx.device))[torch.arange(cfg.vectors) % len(init_ids)]  # (N, width)
-                    for e in model.text_encoders]
-        frozen = Frozen(model, tok, conditioner, diffusion, request)
-        return {"embedding": EmbeddingLoss(init, frozen)}
+            init = [token_embedding(e)(ids)[torch.arange(cfg.vectors) % len(init_ids)] for e in model.text_encoders]
+        module = EmbeddingLoss(cfg.token, init, Frozen(model, tok, conditioner, diffusion, request))
+        texts = [t.format(cfg.token) for t in cfg.templates] or self.captions
+        for text in dict.fromkeys(texts):
+            found = [name for c in conditioner.tokenize(text, {cfg.token: module.inversion()}).chunks
+                     for _, name in c.embeddings]
+            if len(found) != 1:
+                raise ConfigError(f"every caption must name the token {cfg.token!r} once (as a word); {text!r} "
+                                  f"names it {len(found)} times" + ("" if cfg.templates else " (templates = [] uses "
+                                                                    "the folder's captions)"))
+        return {"embedding": module}
 
-    def _caption_template(self, caption: str) -> str:
-        token = self.cfg.token
-        if caption.count(token) != 1:
-            raise ConfigError(f"with templates = [] every caption must name the token {token!r} once; "
-                              f"{caption!r} does not")
-        return caption.replace(token, "{}")
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ctx = self.ctx
+    def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        ctx, cfg = self.ctx, self.cfg
         idx = batch_indices(ctx.cfg.seed, step, ctx.rank, ctx.world, ctx.local_batch, self.latents.shape[0])
-        if self.cfg.templates:  # each image's template, drawn from this step's stream
+        if cfg.templates:  # each image's template, drawn from this step's stream
             g = ctx.generator(step, stream=1)
-            rows = torch.randint(0, len(self.cfg.templates), (len(idx),), generator=g).tolist()
+            rows = torch.randint(0, len(cfg.templates), (len(idx),), generator=g).tolist()
+            captions = [cfg.templates[r].format(cfg.token) for r in rows]
         else:
-            rows = idx
-        return self.latents[idx], self.ids[rows], self.masks[rows]
+            captions = [self.captions[i] for i in idx]
+        return self.latents[idx], captions
 
-    def updates(self, batch: tuple[torch.Tensor, ...], step: int) -> Iterator[Update]:
+    def updates(self, batch: tuple[torch.Tensor, list[str]], step: int) -> Iterator[Update]:
         ctx = self.ctx
-        x0, ids, mask = batch
+        x0, captions = batch
         g = ctx.generator(step)
         t = ctx.to_device(torch.randint(0, self.loaded.model.cfg.schedule.num_train_timesteps, (x0.shape[0],),
                                         generator=g))
         noise = ctx.to_device(torch.randn(x0.shape, generator=g))
         with ctx.autocast():
-            loss = ctx.wrapped["embedding"](x0, ids, mask, t, noise).mean()
+            loss = ctx.wrapped["embedding"](x0, captions, t, noise).mean()
         self.step = step + 1
         yield Update("embedding", loss, {"loss": loss})
 
     # -- sampling and export (rank 0) ----------------------------------------------------
 
     def evaluate(self, step: int) -> dict[str, float]:
+        from opensd.pipelines.networks import RequestNetworks
         from opensd.pipelines.request import GenerationRequest
         from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
         cfg = self.cfg
         if not cfg.sample_images:
             return {}
-        module = self.ctx.averaged("embedding")
-        ids, mask = placeholder_ids(self.loaded.tokenizer, cfg.sample_prompt, cfg.vectors, self.fill)
-        with torch.no_grad():
-            embeds = module.encode(ids[None].to(self.ctx.device), mask[None].to(self.ctx.device))
+        ti = self.inversion()
         pipe = StableDiffusionPipeline(self.loaded, prompt_budget=None)
         prompt, size = cfg.sample_prompt.format(cfg.token), cfg.data.image_size
         req = GenerationRequest(prompt, steps=cfg.sample_steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale,
                                 width=size, height=size, seed=1000, batch_size=cfg.sample_images)
-        images = pipe.generate(req, prompt_embeds=embeds if "pooled" in embeds else embeds["context"]).images
+        images = pipe.generate(req, networks=RequestNetworks(embeddings={cfg.token: ti})).images
         path = self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png"
         save_grid(images, path, min(4, len(images)))
         path.with_suffix(".txt").write_text(prompt + "\n")
         return {}
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The A1111 file's tensors, from the EMA vectors when there is an EMA."""
-        vectors = [v.detach().float().cpu() for v in self.ctx.averaged("embedding").vectors]
-        family = self.loaded.model.cfg.family
-        if family is ModelFamily.SDXL:
-            return {"clip_l": vectors[0], "clip_g": vectors[1]}
-        if family is ModelFamily.SDXL_REFINER:
-            return {"clip_g": vectors[0]}
-        return {"emb_params": vectors[0]}
+    def inversion(self) -> TextualInversion:
+        """The trained embedding (the EMA vectors when there is an EMA), with the file's fields."""
+        module = self.ctx.averaged("embedding")
+        step = getattr(self, "step", self.cfg.train.steps)
+        return module.inversion(step=step, sd_checkpoint=self.loaded.hash, sd_checkpoint_name=self.loaded.name)
 
     def export(self) -> Path:
-        from opensd.checkpoints.io import write_safetensors
+        from opensd.checkpoints.embeddings import write_embedding
 
         path = self.ctx.run_dir / f"{self.cfg.token}.safetensors"
-        meta = {"name": self.cfg.token, "step": str(getattr(self, "step", self.cfg.train.steps)),
-                "sd_checkpoint": self.loaded.hash, "sd_checkpoint_name": self.loaded.name,
-                "opensd_init_word": self.cfg.init_word}
-        write_safetensors(self.tensors(), path, metadata=meta)
-        return path
+        return write_embedding(self.inversion(), path, self.loaded.model)

@@ -103,7 +103,7 @@ def test_schemathesis_with_auth_on(pipe) -> None:
     app = create_app(pipe, limits=SMALL, auth=":".join(AUTH))
     schema = _schema(app, auth=AUTH)
     counts = fuzz(schema, max_examples=3, derandomize=True, headers=_basic(*AUTH))
-    assert len({label for label, _ in counts}) == 18
+    assert len({label for label, _ in counts}) == 20
     statuses = collections.Counter(status for _, status in counts.elements())
     assert statuses[200] > 0 and statuses[401] > 0, statuses  # with the credentials, and with generated wrong ones
 

@@ -272,8 +272,10 @@ def write_embedding(ti: TextualInversion, path: str | Path, model: StableDiffusi
     else:
         tensors = {"string_to_token": {SINGLE: 265}, "string_to_param": {SINGLE: vecs[0]}, "name": ti.name,
                    "step": ti.step, "sd_checkpoint": ti.sd_checkpoint, "sd_checkpoint_name": ti.sd_checkpoint_name}
-    if suffix == ".safetensors":
-        write_safetensors(tensors, path)
+    if suffix == ".safetensors":  # A1111's fields as metadata (its .pt keys)
+        fields = {"name": ti.name, "step": ti.step, "sd_checkpoint": ti.sd_checkpoint,
+                  "sd_checkpoint_name": ti.sd_checkpoint_name}
+        write_safetensors(tensors, path, metadata={k: str(v) for k, v in fields.items() if v is not None})
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(tensors, path)

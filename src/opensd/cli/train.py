@@ -1,4 +1,5 @@
-"""``opensd train vae|clip|unet``: train the whole stack from scratch.
+"""``opensd train vae|clip|unet``: train the whole stack from scratch; ``opensd train lora``
+and ``opensd train embedding``: fine-tune a frozen model of any family.
 
 Mounted by :mod:`opensd.cli.main` with :func:`register`; also runs on its own as
 ``python -m opensd.cli.train`` (so ``torchrun --nproc_per_node N -m opensd.cli.train
@@ -23,12 +24,13 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 @app.callback()
 def _train() -> None:
-    """Train the VAE, the text encoder (CLIP) and the U-Net from scratch."""
+    """Train the VAE, the text encoder (CLIP) and the U-Net from scratch, or a LoRA or an embedding."""
 
 
 def register(parent: typer.Typer) -> None:
     """Add the ``train`` sub-app to the main ``opensd`` app."""
-    parent.add_typer(app, name="train", help="Train the VAE, the text encoder (CLIP) and the U-Net from scratch.")
+    parent.add_typer(app, name="train", help="Train the VAE, the text encoder (CLIP) and the U-Net from scratch, "
+                                                      "or fine-tune a model (LoRA, textual inversion).")
 
 
 CONFIG = typer.Option(None, "--config", "-c", help="TOML config file (see docs/training.md).")
@@ -165,6 +167,65 @@ def unet(
     opts["vae_dir"] = None if vae_dir is None else str(vae_dir)
     opts["clip_dir"] = None if clip_dir is None else str(clip_dir)
     _run(UNetStage, _config("unet", UNetStageConfig, config, set_, opts, preset), resume, preset)
+
+
+MODEL = typer.Option(None, "--model", "-m", help="The frozen base model: any model opensd loads (default: the default model).")
+
+
+@app.command("lora")
+@fail_cleanly
+def lora(
+    model: Optional[Path] = MODEL,
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (rank; default 4)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha: the update is alpha/r * up @ down (default 4)."),
+    text_encoder: Optional[bool] = typer.Option(None, "--text-encoder/--no-text-encoder",
+                                                help="Also adapt the text encoder(s) (default: yes)."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="attn | attn+ff (default) | all (+ convolutions, LoCon)."),
+    instance_prompt: Optional[str] = typer.Option(None, "--instance-prompt",
+                                                  help="One caption for every image, e.g. 'a sks dog' (DreamBooth)."),
+    prior_data: Optional[Path] = typer.Option(None, "--prior-data", help="Class images for prior preservation."),
+    class_prompt: Optional[str] = typer.Option(None, "--class-prompt",
+                                               help="Class prompt, e.g. 'a dog': the class images' caption, and what "
+                                                    "the base model draws when there is no --prior-data."),
+    prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help="Weight of the class loss (default 1)."),
+    num_class_images: Optional[int] = typer.Option(None, "--num-class-images",
+                                                   help="Class images to draw (default: as many as instance images)."),
+    output_name: Optional[str] = typer.Option(None, "--output-name", help="OUT/NAME.safetensors (default: OUT's name)."),
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16, resume: bool = RESUME, quiet: bool = QUIET,
+) -> None:
+    """Train a LoRA on a frozen model; writes OUT/NAME.safetensors (kohya format) for `opensd generate --lora`."""
+    from opensd.training.lora import LoRAStage, LoRAStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, None, device, bf16, quiet)
+    opts.update({"model": None if model is None else str(model), "rank": rank, "alpha": alpha,
+                 "text_encoder": text_encoder, "targets": targets, "instance_prompt": instance_prompt,
+                 "prior_data": None if prior_data is None else str(prior_data), "class_prompt": class_prompt,
+                 "prior_weight": prior_weight, "num_class_images": num_class_images, "output_name": output_name})
+    _run(LoRAStage, build_config(LoRAStageConfig, config, set_, opts), resume, None)
+
+
+@app.command("embedding")
+@fail_cleanly
+def embedding(
+    model: Optional[Path] = MODEL,
+    token: str = typer.Option(..., "--token", help="The new word, e.g. sks-style; also the file's name."),
+    init_word: str = typer.Option(..., "--init-word", help="The word whose embedding the vectors start from."),
+    vectors: Optional[int] = typer.Option(None, "--vectors", help="Vectors per use of the token (default 1)."),
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16, resume: bool = RESUME, quiet: bool = QUIET,
+) -> None:
+    """Textual inversion on a frozen model; writes OUT/TOKEN.safetensors (A1111's embedding format)."""
+    from opensd.training.embedding import EmbeddingStage, EmbeddingStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, None, device, bf16, quiet)
+    opts.update({"model": None if model is None else str(model), "token": token, "init_word": init_word,
+                 "vectors": vectors})
+    _run(EmbeddingStage, build_config(EmbeddingStageConfig, config, set_, opts), resume, None)
 
 
 if __name__ == "__main__":  # pragma: no cover

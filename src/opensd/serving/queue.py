@@ -351,7 +351,7 @@ def run_batches(
         job.next_batch(k)
         try:
             results.append(pipeline.generate(
-                req, init_image=init_image, mask=mask, callback=job.callback, should_stop=job.should_stop, networks=networks,
+                req, init_image=init_image, mask=mask, callback=job.callback, should_stop=job.should_stop,
                 **extra,
             ))
         except Interrupted:

@@ -1,0 +1,54 @@
+"""Captions through the text encoders *with* gradients, as the pipeline encodes a prompt.
+
+Fine-tuning that trains inside the text encoders (a text-encoder LoRA, textual inversion)
+needs the encoding in the autograd graph; the pipeline's encoder
+(:meth:`opensd.pipelines.conditioning.Conditioner.encode_tokenized`) runs without
+gradients. :func:`encode_ids` is the same computation for captions of one chunk with every
+weight 1 (plain text, no A1111 emphasis), per family:
+
+* SD 1.x: CLIP's last layer through the final LayerNorm (clip skip 1);
+* SD 2.x: OpenCLIP's penultimate layer through ``ln_final``, on zero-padded ids;
+* SDXL (and the refiner): each encoder's penultimate layer without the final norm,
+  concatenated on the width; ``pooled`` is bigG's projected end-of-text state.
+
+``token_embeds(i, encoder, ids)`` may give encoder ``i``'s token embeddings (B, L, width)
+for the ids it sees (textual inversion puts its vectors there); None: the lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from opensd.models.open_clip import OpenCLIPTextModel
+from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
+from opensd.pipelines.conditioning import OPEN_CLIP_PAD_ID, repad
+
+TokenEmbeds = Callable[[int, nn.Module, torch.Tensor], torch.Tensor]
+
+
+def encode_ids(model: StableDiffusion, tokenizer: Any, ids: torch.Tensor,
+               token_embeds: TokenEmbeds | None = None) -> dict[str, torch.Tensor]:
+    """``ids`` (B, L) (the tokenizer's framing) -> ``{"context": (B, L, D)[, "pooled": (B, P)]}``."""
+    family = model.cfg.family
+
+    def embeds(i: int, enc: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        return None if token_embeds is None else token_embeds(i, enc, x)
+
+    encoders = model.text_encoders
+    if family is ModelFamily.SD1:
+        return {"context": encoders[0](ids, skip_layers=0, token_embeds=embeds(0, encoders[0], ids))}
+    zero_padded = repad(ids, tokenizer.eos_id, OPEN_CLIP_PAD_ID)
+    if family is ModelFamily.SD2:
+        return {"context": encoders[0](zero_padded, skip_layers=1, token_embeds=embeds(0, encoders[0], zero_padded))}
+    parts, pooled = [], None
+    for i, enc in enumerate(encoders):
+        if isinstance(enc, OpenCLIPTextModel):
+            hidden, pooled = enc.hidden_and_pooled(zero_padded, 1, token_embeds=embeds(i, enc, zero_padded))
+        else:
+            hidden = enc(ids, skip_layers=1, final_norm=False, token_embeds=embeds(i, enc, ids))
+        parts.append(hidden)  # (B, L, D_i)
+    assert pooled is not None
+    return {"context": torch.cat(parts, dim=-1), "pooled": pooled}

@@ -71,10 +71,10 @@ class TeachSettings:
     seed: int = 0
     threads: int = 1
     train: dict = field(default_factory=lambda: {
-        "--steps": "400", "--batch-size": "16", "--lr": "1e-3", "--rank": "8", "--alpha": "8",
+        "--steps": "1500", "--batch-size": "16", "--lr": "1e-3", "--rank": "8", "--alpha": "8",
         "--targets": "attn+ff", "--no-text-encoder": None, "--prior-weight": "1", "--seed": "0",
     })
-    train_set: tuple[str, ...] = ("sample_images=0",)
+    train_set: tuple[str, ...] = ("min_snr_gamma=5", "sample_images=0")
 
 
 # ----------------------------------------------------------------------------- phases

@@ -188,7 +188,7 @@ def test_the_script_summarizes_and_writes_its_table() -> None:
     assert out == Path("x") and not skip and s.concept_eval == t.EvalSettings(3, 2)
     assert s.train == {"--steps": "2", "--no-text-encoder": None}
     cmd = t.train_command(s, Path("d"), Path("p"), Path("o"))
-    assert cmd[-5:] == ["--steps", "2", "--no-text-encoder", "--set", "sample_images=0"]
+    assert cmd[-7:] == ["--steps", "2", "--no-text-encoder", "--set", "min_snr_gamma=5", "--set", "sample_images=0"]
 
 
 def test_the_script_runs_every_phase_on_a_tiny_model(tmp_path: Path) -> None:

@@ -209,6 +209,8 @@ def test_the_script_runs_every_phase_on_a_tiny_model(tmp_path: Path) -> None:
     after = json.loads((out / "after" / "concept" / "results.json").read_text())
     assert after["model"]["loras"].endswith("purple-triangle.safetensors")
     assert report["phases"]["train"]["cpu_s"] > 0 and set(report["verdict"]) == {
-        "concept_met", "benchmark_drop", "drop_met", "cpu_met"}
+        "concept_met", "benchmark_drop", "drop_met", "fine_tune_cpu_s", "cpu_met"}
+    assert report["data"]["prior"].startswith("the model's own images") and report["data"]["prior_cpu_s"] > 0
+    assert report["verdict"]["fine_tune_cpu_s"] >= report["phases"]["train"]["cpu_s"] + report["data"]["prior_cpu_s"] - 0.2
     md = (out / "teach.md").read_text()
     assert "| purple-triangle prompts (4 images) | before | after | change |" in md and "CPU-minutes" in md

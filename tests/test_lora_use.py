@@ -401,3 +401,47 @@ def test_cli_bad_lora_input_is_one_line_exit_2(model_dir, lora_dir, tmp_path, mo
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), res.output
     assert not (tmp_path / "x.png").exists()
 
+
+
+# ----------------------------------------------------------------------------- without a library
+
+
+def test_tags_without_networks_warn_and_change_nothing(pipe):
+    plain = pipe.generate(pipe.request("a red circle", steps=2, width=16, height=16, seed=3))
+    tagged = pipe.generate(pipe.request("a red circle <lora:style:0.8>", steps=2, width=16, height=16, seed=3))
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(tagged.images[0]))
+    assert any("names LoRA(s) style but none was applied" in w for w in tagged.warnings), tagged.warnings
+    assert not any("LoRA" in w for w in plain.warnings)
+    zero = pipe.generate(pipe.request("a red circle <lora:style:0>", steps=2, width=16, height=16, seed=3))
+    assert not any("LoRA" in w for w in zero.warnings)  # weight 0 applies nothing on purpose
+
+
+def test_sdxl_negative_prompt_of_only_tags_is_the_empty_one():
+    from helpers import tiny_family_model
+
+    from opensd.checkpoints import LoadedModel
+    from opensd.models.stable_diffusion import ModelFamily
+
+    model, tok = tiny_family_model(ModelFamily.SDXL)
+    xl = StableDiffusionPipeline(LoadedModel(model, tok, "xl", Path("."), "opensd", "0" * 10))
+    empty = xl.request("a red circle", steps=1, width=32, height=32, seed=1)
+    tags = xl.request("a red circle", negative_prompt="<lora:style:1>", steps=1, width=32, height=32, seed=1)
+    words = xl.request("a red circle", negative_prompt="blurry", steps=1, width=32, height=32, seed=1)
+    with torch.inference_mode():
+        u_empty = xl.conditioner.for_request(empty)[1]
+        u_tags = xl.conditioner.for_request(tags)[1]
+        u_words = xl.conditioner.for_request(words)[1]
+    assert u_tags["context"].abs().max() == 0 and u_tags["y"][:, : model.cfg.text_2.projection_dim].abs().max() == 0
+    assert torch.equal(u_tags["context"], u_empty["context"]) and torch.equal(u_tags["y"], u_empty["y"])
+    assert u_words["context"].abs().max() > 0
+
+
+def test_written_weight_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "w.safetensors"
+    write_safetensors({"a": torch.zeros(2)}, path)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

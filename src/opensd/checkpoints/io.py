@@ -168,8 +168,19 @@ def _check_tensors(state: dict, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _file_mode() -> int:
+    """What ``open()`` would give a new file under the process's umask (read once, at import)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors atomically (temp file in the same folder, then rename)."""
+    """Write tensors atomically (temp file in the same folder, then rename), with the
+    permissions a newly created file gets (``mkstemp``'s own are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -177,6 +188,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, met
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -86,12 +86,17 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return read_weights(path)
 
 
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file ({} for other files or none)."""
     if path.suffix.lower() != ".safetensors":
         return {}
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise LoRAError(f"{path.name}: a safetensors header of {n} bytes (at most {MAX_HEADER_BYTES}); the file is corrupt")
         header = json.loads(f.read(n))
     return {str(k): str(v) for k, v in header.get("__metadata__", {}).items()}
 

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score a model GenEval-style on the shapes world; writes results.json and report.md."""
         import opensd
-        from opensd.cli.generate import _cli_budget, _lora_use
+        from opensd.cli.generate import cli_budget, lora_use
         from opensd.defaults import resolve_model
         from opensd.devices import resolve_device
         from opensd.eval.concept import parse_suite_name
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             raise OpenSDError(f"unknown suite {suite!r}; choose one of benchmark, validation, holdout, concept:NAME") from None
         library = LoraLibrary(None)
-        uses = [_lora_use(spec, library) for spec in lora or []]  # every file read before the model loads
+        uses = [lora_use(spec, library) for spec in lora or []]  # every file read before the model loads
         cfg = EvalConfig(suite=suite_enum, concept=concept, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                          images_per_prompt=images_per_prompt, per_category=per_category, seed=seed,
                          batch_size=batch_size)
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         pipe = opensd.load(resolve_model(model), device=resolve_device(device))
         use_threads(threads, pipe.model)
         info = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash}
-        networks = library.networks_for(pipe.model, "", uses, _cli_budget()) if uses else None
+        networks = library.networks_for(pipe.model, "", uses, cli_budget()) if uses else None
         if uses:
             info["loras"] = ", ".join(lora)
         bar = None

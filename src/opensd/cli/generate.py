@@ -79,7 +79,7 @@ def _lora_target(head: str, library):
     return None
 
 
-def _lora_use(spec: str, library):
+def lora_use(spec: str, library):
     """``--lora PATH``, ``PATH:WEIGHT`` (text encoder and U-Net) or ``PATH:TE:UNET``; PATH may be a NAME in --lora-dir."""
     from opensd.checkpoints.lora import LoRAUse
     from opensd.prompts.extra_networks import parse_multiplier
@@ -98,7 +98,7 @@ def _lora_use(spec: str, library):
     raise OpenSDError(f"--lora {spec}: no such file{where}; give PATH[:WEIGHT] or PATH:TE:UNET (a .safetensors, .pt or .ckpt file)")
 
 
-def _cli_budget():
+def cli_budget():
     """No cap on the LoRAs of a run on one's own machine (the server has one: docs/server.md)."""
     from opensd.pipelines.lora_library import LoraBudget
 
@@ -120,8 +120,8 @@ def _loras(specs: Optional[list[str]], lora_dir: Optional[Path], prompt: str):
     if lora_dir is not None and not lora_dir.is_dir():
         raise OpenSDError(f"--lora-dir {lora_dir} is not a folder")
     library = LoraLibrary(lora_dir if lora_dir is not None else default_lora_dir())
-    extra = [_lora_use(spec, library) for spec in specs or []]
-    library.uses_for(prompt, _cli_budget(), extra)  # tag errors and unknown names now; the files stay cached
+    extra = [lora_use(spec, library) for spec in specs or []]
+    library.uses_for(prompt, cli_budget(), extra)  # tag errors and unknown names now; the files stay cached
     return library, extra
 
 
@@ -150,7 +150,7 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     embeddings = _embeddings(run.get("embeddings_dir"))
     pipe = _pipeline(run["model"], device, run["threads"], run.get("prediction", "auto"))
     networks = RequestNetworks.merge([
-        library.networks_for(pipe.model, pipe_args["prompt"], lora_uses, _cli_budget()),
+        library.networks_for(pipe.model, pipe_args["prompt"], lora_uses, cli_budget()),
         embeddings.networks_for_prompts(pipe.model, pipe_args["prompt"], pipe_args["negative_prompt"])
         if embeddings is not None else None,
     ])

@@ -15,8 +15,8 @@ goes in is one dict per guidance branch, built here and nowhere else:
   for the base; original size, crop and aesthetic score for the refiner.
 
 Guidance batches every key (:class:`~opensd.diffusion.ClassifierFreeGuidance`). As
-A1111 and diffusers do for SDXL, an empty negative prompt is all zeros (context and
-pooled), and the refiner's negative branch gets the negative aesthetic score.
+A1111 and diffusers do for SDXL, an empty negative prompt (once its ``<lora:...>`` tags
+are removed) is all zeros (context and pooled), and the refiner's negative branch gets the negative aesthetic score.
 
 OpenCLIP pads with id 0 (``!``) where CLIP pads with end-of-text: a chunk built with the
 first tokenizer is re-padded for every OpenCLIP encoder (everything after the first
@@ -47,6 +47,7 @@ from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
 from opensd.pipelines.generation import StopCheck, check_stop
 from opensd.pipelines.request import GenerationRequest, RequestError
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, tokenize_within_budget
+from opensd.prompts.extra_networks import strip_tags
 from opensd.prompts.syntax import (
     TokenizedPrompt,
     apply_emphasis,
@@ -235,7 +236,7 @@ class Conditioner:
         cond = self._text(prompt_embeds, "prompt_embeds", req.prompt, req, should_stop, embeddings).expand(batch)
         if req.cfg_scale == 1.0:
             return self.to_dict(cond, req), None
-        if negative_embeds is None and req.negative_prompt == "" and self.family in (
+        if negative_embeds is None and strip_tags(req.negative_prompt) == "" and self.family in (
             ModelFamily.SDXL, ModelFamily.SDXL_REFINER
         ):
             pooled = None if cond.pooled is None else torch.zeros_like(cond.pooled)

@@ -50,3 +50,25 @@ class GenerationResult:
     infotexts: list[str]
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)
+
+
+def generation_warnings(pipe: Any, req: Any, prompt_embeds: Any, negative_embeds: Any, networks: Any) -> list[str]:
+    """What :class:`GenerationResult.warnings` says of a run of ``req`` on ``pipe`` (a
+    :class:`~opensd.pipelines.stable_diffusion.StableDiffusionPipeline`): unknown words,
+    a clip skip the family ignores, LoRA tags that no ``networks`` applied."""
+    from opensd.prompts.extra_networks import lora_tags
+    from opensd.prompts.vocabulary import prompt_warnings
+
+    warnings = prompt_warnings(
+        pipe.tokenizer,
+        req.prompt if prompt_embeds is None else "",
+        req.negative_prompt if negative_embeds is None and req.cfg_scale != 1.0 else "",
+    )
+    if req.clip_skip > 1 and not pipe.conditioner.clip_skip_applies():
+        warnings.append(f"clip skip has no effect on {pipe.cfg.family.value} models (their text layer is fixed)")
+    if networks.adapters is None:
+        names = sorted({t.name for t in lora_tags(req.prompt) + lora_tags(req.negative_prompt) if t.te or t.unet})
+        if names:
+            warnings.append(f"the prompt names LoRA(s) {', '.join(names)} but none was applied: pass "
+                            "networks= (LoraLibrary.networks_for) to apply them")
+    return warnings

@@ -64,6 +64,32 @@ def format_infotext(prompt: str, negative_prompt: str, params: Mapping[str, Any]
     return "\n".join(lines)
 
 
+def image_infotext(
+    req: Any, seed: int, loaded: Any, refiner: tuple[str, float] | None = None, extra: Mapping[str, str] | None = None,
+) -> str:
+    """A1111's infotext of one image of ``req`` (a :class:`~opensd.pipelines.request.GenerationRequest`)
+    made by ``loaded`` (its ``hash`` and ``name``) with ``seed``; ``refiner``: (its label,
+    the switch) when one ran; ``extra``: fields after the model's (``Lora hashes``, ``TI hashes``)."""
+    spec, spacing = req.resolved_sampler()
+    params = {
+        "Steps": req.steps,
+        "Sampler": spec.a1111_name,
+        "Schedule type": schedule_type(spacing.value),
+        "CFG scale": req.cfg_scale,
+        "Seed": seed,
+        "Size": f"{req.width}x{req.height}",
+        "Model hash": loaded.hash,
+        "Model": loaded.name,
+        "Denoising strength": req.strength if req.strength < 1.0 else None,
+        "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
+        "CFG Rescale phi": req.guidance_rescale or None,
+        "Refiner": refiner[0] if refiner is not None else None,
+        "Refiner switch at": refiner[1] if refiner is not None else None,
+        **(extra or {}),
+    }
+    return format_infotext(req.prompt, req.negative_prompt, params)
+
+
 def parse_infotext(text: str) -> dict[str, str]:
     """Fields of an infotext: ``Prompt``, ``Negative prompt`` (maybe empty) and each parameter.
 

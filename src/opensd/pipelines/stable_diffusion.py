@@ -37,9 +37,9 @@ from opensd.diffusion.registry import sample
 from opensd.models.adapters import use_adapters
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.conditioning import Conditioner
-from opensd.pipelines.generation import GenerationResult, StepCallback, StepInfo, StopCheck
+from opensd.pipelines.generation import GenerationResult, StepCallback, StepInfo, StopCheck, generation_warnings
 from opensd.pipelines.images import ImageInput, load_image, to_pil, to_tensor
-from opensd.pipelines.infotext import format_infotext, schedule_type
+from opensd.pipelines.infotext import image_infotext
 from opensd.pipelines.inpaint import (
     DEFAULT_MASK_BLUR,
     DEFAULT_MASKED_CONTENT,
@@ -282,7 +282,7 @@ class StableDiffusionPipeline:
         infotexts = [self.infotext(req, s, refiner=ran, extra=networks.infotext) for s in seeds]
         for im, text in zip(images, infotexts):
             im.info["parameters"] = text
-        return GenerationResult(images, seeds, infotexts, interrupted, self._warnings(req, prompt_embeds, negative_embeds))
+        return GenerationResult(images, seeds, infotexts, interrupted, generation_warnings(self, req, prompt_embeds, negative_embeds, networks))
 
     # ---------------------------------------------------------------- the loop's steps
 
@@ -393,18 +393,6 @@ class StableDiffusionPipeline:
             decoded = st.pixel_mask * decoded + (1 - st.pixel_mask) * st.pixels.to(decoded)
         return decoded
 
-    def _warnings(self, req: GenerationRequest, prompt_embeds: Any, negative_embeds: Any) -> list[str]:
-        from opensd.prompts.vocabulary import prompt_warnings
-
-        warnings = prompt_warnings(
-            self.tokenizer,
-            req.prompt if prompt_embeds is None else "",
-            req.negative_prompt if negative_embeds is None and req.cfg_scale != 1.0 else "",
-        )
-        if req.clip_skip > 1 and not self.conditioner.clip_skip_applies():
-            warnings.append(f"clip skip has no effect on {self.cfg.family.value} models (their text layer is fixed)")
-        return warnings
-
     # ---------------------------------------------------------------- pieces
 
     def encode_prompt(self, prompts: list[str], clip_skip: int = 1, *, should_stop: StopCheck | None = None) -> torch.Tensor:
@@ -447,26 +435,9 @@ class StableDiffusionPipeline:
     def infotext(
         self, req: GenerationRequest, seed: int, *, refiner: RefinerPlan | None = None, extra: Mapping[str, str] | None = None,
     ) -> str:
-        """A1111's infotext of one image; ``refiner``: the refiner that ran (its two fields);
-        ``extra``: more fields after the model's (a request's ``Lora hashes``, ``TI hashes``)."""
-        spec, spacing = req.resolved_sampler()
-        params = {
-            "Steps": req.steps,
-            "Sampler": spec.a1111_name,
-            "Schedule type": schedule_type(spacing.value),
-            "CFG scale": req.cfg_scale,
-            "Seed": seed,
-            "Size": f"{req.width}x{req.height}",
-            "Model hash": self.loaded.hash,
-            "Model": self.loaded.name,
-            "Denoising strength": req.strength if req.strength < 1.0 else None,
-            "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
-            "CFG Rescale phi": req.guidance_rescale or None,
-            "Refiner": refiner_label(refiner.pipe) if refiner is not None else None,
-            "Refiner switch at": refiner.switch_at if refiner is not None else None,
-            **(extra or {}),
-        }
-        return format_infotext(req.prompt, req.negative_prompt, params)
+        """A1111's infotext of one image (:func:`~opensd.pipelines.infotext.image_infotext`)."""
+        return image_infotext(req, seed, self.loaded, None if refiner is None else (refiner_label(refiner.pipe), refiner.switch_at),
+                              extra)
 
     def _network(self, concat: torch.Tensor | None, req: GenerationRequest) -> Callable[..., torch.Tensor]:
         unet = self.model.unet

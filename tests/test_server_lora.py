@@ -148,3 +148,17 @@ def test_16_concurrent_requests_each_equal_their_sequential_result(pipe, lora_di
     for a, b in zip(alone, together):
         assert a.json()["images"] == b.json()["images"]  # identical PNG bytes, infotext included
     assert len({a.json()["images"][0] for a in alone}) == 8  # every prompt and seed drew its own image
+
+
+def test_explain_applies_the_prompts_loras_as_txt2img(client):
+    body = {"prompt": "a red circle <lora:style:1>", "steps": 2, "seed": 11, "width": 32, "height": 32,
+            "sampler_name": "Euler a"}
+    explained = client.post("/opensd/v1/explain", json=body)
+    assert explained.status_code == 200, explained.text
+    made = _txt2img(client, body["prompt"])
+    plain = client.post("/opensd/v1/explain", json={**body, "prompt": "a red circle"})
+    got = png_pixels(explained.json()["image"]).astype(int)
+    # explain computes attention explicitly (not by SDPA): the same image up to float rounding
+    assert np.abs(got - png_pixels(made.json()["images"][0])).max() <= 2
+    assert np.abs(got - png_pixels(plain.json()["image"])).max() > 20
+    assert "Lora hashes" in explained.json()["info"]

@@ -35,6 +35,7 @@ from pydantic import AliasChoices, BaseModel, Field, StrictInt
 from opensd.explain import AttentionCollector, AttentionResult, ExplainError, PathError, PathRecorder, build_result
 from opensd.explain.path import path_from_recorder
 from opensd.explain.render import RenderError, heatmap_overlay
+from opensd.pipelines.networks import RequestNetworks
 from opensd.pipelines.request import GenerationRequest
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline, StepInfo
 from opensd.prompts.syntax import context_length, tokenize_prompt
@@ -123,6 +124,7 @@ class ExplainPlan:
     request: GenerationRequest
     words: list[str]
     path_steps: list[int]
+    networks: RequestNetworks | None = None  # the prompt's <lora:...> tags, bound (as txt2img)
 
 
 def default_path_steps(steps: int, n: int = DEFAULT_PATH_STEPS) -> list[int]:
@@ -161,6 +163,9 @@ def plan_explain(st: ServerState, body: ExplainRequest) -> ExplainPlan:
         raise ApiError(422, e.detail, param=e.param) from None  # an unknown sampler or model is bad input here (A1111 says 404)
     req = plan.requests[0]
     pipe = plan.pipeline
+    if plan.networks is not None and plan.networks.embeddings:
+        names = ", ".join(sorted(plan.networks.embeddings))
+        raise ApiError(422, f"explain maps the prompt's words and cannot map embeddings ({names}); use the words", param="prompt")
     try:
         words = tokenize_prompt(pipe.tokenizer, req.prompt, context_length(pipe.tokenizer, pipe.model.text_encoder)).words
     except ValueError as e:
@@ -169,7 +174,7 @@ def plan_explain(st: ServerState, body: ExplainRequest) -> ExplainPlan:
         raise ApiError(422, f"prompt {req.prompt!r} has no words once its syntax is removed; nothing to map", param="prompt")
     if len(words) > MAX_WORDS:
         raise ApiError(422, f"prompt has {len(words)} words; explain maps at most {MAX_WORDS}", param="prompt")
-    return ExplainPlan(pipe, req, list(words), _path_steps(body.path_steps, req.steps))
+    return ExplainPlan(pipe, req, list(words), _path_steps(body.path_steps, req.steps), plan.networks)
 
 
 # ---------------------------------------------------------------- running
@@ -219,7 +224,7 @@ def run_explain(job: Job, plan: ExplainPlan, *, raw: bool = False) -> dict:
     f = pipe.cfg.vae.downsample_factor
     try:
         with _CAPTURE, _ThreadCollector(pipe.model.unet, (req.height // f, req.width // f)) as collector:
-            result = pipe.generate(req, callback=step, should_stop=job.should_stop)
+            result = pipe.generate(req, callback=step, should_stop=job.should_stop, networks=plan.networks)
         image = result.images[0]
         attn = build_result(pipe, req.prompt, image, collector)
         path = path_from_recorder(pipe, recorder, image) if recorder.steps else None

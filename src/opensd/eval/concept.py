@@ -25,8 +25,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from opensd.data.shapes import DEFAULT_HOLDOUT, Holdout, PromptSpec, Sample, caption, realize, render
-from opensd.eval.prompts import HOLDOUT_CATEGORIES, BenchmarkPrompt, PromptSuiteError, sample_category_spec
+from opensd.data.shapes import DEFAULT_HOLDOUT, Holdout, PromptSpec, Sample, realize, render
+from opensd.eval.prompts import HOLDOUT_CATEGORIES, BenchmarkPrompt, PromptSuiteError, distinct_prompts, sample_category_spec
 
 CONCEPT_SEED = 31  # the suite's prompts
 TRAIN_SEED = 37  # the training images
@@ -96,24 +96,8 @@ def _draw(concept: Concept, category: str, rng: random.Random) -> PromptSpec:
 def _prompts(
     concept: Concept, per_category: int, seed: int, exclude: frozenset[str] = frozenset()
 ) -> tuple[BenchmarkPrompt, ...]:
-    if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1:
-        raise PromptSuiteError(f"per_category must be an integer >= 1, got {per_category!r}")
-    out: list[BenchmarkPrompt] = []
-    for category in HOLDOUT_CATEGORIES:
-        rng = random.Random(f"opensd-concept:{concept.name}:{seed}:{category}")
-        texts: set[str] = set()
-        tries = 0
-        while len(texts) < per_category:
-            tries += 1
-            if tries > 200 * per_category:
-                raise PromptSuiteError(f"only {len(texts)} distinct {category} prompts of {concept.words}; ask for fewer")
-            spec = _draw(concept, category, rng)
-            text = caption(spec, rng)
-            if text in texts or text in exclude:
-                continue
-            texts.add(text)
-            out.append(BenchmarkPrompt(text, spec, category))
-    return tuple(out)
+    return distinct_prompts(HOLDOUT_CATEGORIES, per_category, lambda c: f"opensd-concept:{concept.name}:{seed}:{c}",
+                            lambda c, rng: _draw(concept, c, rng), exclude, f" of {concept.words}")
 
 
 @functools.lru_cache(maxsize=8)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 from PIL import Image
 
@@ -130,6 +131,37 @@ def sample_category_spec(
     raise PromptSuiteError(f"could not draw a {category} spec with held_out={held_out} for {holdout}")
 
 
+def distinct_prompts(
+    categories: tuple[str, ...],
+    per_category: int,
+    rng_key: Callable[[str], str],
+    draw: Callable[[str, random.Random], PromptSpec],
+    exclude: frozenset[str] = frozenset(),
+    what: str = "",
+) -> tuple[BenchmarkPrompt, ...]:
+    """``per_category`` prompts of distinct text per category: specs from ``draw(category,
+    rng)`` worded by the caption grammar, ``rng`` seeded with ``rng_key(category)``; texts
+    in ``exclude`` are skipped. ``what`` ends the error when too few can be found."""
+    if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1:
+        raise PromptSuiteError(f"per_category must be an integer >= 1, got {per_category!r}")
+    out: list[BenchmarkPrompt] = []
+    for category in categories:
+        rng = random.Random(rng_key(category))
+        texts: set[str] = set()
+        tries = 0
+        while len(texts) < per_category:
+            tries += 1
+            if tries > 200 * per_category:
+                raise PromptSuiteError(f"only {len(texts)} distinct {category} prompts{what} found; ask for fewer")
+            spec = draw(category, rng)
+            text = caption(spec, rng)
+            if text in texts or text in exclude:
+                continue
+            texts.add(text)
+            out.append(BenchmarkPrompt(text, spec, category))
+    return tuple(out)
+
+
 def _suite(
     seed: int,
     per_category: int,
@@ -138,24 +170,8 @@ def _suite(
     held_out: bool,
     exclude: frozenset[str] = frozenset(),
 ) -> tuple[BenchmarkPrompt, ...]:
-    if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1:
-        raise PromptSuiteError(f"per_category must be an integer >= 1, got {per_category!r}")
-    out: list[BenchmarkPrompt] = []
-    for category in categories:
-        rng = random.Random(f"opensd-prompts:{seed}:{category}")
-        texts: set[str] = set()
-        tries = 0
-        while len(texts) < per_category:
-            tries += 1
-            if tries > 200 * per_category:
-                raise PromptSuiteError(f"only {len(texts)} distinct {category} prompts found; ask for fewer")
-            spec = sample_category_spec(category, rng, holdout, held_out)
-            text = caption(spec, rng)
-            if text in texts or text in exclude:
-                continue
-            texts.add(text)
-            out.append(BenchmarkPrompt(text, spec, category))
-    return tuple(out)
+    return distinct_prompts(categories, per_category, lambda c: f"opensd-prompts:{seed}:{c}",
+                            lambda c, rng: sample_category_spec(c, rng, holdout, held_out), exclude)
 
 
 @functools.lru_cache(maxsize=8)

@@ -453,3 +453,38 @@ def test_cli_trains_an_embedding(models, images, tmp_path: Path) -> None:
     assert "TI hashes" in Image.open(tmp_path / "ti.png").info["parameters"]  # the prompt used the trained embedding
     res = CliRunner().invoke(cli_app(), [*args[:-1], "--set", "templates=['a photo']", "--resume"])
     assert res.exit_code == 2 and "{}" in res.output and "\n" not in res.output.strip()
+
+
+@pytest.mark.parametrize("family,text_encoder", [(ModelFamily.SD1, True), (ModelFamily.SD1, False),
+                                                 (ModelFamily.SDXL, True), (ModelFamily.SDXL, False)])
+def test_caption_dropout_trains_on_the_empty_prompt(models, images, tmp_path: Path, family, text_encoder) -> None:
+    cfg = lora_cfg(models[family], images, tmp_path / "run", steps=2, caption_dropout=0.99, text_encoder=text_encoder)
+    stage = stage_of(cfg)
+    seen: list[dict] = []
+    lora_forward = None
+
+    def probe(step: int, ctx) -> None:
+        nonlocal lora_forward
+        if lora_forward is None:
+            module = ctx.modules["lora"]
+            lora_forward = module.forward
+
+            def spy(x0, text, t, noise):
+                seen.append({k: v.clone() for k, v in text.items()})
+                return lora_forward(x0, text, t, noise)
+            module.forward = spy
+
+    run_stage(stage, hooks=[probe])
+    assert seen, "the loss was never called"
+    text = seen[-1]
+    empty = stage.empty
+    for k, v in text.items():
+        if k == "zero":
+            assert v.all()
+            continue
+        assert torch.equal(v, empty[k].expand_as(v)), k  # p = 0.99: every caption of the batch dropped
+    if family is ModelFamily.SDXL and not text_encoder:
+        assert all(v.abs().max() == 0 for k, v in text.items())
+    assert ("zero" in text) == (family is ModelFamily.SDXL and text_encoder)
+    with pytest.raises(ConfigError, match="caption_dropout must be in"):
+        stage_of(lora_cfg(models[family], images, tmp_path / "bad", caption_dropout=1.0))

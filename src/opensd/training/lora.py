@@ -12,6 +12,8 @@ inside :func:`opensd.models.adapters.use_adapters` with the network's deltas; wi
 DreamBooth (Ruiz et al. 2022): ``instance_prompt`` captions every image ("a sks dog");
 prior preservation adds a batch of class images (``prior_data``, or drawn by the frozen model
 from ``class_prompt``) to each step, ``loss = instance loss + prior_weight · class loss``.
+With ``caption_dropout`` a sample's caption becomes the empty one (SDXL families: zeros),
+as in the U-Net stage, so the LoRA also learns what guidance's unconditional branch sees.
 
 The export is ``<out>/<output_name>.safetensors`` in kohya's format with sd-scripts' ``ss_*``
 metadata; ``opensd generate --lora`` (:class:`opensd.checkpoints.lora.LoRAFile`), A1111 and
@@ -31,6 +33,7 @@ from torch import nn
 from opensd.config import ConfigError
 from opensd.diffusion.schedules import NoiseScheduleConfig
 from opensd.models.adapters import use_adapters
+from opensd.models.stable_diffusion import ModelFamily
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig, _check_float, _check_int
 from opensd.training.data import batch_indices
 from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
@@ -65,6 +68,7 @@ class LoRAStageConfig(StageConfig):
     prior_weight: float = 1.0
     num_class_images: int = 0
     min_snr_gamma: float = 0.0
+    caption_dropout: float = 0.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         out_dir="runs/lora", steps=500, batch_size=8, lr=1e-3, warmup_steps=20, log_every=10, sample_every=0,
         checkpoint_every=100))
@@ -87,6 +91,9 @@ class LoRAStageConfig(StageConfig):
         _check_float("alpha", self.alpha, 0.0)
         _check_float("prior_weight", self.prior_weight, 0.0)
         _check_float("min_snr_gamma", self.min_snr_gamma, 0.0)
+        if not isinstance(self.caption_dropout, (int, float)) or isinstance(self.caption_dropout, bool) \
+                or not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         _check_float("cfg_scale", self.cfg_scale, 1.0)
         if self.alpha == 0:
             raise ConfigError("alpha must be > 0 (the LoRA's scale is alpha / rank)")
@@ -157,6 +164,9 @@ class LoRALoss(nn.Module):
         f = self.frozen
         with use_adapters(self.network.adapters()):
             enc = encode_ids(f.model, f.tokenizer, text["ids"]) if "ids" in text else text
+            if "zero" in text:  # dropped captions of SDXL families: zeros, as inference's empty negative
+                enc = {k: torch.where(text["zero"].reshape(-1, *[1] * (v.ndim - 1)), torch.zeros_like(v), v)
+                       for k, v in enc.items() if k != "zero"}
             cond = f.conditioner.to_dict(TextEmbedding(enc["context"], enc.get("pooled")), f.size_request)
             per_sample, _ = f.diffusion(x0, cond, t, noise)
         return per_sample
@@ -189,6 +199,7 @@ class LoRAStage(Stage):
         model = self.loaded.model.to(ctx.device)
         check_image_size(model, cfg.data.image_size)
         self.conditioner = Conditioner(model, self.loaded.tokenizer, budget=None)
+        self.sdxl = model.cfg.family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER)
         size = cfg.data.image_size
         self.size_request = GenerationRequest("", width=size, height=size, original_size=(size, size))
         schedule: NoiseScheduleConfig = model.cfg.schedule
@@ -241,6 +252,12 @@ class LoRAStage(Stage):
                                batch_size=cfg.cache_batch, progress=cfg.train.progress, main=ctx.is_main,
                                barrier=ctx.barrier)
         text = {"ids": tok(images.texts)} if cfg.text_encoder else cache.cond  # (N, L) ids, or (N, L, D)...
+        # what a dropped caption becomes: the empty caption (its ids, encoded in the step, or its
+        # cached encoding); SDXL families zero it instead (LoRALoss), as the U-Net stage does
+        self.empty = {"ids": tok([""])} if cfg.text_encoder else dict(cache.empty)
+        if self.sdxl and not cfg.text_encoder:
+            self.empty = {k: torch.zeros_like(v) for k, v in self.empty.items()}
+        self.empty = {k: v.to(ctx.device) for k, v in self.empty.items()}
         return Pool(cache.latents.to(ctx.device), {k: v.to(ctx.device) for k, v in text.items()}, images.texts)
 
     def batch(self, step: int) -> dict[str, Any]:
@@ -262,8 +279,15 @@ class LoRAStage(Stage):
         timesteps = self.loaded.model.cfg.schedule.num_train_timesteps
         t = ctx.to_device(torch.randint(0, timesteps, (b,), generator=g))
         noise = ctx.to_device(torch.randn(x0.shape, generator=g))
+        text = batch["text"]
+        if self.cfg.caption_dropout > 0:  # trains the empty prompt's prediction too, which guidance uses
+            drop = ctx.to_device(torch.rand(b, generator=g) < self.cfg.caption_dropout)
+            text = {k: torch.where(drop.reshape(-1, *[1] * (v.ndim - 1)), self.empty[k].expand_as(v), v)
+                    for k, v in text.items()}
+            if self.sdxl and self.cfg.text_encoder:
+                text["zero"] = drop
         with ctx.autocast():
-            per_sample = ctx.wrapped["lora"](x0, batch["text"], t, noise)  # (B * pools,)
+            per_sample = ctx.wrapped["lora"](x0, text, t, noise)  # (B * pools,)
         instance = per_sample[:n].mean()
         if b == n:
             yield Update("lora", instance, {"loss": instance})

@@ -8,10 +8,10 @@ default model's holdout). One command runs it end to end::
 1. **data**: the concept's training images (at most 64, :func:`write_concept_data`) and
    the regularization images of prior preservation, for the captions of the world the
    model was trained on (``ShapesDataset(seed=0)`` with its holdout, from index
-   ``PRIOR_START`` on, so none states the concept): with ``--prior generated`` (the
-   default) each image is the model's own for its caption (DreamBooth's prior: no image
-   beyond the concept's 64 is new to the model; their drawing is timed with the
-   training), with ``--prior world`` the world's renders;
+   ``PRIOR_START`` on, so none states the concept): with ``--prior world`` (the default)
+   the world's renders, with ``--prior generated`` each image is the model's own for its
+   caption (DreamBooth's prior: no image beyond the concept's 64 is new to the model;
+   their drawing is timed with the training);
 2. **before**: ``opensd eval --suite concept:NAME`` and ``opensd eval --suite benchmark``
    on the model;
 3. **train**: ``opensd train lora`` on the concept images (DreamBooth-style, prior
@@ -66,7 +66,7 @@ class TeachSettings:
     image_size: int = 32
     concept_images: int = 64
     prior_images: int = 512
-    prior: str = "generated"  # "generated": the model's own images of the world's captions; "world": renders
+    prior: str = "world"  # "world": the world's renders; "generated": the model's own images of their captions
     concept_eval: EvalSettings = EvalSettings(50, 2)  # 4 categories: 400 images
     benchmark_eval: EvalSettings = EvalSettings(100, 1)  # 6 categories: 600 images
     steps: int = 20
@@ -75,8 +75,8 @@ class TeachSettings:
     seed: int = 0
     threads: int = 1
     train: dict = field(default_factory=lambda: {
-        "--steps": "1500", "--batch-size": "16", "--lr": "1e-3", "--rank": "8", "--alpha": "8",
-        "--targets": "attn+ff", "--no-text-encoder": None, "--prior-weight": "1", "--seed": "0",
+        "--steps": "1500", "--batch-size": "16", "--lr": "5e-4", "--rank": "4", "--alpha": "4",
+        "--targets": "attn", "--no-text-encoder": None, "--prior-weight": "1", "--seed": "0",
     })
     train_set: tuple[str, ...] = ("min_snr_gamma=5", "sample_images=0")
 

@@ -195,7 +195,7 @@ def test_the_script_runs_every_phase_on_a_tiny_model(tmp_path: Path) -> None:
     t = _teach_module()
     model, tok = tiny_word_bundle()
     save_opensd(model, tok, tmp_path / "m")
-    s = t.TeachSettings(model=str(tmp_path / "m"), concept_images=4, prior_images=4,
+    s = t.TeachSettings(model=str(tmp_path / "m"), concept_images=4, prior_images=4, prior="generated",
                         concept_eval=t.EvalSettings(1, 1), benchmark_eval=t.EvalSettings(1, 1), steps=1,
                         train={"--steps": "2", "--batch-size": "2", "--rank": "2", "--alpha": "2",
                                "--no-text-encoder": None, "--seed": "0"})

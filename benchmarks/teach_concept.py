@@ -75,7 +75,7 @@ class TeachSettings:
     seed: int = 0
     threads: int = 1
     train: dict = field(default_factory=lambda: {
-        "--steps": "1500", "--batch-size": "16", "--lr": "5e-4", "--rank": "4", "--alpha": "4",
+        "--steps": "2100", "--batch-size": "16", "--lr": "5e-4", "--rank": "4", "--alpha": "4",
         "--targets": "attn", "--no-text-encoder": None, "--prior-weight": "1", "--seed": "0",
     })
     train_set: tuple[str, ...] = ("min_snr_gamma=5", "sample_images=0")

@@ -23,7 +23,6 @@ needs code to load. A file is bound whole or not at all.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import weakref
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from torch import nn
 from opensd.checkpoints.io import TORCH_SUFFIXES, CheckpointError, _check_tensors, _read_torch, read_weights
 from opensd.checkpoints.lora_formats import FormatError, LayerWeights, LoRAError, guess_family, read_layers
 from opensd.checkpoints.lora_names import Target, lora_targets
+from opensd.checkpoints.parameterization import read_metadata as read_header_metadata
 from opensd.models.adapters import AdapterSet, Delta, Full, Hadamard, Kronecker, LowRank, RowSlice
 from opensd.models.stable_diffusion import StableDiffusion
 
@@ -86,19 +86,13 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     return read_weights(path)
 
 
-MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
-
-
 def read_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file ({} for other files or none)."""
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER_BYTES:
-            raise LoRAError(f"{path.name}: a safetensors header of {n} bytes (at most {MAX_HEADER_BYTES}); the file is corrupt")
-        header = json.loads(f.read(n))
-    return {str(k): str(v) for k, v in header.get("__metadata__", {}).items()}
+    """The ``__metadata__`` of a safetensors file ({} for other files or none), as a :class:`LoRAError`
+    when its header cannot be read."""
+    try:
+        return read_header_metadata(path)
+    except CheckpointError as e:
+        raise LoRAError(str(e)) from None
 
 
 def a1111_hash(path: Path) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import struct
 import threading
 import time
 import weakref
@@ -42,7 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from opensd.checkpoints.io import CheckpointError
 from opensd.checkpoints.lora import LoRAError, LoRAFile, LoRAUse, bind_loras
+from opensd.checkpoints.parameterization import read_metadata
 from opensd.models.adapters import AdapterSet
 from opensd.models.stable_diffusion import StableDiffusion
 from opensd.pipelines.networks import NO_NETWORKS, RequestNetworks
@@ -55,7 +56,6 @@ DEFAULT_FOLDER = Path("models") / "Lora"  # A1111's, relative to the working dir
 DEFAULT_CACHE_BYTES = 2 * 2**30
 DEFAULT_BOUND_SETS = 8
 RESCAN_INTERVAL_S = 5.0
-MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header larger than this is not read for its metadata
 SHOW_NAMES = 8  # names listed in an error
 
 
@@ -93,21 +93,15 @@ class LoraEntry:
         return {"name": self.name, "alias": self.alias, "path": str(self.path), "metadata": dict(self.metadata)}
 
 
-def listing_metadata(path: Path, size: int) -> dict[str, Any]:
+def listing_metadata(path: Path) -> dict[str, Any]:
     """A safetensors file's ``__metadata__`` as A1111 lists it; {} for other files and any
     header that cannot be read (the file's error comes when it is used)."""
-    if path.suffix.lower() != ".safetensors":
-        return {}
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(size - 8, MAX_HEADER_BYTES):
-                return {}
-            raw = json.loads(f.read(n)).get("__metadata__") or {}
-    except (OSError, ValueError, AttributeError, struct.error, RecursionError):
+        raw = read_metadata(path)
+    except (OSError, CheckpointError):
         return {}
     out: dict[str, Any] = {}
-    for k, v in raw.items() if isinstance(raw, dict) else ():
+    for k, v in raw.items():
         if k == "ssmd_cover_images":
             continue
         out[str(k)] = v
@@ -132,7 +126,7 @@ def scan_folder(folder: Path) -> list[LoraEntry]:
             continue
         if not path.is_file():
             continue
-        meta = listing_metadata(path, st.st_size)
+        meta = listing_metadata(path)
         alias = meta.get("ss_output_name")
         alias = alias if isinstance(alias, str) and alias.strip() else path.stem
         out.append(LoraEntry(path.stem, alias, path, st.st_size, st.st_mtime_ns, meta))

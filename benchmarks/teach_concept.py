@@ -12,8 +12,10 @@ default model's holdout). One command runs it end to end::
    the world's renders, with ``--prior generated`` each image is the model's own for its
    caption (DreamBooth's prior: no image beyond the concept's 64 is new to the model;
    their drawing is timed with the training);
-2. **before**: ``opensd eval --suite concept:NAME`` and ``opensd eval --suite benchmark``
-   on the model;
+2. **before**: the autoencoder's ceiling (``opensd eval --suite concept:NAME
+   --autoencoder``: the concept's true scenes through the VAE, scored; the most any
+   fine-tune of the denoiser can reach), then ``opensd eval --suite concept:NAME`` and
+   ``opensd eval --suite benchmark`` on the model;
 3. **train**: ``opensd train lora`` on the concept images (DreamBooth-style, prior
    preservation with the world's images);
 4. **after**: the same two evaluations with ``--lora`` (same prompts, seeds and counts);
@@ -206,6 +208,9 @@ def markdown(report: dict) -> str:
     lines.append(f"| **overall** | {cell(c0)} | **{cell(c1)}** | {c1['overall'] - c0['overall']:+.3f} |")
     for c in c0["accuracy"]:
         lines.append(f"| {c} | {cell(c0, c)} | {cell(c1, c)} | {c1['accuracy'][c] - c0['accuracy'][c]:+.3f} |")
+    if "ceiling" in report:
+        k = report["ceiling"]
+        lines.append(f"| the autoencoder's ceiling ({k['images']} true scenes through the VAE) | {cell(k)} | | |")
     lines += ["", f"| benchmark ({b0['images']} images) | before | after | change |", "|---|---|---|---|"]
     lines.append(f"| **overall** | {cell(b0)} | **{cell(b1)}** | {b1['overall'] - b0['overall']:+.3f} |")
     for c in b0["accuracy"]:
@@ -242,6 +247,12 @@ def teach(s: TeachSettings, out: Path, skip_before: bool = False) -> dict:
     data = write_data(s, out / "data")
     suites = {"concept": (f"concept:{s.concept}", s.concept_eval), "benchmark": ("benchmark", s.benchmark_eval)}
     phases, numbers = {}, {"before": {}, "after": {}}
+    ceiling = out / "ceiling"
+    if not (skip_before and (ceiling / "results.json").is_file()):
+        cmd = opensd_command("eval", "--model", s.model, "--suite", f"concept:{s.concept}", "--autoencoder", "--per-category",
+                             str(s.concept_eval.per_category), "--threads", str(s.threads), "-q", "-o", str(ceiling))
+        phases["ceiling"] = run_phase(f"ceiling: concept:{s.concept} through the autoencoder", cmd, logs / "ceiling.log")
+    numbers["ceiling"] = summarize(json.loads((ceiling / "results.json").read_text()))
     for name, (suite, e) in suites.items():
         folder = out / "before" / name
         if not (skip_before and (folder / "results.json").is_file()):

@@ -212,5 +212,8 @@ def test_the_script_runs_every_phase_on_a_tiny_model(tmp_path: Path) -> None:
         "concept_met", "benchmark_drop", "drop_met", "fine_tune_cpu_s", "cpu_met"}
     assert report["data"]["prior"].startswith("the model's own images") and report["data"]["prior_cpu_s"] > 0
     assert report["verdict"]["fine_tune_cpu_s"] >= report["phases"]["train"]["cpu_s"] + report["data"]["prior_cpu_s"] - 0.2
+    assert report["ceiling"]["images"] == 4 and 0.0 <= report["ceiling"]["overall"] <= 1.0
+    assert json.loads((out / "ceiling" / "results.json").read_text())["kind"] == "autoencoder_ceiling"
     md = (out / "teach.md").read_text()
     assert "| purple-triangle prompts (4 images) | before | after | change |" in md and "CPU-minutes" in md
+    assert "| the autoencoder's ceiling (4 true scenes through the VAE) |" in md

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Base seed."),
         batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per network call (prompts share calls; the images do not change)."),
         distribution: bool = typer.Option(False, "--distribution", help="Also Fréchet distance, precision/recall and memorization (in-house features)."),
+        autoencoder: bool = typer.Option(False, "--autoencoder", help="Instead of generating, score the suite's true scenes after the model's VAE round trip: the most generation can reach through this decoder."),
         out: Path = typer.Option(Path("eval"), "--out", "-o", help="Folder for results.json, report.md and plots."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
@@ -58,6 +59,11 @@ def register(app: typer.Typer) -> None:
             raise OpenSDError(f"--out {out} is a file; give a folder")
         pipe = opensd.load(resolve_model(model), device=resolve_device(device))
         use_threads(threads, pipe.model)
+        if autoencoder:
+            if uses or distribution:
+                raise OpenSDError("--autoencoder scores the VAE alone: it takes no --lora and no --distribution")
+            _write_ceiling(pipe, cfg, seed, out)
+            return
         info = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash}
         networks = library.networks_for(pipe.model, "", uses, cli_budget()) if uses else None
         if uses:
@@ -88,3 +94,19 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{'FD/' + net:>14}: {d['generated']['fd']:.2f} (real-vs-real {d['real_baseline']['fd']:.2f})")
         typer.echo(f"wrote {paths['results']} and {paths['report']}")
 
+
+def _write_ceiling(pipe, cfg, seed: int, out: Path) -> None:
+    """``opensd eval --autoencoder``: the suite's true scenes through the VAE, scored (:mod:`opensd.eval.ceiling`)."""
+    import json
+
+    from opensd.eval.ceiling import autoencoder_ceiling
+
+    results = autoencoder_ceiling(pipe, cfg, seed=seed)
+    results["model"] = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    for c, v in results["accuracy"].items():
+        typer.echo(f"{c:>14}: {v:.3f}")
+    typer.echo(f"{'overall':>14}: {results['overall']:.3f}  (true scenes through the autoencoder: the ceiling)")
+    typer.echo(f"wrote {path}")

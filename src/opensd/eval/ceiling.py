@@ -1,0 +1,85 @@
+"""The autoencoder's ceiling: a suite's ground-truth scenes through the model's VAE, scored.
+
+Every image a latent diffusion model makes passes through its decoder. When the
+autoencoder cannot carry a scene (encode a true render, decode it, and the scorer no
+longer reads it as true), no denoiser, LoRA or sampler can draw that scene either: the
+round trip's score is an upper bound on what generation can reach through this decoder
+(Rombach et al. 2022 give the autoencoder's reconstruction error the same role).
+
+:func:`autoencoder_ceiling` renders one true scene per prompt of an eval suite
+(:func:`opensd.eval.prompts.ground_truth_images`, at the model's native size, unstated
+colours avoiding what the suite keeps out), encodes each to its posterior mean, decodes
+it and scores the decoded image against its prompt. ``opensd eval --autoencoder`` runs it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from opensd.data.shapes import DEFAULT_HOLDOUT, Holdout
+from opensd.eval.prompts import BenchmarkPrompt, ground_truth_images
+from opensd.eval.run import EvalConfig, Suite, select_prompts
+from opensd.eval.scorer import CATEGORIES, judge
+from opensd.pipelines.images import to_pil, to_tensor
+
+
+def ground_truth_holdout(cfg: EvalConfig) -> Holdout | None:
+    """What the suite's true scenes keep out of their unstated colours: the concept's
+    other held-out pairs, nothing for the holdout suite, else the default holdout."""
+    if cfg.suite is Suite.CONCEPT:
+        from opensd.eval.concept import concept_by_name
+
+        return concept_by_name(str(cfg.concept)).others
+    return None if cfg.suite is Suite.HOLDOUT else DEFAULT_HOLDOUT
+
+
+@torch.no_grad()
+def round_trip(vae: Any, images: list, batch_size: int = 16) -> list:
+    """PIL images -> the VAE's posterior mean -> decoded PIL images (same size)."""
+    out = []
+    param = next(vae.parameters())
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        w, h = chunk[0].size
+        x = torch.cat([to_tensor(im, w, h) for im in chunk]).to(param.device, param.dtype)  # (B, 3, H, W)
+        out += to_pil(vae.decode(vae.encode(x).mean))
+    return out
+
+
+def autoencoder_ceiling(pipe: Any, cfg: EvalConfig, seed: int = 0) -> dict:
+    """Score ``cfg``'s suite on its ground truth after ``pipe``'s VAE round trip.
+
+    Returns a dict shaped as :func:`opensd.eval.run.evaluate`'s results (``overall``,
+    ``accuracy``, ``n``, ``items``), with ``"kind": "autoencoder_ceiling"``; one scene per
+    prompt (``cfg.images_per_prompt`` is not used), scene ``i`` drawn from ``seed``.
+    """
+    prompts: list[BenchmarkPrompt] = select_prompts(cfg)
+    size = pipe.model.cfg.latent_size * pipe.model.vae.cfg.downsample_factor
+    start = time.time()
+    truth = ground_truth_images(prompts, size, seed=seed, holdout=ground_truth_holdout(cfg))
+    decoded = round_trip(pipe.model.vae, truth)
+    records = []
+    for p, im in zip(prompts, decoded):
+        verdict = judge(im, p.spec)
+        records.append({"prompt": p.text, "category": p.category, "correct": verdict.correct, "reason": verdict.reason})
+    accuracy, n = {}, {}
+    for c in CATEGORIES:
+        rows = [r for r in records if r["category"] == c]
+        if rows:
+            n[c] = len(rows)
+            accuracy[c] = sum(r["correct"] for r in rows) / len(rows)
+    return {
+        "kind": "autoencoder_ceiling",
+        "suite": cfg.suite.value if cfg.concept is None else f"concept:{cfg.concept}",
+        "image_size": size,
+        "seed": seed,
+        "overall": sum(accuracy.values()) / len(accuracy),
+        "accuracy": accuracy,
+        "n": n,
+        "prompts": len(prompts),
+        "seconds": round(time.time() - start, 1),
+        "items": records,
+    }

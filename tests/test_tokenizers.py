@@ -364,4 +364,8 @@ def test_prompt_warnings_name_the_lost_words_and_list_the_known_ones() -> None:
     assert head == "the model does not know the words 'dog', 'on', 'beaches' of the prompt and ignores them"
     assert sorted(known.split(", ")) == ["a", "blue", "cube", "cubes", "red", "two"]  # punctuation left out
     assert prompt_warnings(tok, "two red cubes", "") == []
+    # an embedding's name is not a word to read: the embedding replaces it, whatever its case
+    (line,) = prompt_warnings(tok, "a red Ugly-Style cube, dog", "", embeddings=["ugly-style"])
+    assert line.startswith("the model does not know the word 'dog' of the prompt and ignores it")
+    assert prompt_warnings(tok, "a red cube", "ugly-style", embeddings=["ugly-style"]) == []
     assert prompt_warnings(clip_bpe.CLIPTokenizer.from_open_clip(), "a dog on the beach") == []

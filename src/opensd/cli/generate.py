@@ -160,7 +160,7 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
         pipe_args["refiner"] = _pipeline(refiner, device, run["threads"])
     if drawn:  # once the model has loaded: a bad model is the only line then
         typer.echo(f"seed: {pipe_args['seed']}")
-    for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"]):
+    for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"], networks.embeddings):
         typer.echo(f"warning: {line}", err=True)
     with StepProgress(enabled=not run["quiet"]) as progress:
         images = getattr(pipe, kind)(callback=progress, **pipe_args)

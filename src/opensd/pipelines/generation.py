@@ -63,6 +63,7 @@ def generation_warnings(pipe: Any, req: Any, prompt_embeds: Any, negative_embeds
         pipe.tokenizer,
         req.prompt if prompt_embeds is None else "",
         req.negative_prompt if negative_embeds is None and req.cfg_scale != 1.0 else "",
+        embeddings=networks.embeddings,
     )
     if req.clip_skip > 1 and not pipe.conditioner.clip_skip_applies():
         warnings.append(f"clip skip has no effect on {pipe.cfg.family.value} models (their text layer is fixed)")

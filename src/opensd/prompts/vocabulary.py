@@ -12,6 +12,9 @@ prompt, which the pipeline returns in ``GenerationResult.warnings``, the CLI pri
 
 from __future__ import annotations
 
+from typing import Iterable
+
+from opensd.prompts.embedding_names import EmbeddingNames
 from opensd.prompts.extra_networks import strip_tags
 from opensd.prompts.syntax import parse_prompt_attention
 from opensd.tokenizers import unknown_words
@@ -20,9 +23,13 @@ LIST_AT_MOST = 80  # a vocabulary this small is listed in the warning; a larger 
 SHOW_AT_MOST = 10  # unknown words quoted in one warning
 
 
-def prompt_unknown_words(tokenizer, prompt: str) -> list[str]:
-    """The words of ``prompt`` (A1111 syntax removed) that ``tokenizer`` cannot represent, each once."""
-    text = " ".join(f.text for f in parse_prompt_attention(strip_tags(prompt)) if not f.is_break)
+def prompt_unknown_words(tokenizer, prompt: str, embeddings: Iterable[str] = ()) -> list[str]:
+    """The words of ``prompt`` (A1111 syntax removed) that ``tokenizer`` cannot represent, each once.
+
+    Names of the ``embeddings`` in use are not words to read: the embedding replaces them."""
+    names = EmbeddingNames(embeddings)
+    fragments = [f.text for f in parse_prompt_attention(strip_tags(prompt)) if not f.is_break]
+    text = " ".join(piece for t in fragments for piece, is_name in names.split(t) if not is_name)
     return unknown_words(tokenizer, text)
 
 
@@ -36,13 +43,15 @@ def _known_words_hint(tokenizer) -> str:
     return f"its vocabulary holds {len(words)} words (see the tokenizer/ folder of the model)"
 
 
-def prompt_warnings(tokenizer, prompt: str, negative_prompt: str = "") -> list[str]:
-    """One line per prompt that holds unknown words, naming them and the words the model knows."""
+def prompt_warnings(tokenizer, prompt: str, negative_prompt: str = "", embeddings: Iterable[str] = ()) -> list[str]:
+    """One line per prompt that holds unknown words, naming them and the words the model knows
+    (the names of the ``embeddings`` in use are not unknown words)."""
     out = []
+    embeddings = tuple(embeddings)
     for what, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if not text:
             continue
-        lost = prompt_unknown_words(tokenizer, text)
+        lost = prompt_unknown_words(tokenizer, text, embeddings)
         if not lost:
             continue
         shown = ", ".join(repr(w) for w in lost[:SHOW_AT_MOST])

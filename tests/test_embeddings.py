@@ -135,6 +135,7 @@ def test_write_embedding_round_trips_as_a1111_writes(tmp_path: Path) -> None:
     for suffix, layout in ((".pt", "a1111"), (".safetensors", "a1111-safetensors")):
         f = read_embedding(write_embedding(ti, tmp_path / f"mine{suffix}", model))
         assert f.layout == layout and torch.equal(f.tensors["*"], ti.vectors[0].detach())
+        assert f.step == 7  # .pt: a key; .safetensors: header metadata
     raw = torch.load(tmp_path / "mine.pt", weights_only=True)
     assert raw["string_to_token"] == {"*": 265} and raw["step"] == 7 and raw["name"] == "x"
     xl, _ = tiny_family_model(ModelFamily.SDXL)

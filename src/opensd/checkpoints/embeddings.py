@@ -39,6 +39,7 @@ import torch
 from opensd.checkpoints.info import FAMILY_NAMES
 from opensd.checkpoints.io import CheckpointError, full_hash, read_torch_object, read_weights, write_safetensors
 from opensd.checkpoints.lora import LoRAError
+from opensd.checkpoints.parameterization import read_metadata
 from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -137,6 +138,11 @@ def read_embedding(path: str | Path) -> EmbeddingFile:
     except CheckpointError as e:
         raise LoRAError(str(e)) from None
     layout, tensors, meta = _layout(data, path)
+    if path.suffix.lower() == ".safetensors":  # A1111's .pt fields travel as header metadata
+        try:
+            meta = {**read_metadata(path), **meta}
+        except CheckpointError as e:
+            raise LoRAError(str(e)) from None
     tensors = {k: _vectors(v, path, k) for k, v in tensors.items()}
     if layout == "sdxl" and len({t.shape[0] for t in tensors.values()}) != 1:
         shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in tensors.items())
@@ -192,6 +198,8 @@ def _vectors(t: Any, path: Path, key: str) -> torch.Tensor:
 def _int_or_none(v: Any) -> int | None:
     if isinstance(v, torch.Tensor) and v.numel() == 1:
         v = v.item()
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():  # safetensors metadata holds strings
+        return int(v)
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 

@@ -28,6 +28,7 @@ from opensd.defaults import resolve_model
 from opensd.eval.prompts import benchmark_suite, ground_truth_images, holdout_suite
 from opensd.eval.scorer import parse, score_images
 from opensd.explain.attention import AttentionCollector, build_result, mass_in_mask
+from opensd.models.capture import AttentionSink, capture_attention, cross_attention_layers, feature_grid, is_cross_attention
 from opensd.models.transformer import BasicTransformerBlock
 from opensd.pipelines.images import to_tensor
 from opensd.training.data import pil_to_tensor, tensor_to_pil
@@ -60,6 +61,7 @@ def attention(pipe, n: int = 10) -> None:
     top = {n for n, _ in blocks if n.startswith(("input_blocks.1.", "input_blocks.2."))
            or n.split(".")[:2] in (["output_blocks", str(k)] for k in range(len(model.unet.output_blocks) - 3,
                                                                           len(model.unet.output_blocks)))}
+    top_attn2 = {f"{n}.attn2" for n in top}  # their cross-attention layers, by module path
     ds = ShapesDataset(seed=123, image_size=size, kinds={"single": 1.0, "pair": 1.0, "relation": 1.0})
     out: dict[str, list[float]] = {}
     for s in ds.take(n):
@@ -69,10 +71,8 @@ def attention(pipe, n: int = 10) -> None:
             ctx = pipe.encode_prompt([s.caption])
             for layers in ("all", "full-resolution"):
                 for ts in ([500], [250], [100, 300, 500, 700]):
-                    col = AttentionCollector(model.unet, tuple(x0.shape[2:]))
-                    if layers != "all":
-                        col.blocks = [m.attn2 for name, m in blocks if name in top]
-                    with col:
+                    select = is_cross_attention if layers == "all" else top_attn2.__contains__
+                    with AttentionCollector(model.unet, tuple(x0.shape[2:]), select=select) as col:
                         for t in ts:
                             a = pipe.schedule.alphas_cumprod[t].item()
                             model.unet(a**0.5 * x0 + (1 - a) ** 0.5 * eps, torch.tensor([float(t)]), ctx)
@@ -92,30 +92,23 @@ def levels(pipe, n: int = 16) -> None:
     """Per U-Net level (8x8, 4x4, 2x2 for the default model), on the test's 16 ground-truth scenes
     at timestep 500: the shape word's mass inside its object (dilated mask) and the share of all
     attention the word gets (its map's mean). The DAAM sum over layers weighs each level by that share."""
-    from opensd.explain.attention import feature_grid
-
     model, size = pipe.model, pipe.cfg.image_size
     f = pipe.cfg.vae.downsample_factor
-    layers = [m.attn2 for m in model.unet.modules() if isinstance(m, BasicTransformerBlock)]
     ds = ShapesDataset(seed=123, image_size=size, kinds={"single": 1.0, "pair": 1.0, "relation": 1.0})
     stats: dict[int, list[tuple[float, float]]] = {}
     for s in ds.take(n):
-        probs: list[torch.Tensor] = []
+        probs: list[tuple[str, torch.Tensor]] = []
         with torch.inference_mode():
             x0 = model.vae.to_latent(model.vae.encode(to_tensor(s.image, size, size)).mean)
             eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
             ctx = pipe.encode_prompt([s.caption])
             a = pipe.schedule.alphas_cumprod[500].item()
-            try:
-                for layer in layers:
-                    layer.attn_store = probs.append
+            sink = AttentionSink(cross_attention_layers(model.unet), lambda layer, p: probs.append((layer, p)))
+            with capture_attention(sink):
                 model.unet(a**0.5 * x0 + (1 - a) ** 0.5 * eps, torch.tensor([500.0]), ctx)
-            finally:
-                for layer in layers:
-                    layer.attn_store = None
-        for p in probs:
+        for layer, p in probs:
             col = AttentionCollector(model.unet, tuple(x0.shape[2:]))
-            col._store(p)
+            col._store(layer, p)
             res = build_result(pipe, s.caption, s.image, col)
             side = feature_grid(p.shape[2], *x0.shape[2:])[0]
             for obj, m in zip(s.scene.objects, masks_of(s.scene, size)):

@@ -29,6 +29,7 @@ from opensd.explain import (
 )
 from opensd.explain.render import grid, save_gif
 from opensd.models.attention import multihead_attention
+from opensd.models.capture import AttentionSink, active_sink, capture_attention
 from opensd.models.transformer import BasicTransformerBlock, CrossAttention
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
@@ -69,9 +70,8 @@ def test_sdpa_path_unchanged_when_capture_is_off() -> None:
         ref = attn.to_out(multihead_attention(attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx), 4))
         assert torch.equal(attn(x, ctx), ref)  # no hook: exactly the SDPA kernel's result
         seen = []
-        attn.attn_store = seen.append
-        captured = attn(x, ctx)
-        attn.attn_store = None
+        with capture_attention(AttentionSink({attn: "attn"}, lambda layer, probs: seen.append(probs))):
+            captured = attn(x, ctx)
         assert torch.equal(attn(x, ctx), ref)
     torch.testing.assert_close(captured, ref, rtol=1e-5, atol=1e-6)  # the explicit path is the same attention
     (probs,) = seen
@@ -92,7 +92,7 @@ def test_collector_removes_its_hooks_and_the_unet_output_is_bit_identical(clip_p
                 raise RuntimeError("boom")
         after = unet(x, t, ctx)
     assert torch.equal(before, after)
-    assert all(m.attn_store is None for m in unet.modules() if isinstance(m, CrossAttention))
+    assert active_sink() is None  # the capture ended with its block, error or not
     torch.testing.assert_close(during, before, rtol=1e-4, atol=1e-5)
     n_blocks = sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
     assert col.layer_calls == n_blocks and col.count == n_blocks * 4  # 4 heads each

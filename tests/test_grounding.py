@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from opensd.config import ConfigError, to_dict
 from opensd.data.shapes import ObjectSpec, PromptSpec, ShapesDataset, caption, masks, realize
+from opensd.models.capture import active_sink
 from opensd.models.transformer import BasicTransformerBlock
 from opensd.models.unet import UNetConfig, UNetModel
 from opensd.tokenizers.word import WordTokenizer
@@ -156,7 +157,7 @@ def test_capture_gives_differentiable_maps_and_removes_its_hooks() -> None:
     with AttentionCapture(unet) as cap:
         out = unet(x, t, context)
     layers = [m.attn2 for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
-    assert len(cap.probs) == len(layers) and all(a.attn_store is None for a in layers)
+    assert len(cap.probs) == len(layers) and active_sink() is None
     torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-5)  # explicit attention = SDPA
     mask = torch.zeros(2, 2, 8, 8)
     mask[:, 0, 2:5, 2:5] = 1.0

@@ -27,16 +27,17 @@ prompt's chunks, and a word's positions are those its tokens have under the firs
 tokenizer, as in SD 1.x. SD 2.x pads with ``!`` (id 0); padding positions are
 labelled ``<pad>`` whatever their id.
 
-Capture uses the U-Net's ``CrossAttention.attn_store`` hook: while collecting,
-attention is computed explicitly instead of by SDPA (the same result up to float
-rounding); outside the ``with`` block the hook is removed.
+Capture is :mod:`opensd.models.capture`: while collecting, the chosen layers of this
+thread's (or asyncio task's) U-Net calls compute attention explicitly instead of by SDPA
+(the same result up to float rounding); nothing is set on the shared U-Net, so a
+generation beside it, on the same pipeline, is neither recorded nor changed.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +46,14 @@ from PIL import Image
 
 from opensd.errors import OpenSDError
 from opensd.explain.render import grid, heatmap_overlay, upscale, with_label
-from opensd.models.transformer import BasicTransformerBlock
+from opensd.models.capture import (
+    AttentionSink,
+    CaptureError,
+    capture_attention,
+    cross_attention_layers,
+    feature_grid,
+    is_cross_attention,
+)
 from opensd.prompts.syntax import TokenizedPrompt, context_length, tokenize_prompt
 
 
@@ -54,16 +62,6 @@ class ExplainError(OpenSDError):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def feature_grid(n: int, h: int, w: int) -> tuple[int, int]:
-    """The (h_l, w_l) of a U-Net level with ``n`` positions: halve (rounding up) from (h, w)."""
-    hh, ww = h, w
-    while hh * ww > n and (hh > 1 or ww > 1):
-        hh, ww = -(-hh // 2), -(-ww // 2)
-    if hh * ww != n:
-        raise ExplainError(f"cannot place {n} attention positions on a grid derived from the {h}x{w} latent")
-    return hh, ww
-
 
 def normalize_word(word: str) -> str:
     """Lower case, letters and digits only: ``"(Circle:1.2),"`` -> ``"circle12"``; ``"circle,"`` -> ``"circle"``."""
@@ -84,36 +82,52 @@ def mass_in_mask(heat: torch.Tensor, mask: torch.Tensor | np.ndarray) -> float:
 # ----------------------------------------------------------------------------- collecting
 
 class AttentionCollector:
-    """Context manager: sums cross-attention probabilities of every ``attn2`` in ``unet``.
+    """Context manager: sums the cross-attention probabilities of ``unet``'s layers, for
+    the U-Net calls this thread (or asyncio task) makes inside the ``with`` block.
 
     ``latent_size``: (h, w) of the latent the maps are upsampled to. ``row``: which
     batch row to read (-1: the last, the conditional one of ``[uncond; cond]``, and
-    the only one without guidance).
+    the only one without guidance). ``select``: which layers, by module path in
+    ``unet`` (default: every ``attn2``). One collector is one capture: make a new one
+    for each (it may not be entered while it is collecting).
     """
 
-    def __init__(self, unet: torch.nn.Module, latent_size: tuple[int, int], row: int = -1) -> None:
-        self.blocks = [m.attn2 for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
-        if not self.blocks:
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        latent_size: tuple[int, int],
+        row: int = -1,
+        select: Callable[[str], bool] = is_cross_attention,
+    ) -> None:
+        layers = cross_attention_layers(unet, select)
+        if not layers:
             raise ExplainError("this network has no cross-attention layers to read")
+        self.sink = AttentionSink(layers, self._store)
         self.size = (int(latent_size[0]), int(latent_size[1]))
         self.row = row
         self.total: torch.Tensor | None = None  # (L, h, w)
         self.count = 0  # (call, layer, head) maps added
         self.layer_calls = 0
+        self._scope = None
 
     def __enter__(self) -> AttentionCollector:
-        for attn in self.blocks:
-            attn.attn_store = self._store
+        if self._scope is not None:
+            raise ExplainError("this attention collector is already collecting; make one collector per capture")
+        self._scope = capture_attention(self.sink)
+        self._scope.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for attn in self.blocks:
-            attn.attn_store = None
+        scope, self._scope = self._scope, None
+        scope.__exit__(*exc)
 
-    def _store(self, probs: torch.Tensor) -> None:
+    def _store(self, layer: str, probs: torch.Tensor) -> None:
         p = probs[self.row].float()  # (heads, N, L)
         heads, n, length = p.shape
-        hh, ww = feature_grid(n, *self.size)
+        try:
+            hh, ww = feature_grid(n, *self.size)
+        except CaptureError as e:
+            raise ExplainError(str(e)) from None
         m = p.sum(0).transpose(0, 1).reshape(length, hh, ww)  # (L, h_l, w_l)
         if (hh, ww) != self.size:
             m = F.interpolate(m[None], size=self.size, mode="bilinear", align_corners=False)[0]  # (L, h, w)

@@ -14,14 +14,13 @@ Attribute names equal the original checkpoint keys: ``norm``, ``proj_in``,
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from opensd.models.adapters import Conv2d, Linear
 from opensd.models.attention import multihead_attention
+from opensd.models.capture import AttentionSink, active_sink
 from opensd.models.layers import group_norm
 
 
@@ -29,7 +28,9 @@ class CrossAttention(nn.Module):
     """Multi-head attention from ``x`` (B, N, query_dim) to ``context`` (B, L, context_dim).
 
     With ``context=None`` it is self-attention (``context_dim`` must then equal
-    ``query_dim``). q, k, v have no bias; the output projection has one.
+    ``query_dim``). q, k, v have no bias; the output projection has one. Inside a
+    :func:`opensd.models.capture.capture_attention` block whose sink names this layer,
+    the attention is computed explicitly and its probabilities go to the sink.
     """
 
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int) -> None:
@@ -41,29 +42,30 @@ class CrossAttention(nn.Module):
         self.to_k = Linear(context_dim, inner, bias=False)
         self.to_v = Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(0.0))
-        # Inspection hook (opensd.explain): when set, attention is computed explicitly and
-        # the probabilities softmax(QK^T / sqrt(d)), (B, heads, N, L), are passed to it.
-        # None (the default) keeps the fused SDPA path.
-        self.attn_store: Callable[[torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q = self.to_q(x)  # (B, N, inner)
         k = self.to_k(context)  # (B, L, inner)
         v = self.to_v(context)
-        if self.attn_store is not None:
-            return self.to_out(self._attention_with_probs(q, k, v))
+        sink = active_sink()  # a capture of this thread/task (opensd.models.capture), usually None
+        if sink is not None:
+            name = sink.layers.get(self)
+            if name is not None:
+                return self.to_out(self._attention_with_probs(q, k, v, sink, name))
         return self.to_out(multihead_attention(q, k, v, self.heads))  # (B, N, query_dim)
 
-    def _attention_with_probs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The same attention as :func:`multihead_attention`, with the probabilities handed to ``attn_store``."""
+    def _attention_with_probs(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: AttentionSink, name: str
+    ) -> torch.Tensor:
+        """The same attention as :func:`multihead_attention`, with the probabilities handed to ``sink``."""
         b, n, c = q.shape
         length, d = k.shape[1], c // self.heads
         q = q.view(b, n, self.heads, d).transpose(1, 2)  # (B, heads, N, d)
         k = k.view(b, length, self.heads, d).transpose(1, 2)  # (B, heads, L, d)
         v = v.view(b, length, self.heads, d).transpose(1, 2)
         probs = (q @ k.transpose(-1, -2) * d**-0.5).float().softmax(dim=-1)  # (B, heads, N, L)
-        self.attn_store(probs)
+        sink.record(name, probs)
         out = probs.to(v.dtype) @ v  # (B, heads, N, d)
         return out.transpose(1, 2).reshape(b, n, c)  # (B, N, inner)
 

@@ -17,14 +17,14 @@ every route. Every model family is explained the same way: the maps are the U-Ne
 cross-attention over the prompt's context (SDXL: one position per token, its CLIP-L and
 bigG features side by side; its ``y`` vector has no tokens and no map).
 
-Capture hooks the shared U-Net's cross-attention layers, so explain jobs run one at a
-time (a lock), and the collector records only its own thread's U-Net calls: a
-generation running beside it on another worker is not mixed into the maps.
+Capture (:mod:`opensd.models.capture`) records only the U-Net calls of the worker thread
+that runs the explain job, and sets nothing on the shared U-Net: explain jobs and
+generations run side by side on ``--workers`` threads like any others, and neither
+changes what the other records or draws.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -52,8 +52,6 @@ MAX_WORDS = 75  # overlays in one answer (one CLIP chunk of one-token words)
 MAX_PATH_STEPS = 16  # denoising-path columns in one answer (two VAE decodes each)
 DEFAULT_PATH_STEPS = 8  # columns when path_steps is omitted: evenly spaced, ending at the last step
 PATH_PANEL = 96  # the strip's panels are enlarged (integer factor) to at least this many pixels
-
-_CAPTURE = threading.Lock()  # one explain at a time: the attention hook lives on the shared U-Net
 
 
 # ---------------------------------------------------------------- bodies
@@ -180,18 +178,6 @@ def plan_explain(st: ServerState, body: ExplainRequest) -> ExplainPlan:
 # ---------------------------------------------------------------- running
 
 
-class _ThreadCollector(AttentionCollector):
-    """An :class:`AttentionCollector` that ignores U-Net calls made by other threads."""
-
-    def __init__(self, unet: torch.nn.Module, latent_size: tuple[int, int]) -> None:
-        super().__init__(unet, latent_size)
-        self.thread = threading.get_ident()
-
-    def _store(self, probs: torch.Tensor) -> None:
-        if threading.get_ident() == self.thread:
-            super()._store(probs)
-
-
 def _numbers(t: torch.Tensor) -> list:
     """Nested lists of floats rounded to 6 decimals (short JSON)."""
     return t.double().round(decimals=6).tolist()
@@ -223,7 +209,7 @@ def run_explain(job: Job, plan: ExplainPlan, *, raw: bool = False) -> dict:
 
     f = pipe.cfg.vae.downsample_factor
     try:
-        with _CAPTURE, _ThreadCollector(pipe.model.unet, (req.height // f, req.width // f)) as collector:
+        with AttentionCollector(pipe.model.unet, (req.height // f, req.width // f)) as collector:
             result = pipe.generate(req, callback=step, should_stop=job.should_stop, networks=plan.networks)
         image = result.images[0]
         attn = build_result(pipe, req.prompt, image, collector)

@@ -11,7 +11,8 @@ exact mask, so opensd can do the same:
   left free) and the group's mask at the latent's resolution (the covered share
   of each latent cell, in [0, 1]);
 * :class:`AttentionCapture` collects the probabilities of every cross-attention
-  layer (``attn2``) of a U-Net during one forward pass, with their gradients;
+  layer (``attn2``) of a U-Net during one forward pass, with their gradients
+  (:mod:`opensd.models.capture`: only that thread's calls record);
 * :func:`grounding_loss` gives TokenCompose's two terms per sample. The token loss:
   for a grounded token with attention ``A`` (over the layer's positions, mean of
   its heads) and mask ``M`` pooled to the layer's grid, ``(1 - sum(A * M) / sum(A)) ** 2``,
@@ -32,16 +33,22 @@ grounded token add zero.
 from __future__ import annotations
 
 import enum
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opensd.data.shapes import PALETTE, PLURALS, SHAPES, SIZES, PromptSpec, Scene, noun_phrase, masks
-from opensd.explain.attention import feature_grid
-from opensd.models.transformer import BasicTransformerBlock
+from opensd.data.shapes import PALETTE, PLURALS, SHAPES, SIZES, PromptSpec, Scene, masks, noun_phrase
+from opensd.models.capture import (
+    AttentionSink,
+    CaptureError,
+    capture_attention,
+    cross_attention_layers,
+    feature_grid,
+    is_cross_attention,
+)
 
 
 class PixelTarget(enum.Enum):
@@ -116,26 +123,43 @@ def grounding_targets(
 
 
 class AttentionCapture:
-    """Context manager: every ``attn2`` of ``unet`` hands its probabilities (B, heads, N, L) to ``probs``.
+    """Context manager: the chosen layers of ``unet`` (default: every ``attn2``) hand their
+    probabilities (B, heads, N, L) to ``probs``, and their names to ``names``, for the
+    calls this thread makes inside the ``with`` block.
 
-    The attention is then computed explicitly (see ``CrossAttention.attn_store``), so
-    the probabilities carry gradients. The hooks are removed on exit, which keeps
-    copies of the network (EMA, evaluation) free of them.
+    The attention is then computed explicitly (:mod:`opensd.models.capture`), so the
+    probabilities carry gradients. Nothing is set on the network, so copies of it (EMA,
+    evaluation) and calls outside the block run the fused kernel. ``probs`` is emptied on
+    entry; the layers are found once, here.
     """
 
-    def __init__(self, unet: nn.Module) -> None:
-        self.layers = [m.attn2 for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
+    def __init__(self, unet: nn.Module, select: Callable[[str], bool] = is_cross_attention) -> None:
+        self.sink = AttentionSink(cross_attention_layers(unet, select), self._record)
         self.probs: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self._scope = None
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The recording layers, in module order."""
+        return list(self.sink.layers)
+
+    def _record(self, layer: str, probs: torch.Tensor) -> None:
+        self.names.append(layer)
+        self.probs.append(probs)
 
     def __enter__(self) -> AttentionCapture:
+        if self._scope is not None:
+            raise CaptureError("this attention capture is already active; make one per concurrent forward pass")
         self.probs.clear()
-        for attn in self.layers:
-            attn.attn_store = self.probs.append
+        self.names.clear()
+        self._scope = capture_attention(self.sink)
+        self._scope.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for attn in self.layers:
-            attn.attn_store = None
+        scope, self._scope = self._scope, None
+        scope.__exit__(*exc)
 
 
 def grounding_loss(

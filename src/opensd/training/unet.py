@@ -220,6 +220,7 @@ class DiffusionLoss(nn.Module):
                 pred = self.unet(xt, t.float(), **cond).float()
             grounded = grounding_loss(self.capture.probs, *ground, pixel_target=self.pixel_target)
             self.capture.probs.clear()  # the graph holds what backward needs
+            self.capture.names.clear()
         per_sample = (pred - target).pow(2).flatten(1).mean(dim=1)  # (B,)
         return per_sample * min_snr_weight(a, self.gamma, self.prediction), grounded
 

@@ -44,7 +44,7 @@ from opensd.errors import OpenSDError
 
 
 class CaptureError(OpenSDError):
-    """Captured attention that does not fit the latent it is placed on."""
+    """A capture entered twice at once, or captured attention that does not fit the latent it is placed on."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,25 +25,23 @@ import opensd
 from opensd.data.shapes import ShapesDataset
 from opensd.data.shapes import masks as masks_of
 from opensd.defaults import resolve_model
-from opensd.eval.prompts import benchmark_suite, ground_truth_images, holdout_suite
-from opensd.eval.scorer import parse, score_images
+from opensd.eval.ceiling import autoencoder_ceiling
+from opensd.eval.run import EvalConfig, Suite
+from opensd.eval.scorer import parse
 from opensd.explain.attention import AttentionCollector, build_result, mass_in_mask
 from opensd.models.capture import AttentionSink, capture_attention, cross_attention_layers, feature_grid, is_cross_attention
 from opensd.models.transformer import BasicTransformerBlock
 from opensd.pipelines.images import to_tensor
-from opensd.training.data import pil_to_tensor, tensor_to_pil
+from opensd.training.data import pil_to_tensor
 
 
 def roundtrip(pipe) -> None:
-    """Share of ground-truth scenes the scorer still judges correct after the VAE's round trip."""
-    vae = pipe.model.vae
-    for name, suite in (("benchmark", benchmark_suite()), ("holdout", holdout_suite())):
-        x = torch.stack([pil_to_tensor(im) for im in ground_truth_images(suite, size=pipe.cfg.image_size, seed=1)])
-        with torch.no_grad():
-            rec = torch.cat([vae.decode(vae.encode(x[i:i + 64]).mode()).clamp(-1, 1) for i in range(0, len(x), 64)])
-        s = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), suite)])
-        kept = sum(r["correct"] for r in s["items"]) / len(s["items"])
-        print(f"{name}: {len(suite)} scenes, kept {kept:.4f}", {k: round(v, 3) for k, v in s["accuracy"].items()})
+    """Share of ground-truth scenes the scorer still judges correct after the VAE's round trip
+    (:func:`opensd.eval.ceiling.autoencoder_ceiling`; ``opensd eval --autoencoder`` gives the same)."""
+    for suite in (Suite.BENCHMARK, Suite.HOLDOUT):
+        r = autoencoder_ceiling(pipe, EvalConfig(suite=suite), seed=1)
+        kept = sum(x["correct"] for x in r["items"]) / len(r["items"])
+        print(f"{suite.value}: {len(r['items'])} scenes, kept {kept:.4f}", {k: round(v, 3) for k, v in r["accuracy"].items()})
 
 
 def attention(pipe, n: int = 10) -> None:

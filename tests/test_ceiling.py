@@ -42,8 +42,7 @@ class _PixelVAE(torch.nn.Module):
 
 
 def _pipe(colour: torch.Tensor) -> SimpleNamespace:
-    model = SimpleNamespace(vae=_PixelVAE(colour), cfg=SimpleNamespace(latent_size=32))
-    return SimpleNamespace(model=model)
+    return SimpleNamespace(model=SimpleNamespace(vae=_PixelVAE(colour)), cfg=SimpleNamespace(image_size=32))
 
 
 def test_a_lossless_autoencoder_keeps_every_scene_and_a_colour_swap_keeps_none_of_the_colours() -> None:

@@ -57,7 +57,7 @@ def autoencoder_ceiling(pipe: Any, cfg: EvalConfig, seed: int = 0) -> dict:
     prompt (``cfg.images_per_prompt`` is not used), scene ``i`` drawn from ``seed``.
     """
     prompts: list[BenchmarkPrompt] = select_prompts(cfg)
-    size = pipe.model.cfg.latent_size * pipe.model.vae.cfg.downsample_factor
+    size = pipe.cfg.image_size
     start = time.time()
     truth = ground_truth_images(prompts, size, seed=seed, holdout=ground_truth_holdout(cfg))
     decoded = round_trip(pipe.model.vae, truth)

@@ -64,7 +64,7 @@ class TeachSettings:
     its ``--set key=value`` overrides."""
 
     model: str = "models/opensd-shapes"
-    concept: str = "purple-triangle"
+    concept: str = "orange-circle"  # the held-out pair the autoencoder carries (docs/teach.md)
     image_size: int = 32
     concept_images: int = 64
     prior_images: int = 512
@@ -77,7 +77,7 @@ class TeachSettings:
     seed: int = 0
     threads: int = 1
     train: dict = field(default_factory=lambda: {
-        "--steps": "2100", "--batch-size": "16", "--lr": "5e-4", "--rank": "4", "--alpha": "4",
+        "--steps": "1200", "--batch-size": "16", "--lr": "5e-4", "--rank": "4", "--alpha": "4",
         "--targets": "attn", "--no-text-encoder": None, "--prior-weight": "1", "--seed": "0",
     })
     train_set: tuple[str, ...] = ("min_snr_gamma=5", "sample_images=0")

@@ -202,12 +202,12 @@ def test_the_script_runs_every_phase_on_a_tiny_model(tmp_path: Path) -> None:
     report = t.teach(s, tmp_path / "teach")
     out = tmp_path / "teach"
     assert json.loads(json.dumps(report)) == json.loads((out / "teach.json").read_text())
-    assert (out / "lora" / "purple-triangle.safetensors").is_file()
+    assert (out / "lora" / "orange-circle.safetensors").is_file()
     assert report["data"]["concept_images"] == 4 and report["data"]["prior_images"] == 4
     for when in ("before", "after"):
         assert report[when]["concept"]["images"] == 4 and report[when]["benchmark"]["images"] == 6
     after = json.loads((out / "after" / "concept" / "results.json").read_text())
-    assert after["model"]["loras"].endswith("purple-triangle.safetensors")
+    assert after["model"]["loras"].endswith("orange-circle.safetensors")
     assert report["phases"]["train"]["cpu_s"] > 0 and set(report["verdict"]) == {
         "concept_met", "benchmark_drop", "drop_met", "fine_tune_cpu_s", "cpu_met"}
     assert report["data"]["prior"].startswith("the model's own images") and report["data"]["prior_cpu_s"] > 0
@@ -215,5 +215,5 @@ def test_the_script_runs_every_phase_on_a_tiny_model(tmp_path: Path) -> None:
     assert report["ceiling"]["images"] == 4 and 0.0 <= report["ceiling"]["overall"] <= 1.0
     assert json.loads((out / "ceiling" / "results.json").read_text())["kind"] == "autoencoder_ceiling"
     md = (out / "teach.md").read_text()
-    assert "| purple-triangle prompts (4 images) | before | after | change |" in md and "CPU-minutes" in md
+    assert "| orange-circle prompts (4 images) | before | after | change |" in md and "CPU-minutes" in md
     assert "| the autoencoder's ceiling (4 true scenes through the VAE) |" in md

@@ -22,6 +22,11 @@ thread and to an asyncio task, and add ``Δ(x)`` to their base output ``W x + b`
 
 Deltas may hold trainable parameters (``opensd train lora``): gradients flow through
 :func:`adapted` like through any other op.
+
+Inside ``torch.compile`` the context variable cannot be read (TorchDynamo does not trace
+``ContextVar.get``), so a compiled graph holds the base layers only: :func:`adapted`
+returns the base output there, and callers run requests with adapters eagerly (the
+pipeline's ``compile`` option does: :mod:`opensd.pipelines.compiled`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from typing import Iterator, Mapping, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from opensd.kernels import linear as kernel_linear
 
 # ----------------------------------------------------------------------------- deltas
 
@@ -233,6 +240,8 @@ def active_adapters() -> AdapterSet | None:
 
 def adapted(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` (the base output of ``module`` for ``x``) plus the current set's deltas for ``module``."""
+    if torch.compiler.is_compiling():  # a compiled graph cannot read the context variable: see the module docstring
+        return out
     adapters = _ACTIVE.get()
     if adapters is None:
         return out
@@ -245,10 +254,13 @@ def adapted(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tens
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same keys) that adds the active adapters' deltas."""
+    """``nn.Linear`` (same parameters, same keys) that adds the active adapters' deltas.
+
+    Its base output is :func:`opensd.kernels.linear`'s: ``F.linear``, or oneDNN when the
+    model's kernel selection chose it (:mod:`opensd.kernels`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return adapted(self, x, F.linear(x, self.weight, self.bias))
+        return adapted(self, x, kernel_linear(self, x))
 
 
 class Conv2d(nn.Conv2d):

@@ -34,6 +34,7 @@ from PIL import Image
 from opensd.checkpoints import LoadedModel, load_model
 from opensd.diffusion import ClassifierFreeGuidance, Denoiser, DiscreteSchedule, Interrupted
 from opensd.diffusion.registry import sample
+from opensd.kernels import Kernels, ModelKernels
 from opensd.models.adapters import use_adapters
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.conditioning import Conditioner
@@ -85,10 +86,12 @@ class StableDiffusionPipeline:
         dtype: torch.dtype | None = None,
         prompt_budget: PromptBudget | None = DEFAULT_BUDGET,
         vae_upcast: bool | None = None,
+        kernels: Kernels | str | None = None,
     ):
         """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap.
         ``vae_upcast``: run a float16 VAE in float32 (a kept float32 copy); None: for the SDXL
-        families only (their VAE overflows float16), False: never."""
+        families only (their VAE overflows float16), False: never. ``kernels``: auto, default,
+        onednn or None (:class:`~opensd.kernels.ModelKernels`)."""
         self.loaded = loaded
         self.prompt_budget = prompt_budget
         self.model = loaded.model.eval().requires_grad_(False)
@@ -99,6 +102,8 @@ class StableDiffusionPipeline:
         self.schedule = DiscreteSchedule(self.cfg.schedule)
         self.conditioner = Conditioner(self.model, self.tokenizer, prompt_budget)
         self.codec = VAECodec(self.model, vae_upcast)
+        rows = 2 * (self.cfg.image_size // self.cfg.vae.downsample_factor) ** 2  # a guided batch's tokens, native size
+        self.kernels = ModelKernels(self.model, kernels, measure_on=self.model.unet, rows=rows)
 
     @classmethod
     def from_path(cls, path: str | Path, *, prediction: Any = None, **kw: Any) -> "StableDiffusionPipeline":
@@ -258,6 +263,8 @@ class StableDiffusionPipeline:
                 (req.width, req.height), init_image, mask,
             )
         plan = plan_refiner(self, refiner, req, prompt_embeds, negative_embeds)
+        for pipe in (self,) if plan is None else (self, plan.pipe):
+            pipe.kernels.selection()
         seeds = self._seeds(req.seed, req.batch_size)
         networks = networks or NO_NETWORKS
         with torch.inference_mode():

@@ -52,8 +52,8 @@ class CrossAttention(nn.Module):
         if sink is not None:
             name = sink.layers.get(self)
             if name is not None:
-                return self.to_out(self._attention_with_probs(q, k, v, sink, name))
-        return self.to_out(multihead_attention(q, k, v, self.heads))  # (B, N, query_dim)
+                return self.to_out[0](self._attention_with_probs(q, k, v, sink, name))
+        return self.to_out[0](multihead_attention(q, k, v, self.heads))  # (B, N, query_dim); to_out[1] is Dropout(0), the identity
 
     def _attention_with_probs(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: AttentionSink, name: str
@@ -90,7 +90,7 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net[2](self.net[0](x))  # net[1] is Dropout(0), the identity
 
 
 class BasicTransformerBlock(nn.Module):

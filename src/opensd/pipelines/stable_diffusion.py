@@ -37,6 +37,7 @@ from opensd.diffusion.registry import sample
 from opensd.kernels import Kernels, ModelKernels
 from opensd.models.adapters import use_adapters
 from opensd.models.vae import DiagonalGaussian
+from opensd.pipelines.compiled import CompiledUNet
 from opensd.pipelines.conditioning import Conditioner
 from opensd.pipelines.generation import GenerationResult, StepCallback, StepInfo, StopCheck, generation_warnings
 from opensd.pipelines.images import ImageInput, load_image, to_pil, to_tensor
@@ -87,11 +88,13 @@ class StableDiffusionPipeline:
         prompt_budget: PromptBudget | None = DEFAULT_BUDGET,
         vae_upcast: bool | None = None,
         kernels: Kernels | str | None = None,
+        compile: bool = False,
     ):
         """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap.
         ``vae_upcast``: run a float16 VAE in float32 (a kept float32 copy); None: for the SDXL
         families only (their VAE overflows float16), False: never. ``kernels``: auto, default,
-        onednn or None (:class:`~opensd.kernels.ModelKernels`)."""
+        onednn or None (:class:`~opensd.kernels.ModelKernels`). ``compile``: the U-Net through
+        ``torch.compile`` where it can (:mod:`opensd.pipelines.compiled`)."""
         self.loaded = loaded
         self.prompt_budget = prompt_budget
         self.model = loaded.model.eval().requires_grad_(False)
@@ -104,6 +107,7 @@ class StableDiffusionPipeline:
         self.codec = VAECodec(self.model, vae_upcast)
         rows = 2 * (self.cfg.image_size // self.cfg.vae.downsample_factor) ** 2  # a guided batch's tokens, native size
         self.kernels = ModelKernels(self.model, kernels, measure_on=self.model.unet, rows=rows)
+        self._unet: Callable[..., torch.Tensor] = CompiledUNet(self.model.unet) if compile else self.model.unet
 
     @classmethod
     def from_path(cls, path: str | Path, *, prediction: Any = None, **kw: Any) -> "StableDiffusionPipeline":
@@ -447,7 +451,7 @@ class StableDiffusionPipeline:
                               extra)
 
     def _network(self, concat: torch.Tensor | None, req: GenerationRequest) -> Callable[..., torch.Tensor]:
-        unet = self.model.unet
+        unet = self._unet
 
         def unet_fn(
             x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None

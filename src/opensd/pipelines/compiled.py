@@ -1,0 +1,57 @@
+"""The pipeline's ``compile`` option: the U-Net through ``torch.compile``, where it can run compiled.
+
+``torch.compile`` (TorchDynamo + Inductor; Ansel et al. 2024, "PyTorch 2") captures the
+U-Net's forward as one graph and generates fused kernels for it. Options used here:
+
+* ``fullgraph=True``: one graph or an error, never a silent fall-back to many small ones;
+* ``dynamic=False``: kernels for the exact shapes; every new shape (batch size, image
+  size, prompt length in chunks) compiles again, which takes minutes on a CPU;
+* Inductor's ``freezing``: the weights become constants of the graph, so it packs them
+  once into the layouts oneDNN and MKL want instead of on every call (the largest part of
+  the gain on a CPU); the packed copies take memory beside the module's own weights, and
+  a compiled pipeline must not have its weights changed afterwards.
+
+What a graph cannot hold runs eagerly, per call: the per-request LoRA/LyCORIS deltas
+(TorchDynamo does not read :mod:`opensd.models.adapters`' context variable, so a compiled
+graph holds the base layers only) and cross-attention inspection
+(``CrossAttention.attn_store``, set by ``opensd explain`` and grounded training). The
+compiled outputs differ from the eager ones by float rounding (fused kernels sum in
+another order: about 5e-6 on the default model's U-Net), so they are not bit-identical.
+Measured compile time and speed: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from opensd.models.adapters import active_adapters
+from opensd.models.transformer import CrossAttention
+
+INDUCTOR_OPTIONS = {"freezing": True}
+
+
+class CompiledUNet:
+    """Calls ``unet(x, t, context, y)`` compiled, or eagerly when adapters or attention inspection are active."""
+
+    def __init__(self, unet: nn.Module, *, compiler: Any = None) -> None:
+        """``compiler``: what compiles the module (default: ``torch.compile`` with the options above);
+        tests pass another to check the dispatch without minutes of compilation."""
+        self.unet = unet
+        if compiler is None:
+            compiled = torch.compile(unet, fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS)
+        else:
+            compiled = compiler(unet)
+        self.compiled = compiled
+        self._attention = [m for m in unet.modules() if isinstance(m, CrossAttention)]
+
+    def eager_needed(self) -> bool:
+        """Whether this call must run eagerly: adapters are active, or an attention store is set."""
+        return active_adapters() is not None or any(a.attn_store is not None for a in self._attention)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.eager_needed():
+            return self.unet(x, t, context, y)
+        return self.compiled(x, t, context, y)

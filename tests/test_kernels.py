@@ -195,3 +195,31 @@ def test_pipeline_measures_on_first_generation(monkeypatch) -> None:
         assert np.abs(a - b).max() <= 1  # one step of 255 at most: float rounding through 3 steps and the decoder
     finally:
         K.route(pipe.model, K.Kernels.DEFAULT)
+
+
+def test_a_new_thread_count_is_measured_again(model, monkeypatch) -> None:
+    """The choice is per thread count: measured once for each, and routed again when the count changes back."""
+    measured = []
+    answers = {1: (1e-3, 0.4e-3), 2: (1e-3, 2e-3)}  # oneDNN faster on one thread, slower on two
+    real = K.measure_cached
+
+    def fake(shapes, timer=None):
+        measured.append(torch.get_num_threads())
+        return real(shapes, timer=_timer(*answers[torch.get_num_threads()]))
+
+    monkeypatch.setattr(K, "measure_cached", fake)
+    mk = K.ModelKernels(model, "auto", measure_on=model.unet, rows=32)
+    layer = _linears(model)[0]
+    before = torch.get_num_threads()
+    try:
+        for threads, onednn in ((1, True), (2, False), (1, True)):
+            torch.set_num_threads(threads)
+            assert (mk.selection().backend is K.Kernels.ONEDNN) is onednn and K.routed_to_onednn(layer) is onednn
+    finally:
+        torch.set_num_threads(before)
+    assert measured == [1, 2]
+
+
+def test_pipeline_refuses_onednn_for_a_half_model() -> None:
+    with pytest.raises(K.KernelError, match="float32 models on the CPU only"):
+        StableDiffusionPipeline(tiny_loaded(), dtype=torch.bfloat16, kernels="onednn")

@@ -9,7 +9,8 @@ Three measurements, each printing a markdown table (and JSON with ``--json``):
              runs), oneDNN and MKL with prepacked weights (what Inductor's freezing emits),
              and, for reference only, oneDNN with AMX bf16 products (``fp32_precision="bf16"``:
              not float32 numerics); then what ``opensd.kernels``' ``auto`` chooses, and how long
-             its measurement takes.
+             its measurement takes. For the default model also its convolutions, through
+             ``F.conv2d`` and through oneDNN with prepacked weights.
 ``txt2img``  the default model, 20 steps of DPM++ 2M, CFG 7.5, batch 1, as ``bench.py
              --cases default_txt2img`` runs it: this tree against ``--base REF`` (a git commit,
              run from an archive of it in a second process; calls alternate), kernels ``default`` against
@@ -105,6 +106,53 @@ def unet_linear_calls(twin: nn.Module, latent: int, context: int) -> Counter:
     return seen
 
 
+def unet_conv_calls(twin: nn.Module, latent: int, context: int) -> Counter:
+    """(input shape, weight shape, stride, padding) of every Conv2d call of one guided call of a meta-device U-Net."""
+    seen: Counter = Counter()
+
+    def hook(m, args):
+        seen[(tuple(args[0].shape), tuple(m.weight.shape), m.stride, m.padding)] += 1
+
+    hooks = [m.register_forward_pre_hook(hook) for m in twin.modules() if isinstance(m, nn.Conv2d)]
+    cfg = twin.cfg
+    with torch.no_grad():
+        twin(torch.empty(2, cfg.in_channels, latent, latent, device="meta"), torch.empty(2, device="meta"),
+             torch.empty(2, context, cfg.context_dim, device="meta"))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def conv_table(twin: nn.Module, latent: int, context: int, repeats: int) -> dict[str, Any]:
+    """The U-Net's convolutions through ``F.conv2d`` and through oneDNN with prepacked weights
+    (``mkldnn_reorder_conv2d_weight``, what Inductor's freezing does): the weight reorder that
+    ``F.conv2d`` repeats on every call is what a small feature map pays most for."""
+    g = torch.Generator().manual_seed(0)
+    rows, total = [], {"default": 0.0, "packed": 0.0}
+    worst = 0.0
+    for (xs, ws, stride, pad), count in sorted(unet_conv_calls(twin, latent, context).items()):
+        x = torch.randn(xs, generator=g)
+        w = torch.randn(ws, generator=g) * (ws[1] * ws[2] * ws[3]) ** -0.5
+        b = torch.randn(ws[0], generator=g)
+        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(pad), list(stride), [1, 1], 1, list(xs))
+        plain = lambda: F.conv2d(x, w, b, stride, pad)  # noqa: E731
+        pre = lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, b, list(pad), list(stride), [1, 1], 1, "none", [], "")  # noqa: E731
+        ref = plain()
+        worst = max(worst, float((pre() - ref).abs().max() / ref.abs().max()))
+        t = {"default": best_of(plain, repeats), "packed": best_of(pre, repeats)}
+        for k in total:
+            total[k] += t[k] * count
+        rows.append({"input": xs, "weight": ws, "count": count, **{f"{k}_s": v for k, v in t.items()}})
+    print("\n| convolution: input, weight | calls | F.conv2d | oneDNN, prepacked weight |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {'x'.join(map(str, r['input']))}, {'x'.join(map(str, r['weight']))} | {r['count']} | "
+              f"{r['default_s'] * 1e6:.0f} us | {r['packed_s'] / r['default_s']:.2f}x |")
+    print(f"| **all, weighted by calls** | {sum(r['count'] for r in rows)} | {total['default'] * 1e3:.2f} ms | "
+          f"**{total['packed'] / total['default']:.2f}x** |")
+    print(f"max relative difference from F.conv2d: {worst:.1e}")
+    return {"rows": rows, "totals_s": total, "max_rel_diff": worst}
+
+
 def shape_row(rows: int, k: int, n: int, bias: bool, repeats: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=g)
@@ -171,6 +219,8 @@ def case_shapes(args) -> dict[str, Any]:
               f"measured in {took:.2f} s -> {choice}")
         result[title] = {"rows": rows, "totals_s": total, "max_rel_diff": worst,
                          "auto": {"ratio": timing.ratio, "seconds": took, "choice": choice, "max_rel_diff": timing.max_rel_diff}}
+        if title.startswith("default"):
+            result[title]["convolutions"] = conv_table(twin, latent, context, args.repeats)
     return result
 
 

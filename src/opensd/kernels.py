@@ -1,22 +1,23 @@
 """Which kernel computes opensd's float32 linear layers on a CPU: torch's default or oneDNN, chosen by measurement.
 
-torch sends a float32 ``F.linear`` on the CPU to MKL's sgemm. MKL picks its code path by
-the CPU's vendor: on an AMD EPYC with AVX-512 it runs its AVX2 kernels, and the same GEMM
-through oneDNN (``torch.ops.mkldnn._linear_pointwise``, the op torch's Inductor emits for
-CPU linears) ran 1.8x faster there; on an Intel Xeon MKL is as fast or faster, and at
-small shapes oneDNN's per-call overhead costs 1.2-5x (``benchmarks/gemm.py``). So the
+torch sends a float32 ``F.linear`` on the CPU to MKL's sgemm, and MKL picks its code path
+by the CPU's vendor: on this project's AMD EPYC (AVX-512) the same GEMM through oneDNN
+(``torch.ops.mkldnn._linear_pointwise``, the op torch's Inductor emits for CPU linears) ran
+1.8x faster, while on an Intel Xeon with AVX-512 and AMX MKL is the faster one: oneDNN took
+1.17x its time over the SD 1.5 U-Net's linear layers and 2.07x over the default model's,
+whose small GEMMs pay oneDNN's larger per-call overhead (docs/benchmarks.md). So the
 choice is never hard-coded: :func:`select_kernels` with :attr:`Kernels.AUTO` times both
 paths at the model's GEMM shapes, once per process and thread count (cached), and keeps
 oneDNN only when it takes at most :data:`ONEDNN_MARGIN` of the default's time and agrees
 with it to :data:`AGREEMENT` (relative). Both compute float32 products with float32
-accumulation; they differ only in summation order (max relative difference about 1e-6).
+accumulation and differ only in summation order (about 1e-6 of the output's magnitude).
 
 Routing: :class:`opensd.models.adapters.Linear` computes its base output with
-:func:`linear`, which sends the layers that a selection put on oneDNN (a process-wide
-weak set of modules, so nothing is stored on them) there when oneDNN can run the call
-(CPU, float32, no gradient needed, not inside ``torch.compile``), and everything else to
-``F.linear``. LoRA deltas are added to that base output exactly as before. A selection
-is made at load time and holds for every request; it is not a per-request setting.
+:func:`linear`, which sends the layers a selection put on oneDNN (a process-wide weak set
+of modules: nothing is stored on them) there when oneDNN can run the call (CPU, float32,
+no gradient needed, not inside ``torch.compile``), and everything else to ``F.linear``.
+LoRA deltas are added to that base output as before. A selection is made once per model
+(and thread count) and holds for every request; it is not a per-request setting.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ torch sends a float32 ``F.linear`` on the CPU to MKL's sgemm, and MKL picks its 
 by the CPU's vendor: on this project's AMD EPYC (AVX-512) the same GEMM through oneDNN
 (``torch.ops.mkldnn._linear_pointwise``, the op torch's Inductor emits for CPU linears) ran
 1.8x faster, while on an Intel Xeon with AVX-512 and AMX MKL is the faster one: oneDNN took
-1.17x its time over the SD 1.5 U-Net's linear layers and 2.07x over the default model's,
+1.11-1.17x its time over the SD 1.5 U-Net's linear layers and about 2x over the default model's,
 whose small GEMMs pay oneDNN's larger per-call overhead (docs/benchmarks.md). So the
 choice is never hard-coded: :func:`select_kernels` with :attr:`Kernels.AUTO` times both
 paths at the model's GEMM shapes, once per process and thread count (cached), and keeps

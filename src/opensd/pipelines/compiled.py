@@ -16,7 +16,8 @@ What a graph cannot hold runs eagerly, per call: the per-request LoRA/LyCORIS de
 graph holds the base layers only) and cross-attention inspection
 (``CrossAttention.attn_store``, set by ``opensd explain`` and grounded training). The
 compiled outputs differ from the eager ones by float rounding (fused kernels sum in
-another order: about 5e-6 on the default model's U-Net), so they are not bit-identical.
+another order), so they are not bit-identical (the default model's images came out
+pixel-identical in docs/benchmarks.md's runs).
 Measured compile time and speed: docs/benchmarks.md.
 """
 

@@ -52,22 +52,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from cases_sd15 import case_sd15_text, case_sd15_unet, case_sd15_vae
+from cases_train import case_train_unet, case_train_vae
 from families import FAMILY_CASES, FAMILY_FUNCS, family_notes
-from harness import (
-    Row,
-    Settings,
-    build,
-    efficiency,
-    interleave,
-    machine,
-    max_abs_diff,
-    maybe_compile,
-    silence_reference_logs,
-    versions,
-)
+from harness import Row, Settings, interleave, machine, silence_reference_logs, versions
 
 CASES = ("default_txt2img", "sd15_unet", "sd15_vae", "sd15_text", *FAMILY_CASES, "train_unet", "train_vae", "memory")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -81,125 +72,6 @@ CAPTIONS = [
     "three yellow circles on a black background",
     "a picture of a purple square to the left of an orange circle",
 ]
-
-
-
-
-
-def diffusers_unet_sharing(ours: torch.nn.Module, cfg, sample_size: int, copy: bool = False) -> torch.nn.Module:
-    """diffusers' UNet2DConditionModel holding ``ours``' weights (shared tensors unless ``copy``)."""
-    from diffusers import UNet2DConditionModel
-
-    from opensd.checkpoints.keymap_unet import to_diffusers_unet_config, unet_key_map
-
-    state = ours.state_dict()
-    mapped = {d: state[o] for o, d in unet_key_map(cfg).items()}
-    with torch.device("meta"):
-        ref = UNet2DConditionModel(**to_diffusers_unet_config(cfg, sample_size=sample_size))
-    if copy:
-        mapped = {k: v.clone() for k, v in mapped.items()}
-    ref.load_state_dict(mapped, strict=True, assign=True)
-    return ref.eval()
-
-
-def diffusers_vae_sharing(ours: torch.nn.Module, cfg, sample_size: int, copy: bool = False) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
-
-    from opensd.checkpoints.keymap_vae import ldm_to_diffusers_vae, to_diffusers_vae_config
-
-    mapped = ldm_to_diffusers_vae(ours.state_dict(), cfg)
-    with torch.device("meta"):
-        ref = AutoencoderKL(**to_diffusers_vae_config(cfg, sample_size=sample_size))
-    if copy:
-        mapped = {k: v.clone() for k, v in mapped.items()}
-    ref.load_state_dict(mapped, strict=True, assign=True)
-    return ref.eval()
-
-
-# ----------------------------------------------------------------------------- cases: SD 1.5 modules
-
-
-def case_sd15_unet(s: Settings) -> list[Row]:
-    silence_reference_logs()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from opensd.models.unet import UNetConfig, UNetModel
-
-    cfg = UNetConfig.sd15()
-    ours = build(lambda: UNetModel(cfg), s)
-    ref = diffusers_unet_sharing(ours, cfg, sample_size=64)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 64, 64, generator=g).to(s.device, s.dtype)
-    context = torch.randn(2, 77, 768, generator=g).to(s.device, s.dtype)
-    t = torch.tensor([500.0, 500.0], device=s.device, dtype=s.dtype)
-
-    # FLOPs of one call, counted on the meta device (shapes only), attention as plain matmuls.
-    with torch.device("meta"):
-        shadow = UNetModel(cfg).to(s.dtype)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        shadow(x.to("meta"), t.to("meta"), context.to("meta"))
-    flops = counter.get_total_flops()
-
-    ours_c, ref_c = maybe_compile(ours, s), maybe_compile(ref, s)
-    row = Row("sd15_unet", "SD1.5 U-Net, guided step 512² (batch 2)", "it/s", 1.0)
-    with torch.inference_mode():
-        a, b = interleave(row, lambda: ours_c(x, t, context), lambda: ref_c(x, t, encoder_hidden_states=context).sample, s, True)
-    row.max_abs_diff = max_abs_diff(a, b)
-    row.extra = {
-        **efficiency(flops, row, s),
-        "diffusers_attention_processor": type(next(iter(ref.attn_processors.values()))).__name__,
-    }
-    return [row]
-
-
-def case_sd15_vae(s: Settings) -> list[Row]:
-    silence_reference_logs()
-    from opensd.models.vae import AutoencoderKL, VAEConfig
-
-    cfg = VAEConfig.sd15()
-    ours = build(lambda: AutoencoderKL(cfg), s)
-    ref = diffusers_vae_sharing(ours, cfg, sample_size=512)
-    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2)).to(s.device, s.dtype)
-    ours_dec, ref_dec = maybe_compile(ours.decoder, s), maybe_compile(ref.decoder, s)
-    row = Row("sd15_vae", "SD1.5 VAE decode 64² -> 512²", "decodes/s", 1.0)
-    with torch.inference_mode():
-        a, b = interleave(
-            row,
-            lambda: ours_dec(ours.post_quant_conv(z)),
-            lambda: ref_dec(ref.post_quant_conv(z)),
-            s,
-            True,
-        )
-    row.max_abs_diff = max_abs_diff(a, b)
-    return [row]
-
-
-def case_sd15_text(s: Settings) -> list[Row]:
-    silence_reference_logs()
-    import transformers
-
-    from opensd.checkpoints.keymap_clip import to_transformers_clip_config
-    from opensd.models.clip import CLIPTextConfig, CLIPTextModel
-
-    cfg = CLIPTextConfig.sd15()
-    ours = build(lambda: CLIPTextModel(cfg), s)
-    with torch.device(s.device):
-        ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**to_transformers_clip_config(cfg)))
-    ref = ref.to(s.dtype).eval().requires_grad_(False)
-    prefix = "text_model." if any(k.startswith("text_model.") for k in ref.state_dict()) else ""
-    mapped = {prefix + k.removeprefix("text_model."): v for k, v in ours.state_dict().items()}
-    missing, unexpected = ref.load_state_dict(mapped, strict=False, assign=True)
-    if unexpected or not all(k.endswith("position_ids") for k in missing):
-        raise RuntimeError(f"text encoder weights did not map: missing {missing}, unexpected {unexpected}")
-    ids = torch.randint(0, cfg.vocab_size - 2, (2, 77), generator=torch.Generator().manual_seed(3)).to(s.device)
-    ours_c, ref_c = maybe_compile(ours, s), maybe_compile(ref, s)
-    row = Row("sd15_text", "SD1.5 CLIP text encoder (2 x 77 tokens)", "passes/s", 1.0)
-    with torch.inference_mode():
-        a, b = interleave(row, lambda: ours_c(ids), lambda: ref_c(input_ids=ids).last_hidden_state, s, True)
-    row.max_abs_diff = max_abs_diff(a, b)
-    row.extra = {"transformers_attn_implementation": getattr(ref.config, "_attn_implementation", None)}
-    return [row]
 
 
 # ----------------------------------------------------------------------------- case: default model, txt2img
@@ -273,88 +145,6 @@ def case_default_txt2img(s: Settings) -> list[Row]:
         row.extra = {"model": source}
         rows.append(row)
     return rows
-
-
-# ----------------------------------------------------------------------------- cases: training
-
-
-def _train_rows(name: str, what: str, batch: int, ours_step, ref_step, s: Settings) -> list[Row]:
-    row = Row(name, what, "samples/s", float(batch))
-    interleave(row, ours_step, ref_step, s, False)
-    return [row]
-
-
-def _autocast(s: Settings):
-    if s.dtype == torch.float32:
-        return torch.autocast(s.device.type, enabled=False)
-    return torch.autocast(s.device.type, dtype=s.dtype)
-
-
-def train_stepper(model: torch.nn.Module, call: Callable, loss_fn: Callable, s: Settings) -> Callable[[], torch.Tensor]:
-    """One AdamW training step of ``model``: ``loss_fn(call(model).float())``, autocast as ``s`` says."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fwd = maybe_compile(model, s)
-
-    def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        with _autocast(s):
-            loss = loss_fn(call(fwd).float())
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step
-
-
-def case_train_unet(s: Settings) -> list[Row]:
-    """eps-prediction MSE, AdamW, fp32 master weights (autocast for fp16/bf16)."""
-    from opensd.diffusion.schedules import DiscreteSchedule, NoiseScheduleConfig
-    from opensd.models.unet import UNetConfig, UNetModel
-
-    silence_reference_logs()
-    cfg = UNetConfig.small()
-    torch.manual_seed(0)
-    with torch.device(s.device):
-        ours = UNetModel(cfg)
-    ref = diffusers_unet_sharing(ours, cfg, sample_size=8, copy=True)
-    ours.train(), ref.train()
-    batch, length = 64, 32  # small CLIP's context length
-    g = torch.Generator().manual_seed(4)
-    x0 = torch.randn(batch, 4, 8, 8, generator=g).to(s.device)
-    eps = torch.randn(batch, 4, 8, 8, generator=g).to(s.device)
-    context = torch.randn(batch, length, cfg.context_dim, generator=g).to(s.device)
-    t = torch.randint(0, 1000, (batch,), generator=g).to(s.device)
-    ab = DiscreteSchedule(NoiseScheduleConfig()).alphas_cumprod.float().to(s.device)[t].view(-1, 1, 1, 1)
-    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-
-    def loss(pred: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.mse_loss(pred, eps)
-
-    ours_step = train_stepper(ours, lambda m: m(xt, t, context), loss, s)
-    ref_step = train_stepper(ref, lambda m: m(xt, t, encoder_hidden_states=context).sample, loss, s)
-    return _train_rows("train_unet", "train small U-Net, 8x8x4 latents, batch 64", batch, ours_step, ref_step, s)
-
-
-def case_train_vae(s: Settings) -> list[Row]:
-    """L1 + MSE reconstruction through a posterior sample, AdamW."""
-    from opensd.models.vae import AutoencoderKL, VAEConfig
-
-    silence_reference_logs()
-    cfg = VAEConfig.small()
-    torch.manual_seed(0)
-    with torch.device(s.device):
-        ours = AutoencoderKL(cfg)
-    ref = diffusers_vae_sharing(ours, cfg, sample_size=32, copy=True)
-    ours.train(), ref.train()
-    batch = 32
-    x = (torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1).to(s.device)
-
-    def loss(recon: torch.Tensor) -> torch.Tensor:
-        return (recon - x).abs().mean() + ((recon - x) ** 2).mean()
-
-    ours_step = train_stepper(ours, lambda m: m(x, sample_posterior=True)[0], loss, s)
-    ref_step = train_stepper(ref, lambda m: m(x, sample_posterior=True).sample, loss, s)
-    return _train_rows("train_vae", "train small VAE, 32 px, batch 32", batch, ours_step, ref_step, s)
 
 
 # ----------------------------------------------------------------------------- case: memory

@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from opensd.checkpoints.build import WeightsDtype
 from opensd.checkpoints.io import CheckpointError, StateDictMismatch, short_hash
 from opensd.checkpoints.parameterization import Parameterization, parse_prediction
 from opensd.diffusion.schedules import Prediction
@@ -87,11 +88,14 @@ def _with_prediction(model: StableDiffusion, fmt: str, prediction: Prediction | 
     return Parameterization(model.cfg.schedule.prediction, FOLDER_SOURCE[fmt])
 
 
-def load_model(path: str | Path, prediction: Prediction | str | None = None) -> LoadedModel:
+def load_model(path: str | Path, prediction: Prediction | str | None = None, dtype: WeightsDtype = None) -> LoadedModel:
     """Load a model from a diffusers folder, an opensd folder or an original single file.
 
     ``prediction`` (``Prediction.EPS``/``Prediction.V``, or ``"eps"``/``"v"``; None or
     ``"auto"``: what the model says) overrides the parameterization of any format.
+    ``dtype``: the floating-point weights' dtype (None: float32), or a function of the
+    model's configuration that picks it (the pipeline's ``precision="auto"``); the file's
+    tensors are cast into it as they are read, so a 16-bit model never exists in float32.
     """
     path = Path(path).expanduser()
     prediction = parse_prediction(prediction)
@@ -100,18 +104,18 @@ def load_model(path: str | Path, prediction: Prediction | str | None = None) -> 
         from opensd.checkpoints.families import original_tokenizer
         from opensd.checkpoints.original import read_original
 
-        loaded = read_original(path, prediction=prediction)
+        loaded = read_original(path, prediction=prediction, dtype=dtype)
         model, par = loaded.model, loaded.parameterization
         tok = original_tokenizer(model.cfg.family)
     else:
         if fmt == "diffusers":
             from opensd.checkpoints.diffusers_folder import load_diffusers
 
-            model, tok = load_diffusers(path)
+            model, tok = load_diffusers(path, dtype)
         else:
             from opensd.checkpoints.opensd_format import load_opensd
 
-            model, tok = load_opensd(path)
+            model, tok = load_opensd(path, dtype)
         par = _with_prediction(model, fmt, prediction)
     name = path.stem if path.is_file() else path.name
     return LoadedModel(model, tok, name, path, fmt, short_hash(main_weights_file(path, fmt)), par)

@@ -12,6 +12,7 @@ fits the text encoder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Union
 
 import torch
 
@@ -30,8 +31,24 @@ def _depths(cfg: SDConfig) -> dict[str, int]:
     }
 
 
-def build_on_meta(cfg: SDConfig, n_tensors: int, where: str | Path) -> StableDiffusion:
-    """``StableDiffusion(cfg)`` on the meta device, for a weight file of ``n_tensors`` tensors.
+# The dtype a model's floating-point weights load in: a dtype, or a function of the model's
+# configuration that picks one (how precision "auto" sees the model before a weight is read); None: float32.
+WeightsDtype = Union[torch.dtype, Callable[[SDConfig], torch.dtype], None]
+
+
+def weights_dtype(dtype: WeightsDtype, cfg: SDConfig) -> torch.dtype:
+    """The floating-point dtype ``dtype`` names for a model of ``cfg``."""
+    chosen = dtype(cfg) if callable(dtype) else dtype
+    if chosen is None:
+        return torch.float32
+    if not isinstance(chosen, torch.dtype) or not chosen.is_floating_point:
+        raise TypeError(f"a model's weights need a floating-point torch dtype, got {chosen!r}")
+    return chosen
+
+
+def build_on_meta(cfg: SDConfig, n_tensors: int, where: str | Path, dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """``StableDiffusion(cfg)`` on the meta device, its floating-point tensors in ``dtype``,
+    for a weight file of ``n_tensors`` tensors.
 
     A network with more blocks than the file has tensors cannot fit it, and is refused
     before it is built. Any error the model's constructors raise for ``cfg`` is the
@@ -45,7 +62,8 @@ def build_on_meta(cfg: SDConfig, n_tensors: int, where: str | Path) -> StableDif
             )
     try:
         with torch.device("meta"):
-            return StableDiffusion(cfg)
+            model = StableDiffusion(cfg)
+        return model if dtype == torch.float32 else model.to(dtype)  # no memory: only the tensors' metadata
     except CheckpointError:
         raise
     except Exception as e:  # the values of an untrusted config: whatever the constructors refuse

@@ -36,12 +36,13 @@ from typing import Callable, Mapping
 
 import torch
 
-from opensd.checkpoints.build import build_on_meta, tokenizer_for
+from opensd.checkpoints.build import WeightsDtype, build_on_meta, tokenizer_for, weights_dtype
 from opensd.checkpoints.io import (
     CheckpointError,
     StateDictMismatch,
     first_existing,
     load_strict,
+    read_cast,
     read_json,
     read_weights,
     strip_prefix,
@@ -210,14 +211,15 @@ def from_original_layout(model: StableDiffusion) -> dict[str, dict[str, torch.Te
 # Loading.
 
 
-def _read_component_weights(folder: Path, comp: str) -> dict[str, torch.Tensor]:
+def _read_component_weights(folder: Path, comp: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One component's weights, floating-point tensors in ``dtype`` (cast as they are read)."""
     sub = folder / comp
     if not sub.is_dir():
         raise CheckpointError(f"{folder} has no {comp}/ folder (a Stable Diffusion pipeline folder needs it)")
     f = first_existing(sub, DIFFUSERS_WEIGHTS)
     if f is None:
         raise CheckpointError(f"{sub} has no weights file; expected one of {', '.join(DIFFUSERS_WEIGHTS)}")
-    return {k: v.float() if v.is_floating_point() else v for k, v in read_weights(f).items()}
+    return read_cast(f, read_weights(f), lambda _: dtype)
 
 
 def _sample_size(value: object, where: Path) -> int:
@@ -331,13 +333,15 @@ def _tokenizer(folder: Path, cfg: SDConfig) -> Tokenizer:
     return tok
 
 
-def load_diffusers(folder: str | Path) -> tuple[StableDiffusion, Tokenizer]:
-    """A diffusers folder of any family as an opensd model and its (first) tokenizer."""
+def load_diffusers(folder: str | Path, dtype: WeightsDtype = None) -> tuple[StableDiffusion, Tokenizer]:
+    """A diffusers folder of any family as an opensd model and its (first) tokenizer;
+    ``dtype``: its floating-point weights' (:data:`~opensd.checkpoints.build.WeightsDtype`)."""
     folder = Path(folder)
     cfg = read_diffusers_config(folder)
+    dt = weights_dtype(dtype, cfg)
     comps = [*NETWORKS, *(s.folder for s in TEXT_SLOTS[cfg.family])]
-    states = {comp: _read_component_weights(folder, comp) for comp in comps}
-    model = build_on_meta(cfg, sum(len(s) for s in states.values()), folder)
+    states = {comp: _read_component_weights(folder, comp, dt) for comp in comps}
+    model = build_on_meta(cfg, sum(len(s) for s in states.values()), folder, dt)
     own = model.state_dict()
     state = to_original_layout(cfg, states)
     state = {k: _fit(v, own[k].shape) if k in own else v for k, v in state.items()}

@@ -13,7 +13,7 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -166,6 +166,50 @@ def _check_tensors(state: dict, path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: {k} is a {v.dtype} {str(v.layout).replace('torch.', '')} tensor; "
                                   "weights must be dense float or integer tensors")
     return state
+
+
+CHUNK_BYTES = 256 << 20  # how much of a safetensors file one opening of it reads (read_cast)
+
+
+def cast_tensor(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``dtype`` when both are floating point, else a copy (never a view of the file)."""
+    if dtype is not None and t.is_floating_point() and dtype.is_floating_point and t.dtype != dtype:
+        return t.to(dtype)
+    return t.clone()
+
+
+def read_cast(path: Path, state: dict[str, torch.Tensor], dtype_of: Callable[[str], torch.dtype | None]) -> dict[str, torch.Tensor]:
+    """``state`` (what :func:`read_weights` read from ``path``) with each floating-point tensor
+    in ``dtype_of(name)`` (None: its own dtype), read and cast one at a time; ``state`` is emptied.
+
+    A safetensors file is memory-mapped as one region, whose pages stay resident while
+    any view of it lives: casting its tensors while ``state`` holds them would keep the
+    whole file's pages beside the cast weights. So ``state`` is cleared (the caller must
+    hold no other reference to its tensors), and the file is opened again for every
+    :data:`CHUNK_BYTES`: a file loaded in another dtype peaks near the cast weights, and
+    a 16-bit model loaded from a float32 file never holds a float32 copy of itself.
+    Torch files (read whole by ``torch.load``) are cast tensor by tensor.
+    """
+    if path.suffix.lower() != ".safetensors":
+        return {k: cast_tensor(v, dtype_of(k)) for k, v in state.items()}
+    from safetensors import safe_open
+
+    names, out, i = list(state), {}, 0
+    state.clear()
+    try:
+        while i < len(names):
+            with safe_open(str(path), "pt") as f:
+                done = 0
+                while i < len(names) and done < CHUNK_BYTES:
+                    t = f.get_tensor(names[i])
+                    done += t.numel() * t.element_size()
+                    out[names[i]] = cast_tensor(t, dtype_of(names[i]))
+                    del t
+                    i += 1
+    except Exception as e:  # the file changed or broke between the two readings
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                              f"{' '.join(str(e).split())[:200]}") from None
+    return out
 
 
 def _file_mode() -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from opensd.checkpoints.build import build_on_meta, tokenizer_for
-from opensd.checkpoints.io import CheckpointError, load_strict, read_json, read_weights, write_json, write_safetensors
+from opensd.checkpoints.build import WeightsDtype, build_on_meta, tokenizer_for, weights_dtype
+from opensd.checkpoints.io import CheckpointError, load_strict, read_cast, read_json, read_weights, write_json, write_safetensors
 from opensd.config import ConfigError, from_dict, to_dict
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
 from opensd.tokenizers import Tokenizer
@@ -54,11 +54,15 @@ def read_config(path: Path) -> SDConfig:
         raise CheckpointError(f"{path / CONFIG}: model: invalid configuration: {' '.join(str(e).split())[:200]}") from None
 
 
-def load_opensd(path: str | Path) -> tuple[StableDiffusion, Tokenizer]:
+def load_opensd(path: str | Path, dtype: WeightsDtype = None) -> tuple[StableDiffusion, Tokenizer]:
+    """The model and tokenizer of an opensd folder; ``dtype``: its floating-point weights'
+    (:data:`~opensd.checkpoints.build.WeightsDtype`), cast as the file is read."""
     path = Path(path)
     cfg = read_config(path)
     state = read_weights(path / WEIGHTS)
-    model = build_on_meta(cfg, len(state), path / CONFIG)
+    model = build_on_meta(cfg, len(state), path / CONFIG, weights_dtype(dtype, cfg))
+    own = {k: v.dtype for k, v in model.state_dict().items()}
+    state = read_cast(path / WEIGHTS, state, own.get)  # one tensor at a time: no second copy of the weights
     load_strict(model, state, f"{path / WEIGHTS}")
     return model.eval(), tokenizer_for(path / "tokenizer", cfg)
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from opensd.checkpoints.build import build_on_meta
+from opensd.checkpoints.build import WeightsDtype, build_on_meta, weights_dtype
 from opensd.checkpoints.families import FIRST_CONV, UNET_PREFIX, detect_family
-from opensd.checkpoints.io import CheckpointError, load_strict, read_weights, write_safetensors
+from opensd.checkpoints.io import CheckpointError, load_strict, read_cast, read_weights, write_safetensors
 from opensd.checkpoints.parameterization import (
     MARKER_KEYS,
     MODELSPEC_PREDICTION,
@@ -171,46 +171,11 @@ def _native_size(cfg: SDConfig, prediction: Prediction, meta: dict[str, str]) ->
     return SD2_SIZE[prediction] if cfg.family is ModelFamily.SD2 else NATIVE_SIZE[cfg.family]
 
 
-CHUNK_BYTES = 256 << 20  # how much of a safetensors file one opening of it reads
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """``t`` in ``dtype`` when both are floating point, else a copy (never a view of the file)."""
-    if dtype is not None and t.is_floating_point() and dtype.is_floating_point and t.dtype != dtype:
-        return t.to(dtype)
-    return t.clone()
-
-
 def cast_one_by_one(path: Path, state: dict[str, torch.Tensor], model: StableDiffusion) -> dict[str, torch.Tensor]:
-    """``state``'s tensors in the dtypes of ``model`` (built on meta), read and cast one at a time.
-
-    A safetensors file is memory-mapped as one region, whose pages stay resident while
-    any view of it lives: casting its tensors in place would hold the whole file's pages
-    beside the float32 weights. So ``state`` (only its keys and shapes were read) is
-    dropped by the caller, and the file is opened again for every :data:`CHUNK_BYTES`:
-    a float16 file loaded as a float32 model peaks near the float32 weights.
-    """
+    """``state``'s tensors in the dtypes of ``model`` (built on meta), read and cast one at a time
+    (:func:`~opensd.checkpoints.io.read_cast`; ``state`` is emptied)."""
     own = {k: v.dtype for k, v in model.state_dict().items()}
-    if path.suffix.lower() != ".safetensors":
-        return {k: _cast(v, own.get(k)) for k, v in state.items()}
-    from safetensors import safe_open
-
-    names, out, i = list(state), {}, 0
-    state.clear()
-    try:
-        while i < len(names):
-            with safe_open(str(path), "pt") as f:
-                done = 0
-                while i < len(names) and done < CHUNK_BYTES:
-                    t = f.get_tensor(names[i])
-                    done += t.numel() * t.element_size()
-                    out[names[i]] = _cast(t, own.get(names[i]))
-                    del t
-                    i += 1
-    except Exception as e:  # the file changed or broke between the two readings
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
-                              f"{' '.join(str(e).split())[:200]}") from None
-    return out
+    return read_cast(path, state, own.get)
 
 
 @dataclass
@@ -221,13 +186,16 @@ class OriginalFile:
     parameterization: Parameterization
 
 
-def read_original(path: str | Path, config: SDConfig | None = None, prediction: Prediction | None = None) -> OriginalFile:
+def read_original(
+    path: str | Path, config: SDConfig | None = None, prediction: Prediction | None = None, dtype: WeightsDtype = None,
+) -> OriginalFile:
     """Load an original single file of any family and find its parameterization.
 
     ``config`` defaults to :func:`infer_config`'s; ``prediction`` overrides what the file
     says. With an inferred config the model's schedule and native size follow the
     parameterization found; with a given one only a parameterization the file (or the
-    caller) states replaces the config's.
+    caller) states replaces the config's. ``dtype``: the floating-point weights'
+    (:data:`~opensd.checkpoints.build.WeightsDtype`), cast as the file is read.
     """
     path = Path(path)
     state = read_weights(path)
@@ -237,7 +205,7 @@ def read_original(path: str | Path, config: SDConfig | None = None, prediction: 
         cfg = config or infer_config(state)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    model = build_on_meta(cfg, len(state), path)
+    model = build_on_meta(cfg, len(state), path, weights_dtype(dtype, cfg))
     net = network_state(state)
     del state  # ``net`` holds the only references now: cast_one_by_one reads the file again, tensor by tensor
     net = cast_one_by_one(path, net, model)

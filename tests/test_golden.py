@@ -59,7 +59,7 @@ def pipe():
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the recorded values were computed on one thread
-    yield StableDiffusionPipeline.from_path(MODEL)
+    yield StableDiffusionPipeline.from_path(MODEL, precision="fp32")  # recorded in float32 (auto may pick bf16 elsewhere)
     torch.set_num_threads(threads)
 
 
@@ -86,6 +86,6 @@ if __name__ == "__main__":
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
     torch.set_num_threads(1)
-    values = current(StableDiffusionPipeline.from_path(MODEL))
+    values = current(StableDiffusionPipeline.from_path(MODEL, precision="fp32"))
     for k, v in values.items():
         print(f"    {k!r}: {v!r},", file=sys.stdout)

@@ -69,11 +69,13 @@ def test_float16_sdxl_vae_encodes_in_float32_and_generates_finite_images() -> No
     assert np.asarray(image).std() > 0  # not the black image of a NaN decode
 
 
-def test_sd1_float16_vae_is_not_upcast_unless_asked() -> None:
-    sd1 = _pipe(ModelFamily.SD1, dtype=torch.float16)
-    assert not sd1.codec.upcasts() and sd1.codec.vae() is sd1.model.vae
-    assert StableDiffusionPipeline(sd1.loaded, vae_upcast=True).codec.upcasts()
+def test_every_float16_vae_is_upcast_unless_refused() -> None:
+    sd1 = _pipe(ModelFamily.SD1, dtype=torch.float16)  # SD 1.x's VAE overflows float16 too (diffusers' force_upcast)
+    assert sd1.codec.upcasts() and sd1.codec.vae() is not sd1.model.vae
+    refused = StableDiffusionPipeline(sd1.loaded, vae_upcast=False)
+    assert not refused.codec.upcasts() and refused.codec.vae() is refused.model.vae
     assert not _pipe(ModelFamily.SDXL).codec.upcasts()  # float32: nothing to do
+    assert not _pipe(ModelFamily.SD1, dtype=torch.bfloat16).codec.upcasts()  # bfloat16 has float32's range
 
 
 # ----------------------------------------------------------------------------- Turbo

@@ -300,15 +300,15 @@ def attention_for_image(
     dev, dtype = model.device, model.dtype
     with torch.inference_mode():
         pixels = to_tensor(image, width, height).to(dev, dtype)
-        x0 = model.vae.to_latent(model.vae.encode(pixels).mean)  # (1, C, h, w)
-        eps = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(dev, dtype)
+        x0 = model.vae.to_latent(pipe.encode_pixels(pixels, False).mean.float())  # (1, C, h, w), float32
+        eps = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(dev)
         req = pipe.request(prompt, width=width, height=height, clip_skip=clip_skip, cfg_scale=1.0)
         cond, _ = pipe.conditioner.for_request(req)  # {"context": (1, L, D)} (+ SDXL's "y")
         with AttentionCollector(model.unet, tuple(x0.shape[2:])) as col:
             for t in timesteps:
                 a = pipe.schedule.alphas_cumprod[t].item()
-                x_t = a**0.5 * x0 + (1 - a) ** 0.5 * eps  # VP noising (Ho et al. 2020, eq. 4)
-                model.unet(x_t, torch.tensor([float(t)], device=dev, dtype=dtype), **cond)
+                x_t = a**0.5 * x0 + (1 - a) ** 0.5 * eps  # VP noising (Ho et al. 2020, eq. 4), in float32
+                model.unet(x_t.to(dtype), torch.tensor([float(t)], device=dev), **cond)  # t float32, as the pipeline gives it
     shown = image.convert("RGB")
     if shown.size != (width, height):
         shown = shown.resize((width, height), Image.Resampling.LANCZOS)

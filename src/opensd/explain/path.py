@@ -33,12 +33,10 @@ class PathError(OpenSDError):
 
 def decode_latents(pipe, latents: torch.Tensor, batch: int = 4) -> list[Image.Image]:
     """(n, C, h, w) VP latents -> n decoded images (``batch`` at a time)."""
-    vae = pipe.model.vae
     out: list[Image.Image] = []
     with torch.inference_mode():
-        for i in range(0, latents.shape[0], batch):
-            x = latents[i : i + batch].to(pipe.model.device, pipe.model.dtype)
-            out += to_pil(vae.decode(vae.from_latent(x)))
+        for i in range(0, latents.shape[0], batch):  # the pipeline's codec: a float16 VAE decodes in float32
+            out += to_pil(pipe.decode_latents(latents[i : i + batch].to(pipe.model.device), tiled_vae=False))
     return out
 
 
@@ -175,7 +173,7 @@ def forward_noising(
     dev, dtype = model.device, model.dtype
     sigmas = [0.0] + sorted(float(s) for s in pipe.schedule.sigmas_for(steps)[:-1])
     with torch.inference_mode():
-        x0 = model.vae.to_latent(model.vae.encode(to_tensor(image, width, height).to(dev, dtype)).mean).float()
+        x0 = model.vae.to_latent(pipe.encode_pixels(to_tensor(image, width, height).to(dev, dtype), False).mean.float())
         eps = torch.randn(x0.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(x0.device)
         latents = torch.cat([to_vp(x0 + s * eps, s) for s in sigmas]).cpu()  # (steps + 1, C, h, w)
     timesteps = [0.0] + [float(pipe.schedule.sigma_to_t(s)) for s in sigmas[1:]]

@@ -166,7 +166,7 @@ def sample_refined(
     concat = start.concat if _is_inpainting(ref.cfg) else None  # a 4-channel refiner inpaints by re-imposing
     r_denoiser = ref._denoiser(req, dataclasses.replace(start, concat=concat))
     run = plan_sampling(
-        start.noise.to(base.model.dtype), base.schedule, req.sampler, req.steps, karras=req.karras,
+        start.noise, base.schedule, req.sampler, req.steps, karras=req.karras,
         strength=req.strength, init_latent=start.init_latent, options=req.sampler_options,
     )
     state: dict[str, Any] = {"denoised": None, "finisher": base}
@@ -180,7 +180,7 @@ def sample_refined(
     try:
         x = run_two_phase(
             run, plan.step, (denoiser, guidance_args(*conds)), (r_denoiser, guidance_args(r_cond, r_uncond)),
-            ref.model.dtype, generator=base._sampler_generator(seeds), callback=phase_cb, options=req.sampler_options,
+            generator=base._sampler_generator(seeds), callback=phase_cb, options=req.sampler_options,
         )
         return to_vp(x, run.sigmas[-1]), False, ref
     except Interrupted:
@@ -207,7 +207,6 @@ def run_two_phase(
     k: int,
     base: tuple[Callable[..., torch.Tensor], dict],
     refiner: tuple[Callable[..., torch.Tensor], dict],
-    refiner_dtype: torch.dtype,
     *,
     generator: torch.Generator | None,
     callback: Callable[[dict], Any] | None,
@@ -219,6 +218,6 @@ def run_two_phase(
     if k > 0:
         x = fn(base[0], x, sigmas[: k + 1], extra_args=base[1], callback=callback, generator=generator, **options)
     if k < len(sigmas) - 1:
-        x = x.to(refiner_dtype)  # the latent as it is at sigmas[k]: no re-noising
+        # the latent as it is at sigmas[k] (float32, as both denoisers take it): no re-noising
         x = fn(refiner[0], x, sigmas[k:], extra_args=refiner[1], callback=_offset_callback(callback, k), generator=generator, **options)
     return x

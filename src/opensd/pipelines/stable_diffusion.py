@@ -17,8 +17,13 @@ With a refiner (``refiner=`` another pipeline), the base model runs the first pa
 the steps and the refiner the rest, on the same latent and sigmas
 (:mod:`opensd.pipelines.refiner`, A1111's "Refiner switch at").
 
-Half precision: SDXL's VAE overflows float16, so a float16 SDXL-family pipeline runs
-its VAE in float32 on a kept copy (:mod:`opensd.pipelines.vae_codec`).
+Precision (:mod:`opensd.precision`): the networks run in the model's dtype (``precision``
+"auto" picks bfloat16 where it is native and measured faster, else float32); the noise,
+the sampler's arithmetic, guidance and the latents between steps stay float32, cast at
+each network's boundary, so a seed gives the same image layout in every precision.
+Stable Diffusion's VAE overflows float16, so a float16 pipeline runs its VAE in float32
+on a kept copy (:mod:`opensd.pipelines.vae_codec`); bfloat16 has float32's range and
+decodes as it is.
 """
 
 from __future__ import annotations
@@ -57,7 +62,10 @@ from opensd.pipelines.networks import NO_NETWORKS, RequestNetworks
 from opensd.pipelines.refiner import RefinerPlan, guidance_args, plan_refiner, refiner_label, sample_refined
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, request_from_settings, validate
 from opensd.pipelines.vae_codec import VAECodec
+from opensd.precision import Precision, PrecisionDecision, ProbeShape, decide_precision, precision_name
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
+
+PrecisionSpec = Precision | str | torch.dtype | None
 
 
 @dataclass
@@ -70,6 +78,16 @@ class _Start:
     pixel_mask: torch.Tensor | None = None  # (1, 1, H, W) the blurred mask
     latent_mask: torch.Tensor | None = None  # (B, 1, h, w)
     concat: torch.Tensor | None = None  # (B, 1 + C, h, w) the 9-channel inpainting U-Net's extra input
+
+
+def _decide(precision: PrecisionSpec, dtype: torch.dtype | None, device: Any, model) -> PrecisionDecision:
+    """The pipeline's precision: ``precision`` (or ``dtype``, its older name) decided for the
+    device the model goes to and its shapes; neither: the model's dtype as it is."""
+    spec = precision if precision is not None else dtype
+    if spec is None:
+        return PrecisionDecision(model.dtype, None, f"{precision_name(model.dtype)}, the model's as loaded")
+    target = torch.device(device) if device is not None else model.device
+    return decide_precision(spec, target, ProbeShape.for_model(model.cfg))
 
 
 class StableDiffusionPipeline:
@@ -89,17 +107,22 @@ class StableDiffusionPipeline:
         vae_upcast: bool | None = None,
         kernels: Kernels | str | None = None,
         compile: bool = False,
+        precision: PrecisionSpec = None,
     ):
         """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap.
-        ``vae_upcast``: run a float16 VAE in float32 (a kept float32 copy); None: for the SDXL
-        families only (their VAE overflows float16), False: never. ``kernels``: auto, default,
-        onednn or None (:class:`~opensd.kernels.ModelKernels`). ``compile``: the U-Net through
-        ``torch.compile`` where it can (:mod:`opensd.pipelines.compiled`)."""
+        ``vae_upcast``: run a float16 VAE in float32 (a kept float32 copy); None or True: every
+        float16 VAE (Stable Diffusion's overflows float16), False: never. ``kernels``: auto,
+        default, onednn or None (:class:`~opensd.kernels.ModelKernels`). ``compile``: the U-Net
+        through ``torch.compile`` where it can (:mod:`opensd.pipelines.compiled`).
+        ``precision``: auto, fp32, bf16 or fp16 (:mod:`opensd.precision`; ``dtype`` is the same
+        as a torch dtype); None: the model's dtype as loaded. :meth:`from_path` reads the
+        weights in it directly."""
         self.loaded = loaded
         self.prompt_budget = prompt_budget
         self.model = loaded.model.eval().requires_grad_(False)
-        if device is not None or dtype is not None:
-            self.model.to(device=device, dtype=dtype)
+        self.precision = _decide(precision, dtype, device, self.model)
+        if device is not None or self.precision.dtype != self.model.dtype:
+            self.model.to(device=device, dtype=self.precision.dtype)
         self.tokenizer = loaded.tokenizer
         self.cfg = self.model.cfg
         self.schedule = DiscreteSchedule(self.cfg.schedule)
@@ -110,10 +133,29 @@ class StableDiffusionPipeline:
         self._unet: Callable[..., torch.Tensor] = CompiledUNet(self.model.unet) if compile else self.model.unet
 
     @classmethod
-    def from_path(cls, path: str | Path, *, prediction: Any = None, **kw: Any) -> "StableDiffusionPipeline":
+    def from_path(
+        cls, path: str | Path, *, prediction: Any = None, precision: PrecisionSpec = Precision.AUTO, **kw: Any
+    ) -> "StableDiffusionPipeline":
         """Load the model at ``path``; ``prediction`` ("eps", "v" or None: as the file says,
-        see :mod:`opensd.checkpoints.parameterization`) overrides its parameterization."""
-        return cls(load_model(path, prediction=prediction), **kw)
+        see :mod:`opensd.checkpoints.parameterization`) overrides its parameterization.
+
+        ``precision`` (default auto; ``dtype=`` is an older name for it): decided for the
+        device (``device=``, default the CPU) and the model's shapes once its configuration
+        is read, and the weights are read straight into it (a 16-bit model never exists in float32).
+        """
+        if kw.get("dtype") is not None:
+            precision = kw.pop("dtype")
+        kw.pop("dtype", None)
+        device = torch.device(kw["device"]) if kw.get("device") is not None else torch.device("cpu")
+        decisions: list[PrecisionDecision] = []
+
+        def dtype_for(cfg) -> torch.dtype:
+            decisions.append(decide_precision(precision, device, ProbeShape.for_model(cfg)))
+            return decisions[-1].dtype
+
+        pipe = cls(load_model(path, prediction=prediction, dtype=dtype_for), **kw)
+        pipe.precision = decisions[-1]
+        return pipe
 
     # ---------------------------------------------------------------- public API
 
@@ -316,29 +358,29 @@ class StableDiffusionPipeline:
         """The noise (one draw per seed, on the CPU) and, for img2img/inpainting, the encoded
         image, its mask and the 9-channel inpainting input. The seeds' draws keep A1111's
         order: the posterior draw, then the noise."""
-        dev, dtype = self.model.device, self.model.dtype
+        dev = self.model.device  # float32 throughout; the VAE and the U-Net cast at their inputs
         f = self.cfg.vae.downsample_factor
         shape = (req.batch_size, self.cfg.vae.embed_dim, req.height // f, req.width // f)
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         st = _Start(noise=torch.empty(0))
         if init_image is not None:
-            st.pixels = to_tensor(init_image, req.width, req.height).to(dev, dtype)
-            posterior = self.encode_pixels(st.pixels, req.tiled_vae, should_stop=should_stop)
+            st.pixels = to_tensor(init_image, req.width, req.height).to(dev)
+            posterior = self._posterior(st.pixels, req.tiled_vae, should_stop)
             # One posterior draw per image, from that image's seed (diffusers draws it first too).
-            eps = torch.cat([torch.randn(posterior.mean.shape, generator=g) for g in gens]).to(dev, dtype)
+            eps = torch.cat([torch.randn(posterior.mean.shape, generator=g) for g in gens]).to(dev)
             st.init_latent = self.model.vae.to_latent(posterior.mean + posterior.std * eps)
             if mask is not None:
                 st.pixel_mask, st.latent_mask, st.init_latent, st.concat = mask_latents(
                     mask, st.pixels, eps, st.init_latent, req.batch_size,
-                    encode=lambda x: self.encode_pixels(x, req.tiled_vae, should_stop=should_stop),
+                    encode=lambda x: self._posterior(x, req.tiled_vae, should_stop),
                     to_latent=self.model.vae.to_latent,
                     nine_channel=self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1,
                 )
         if st.concat is None and self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
             # An inpainting U-Net without a mask: all of it masked, the masked image blank (A1111).
-            blank = torch.zeros(1, 3, req.height, req.width, device=dev, dtype=dtype)
-            masked = self.model.vae.to_latent(self.encode_pixels(blank, req.tiled_vae).mode())
-            ones = torch.ones(req.batch_size, 1, *shape[2:], device=dev, dtype=dtype)
+            blank = torch.zeros(1, 3, req.height, req.width, device=dev)
+            masked = self.model.vae.to_latent(self._posterior(blank, req.tiled_vae, None).mode())
+            ones = torch.ones(req.batch_size, 1, *shape[2:], device=dev)
             st.concat = torch.cat([ones, masked.expand(req.batch_size, -1, -1, -1)], dim=1)
         if latents is not None:
             if tuple(latents.shape) != shape:
@@ -376,7 +418,7 @@ class StableDiffusionPipeline:
         sampler_gen = self._sampler_generator(seeds)
         try:
             result = sample(
-                denoiser, st.noise.to(self.model.dtype), self.schedule, req.sampler, req.steps, karras=req.karras,
+                denoiser, st.noise, self.schedule, req.sampler, req.steps, karras=req.karras,
                 generator=sampler_gen, callback=step_cb, strength=req.strength, init_latent=st.init_latent,
                 extra_args=extra, **req.sampler_options,
             )
@@ -397,7 +439,7 @@ class StableDiffusionPipeline:
             assert st.init_latent is not None
             result = st.latent_mask * result.to(st.init_latent) + (1 - st.latent_mask) * st.init_latent
         finisher = finisher or self
-        decoded = finisher.decode_latents(result.to(finisher.model.dtype), req.tiled_vae, should_stop=should_stop)
+        decoded = finisher.decode_latents(result, req.tiled_vae, should_stop=should_stop).float()
         if st.pixel_mask is not None:
             assert st.pixels is not None
             # As A1111 does: outside the mask, the original pixels, exactly.
@@ -443,6 +485,11 @@ class StableDiffusionPipeline:
         """
         return self.codec.encode(pixels, tiled_vae, should_stop)
 
+    def _posterior(self, pixels: torch.Tensor, tiled_vae: bool | None, should_stop: StopCheck | None) -> DiagonalGaussian:
+        """:meth:`encode_pixels` with the posterior in float32 (what the loop computes in)."""
+        posterior = self.encode_pixels(pixels, tiled_vae, should_stop=should_stop)
+        return posterior if posterior.moments.dtype == torch.float32 else DiagonalGaussian(posterior.moments.float())
+
     def infotext(
         self, req: GenerationRequest, seed: int, *, refiner: RefinerPlan | None = None, extra: Mapping[str, str] | None = None,
     ) -> str:
@@ -451,7 +498,10 @@ class StableDiffusionPipeline:
                               extra)
 
     def _network(self, concat: torch.Tensor | None, req: GenerationRequest) -> Callable[..., torch.Tensor]:
+        """The guided U-Net as the sampler calls it: float32 in and out, the model's dtype inside
+        (the timesteps stay float32: the U-Net embeds them in float32; bfloat16 would round 999 to 1000)."""
         unet = self._unet
+        dtype = next(self.model.unet.parameters()).dtype
 
         def unet_fn(
             x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
@@ -459,7 +509,8 @@ class StableDiffusionPipeline:
             if concat is not None:  # (2B or B, 4+1+4, h, w) for 9-channel inpainting U-Nets
                 c = concat.repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)
                 x_in = torch.cat([x_in, c.to(x_in)], dim=1)
-            return unet(x_in, t.to(x_in.dtype), context, y)
+            out = unet(x_in.to(dtype), t.float(), context.to(dtype), None if y is None else y.to(dtype))
+            return out.to(x_in.dtype)
 
         return ClassifierFreeGuidance(unet_fn, req.cfg_scale, req.guidance_rescale)
 

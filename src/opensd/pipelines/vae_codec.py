@@ -1,13 +1,16 @@
 """The VAE as a pipeline runs it: the precision it runs in, tiles by size, stop checks.
 
-Half precision (Podell et al. 2023 retrained SDXL's autoencoder; its activations exceed
-float16's 65504, which gives inf, then NaN: a black image): a float16 VAE of an SDXL-family
-model decodes and encodes in float32, on a float32 copy of the VAE made on first use
-and kept by the codec (the model's own VAE keeps its dtype, so a model shared between
-pipelines is never changed). The copy is used for every call, not only when a float16
-result is not finite: an overflow can also give finite garbage, and one path gives one
-image. diffusers does the same for SDXL's VAE (``force_upcast``). Decoded images come
-back in float32; an encoded posterior in the model's dtype (its U-Net's input).
+Half precision: Stable Diffusion's autoencoders have activations beyond float16's 65504
+(SDXL's most: Podell et al. 2023 retrained it, and it still overflows), which gives inf,
+then NaN: a black image. So a float16 VAE decodes and encodes in float32, on a float32
+copy of the VAE made on first use and kept by the codec (the model's own VAE keeps its
+dtype, so a model shared between pipelines is never changed). The copy is used for every
+call, not only when a float16 result is not finite: an overflow can also give finite
+garbage, and one path gives one image. diffusers does the same (``force_upcast``, true in
+the SD 1.x, 2.x and SDXL VAE configs). bfloat16 has float32's range and runs as it is
+(``tests/test_precision.py`` decodes SD 1.5-size weights in it). Decoded images come back
+in the VAE's dtype (float32 when upcast); an encoded posterior in the model's dtype (its
+U-Net's input). Latents are mapped to the VAE's scale (``from_latent``) in float32.
 
 Tiling (:mod:`opensd.pipelines.vae_tiling`): automatic above 1.5 times the model's
 native size in latent cells (at least 96 cells: SD 1.x tiles above 768 px, SDXL above
@@ -21,12 +24,10 @@ from typing import Any
 
 import torch
 
-from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
+from opensd.models.stable_diffusion import StableDiffusion
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.generation import StopCheck, check_stop
 from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
-
-UPCAST_FAMILIES = (ModelFamily.SDXL, ModelFamily.SDXL_REFINER)
 
 
 class _StoppableVAE:
@@ -53,7 +54,7 @@ def _dtype(module: torch.nn.Module) -> torch.dtype:
 
 class VAECodec:
     """Decodes and encodes with ``model``'s VAE. ``upcast``: run a float16 VAE in float32
-    (None: for the SDXL families only; True: any float16 VAE; False: never)."""
+    (None or True: yes; False: never)."""
 
     def __init__(self, model: StableDiffusion, upcast: bool | None = None):
         self.model, self.upcast = model, upcast
@@ -61,9 +62,7 @@ class VAECodec:
 
     def upcasts(self) -> bool:
         """Whether the VAE runs in float32 on a copy (see the class docstring)."""
-        if _dtype(self.model.vae) != torch.float16 or self.upcast is False:
-            return False
-        return self.upcast is True or self.model.cfg.family in UPCAST_FAMILIES
+        return _dtype(self.model.vae) == torch.float16 and self.upcast is not False
 
     def vae(self) -> Any:
         """The VAE that runs: the model's, or its float32 copy, made on first use and kept
@@ -81,7 +80,7 @@ class VAECodec:
     def decode(self, latents: torch.Tensor, tiled: bool | None = None, should_stop: StopCheck | None = None) -> torch.Tensor:
         """Diffusion latents (B, C, h, w) -> images (B, 3, h*f, w*f) in about [-1, 1]."""
         vae = self.vae()
-        z = vae.from_latent(latents.to(_dtype(vae)))
+        z = vae.from_latent(latents.float()).to(_dtype(vae))
         stoppable = _StoppableVAE(vae, should_stop)
         if should_tile(z.shape[2], z.shape[3], tiled, native=self.model.cfg.latent_size):
             return decode_tiled(stoppable, z)

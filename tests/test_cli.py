@@ -115,3 +115,20 @@ def test_no_model_and_no_default_is_a_clear_error(monkeypatch, tmp_path: Path) -
     monkeypatch.setattr(d, "REPO_MODELS", tmp_path)
     res = invoke("generate", "x", "-q")
     assert res.exit_code == 2 and "no model given" in res.output
+
+
+def test_precision_option(model_dir: Path, tmp_path: Path) -> None:
+    from opensd.cli.common import PrecisionChoice
+    from opensd.precision import Precision
+
+    assert [c.value for c in PrecisionChoice] == [p.value for p in Precision]  # the CLI's copy of the names
+    res = invoke("generate", "a red circle", "-m", model_dir, "--steps", 2, "--seed", 3, "--precision", "bf16",
+                 "-o", tmp_path / "bf16.png", "-q")
+    assert res.exit_code == 0 and (tmp_path / "bf16.png").is_file(), res.output
+    res = invoke("generate", "a red circle", "-m", model_dir, "--steps", 2, "--seed", 3, "--precision", "fp16",
+                 "-o", tmp_path / "fp16.png", "-q")
+    assert res.exit_code == 0 and (tmp_path / "fp16.png").is_file(), res.output
+    assert "warning: fp16 on a CPU is slow" in res.output and "PrecisionWarning" not in res.output  # one line, no source
+    res = invoke("generate", "x", "-m", model_dir, "--precision", "fp8", "-q")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "fp8" in res.output and all(v in res.output for v in ("auto", "fp32", "bf16", "fp16")), res.output

@@ -119,7 +119,9 @@ def test_every_model_command_takes_device_through_to_the_pipeline(command, model
     out = ["-o", str(tmp_path / ("out.png" if command in ("generate", "img2img", "inpaint") else "out"))]
     res = invoke(*args, "-m", model_dir, "--device", "cpu", *out)
     assert "stopped after the load call" in one_error_line(res)
-    assert seen["device"] == torch.device("cpu")
+    assert seen["device"] == torch.device("cpu") and seen["precision"] == "auto"  # the default
+    res = invoke(*args, "-m", model_dir, "--device", "cpu", "--precision", "BF16", *out)
+    assert "stopped after the load call" in one_error_line(res) and seen["precision"] == "bf16"
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     line = one_error_line(invoke(*args, "-m", model_dir, "--device", "cuda:1", *out))
@@ -311,3 +313,32 @@ def test_server_png_info_reads_jpeg_and_webp(suffix, model_dir, tmp_path) -> Non
         r = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode((tmp_path / f"a{suffix}").read_bytes()).decode()})
     assert r.status_code == 200, r.text
     assert r.json()["info"] == text and r.json()["parameters"]["Seed"] == "5"
+
+
+# ----------------------------------------------------------------------------- serve --precision and --dtype
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], "auto"), (["--precision", "bf16"], "bf16"), (["--dtype", "float16"], "fp16"), (["--dtype", "float32"], "fp32"),
+    (["--dtype", "bfloat16", "--precision", "bf16"], "bf16"),
+])
+def test_serve_takes_precision_and_its_older_name_dtype(args, expected, model_dir, monkeypatch) -> None:
+    import opensd.serving
+
+    seen = {}
+
+    def spy_create_app(model, **kw):
+        seen.update(kw)
+        raise OpenSDError("stopped before serving")
+
+    monkeypatch.setattr(opensd.serving, "create_app", spy_create_app)
+    assert "stopped before serving" in one_error_line(invoke("serve", "-m", model_dir, *args))
+    assert seen["precision"] == expected
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "fp8"], "--dtype must be one of float32, float16, bfloat16, got 'fp8'"),
+    (["--dtype", "float16", "--precision", "bf16"], "--dtype float16 and --precision bf16 disagree"),
+])
+def test_serve_bad_dtype_is_one_line(args, message, model_dir) -> None:
+    assert message in one_error_line(invoke("serve", "-m", model_dir, *args))

@@ -66,3 +66,23 @@ def test_broken_models_are_listed(client) -> None:
     """They are models in the folder: listed (so a client can name them), refused when loaded."""
     names = {m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()}
     assert {"good", "corrupt", "broken-tokenizer", "bad-diffusers"} <= names
+
+
+def test_the_servers_precision_holds_for_models_switched_to_later(tmp_path: Path) -> None:
+    import torch
+
+    model, tok = tiny_word_bundle()
+    save_opensd(model, tok, tmp_path / "first")
+    save_diffusers(model, tok, tmp_path / "second")
+    app = create_app(tmp_path / "first", models_dir=tmp_path, precision="bf16")  # bf16 works on any CPU (slowly without native support)
+    registry = app.state.opensd.registry
+    assert registry.current.model.dtype == torch.bfloat16 and registry.current.precision.reason == "bf16, as asked"
+    with one_thread_direct_loopback(), TestClient(app) as c:
+        r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "second"})
+        assert r.status_code == 200, r.text
+        assert {t.dtype for t in registry.current.model.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 1, "width": 32, "height": 32})
+        assert r.status_code == 200 and len(r.json()["images"]) == 1, r.text
+    with pytest.warns(UserWarning, match="fp16 on a CPU is slow"):  # the older keyword is still read
+        old = create_app(tmp_path / "first", dtype=torch.float16)
+    assert old.state.opensd.registry.current.model.dtype == torch.float16

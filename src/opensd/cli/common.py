@@ -8,10 +8,12 @@ to rerun with ``--debug`` (or ``OPENSD_DEBUG=1``), which shows the traceback, an
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import os
-from typing import Callable, TypeVar
+import warnings
+from typing import Callable, Iterator, TypeVar
 
 import typer
 
@@ -41,6 +43,48 @@ PREDICTION = typer.Option(
     help="What the model predicts: auto (what the file says: its metadata, a v_pred key, for SD 2.x "
     "A1111's probe; else eps), eps (the noise) or v (v-prediction, SD 2.x 768-v). docs/models.md.",
 )
+
+class PrecisionChoice(str, enum.Enum):
+    """--precision's values: opensd.precision.Precision's, named here so that the CLI starts without torch."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+# The --precision option of the commands that run a model (opensd.precision; docs/precision.md).
+PRECISION = typer.Option(
+    PrecisionChoice.AUTO, "--precision", case_sensitive=False,
+    help="Number format of the networks: auto (bf16 where this CPU computes it natively and a short probe at "
+    "the model's shapes measures it faster, on a CUDA GPU its half type when faster; else fp32), fp32, bf16 or "
+    "fp16 (slow on a CPU). Sampling stays fp32. docs/precision.md.",
+)
+
+
+@contextlib.contextmanager
+def precision_warnings() -> Iterator[None]:
+    """Inside: a precision that is slow here (fp16 on a CPU) is said in one ``warning:`` line on
+    stderr, not as a Python warning with its source line."""
+    from opensd.precision import PrecisionWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PrecisionWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, PrecisionWarning):
+            typer.echo(f"warning: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def load_pipeline(path, device, precision: PrecisionChoice | str = PrecisionChoice.AUTO, prediction: str | None = None):
+    """The pipeline of the model at ``path`` on ``device`` in ``precision`` (:func:`precision_warnings`)."""
+    import opensd
+
+    with precision_warnings():
+        return opensd.load(path, device=device, precision=getattr(precision, "value", precision), prediction=prediction)
+
 
 # Models below this many U-Net parameters run on one CPU thread by default (see default_threads).
 SMALL_MODEL_PARAMS = 100_000_000

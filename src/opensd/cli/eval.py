@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from opensd.cli.common import DEVICE, THREADS, fail_cleanly, use_threads
+from opensd.cli.common import DEVICE, PRECISION, THREADS, PrecisionChoice, fail_cleanly, load_pipeline, use_threads
 from opensd.errors import OpenSDError
 
 
@@ -34,10 +34,9 @@ def register(app: typer.Typer) -> None:
         autoencoder: bool = typer.Option(False, "--autoencoder", help="Instead of generating, score the suite's true scenes after the model's VAE round trip: the most generation can reach through this decoder."),
         out: Path = typer.Option(Path("eval"), "--out", "-o", help="Folder for results.json, report.md and plots."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Score a model GenEval-style on the shapes world; writes results.json and report.md."""
-        import opensd
         from opensd.cli.generate import cli_budget, lora_use
         from opensd.defaults import resolve_model
         from opensd.devices import resolve_device
@@ -57,14 +56,15 @@ def register(app: typer.Typer) -> None:
                          batch_size=batch_size)
         if out.exists() and not out.is_dir():
             raise OpenSDError(f"--out {out} is a file; give a folder")
-        pipe = opensd.load(resolve_model(model), device=resolve_device(device))
+        pipe = load_pipeline(resolve_model(model), resolve_device(device), precision)
         use_threads(threads, pipe.model)
         if autoencoder:
             if uses or distribution:
                 raise OpenSDError("--autoencoder scores the VAE alone: it takes no --lora and no --distribution")
             _write_ceiling(pipe, cfg, seed, out)
             return
-        info = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash}
+        info = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash,
+                "precision": pipe.precision.name, "precision_reason": pipe.precision.reason}
         networks = library.networks_for(pipe.model, "", uses, cli_budget()) if uses else None
         if uses:
             info["loras"] = ", ".join(lora)

@@ -7,16 +7,15 @@ from typing import Optional
 
 import typer
 
-from opensd.cli.common import DEVICE, THREADS, fail_cleanly, use_threads
+from opensd.cli.common import DEVICE, PRECISION, THREADS, PrecisionChoice, fail_cleanly, load_pipeline, use_threads
 from opensd.errors import OpenSDError
 
 
-def _pipeline(model: Optional[Path], device, threads: Optional[int]):
-    """The pipeline for ``model`` on ``device`` (resolved), torch's threads set for it."""
-    import opensd
+def _pipeline(model: Optional[Path], device, threads: Optional[int], precision: PrecisionChoice = PrecisionChoice.AUTO):
+    """The pipeline for ``model`` on ``device`` (resolved) in ``precision``, torch's threads set for it."""
     from opensd.defaults import resolve_model
 
-    pipe = opensd.load(resolve_model(model), device=device)
+    pipe = load_pipeline(resolve_model(model), device, precision)
     use_threads(threads, pipe.model)
     return pipe
 
@@ -61,7 +60,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = MODEL,
         out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the pictures and raw maps."),
         quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Generate one image and show how: word attention maps, denoising path, forward noising."""
         from opensd.devices import resolve_device
@@ -71,7 +70,7 @@ def register(app: typer.Typer) -> None:
         out = _out_dir(out)
         steps_at = _steps_list(at)
         image = load_image(noise_image) if noise_image is not None else None
-        pipe = _pipeline(model, resolve_device(device), threads)
+        pipe = _pipeline(model, resolve_device(device), threads, precision)
         with StepProgress(desc="explain", enabled=not quiet) as progress:
             ex = explain(
                 pipe, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, sampler=sampler,
@@ -97,7 +96,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = MODEL,
         out: Path = typer.Option(Path("interpolate"), "--out", "-o", help="Folder for grid.png, animation.gif and the frames."),
         quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS,
+        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Walk between two prompts and/or two seeds: a grid PNG and an animated GIF.
 
@@ -122,7 +121,7 @@ def register(app: typer.Typer) -> None:
         if to is None and to_seed is None and frames > 1:
             to_seed = walk_end_seed(seed)
             typer.echo(f"no --to or --to-seed: a seed walk on the same prompt, from seed {seed} to {to_seed}", err=True)
-        pipe = _pipeline(model, resolve_device(device), threads)
+        pipe = _pipeline(model, resolve_device(device), threads, precision)
         with StepProgress(frames, desc="interpolate", enabled=not quiet) as progress:
             images = interpolate(
                 pipe, prompt, to, seed=seed, to_seed=to_seed, frames=frames, negative_prompt=negative_prompt,

@@ -10,26 +10,28 @@ from typing import Optional
 
 import typer
 
-from opensd.cli.common import DEVICE, PREDICTION, THREADS, PredictionChoice, fail_cleanly, use_threads
+from opensd.cli.common import (
+    DEVICE,
+    PRECISION,
+    PREDICTION,
+    THREADS,
+    PrecisionChoice,
+    PredictionChoice,
+    fail_cleanly,
+    load_pipeline,
+    use_threads,
+)
 from opensd.errors import OpenSDError
 
 DEFAULT_OUT_DIR = Path("outputs")
 
 
-def _pipeline(model: Optional[Path], device, threads: Optional[int], prediction: str = "auto"):
+def _pipeline(model: Optional[Path], device, threads: Optional[int], prediction: str = "auto", precision: str = "auto"):
     """The pipeline for ``model`` on ``device`` (a resolved :class:`torch.device`), threads set for it;
-    ``prediction``: --prediction (auto: what the model says; eps or v: load it so)."""
-    import opensd
+    ``prediction``: --prediction (auto: what the model says; eps or v: load it so); ``precision``: --precision."""
     from opensd.defaults import resolve_model
 
-    path = resolve_model(model)
-    if prediction == "auto":
-        pipe = opensd.load(path, device=device)
-    else:
-        from opensd.checkpoints import load_model
-        from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(load_model(path, prediction=prediction), device=device)
+    pipe = load_pipeline(resolve_model(model), device, precision, prediction)
     use_threads(threads, pipe.model)
     return pipe
 
@@ -148,7 +150,7 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     paths = _out_paths(run["out"], pipe_args["batch_size"], pipe_args["seed"])
     library, lora_uses = _loras(run.get("lora"), run.get("lora_dir"), pipe_args["prompt"])
     embeddings = _embeddings(run.get("embeddings_dir"))
-    pipe = _pipeline(run["model"], device, run["threads"], run.get("prediction", "auto"))
+    pipe = _pipeline(run["model"], device, run["threads"], run.get("prediction", "auto"), run["precision"])
     networks = RequestNetworks.merge([
         library.networks_for(pipe.model, pipe_args["prompt"], lora_uses, cli_budget()),
         embeddings.networks_for_prompts(pipe.model, pipe_args["prompt"], pipe_args["negative_prompt"])
@@ -157,7 +159,7 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     if networks:
         pipe_args["networks"] = networks
     if refiner is not None:
-        pipe_args["refiner"] = _pipeline(refiner, device, run["threads"])
+        pipe_args["refiner"] = _pipeline(refiner, device, run["threads"], precision=run["precision"])
     if drawn:  # once the model has loaded: a bad model is the only line then
         typer.echo(f"seed: {pipe_args['seed']}")
     for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"], networks.embeddings):
@@ -260,9 +262,10 @@ def _sdxl(
 def _options(
     model: Optional[Path], device: Optional[str], threads: Optional[int], out: Optional[str], quiet: bool,
     lora: Optional[list[str]] = None, lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None,
+    precision: str = "auto",
 ) -> dict:
     return dict(model=model, device=device, threads=threads, out=out, quiet=quiet, lora=lora, lora_dir=lora_dir,
-                embeddings_dir=embeddings_dir)
+                embeddings_dir=embeddings_dir, precision=getattr(precision, "value", precision))
 
 
 MODEL = typer.Option(None, "--model", "-m", help="Model path (diffusers folder, SD file or opensd folder); default: the bundled model.")
@@ -336,12 +339,12 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, prediction: PredictionChoice = PREDICTION,
         embeddings_dir: Optional[Path] = EMBEDDINGS_DIR, refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
-        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR,
+        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size)
-        run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir), "prediction": prediction.value}
+        run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "prediction": prediction.value}
         _run("txt2img", {"prompt": prompt, **args}, run, refiner)
 
     @app.command()
@@ -358,13 +361,13 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
-        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR,
+        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Image to image: modify IMAGE toward PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args},
-             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir), refiner)
+             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), refiner)
 
     @app.command()
     @fail_cleanly
@@ -397,14 +400,14 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
-        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR,
+        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
         args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         inpainting = _inpaint_options(mask_blur, masked_content, only_masked, only_masked_padding)
         _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args},
-             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir), refiner)
+             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), refiner)
 
     @app.command("png-info")
     @fail_cleanly

@@ -8,10 +8,22 @@ from typing import Optional
 
 import typer
 
-from opensd.cli.common import DEVICE, THREADS, fail_cleanly, use_threads
+from opensd.cli.common import DEVICE, PRECISION, THREADS, PrecisionChoice, fail_cleanly, precision_warnings, use_threads
 from opensd.errors import OpenSDError
 
-DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+# --dtype, the older name of --precision: its values and theirs
+DTYPES = {"float32": PrecisionChoice.FP32, "float16": PrecisionChoice.FP16, "bfloat16": PrecisionChoice.BF16}
+
+
+def serve_precision(precision: PrecisionChoice, dtype: str | None) -> PrecisionChoice:
+    """--precision, or --dtype (float32, float16, bfloat16) where only that is given."""
+    if dtype is None:
+        return precision
+    if dtype not in DTYPES:
+        raise OpenSDError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r} (or use --precision auto|fp32|bf16|fp16)")
+    if precision is not PrecisionChoice.AUTO and precision is not DTYPES[dtype]:
+        raise OpenSDError(f"--dtype {dtype} and --precision {precision.value} disagree; give one of them")
+    return DTYPES[dtype]
 
 
 def _is_loopback(host: str) -> bool:
@@ -61,11 +73,11 @@ def register(app: typer.Typer) -> None:
         max_lora_mb: int = typer.Option(4096, help="Largest total size of the LoRA files one request names, in MiB."),
         device: Optional[str] = DEVICE,
         threads: Optional[int] = THREADS,
-        dtype: str = typer.Option("float32", help="float32, float16 or bfloat16."),
+        precision: PrecisionChoice = PRECISION,
+        dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16: the older name of --precision."),
         log_level: str = typer.Option("info", help="uvicorn's log level."),
     ) -> None:
         """Serve the HTTP API A1111 clients speak, OpenAI's Images API and a web page at /."""
-        import torch
         import uvicorn
 
         from opensd.defaults import default_model_path
@@ -77,8 +89,7 @@ def register(app: typer.Typer) -> None:
         if not 1 <= port <= 65535:
             raise OpenSDError(f"--port must be from 1 to 65535, got {port}")
         dev = resolve_device(device)  # a missing device fails before the model loads
-        if dtype not in DTYPES:
-            raise OpenSDError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        precision = serve_precision(precision, dtype)
         if models_dir is not None and not models_dir.is_dir():
             raise OpenSDError(f"--models-dir {models_dir} is not a folder")
         if embeddings_dir is not None and not embeddings_dir.is_dir():
@@ -96,14 +107,16 @@ def register(app: typer.Typer) -> None:
             max_prompt_tokens=max_prompt_tokens, max_work=max_work, max_seconds=max_seconds, workers=workers, max_queue=max_queue,
             max_loras=max_loras, max_lora_bytes=max_lora_mb * 2**20,
         )
-        app_ = create_app(
-            model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, dtype=getattr(torch, dtype),
-            lora_dir=lora_dir if lora_dir is not None else default_lora_dir(), embeddings_dir=embeddings_dir,
-        )
+        with precision_warnings():
+            app_ = create_app(
+                model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, precision=precision.value,
+                lora_dir=lora_dir if lora_dir is not None else default_lora_dir(), embeddings_dir=embeddings_dir,
+            )
         use_threads(threads, app_.state.opensd.registry.current.model)
         if not _is_loopback(host) and not api_auth:
             typer.echo(f"warning: listening on {host} without --api-auth: anyone who can reach it can use it", err=True)
         typer.echo(f"opensd: serving {app_.state.opensd.registry.current_title()} on http://{host}:{port} (web page at /, API docs at /docs)")
+        typer.echo(f"opensd: precision {app_.state.opensd.registry.current.precision.reason}")
         loras = app_.state.opensd.loras
         if loras.folder is not None:
             typer.echo(f"opensd: {len(loras.entries())} LoRAs in {loras.folder} (<lora:name:weight> in prompts)")

@@ -46,6 +46,7 @@ def create_app(
     limits: Limits | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    precision: str | torch.dtype | None = None,
     max_loaded: int = 2,
     lora_dir: str | Path | None = None,
     embeddings_dir: str | Path | None = None,
@@ -56,7 +57,9 @@ def create_app(
     ``auth``: ``"user:pass"`` (or ``"u1:p1,u2:p2"``, or a list of pairs) for HTTP Basic auth
     on every route; ``None`` serves without auth. A blank string, or a blank user or
     password, raises :class:`~opensd.errors.OpenSDError` (it never means "no auth"). ``limits``: see :class:`Limits`.
-    ``device``/``dtype``: where models loaded from a path go. ``max_loaded``: how many
+    ``device``/``precision``: where models loaded from a path go and their number format
+    (auto, fp32, bf16, fp16: :mod:`opensd.precision`; default auto, decided for each model,
+    also for those switched to later; ``dtype`` is an older name for it). ``max_loaded``: how many
     models stay in memory at once (the current one always does). ``lora_dir``: the folder
     that ``<lora:name:weight>`` tags name (:mod:`opensd.serving.loras`); None: no LoRAs.
     ``embeddings_dir``: a folder of textual-inversion embeddings prompts may name
@@ -64,7 +67,8 @@ def create_app(
     """
     limits = limits or Limits()
     credentials = parse_auth(auth) if isinstance(auth, str) or auth is None else check_credentials(list(auth))
-    loader = partial(StableDiffusionPipeline.from_path, device=device, dtype=dtype)
+    spec = precision if precision is not None else (dtype if dtype is not None else "auto")
+    loader = partial(StableDiffusionPipeline.from_path, device=device, precision=spec)
     registry = ModelRegistry(model, Path(models_dir) if models_dir is not None else None, loader=loader, max_loaded=max_loaded)
     queue = GenerationQueue(limits.workers, limits.max_queue)
     library = EmbeddingLibrary(embeddings_dir) if embeddings_dir is not None else None

@@ -257,7 +257,11 @@ class ModelRegistry:
     def _load(self, ckpt: Checkpoint, param: str) -> StableDiffusionPipeline:
         """``loader(ckpt.path)``; a model that cannot be loaded is a 4xx naming it (the current model stays)."""
         try:
-            return self.loader(ckpt.path)
+            pipe = self.loader(ckpt.path)
+            decision = getattr(pipe, "precision", None)
+            if decision is not None:
+                log.info("loaded %s: %s", ckpt.label, decision.reason)
+            return pipe
         except OpenSDError as e:
             raise ApiError(e.status if 400 <= e.status < 500 else 422,
                            f"model {ckpt.label!r} cannot be loaded: {' '.join(str(e).split())}",

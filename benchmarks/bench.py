@@ -62,6 +62,9 @@ from harness import Row, Settings, interleave, machine, silence_reference_logs, 
 
 CASES = ("default_txt2img", "sd15_unet", "sd15_vae", "sd15_text", *FAMILY_CASES, "train_unet", "train_vae", "memory")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# --dtype auto: opensd in its default precision (opensd.precision, decided for each model) against
+# diffusers' default, fp32; only these cases take it
+AUTO_CASES = ("default_txt2img", "sd15_unet", "sd15_vae", "sd15_text")
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "a green triangle"
 # Captions the fallback model's word tokenizer learns its vocabulary from.
@@ -113,9 +116,13 @@ def case_default_txt2img(s: Settings) -> list[Row]:
     print(f"# default_txt2img: {source}", flush=True)
     with tempfile.TemporaryDirectory(prefix="opensd-bench-") as tmp:
         folder = save_diffusers(model, tok, Path(tmp) / "model")
-        ours = opensd.load(folder, device=s.device, dtype=s.dtype)
-        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=s.dtype)
+        rs = s.reference()
+        # --dtype auto: opensd's own decision for this model (not the SD 1.5 one in s.dtype)
+        ours = opensd.load(folder, device=s.device, precision="auto" if s.auto_reason is not None else s.dtype)
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=rs.dtype)
     ref = ref.to(s.device)
+    if s.auto_reason is not None:
+        print(f"# default_txt2img: opensd {ours.precision.reason}", flush=True)
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
         ref.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
@@ -135,14 +142,17 @@ def case_default_txt2img(s: Settings) -> list[Row]:
 
         def run_ref(lat=lat, batch=batch):
             return ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=20, guidance_scale=7.5, height=size,
-                       width=size, num_images_per_prompt=batch, latents=lat.to(s.device, s.dtype),
+                       width=size, num_images_per_prompt=batch, latents=lat.to(s.device, rs.dtype),
                        output_type="pil").images
 
-        row = Row("default_txt2img", f"txt2img {size}², 20 steps dpmpp_2m, batch {batch}", "img/s", float(batch))
+        what = f"txt2img {size}², 20 steps dpmpp_2m, batch {batch}"
+        if s.auto_reason is not None:
+            what += f", opensd default ({ours.precision.name}) vs diffusers default ({rs.dtype_name})"
+        row = Row("default_txt2img", what, "img/s", float(batch))
         a, b = interleave(row, run_ours, run_ref, s, False)
         diff = max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max() for x, y in zip(a, b)) / 255
         row.max_abs_diff = float(diff)  # on the [0, 1] pixel scale
-        row.extra = {"model": source}
+        row.extra = {"model": source, "opensd_precision": ours.precision.name, "opensd_precision_reason": ours.precision.reason}
         rows.append(row)
     return rows
 
@@ -244,9 +254,11 @@ def table(rows: list[Row], memory: dict[str, Any] | None, compiled: bool) -> str
     for r in rows:
         if r.case == "sd15_unet":
             e = r.extra
+            ref_peak = (f", ({e['diffusers_matmul_peak_dtype']}) {e['diffusers_matmul_peak_gflops']:.0f} GFLOP/s"
+                        if "diffusers_matmul_peak_gflops" in e else "")
             out += (
                 f"\n\nSD1.5 U-Net guided step: {e['unet_flops_per_call'] / 1e9:.0f} GFLOP per call; "
-                f"matmul peak ({e['matmul_peak_dtype']}) {e['matmul_peak_gflops']:.0f} GFLOP/s; "
+                f"matmul peak ({e['matmul_peak_dtype']}) {e['matmul_peak_gflops']:.0f} GFLOP/s{ref_peak}; "
                 f"achieved opensd {e['opensd_achieved_gflops']:.0f} GFLOP/s ({e['opensd_pct_of_peak']:.1f}% of peak), "
                 f"diffusers {e['diffusers_achieved_gflops']:.0f} GFLOP/s ({e['diffusers_pct_of_peak']:.1f}%)."
             )
@@ -286,7 +298,8 @@ def table(rows: list[Row], memory: dict[str, Any] | None, compiled: bool) -> str
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=(*DTYPES, "auto"), default="fp32",
+                   help=f"both sides' dtype; auto: opensd's default precision against diffusers' fp32 ({', '.join(AUTO_CASES)})")
     p.add_argument("--compile", action="store_true", help="torch.compile both sides; the first call's time includes it")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (default, reduce-overhead, max-autotune)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default: per case and device)")
@@ -311,16 +324,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--unet-size must be a multiple of 64 (the latent is 1/8 of it, halved three times)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
+    other = [c for c in args.cases.split(",") if c and c not in AUTO_CASES]
+    if args.dtype == "auto" and (other or args.compile):
+        p.error(f"--dtype auto takes only the cases {', '.join(AUTO_CASES)} and no --compile; got {', '.join(other) or '--compile'}")
     return args
 
 
 def settings(args: argparse.Namespace) -> Settings:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    device, auto = torch.device(args.device), {}
+    dtype, name = DTYPES.get(args.dtype), args.dtype
+    if args.dtype == "auto":  # the SD 1.5 modules' shapes decide it (default_txt2img decides for its own model)
+        from opensd.precision import SD15_PROBE, decide_precision
+
+        decision = decide_precision("auto", device, SD15_PROBE)
+        dtype, name = decision.dtype, decision.name
+        auto = {"ref_dtype": torch.float32, "auto_reason": decision.reason}
     return Settings(
-        device=torch.device(args.device),
-        dtype=DTYPES[args.dtype],
-        dtype_name=args.dtype,
+        device=device,
+        dtype=dtype,
+        dtype_name=name,
         compile=args.compile,
         compile_mode=args.compile_mode,
         quick=args.quick,
@@ -329,6 +353,7 @@ def settings(args: argparse.Namespace) -> Settings:
         memory_size=args.memory_size,
         memory_steps=args.memory_steps or (2 if args.quick else 4),
         unet_size=args.unet_size,
+        **auto,
     )
 
 
@@ -345,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(s),
         "settings": {"device": args.device, "dtype": args.dtype, "compile": args.compile,
                      "compile_mode": args.compile_mode if args.compile else None, "quick": args.quick,
-                     "repeats": args.repeats, "threads": s.threads},
+                     "repeats": args.repeats, "threads": s.threads, "auto": s.auto_reason},
         "rows": [],
         "memory": None,
         "skipped": [],
@@ -358,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['diffusers']}, transformers {m['transformers']}; {s.threads} threads; {args.device} {args.dtype}"
           f"{' compiled' if args.compile else ''}")
     print(f"# {report['command']}", flush=True)
+    if s.auto_reason is not None:
+        print(f"# --dtype auto, the SD 1.5 modules: opensd {s.auto_reason}; diffusers fp32", flush=True)
     if s.device.type == "cuda":  # context creation and library loading stay out of the first case's numbers
         x = torch.randn(8, 8, 16, 16, device=s.device, dtype=s.dtype)
         torch.nn.functional.conv2d(x, torch.randn(8, 8, 3, 3, device=s.device, dtype=s.dtype)) @ x.new_ones(14, 14)

@@ -8,6 +8,7 @@ in turn A, B, A, B, ...
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import statistics
@@ -41,6 +42,27 @@ class Settings:
     memory_size: int
     memory_steps: int
     unet_size: int | None = None  # image side of the family U-Net cases (None: each case's default)
+    # --dtype auto: opensd runs in ``dtype`` (its default precision decided here), the reference
+    # side in ``ref_dtype`` (diffusers' default, fp32); None: both sides in ``dtype``
+    ref_dtype: torch.dtype | None = None
+    auto_reason: str | None = None
+
+    @property
+    def split(self) -> bool:
+        """Whether the two sides run in different dtypes (--dtype auto)."""
+        return self.ref_dtype is not None and self.ref_dtype != self.dtype
+
+    def reference(self) -> "Settings":
+        """The settings of the reference side: these, in ``ref_dtype`` under --dtype auto."""
+        if self.ref_dtype is None:
+            return self
+        return dataclasses.replace(self, dtype=self.ref_dtype, dtype_name=dtype_name(self.ref_dtype), ref_dtype=None)
+
+    def label(self, what: str) -> str:
+        """A row's description, saying which dtype each side ran in when they differ."""
+        if self.ref_dtype is None:
+            return what
+        return f"{what}, opensd default ({dtype_name(self.dtype)}) vs diffusers default ({dtype_name(self.ref_dtype)})"
 
     def reps(self, heavy: bool) -> int:
         """Timed repeats: few for the SD 1.5 cases on a CPU (a guided step takes seconds)."""
@@ -57,6 +79,10 @@ class Settings:
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 @dataclass
@@ -262,19 +288,35 @@ def build(cls: Callable[[], torch.nn.Module], s: Settings, native: bool = False)
 
 
 def efficiency(flops: float, row: Row, s: Settings) -> dict[str, Any]:
-    """FLOPs of one call against the device's matmul peak in the run's dtype, for both sides."""
+    """FLOPs of one call against the device's matmul peak in each side's dtype."""
     peak = matmul_peak(s, s.dtype)
+    ref_peak = matmul_peak(s, s.ref_dtype) if s.split else peak
     a, b = flops / row.median("opensd") / 1e9, flops / row.median("diffusers") / 1e9
     out = {
         "unet_flops_per_call": flops,
         "matmul_peak_gflops": peak,
-        "matmul_peak_dtype": s.dtype_name,
+        "matmul_peak_dtype": dtype_name(s.dtype),
         "opensd_achieved_gflops": a,
         "diffusers_achieved_gflops": b,
         "opensd_pct_of_peak": 100 * a / peak,
-        "diffusers_pct_of_peak": 100 * b / peak,
+        "diffusers_pct_of_peak": 100 * b / ref_peak,
     }
+    if s.split:
+        out["diffusers_matmul_peak_gflops"] = ref_peak
+        out["diffusers_matmul_peak_dtype"] = dtype_name(s.ref_dtype)
     if s.dtype != torch.float32:
-        out["matmul_peak_fp32_gflops"] = matmul_peak(s, torch.float32)
+        out["matmul_peak_fp32_gflops"] = ref_peak if s.split and s.ref_dtype == torch.float32 else matmul_peak(s, torch.float32)
     return out
+
+
+def recast(module: torch.nn.Module, make: Callable[[], torch.nn.Module], dtype: torch.dtype) -> torch.nn.Module:
+    """``module``'s weights in ``dtype`` in a new module (``make()`` built on meta), itself when
+    already so: under --dtype auto opensd's side gets its own copy in its precision."""
+    if next(module.parameters()).dtype == dtype:
+        return module
+    with torch.device("meta"):
+        other = make()
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    other.load_state_dict(state, strict=True, assign=True)
+    return other.eval().requires_grad_(False)
 

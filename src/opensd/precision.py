@@ -383,6 +383,31 @@ def decide_precision(
     return PrecisionDecision(dtype, asked, f"{asked.value}, as asked")
 
 
+PrecisionSpec = Precision | str | torch.dtype | None
+
+
+class PrecisionForModel:
+    """``spec`` decided for ``device`` (None: the CPU) at a model's shapes, as a function of its
+    configuration: what :func:`opensd.checkpoints.load_model`'s ``dtype`` takes, so that the
+    weights are read straight into the dtype. Keeps the :class:`PrecisionDecision` made."""
+
+    def __init__(self, spec: PrecisionSpec, device: torch.device | str | None = None):
+        self.spec, self.device = spec, torch.device(device) if device is not None else torch.device("cpu")
+        self.decision: PrecisionDecision | None = None
+
+    def __call__(self, cfg) -> torch.dtype:
+        self.decision = decide_precision(self.spec, self.device, ProbeShape.for_model(cfg))
+        return self.decision.dtype
+
+
+def model_precision(spec: PrecisionSpec, device: torch.device | str | None, model) -> PrecisionDecision:
+    """``spec`` for a loaded :class:`~opensd.models.stable_diffusion.StableDiffusion` going to
+    ``device`` (None: where it is); None: the model's dtype as it is."""
+    if spec is None:
+        return PrecisionDecision(model.dtype, None, f"{precision_name(model.dtype)}, the model's as loaded")
+    return decide_precision(spec, device if device is not None else model.device, ProbeShape.for_model(model.cfg))
+
+
 def resolve_precision(
     spec: Precision | str | torch.dtype | None, device: torch.device | str, shape: ProbeShape | None = None, **kw
 ) -> torch.dtype:
@@ -391,7 +416,8 @@ def resolve_precision(
 
 
 __all__ = [
-    "CPUFeatures", "PRECISION_CHOICES", "Precision", "PrecisionDecision", "PrecisionError", "PrecisionWarning",
-    "ProbeResult", "ProbeShape", "cpu_features", "decide_precision", "parse_cpuinfo", "parse_precision",
-    "precision_name", "probe_half", "resolve_precision", "time_probe",
+    "CPUFeatures", "PRECISION_CHOICES", "Precision", "PrecisionDecision", "PrecisionError", "PrecisionForModel",
+    "PrecisionSpec", "PrecisionWarning", "ProbeResult", "ProbeShape", "cpu_features", "decide_precision",
+    "model_precision", "parse_cpuinfo", "parse_precision", "precision_name", "probe_half", "resolve_precision",
+    "time_probe",
 ]

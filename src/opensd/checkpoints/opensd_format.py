@@ -72,7 +72,7 @@ def save_opensd(model: StableDiffusion, tokenizer: Tokenizer, path: str | Path,
     """Write ``model`` and ``tokenizer`` as an opensd folder; returns the folder.
 
     ``dtype`` (e.g. ``torch.float16``) stores floating-point weights in that type, halving
-    the file; :func:`load_opensd` casts them back to the model's float32.
+    the file; :func:`load_opensd` reads them into the dtype it is asked for (float32 by default).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():

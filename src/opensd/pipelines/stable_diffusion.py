@@ -62,10 +62,8 @@ from opensd.pipelines.networks import NO_NETWORKS, RequestNetworks
 from opensd.pipelines.refiner import RefinerPlan, guidance_args, plan_refiner, refiner_label, sample_refined
 from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError, request_from_settings, validate
 from opensd.pipelines.vae_codec import VAECodec
-from opensd.precision import Precision, PrecisionDecision, ProbeShape, decide_precision, precision_name
+from opensd.precision import Precision, PrecisionForModel, PrecisionSpec, model_precision
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, check_prompt
-
-PrecisionSpec = Precision | str | torch.dtype | None
 
 
 @dataclass
@@ -78,16 +76,6 @@ class _Start:
     pixel_mask: torch.Tensor | None = None  # (1, 1, H, W) the blurred mask
     latent_mask: torch.Tensor | None = None  # (B, 1, h, w)
     concat: torch.Tensor | None = None  # (B, 1 + C, h, w) the 9-channel inpainting U-Net's extra input
-
-
-def _decide(precision: PrecisionSpec, dtype: torch.dtype | None, device: Any, model) -> PrecisionDecision:
-    """The pipeline's precision: ``precision`` (or ``dtype``, its older name) decided for the
-    device the model goes to and its shapes; neither: the model's dtype as it is."""
-    spec = precision if precision is not None else dtype
-    if spec is None:
-        return PrecisionDecision(model.dtype, None, f"{precision_name(model.dtype)}, the model's as loaded")
-    target = torch.device(device) if device is not None else model.device
-    return decide_precision(spec, target, ProbeShape.for_model(model.cfg))
 
 
 class StableDiffusionPipeline:
@@ -110,17 +98,14 @@ class StableDiffusionPipeline:
         precision: PrecisionSpec = None,
     ):
         """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap.
-        ``vae_upcast``: run a float16 VAE in float32 (a kept float32 copy); None or True: every
-        float16 VAE (Stable Diffusion's overflows float16), False: never. ``kernels``: auto,
-        default, onednn or None (:class:`~opensd.kernels.ModelKernels`). ``compile``: the U-Net
-        through ``torch.compile`` where it can (:mod:`opensd.pipelines.compiled`).
-        ``precision``: auto, fp32, bf16 or fp16 (:mod:`opensd.precision`; ``dtype`` is the same
-        as a torch dtype); None: the model's dtype as loaded. :meth:`from_path` reads the
-        weights in it directly."""
+        ``vae_upcast``: run a float16 VAE in float32 (a kept copy); None or True: yes, False: never.
+        ``kernels``: auto, default, onednn or None (:class:`~opensd.kernels.ModelKernels`).
+        ``compile``: the U-Net through ``torch.compile`` where it can (:mod:`opensd.pipelines.compiled`).
+        ``precision`` (or ``dtype``): auto, fp32, bf16 or fp16 (:mod:`opensd.precision`); None: as loaded."""
         self.loaded = loaded
         self.prompt_budget = prompt_budget
         self.model = loaded.model.eval().requires_grad_(False)
-        self.precision = _decide(precision, dtype, device, self.model)
+        self.precision = model_precision(precision if precision is not None else dtype, device, self.model)
         if device is not None or self.precision.dtype != self.model.dtype:
             self.model.to(device=device, dtype=self.precision.dtype)
         self.tokenizer = loaded.tokenizer
@@ -139,22 +124,12 @@ class StableDiffusionPipeline:
         """Load the model at ``path``; ``prediction`` ("eps", "v" or None: as the file says,
         see :mod:`opensd.checkpoints.parameterization`) overrides its parameterization.
 
-        ``precision`` (default auto; ``dtype=`` is an older name for it): decided for the
-        device (``device=``, default the CPU) and the model's shapes once its configuration
-        is read, and the weights are read straight into it (a 16-bit model never exists in float32).
-        """
-        if kw.get("dtype") is not None:
-            precision = kw.pop("dtype")
-        kw.pop("dtype", None)
-        device = torch.device(kw["device"]) if kw.get("device") is not None else torch.device("cpu")
-        decisions: list[PrecisionDecision] = []
-
-        def dtype_for(cfg) -> torch.dtype:
-            decisions.append(decide_precision(precision, device, ProbeShape.for_model(cfg)))
-            return decisions[-1].dtype
-
-        pipe = cls(load_model(path, prediction=prediction, dtype=dtype_for), **kw)
-        pipe.precision = decisions[-1]
+        ``precision`` (or ``dtype``, its older name): decided for ``device`` and the model's shapes
+        once its configuration is read; the weights are read straight into it."""
+        dtype = kw.pop("dtype", None)
+        decide = PrecisionForModel(precision if dtype is None else dtype, kw.get("device"))
+        pipe = cls(load_model(path, prediction=prediction, dtype=decide), **kw)
+        pipe.precision = decide.decision
         return pipe
 
     # ---------------------------------------------------------------- public API

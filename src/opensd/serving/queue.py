@@ -187,7 +187,7 @@ class Job:
                 if mode == "Approx cheap":
                     image = linear_preview_for(vae).to_pil(vae.from_latent(denoised.float()))[0]
                 else:
-                    image = to_pil(pipe.decode_latents(denoised.to(pipe.model.device, pipe.model.dtype)))[0]
+                    image = to_pil(pipe.decode_latents(denoised.to(pipe.model.device)))[0]
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             self._preview = (key, base64.b64encode(buf.getvalue()).decode("ascii"))

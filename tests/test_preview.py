@@ -142,15 +142,17 @@ def test_job_preview_modes(pipe: StableDiffusionPipeline) -> None:
     with torch.no_grad():
         assert np.array_equal(full, _pixels(to_pil(vae.decode(vae.from_latent(latent)))[0]))
     assert not np.array_equal(cheap, full)
-    with pytest.raises(ValueError, match="preview mode must be one of Full, Approx cheap"):
-        job.preview_png("TAESD")
+    assert pipe.tiny_vae is None  # no tiny autoencoder: the TAESD preview is the VAE's
+    assert np.array_equal(_pixels(decode_png(job.preview_png("TAESD"))), full)
+    with pytest.raises(ValueError, match="preview mode must be one of Full, Approx cheap, TAESD"):
+        job.preview_png("Approx NN")
 
 
 def test_show_progress_type_option(pipe: StableDiffusionPipeline) -> None:
     with TestClient(create_app(pipe)) as client:
-        assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "Full"
+        assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "TAESD"
         r = client.post("/sdapi/v1/options", json={"show_progress_type": "Approx NN"})
-        assert r.status_code == 422 and "show_progress_type must be one of 'Full', 'Approx cheap'" in r.json()["detail"]
+        assert r.status_code == 422 and "show_progress_type must be one of 'Full', 'Approx cheap', 'TAESD'" in r.json()["detail"]
         assert client.post("/sdapi/v1/options", json={"show_progress_type": "Approx cheap"}).status_code == 200
         assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "Approx cheap"
 

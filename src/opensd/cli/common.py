@@ -78,12 +78,13 @@ def precision_warnings() -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def load_pipeline(path, device, precision: PrecisionChoice | str = PrecisionChoice.AUTO, prediction: str | None = None):
-    """The pipeline of the model at ``path`` on ``device`` in ``precision`` (:func:`precision_warnings`)."""
+def load_pipeline(path, device, precision: PrecisionChoice | str = PrecisionChoice.AUTO, prediction: str | None = None, **kw):
+    """The pipeline of the model at ``path`` on ``device`` in ``precision`` (:func:`precision_warnings`);
+    ``kw``: the pipeline's other options (``tiny_vae``)."""
     import opensd
 
     with precision_warnings():
-        return opensd.load(path, device=device, precision=getattr(precision, "value", precision), prediction=prediction)
+        return opensd.load(path, device=device, precision=getattr(precision, "value", precision), prediction=prediction, **kw)
 
 
 # Models below this many U-Net parameters run on one CPU thread by default (see default_threads).

@@ -26,12 +26,14 @@ from opensd.errors import OpenSDError
 DEFAULT_OUT_DIR = Path("outputs")
 
 
-def _pipeline(model: Optional[Path], device, threads: Optional[int], prediction: str = "auto", precision: str = "auto"):
+def _pipeline(model: Optional[Path], device, threads: Optional[int], prediction: str = "auto", precision: str = "auto",
+              tiny_vae: Optional[Path] = None):
     """The pipeline for ``model`` on ``device`` (a resolved :class:`torch.device`), threads set for it;
-    ``prediction``: --prediction (auto: what the model says; eps or v: load it so); ``precision``: --precision."""
+    ``prediction``: --prediction (auto: what the model says; eps or v: load it so); ``precision``:
+    --precision; ``tiny_vae``: --tiny-vae (None: the model folder's, if any)."""
     from opensd.defaults import resolve_model
 
-    pipe = load_pipeline(resolve_model(model), device, precision, prediction)
+    pipe = load_pipeline(resolve_model(model), device, precision, prediction, tiny_vae=tiny_vae)
     use_threads(threads, pipe.model)
     return pipe
 
@@ -150,7 +152,7 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     paths = _out_paths(run["out"], pipe_args["batch_size"], pipe_args["seed"])
     library, lora_uses = _loras(run.get("lora"), run.get("lora_dir"), pipe_args["prompt"])
     embeddings = _embeddings(run.get("embeddings_dir"))
-    pipe = _pipeline(run["model"], device, run["threads"], run.get("prediction", "auto"), run["precision"])
+    pipe = _pipeline(run["model"], device, run["threads"], run.get("prediction", "auto"), run["precision"], run.get("tiny_vae"))
     networks = RequestNetworks.merge([
         library.networks_for(pipe.model, pipe_args["prompt"], lora_uses, cli_budget()),
         embeddings.networks_for_prompts(pipe.model, pipe_args["prompt"], pipe_args["negative_prompt"])
@@ -292,6 +294,16 @@ TILED_VAE = typer.Option(
     help="Run the VAE (decode, and the img2img/inpaint encode) in overlapping tiles: less memory for large images. "
     "Default: only above 1.5x the model's native size on a side (SD 1.x: 768 px, SDXL: 1536 px).",
 )
+DECODER = typer.Option(
+    "full", "--decoder",
+    help="The final decode: full (the model's VAE) or tiny (its tiny autoencoder, TAESD: many times faster, a little "
+    "less exact; the default model has one, others take --tiny-vae). A1111's 'VAE type for decode'.",
+)
+TINY_VAE = typer.Option(
+    None, "--tiny-vae",
+    help="The tiny autoencoder for --decoder tiny: taesd_decoder.pth/.safetensors, a folder of TAESD files or a "
+    "diffusers AutoencoderTiny folder. Default: the one in the model's folder, if any.",
+)
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 EMBEDDINGS_DIR = typer.Option(
     None, "--embeddings-dir", envvar="OPENSD_EMBEDDINGS_DIR",
@@ -335,16 +347,19 @@ def register(app: typer.Typer) -> None:
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
         cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
-        tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+        tiled_vae: Optional[bool] = TILED_VAE, decoder: str = DECODER, tiny_vae: Optional[Path] = TINY_VAE,
+        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, prediction: PredictionChoice = PREDICTION,
         embeddings_dir: Optional[Path] = EMBEDDINGS_DIR, refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
         lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
-        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
+        args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
+                "decoder": decoder}
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size)
-        run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "prediction": prediction.value}
+        run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "prediction": prediction.value,
+               "tiny_vae": tiny_vae}
         _run("txt2img", {"prompt": prompt, **args}, run, refiner)
 
     @app.command()
@@ -357,17 +372,19 @@ def register(app: typer.Typer) -> None:
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
         cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
-        tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+        tiled_vae: Optional[bool] = TILED_VAE, decoder: str = DECODER, tiny_vae: Optional[Path] = TINY_VAE,
+        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
         lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Image to image: modify IMAGE toward PROMPT."""
-        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
+        args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
+                "decoder": decoder}
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args},
-             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), refiner)
+             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "tiny_vae": tiny_vae}, refiner)
 
     @app.command()
     @fail_cleanly
@@ -396,18 +413,20 @@ def register(app: typer.Typer) -> None:
         negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
         cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
         seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
-        tiled_vae: Optional[bool] = TILED_VAE, model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
+        tiled_vae: Optional[bool] = TILED_VAE, decoder: str = DECODER, tiny_vae: Optional[Path] = TINY_VAE,
+        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
         lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
-        args = _common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae)
+        args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
+                "decoder": decoder}
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         inpainting = _inpaint_options(mask_blur, masked_content, only_masked, only_masked_padding)
         _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args},
-             _options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), refiner)
+             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "tiny_vae": tiny_vae}, refiner)
 
     @app.command("png-info")
     @fail_cleanly

@@ -85,6 +85,7 @@ def image_infotext(
         "CFG Rescale phi": req.guidance_rescale or None,
         "Refiner": refiner[0] if refiner is not None else None,
         "Refiner switch at": refiner[1] if refiner is not None else None,
+        "VAE Decoder": req.resolved_decoder().a1111 if req.resolved_decoder().value == "tiny" else None,
         **(extra or {}),
     }
     return format_infotext(req.prompt, req.negative_prompt, params)

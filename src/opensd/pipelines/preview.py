@@ -11,10 +11,16 @@ VAE: :func:`fit_linear_preview` encodes synthetic images of coloured shapes, ave
 each image by f, and solves least squares for the affine map latent -> pooled RGB. The
 fit is on the *unscaled* VAE latent (what ``vae.decode`` takes, i.e. after
 ``vae.from_latent``), so the same map works whatever the scale and shift factors are.
+
+:func:`preview_image` draws a live preview in any of A1111's ``show_progress_type`` modes
+that opensd has (:class:`PreviewMode`): ``Full`` (the VAE decode), ``Approx cheap`` (this
+map) and ``TAESD`` (the pipeline's tiny autoencoder, :mod:`opensd.pipelines.decoders`:
+full resolution at a fraction of the VAE's cost; the VAE decode when there is none).
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 import weakref
 from dataclasses import dataclass
@@ -132,6 +138,44 @@ def fit_linear_preview(vae, size: int = 64, n: int = 16, seed: int = 0) -> Linea
     y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)  # (N, 3)
     sol = torch.linalg.lstsq(a, y, driver="gelsd").solution  # (C+1, 3)
     return LinearPreview(sol[:c].float().contiguous(), sol[c].float().contiguous(), f)
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+class PreviewMode(enum.Enum):
+    """A1111's ``show_progress_type`` values that opensd draws (A1111 also has ``Approx NN``)."""
+
+    FULL = "Full"
+    APPROX_CHEAP = "Approx cheap"
+    TAESD = "TAESD"
+
+    @classmethod
+    def parse(cls, value: "PreviewMode | str") -> "PreviewMode":
+        if isinstance(value, cls):
+            return value
+        for m in cls:
+            if value == m.value:
+                return m
+        raise PreviewError(f"preview mode must be one of {', '.join(m.value for m in cls)}; got {value!r}")
+
+
+def preview_image(pipe, denoised: torch.Tensor, mode: "PreviewMode | str") -> Image.Image:
+    """The first image of ``denoised`` (B, C, h, w), the sampler's current x0 prediction (a
+    diffusion latent), drawn by ``mode`` with ``pipe``'s networks (a
+    :class:`~opensd.pipelines.stable_diffusion.StableDiffusionPipeline`): ``FULL`` decodes
+    with the VAE, ``APPROX_CHEAP`` applies the fitted linear map (enlarged f times by nearest
+    neighbour), ``TAESD`` decodes with ``pipe.tiny_vae`` (with the VAE when it is None)."""
+    from opensd.pipelines.images import to_pil
+
+    mode = PreviewMode.parse(mode)
+    latent = denoised[:1]
+    with torch.inference_mode():
+        if mode is PreviewMode.APPROX_CHEAP:
+            vae = pipe.model.vae
+            return linear_preview_for(vae).to_pil(vae.from_latent(latent.float()))[0]
+        decoder = "tiny" if mode is PreviewMode.TAESD and pipe.tiny_vae is not None else "full"
+        return to_pil(pipe.decode_latents(latent.float().to(pipe.model.device), decoder=decoder))[0]  # cast at the VAE
 
 
 # ----------------------------------------------------------------------------- cache

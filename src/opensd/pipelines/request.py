@@ -11,6 +11,7 @@ from opensd.diffusion import resolve_sampler
 from opensd.diffusion.registry import SamplerSpec
 from opensd.diffusion.schedules import SigmaSpacing
 from opensd.errors import OpenSDError
+from opensd.pipelines.decoders import Decoder
 from opensd.prompts.budget import PromptBudgetError, check_text
 
 MAX_SIDE = 4096
@@ -52,9 +53,15 @@ class GenerationRequest:
     # With a refiner model: the fraction of the run after which it takes over (A1111's
     # "Refiner switch at"); None: 0.8 (A1111's default). See opensd.pipelines.refiner.
     refiner_switch_at: float | None = None
+    # The final decode: the model's VAE ("full") or its tiny autoencoder ("tiny", A1111's
+    # "TAESD"); see opensd.pipelines.decoders.
+    decoder: Decoder | str = Decoder.FULL
 
     def resolved_sampler(self) -> tuple[SamplerSpec, SigmaSpacing]:
         return resolve_sampler(self.sampler, self.karras)
+
+    def resolved_decoder(self) -> Decoder:
+        return Decoder.parse(self.decoder)
 
 
 def request_from_settings(
@@ -131,6 +138,10 @@ def validate(req: GenerationRequest, *, multiple: int = 8, min_side: int = 16) -
             raise RequestError(f"{name} must be a number from 0 to 10, got {getattr(req, name)!r}")
     if req.refiner_switch_at is not None and (not _is_number(req.refiner_switch_at) or not 0 <= req.refiner_switch_at <= 1):
         raise RequestError(f"refiner_switch_at must be a number from 0 to 1 (or None: 0.8), got {req.refiner_switch_at!r}")
+    try:
+        req.resolved_decoder()
+    except OpenSDError as e:
+        raise RequestError(str(e)) from None
     if not isinstance(req.sampler, str):
         raise RequestError(f"sampler must be a sampler name (text), got {type(req.sampler).__name__}")
     if req.karras is not None and not isinstance(req.karras, bool):

@@ -44,6 +44,7 @@ from opensd.models.adapters import use_adapters
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.compiled import CompiledUNet
 from opensd.pipelines.conditioning import Conditioner
+from opensd.pipelines.decoders import Decoder, decode_tiny, require_tiny, resolve_tiny
 from opensd.pipelines.generation import GenerationResult, StepCallback, StepInfo, StopCheck, generation_warnings
 from opensd.pipelines.images import ImageInput, load_image, to_pil, to_tensor
 from opensd.pipelines.infotext import image_infotext
@@ -96,12 +97,15 @@ class StableDiffusionPipeline:
         kernels: Kernels | str | None = None,
         compile: bool = False,
         precision: PrecisionSpec = None,
+        tiny_vae: Any = None,
     ):
         """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap.
         ``vae_upcast``: run a float16 VAE in float32 (a kept copy); None or True: yes, False: never.
         ``kernels``: auto, default, onednn or None (:class:`~opensd.kernels.ModelKernels`).
         ``compile``: the U-Net through ``torch.compile`` where it can (:mod:`opensd.pipelines.compiled`).
-        ``precision`` (or ``dtype``): auto, fp32, bf16 or fp16 (:mod:`opensd.precision`); None: as loaded."""
+        ``precision`` (or ``dtype``): auto, fp32, bf16 or fp16 (:mod:`opensd.precision`); None: as loaded.
+        ``tiny_vae``: the tiny autoencoder (TAESD) of ``decoder="tiny"`` and TAESD previews, a
+        module or a path; None: the one in the model's folder, if any (:mod:`opensd.pipelines.decoders`)."""
         self.loaded = loaded
         self.prompt_budget = prompt_budget
         self.model = loaded.model.eval().requires_grad_(False)
@@ -116,6 +120,9 @@ class StableDiffusionPipeline:
         rows = 2 * (self.cfg.image_size // self.cfg.vae.downsample_factor) ** 2  # a guided batch's tokens, native size
         self.kernels = ModelKernels(self.model, kernels, measure_on=self.model.unet, rows=rows)
         self._unet: Callable[..., torch.Tensor] = CompiledUNet(self.model.unet) if compile else self.model.unet
+        self.tiny_vae = resolve_tiny(tiny_vae, loaded.path, self.cfg.vae)
+        if self.tiny_vae is not None:
+            self.tiny_vae.to(device=self.model.device, dtype=self.model.dtype)
 
     @classmethod
     def from_path(
@@ -321,6 +328,8 @@ class StableDiffusionPipeline:
             raise RequestError(f"clip_skip must be at most {self.cfg.text.layers} for this model, got {req.clip_skip}")
         if mask is not None and init_image is None:
             raise RequestError("a mask needs an image to inpaint")
+        if req.resolved_decoder() is Decoder.TINY:
+            require_tiny(self.tiny_vae)
         if self.prompt_budget is not None:  # before any work; the encoder checks again (for direct calls)
             for name in ("prompt", "negative_prompt"):
                 check_prompt(getattr(req, name), self.tokenizer, self.prompt_budget, what=name)
@@ -414,7 +423,10 @@ class StableDiffusionPipeline:
             assert st.init_latent is not None
             result = st.latent_mask * result.to(st.init_latent) + (1 - st.latent_mask) * st.init_latent
         finisher = finisher or self
-        decoded = finisher.decode_latents(result, req.tiled_vae, should_stop=should_stop).float()
+        if req.resolved_decoder() is Decoder.TINY:  # the refiner's tiny autoencoder, else the base's (one latent space)
+            decoded = decode_tiny(require_tiny(finisher.tiny_vae or self.tiny_vae), result, should_stop)
+        else:
+            decoded = finisher.decode_latents(result, req.tiled_vae, should_stop=should_stop).float()
         if st.pixel_mask is not None:
             assert st.pixels is not None
             # As A1111 does: outside the mask, the original pixels, exactly.
@@ -436,9 +448,12 @@ class StableDiffusionPipeline:
         return self.conditioner.encode(prompts, clip_skip, should_stop=should_stop).context
 
     def decode_latents(
-        self, latents: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None
+        self, latents: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None,
+        decoder: Decoder | str = Decoder.FULL,
     ) -> torch.Tensor:
         """Diffusion latents (B, C, h, w) -> images (B, 3, h*f, w*f) in about [-1, 1].
+
+        ``decoder="tiny"``: with the pipeline's tiny autoencoder (TAESD), in one piece, float32.
 
         ``tiled_vae``: decode in overlapping tiles (:mod:`opensd.pipelines.vae_tiling`);
         None decides by size (tiles when a side is over 1.5 times the model's native size,
@@ -446,6 +461,8 @@ class StableDiffusionPipeline:
         ``should_stop`` is checked before the decode and before every tile. A float16
         SDXL-family model decodes in float32 (the module docstring) and returns float32.
         """
+        if Decoder.parse(decoder) is Decoder.TINY:
+            return decode_tiny(require_tiny(self.tiny_vae), latents, should_stop)
         return self.codec.decode(latents, tiled_vae, should_stop)
 
     def encode_pixels(

@@ -45,7 +45,7 @@ from opensd.serving.embeddings import request_networks as embedding_networks
 from opensd.serving.errors import ApiError
 from opensd.serving.loras import request_networks as lora_networks
 from opensd.serving.models import Checkpoint
-from opensd.serving.queue import PREVIEW_MODES, Job, run_batches
+from opensd.serving.queue import PREVIEW_FORMATS, PREVIEW_MODES, Job, run_batches
 from opensd.serving.refiner import RefinerPlan, plan_refiner
 from opensd.serving.schemas import (
     ImageResponse,
@@ -137,6 +137,18 @@ def _clip_skip(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusion
     return value
 
 
+DECODE_METHODS = ("Full", "TAESD")  # A1111's sd_vae_decode_method
+
+
+def _decoder(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusionPipeline) -> str:
+    """The request's final decode: A1111's ``sd_vae_decode_method`` (override, else the option);
+    ``TAESD`` decodes with the model's tiny autoencoder where it has one, else with its VAE."""
+    value = overrides.get("sd_vae_decode_method", st.options["sd_vae_decode_method"])
+    if value not in DECODE_METHODS:
+        raise ApiError(422, f"sd_vae_decode_method must be 'Full' or 'TAESD', got {value!r}", param="sd_vae_decode_method")
+    return "tiny" if value == "TAESD" and pipe.tiny_vae is not None else "full"
+
+
 def check_prompts(
     st: ServerState, pipe: StableDiffusionPipeline, prompt: str, negative_prompt: str, networks: RequestNetworks | None = None,
 ) -> None:
@@ -164,6 +176,7 @@ def plan_generation(
     sampler, spec, label = resolve_a1111_sampler(body.sampler_name, body.sampler_index, body.scheduler)
     ckpt, pipe = _model_for(st, overrides)
     clip_skip = _clip_skip(st, overrides, pipe)
+    decoder = _decoder(st, overrides, pipe)
     refiner = plan_refiner(st.registry, body.refiner_checkpoint, body.refiner_switch_at, pipe, ckpt)
     if init_image is not None:  # the image's own size, rounded down to a multiple of 8
         default_w, default_h = (max(8, side // 8 * 8) for side in init_image.size)
@@ -191,7 +204,7 @@ def plan_generation(
         GenerationRequest(
             prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
             cfg_scale=body.cfg_scale, width=width, height=height, seed=(seed + k * body.batch_size) % SEED_RANGE,
-            batch_size=body.batch_size, strength=strength, clip_skip=clip_skip, **switch,
+            batch_size=body.batch_size, strength=strength, clip_skip=clip_skip, decoder=decoder, **switch,
         )
         for k in range(body.n_iter)
     ]
@@ -360,7 +373,7 @@ def progress(request: Request, skip_current_image: bool = False) -> dict:
     running = job.started is not None
     image = None
     if running and not skip_current_image and st.options["live_previews_enable"]:
-        image = job.preview_png(st.options["show_progress_type"])
+        image = job.preview_png(st.options["show_progress_type"], st.options["live_previews_image_format"])
     state = {
         "skipped": job.skipped.is_set(),
         "interrupted": job.interrupted.is_set(),
@@ -421,6 +434,12 @@ def set_options(request: Request, body: dict[str, Any] = Body(...)) -> None:
     if "show_progress_type" in body and body["show_progress_type"] not in PREVIEW_MODES:
         allowed = ", ".join(repr(m) for m in PREVIEW_MODES)
         raise ApiError(422, f"show_progress_type must be one of {allowed}; got {body['show_progress_type']!r}", param="show_progress_type")
+    if "live_previews_image_format" in body and body["live_previews_image_format"] not in PREVIEW_FORMATS:
+        allowed = ", ".join(repr(m) for m in PREVIEW_FORMATS)
+        raise ApiError(422, f"live_previews_image_format must be one of {allowed}; got {body['live_previews_image_format']!r}",
+                       param="live_previews_image_format")
+    if "sd_vae_decode_method" in body:
+        _decoder(st, body, st.registry.current)
     if body.get("sd_model_checkpoint") is not None:
         st.registry.switch(body["sd_model_checkpoint"])
     with st.options_lock:

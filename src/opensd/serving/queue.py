@@ -40,16 +40,17 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from opensd.diffusion import Interrupted
-from opensd.pipelines.images import to_pil
-from opensd.pipelines.preview import linear_preview_for
+from opensd.pipelines.preview import PreviewMode, preview_image
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline, StepInfo
 from opensd.serving.errors import ApiError
 
 T = TypeVar("T")
 P = TypeVar("P")
 
-# A1111's show_progress_type values that opensd implements (A1111 also has "Approx NN" and "TAESD").
-PREVIEW_MODES = ("Full", "Approx cheap")
+# A1111's show_progress_type values that opensd implements (A1111 also has "Approx NN"), and
+# its live_previews_image_format values (PIL's format names).
+PREVIEW_MODES = tuple(m.value for m in PreviewMode)
+PREVIEW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its client is still there
 
 
@@ -104,7 +105,7 @@ class Job:
     timed_out: threading.Event = field(default_factory=threading.Event)
     _deadline: float | None = None  # time.monotonic() after which the job stops
     _sampling_stopped: bool = False  # this batch's sampling already stopped for /interrupt
-    _preview: tuple[tuple[int, int, str], str] | None = None
+    _preview: tuple[tuple[int, int, str, str], str] | None = None
     _preview_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
@@ -164,32 +165,31 @@ class Job:
     def timestamp(self) -> str:
         return time.strftime("%Y%m%d%H%M%S", time.localtime(self.started or self.created))
 
-    def preview_png(self, mode: str = "Full") -> str | None:
-        """Base64 PNG of the current x0 prediction.
+    def preview_png(self, mode: str = "Full", image_format: str = "png") -> str | None:
+        """Base64 image (PNG, or A1111's ``live_previews_image_format``: jpeg, webp) of the
+        current x0 prediction.
 
         ``mode`` is A1111's ``show_progress_type``: ``"Full"`` decodes with the VAE;
-        ``"Approx cheap"`` applies a linear latent-to-RGB map fitted once per VAE
-        (:mod:`opensd.pipelines.preview`), upscaled to the image size by nearest neighbour.
-        Cached per step and mode, and one preview at a time: a poll that comes while one
-        is made gets the previous preview rather than queueing another pass.
+        ``"Approx cheap"`` applies a linear latent-to-RGB map fitted once per VAE, upscaled
+        to the image size by nearest neighbour; ``"TAESD"`` decodes with the model's tiny
+        autoencoder (the VAE when it has none); see :func:`opensd.pipelines.preview.preview_image`.
+        Cached per step, mode and format, and one preview at a time: a poll that comes while
+        one is made gets the previous preview rather than queueing another pass.
         """
         if mode not in PREVIEW_MODES:
             raise ValueError(f"preview mode must be one of {', '.join(PREVIEW_MODES)}; got {mode!r}")
-        denoised, pipe, key = self.denoised, self.pipeline, (self.iteration, self.step, mode)
+        if image_format not in PREVIEW_FORMATS:
+            raise ValueError(f"preview image format must be one of {', '.join(PREVIEW_FORMATS)}; got {image_format!r}")
+        denoised, pipe, key = self.denoised, self.pipeline, (self.iteration, self.step, mode, image_format)
         if denoised is None or pipe is None:
             return None
         cached = self._preview
         if (cached is not None and cached[0] == key) or not self._preview_lock.acquire(blocking=False):
             return cached[1] if cached is not None else None
         try:
-            vae = pipe.model.vae
-            with torch.inference_mode():
-                if mode == "Approx cheap":
-                    image = linear_preview_for(vae).to_pil(vae.from_latent(denoised.float()))[0]
-                else:
-                    image = to_pil(pipe.decode_latents(denoised.to(pipe.model.device)))[0]
+            image = preview_image(pipe, denoised, mode)
             buf = io.BytesIO()
-            image.save(buf, format="PNG")
+            image.save(buf, format=PREVIEW_FORMATS[image_format])
             self._preview = (key, base64.b64encode(buf.getvalue()).decode("ascii"))
             return self._preview[1]
         finally:

@@ -20,10 +20,13 @@ class ServerState:
     queue: GenerationQueue
     limits: Limits
     # Options a client may set with POST /sdapi/v1/options (A1111 names).
-    # show_progress_type: "Full" (the VAE) or "Approx cheap" (a fitted linear latent-to-RGB map:
-    # instant, but on the default model's VAE no better than a flat colour, docs/server.md).
+    # show_progress_type: "TAESD" (the model's tiny autoencoder, the VAE where it has none),
+    # "Full" (the VAE) or "Approx cheap" (a fitted linear latent-to-RGB map: instant, but on the
+    # default model's VAE no better than a flat colour, docs/server.md); live_previews_image_format:
+    # png, jpeg or webp. sd_vae_decode_method: the final decode, "Full" or "TAESD" (as previews).
     options: dict[str, Any] = field(default_factory=lambda: {
-        "CLIP_stop_at_last_layers": 1, "live_previews_enable": True, "show_progress_type": "Full",
+        "CLIP_stop_at_last_layers": 1, "live_previews_enable": True, "show_progress_type": "TAESD",
+        "live_previews_image_format": "png", "sd_vae_decode_method": "Full",
     })
     options_lock: threading.Lock = field(default_factory=threading.Lock)
     # The LoRA folder (--lora-dir) that prompt tags name; None: an empty one (every tag is a 422).

@@ -1,5 +1,6 @@
-"""``opensd train vae|clip|unet``: train the whole stack from scratch; ``opensd train lora``
-and ``opensd train embedding``: fine-tune a frozen model of any family.
+"""``opensd train vae|clip|unet``: train the whole stack from scratch; ``opensd train taesd``:
+distil a tiny autoencoder from a model's VAE; ``opensd train lora`` and ``opensd train
+embedding``: fine-tune a frozen model of any family.
 
 Mounted by :mod:`opensd.cli.main` with :func:`register`; also runs on its own as
 ``python -m opensd.cli.train`` (so ``torchrun --nproc_per_node N -m opensd.cli.train
@@ -167,6 +168,25 @@ def unet(
     opts["vae_dir"] = None if vae_dir is None else str(vae_dir)
     opts["clip_dir"] = None if clip_dir is None else str(clip_dir)
     _run(UNetStage, _config("unet", UNetStageConfig, config, set_, opts, preset), resume, preset)
+
+
+@app.command("taesd")
+@fail_cleanly
+def taesd(
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="The model whose VAE is distilled (teacher; "
+                                                                    "default: the default model)."),
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET,
+) -> None:
+    """Distil a tiny autoencoder (TAESD) from a model's VAE; writes OUT/taesd/ (copy it into the model's folder)."""
+    from opensd.training.taesd import TAESDStage, TAESDStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
+    opts["teacher"] = None if teacher is None else str(teacher)
+    _run(TAESDStage, _config("taesd", TAESDStageConfig, config, set_, opts, preset), resume, preset)
 
 
 MODEL = typer.Option(None, "--model", "-m", help="The frozen base model: any model opensd loads (default: the default model).")

@@ -20,7 +20,7 @@ from typing import Any
 
 from opensd.config import ConfigError
 
-STAGES = ("vae", "clip", "unet")
+STAGES = ("vae", "clip", "unet", "taesd")
 
 _QUICK_TRAIN = {"warmup_steps": 50, "lr": 1e-3, "log_every": 20, "sample_every": 0, "checkpoint_every": 0}
 
@@ -38,6 +38,10 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "model_preset": "tiny", "eval_per_category": 1, "sample_steps": 10, "cache_size": 2000,
             "cache_batch": 128, "min_snr_gamma": 5.0,
             "train": {**_QUICK_TRAIN, "steps": 600, "batch_size": 32, "warmup_steps": 60, "ema_decay": 0.99},
+        },
+        "taesd": {
+            "eval_per_category": 2, "grid_images": 8, "data": {"pool_size": 2000},
+            "train": {**_QUICK_TRAIN, "steps": 400, "batch_size": 16, "ema_decay": 0.99},
         },
     },
 }

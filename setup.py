@@ -15,7 +15,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 MODEL = Path("models") / "opensd-shapes"
-MODEL_FILES = ["config.json", "model.safetensors", "README.md", "tokenizer"]
+MODEL_FILES = ["config.json", "model.safetensors", "README.md", "tokenizer",
+               "taesd_decoder.safetensors", "taesd_encoder.safetensors"]  # its tiny autoencoder (opensd train taesd)
 
 
 class BuildPyWithModel(build_py):

@@ -5,6 +5,7 @@ TAESD live preview, the server's A1111 options and the CLI's ``--decoder`` / ``-
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -156,3 +157,42 @@ def test_cli_decoder_and_tiny_vae(folder: Path, tmp_path: Path) -> None:
                               "-q", "--tiny-vae", str(folder), "-o", str(tmp_path / "y.png")])  # the folder's TAESD files
     assert res.exit_code == 0, res.output
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "y.png")))
+
+
+class _PixelVAE(torch.nn.Module):
+    """An 'autoencoder' whose latent is the image itself; ``tiny`` decodes it through ``colour``."""
+
+    def __init__(self, colour: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.colour = torch.nn.Parameter(torch.eye(3) if colour is None else colour, requires_grad=False)
+        self.cfg = SimpleNamespace(downsample_factor=1)
+
+    def encode(self, x: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(mean=x)
+
+    def to_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def from_latent(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("oc,bchw->bohw", self.colour, z)
+
+
+def test_eval_decoder_choice_reaches_the_ceiling_and_the_config() -> None:
+    from opensd.eval.ceiling import autoencoder_ceiling
+    from opensd.eval.run import EvalConfig, Suite
+
+    pipe = SimpleNamespace(model=SimpleNamespace(vae=_PixelVAE(), cfg=SimpleNamespace(latent_size=32)),
+                           tiny_vae=_PixelVAE(torch.eye(3)[[2, 1, 0]]))  # the "tiny" one swaps red and blue
+    cfg = dict(suite=Suite.CONCEPT, concept="purple-triangle", per_category=5)
+    full = autoencoder_ceiling(pipe, EvalConfig(**cfg))
+    tiny = autoencoder_ceiling(pipe, EvalConfig(**cfg, decoder="tiny"))
+    assert full["overall"] == 1.0 and full["decoder"] == "full"
+    assert tiny["accuracy"]["colors"] == 0.0 and tiny["decoder"] == "tiny"
+    pipe.tiny_vae = None
+    with pytest.raises(DecoderError, match="needs a tiny autoencoder"):
+        autoencoder_ceiling(pipe, EvalConfig(**cfg, decoder="tiny"))
+    with pytest.raises(DecoderError, match="decoder must be"):
+        EvalConfig(decoder="small")

@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per network call (prompts share calls; the images do not change)."),
         distribution: bool = typer.Option(False, "--distribution", help="Also Fréchet distance, precision/recall and memorization (in-house features)."),
         autoencoder: bool = typer.Option(False, "--autoencoder", help="Instead of generating, score the suite's true scenes after the model's VAE round trip: the most generation can reach through this decoder."),
+        decoder: str = typer.Option("full", "--decoder", help="The final decode: full (the VAE) or tiny (the model's tiny autoencoder, TAESD); with --autoencoder, the decoder of the round trip."),
         out: Path = typer.Option(Path("eval"), "--out", "-o", help="Folder for results.json, report.md and plots."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, precision: PrecisionChoice = PRECISION,
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
         uses = [lora_use(spec, library) for spec in lora or []]  # every file read before the model loads
         cfg = EvalConfig(suite=suite_enum, concept=concept, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                          images_per_prompt=images_per_prompt, per_category=per_category, seed=seed,
-                         batch_size=batch_size)
+                         batch_size=batch_size, decoder=decoder)
         if out.exists() and not out.is_dir():
             raise OpenSDError(f"--out {out} is a file; give a folder")
         pipe = load_pipeline(resolve_model(model), resolve_device(device), precision)

@@ -9,7 +9,9 @@ round trip's score is an upper bound on what generation can reach through this d
 :func:`autoencoder_ceiling` renders one true scene per prompt of an eval suite
 (:func:`opensd.eval.prompts.ground_truth_images`, at the model's native size, unstated
 colours avoiding what the suite keeps out), encodes each to its posterior mean, decodes
-it and scores the decoded image against its prompt. ``opensd eval --autoencoder`` runs it.
+it and scores the decoded image against its prompt. ``opensd eval --autoencoder`` runs it;
+with ``--decoder tiny`` the decode is the model's tiny autoencoder's (TAESD, on the diffusion
+latent ``vae.to_latent(mean)``, as the pipeline's ``decoder="tiny"`` decodes): that decoder's ceiling.
 """
 
 from __future__ import annotations
@@ -37,15 +39,19 @@ def ground_truth_holdout(cfg: EvalConfig) -> Holdout | None:
 
 
 @torch.no_grad()
-def round_trip(vae: Any, images: list, batch_size: int = 16) -> list:
-    """PIL images -> the VAE's posterior mean -> decoded PIL images (same size)."""
+def round_trip(vae: Any, images: list, batch_size: int = 16, tiny: Any = None) -> list:
+    """PIL images -> the VAE's posterior mean -> decoded PIL images (same size); with ``tiny``
+    (a :class:`~opensd.models.taesd.TinyAutoencoder`) decoded by it instead of the VAE."""
+    from opensd.pipelines.decoders import decode_tiny
+
     out = []
     param = next(vae.parameters())
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         w, h = chunk[0].size
         x = torch.cat([to_tensor(im, w, h) for im in chunk]).to(param.device, param.dtype)  # (B, 3, H, W)
-        out += to_pil(vae.decode(vae.encode(x).mean))
+        mean = vae.encode(x).mean
+        out += to_pil(vae.decode(mean) if tiny is None else decode_tiny(tiny, vae.to_latent(mean)))
     return out
 
 
@@ -60,7 +66,12 @@ def autoencoder_ceiling(pipe: Any, cfg: EvalConfig, seed: int = 0) -> dict:
     size = pipe.cfg.image_size
     start = time.time()
     truth = ground_truth_images(prompts, size, seed=seed, holdout=ground_truth_holdout(cfg))
-    decoded = round_trip(pipe.model.vae, truth)
+    tiny = None
+    if cfg.decoder != "full":
+        from opensd.pipelines.decoders import require_tiny
+
+        tiny = require_tiny(pipe.tiny_vae)
+    decoded = round_trip(pipe.model.vae, truth, tiny=tiny)
     records = []
     for p, im in zip(prompts, decoded):
         verdict = judge(im, p.spec)
@@ -75,6 +86,7 @@ def autoencoder_ceiling(pipe: Any, cfg: EvalConfig, seed: int = 0) -> dict:
         "kind": "autoencoder_ceiling",
         "suite": cfg.suite.value if cfg.concept is None else f"concept:{cfg.concept}",
         "image_size": size,
+        "decoder": cfg.decoder,
         "seed": seed,
         "overall": sum(accuracy.values()) / len(accuracy),
         "accuracy": accuracy,

@@ -55,6 +55,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 16  # images per network call: several prompts share one (same seeds, same images)
     concept: str | None = None  # Suite.CONCEPT's concept (opensd.eval.concept.CONCEPTS), e.g. "purple-triangle"
+    decoder: str = "full"  # the final decode: "full" (the VAE) or "tiny" (the model's TAESD), opensd.pipelines.decoders
 
     def __post_init__(self) -> None:
         if not isinstance(self.images_per_prompt, int) or self.images_per_prompt < 1:
@@ -65,6 +66,9 @@ class EvalConfig:
             raise OpenSDError(f"per_category must be >= 1, got {self.per_category}")
         if (self.suite is Suite.CONCEPT) != (self.concept is not None):
             raise OpenSDError("a concept goes with the concept suite and only with it (suite concept:NAME)")
+        from opensd.pipelines.decoders import Decoder
+
+        Decoder.parse(self.decoder)
 
 
 class Generator(Protocol):
@@ -113,6 +117,8 @@ def _generate(
     """
     n = cfg.images_per_prompt
     kw: dict[str, Any] = dict(steps=cfg.steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale)
+    if cfg.decoder != "full":  # only then: any Generator takes the plain call
+        kw["decoder"] = cfg.decoder
     if networks:
         kw["networks"] = networks
     if len(chunk) == 1:

@@ -15,7 +15,7 @@ import opensd
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.checkpoints.taesd import load_tiny_autoencoder
 from opensd.cli.main import app
-from opensd.config import ConfigError
+from opensd.config import ConfigError, to_dict
 from opensd.training.config import stage_config_from_dict
 from opensd.training.loop import read_log, run_stage
 from opensd.training.taesd import TAESDStage, TAESDStageConfig
@@ -109,3 +109,18 @@ def test_cli_trains_from_a_teacher(teacher: Path, tmp_path: Path) -> None:
     assert "exported" in res.output and (tmp_path / "c" / "taesd" / "taesd_decoder.safetensors").is_file()
     res = CliRunner().invoke(app, ["train", "taesd", "--teacher", str(tmp_path / "nothing"), "--out", str(tmp_path / "d"), "-q"])
     assert res.exit_code == 2 and "model" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_an_image_folder_is_the_pool(teacher: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (20, 24), colour).save(data / f"{i}.png")  # centre-cropped and resized to 16 px
+        (data / f"{i}.txt").write_text(f"a {colour} picture")
+    c = cfg(tmp_path / "run", teacher, evals=0, steps=2)
+    c = stage_config_from_dict(TAESDStageConfig, {**to_dict(c), "data": {"source": "folder", "path": str(data), "image_size": 16}})
+    stage = TAESDStage(c)
+    run_stage(stage)
+    assert stage.cache["latents"].shape == (3, 4, 8, 8) and stage.cache["images"].shape == (3, 3, 16, 16)

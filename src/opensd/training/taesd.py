@@ -1,8 +1,9 @@
 """``opensd train taesd``: a tiny autoencoder (TAESD) distilled from a model's KL-VAE.
 
 The teacher is a model opensd loads (``teacher``, "" = the default model); only its VAE
-is used, frozen. Before the first step the stage renders the data pool
-(``data.pool_size`` scenes) and runs the teacher on it once, in ``cache_batch`` chunks:
+is used, frozen. Before the first step the stage renders the data pool (``data.pool_size``
+scenes, or every image of a ``data.path`` folder) and runs the teacher on it once, in
+``cache_batch`` chunks:
 each scene's *diffusion* latent ``vae.to_latent(vae.encode(x).mode())`` (what the U-Net
 makes and what TAESD decodes, see :mod:`opensd.models.taesd`) and, with ``target =
 teacher``, the teacher's decode of it. The cache is in memory and made again, bit for
@@ -42,7 +43,7 @@ from torch import nn
 
 from opensd.config import ConfigError
 from opensd.models.taesd import TinyAutoencoder, TinyAutoencoderConfig
-from opensd.training.config import DataConfig, StageConfig, TrainConfig, _check_float, _check_int
+from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig, _check_float, _check_int
 from opensd.training.data import batch_indices, load_batch, open_source, tensor_to_pil
 from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
 from opensd.training.vae import psnr
@@ -71,7 +72,7 @@ class TAESDStageConfig(StageConfig):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         out_dir="runs/taesd", steps=4000, batch_size=32, lr=1e-3, warmup_steps=100, ema_decay=0.999,
         sample_every=500, checkpoint_every=500))
-    data: DataConfig = field(default_factory=lambda: DataConfig(pool_size=20000))
+    data: DataConfig = field(default_factory=lambda: DataConfig(pool_size=10000))
     target: DistillTarget = DistillTarget.TEACHER
     l1_weight: float = 1.0
     mse_weight: float = 1.0
@@ -95,7 +96,7 @@ class TAESDStageConfig(StageConfig):
         if self.model.scaling_factor != 1.0 or self.model.shift_factor != 0.0:
             raise ConfigError("model.scaling_factor must be 1 and model.shift_factor 0: the stage distils on the "
                               "teacher's diffusion latents, as TAESD does")
-        if self.data.pool_size < 1:
+        if self.data.source is DataSource.SHAPES and self.data.pool_size < 1:
             raise ConfigError("data.pool_size must be > 0: the stage caches the teacher's latents of that many scenes")
         if self.data.image_size % self.model.downsample_factor:
             raise ConfigError(f"data.image_size {self.data.image_size} must be a multiple of the tiny autoencoder's "
@@ -165,7 +166,7 @@ class TAESDStage(Stage):
     def _cache(self) -> dict[str, torch.Tensor]:
         """The pool's images (uint8), teacher latents and targets (uint8), in memory."""
         cfg, ctx = self.cfg, self.ctx
-        n, step = cfg.data.pool_size, cfg.cache_batch
+        n, step = self.source.pool, cfg.cache_batch  # the shapes pool, or every image of a folder
         images, latents, targets = [], [], []
         for start in range(0, n, step):
             x = load_batch(self.source, range(start, min(n, start + step))).images
@@ -179,7 +180,7 @@ class TAESDStage(Stage):
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         ctx = self.ctx
-        idx = batch_indices(ctx.cfg.seed, step, ctx.rank, ctx.world, ctx.local_batch, self.cfg.data.pool_size)
+        idx = batch_indices(ctx.cfg.seed, step, ctx.rank, ctx.world, ctx.local_batch, self.source.pool)
         return {k: v[idx] for k, v in self.cache.items()}
 
     def updates(self, batch: dict[str, torch.Tensor], step: int) -> Iterator[Update]:

@@ -1,11 +1,12 @@
 """Measurements of a trained shapes-world model quoted in the model card and docs.
 
     python scripts/measure_default_model.py roundtrip  [-m MODEL]   # VAE round trip of the suites' renders
+    python scripts/measure_default_model.py taesd      [-m MODEL]   # the same through the tiny decoder (TAESD)
     python scripts/measure_default_model.py attention  [-m MODEL]   # shape-word attention inside its object
     python scripts/measure_default_model.py relations  [-m MODEL]   # where the two objects of relation prompts land
     python scripts/measure_default_model.py levels     [-m MODEL]   # the same per U-Net level, with the word's share
     python scripts/measure_default_model.py generated  [-m MODEL]   # shape-word attention inside the object drawn for it
-    python scripts/measure_default_model.py preview    [-m MODEL]   # the linear live preview against the VAE decode
+    python scripts/measure_default_model.py preview    [-m MODEL]   # the live previews (linear, TAESD) against the VAE decode
     python scripts/measure_default_model.py samples    [-m MODEL] [-o PNG]  # the model card's sample grid
 
 MODEL defaults to the default model (models/opensd-shapes or $OPENSD_MODEL). ``-c CKPT`` puts
@@ -42,6 +43,34 @@ def roundtrip(pipe) -> None:
         r = autoencoder_ceiling(pipe, EvalConfig(suite=suite), seed=1)
         kept = sum(x["correct"] for x in r["items"]) / len(r["items"])
         print(f"{suite.value}: {len(r['items'])} scenes, kept {kept:.4f}", {k: round(v, 3) for k, v in r["accuracy"].items()})
+
+
+def taesd(pipe) -> None:
+    """The round trip of :func:`roundtrip` three ways on the same scenes: the full VAE, the VAE's
+    encoder then the tiny decoder (``decoder="tiny"`` on a latent the model made) and, when the
+    tiny autoencoder has an encoder, it alone."""
+    from opensd.pipelines.decoders import decode_tiny, require_tiny
+
+    vae, tiny = pipe.model.vae, require_tiny(pipe.tiny_vae)
+    for name, suite in (("benchmark", benchmark_suite()), ("holdout", holdout_suite())):
+        x = torch.stack([pil_to_tensor(im) for im in ground_truth_images(suite, size=pipe.cfg.image_size, seed=1)])
+        rows = {"vae": [], "vae encoder -> tiny decoder": [], "tiny encoder -> tiny decoder": []}
+        with torch.no_grad():
+            for i in range(0, len(x), 64):
+                mean = vae.encode(x[i:i + 64]).mode()
+                rows["vae"].append(vae.decode(mean).clamp(-1, 1))
+                rows["vae encoder -> tiny decoder"].append(decode_tiny(tiny, vae.to_latent(mean)).clamp(-1, 1))
+                if tiny.encoder is not None:
+                    rows["tiny encoder -> tiny decoder"].append(tiny.decode(tiny.encode(x[i:i + 64])).clamp(-1, 1))
+        for what, parts in rows.items():
+            if not parts:
+                continue
+            rec = torch.cat(parts)
+            s = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), suite)])
+            kept = sum(r["correct"] for r in s["items"]) / len(s["items"])
+            db = float(10 * torch.log10(4 / (rec - x).pow(2).mean()))
+            print(f"{name}: {what}: {len(suite)} scenes, kept {kept:.4f}, PSNR {db:.1f} dB",
+                  {k: round(v, 3) for k, v in s["accuracy"].items()})
 
 
 def attention(pipe, n: int = 10) -> None:
@@ -167,7 +196,9 @@ def relations(pipe) -> None:
 
 def preview(pipe) -> None:
     """PSNR (dB) against each image average-pooled to the latent grid: the linear preview
-    ("Approx cheap"), the full VAE decode pooled the same way, and a flat image of the mean colour."""
+    ("Approx cheap"), the full VAE decode pooled the same way, the tiny decoder's ("TAESD",
+    when the model has one) pooled the same way, and a flat image of the mean colour."""
+    from opensd.pipelines.decoders import decode_tiny
     from opensd.pipelines.preview import linear_preview_for
 
     vae, f = pipe.model.vae, pipe.cfg.vae.downsample_factor
@@ -178,6 +209,8 @@ def preview(pipe) -> None:
         rows = {"linear preview": linear_preview_for(vae)(z),
                 "full decode": F.avg_pool2d(vae.decode(z).clamp(-1, 1), f),
                 "mean colour": pooled.mean((2, 3), keepdim=True).expand_as(pooled)}
+        if pipe.tiny_vae is not None:
+            rows["TAESD preview"] = F.avg_pool2d(decode_tiny(pipe.tiny_vae, vae.to_latent(z)).clamp(-1, 1), f)
     for name, y in rows.items():
         print(f"{name}: {float(10 * torch.log10(4 / (y - pooled).pow(2).mean())):.1f} dB")
 
@@ -205,7 +238,7 @@ def samples(pipe, out: str = "samples.png") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["roundtrip", "attention", "levels", "generated", "relations", "preview", "samples"])
+    ap.add_argument("what", choices=["roundtrip", "taesd", "attention", "levels", "generated", "relations", "preview", "samples"])
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("-o", "--out", default="samples.png", help="where `samples` writes its grid")
     ap.add_argument("-c", "--checkpoint", default=None, help="a U-Net training checkpoint whose EMA U-Net to measure")
@@ -219,7 +252,7 @@ def main() -> None:
     if args.what == "samples":
         samples(pipe, args.out)
         return
-    {"roundtrip": roundtrip, "attention": attention, "levels": levels, "generated": generated, "relations": relations,
+    {"roundtrip": roundtrip, "taesd": taesd, "attention": attention, "levels": levels, "generated": generated, "relations": relations,
      "preview": preview}[args.what](pipe)
 
 

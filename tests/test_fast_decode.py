@@ -196,3 +196,28 @@ def test_eval_decoder_choice_reaches_the_ceiling_and_the_config() -> None:
         autoencoder_ceiling(pipe, EvalConfig(**cfg, decoder="tiny"))
     with pytest.raises(DecoderError, match="decoder must be"):
         EvalConfig(decoder="small")
+
+
+def test_the_default_models_tiny_decoder_keeps_95_percent_of_scenes() -> None:
+    """Ground-truth benchmark renders (32 px) through the default model's VAE encoder and its
+    tiny decoder (``decoder="tiny"``'s path): the scorer still judges >= 95% correct (the model
+    card gives the measurement on all 1,000 scenes of both suites)."""
+    from opensd.defaults import default_model_path
+    from opensd.eval.prompts import benchmark_suite, ground_truth_images
+    from opensd.eval.scorer import score_images
+    from opensd.training.data import pil_to_tensor, tensor_to_pil
+
+    path = default_model_path()
+    if path is None or not (Path(path) / "taesd_decoder.safetensors").is_file():
+        pytest.skip("needs the default model with its tiny decoder (models/opensd-shapes)")
+    pipe = opensd.load(path)
+    prompts = benchmark_suite(per_category=50)
+    x = torch.stack([pil_to_tensor(im) for im in ground_truth_images(prompts, size=pipe.cfg.image_size, seed=1)])
+    vae = pipe.model.vae
+    with torch.no_grad():
+        latents = torch.cat([vae.to_latent(vae.encode(x[i:i + 100]).mode()) for i in range(0, len(x), 100)])
+        rec = pipe.decode_latents(latents, decoder="tiny").clamp(-1, 1)
+        assert not torch.allclose(rec, pipe.decode_latents(latents).clamp(-1, 1), atol=1e-3)  # not the VAE's decode
+    scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts)])
+    kept = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
+    assert kept >= 0.95, scored["accuracy"]

@@ -57,6 +57,8 @@ def test_setup_ships_the_files_a_model_folder_needs() -> None:
     manifest = (REPO / "MANIFEST.in").read_text()
     for needed in (CONFIG, WEIGHTS, "tokenizer"):
         assert f"models/opensd-shapes/{needed}" in manifest, needed
+    tiny = "taesd_decoder.safetensors"  # its tiny decoder (decoder="tiny", TAESD previews)
+    assert f'"{tiny}"' in text and f"models/opensd-shapes/{tiny}" in manifest and (model / tiny).is_file()
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ N(mu, s^2).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import types
@@ -37,6 +38,7 @@ from opensd.diffusion import (
     NoiseScheduleConfig,
     Prediction,
     SamplerError,
+    ScheduleError,
     SigmaSpacing,
     UnknownSamplerError,
     list_samplers,
@@ -236,9 +238,27 @@ def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return (STD**2 * x + s2 * MU) / (STD**2 + s2)
 
 
+def _fn(spec, schedule=None):
+    """``spec.fn``, given the noise schedule when it needs one (the consistency samplers)."""
+    if not spec.needs_schedule:
+        return spec.fn
+    return functools.partial(spec.fn, schedule=schedule if schedule is not None else DiscreteSchedule())
+
+
+def consistency_function(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The exact consistency function of the same data: the probability-flow ODE's end point
+    ``MU + (x - MU) STD / sqrt(STD^2 + sigma^2)``, what an LCM's network gives (Song et al. 2023);
+    LCM's sampler reaches the data with it, not with the posterior mean (which it would shrink)."""
+    s2 = (sigma**2).view(-1, *([1] * (x.ndim - 1)))
+    return MU + (x - MU) * STD / (STD**2 + s2).sqrt()
+
+
 # Discretization error of the std at 30 Karras steps (O(1/steps) for first-order
-# samplers; DDPM-style ancestral steps also drop Var[x0 | x_t] each step).
-DISCRETIZATION = {"ddpm": 0.12, "euler_ancestral": 0.12, "ddim": 0.06, "euler": 0.06}
+# samplers; DDPM-style ancestral steps also drop Var[x0 | x_t] each step). TCD runs at
+# gamma = 0 here, where it is DDIM (tests/test_consistency.py checks gamma > 0).
+DISCRETIZATION = {"ddpm": 0.12, "euler_ancestral": 0.12, "ddim": 0.06, "euler": 0.06, "tcd": 0.06}
+DENOISER = {"lcm": consistency_function}
+OPTIONS = {"tcd": {"gamma": 0.0}}
 
 
 @pytest.mark.parametrize("spec", list_samplers(), ids=lambda s: s.id)
@@ -248,7 +268,7 @@ def test_samplers_reach_gaussian_data_distribution(spec):
     g = torch.Generator().manual_seed(0)
     # start from the exact marginal N(MU, STD^2 + sigma0^2)
     x = MU + math.sqrt(STD**2 + sigmas[0].item() ** 2) * torch.randn(4096, 4, generator=g)
-    out = spec.fn(gaussian_denoiser, x, sigmas, generator=g)
+    out = _fn(spec, schedule)(DENOISER.get(spec.id, gaussian_denoiser), x, sigmas, generator=g, **OPTIONS.get(spec.id, {}))
     target_std = math.sqrt(STD**2 + sigmas[-1].item() ** 2)  # DDIM stops at sigma_min
     se_mean = STD / math.sqrt(N_SAMPLES)  # standard error of the sample mean
     se_std = STD / math.sqrt(2 * N_SAMPLES)  # standard error of the sample std (normal data)
@@ -482,10 +502,10 @@ def test_resolve_karras_flag_and_unknown_names():
 def test_registry_lists_every_sampler_once():
     ids = [s.id for s in list_samplers()]
     expected = {"ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpm2", "dpmpp_2m"}
-    expected |= {"dpmpp_2s_ancestral", "dpmpp_sde", "lms", "unipc"}
+    expected |= {"dpmpp_2s_ancestral", "dpmpp_sde", "lms", "unipc", "lcm", "tcd"}
     assert set(ids) == expected and len(ids) == len(expected)
     stochastic = {s.id for s in list_samplers() if s.stochastic}
-    assert stochastic == {"ddpm", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"}
+    assert stochastic == {"ddpm", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "lcm", "tcd"}
     assert resolve_sampler("ddim")[0].options() == {"eta": 0.0}
 
 
@@ -512,12 +532,20 @@ def test_every_sampler_runs_999_and_1000_steps(spec):
     # diffusers' grids repeat a noise level there (a ZeroDivisionError in 2M/UniPC/LMS, NaN in SDE)
     schedule = DiscreteSchedule()
     noise = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    lcm_grid = spec.rule.original_steps is not None  # its grid holds original_inference_steps (50) steps
     for steps in (999, 1000):
         for suffix in ("", " Karras", " Exponential"):
-            out = sample(_halve, noise, schedule, spec.a1111_name + suffix, steps, generator=torch.Generator().manual_seed(0))
+            if lcm_grid and not suffix:
+                with pytest.raises(ScheduleError, match="original_inference_steps=50"):
+                    sample(_halve, noise, schedule, spec.a1111_name, steps)
+                out = sample(_halve, noise, schedule, spec.a1111_name, steps, original_inference_steps=1000,
+                             generator=torch.Generator().manual_seed(0))
+            else:
+                out = sample(_halve, noise, schedule, spec.a1111_name + suffix, steps, generator=torch.Generator().manual_seed(0))
             assert torch.isfinite(out).all(), (steps, suffix)
+        grid = {"original_inference_steps": 1000} if lcm_grid else {}
         out = sample(_halve, noise, schedule, spec.id, steps, strength=0.5, init_latent=torch.zeros_like(noise),
-                     generator=torch.Generator().manual_seed(0))
+                     generator=torch.Generator().manual_seed(0), **grid)
         assert torch.isfinite(out).all(), (steps, "strength 0.5")
 
 
@@ -527,7 +555,7 @@ def test_a_repeated_level_is_a_step_of_length_zero(spec):
     repeated = [14.6, 14.6, 5.0, 2.0, 2.0, 2.0, 1.0, 0.5, 0.1, 0.1, 0.0]
     noise = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     a, b = (
-        spec.fn(_halve, noise, torch.tensor(s), generator=torch.Generator().manual_seed(0)) for s in (distinct, repeated)
+        _fn(spec)(_halve, noise, torch.tensor(s), generator=torch.Generator().manual_seed(0)) for s in (distinct, repeated)
     )
     assert torch.isfinite(b).all()
     if spec.id != "unipc":  # UniPC evaluates its corrected x again at the repeated level, a different x0

@@ -6,16 +6,23 @@ Names are snake_case ids (``dpmpp_2m``, ``euler_a``), AUTOMATIC1111 web-UI names
 `` Exponential`` / `` SGM Uniform`` (or ``_karras`` / ``_exponential`` / ``_sgm_uniform``)
 suffix selects the sigma spacing;
 every sampler runs with any spacing.
+
+The consistency samplers (``lcm``, ``tcd``: :mod:`opensd.diffusion.consistency`) also get
+the run's noise schedule, and their ``original_inference_steps`` option is their
+timestep grid's (:class:`TimestepRule`), not their function's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from opensd.diffusion import consistency as C
 from opensd.diffusion import samplers as S
 from opensd.diffusion.denoisers import Denoiser
 from opensd.diffusion.schedules import (
@@ -23,6 +30,8 @@ from opensd.diffusion.schedules import (
     DDPM_RULE,
     DPM_RULE,
     EULER_RULE,
+    LCM_RULE,
+    TCD_RULE,
     DiscreteSchedule,
     SigmaSpacing,
     TimestepRule,
@@ -43,6 +52,7 @@ class SamplerSpec:
     ``rule``: how its sigmas are built (the diffusers scheduler it matches).
     ``stochastic``: draws fresh noise each step (its result depends on ``generator``).
     ``calls_per_step``: network calls per step (the last step may use fewer).
+    ``needs_schedule``: ``fn`` takes the model's ``schedule`` keyword (the consistency samplers).
     """
 
     id: str
@@ -52,15 +62,33 @@ class SamplerSpec:
     stochastic: bool
     calls_per_step: int = 1
     aliases: tuple[str, ...] = ()
+    needs_schedule: bool = False
 
     def options(self) -> dict[str, Any]:
-        """The sampler's extra keyword options and their defaults."""
-        common = {"extra_args", "callback", "generator"}
-        return {
+        """The sampler's extra keyword options and their defaults (with its grid's
+        ``original_inference_steps`` on the LCM grid)."""
+        common = {"extra_args", "callback", "generator", "schedule"}
+        opts = {
             p.name: p.default
             for p in inspect.signature(self.fn).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in common
         }
+        if self.rule.original_steps is not None:
+            opts[GRID_OPTION] = self.rule.original_steps
+        return opts
+
+    def timestep_rule(self, options: dict[str, Any] | None = None) -> TimestepRule:
+        """The sigma rule of a run with ``options`` (``original_inference_steps`` sets the LCM grid's)."""
+        if self.rule.original_steps is None or GRID_OPTION not in (options or {}):
+            return self.rule
+        return dataclasses.replace(self.rule, original_steps=(options or {})[GRID_OPTION])
+
+    def fn_options(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``options`` less the grid's: what goes to ``fn``."""
+        return {k: v for k, v in (options or {}).items() if k != GRID_OPTION}
+
+
+GRID_OPTION = "original_inference_steps"  # the LCM grid's option (LCMScheduler's name)
 
 
 _SPECS = (
@@ -85,6 +113,8 @@ _SPECS = (
     SamplerSpec("dpmpp_sde", "DPM++ SDE", S.sample_dpmpp_sde, EULER_RULE, True, 2, aliases=("k_dpmpp_sde",)),
     SamplerSpec("lms", "LMS", S.sample_lms, EULER_RULE, False, aliases=("k_lms",)),
     SamplerSpec("unipc", "UniPC", S.sample_unipc, DPM_RULE, False),
+    SamplerSpec("lcm", "LCM", C.sample_lcm, LCM_RULE, True, aliases=("k_lcm",), needs_schedule=True),
+    SamplerSpec("tcd", "TCD", C.sample_tcd, TCD_RULE, True, needs_schedule=True),
 )
 
 
@@ -152,13 +182,23 @@ class SamplingRun:
 
     ``sigmas`` (k + 1,) float32, the steps actually taken (img2img: the last ``k``);
     ``x`` the start latent at ``sigmas[0]`` in k-diffusion space. A two-model run
-    (:mod:`opensd.pipelines.refiner`) runs ``spec.fn`` on two slices of ``sigmas``.
+    (:mod:`opensd.pipelines.refiner`) runs :meth:`sampler` on two slices of ``sigmas``.
     """
 
     spec: SamplerSpec
     spacing: SigmaSpacing
     sigmas: torch.Tensor
     x: torch.Tensor
+    schedule: DiscreteSchedule | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def sampler(self) -> Callable[..., torch.Tensor]:
+        """``spec.fn`` with the run's options (and, for the consistency samplers, its schedule) bound:
+        call it as ``f(denoiser, x, sigmas, extra_args=..., callback=..., generator=...)``."""
+        kw = dict(self.options)
+        if self.spec.needs_schedule:
+            kw["schedule"] = self.schedule
+        return functools.partial(self.spec.fn, **kw)
 
 
 def plan_sampling(
@@ -189,12 +229,12 @@ def plan_sampling(
         )
     if strength != 1.0 and init_latent is None:
         raise S.SamplerError("strength < 1 needs an init_latent (image-to-image)")
-    sigmas = schedule.sigmas_for(steps, spacing, rule=spec.rule, strength=strength)
+    sigmas = schedule.sigmas_for(steps, spacing, rule=spec.timestep_rule(options), strength=strength)
     if init_latent is None:
         x = noise * initial_noise_scale(sigmas[0].item())
     else:
         x = init_latent.to(noise) + noise * sigmas[0].item()
-    return SamplingRun(spec, spacing, sigmas, x)
+    return SamplingRun(spec, spacing, sigmas, x, schedule, spec.fn_options(options))
 
 
 def sample(
@@ -220,12 +260,13 @@ def sample(
     forces Karras sigmas (a "... Karras" name also selects them). A :class:`Denoiser`
     is switched to integer network timesteps when the sampler's diffusers scheduler
     does that (``TimestepRule.quantize_t``). ``options`` go to the sampler (e.g.
-    ``eta`` for ``ddim``); ``extra_args`` go to every denoiser call.
+    ``eta`` for ``ddim``, ``gamma`` for ``tcd``; ``original_inference_steps`` to the LCM
+    grid); ``extra_args`` go to every denoiser call.
     """
     run = plan_sampling(
         noise, schedule, sampler_name, steps, karras=karras, strength=strength, init_latent=init_latent, options=options
     )
     if isinstance(denoiser, Denoiser):
         denoiser = denoiser.with_quantize_t(run.spec.rule.quantize_t(run.spacing))
-    x = run.spec.fn(denoiser, run.x, run.sigmas, extra_args=extra_args, callback=callback, generator=generator, **options)
+    x = run.sampler()(denoiser, run.x, run.sigmas, extra_args=extra_args, callback=callback, generator=generator)
     return to_vp(x, run.sigmas[-1])

@@ -19,6 +19,10 @@ uses so that each sampler reproduces its diffusers scheduler exactly:
 * ``DPM_RULE`` - DPMSolverMultistep/UniPC: a grid of ``steps + 1`` integer
   timesteps without its last point; Karras/exponential sigmas span the whole
   training range and (Karras) the network sees rounded timesteps.
+* ``LCM_RULE`` / ``TCD_RULE`` - LCMScheduler/TCDScheduler (Luo et al. 2023, Zheng et
+  al. 2024): ``steps`` timesteps evenly spaced in index over the ``original_steps``
+  timesteps the model was distilled on (``T // original_steps`` apart, ending at
+  ``T // original_steps - 1``); LCM ends at sigma 0, TCD at timestep 0's sigma.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class TimestepGrid(enum.Enum):
     EULER = "euler"  # steps points; linspace spacing stays fractional
     DDIM = "ddim"  # steps points, rounded to integers
     DPM = "dpm"  # steps + 1 integer points, the last one dropped
+    LCM = "lcm"  # steps points picked from the original_steps-point skipping grid (LCM/TCD)
 
 
 class FinalSigma(enum.Enum):
@@ -106,6 +111,7 @@ class FinalSigma(enum.Enum):
 
     ZERO = "zero"
     DDIM = "ddim"
+    FIRST = "first"  # timestep 0's sigma, whatever set_alpha_to_one (TCD ends there)
 
 
 class SigmaRange(enum.Enum):
@@ -122,12 +128,34 @@ class TimestepRule:
     ``quantize_karras_t``: with Karras sigmas the network is called at the timestep
     rounded to an integer (DPMSolverMultistep/UniPC); the sampler itself still uses
     the exact sigmas. See :meth:`quantize_t`.
+
+    ``original_steps``: for ``TimestepGrid.LCM``, the number of timesteps of the grid the
+    model was distilled on (diffusers' ``original_inference_steps``); a run's ``steps``
+    are picked from it, so at most that many (with the default spacing).
     """
 
     grid: TimestepGrid = TimestepGrid.EULER
     final_sigma: FinalSigma = FinalSigma.ZERO
     sigma_range: SigmaRange = SigmaRange.GRID
     quantize_karras_t: bool = False
+    original_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.grid is TimestepGrid.LCM) != (self.original_steps is not None):
+            raise ScheduleError("original_steps is given exactly for the LCM grid")
+        n = self.original_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ScheduleError(f"original_inference_steps must be an integer >= 1, got {n!r}")
+
+    def check_steps(self, steps: int, spacing: SigmaSpacing) -> None:
+        """Raise :class:`ScheduleError` when ``steps`` cannot be laid on this grid (LCM: more than
+        ``original_steps`` at the default spacing; any count works with the other spacings)."""
+        if self.original_steps is not None and spacing is SigmaSpacing.DEFAULT and steps > self.original_steps:
+            raise ScheduleError(
+                f"{steps} steps do not fit the consistency models' grid of original_inference_steps="
+                f"{self.original_steps}: use at most {self.original_steps} steps, a larger "
+                f"original_inference_steps, or a Karras/Exponential/SGM Uniform schedule"
+            )
 
     def quantize_t(self, spacing: SigmaSpacing) -> bool:
         """Whether the network should see integer timesteps for this spacing."""
@@ -143,6 +171,8 @@ EULER_RULE = TimestepRule(TimestepGrid.EULER, FinalSigma.ZERO, SigmaRange.GRID)
 DDIM_RULE = TimestepRule(TimestepGrid.DDIM, FinalSigma.DDIM, SigmaRange.GRID)
 DDPM_RULE = TimestepRule(TimestepGrid.DDIM, FinalSigma.ZERO, SigmaRange.GRID)
 DPM_RULE = TimestepRule(TimestepGrid.DPM, FinalSigma.ZERO, SigmaRange.TRAIN, quantize_karras_t=True)
+LCM_RULE = TimestepRule(TimestepGrid.LCM, FinalSigma.ZERO, SigmaRange.GRID, original_steps=50)
+TCD_RULE = TimestepRule(TimestepGrid.LCM, FinalSigma.FIRST, SigmaRange.GRID, original_steps=50)
 
 
 # ----------------------------------------------------------------------------- config
@@ -385,8 +415,13 @@ class DiscreteSchedule:
 
     # -- inference schedules ------------------------------------------------------------
 
-    def timesteps_for(self, steps: int, grid: TimestepGrid = TimestepGrid.EULER) -> np.ndarray:
+    def timesteps_for(
+        self, steps: int, grid: TimestepGrid = TimestepGrid.EULER, *, original_steps: int = 50
+    ) -> np.ndarray:
         """``steps`` strictly decreasing timesteps (float64) in ``[0, T - 1]``.
+
+        The LCM grid (``original_steps``, LCMScheduler's ``original_inference_steps``) is
+        :meth:`lcm_timesteps`.
 
         They are those diffusers' scheduler family ``grid`` uses for ``steps`` steps under
         this config's ``timestep_spacing`` and ``steps_offset``, wherever diffusers' formula
@@ -398,11 +433,27 @@ class DiscreteSchedule:
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.num_train_timesteps:
             raise ScheduleError(f"steps must be an integer in [1, {self.num_train_timesteps}], got {steps!r}")
+        if grid is TimestepGrid.LCM:
+            return self.lcm_timesteps(steps, original_steps)
         ts = self._diffusers_timesteps(steps, grid)
         if not _distinct_in_range(ts, steps, self.num_train_timesteps):
             ts = np.linspace(self.num_train_timesteps - 1, 0, steps)
             ts = ts.astype(np.float32) if grid is TimestepGrid.EULER else ts.round()
         return ts.astype(np.float64).copy()
+
+    def lcm_timesteps(self, steps: int, original_steps: int = 50) -> np.ndarray:
+        """LCMScheduler's / TCDScheduler's ``steps`` timesteps (float64, decreasing): the
+        ``original_steps`` "skipping" timesteps ``k - 1, 2k - 1, ..., original_steps * k - 1``
+        (``k = T // original_steps``) the model was distilled on, taken at the indices
+        ``floor(linspace(0, original_steps, steps, endpoint=False))`` from the top (Luo et al.
+        2023, sec. 4.3). 4 of 50 on SD's 1000: 999, 759, 499, 259."""
+        T = self.num_train_timesteps
+        if isinstance(original_steps, bool) or not isinstance(original_steps, int) or not 1 <= original_steps <= T:
+            raise ScheduleError(f"original_inference_steps must be an integer in [1, {T}], got {original_steps!r}")
+        TimestepRule(TimestepGrid.LCM, original_steps=original_steps).check_steps(steps, SigmaSpacing.DEFAULT)
+        origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
+        index = np.floor(np.linspace(0, original_steps, num=steps, endpoint=False)).astype(np.int64)
+        return origin[index].astype(np.float64)
 
     def _diffusers_timesteps(self, steps: int, grid: TimestepGrid) -> np.ndarray:
         """diffusers' own formula for the timesteps of ``grid`` (may leave the training range)."""
@@ -455,7 +506,12 @@ class DiscreteSchedule:
         """
         if not isinstance(spacing, SigmaSpacing):
             raise ScheduleError(f"spacing must be a SigmaSpacing, got {spacing!r}")
-        ts = self.timesteps_for(steps, rule.grid)
+        if rule.original_steps is not None:  # the LCM grid
+            rule.check_steps(steps, spacing)
+            # Karras/exponential/SGM sigmas take any count: the grid only gives their ends
+            ts = self.lcm_timesteps(min(steps, rule.original_steps), rule.original_steps)
+        else:
+            ts = self.timesteps_for(steps, rule.grid)
         start = strength_start(steps, strength)
         sig = self.sigmas_from_timesteps(ts)
         if spacing is SigmaSpacing.SGM_UNIFORM:
@@ -467,7 +523,9 @@ class DiscreteSchedule:
                 lo, hi = float(sig[-1]), float(sig[0])
             make = karras_sigmas if spacing is SigmaSpacing.KARRAS else exponential_sigmas
             sig = make(lo, hi, steps)
-        if rule.final_sigma is FinalSigma.DDIM and not self.config.set_alpha_to_one:
+        if rule.final_sigma is FinalSigma.FIRST or (
+            rule.final_sigma is FinalSigma.DDIM and not self.config.set_alpha_to_one
+        ):
             last = self.sigma_min
         else:
             last = 0.0

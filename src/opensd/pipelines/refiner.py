@@ -151,7 +151,7 @@ def plan_refiner(
     if req.strength < 1.0 and int(req.steps * req.strength) < 1:
         return RefinerPlan(refiner, switch_at, 0, 0)  # too weak for a step: the image is kept
     spec, spacing = req.resolved_sampler()
-    sigmas = base.schedule.sigmas_for(req.steps, spacing, rule=spec.rule, strength=req.strength)
+    sigmas = base.schedule.sigmas_for(req.steps, spacing, rule=spec.timestep_rule(req.sampler_options), strength=req.strength)
     return RefinerPlan(refiner, switch_at, switch_step(base.schedule.sigmas, sigmas, switch_at), len(sigmas) - 1)
 
 
@@ -180,7 +180,7 @@ def sample_refined(
     try:
         x = run_two_phase(
             run, plan.step, (denoiser, guidance_args(*conds)), (r_denoiser, guidance_args(r_cond, r_uncond)),
-            generator=base._sampler_generator(seeds), callback=phase_cb, options=req.sampler_options,
+            generator=base._sampler_generator(seeds), callback=phase_cb,
         )
         return to_vp(x, run.sigmas[-1]), False, ref
     except Interrupted:
@@ -210,14 +210,13 @@ def run_two_phase(
     *,
     generator: torch.Generator | None,
     callback: Callable[[dict], Any] | None,
-    options: dict[str, Any],
 ) -> torch.Tensor:
     """The k-diffusion latent at ``run.sigmas[-1]``: steps ``[0, k)`` with the base's
     ``(denoiser, extra_args)``, then the rest with the refiner's, its sampler restarted."""
-    x, sigmas, fn = run.x, run.sigmas, run.spec.fn
+    x, sigmas, fn = run.x, run.sigmas, run.sampler()  # the run's options bound
     if k > 0:
-        x = fn(base[0], x, sigmas[: k + 1], extra_args=base[1], callback=callback, generator=generator, **options)
+        x = fn(base[0], x, sigmas[: k + 1], extra_args=base[1], callback=callback, generator=generator)
     if k < len(sigmas) - 1:
         # the latent as it is at sigmas[k] (float32, as both denoisers take it): no re-noising
-        x = fn(refiner[0], x, sigmas[k:], extra_args=refiner[1], callback=_offset_callback(callback, k), generator=generator, **options)
+        x = fn(refiner[0], x, sigmas[k:], extra_args=refiner[1], callback=_offset_callback(callback, k), generator=generator)
     return x

@@ -9,7 +9,7 @@ from typing import Any
 
 from opensd.diffusion import resolve_sampler
 from opensd.diffusion.registry import SamplerSpec
-from opensd.diffusion.schedules import SigmaSpacing
+from opensd.diffusion.schedules import ScheduleError, SigmaSpacing
 from opensd.errors import OpenSDError
 from opensd.pipelines.decoders import Decoder
 from opensd.prompts.budget import PromptBudgetError, check_text
@@ -149,10 +149,14 @@ def validate(req: GenerationRequest, *, multiple: int = 8, min_side: int = 16) -
     if not isinstance(req.sampler_options, dict) or not all(isinstance(k, str) for k in req.sampler_options):
         raise RequestError(f"sampler_options must be a mapping of option names to values, got {req.sampler_options!r}")
     try:
-        spec, _ = req.resolved_sampler()
+        spec, spacing = req.resolved_sampler()
     except ValueError as e:
         raise RequestError(str(e)) from None
     unknown = sorted(set(req.sampler_options) - set(spec.options()))
     if unknown:
         allowed = ", ".join(spec.options()) or "none"
         raise RequestError(f"sampler {spec.id!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}")
+    try:  # the LCM grid holds at most original_inference_steps steps
+        spec.timestep_rule(req.sampler_options).check_steps(req.steps, spacing)
+    except ScheduleError as e:
+        raise RequestError(str(e)) from None

@@ -1,6 +1,7 @@
 """``opensd train vae|clip|unet``: train the whole stack from scratch; ``opensd train taesd``:
 distil a tiny autoencoder from a model's VAE; ``opensd train lora`` and ``opensd train
-embedding``: fine-tune a frozen model of any family.
+embedding``: fine-tune a frozen model of any family; ``opensd train lcm``: distil one into a
+few-step LCM-LoRA.
 
 Mounted by :mod:`opensd.cli.main` with :func:`register`; also runs on its own as
 ``python -m opensd.cli.train`` (so ``torchrun --nproc_per_node N -m opensd.cli.train
@@ -225,6 +226,30 @@ def lora(
                  "prior_data": None if prior_data is None else str(prior_data), "class_prompt": class_prompt,
                  "prior_weight": prior_weight, "num_class_images": num_class_images, "output_name": output_name})
     _run(LoRAStage, build_config(LoRAStageConfig, config, set_, opts), resume, None)
+
+
+@app.command("lcm")
+@fail_cleanly
+def lcm(
+    model: Optional[Path] = MODEL,
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (rank; default 16)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default 16)."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="attn | attn+ff | all (default: + convolutions, as LCM-LoRA)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="The teacher's CFG scale, fixed (guidance_min = guidance_max; default 5)."),
+    output_name: Optional[str] = typer.Option(None, "--output-name", help="OUT/NAME.safetensors (default: OUT's name)."),
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET,
+) -> None:
+    """Latent consistency distillation into a LoRA (LCM-LoRA); writes OUT/NAME.safetensors for `--sampler lcm`."""
+    from opensd.training.lcm import LCMStage, LCMStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
+    opts.update({"model": None if model is None else str(model), "rank": rank, "alpha": alpha, "targets": targets,
+                 "guidance_min": guidance, "guidance_max": guidance, "output_name": output_name})
+    _run(LCMStage, build_config(LCMStageConfig, config, set_, opts), resume, None)
 
 
 @app.command("embedding")

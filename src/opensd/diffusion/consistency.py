@@ -56,12 +56,13 @@ def _timestep(schedule: DiscreteSchedule, sigma: float) -> float:
     return float(round(t)) if abs(t - round(t)) < 1e-3 else t
 
 
-def boundary_scalings(t: float, timestep_scaling: float = 10.0) -> tuple[float, float]:
-    """``(c_skip, c_out)`` of LCM's consistency function at timestep ``t``
-    (diffusers' ``get_scalings_for_boundary_condition_discrete``): ``f = x`` at t = 0,
-    ``f`` = the model's x0 once ``timestep_scaling * t >> 0.5``."""
+def boundary_scalings(t: Any, timestep_scaling: float = 10.0) -> tuple[Any, Any]:
+    """``(c_skip, c_out)`` of LCM's consistency function at timestep ``t`` (a float, or a
+    tensor of them: what ``opensd train lcm`` distils with) (diffusers'
+    ``get_scalings_for_boundary_condition_discrete``): ``f = x`` at t = 0, ``f`` = the
+    model's x0 once ``timestep_scaling * t >> 0.5``."""
     scaled = t * timestep_scaling
-    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / math.sqrt(scaled**2 + SIGMA_DATA**2)
+    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
 
 
 def sample_lcm(

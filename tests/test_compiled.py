@@ -8,6 +8,7 @@ import torch
 from helpers import tiny_loaded
 
 from opensd.models.adapters import AdapterSet, Linear, LowRank, use_adapters
+from opensd.models.capture import AttentionSink, capture_attention, cross_attention_layers
 from opensd.pipelines.compiled import CompiledUNet
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
@@ -44,13 +45,11 @@ def test_calls_take_the_compiled_path_unless_a_graph_cannot_hold_them() -> None:
         with use_adapters(AdapterSet({layer: (delta,)})):  # LoRA: the context variable a graph cannot read
             lora = cu(x, t, ctx)
         assert fake.calls == 1 and not torch.equal(lora, plain)
-        attn = next(m for m in unet.modules() if hasattr(m, "attn_store"))
-        attn.attn_store = lambda probs: None  # attention inspection (opensd explain)
-        try:
+        seen: list[str] = []
+        sink = AttentionSink(cross_attention_layers(unet), lambda name, probs: seen.append(name))
+        with capture_attention(sink):  # attention inspection (opensd explain)
             cu(x, t, ctx)
-        finally:
-            attn.attn_store = None
-        assert fake.calls == 1
+        assert fake.calls == 1 and seen
         assert torch.equal(cu(x, t, ctx), plain) and fake.calls == 2
 
 

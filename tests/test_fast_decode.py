@@ -185,7 +185,7 @@ def test_eval_decoder_choice_reaches_the_ceiling_and_the_config() -> None:
     from opensd.eval.run import EvalConfig, Suite
 
     pipe = SimpleNamespace(model=SimpleNamespace(vae=_PixelVAE(), cfg=SimpleNamespace(latent_size=32)),
-                           tiny_vae=_PixelVAE(torch.eye(3)[[2, 1, 0]]))  # the "tiny" one swaps red and blue
+                           cfg=SimpleNamespace(image_size=32), tiny_vae=_PixelVAE(torch.eye(3)[[2, 1, 0]]))  # the "tiny" one swaps red and blue
     cfg = dict(suite=Suite.CONCEPT, concept="purple-triangle", per_category=5)
     full = autoencoder_ceiling(pipe, EvalConfig(**cfg))
     tiny = autoencoder_ceiling(pipe, EvalConfig(**cfg, decoder="tiny"))

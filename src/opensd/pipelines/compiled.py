@@ -14,7 +14,8 @@ U-Net's forward as one graph and generates fused kernels for it. Options used he
 What a graph cannot hold runs eagerly, per call: the per-request LoRA/LyCORIS deltas
 (TorchDynamo does not read :mod:`opensd.models.adapters`' context variable, so a compiled
 graph holds the base layers only) and cross-attention inspection
-(``CrossAttention.attn_store``, set by ``opensd explain`` and grounded training). The
+(an attention capture of this thread or task, :mod:`opensd.models.capture`: ``opensd explain``
+and grounded training). The
 compiled outputs differ from the eager ones by float rounding (fused kernels sum in
 another order), so they are not bit-identical (the default model's images came out
 pixel-identical in docs/benchmarks.md's runs).
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from opensd.models.adapters import active_adapters
-from opensd.models.transformer import CrossAttention
+from opensd.models.capture import active_sink
 
 INDUCTOR_OPTIONS = {"freezing": True}
 
@@ -46,11 +47,10 @@ class CompiledUNet:
         else:
             compiled = compiler(unet)
         self.compiled = compiled
-        self._attention = [m for m in unet.modules() if isinstance(m, CrossAttention)]
 
     def eager_needed(self) -> bool:
-        """Whether this call must run eagerly: adapters are active, or an attention store is set."""
-        return active_adapters() is not None or any(a.attn_store is not None for a in self._attention)
+        """Whether this call must run eagerly: adapters or an attention capture are active (this thread's)."""
+        return active_adapters() is not None or active_sink() is not None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if self.eager_needed():

@@ -1,6 +1,6 @@
 """Teach a shapes-world model one concept with a LoRA; measure what it taught and what it cost.
 
-The concept is a colour-shape pair the model never saw (:mod:`opensd.eval.concept`; the
+The concept is a colour-shape pair the model never saw (:mod:`opensd.shapes.concept`; the
 default model's holdout). One command runs it end to end::
 
     PYTHONPATH=src python benchmarks/teach_concept.py --out runs/teach
@@ -148,8 +148,8 @@ def generated_prior(s: TeachSettings, captions: list[str]) -> list[tuple]:
 def write_data(s: TeachSettings, out: Path) -> dict:
     """The concept's images and the regularization images, as image-caption folders."""
     from opensd.data.imagefolder import write_imagefolder
-    from opensd.data.shapes import ShapesDataset
-    from opensd.eval.concept import write_concept_data
+    from opensd.shapes.concept import write_concept_data
+    from opensd.shapes.dataset import ShapesDataset
 
     n = write_concept_data(out / "concept", s.concept, s.concept_images, s.image_size, overwrite=True)
     world = ShapesDataset(seed=0, image_size=s.image_size)  # the default holdout: the concept stays out

@@ -9,10 +9,11 @@ import argparse
 import random
 import time
 
+from opensd.shapes.negatives import hard_negative_captions
 from opensd.tokenizers.word import WordTokenizer
 from opensd.training.config import DataConfig
-from opensd.training.contrastive import hard_negative_captions
-from opensd.training.data import load_batch, open_source
+from opensd.training.data import load_batch
+from opensd.training.sources import open_source
 
 
 def timed(label: str, fn):

@@ -18,8 +18,9 @@ import time
 import torch
 
 from opensd.defaults import default_model_path
+from opensd.shapes.source import ShapesSource
 from opensd.training.config import DataConfig
-from opensd.training.data import ShapesSource, build_latent_cache
+from opensd.training.data import build_latent_cache
 from opensd.training.unet import _parts_of_model
 
 

@@ -7,7 +7,7 @@ The README's example, ``opensd inpaint in.png mask.png "a green triangle"``, sco
 exactly: for seed i, a shapes-world scene (one or two objects, the model's size), a
 square mask half the image's side centred on one of its objects, and the prompt "a
 COLOUR SHAPE" naming a different shape (a colour the training data shows on it). An
-inpainting succeeds when the scorer (:func:`opensd.eval.scorer.parse`) finds an object
+inpainting succeeds when the scorer (:func:`opensd.shapes.scorer.parse`) finds an object
 of that shape and colour whose centre lies in the mask, and no pixel outside the reach
 of the (blurred) mask moved by more than 1 of 255. One row per masked-content mode.
 ``--only-masked`` inpaints only the mask's region plus ``--only-masked-padding`` pixels
@@ -32,9 +32,11 @@ import torch
 from PIL import Image, ImageFilter
 
 import opensd
-from opensd.data.shapes import DEFAULT_HOLDOUT, SHAPES, ObjectSpec, ShapesDataset, noun_phrase
 from opensd.defaults import resolve_model
-from opensd.eval.scorer import parse
+from opensd.shapes.captions import noun_phrase
+from opensd.shapes.dataset import ShapesDataset
+from opensd.shapes.scorer import parse
+from opensd.shapes.world import DEFAULT_HOLDOUT, SHAPES, ObjectSpec
 
 
 def cases(n: int, size: int) -> list[tuple[Image.Image, np.ndarray, str, str, str]]:

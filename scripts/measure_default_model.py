@@ -23,17 +23,17 @@ import torch
 import torch.nn.functional as F
 
 import opensd
-from opensd.data.shapes import ShapesDataset
-from opensd.data.shapes import masks as masks_of
 from opensd.defaults import resolve_model
-from opensd.eval.ceiling import autoencoder_ceiling
-from opensd.eval.run import EvalConfig, Suite
-from opensd.eval.prompts import benchmark_suite, ground_truth_images, holdout_suite
-from opensd.eval.scorer import parse, score_images
 from opensd.explain.attention import AttentionCollector, build_result, mass_in_mask
 from opensd.models.capture import AttentionSink, capture_attention, cross_attention_layers, feature_grid, is_cross_attention
 from opensd.models.transformer import BasicTransformerBlock
 from opensd.pipelines.images import to_tensor
+from opensd.shapes.ceiling import autoencoder_ceiling
+from opensd.shapes.dataset import ShapesDataset
+from opensd.shapes.run import EvalConfig, Suite
+from opensd.shapes.scorer import parse, score_images
+from opensd.shapes.suites import benchmark_suite, ground_truth_images, holdout_suite
+from opensd.shapes.world import masks as masks_of
 from opensd.training.data import pil_to_tensor, tensor_to_pil
 
 

@@ -5,12 +5,12 @@
 Three measurements, each over fresh seeded scenes (seeds differ from the tests'):
 
 * ``ground truth``: shapes-world samples (``ShapesDataset(seed=10_000)``, every kind of caption);
-  a scene is read right when :func:`opensd.eval.scorer.parse` finds exactly its objects
+  a scene is read right when :func:`opensd.shapes.scorer.parse` finds exactly its objects
   (the multiset of shape, colour and size) and its background;
 * ``touching``: two to four objects whose boxes touch or overlap a little (gap -0.03..0.01
-  of the side), same or different colours (:func:`opensd.eval.stress_scenes.touching_scene`); read right as above;
+  of the side), same or different colours (:func:`opensd.shapes.stress_scenes.touching_scene`); read right as above;
 * ``non-scenes``: noise of several kinds, flat colours, gradients and random blobs
-  (:func:`opensd.eval.stress_scenes.non_scene`); read right when no object of a known shape is found;
+  (:func:`opensd.shapes.stress_scenes.non_scene`); read right when no object of a known shape is found;
 
 and the CPU time a parse takes (process time, so a busy machine changes it little).
 """
@@ -25,9 +25,10 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from opensd.data import shapes as S
-from opensd.eval.scorer import parse
-from opensd.eval.stress_scenes import NON_SCENE_KINDS, non_scene, touching_scene
+import opensd.shapes as S
+from opensd.shapes.scorer import parse
+from opensd.shapes.stress_scenes import NON_SCENE_KINDS, non_scene, touching_scene
+
 
 def _key(objs) -> Counter:
     return Counter((o.shape, o.color, o.size) for o in objs)

@@ -1,4 +1,4 @@
-"""The autoencoder's ceiling (opensd.eval.ceiling, opensd eval --autoencoder): true scenes
+"""The autoencoder's ceiling (opensd.shapes.ceiling, opensd eval --autoencoder): true scenes
 through the VAE, scored."""
 
 from __future__ import annotations
@@ -9,16 +9,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_word_bundle
 from typer.testing import CliRunner
 
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.cli.main import app
-from opensd.data.shapes import DEFAULT_HOLDOUT
-from opensd.eval.ceiling import autoencoder_ceiling, ground_truth_holdout
-from opensd.eval.concept import concept_by_name
-from opensd.eval.run import EvalConfig, Suite
-
-from helpers import tiny_word_bundle
+from opensd.shapes.ceiling import autoencoder_ceiling, ground_truth_holdout
+from opensd.shapes.concept import concept_by_name
+from opensd.shapes.run import EvalConfig, Suite
+from opensd.shapes.world import DEFAULT_HOLDOUT
 
 
 class _Posterior:

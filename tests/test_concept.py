@@ -1,4 +1,4 @@
-"""A concept to teach (opensd.eval.concept): its suite, its training images, eval with a LoRA,
+"""A concept to teach (opensd.shapes.concept): its suite, its training images, eval with a LoRA,
 and the reproduction script's plumbing (benchmarks/teach_concept.py)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_word_bundle
 from typer.testing import CliRunner
 
 from opensd.checkpoints import LoadedModel
@@ -18,8 +19,9 @@ from opensd.checkpoints.lora import LoRAFile, LoRAUse, bind_loras
 from opensd.checkpoints.lora_names import kohya_names
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.cli.main import app
-from opensd.data.shapes import DEFAULT_HOLDOUT, check_true
-from opensd.eval.concept import (
+from opensd.pipelines.networks import RequestNetworks
+from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+from opensd.shapes.concept import (
     CONCEPTS,
     concept_by_name,
     concept_suite,
@@ -27,13 +29,10 @@ from opensd.eval.concept import (
     parse_suite_name,
     write_concept_data,
 )
-from opensd.eval.prompts import HOLDOUT_CATEGORIES, PromptSuiteError, ground_truth_images
-from opensd.eval.run import EvalConfig, Suite, evaluate, select_prompts
-from opensd.eval.scorer import category_of, score_images
-from opensd.pipelines.networks import RequestNetworks
-from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-
-from helpers import tiny_word_bundle
+from opensd.shapes.run import EvalConfig, Suite, evaluate, select_prompts
+from opensd.shapes.scorer import category_of, score_images
+from opensd.shapes.suites import HOLDOUT_CATEGORIES, PromptSuiteError, ground_truth_images
+from opensd.shapes.world import DEFAULT_HOLDOUT, check_true
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

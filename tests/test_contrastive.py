@@ -13,22 +13,25 @@ import pytest
 import torch
 
 from opensd.config import ConfigError, from_dict, to_dict
-from opensd.data.shapes import Scene, ShapesDataset, check_true, realize
 from opensd.models.clip import CLIPTextModel
 from opensd.models.image_encoder import ImageEncoder, ImageEncoderConfig, Pool
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
-from opensd.tokenizers.word import WordTokenizer
-from opensd.training.contrastive import (
+from opensd.shapes.dataset import ShapesDataset
+from opensd.shapes.negatives import (
     NEGATIVE_KINDS,
     SWAP_KINDS,
-    ContrastiveConfig,
-    ContrastiveModel,
-    contrastive_loss,
     find_wording,
     hard_negative_captions,
     hard_negatives,
-    info_nce,
     negative_specs,
+)
+from opensd.shapes.world import Scene, check_true, realize
+from opensd.tokenizers.word import WordTokenizer
+from opensd.training.contrastive import (
+    ContrastiveConfig,
+    ContrastiveModel,
+    contrastive_loss,
+    info_nce,
     retrieval_metrics,
 )
 
@@ -248,7 +251,7 @@ def test_hard_negatives_are_false_and_worded_like_the_caption() -> None:
 
 
 def test_hard_negative_captions_examples() -> None:
-    from opensd.data.shapes import ObjectSpec, PromptSpec
+    from opensd.shapes.world import ObjectSpec, PromptSpec
 
     spec = PromptSpec((ObjectSpec("circle", "red"), ObjectSpec("square", "blue")), "left of")
     text = "a photo of a red circle to the left of a blue square"

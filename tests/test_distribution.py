@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from opensd.data.shapes import ShapesDataset
 from opensd.eval.distribution import (
-    CORRUPTIONS,
     DistributionError,
-    corruption_table,
-    distribution_report,
     frechet_distance,
     frechet_distance_from_stats,
     gaussian_stats,
@@ -21,7 +17,9 @@ from opensd.eval.distribution import (
     memorization_rate,
     precision_recall,
 )
-from opensd.eval.features import (
+from opensd.shapes.dataset import ShapesDataset
+from opensd.shapes.distribution import CORRUPTIONS, corruption_table, distribution_report
+from opensd.shapes.features import (
     FEATURE_DIM,
     WEIGHTS_PATH,
     FeatureError,
@@ -32,7 +30,6 @@ from opensd.eval.features import (
     read_weights_info,
     to_input,
 )
-
 
 # accuracy of the committed weights on 300 fresh samples (seed 77), measured: presence_label 0.994,
 # presence_exact 0.907, sizes_exact 1.000, counts_exact 1.000, background 1.000

@@ -7,16 +7,15 @@ import random
 from pathlib import Path
 
 import pytest
+from helpers import tiny_word_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.cli.main import app
-from opensd.data.shapes import realize, render
-from opensd.eval.prompts import benchmark_suite
-from opensd.eval.run import EvalConfig, Suite, evaluate, select_prompts, write_results
-
-from helpers import tiny_word_bundle
+from opensd.shapes.run import EvalConfig, Suite, evaluate, select_prompts, write_results
+from opensd.shapes.suites import benchmark_suite
+from opensd.shapes.world import realize, render
 
 
 class GroundTruthPipeline:
@@ -92,8 +91,8 @@ def test_prompts_sharing_a_batch_give_the_images_each_prompt_gets_alone() -> Non
     import numpy as np
 
     from opensd.checkpoints import LoadedModel
-    from opensd.eval.run import _generate
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+    from opensd.shapes.run import _generate
 
     model, tok = tiny_word_bundle()
     pipe = StableDiffusionPipeline(LoadedModel(model, tok, "tiny", Path("."), "opensd", "0"))

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_clip_bundle, tiny_word_bundle
 from PIL import Image
 from typer import Typer
 from typer.testing import CliRunner
 
 import opensd
 from opensd.checkpoints import LoadedModel
-from opensd.data.shapes import ShapesDataset, masks
 from opensd.defaults import default_model_path
 from opensd.explain import (
     AttentionCollector,
@@ -32,8 +32,8 @@ from opensd.models.attention import multihead_attention
 from opensd.models.capture import AttentionSink, active_sink, capture_attention
 from opensd.models.transformer import BasicTransformerBlock, CrossAttention
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-
-from helpers import tiny_clip_bundle, tiny_word_bundle
+from opensd.shapes.dataset import ShapesDataset
+from opensd.shapes.world import masks
 
 SIZE = 32
 PROMPT = "a red circle above a xylophonist"  # "xylophonist" is 4 CLIP tokens
@@ -342,7 +342,7 @@ def generated_shape_word_masses(pipe, prompts: list[str], seed: int = 7) -> list
     scorer finds the drawn objects, and a word counts when exactly one drawn object
     has its shape. That object's box, grown by half a latent cell, is the mask.
     """
-    from opensd.eval.scorer import parse
+    from opensd.shapes.scorer import parse
 
     size, f = pipe.cfg.image_size, pipe.cfg.vae.downsample_factor
     out = []

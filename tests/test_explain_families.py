@@ -206,7 +206,7 @@ def test_sdxl_prompt_interpolation_lerps_both_parts_from_one_prompt_to_the_other
 
 
 def test_sdxl_prompts_sharing_an_eval_batch_give_the_images_each_gets_alone(pipes) -> None:
-    from opensd.eval.run import EvalConfig, _generate, _text_embeds, select_prompts
+    from opensd.shapes.run import EvalConfig, _generate, _text_embeds, select_prompts
 
     pipe = pipes[ModelFamily.SDXL]
     assert set(_text_embeds(pipe, "a red circle")) == {"context", "pooled"}

@@ -12,13 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from opensd.config import ConfigError, to_dict
-from opensd.data.shapes import ObjectSpec, PromptSpec, ShapesDataset, caption, masks, realize
 from opensd.models.capture import active_sink
 from opensd.models.transformer import BasicTransformerBlock
 from opensd.models.unet import UNetConfig, UNetModel
+from opensd.shapes.captions import caption
+from opensd.shapes.dataset import ShapesDataset
+from opensd.shapes.grounding import grounding_targets
+from opensd.shapes.world import ObjectSpec, PromptSpec, masks, realize
 from opensd.tokenizers.word import WordTokenizer
 from opensd.training.config import stage_config_from_dict
-from opensd.training.grounding import AttentionCapture, PixelTarget, grounding_loss, grounding_targets
+from opensd.training.grounding import AttentionCapture, PixelTarget, grounding_loss
 from opensd.training.loop import read_log, run_stage
 from opensd.training.unet import UNetStage, UNetStageConfig
 
@@ -181,12 +184,12 @@ def tiny_unet_cfg(out: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """An exported tiny opensd model (word tokenizer trained on shapes captions) to fine-tune."""
-    from opensd.checkpoints.opensd_format import save_opensd
-    from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+    import dataclasses
 
     from helpers import randomize
 
-    import dataclasses
+    from opensd.checkpoints.opensd_format import save_opensd
+    from opensd.models.stable_diffusion import SDConfig, StableDiffusion
 
     captions = [s.caption for s in ShapesDataset(seed=0, image_size=16).take(300)]
     tok = WordTokenizer.train(captions, vocab_size=96, context_length=24)

@@ -121,7 +121,7 @@ def test_full_export_reads_back_with_matching_captions_and_pixels(full_export: P
 
 def test_training_reads_the_export(tmp_path: Path) -> None:
     from opensd.training.config import DataConfig, DataSource
-    from opensd.training.data import open_source
+    from opensd.training.sources import open_source
 
     folder = export_mnist(tmp_path / "train", limit=40)
     source = open_source(DataConfig(source=DataSource.FOLDER, path=str(folder), image_size=32))

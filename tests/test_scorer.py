@@ -24,13 +24,13 @@ import pytest
 import torch
 from PIL import Image
 
-from opensd.data import shapes as S
-from opensd.eval.prompts import CATEGORIES, benchmark_suite, holdout_suite, validation_suite
-from opensd.eval.prompts import ground_truth_images as _ground_truth
-from opensd.eval.scorer import ScorerError, category_of, judge, label_components, parse, score_images
-from opensd.eval.shape_fit import decompose, soft_iou, template
-from opensd.eval.stress_scenes import NON_SCENE_KINDS, non_scene, touching_scene
+import opensd.shapes as S
 from opensd.defaults import default_model_path
+from opensd.shapes.scorer import ScorerError, category_of, judge, label_components, parse, score_images
+from opensd.shapes.shape_fit import decompose, soft_iou, template
+from opensd.shapes.stress_scenes import NON_SCENE_KINDS, non_scene, touching_scene
+from opensd.shapes.suites import CATEGORIES, benchmark_suite, holdout_suite, validation_suite
+from opensd.shapes.suites import ground_truth_images as _ground_truth
 
 
 @pytest.fixture(scope="module")

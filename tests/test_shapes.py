@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import opensd.shapes as S
 from opensd.cli.data import app
-from opensd.data import shapes as S
 from opensd.data.imagefolder import ImageFolderError, read_imagefolder, write_imagefolder
 
 

@@ -20,10 +20,21 @@ from typer.testing import CliRunner
 from opensd.config import ConfigError
 from opensd.diffusion.schedules import DiscreteSchedule, NoiseScheduleConfig, Prediction
 from opensd.training.clip import CLIPStage, CLIPStageConfig
-from opensd.training.config import LRSchedule, TrainConfig, load_stage_config, stage_config_from_dict
+from opensd.training.config import (
+    LRSchedule,
+    TrainConfig,
+    load_stage_config,
+    stage_config_from_dict,
+)
 from opensd.training.data import batch_indices, load_text_encoder, load_vae
 from opensd.training.ema import EMA
-from opensd.training.loop import NonFiniteLossError, ResumeError, list_checkpoints, read_log, run_stage
+from opensd.training.loop import (
+    NonFiniteLossError,
+    ResumeError,
+    list_checkpoints,
+    read_log,
+    run_stage,
+)
 from opensd.training.unet import (
     UNetStage,
     UNetStageConfig,
@@ -159,7 +170,7 @@ def test_folder_source_reads_crops_and_resizes(tmp_path: Path) -> None:
     from PIL import Image
 
     from opensd.training.config import DataConfig, DataSource
-    from opensd.training.data import open_source
+    from opensd.training.sources import open_source
 
     Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("a red thing\n")
@@ -228,7 +239,7 @@ def test_vae_stage_overfits_a_fixed_batch_and_exports(tmp_path: Path) -> None:
     assert 0 <= evals[-1]["roundtrip_overall"] <= 1
     for name in ("loss.png", "samples/step_00000030.png", "config.json", "checkpoints/step_00000030.pt"):
         assert (result.run_dir / name).is_file(), name
-    from opensd.data.shapes import ShapesDataset
+    from opensd.shapes.dataset import ShapesDataset
     from opensd.training.data import pil_to_tensor
 
     vae = load_vae(result.run_dir)
@@ -519,8 +530,10 @@ def test_time_limit_must_be_a_number_at_least_zero() -> None:
 
 
 def test_parallel_prefill_draws_exactly_what_the_stream_draws() -> None:
+    from opensd.shapes.source import ShapesSource
     from opensd.training.config import DataConfig
-    from opensd.training.data import ShapesSource, cache_path, open_source
+    from opensd.training.data import cache_path
+    from opensd.training.sources import open_source
 
     serial = ShapesSource(DataConfig(image_size=16, pool_size=600))
     parallel = open_source(DataConfig(image_size=16, pool_size=600, workers=2))

@@ -17,8 +17,9 @@ from opensd.models.layers import timestep_embedding
 from opensd.models.stable_diffusion import ModelFamily, SDConfig, StableDiffusion
 from opensd.tokenizers.clip_bpe import CLIPTokenizer
 from opensd.training.config import stage_config_from_dict
-from opensd.training.data import TrainingDataError, open_source, read_latent_cache
+from opensd.training.data import TrainingDataError, read_latent_cache
 from opensd.training.loop import read_log, run_stage
+from opensd.training.sources import open_source
 from opensd.training.unet import UNetStage, UNetStageConfig
 
 SIZE = 16  # pixels; the tiny VAE halves it

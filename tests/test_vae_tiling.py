@@ -10,19 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize, tiny_word_bundle
 from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
 from opensd.checkpoints import LoadedModel
 from opensd.checkpoints.opensd_format import save_opensd
-from opensd.models.vae import AutoencoderKL, VAEConfig
+from opensd.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from opensd.pipelines.request import RequestError
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.vae_tiling import TilingError, decode_tiled, encode_tiled, should_tile, tile_starts
-
-from helpers import randomize, tiny_word_bundle
 
 
 class PointwiseVAE(nn.Module):
@@ -157,8 +155,8 @@ def test_encode_tiles_are_close_to_the_full_encode_on_the_default_vae() -> None:
     tiles, overlap 8), 1.65/255 (8-cell tiles, overlap 4) and 2.63/255 (8-cell tiles that
     only touch); the round trip's error is 10.7/255 either way."""
     from opensd.checkpoints import load_model
-    from opensd.data.shapes import ShapesDataset
     from opensd.defaults import default_model_path
+    from opensd.shapes.dataset import ShapesDataset
 
     vae = load_model(default_model_path()).model.vae
     ds = ShapesDataset(5, 32)

@@ -46,7 +46,8 @@ def shapes(
 ) -> None:
     """Write N shapes-world samples as PNGs + metadata.jsonl (file_name, text, kind, scene, spec)."""
     from opensd.data.imagefolder import write_imagefolder
-    from opensd.data.shapes import DEFAULT_HOLDOUT, ShapesDataset
+    from opensd.shapes.dataset import ShapesDataset
+    from opensd.shapes.world import DEFAULT_HOLDOUT
 
     ds = ShapesDataset(seed=seed, image_size=size, holdout=DEFAULT_HOLDOUT if holdout else None)
     count = write_imagefolder((ds[i] for i in range(n)), out, overwrite=overwrite)

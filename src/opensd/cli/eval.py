@@ -1,6 +1,6 @@
 """``opensd eval``: generate for a fixed prompt suite and score exactly.
 
-``--suite concept:NAME`` scores a concept's own prompts (:mod:`opensd.eval.concept`);
+``--suite concept:NAME`` scores a concept's own prompts (:mod:`opensd.shapes.concept`);
 ``--lora PATH[:W]`` or ``PATH:TE:UNET`` (repeatable, as ``opensd generate`` reads it) scores
 the model with LoRA files applied, as the pipeline's ``networks``, to every image.
 """
@@ -41,9 +41,9 @@ def register(app: typer.Typer) -> None:
         from opensd.cli.generate import cli_budget, lora_use
         from opensd.defaults import resolve_model
         from opensd.devices import resolve_device
-        from opensd.eval.concept import parse_suite_name
-        from opensd.eval.run import EvalConfig, Suite, evaluate, write_results
         from opensd.pipelines.lora_library import LoraLibrary
+        from opensd.shapes.concept import parse_suite_name
+        from opensd.shapes.run import EvalConfig, Suite, evaluate, write_results
 
         kind, concept = parse_suite_name(suite)
         try:
@@ -97,10 +97,10 @@ def register(app: typer.Typer) -> None:
 
 
 def _write_ceiling(pipe, cfg, seed: int, out: Path) -> None:
-    """``opensd eval --autoencoder``: the suite's true scenes through the VAE, scored (:mod:`opensd.eval.ceiling`)."""
+    """``opensd eval --autoencoder``: the suite's true scenes through the VAE, scored (:mod:`opensd.shapes.ceiling`)."""
     import json
 
-    from opensd.eval.ceiling import autoencoder_ceiling
+    from opensd.shapes.ceiling import autoencoder_ceiling
 
     results = autoencoder_ceiling(pipe, cfg, seed=seed)
     results["model"] = {"name": pipe.loaded.name, "path": str(pipe.loaded.path), "hash": pipe.loaded.hash}

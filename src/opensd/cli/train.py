@@ -10,6 +10,8 @@ file (``--config``), ``--set key=value`` overrides, then the explicit options, i
 order of precedence (later wins), above a run preset (``--preset quick``: minutes on a
 CPU, see :mod:`opensd.training.presets`). After the first few steps the run prints how
 long it will take at the measured speed (:mod:`opensd.training.estimate`).
+``--evaluator MODULE:NAME`` gives the vae, clip or unet stage a Python callable of its
+evaluator protocol (:mod:`opensd.training.evaluation`) in place of the data source's.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ DEVICE = typer.Option(None, "--device", help="auto (CUDA if available), cpu, cud
 BF16 = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (train.bf16).")
 RESUME = typer.Option(False, "--resume", help="Continue the run folder from its last checkpoint (fresh if none).")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+EVALUATOR = typer.Option(None, "--evaluator", help="MODULE:NAME, a Python callable that evaluates the stage "
+                        "(opensd.training.evaluation), or none; default: the data source's (the shapes world's judges "
+                        "for --data shapes, none for a folder).")
 PRESET = typer.Option(None, "--preset", help="quick: a first run in minutes on a CPU (tiny networks, few steps); "
                                              "--config, --set and the options above still override it.")
 
@@ -80,6 +85,30 @@ def build_config(cfg_cls: type, config: Optional[Path], sets: Optional[List[str]
             continue
         _set(data, key, value)
     return stage_config_from_dict(cfg_cls, data)
+
+
+def load_evaluator(spec: Optional[str]) -> Any:
+    """``--evaluator``: ``None`` -> the data source's (``FROM_DATA``), ``none`` -> no evaluator,
+    ``MODULE:NAME`` -> that attribute of that importable module, which must be callable."""
+    import importlib
+
+    from opensd.errors import OpenSDError
+    from opensd.training.evaluation import FROM_DATA
+
+    if spec is None:
+        return FROM_DATA
+    if spec == "none":
+        return None
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise OpenSDError(f"--evaluator {spec!r}: give MODULE:NAME (a callable in an importable module) or none")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except Exception as e:  # the user's module: whatever its import raises is reported in one line
+        raise OpenSDError(f"--evaluator {spec!r}: cannot load it ({type(e).__name__}: {e})") from None
+    if not callable(found):
+        raise OpenSDError(f"--evaluator {spec!r}: {name} is a {type(found).__name__}, not a callable")
+    return found
 
 
 def _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet) -> dict[str, Any]:
@@ -126,13 +155,14 @@ def vae(
     steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
     seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
     data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET, evaluator: Optional[str] = EVALUATOR,
 ) -> None:
     """Train the KL autoencoder; writes OUT/vae/ for `opensd train unet --vae OUT`."""
     from opensd.training.vae import VAEStage, VAEStageConfig
 
     opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
-    _run(VAEStage, _config("vae", VAEStageConfig, config, set_, opts, preset), resume, preset)
+    judge = load_evaluator(evaluator)
+    _run(lambda c: VAEStage(c, evaluator=judge), _config("vae", VAEStageConfig, config, set_, opts, preset), resume, preset)
 
 
 @app.command("clip")
@@ -142,13 +172,14 @@ def clip(
     steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
     seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
     data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET, evaluator: Optional[str] = EVALUATOR,
 ) -> None:
     """Pre-train the text encoder contrastively; writes OUT/text_encoder/ for `--clip OUT`."""
     from opensd.training.clip import CLIPStage, CLIPStageConfig
 
     opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
-    _run(CLIPStage, _config("clip", CLIPStageConfig, config, set_, opts, preset), resume, preset)
+    judge = load_evaluator(evaluator)
+    _run(lambda c: CLIPStage(c, evaluator=judge), _config("clip", CLIPStageConfig, config, set_, opts, preset), resume, preset)
 
 
 @app.command("unet")
@@ -160,7 +191,7 @@ def unet(
     steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
     seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
     data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET, evaluator: Optional[str] = EVALUATOR,
 ) -> None:
     """Train the U-Net on cached latents; exports OUT/model/ for `opensd generate -m OUT/model`."""
     from opensd.training.unet import UNetStage, UNetStageConfig
@@ -168,7 +199,8 @@ def unet(
     opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
     opts["vae_dir"] = None if vae_dir is None else str(vae_dir)
     opts["clip_dir"] = None if clip_dir is None else str(clip_dir)
-    _run(UNetStage, _config("unet", UNetStageConfig, config, set_, opts, preset), resume, preset)
+    judge = load_evaluator(evaluator)
+    _run(lambda c: UNetStage(c, evaluator=judge), _config("unet", UNetStageConfig, config, set_, opts, preset), resume, preset)
 
 
 @app.command("taesd")

@@ -3,13 +3,16 @@
 The stage trains a word tokenizer on the training captions (:class:`WordTokenizer`),
 then a :class:`opensd.training.contrastive.ContrastiveModel` (a CLIP text transformer
 and a small image encoder in a joint embedding space) with the symmetric InfoNCE
-loss plus, on the shapes world, ``hard_negatives`` hard negative captions per image
-(the same scene with colours swapped, a relation reversed, a count, colour, shape,
-size or background changed, worded like the true caption; NegCLIP, Yuksekgonul et
-al. 2023) so the text encoder must tell apart what the diffusion model will draw.
-The contrastive batch is each rank's own batch (no negatives are gathered across ranks).
+loss plus, from a source that writes them (a :class:`~opensd.training.data.HardNegativeSource`:
+the shapes world), ``hard_negatives`` hard negative captions per image (there: the
+same scene with colours swapped, a relation reversed, a count, colour, shape, size or
+background changed, worded like the true caption; NegCLIP, Yuksekgonul et al. 2023)
+so the text encoder must tell apart what the diffusion model will draw. The
+contrastive batch is each rank's own batch (no negatives are gathered across ranks).
 
-``evaluate`` reports retrieval on the validation suite's ground-truth renders;
+``evaluate`` hands the EMA model and the tokenizer to the stage's evaluator (a
+:class:`~opensd.training.evaluation.RetrievalEvaluator`; on the shapes world, retrieval
+on the validation suite's true renders, :class:`opensd.shapes.stage_eval.RetrievalJudge`);
 ``export`` writes ``text_encoder/`` (the CLIP text transformer + tokenizer) that the
 U-Net stage takes with ``--clip``.
 """
@@ -27,15 +30,10 @@ from torch import nn
 
 from opensd.config import ConfigError
 from opensd.training.config import DataConfig, LRSchedule, StageConfig, TrainConfig
-from opensd.training.contrastive import (
-    ContrastiveConfig,
-    ContrastiveModel,
-    contrastive_loss,
-    hard_negative_captions,
-    retrieval_metrics,
-)
-from opensd.training.data import TEXT_FOLDER, Batch, batch_indices, load_batch, open_source, save_text_encoder
+from opensd.training.contrastive import ContrastiveConfig, ContrastiveModel, contrastive_loss
+from opensd.training.data import TEXT_FOLDER, Batch, HardNegativeSource, batch_indices, load_batch, save_text_encoder
 from opensd.training.loop import RunContext, Stage, Update, step_seed
+from opensd.training.sources import open_source
 
 TOKENIZER_FOLDER = "tokenizer"
 
@@ -93,7 +91,6 @@ class CLIPStage(Stage):
         text = dataclasses.replace(cfg.model.text, vocab_size=self.tokenizer.vocab_size,
                                    max_length=self.tokenizer.context_length)
         model = ContrastiveModel(dataclasses.replace(cfg.model, text=text))
-        self._val = None
         return {"clip": ContrastiveObjective(model, self.tokenizer.eos_id)}
 
     def _tokenizer(self):
@@ -117,13 +114,12 @@ class CLIPStage(Stage):
         return load_batch(self.source, idx)
 
     def _hard_negatives(self, batch: Batch, step: int) -> torch.Tensor | None:
-        """(B, K, L) ids of K captions false for each image, worded like its caption (shapes data only)."""
+        """(B, K, L) ids of K captions false for each image, worded like its caption (sources that write them only)."""
         k = self.cfg.hard_negatives
-        if not k or any(s is None for s in batch.specs):
+        if not k or not isinstance(self.source, HardNegativeSource):
             return None
         rng = random.Random(step_seed(self.ctx.cfg.seed, step, self.ctx.rank, stream=1))
-        texts = [t for spec, cap in zip(batch.specs, batch.captions)
-                 for t in hard_negative_captions(spec, rng, k, like=cap)]
+        texts = [t for negatives in self.source.hard_negative_captions(batch, rng, k) for t in negatives]
         return self.tokenizer(texts).reshape(len(batch.captions), k, -1)  # (B * K, L) -> (B, K, L)
 
     def updates(self, batch: Batch, step: int) -> Iterator[Update]:
@@ -141,21 +137,10 @@ class CLIPStage(Stage):
     # -- evaluation and export (rank 0) ----------------------------------------------
 
     def evaluate(self, step: int) -> dict[str, float]:
-        if not self.cfg.eval_per_category:
+        if self.evaluator is None:
             return {}
-        from opensd.eval.prompts import ground_truth_images, validation_suite
-        from opensd.training.data import pil_to_tensor
-
-        if self._val is None:
-            prompts = validation_suite(per_category=self.cfg.eval_per_category)
-            images = ground_truth_images(prompts, size=self.cfg.data.image_size, seed=1)
-            self._val = (prompts, torch.stack([pil_to_tensor(im) for im in images]))
-        prompts, images = self._val
         model = self.ctx.averaged("clip").model.eval()
-        with torch.no_grad():
-            out = retrieval_metrics(model, images.to(self.ctx.device), [p.text for p in prompts],
-                                    [p.spec for p in prompts], self.tokenizer)
-        return {k: float(v) for k, v in out.items()}
+        return dict(self.evaluator(model, self.tokenizer))
 
     def export(self) -> Path:
         model = self.ctx.averaged("clip").model

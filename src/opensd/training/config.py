@@ -67,7 +67,7 @@ def _check_float(where: str, value: object, low: float, high: float | None = Non
 class DataConfig:
     """Where training images and captions come from.
 
-    ``source = "shapes"`` draws scenes from :class:`opensd.data.shapes.ShapesDataset`
+    ``source = "shapes"`` draws scenes from :class:`opensd.shapes.dataset.ShapesDataset`
     (``seed``, ``image_size``, ``holdout``): with ``pool_size = 0`` every step sees new
     scenes (index = position in the stream); with ``pool_size = N`` training cycles
     over scenes ``0 .. N-1`` in a fresh shuffle each epoch, and ``workers > 0`` renders

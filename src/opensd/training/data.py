@@ -1,7 +1,12 @@
 """Training data: image sources, deterministic batches, and the U-Net stage's latent cache.
 
-A *source* maps an index to an :class:`Example` (image in [-1, 1], caption, and the
-shapes world's spec when there is one). :func:`batch_indices` says which indices
+A *source* maps an index to an :class:`Example` (image in [-1, 1], caption, and whatever
+structured description of the item its data source keeps, opaque here). This module
+knows the image-caption folder (:class:`FolderSource`); :func:`opensd.training.sources.open_source`
+picks the source a :class:`DataConfig` names. A source may know more of its captions
+than their words: :class:`HardNegativeSource` writes captions false for an item, and
+:class:`GroundedSource` says where each caption word's object is (the shapes world does
+both). :func:`batch_indices` says which indices
 rank ``r`` of ``W`` uses at step ``s``: global positions ``s * B + r * B/W + i`` in one
 stream, which is either the endless shapes stream itself or a pool of N items read
 in a fresh shuffle per epoch. The positions depend only on (seed, step), so batches
@@ -24,18 +29,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
 
 from opensd.config import to_dict
-from opensd.data.shapes import DEFAULT_HOLDOUT, PromptSpec, Scene, ShapesDataset
 from opensd.errors import OpenSDError
-from opensd.training.config import DataConfig, DataSource
+from opensd.training.config import DataConfig
 
 
 class TrainingDataError(OpenSDError):
@@ -44,12 +49,14 @@ class TrainingDataError(OpenSDError):
 
 @dataclass(frozen=True)
 class Example:
-    """One training item: ``image`` (3, H, W) float32 in [-1, 1], its caption, its spec and scene (shapes only)."""
+    """One training item: ``image`` (3, H, W) float32 in [-1, 1], its caption, and what its source
+    knows of it beyond the words (the shapes world: the caption's spec and the exact scene; None
+    elsewhere). Training passes ``spec`` and ``scene`` back to the source, never reads them."""
 
     image: torch.Tensor
     caption: str
-    spec: PromptSpec | None = None
-    scene: Scene | None = None
+    spec: Any = None
+    scene: Any = None
 
 
 class Source(Protocol):
@@ -62,6 +69,28 @@ class Source(Protocol):
     def captions(self, n: int) -> list[str]: ...
 
     def prefill(self, n: int, workers: int) -> None: ...
+
+
+@runtime_checkable
+class HardNegativeSource(Protocol):
+    """A source that can write captions *false* for its items in nearly their words (NegCLIP's
+    hard negatives; the CLIP stage adds them as extra text candidates)."""
+
+    def hard_negative_captions(self, batch: Batch, rng: random.Random, k: int) -> list[list[str]]:
+        """``k`` false captions per item of ``batch``, drawn with ``rng``, each worded like the item's caption."""
+        ...
+
+
+@runtime_checkable
+class GroundedSource(Protocol):
+    """A source that knows which caption words name which object, and where the object is
+    (TokenCompose's grounding targets, :mod:`opensd.training.grounding`)."""
+
+    def grounding_targets(self, batch: Batch, tokenizer: Any,
+                          latent_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context positions (B, G, K) long (-1: none) of each object group's grounded words
+        in ``tokenizer``'s framing of each caption, and the groups' masks (B, G, h, w) in [0, 1]."""
+        ...
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -86,63 +115,6 @@ def square_resize(image: Image.Image, size: int) -> Image.Image:
     return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-class ShapesSource:
-    """The shapes world drawn on the fly; with a pool, rendered items are kept in memory (as 8-bit)."""
-
-    def __init__(self, cfg: DataConfig) -> None:
-        self.dataset = ShapesDataset(cfg.seed, cfg.image_size, holdout=DEFAULT_HOLDOUT if cfg.holdout else None)
-        self.pool = cfg.pool_size or None
-        self._memo: dict[int, tuple[torch.Tensor, str, PromptSpec, Scene]] = {}
-
-    def __getitem__(self, index: int) -> Example:
-        if index in self._memo:
-            pixels, caption, spec, scene = self._memo[index]
-            return Example(pixels.float() / 127.5 - 1.0, caption, spec, scene)
-        s = self.dataset[index]
-        pixels = torch.from_numpy(np.array(s.image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-        if self.pool is not None and index < self.pool:
-            self._memo[index] = (pixels, s.caption, s.spec, s.scene)
-        return Example(pixels.float() / 127.5 - 1.0, s.caption, s.spec, s.scene)
-
-    def captions(self, n: int) -> list[str]:
-        """The captions of items ``0 .. n-1`` of the stream (past the pool too: the world's vocabulary)."""
-        return [self.dataset[i].caption for i in range(n)]
-
-    def prefill(self, n: int, workers: int) -> None:
-        """Render items ``0 .. n-1`` now, in ``workers`` processes, and keep them in memory.
-
-        What is drawn depends only on (seed, index), so this changes speed, never data.
-        """
-        todo = [i for i in range(n) if i not in self._memo]
-        if not todo or workers < 1:
-            return
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        ds = self.dataset
-        chunk = max(256, min(4096, len(todo) // (4 * workers) + 1))
-        spans = [(todo[k], todo[min(k + chunk, len(todo)) - 1] + 1) for k in range(0, len(todo), chunk)]
-        # fork where the platform has it (as torch's DataLoader): no __main__ guard needed in the
-        # caller's script, and the children only draw with PIL and numpy, never torch or CUDA.
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
-            jobs = [pool.submit(_render_span, ds.seed, ds.image_size, ds.holdout is not None, a, b) for a, b in spans]
-            for (a, _), job in zip(spans, jobs):
-                pixels, captions, specs, scenes = job.result()  # (n, H, W, 3) uint8
-                tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (n, 3, H, W)
-                for k, (caption, spec, scene) in enumerate(zip(captions, specs, scenes)):
-                    if a + k not in self._memo:
-                        self._memo[a + k] = (tensor[k].contiguous(), caption, spec, scene)
-
-
-def _render_span(seed: int, image_size: int, holdout: bool, start: int, stop: int):
-    """Worker of :meth:`ShapesSource.prefill`: items ``start .. stop-1`` as (uint8 array, captions, specs, scenes)."""
-    ds = ShapesDataset(seed, image_size, holdout=DEFAULT_HOLDOUT if holdout else None)
-    samples = [ds[i] for i in range(start, stop)]
-    pixels = np.stack([np.asarray(s.image.convert("RGB")) for s in samples])
-    return pixels, [s.caption for s in samples], [s.spec for s in samples], [s.scene for s in samples]
-
-
 class FolderSource:
     """An image-caption folder, read once into memory (8-bit) at ``image_size``."""
 
@@ -163,19 +135,6 @@ class FolderSource:
 
     def prefill(self, n: int, workers: int) -> None:
         """Nothing to do: the folder is read into memory when opened."""
-
-
-def open_source(cfg: DataConfig) -> ShapesSource | FolderSource:
-    """The source ``cfg`` describes; a bad folder raises a ValueError naming it.
-
-    With ``cfg.workers`` and a pool, the pool is rendered up front in that many processes.
-    """
-    if cfg.source is DataSource.FOLDER:
-        return FolderSource(cfg)
-    source = ShapesSource(cfg)
-    if cfg.workers and source.pool:
-        source.prefill(source.pool, cfg.workers)
-    return source
 
 
 # ----------------------------------------------------------------------------- batches
@@ -201,13 +160,13 @@ def batch_indices(seed: int, step: int, rank: int, world: int, local_batch: int,
 
 @dataclass
 class Batch:
-    """Images (B, 3, H, W) in [-1, 1], captions, specs and scenes (None off the shapes world), source indices."""
+    """Images (B, 3, H, W) in [-1, 1], captions, the items' specs and scenes (see :class:`Example`), source indices."""
 
     images: torch.Tensor
     captions: list[str]
-    specs: list[PromptSpec | None]
+    specs: list[Any]
     indices: list[int]
-    scenes: list[Scene | None] = field(default_factory=list)
+    scenes: list[Any] = field(default_factory=list)
 
 
 def load_batch(source: Source, indices: Sequence[int]) -> Batch:
@@ -282,15 +241,16 @@ def build_latent_cache(
     named tensors (``context`` (B, L, D), and ``pooled`` (B, P) for SDXL families).
     Returns ``latents`` (n, C, h, w) float32 (``vae.to_latent`` of the posterior mode),
     ``cond.<key>`` (n, ...) in ``text_dtype`` and ``empty.<key>`` (1, ...) float32 (the
-    empty caption). With ``grounding`` (shapes-world sources only) also
-    ``ground_tokens`` (n, G, K) int64 and ``ground_masks`` (n, G, h, w) float16, see
-    :func:`opensd.training.grounding.grounding_targets`.
+    empty caption). With ``grounding`` (a :class:`GroundedSource` only) also
+    ``ground_tokens`` (n, G, K) int64 and ``ground_masks`` (n, G, h, w) float16, the
+    source's :meth:`~GroundedSource.grounding_targets`.
     """
     if source.pool is not None and n > source.pool:
         raise TrainingDataError(f"the latent cache wants {n} items but the data holds only {source.pool}")
+    if grounding and not isinstance(source, GroundedSource):
+        raise TrainingDataError("grounding needs object masks, which only the shapes world (data.source = "
+                                "'shapes') has; set grounding_weight = 0 for other data")
     from tqdm import tqdm
-
-    from opensd.training.grounding import grounding_targets
 
     latents, conds, tokens, masks = [], [], [], []
     bar = tqdm(total=n, desc="caching latents", unit="img", disable=not progress)
@@ -300,13 +260,9 @@ def build_latent_cache(
         latents.append(vae.to_latent(z).float().cpu())
         conds.append({k: v.to(text_dtype).cpu() for k, v in encode(b.captions).items()})
         if grounding:
-            if any(spec is None or scene is None for spec, scene in zip(b.specs, b.scenes)):
-                raise TrainingDataError("grounding needs object masks, which only the shapes world (data.source = "
-                                        "'shapes') has; set grounding_weight = 0 for other data")
-            hw = tuple(latents[-1].shape[-2:])
-            pairs = [grounding_targets(c, sp, sc, tokenizer, hw) for c, sp, sc in zip(b.captions, b.specs, b.scenes)]
-            tokens.append(torch.stack([t for t, _ in pairs]))
-            masks.append(torch.stack([m for _, m in pairs]).half())
+            ground_tokens, ground_masks = source.grounding_targets(b, tokenizer, tuple(latents[-1].shape[-2:]))
+            tokens.append(ground_tokens)
+            masks.append(ground_masks.half())
         bar.update(len(b.indices))
     bar.close()
     out = {"latents": torch.cat(latents)}

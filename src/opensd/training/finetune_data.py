@@ -29,17 +29,22 @@ import torch
 from PIL import Image
 
 from opensd.config import to_dict
-from opensd.data.imagefolder import IMAGE_EXTENSIONS, METADATA, read_imagefolder, write_imagefolder
+from opensd.data.imagefolder import (
+    IMAGE_EXTENSIONS,
+    METADATA,
+    read_imagefolder,
+    write_imagefolder,
+)
 from opensd.training.config import DataConfig, DataSource
 from opensd.training.data import (
     Example,
     TrainingDataError,
     build_latent_cache,
-    open_source,
     read_latent_cache,
     square_resize,
     write_latent_cache,
 )
+from opensd.training.sources import open_source
 
 CLASS_IMAGES = "class_images"
 

@@ -63,6 +63,7 @@ from opensd.training import checkpoint_store as store
 from opensd.training.checkpoint_store import CHECKPOINTS, ResumeError, list_checkpoints, load_checkpoint  # noqa: F401
 from opensd.training.config import TrainConfig, config_differences
 from opensd.training.ema import EMA
+from opensd.training.evaluation import FROM_DATA
 
 
 class NonFiniteLossError(RuntimeError):
@@ -276,15 +277,20 @@ class Stage:
     so that data-parallel training works through ``ctx.wrapped[name](...)``.
     ``updates(batch, step)`` yields the :class:`Update` s of one step in order (a
     GAN yields the generator's, then the discriminator's). ``evaluate`` and ``export``
-    run on rank 0 only.
+    run on rank 0 only. ``evaluator`` (see :mod:`opensd.training.evaluation`): what
+    ``evaluate`` hands the networks to for metrics; by default the data source's
+    (``FROM_DATA``), ``None`` for none.
     """
 
     name = "stage"
     ema_groups: tuple[str, ...] = ()
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, *, evaluator: Any = FROM_DATA) -> None:
+        from opensd.training.sources import resolve_evaluator
+
         self.cfg = cfg
         self.ctx: RunContext | None = None
+        self.evaluator = resolve_evaluator(evaluator, self.name, cfg)
 
     def build(self, ctx: RunContext) -> dict[str, nn.Module]:
         raise NotImplementedError

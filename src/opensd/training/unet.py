@@ -28,7 +28,8 @@ an empty negative prompt), so one network gives both terms of classifier-free
 guidance (Ho & Salimans 2022).
 The U-Net keeps an EMA (``train.ema_decay``); samples and the export use it.
 
-``grounding_weight > 0`` and ``grounding_pixel_weight > 0`` (shapes world only) add
+``grounding_weight > 0`` and ``grounding_pixel_weight > 0`` (a source that knows each
+word's object, a :class:`~opensd.training.data.GroundedSource`: the shapes world) add
 TokenCompose's token and pixel losses on the U-Net's cross-attention
 (:mod:`opensd.training.grounding`): each shape, colour and size word of a caption is
 pulled to attend inside its object's mask, and to take the attention there. ``init_from``
@@ -36,9 +37,11 @@ fine-tunes an existing opensd model of any family (SD 1.x, 2.x, SDXL base or ref
 its VAE, text encoder(s) and tokenizer are the frozen parts, its U-Net the starting weights.
 
 ``evaluate`` assembles the full model (EMA U-Net, VAE, text encoder, tokenizer,
-schedule), generates the validation suite's prompts through the real pipeline and
-scores them with the exact scorer; ``export`` writes an opensd model folder
-(``model/``) that ``opensd generate -m`` loads.
+schedule) and hands its drawing through the real pipeline to the stage's evaluator (a
+:class:`~opensd.training.evaluation.GenerationEvaluator`; on the shapes world, the
+validation suite's prompts drawn and scored by the exact scorer,
+:class:`opensd.shapes.stage_eval.GenerationJudge`); ``export`` writes an opensd model
+folder (``model/``) that ``opensd generate -m`` loads.
 """
 
 from __future__ import annotations
@@ -65,14 +68,14 @@ from opensd.training.data import (
     cache_path,
     load_text_encoder,
     load_vae,
-    open_source,
     read_latent_cache,
     state_hash,
     tokenizer_hash,
     write_latent_cache,
 )
 from opensd.training.grounding import AttentionCapture, PixelTarget, grounding_loss
-from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
+from opensd.training.loop import SAMPLES, RunContext, Stage, Update
+from opensd.training.sources import open_source
 
 MODEL_FOLDER = "model"
 
@@ -369,27 +372,24 @@ class UNetStage(Stage):
         return sd
 
     def evaluate(self, step: int) -> dict[str, float]:
-        if not self.cfg.eval_per_category:
+        if self.evaluator is None:
             return {}
         import copy
 
         from opensd.checkpoints import LoadedModel
-        from opensd.eval.prompts import validation_suite
-        from opensd.eval.scorer import score_images
         from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
         sd = self.assemble()
         sd.model.diffusion_model = copy.deepcopy(sd.model.diffusion_model)  # the pipeline freezes what it gets
         pipe = StableDiffusionPipeline(LoadedModel(sd, self.tokenizer, "training", self.ctx.run_dir, "opensd",
                                                    f"step{step}"))
-        prompts = validation_suite(per_category=self.cfg.eval_per_category)
-        images = [pipe.txt2img(p.text, steps=self.cfg.sample_steps, sampler=self.cfg.sampler,
-                               cfg_scale=self.cfg.cfg_scale, seed=1000 + i)[0] for i, p in enumerate(prompts)]
-        path = self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png"
-        save_grid(images, path, self.cfg.eval_per_category)
-        path.with_suffix(".txt").write_text("".join(f"{p.category}\t{p.text}\n" for p in prompts))
-        scored = score_images([(im, p.spec) for im, p in zip(images, prompts)])
-        return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
+        cfg = self.cfg
+
+        def draw(prompts):
+            return [pipe.txt2img(text, steps=cfg.sample_steps, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale,
+                                 seed=1000 + i)[0] for i, text in enumerate(prompts)]
+
+        return dict(self.evaluator(draw, self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png"))
 
     def resolved_config(self) -> dict:
         """With ``init_from`` the architecture and the schedule are the starting model's: the

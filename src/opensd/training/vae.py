@@ -14,13 +14,15 @@ this project's shapes world), so training starts on the mode.
 The optional discriminator is a small PatchGAN (Isola et al. 2017, as in Esser et al.
 2021's taming transformers) trained from scratch with the hinge loss, off by default.
 
-``evaluate`` round-trips the validation suite's ground-truth renders
-(:func:`opensd.eval.prompts.validation_suite`, never the benchmark) and reports their
-PSNR and the exact scorer's accuracy on the reconstructions: the number that caps
-every later quality number (a round trip that loses objects cannot be fixed by the
-U-Net). ``export`` writes ``vae/`` with ``scale_factor`` set to 1 / std of the
-latents of training images, so the diffusion model sees unit-variance latents (LDM's
-rule, which gave SD's 0.18215).
+``evaluate`` writes a grid of training images above their reconstructions and hands the
+autoencoder's round trip to the stage's evaluator (a
+:class:`~opensd.training.evaluation.RoundTripEvaluator`): on the shapes world, the
+validation suite's true renders round-tripped, their PSNR and the exact scorer's verdicts
+(:class:`opensd.shapes.stage_eval.RoundTripJudge`), the number that caps every later
+quality number (a round trip that loses objects cannot be fixed by the U-Net).
+``export`` writes ``vae/`` with ``scale_factor`` set to 1 / std of the latents of
+training images, so the diffusion model sees unit-variance latents (LDM's rule, which
+gave SD's 0.18215).
 """
 
 from __future__ import annotations
@@ -39,16 +41,9 @@ from torch import nn
 from opensd.config import ConfigError
 from opensd.models.vae import AutoencoderKL, VAEConfig
 from opensd.training.config import DataConfig, StageConfig, TrainConfig
-from opensd.training.data import (
-    VAE_FOLDER,
-    Batch,
-    batch_indices,
-    load_batch,
-    open_source,
-    save_vae,
-    tensor_to_pil,
-)
+from opensd.training.data import VAE_FOLDER, Batch, batch_indices, load_batch, save_vae, tensor_to_pil
 from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
+from opensd.training.sources import open_source
 
 # ----------------------------------------------------------------------------- config
 
@@ -193,9 +188,6 @@ class VAEStage(Stage):
     name = "vae"
     ema_groups = ("vae",)
 
-    def __init__(self, cfg: VAEStageConfig) -> None:
-        super().__init__(cfg)
-
     def build(self, ctx: RunContext) -> dict[str, nn.Module]:
         cfg = self.cfg
         self.ctx = ctx
@@ -207,7 +199,6 @@ class VAEStage(Stage):
                 raise ConfigError(f"disc.layers = {cfg.disc.layers} downsamples a {cfg.data.image_size} px image to "
                                   f"nothing; use fewer layers")
             modules["disc"] = disc
-        self._val: tuple | None = None
         return modules
 
     def base_lr(self, group: str) -> float:
@@ -252,19 +243,6 @@ class VAEStage(Stage):
 
     # -- evaluation and export (rank 0) ----------------------------------------------
 
-    def _validation(self) -> tuple:
-        """(prompts, ground-truth images (N, 3, H, W), originals' scorer result) of the validation suite."""
-        if self._val is None:
-            from opensd.eval.prompts import ground_truth_images, validation_suite
-            from opensd.eval.scorer import score_images
-            from opensd.training.data import pil_to_tensor
-
-            prompts = validation_suite(per_category=self.cfg.eval_per_category)
-            gts = ground_truth_images(prompts, size=self.cfg.data.image_size, seed=1)
-            ref = score_images([(im, p.spec) for im, p in zip(gts, prompts)])
-            self._val = (prompts, torch.stack([pil_to_tensor(im) for im in gts]), ref)
-        return self._val
-
     @torch.no_grad()
     def _round_trip(self, vae: AutoencoderKL, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
         out = []
@@ -279,18 +257,9 @@ class VAEStage(Stage):
         grid = load_batch(self.source, range(n)).images
         recon = self._round_trip(vae, grid)
         save_grid(tensor_to_pil(torch.cat([grid, recon])), self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png", n)
-        out: dict[str, float] = {}
-        if self.cfg.eval_per_category:
-            from opensd.eval.scorer import score_images
-
-            prompts, gts, ref = self._validation()
-            rec = self._round_trip(vae, gts)
-            out["psnr"] = float(psnr(rec, gts).mean())
-            scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts)])
-            out["roundtrip_overall"] = scored["overall"]
-            out["roundtrip_kept"] = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
-            out["original_overall"] = ref["overall"]
-        return out
+        if self.evaluator is None:
+            return {}
+        return dict(self.evaluator(lambda images: self._round_trip(vae, images)))
 
     @torch.no_grad()
     def latent_std(self, vae: AutoencoderKL) -> float:

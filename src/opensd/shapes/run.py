@@ -1,16 +1,16 @@
 """Generate images for a prompt suite and score them exactly: ``opensd eval``.
 
 For every prompt of the suite, ``images_per_prompt`` images are made with consecutive
-seeds (prompt ``i`` starts at ``seed + 1000 i``) and judged by :mod:`opensd.eval.scorer`.
+seeds (prompt ``i`` starts at ``seed + 1000 i``) and judged by :mod:`opensd.shapes.scorer`.
 Results are a JSON-able dict: the settings, the model, GenEval-style per-category
 accuracy and the overall mean, and one record per image with the scorer's reason.
 
 ``networks`` (a LoRA's deltas, :mod:`opensd.pipelines.networks`) are active for the whole
-run, text encoding included; ``Suite.CONCEPT`` scores :func:`opensd.eval.concept.concept_suite`
+run, text encoding included; ``Suite.CONCEPT`` scores :func:`opensd.shapes.concept.concept_suite`
 of ``EvalConfig.concept``.
 
 The scorer only measures. It never guides sampling or picks checkpoints on the
-benchmark suite; selection uses :func:`opensd.eval.prompts.validation_suite`.
+benchmark suite; selection uses :func:`opensd.shapes.suites.validation_suite`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any, Callable, Protocol
 from PIL import Image
 
 from opensd.errors import OpenSDError
-from opensd.eval.prompts import IMAGES_PER_PROMPT, BenchmarkPrompt, benchmark_suite, holdout_suite, validation_suite
-from opensd.eval.scorer import CATEGORIES, judge
+from opensd.shapes.scorer import CATEGORIES, judge
+from opensd.shapes.suites import IMAGES_PER_PROMPT, BenchmarkPrompt, benchmark_suite, holdout_suite, validation_suite
 
 
 class Suite(enum.Enum):
@@ -54,7 +54,7 @@ class EvalConfig:
     per_category: int | None = None  # first N prompts of each category (None: all)
     seed: int = 0
     batch_size: int = 16  # images per network call: several prompts share one (same seeds, same images)
-    concept: str | None = None  # Suite.CONCEPT's concept (opensd.eval.concept.CONCEPTS), e.g. "purple-triangle"
+    concept: str | None = None  # Suite.CONCEPT's concept (opensd.shapes.concept.CONCEPTS), e.g. "orange-circle"
     decoder: str = "full"  # the final decode: "full" (the VAE) or "tiny" (the model's TAESD), opensd.pipelines.decoders
 
     def __post_init__(self) -> None:
@@ -79,7 +79,7 @@ class Generator(Protocol):
 
 def select_prompts(cfg: EvalConfig) -> list[BenchmarkPrompt]:
     if cfg.suite is Suite.CONCEPT:
-        from opensd.eval.concept import concept_suite
+        from opensd.shapes.concept import concept_suite
 
         prompts = list(concept_suite(cfg.concept))
     else:
@@ -225,12 +225,13 @@ def evaluate(
 def distribution_metrics(images: list[Image.Image], prompts: list[BenchmarkPrompt], cfg: EvalConfig) -> dict:
     """Fréchet distance, k-NN precision/recall and memorization of ``images`` (one per
     (prompt, seed) in order), against ground-truth renders of the same prompts and next to the
-    real-vs-real baseline (:func:`opensd.eval.distribution.distribution_report`). The
+    real-vs-real baseline (:func:`opensd.shapes.distribution.distribution_report`). The
     training reference is the shapes world the trainer draws from (seed 0)."""
     import random
 
-    from opensd.data.shapes import ShapesDataset, realize, render
-    from opensd.eval.distribution import distribution_report
+    from opensd.shapes.dataset import ShapesDataset
+    from opensd.shapes.distribution import distribution_report
+    from opensd.shapes.world import realize, render
 
     size = images[0].size[0]
     reference = [
@@ -245,7 +246,7 @@ def distribution_metrics(images: list[Image.Image], prompts: list[BenchmarkPromp
 
 def write_results(results: dict, kept: list[tuple[Image.Image, dict]], out_dir: str | Path) -> dict[str, Path]:
     """Write ``results.json``, ``report.md``, ``accuracy.png`` and ``failures.png`` into ``out_dir``."""
-    from opensd.eval.report import bar_plot, failure_grid, markdown_report
+    from opensd.shapes.report import bar_plot, failure_grid, markdown_report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

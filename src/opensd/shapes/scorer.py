@@ -25,11 +25,11 @@ is exact geometry instead of a learned model:
    (square 1, circle pi/4, triangle 1/2), and a triangle's area centroid sits h/6
    below its box centre. Size is small/large by the box extent against
    ``SIZE_SPLIT`` of the side; the box feeds GenEval's relation rule
-   (:func:`opensd.data.shapes.relations_between`).
+   (:func:`opensd.shapes.world.relations_between`).
 4. **Checked against the ideal shape** (:func:`_read_blob`): the reading stands when
    the ideal shape drawn in its box covers the blob with soft IoU >= ``FIT_MIN`` and
    its size is in ``R_RANGE``. Otherwise the blob is objects that touch or overlap
-   and merged (same colour): :func:`opensd.eval.shape_fit.decompose` finds the ideal
+   and merged (same colour): :func:`opensd.shapes.shape_fit.decompose` finds the ideal
    shapes that explain it together, each read as an object; if none do, it is one
    object of unknown shape. A blob cut by the image's edge (:func:`_is_cut`: noise,
    gradients) has no shape.
@@ -48,7 +48,10 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from opensd.data.shapes import (
+from opensd.errors import OpenSDError
+from opensd.shapes.components import dilate, label_components, merge_close_hues
+from opensd.shapes.shape_fit import decompose, soft_iou, template
+from opensd.shapes.world import (
     BACKGROUNDS,
     MAX_COUNT,
     PALETTE,
@@ -58,9 +61,6 @@ from opensd.data.shapes import (
     PromptSpec,
     relations_between,
 )
-from opensd.errors import OpenSDError
-from opensd.eval.components import dilate, label_components, merge_close_hues
-from opensd.eval.shape_fit import decompose, soft_iou, template
 
 
 class ScorerError(OpenSDError):
@@ -258,7 +258,7 @@ def _read_blob(alpha: np.ndarray, obj: DetectedObject, x0: int, y0: int, side: f
        half side R_STRICT_MIN..R_RANGE[1], ``ring >= RING_MIN``: a patch of noise borders
        other colours).
     2. Else the ideal shapes that explain it better, with IoU >= FIT_MIN (objects that touch
-       or overlap and merged, :func:`opensd.eval.shape_fit.decompose`; or one shape whose
+       or overlap and merged, :func:`opensd.shapes.shape_fit.decompose`; or one shape whose
        bitten or blurred outline the fill rule misread), each with the blob's colour.
     3. Else the blob as one object, of the shape it was read as if that still fits with IoU
        >= FIT_LOOSE and ``ring >= RING_LOOSE`` (small objects at 32 px, blurred by a VAE),

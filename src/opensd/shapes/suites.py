@@ -18,7 +18,7 @@ coloured shape; position: two objects and a relation; color_attr: two different
 shapes in two different colours). Beyond GenEval a prompt may state sizes and a
 background (checked when stated), and counting / position prompts may state
 colours, so every category has a few hundred distinct texts. The texts come from
-the training caption grammar (:func:`opensd.data.shapes.caption`). Score each prompt
+the training caption grammar (:func:`opensd.shapes.captions.caption`). Score each prompt
 with ``IMAGES_PER_PROMPT`` images (GenEval uses 4).
 """
 
@@ -31,7 +31,10 @@ from typing import Callable
 
 from PIL import Image
 
-from opensd.data.shapes import (
+from opensd.errors import OpenSDError
+from opensd.shapes.captions import caption
+from opensd.shapes.scorer import CATEGORIES, category_of
+from opensd.shapes.world import (
     BACKGROUNDS,
     DEFAULT_HOLDOUT,
     PALETTE,
@@ -41,13 +44,10 @@ from opensd.data.shapes import (
     Holdout,
     ObjectSpec,
     PromptSpec,
-    caption,
     distinguishable,
     realize,
     render,
 )
-from opensd.errors import OpenSDError
-from opensd.eval.scorer import CATEGORIES, category_of
 
 
 class PromptSuiteError(OpenSDError):
@@ -212,7 +212,7 @@ def ground_truth_images(
 
 
 def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
-    """The scorer's validation table, one line per setting (``python -m opensd.eval.prompts``).
+    """The scorer's validation table, one line per setting (``python -m opensd.shapes.suites``).
 
     Ground-truth images of the benchmark at each size, after a bicubic
     size -> size/2 -> size round trip, with Gaussian noise (sigma 4/255), both, and
@@ -220,7 +220,7 @@ def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
     """
     import numpy as np
 
-    from opensd.eval.scorer import score_images
+    from opensd.shapes.scorer import score_images
 
     rng = np.random.default_rng(0)
 

@@ -1,8 +1,8 @@
-"""The shapes world: an endless, seeded, captioned dataset of coloured shapes.
+"""The shapes world: coloured shapes on a plain background, and what a caption asserts of them.
 
 A tiny text-to-image world in which every caption is *true* of its image and the
 image's scene graph is exact ground truth, so that a generator trained on it can be
-scored exactly (see :mod:`opensd.eval.scorer`, a GenEval-style judge, Ghosh et al.
+scored exactly (see :mod:`opensd.shapes.scorer`, a GenEval-style judge, Ghosh et al.
 2023, "GenEval: An Object-Focused Framework for Evaluating Text-to-Image Alignment").
 
 The world, in one place:
@@ -18,17 +18,17 @@ The world, in one place:
 
 Coordinates in a :class:`Scene` are fractions of the image side (x right, y down),
 so one scene renders at any resolution. A :class:`PromptSpec` is what a caption
-asserts; :func:`caption` writes it in varied English, :func:`realize` draws a scene
-that makes it exactly true (the stated objects and nothing else), and
-:class:`ShapesDataset` ties both to ``(seed, index)``.
+asserts and :func:`realize` draws a scene that makes it exactly true (the stated
+objects and nothing else); :mod:`opensd.shapes.captions` words a spec in varied
+English, and :class:`opensd.shapes.dataset.ShapesDataset` ties both to ``(seed, index)``.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 from PIL import Image
@@ -67,12 +67,10 @@ MIN_GAP = 0.09  # the least Chebyshev gap between two objects' boxes, / image si
 BORDER = 0.02  # the least gap between an object's box and the image edge, / image side
 MAX_COUNT = 4
 NUMBERS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
-KINDS: tuple[str, ...] = ("single", "count", "pair", "relation")
-DEFAULT_KIND_WEIGHTS: dict[str, float] = {"single": 0.25, "count": 0.25, "pair": 0.25, "relation": 0.25}
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048
 
 
-def _check_name(kind: str, value: str | None, allowed: Mapping | tuple, optional: bool = True) -> None:
+def check_name(kind: str, value: str | None, allowed: Mapping | tuple, optional: bool = True) -> None:
     if value is None and optional:
         return
     if value not in allowed:
@@ -131,9 +129,9 @@ class SceneObject:
     r: float
 
     def __post_init__(self) -> None:
-        _check_name("shape", self.shape, SHAPES, optional=False)
-        _check_name("color", self.color, PALETTE, optional=False)
-        _check_name("size", self.size, SIZES, optional=False)
+        check_name("shape", self.shape, SHAPES, optional=False)
+        check_name("color", self.color, PALETTE, optional=False)
+        check_name("size", self.size, SIZES, optional=False)
         if not (0 < self.r < 0.5):
             raise ShapesError(f"r must be in (0, 0.5) of the image side, got {self.r}")
 
@@ -152,7 +150,7 @@ class Scene:
     image_size: int = 64
 
     def __post_init__(self) -> None:
-        _check_name("background", self.background, BACKGROUNDS, optional=False)
+        check_name("background", self.background, BACKGROUNDS, optional=False)
         check_image_size(self.image_size)
         object.__setattr__(self, "objects", tuple(self.objects))
 
@@ -223,9 +221,9 @@ class ObjectSpec:
     count: int = 1
 
     def __post_init__(self) -> None:
-        _check_name("shape", self.shape, SHAPES, optional=False)
-        _check_name("color", self.color, PALETTE)
-        _check_name("size", self.size, SIZES)
+        check_name("shape", self.shape, SHAPES, optional=False)
+        check_name("color", self.color, PALETTE)
+        check_name("size", self.size, SIZES)
         if isinstance(self.count, bool) or not isinstance(self.count, int) or not 1 <= self.count <= MAX_COUNT:
             raise ShapesError(f"count must be an integer in 1..{MAX_COUNT}, got {self.count!r}")
 
@@ -275,56 +273,10 @@ class PromptSpec:
             raise ShapesError(f"at most {MAX_COUNT} objects in a scene")
         if len(self.objects) == 2 and not distinguishable(*self.objects):
             raise ShapesError(f"the two objects must differ in shape, stated colour or stated size: {self.objects}")
-        _check_name("relation", self.relation, RELATIONS)
+        check_name("relation", self.relation, RELATIONS)
         if self.relation is not None and (len(self.objects) != 2 or any(o.count != 1 for o in self.objects)):
             raise ShapesError("a relation needs exactly two single objects")
-        _check_name("background", self.background, BACKGROUNDS)
-
-
-# ----------------------------------------------------------------------------- captions (the grammar)
-
-RELATION_PHRASES: dict[str, tuple[str, ...]] = {
-    "left of": ("to the left of", "left of", "on the left of"),
-    "right of": ("to the right of", "right of", "on the right of"),
-    "above": ("above", "over"),
-    "below": ("below", "under", "beneath"),
-}
-_WRAPPERS = ("{}", "{}", "a picture of {}", "a photo of {}", "an image showing {}", "an image of {}", "there {be} {}")
-_BACKGROUND_PHRASES = (" on a {} background", " on {} background", " against a {} background", ", {} background")
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def noun_phrase(o: ObjectSpec, say_one: bool = False) -> str:
-    """The words naming group ``o`` in a caption: "a small red circle", "one circle", "two blue squares"."""
-    words = [w for w in (o.size, o.color) if w]
-    if o.count == 1:
-        head = " ".join([*words, o.shape])
-        return f"one {head}" if say_one else f"{_article(head)} {head}"
-    return " ".join([NUMBERS[o.count], *words, PLURALS[o.shape]])
-
-
-def caption(spec: PromptSpec, rng: random.Random, say_one: bool = False) -> str:
-    """``spec`` in varied English, drawn with ``rng``. Every word is true of a scene realizing it.
-
-    Grammar: ``[wrapper] NP [(and | relation) NP] [background]`` where a noun phrase
-    is ``(a|an|one|two|three|four) [size] [colour] shape[s]``, wrappers are "a
-    picture of", "a photo of", "an image showing", "an image of", "there is/are",
-    and backgrounds read "on a black background", ", gray background", ...
-    """
-    nps = [noun_phrase(o, say_one) for o in spec.objects]
-    if spec.relation is not None:
-        body = f"{nps[0]} {rng.choice(RELATION_PHRASES[spec.relation])} {nps[1]}"
-    else:
-        body = " and ".join(nps)
-    wrapper = rng.choice(_WRAPPERS)
-    plural = len(spec.objects) == 1 and spec.objects[0].count > 1
-    text = wrapper.replace("{be}", "are" if plural else "is").format(body)
-    if spec.background is not None:
-        text += rng.choice(_BACKGROUND_PHRASES).format(spec.background)
-    return text
+        check_name("background", self.background, BACKGROUNDS)
 
 
 # ----------------------------------------------------------------------------- holdout
@@ -348,14 +300,14 @@ class Holdout:
         for pair in self.color_shapes:
             if len(pair) != 2:
                 raise ShapesError(f"a held-out colour-shape pair is (color, shape), got {pair!r}")
-            _check_name("color", pair[0], PALETTE, optional=False)
-            _check_name("shape", pair[1], SHAPES, optional=False)
+            check_name("color", pair[0], PALETTE, optional=False)
+            check_name("shape", pair[1], SHAPES, optional=False)
         for triple in self.relations:
             if len(triple) != 3:
                 raise ShapesError(f"a held-out relation is (shape_a, relation, shape_b), got {triple!r}")
-            _check_name("shape", triple[0], SHAPES, optional=False)
-            _check_name("relation", triple[1], RELATIONS, optional=False)
-            _check_name("shape", triple[2], SHAPES, optional=False)
+            check_name("shape", triple[0], SHAPES, optional=False)
+            check_name("relation", triple[1], RELATIONS, optional=False)
+            check_name("shape", triple[2], SHAPES, optional=False)
         for shape in SHAPES:
             if all((c, shape) in self.color_shapes for c in PALETTE):
                 raise ShapesError(f"holdout blocks every colour of {shape}; leave at least one")
@@ -535,115 +487,3 @@ def check_true(spec: PromptSpec, scene: Scene) -> list[str]:
             if max(abs(p.cx - q.cx), abs(p.cy - q.cy)) - p.r - q.r < MIN_GAP - 1e-6:
                 problems.append(f"objects closer than MIN_GAP: {p} {q}")
     return problems
-
-
-# ----------------------------------------------------------------------------- drawing specs
-
-def _maybe(rng: random.Random, p: float, value):
-    return value if rng.random() < p else None
-
-
-def _draw_spec(kind: str, rng: random.Random) -> PromptSpec:
-    """One spec of ``kind`` (holdout not applied)."""
-    background = rng.choice(tuple(BACKGROUNDS)) if rng.random() < 0.3 else None
-    colors, sizes = tuple(PALETTE), tuple(SIZES)
-    if kind == "single":
-        o = ObjectSpec(rng.choice(SHAPES), _maybe(rng, 0.8, rng.choice(colors)), _maybe(rng, 0.5, rng.choice(sizes)))
-        return PromptSpec((o,), None, background)
-    if kind == "count":
-        n = rng.choice((1, 2, 2, 3, 3, 4, 4))
-        o = ObjectSpec(rng.choice(SHAPES), _maybe(rng, 0.7, rng.choice(colors)), _maybe(rng, 0.4, rng.choice(sizes)), n)
-        return PromptSpec((o,), None, background)
-    if kind in ("pair", "relation"):
-        while True:
-            mode = rng.random()  # both colours stated (0.6) / none (0.25) / one (0.15)
-            c: tuple[str | None, str | None] = (rng.choice(colors), rng.choice(colors))
-            if mode >= 0.6:
-                c = (None, None) if mode < 0.85 else (c[0], None)
-            if rng.random() < 0.5:
-                c = (c[1], c[0])
-            a = ObjectSpec(rng.choice(SHAPES), c[0], _maybe(rng, 0.4, rng.choice(sizes)))
-            b = ObjectSpec(rng.choice(SHAPES), c[1], _maybe(rng, 0.4, rng.choice(sizes)))
-            if distinguishable(a, b):
-                break
-        relation = rng.choice(RELATIONS) if kind == "relation" else None
-        return PromptSpec((a, b), relation, background)
-    raise ShapesError(f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
-
-
-def sample_spec(kind: str, rng: random.Random, holdout: Holdout | None = None) -> PromptSpec:
-    """A random spec of ``kind`` that asserts nothing ``holdout`` keeps out."""
-    holdout = holdout or NO_HOLDOUT
-    while True:
-        spec = _draw_spec(kind, rng)
-        if not holdout.touches(spec):
-            return spec
-
-
-# ----------------------------------------------------------------------------- samples and the dataset
-
-@dataclass(frozen=True)
-class Sample:
-    """An image, a caption true of it, the exact scene graph, the caption's kind and spec."""
-
-    image: Image.Image = field(compare=False)
-    caption: str
-    scene: Scene
-    kind: str
-    spec: PromptSpec
-
-
-class ShapesDataset:
-    """Endless, indexable shapes dataset: ``ds[i]`` depends only on ``(seed, i)``.
-
-    Args:
-        seed: the dataset's seed.
-        image_size: side of the rendered square images (16..2048; 32/64/128 typical).
-        kinds: caption kinds and their weights, from KINDS ("single", "count",
-            "pair", "relation"); default equal weights.
-        holdout: combinations kept out of every sample (default ``DEFAULT_HOLDOUT``;
-            ``None`` keeps nothing out).
-    """
-
-    def __init__(
-        self,
-        seed: int = 0,
-        image_size: int = 64,
-        kinds: Mapping[str, float] | None = None,
-        holdout: Holdout | None = DEFAULT_HOLDOUT,
-    ) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ShapesError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
-        self.image_size = check_image_size(image_size)
-        kinds = dict(DEFAULT_KIND_WEIGHTS if kinds is None else kinds)
-        for k, w in kinds.items():
-            _check_name("kind", k, KINDS, optional=False)
-            if not (isinstance(w, (int, float)) and w >= 0 and math.isfinite(w)):
-                raise ShapesError(f"weight of kind {k!r} must be a finite number >= 0, got {w!r}")
-        if not kinds or sum(kinds.values()) <= 0:
-            raise ShapesError(f"kinds needs at least one positive weight; kinds are {', '.join(KINDS)}")
-        self.kinds = kinds
-        self.holdout = holdout
-        self._names = list(kinds)
-        self._weights = [kinds[k] for k in self._names]
-
-    def __getitem__(self, index: int) -> Sample:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-            raise IndexError(f"ShapesDataset index must be an integer >= 0, got {index!r}")
-        rng = random.Random(f"opensd-shapes:{self.seed}:{int(index)}")
-        kind = rng.choices(self._names, self._weights)[0]
-        spec = sample_spec(kind, rng, self.holdout)
-        scene = realize(spec, rng, self.image_size, self.holdout)
-        text = caption(spec, rng, say_one=(kind == "count" and rng.random() < 0.5))
-        return Sample(render(scene), text, scene, kind, spec)
-
-    def __iter__(self) -> Iterator[Sample]:
-        i = 0
-        while True:
-            yield self[i]
-            i += 1
-
-    def take(self, n: int, start: int = 0) -> list[Sample]:
-        """Samples ``start .. start + n - 1``."""
-        return [self[i] for i in range(start, start + n)]

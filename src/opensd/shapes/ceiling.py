@@ -7,7 +7,7 @@ round trip's score is an upper bound on what generation can reach through this d
 (Rombach et al. 2022 give the autoencoder's reconstruction error the same role).
 
 :func:`autoencoder_ceiling` renders one true scene per prompt of an eval suite
-(:func:`opensd.eval.prompts.ground_truth_images`, at the model's native size, unstated
+(:func:`opensd.shapes.suites.ground_truth_images`, at the model's native size, unstated
 colours avoiding what the suite keeps out), encodes each to its posterior mean, decodes
 it and scores the decoded image against its prompt. ``opensd eval --autoencoder`` runs it;
 with ``--decoder tiny`` the decode is the model's tiny autoencoder's (TAESD, on the diffusion
@@ -21,18 +21,18 @@ from typing import Any
 
 import torch
 
-from opensd.data.shapes import DEFAULT_HOLDOUT, Holdout
-from opensd.eval.prompts import BenchmarkPrompt, ground_truth_images
-from opensd.eval.run import EvalConfig, Suite, select_prompts
-from opensd.eval.scorer import CATEGORIES, judge
 from opensd.pipelines.images import to_pil, to_tensor
+from opensd.shapes.run import EvalConfig, Suite, select_prompts
+from opensd.shapes.scorer import CATEGORIES, judge
+from opensd.shapes.suites import BenchmarkPrompt, ground_truth_images
+from opensd.shapes.world import DEFAULT_HOLDOUT, Holdout
 
 
 def ground_truth_holdout(cfg: EvalConfig) -> Holdout | None:
     """What the suite's true scenes keep out of their unstated colours: the concept's
     other held-out pairs, nothing for the holdout suite, else the default holdout."""
     if cfg.suite is Suite.CONCEPT:
-        from opensd.eval.concept import concept_by_name
+        from opensd.shapes.concept import concept_by_name
 
         return concept_by_name(str(cfg.concept)).others
     return None if cfg.suite is Suite.HOLDOUT else DEFAULT_HOLDOUT
@@ -58,7 +58,7 @@ def round_trip(vae: Any, images: list, batch_size: int = 16, tiny: Any = None) -
 def autoencoder_ceiling(pipe: Any, cfg: EvalConfig, seed: int = 0) -> dict:
     """Score ``cfg``'s suite on its ground truth after ``pipe``'s VAE round trip.
 
-    Returns a dict shaped as :func:`opensd.eval.run.evaluate`'s results (``overall``,
+    Returns a dict shaped as :func:`opensd.shapes.run.evaluate`'s results (``overall``,
     ``accuracy``, ``n``, ``items``), with ``"kind": "autoencoder_ceiling"``; one scene per
     prompt (``cfg.images_per_prompt`` is not used), scene ``i`` drawn from ``seed``.
     """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from opensd.eval.scorer import CATEGORIES
+from opensd.shapes.scorer import CATEGORIES
 
 LABELS = {
     "single_object": "single object",

@@ -28,7 +28,7 @@ other sizes (bilinear, antialiased). Diffusion outputs in [-1, 1] map with
 
 The committed weights (``weights/shapes_features.safetensors``, float16) come from::
 
-    python -m opensd.eval.features --out src/opensd/eval/weights/shapes_features.safetensors --steps 600
+    python -m opensd.shapes.features --out src/opensd/shapes/weights/shapes_features.safetensors --steps 600
 
 which trains on the CPU (2 threads) on fresh samples of ``ShapesDataset(seed=TRAIN_SEED,
 holdout=None)`` (the whole world, held-out combinations included, so that a
@@ -57,9 +57,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from opensd.config import from_dict, to_dict
-from opensd.data.shapes import BACKGROUNDS, MAX_COUNT, PALETTE, SHAPES, SIZES, Scene, ShapesDataset
 from opensd.errors import OpenSDError
 from opensd.models.layers import group_norm
+from opensd.shapes.dataset import ShapesDataset
+from opensd.shapes.world import BACKGROUNDS, MAX_COUNT, PALETTE, SHAPES, SIZES, Scene
 
 
 class FeatureError(OpenSDError):
@@ -256,7 +257,7 @@ def load_feature_net(kind: str = "shapes", seed: int = 0, path: str | Path | Non
         return net.eval()
     path = Path(path or WEIGHTS_PATH)
     if not path.is_file():
-        raise FeatureError(f"no feature weights at {path}; train them with `python -m opensd.eval.features --out {path}`")
+        raise FeatureError(f"no feature weights at {path}; train them with `python -m opensd.shapes.features --out {path}`")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -389,7 +390,7 @@ def train(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m opensd.eval.features --out PATH --steps N``: train, evaluate, save."""
+    """``python -m opensd.shapes.features --out PATH --steps N``: train, evaluate, save."""
     ap = argparse.ArgumentParser(description="Train the shapes-world feature net (CPU, a few minutes).")
     ap.add_argument("--out", type=Path, default=WEIGHTS_PATH)
     ap.add_argument("--steps", type=int, default=600)

@@ -25,8 +25,15 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from opensd.data.shapes import DEFAULT_HOLDOUT, Holdout, PromptSpec, Sample, realize, render
-from opensd.eval.prompts import HOLDOUT_CATEGORIES, BenchmarkPrompt, PromptSuiteError, distinct_prompts, sample_category_spec
+from opensd.shapes.dataset import Sample
+from opensd.shapes.suites import (
+    HOLDOUT_CATEGORIES,
+    BenchmarkPrompt,
+    PromptSuiteError,
+    distinct_prompts,
+    sample_category_spec,
+)
+from opensd.shapes.world import DEFAULT_HOLDOUT, Holdout, PromptSpec, realize, render
 
 CONCEPT_SEED = 31  # the suite's prompts
 TRAIN_SEED = 37  # the training images

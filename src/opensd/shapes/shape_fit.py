@@ -1,7 +1,7 @@
 """Ideal shapes against a coverage map: how well one shape explains an object, and which
 shapes explain a blob of touching ones (numpy only).
 
-The scorer (:mod:`opensd.eval.scorer`) reads an object's shape from its coverage map
+The scorer (:mod:`opensd.shapes.scorer`) reads an object's shape from its coverage map
 ``alpha`` (0 = background, 1 = full colour). Two questions need the ideal shapes:
 
 * does the shape it read really *look* like that shape? :func:`template` draws the ideal

@@ -14,7 +14,7 @@ import random
 import numpy as np
 from PIL import Image
 
-from opensd.data import shapes as S
+import opensd.shapes as S
 
 NON_SCENE_KINDS = ("uniform noise", "gaussian noise", "blocky noise", "smooth noise", "blobs", "flat colour",
                    "gradient", "colour noise")

@@ -1,0 +1,117 @@
+"""The shapes world's judges of the three training stages (:mod:`opensd.training.evaluation`).
+
+Each renders or draws the validation suite (:func:`opensd.shapes.suites.validation_suite`,
+``per_category`` prompts of each category, never the benchmark) and judges with the exact
+scorer:
+
+* :class:`RoundTripJudge` (VAE): the suite's true renders (seed 1) through the autoencoder:
+  ``psnr`` (dB), ``roundtrip_overall`` (the scorer's GenEval-style overall on the
+  reconstructions), ``roundtrip_kept`` (the share of scenes still judged true) and
+  ``original_overall`` (the same on the originals: the ceiling, 1.0 at 32 px);
+* :class:`RetrievalJudge` (CLIP): retrieval and hard-negative accuracy on the true renders
+  (:func:`opensd.shapes.retrieval.retrieval_metrics`);
+* :class:`GenerationJudge` (U-Net): the suite's prompts drawn by the model, a grid of them
+  (``per_category`` columns, the prompts in a ``.txt`` beside it) and the scores:
+  ``overall`` and ``acc_<category>``.
+
+:func:`judge_for` is what :func:`opensd.training.sources.default_evaluator` gives a stage
+on the shapes world.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+
+from opensd.shapes.scorer import score_images
+from opensd.shapes.suites import ground_truth_images, validation_suite
+
+
+class RoundTripJudge:
+    """The VAE stage's evaluator: see the module docstring."""
+
+    def __init__(self, per_category: int, image_size: int) -> None:
+        self.per_category, self.image_size = per_category, image_size
+        self._val: tuple | None = None
+
+    def _validation(self) -> tuple:
+        """(prompts, true renders (N, 3, H, W) in [-1, 1], the scorer's result on them), made once."""
+        if self._val is None:
+            from opensd.training.data import pil_to_tensor
+
+            prompts = validation_suite(per_category=self.per_category)
+            gts = ground_truth_images(prompts, size=self.image_size, seed=1)
+            ref = score_images([(im, p.spec) for im, p in zip(gts, prompts)])
+            self._val = (prompts, torch.stack([pil_to_tensor(im) for im in gts]), ref)
+        return self._val
+
+    def __call__(self, round_trip: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        from opensd.training.data import tensor_to_pil
+        from opensd.training.vae import psnr
+
+        prompts, gts, ref = self._validation()
+        rec = round_trip(gts)
+        out = {"psnr": float(psnr(rec, gts).mean())}
+        scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts)])
+        out["roundtrip_overall"] = scored["overall"]
+        out["roundtrip_kept"] = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
+        out["original_overall"] = ref["overall"]
+        return out
+
+
+class RetrievalJudge:
+    """The CLIP stage's evaluator: see the module docstring."""
+
+    def __init__(self, per_category: int, image_size: int) -> None:
+        self.per_category, self.image_size = per_category, image_size
+        self._val: tuple | None = None
+
+    def __call__(self, model: Any, tokenizer: Any) -> dict[str, float]:
+        from opensd.training.contrastive import retrieval_metrics
+        from opensd.training.data import pil_to_tensor
+
+        if self._val is None:
+            prompts = validation_suite(per_category=self.per_category)
+            images = ground_truth_images(prompts, size=self.image_size, seed=1)
+            self._val = (prompts, torch.stack([pil_to_tensor(im) for im in images]))
+        prompts, images = self._val
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            out = retrieval_metrics(model, images.to(device), [p.text for p in prompts], [p.spec for p in prompts],
+                                    tokenizer)
+        return {k: float(v) for k, v in out.items()}
+
+
+class GenerationJudge:
+    """The U-Net stage's evaluator: see the module docstring."""
+
+    def __init__(self, per_category: int) -> None:
+        self.per_category = per_category
+
+    def __call__(self, draw: Callable[[Sequence[str]], list[Image.Image]], samples: Path) -> dict[str, float]:
+        from opensd.training.loop import save_grid
+
+        prompts = validation_suite(per_category=self.per_category)
+        images = draw([p.text for p in prompts])
+        save_grid(images, samples, self.per_category)
+        samples.with_suffix(".txt").write_text("".join(f"{p.category}\t{p.text}\n" for p in prompts))
+        scored = score_images([(im, p.spec) for im, p in zip(images, prompts)])
+        return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
+
+
+def judge_for(stage: str, cfg: Any) -> RoundTripJudge | RetrievalJudge | GenerationJudge | None:
+    """The judge of stage ``stage`` (``vae``, ``clip`` or ``unet``) with its config's
+    ``eval_per_category`` (None when 0, or for any other stage)."""
+    per_category = getattr(cfg, "eval_per_category", 0)
+    if not per_category:
+        return None
+    if stage == "vae":
+        return RoundTripJudge(per_category, cfg.data.image_size)
+    if stage == "clip":
+        return RetrievalJudge(per_category, cfg.data.image_size)
+    if stage == "unet":
+        return GenerationJudge(per_category)
+    return None

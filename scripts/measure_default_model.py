@@ -39,7 +39,7 @@ from opensd.training.data import pil_to_tensor, tensor_to_pil
 
 def roundtrip(pipe) -> None:
     """Share of ground-truth scenes the scorer still judges correct after the VAE's round trip
-    (:func:`opensd.eval.ceiling.autoencoder_ceiling`; ``opensd eval --autoencoder`` gives the same)."""
+    (:func:`opensd.shapes.ceiling.autoencoder_ceiling`; ``opensd eval --autoencoder`` gives the same)."""
     for suite in (Suite.BENCHMARK, Suite.HOLDOUT):
         r = autoencoder_ceiling(pipe, EvalConfig(suite=suite), seed=1)
         kept = sum(x["correct"] for x in r["items"]) / len(r["items"])

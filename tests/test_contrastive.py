@@ -14,6 +14,7 @@ import torch
 
 from opensd.config import ConfigError, from_dict, to_dict
 from opensd.models.clip import CLIPTextModel
+from opensd.models.contrastive import ContrastiveConfig, ContrastiveModel
 from opensd.models.image_encoder import ImageEncoder, ImageEncoderConfig, Pool
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
 from opensd.shapes.dataset import ShapesDataset
@@ -25,15 +26,10 @@ from opensd.shapes.negatives import (
     hard_negatives,
     negative_specs,
 )
+from opensd.shapes.retrieval import retrieval_metrics
 from opensd.shapes.world import Scene, check_true, realize
 from opensd.tokenizers.word import WordTokenizer
-from opensd.training.contrastive import (
-    ContrastiveConfig,
-    ContrastiveModel,
-    contrastive_loss,
-    info_nce,
-    retrieval_metrics,
-)
+from opensd.training.contrastive_loss import contrastive_loss, info_nce
 
 EOS = 1  # WordTokenizer's <eos>
 

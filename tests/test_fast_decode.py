@@ -181,8 +181,8 @@ class _PixelVAE(torch.nn.Module):
 
 
 def test_eval_decoder_choice_reaches_the_ceiling_and_the_config() -> None:
-    from opensd.eval.ceiling import autoencoder_ceiling
-    from opensd.eval.run import EvalConfig, Suite
+    from opensd.shapes.ceiling import autoencoder_ceiling
+    from opensd.shapes.run import EvalConfig, Suite
 
     pipe = SimpleNamespace(model=SimpleNamespace(vae=_PixelVAE(), cfg=SimpleNamespace(latent_size=32)),
                            cfg=SimpleNamespace(image_size=32), tiny_vae=_PixelVAE(torch.eye(3)[[2, 1, 0]]))  # the "tiny" one swaps red and blue
@@ -203,8 +203,8 @@ def test_the_default_models_tiny_decoder_keeps_95_percent_of_scenes() -> None:
     tiny decoder (``decoder="tiny"``'s path): the scorer still judges >= 95% correct (the model
     card gives the measurement on all 1,000 scenes of both suites)."""
     from opensd.defaults import default_model_path
-    from opensd.eval.prompts import benchmark_suite, ground_truth_images
-    from opensd.eval.scorer import score_images
+    from opensd.shapes.suites import benchmark_suite, ground_truth_images
+    from opensd.shapes.scorer import score_images
     from opensd.training.data import pil_to_tensor, tensor_to_pil
 
     path = default_model_path()

@@ -3,6 +3,7 @@ never loads the world, a stage takes a user's evaluator (Python and ``--evaluato
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ from opensd.training.unet import UNetStage, UNetStageConfig
 from opensd.training.vae import VAEStage, VAEStageConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+TRAINING = SRC / "opensd" / "training"
 
 
 def _folder(path: Path, n: int = 4, size: int = 16) -> Path:
@@ -42,6 +44,26 @@ def _vae_cfg(out: Path, data: dict, **top) -> dict:
              "sample_every": 0, "checkpoint_every": 0, "progress": False}
     return {"model_preset": "tiny", "train": train, "data": data, "eval_per_category": 1, "grid_images": 2,
             "scale_images": 4, **top}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_no_training_module_but_the_source_selection_imports_the_shapes_world() -> None:
+    files = sorted(TRAINING.glob("*.py"))
+    assert len(files) > 10
+    naming = {f.name: sorted(m for m in _imported_modules(f) if m == "opensd.shapes" or m.startswith("opensd.shapes.")
+                             or m.startswith("opensd.eval.") and m != "opensd.eval.distribution")
+              for f in files}
+    assert {name for name, mods in naming.items() if mods} == {"sources.py"}, naming
+    assert naming["sources.py"] == ["opensd.shapes.source", "opensd.shapes.stage_eval"]
 
 
 def test_the_data_source_picks_the_judge_and_a_folder_none(tmp_path: Path) -> None:

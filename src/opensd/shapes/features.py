@@ -4,7 +4,7 @@ FID (Heusel et al. 2017) and precision/recall (Kynkäänniemi et al. 2019) compa
 images in the feature space of a pretrained classifier (Inception-v3 on ImageNet).
 Nothing can be downloaded here, and ImageNet features are a poor judge of flat
 coloured shapes anyway, so this module trains its own judge on the shapes world
-(:mod:`opensd.data.shapes`): :class:`ShapesFeatureNet`, a small CNN trained as a
+(:mod:`opensd.shapes.world`): :class:`ShapesFeatureNet`, a small CNN trained as a
 multi-label classifier of each image's scene graph:
 
 * ``presence``: which of the 21 colour-shape pairs appear (sigmoid per pair);

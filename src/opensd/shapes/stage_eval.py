@@ -70,7 +70,7 @@ class RetrievalJudge:
         self._val: tuple | None = None
 
     def __call__(self, model: Any, tokenizer: Any) -> dict[str, float]:
-        from opensd.training.contrastive import retrieval_metrics
+        from opensd.shapes.retrieval import retrieval_metrics
         from opensd.training.data import pil_to_tensor
 
         if self._val is None:

@@ -1,7 +1,7 @@
 """Stage 2: a text encoder pre-trained contrastively on captioned images (Radford et al. 2021).
 
 The stage trains a word tokenizer on the training captions (:class:`WordTokenizer`),
-then a :class:`opensd.training.contrastive.ContrastiveModel` (a CLIP text transformer
+then a :class:`opensd.models.contrastive.ContrastiveModel` (a CLIP text transformer
 and a small image encoder in a joint embedding space) with the symmetric InfoNCE
 loss plus, from a source that writes them (a :class:`~opensd.training.data.HardNegativeSource`:
 the shapes world), ``hard_negatives`` hard negative captions per image (there: the
@@ -29,9 +29,17 @@ import torch
 from torch import nn
 
 from opensd.config import ConfigError
+from opensd.models.contrastive import ContrastiveConfig, ContrastiveModel
 from opensd.training.config import DataConfig, LRSchedule, StageConfig, TrainConfig
-from opensd.training.contrastive import ContrastiveConfig, ContrastiveModel, contrastive_loss
-from opensd.training.data import TEXT_FOLDER, Batch, HardNegativeSource, batch_indices, load_batch, save_text_encoder
+from opensd.training.contrastive_loss import contrastive_loss
+from opensd.training.data import (
+    TEXT_FOLDER,
+    Batch,
+    HardNegativeSource,
+    batch_indices,
+    load_batch,
+    save_text_encoder,
+)
 from opensd.training.loop import RunContext, Stage, Update, step_seed
 from opensd.training.sources import open_source
 

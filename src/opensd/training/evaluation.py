@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:
-    from opensd.training.contrastive import ContrastiveModel
+    from opensd.models.contrastive import ContrastiveModel
 
 Metrics = Mapping[str, float]
 

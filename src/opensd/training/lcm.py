@@ -316,8 +316,8 @@ class LCMStage(Stage):
             path.with_suffix(".txt").write_text("".join(f"{p}\n" for p in cfg.sample_prompts))
         if not cfg.eval_per_category:
             return {}
-        from opensd.eval.prompts import validation_suite
-        from opensd.eval.scorer import score_images
+        from opensd.shapes.suites import validation_suite
+        from opensd.shapes.scorer import score_images
 
         prompts = validation_suite(per_category=cfg.eval_per_category)
         images = [pipe.generate(GenerationRequest(p.text, seed=1000 + i, **kw), networks=networks).images[0]

@@ -198,7 +198,7 @@ class TAESDStage(Stage):
     def _validation(self) -> tuple:
         """(prompts, ground-truth images (N, 3, H, W) in [-1, 1]) of the validation suite."""
         if self._val is None:
-            from opensd.eval.prompts import ground_truth_images, validation_suite
+            from opensd.shapes.suites import ground_truth_images, validation_suite
             from opensd.training.data import pil_to_tensor
 
             prompts = validation_suite(per_category=self.cfg.eval_per_category)
@@ -228,7 +228,7 @@ class TAESDStage(Stage):
         save_grid(tensor_to_pil(torch.cat([grid, *rows.values()])), self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png", n)
         if not self.cfg.eval_per_category:
             return {}
-        from opensd.eval.scorer import score_images
+        from opensd.shapes.scorer import score_images
 
         prompts, gts = self._validation()
         rec = self.round_trips(tiny, gts)

@@ -179,6 +179,22 @@ def test_exact_resume_after_sigkill_and_the_export(teacher, images, tmp_path: Pa
     assert with_lora.tobytes() != pipe.generate(req).images[0].tobytes()
 
 
+def test_a_users_evaluator_draws_with_the_student(teacher, images, tmp_path: Path) -> None:
+    seen: list = []
+
+    def judge(draw, samples):
+        drawn = draw(["a red circle", "a blue square"])
+        seen.append((len(drawn), drawn[0].size, samples.name))
+        return {"mine": 0.25}
+
+    run_stage(LCMStage(stage_config_from_dict(LCMStageConfig, lcm_cfg(teacher, images, tmp_path / "run", steps=1,
+                                                                     eval_per_category=1)), evaluator=judge))
+    assert seen == [(2, (SIZE, SIZE), "step_00000001_eval.png")]
+    evals = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert evals[-1]["mine"] == 0.25
+
+
 def test_the_cli_trains_and_generate_uses_the_file(teacher, images, tmp_path: Path) -> None:
     from opensd.cli.main import app
 

@@ -17,12 +17,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from opensd.shapes.stage_eval import GenerationJudge, RetrievalJudge, RoundTripJudge
+from opensd.shapes.stage_eval import GenerationJudge, RetrievalJudge, RoundTripJudge, TinyRoundTripJudge
 from opensd.training.clip import CLIPStage, CLIPStageConfig
 from opensd.training.config import stage_config_from_dict
 from opensd.training.evaluation import FROM_DATA
+from opensd.training.lcm import LCMStage, LCMStageConfig
 from opensd.training.loop import read_log, run_stage
 from opensd.training.sources import default_evaluator
+from opensd.training.taesd import TAESDStage, TAESDStageConfig
 from opensd.training.unet import UNetStage, UNetStageConfig
 from opensd.training.vae import VAEStage, VAEStageConfig
 
@@ -70,8 +72,10 @@ def test_the_data_source_picks_the_judge_and_a_folder_none(tmp_path: Path) -> No
     shapes = {"image_size": 16}
     folder = {"source": "folder", "path": str(_folder(tmp_path / "imgs"))}
     for cls, judge in ((VAEStageConfig, RoundTripJudge), (CLIPStageConfig, RetrievalJudge),
-                       (UNetStageConfig, GenerationJudge)):
-        name = {VAEStageConfig: "vae", CLIPStageConfig: "clip", UNetStageConfig: "unet"}[cls]
+                       (UNetStageConfig, GenerationJudge), (TAESDStageConfig, TinyRoundTripJudge),
+                       (LCMStageConfig, GenerationJudge)):
+        name = {VAEStageConfig: "vae", CLIPStageConfig: "clip", UNetStageConfig: "unet", TAESDStageConfig: "taesd",
+                LCMStageConfig: "lcm"}[cls]
         on_shapes = stage_config_from_dict(cls, {"data": shapes})
         assert isinstance(default_evaluator(name, on_shapes), judge)
         assert default_evaluator(name, stage_config_from_dict(cls, {"data": folder})) is None
@@ -84,6 +88,10 @@ def test_the_data_source_picks_the_judge_and_a_folder_none(tmp_path: Path) -> No
     assert VAEStage(cfg, evaluator=mine).evaluator is mine
     assert CLIPStage(stage_config_from_dict(CLIPStageConfig, {"data": folder}), evaluator=FROM_DATA).evaluator is None
     assert UNetStage(stage_config_from_dict(UNetStageConfig, {"data": folder})).evaluator is None
+    assert isinstance(TAESDStage(stage_config_from_dict(TAESDStageConfig, {"data": shapes})).evaluator,
+                      TinyRoundTripJudge)
+    assert LCMStage(stage_config_from_dict(LCMStageConfig, {"data": folder})).evaluator is None
+    assert LCMStage(stage_config_from_dict(LCMStageConfig, {"data": shapes}), evaluator=mine).evaluator is mine
 
 
 def test_a_folder_run_loads_no_shapes_module_and_calls_the_users_evaluator(tmp_path: Path) -> None:
@@ -161,8 +169,8 @@ def test_cli_evaluator_option_loads_a_callable_and_refuses_bad_ones(tmp_path: Pa
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
-def test_every_from_scratch_command_takes_an_evaluator(stage: str) -> None:
+@pytest.mark.parametrize("stage", ["vae", "clip", "unet", "taesd", "lcm"])
+def test_every_command_with_an_evaluator_protocol_takes_an_evaluator(stage: str) -> None:
     from opensd.cli.main import app
 
     res = CliRunner().invoke(app, ["train", stage, "--help"])

@@ -124,3 +124,24 @@ def test_an_image_folder_is_the_pool(teacher: Path, tmp_path: Path) -> None:
     stage = TAESDStage(c)
     run_stage(stage)
     assert stage.cache["latents"].shape == (3, 4, 8, 8) and stage.cache["images"].shape == (3, 3, 16, 16)
+
+
+def test_a_users_evaluator_gets_the_three_round_trips(teacher: Path, tmp_path: Path) -> None:
+    from opensd.training.taesd import teacher_outputs
+
+    seen: list = []
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def judge(round_trips):
+        out = round_trips(x)
+        seen.append(out)
+        return {"mine": float(all(v.abs().max() <= 1 for v in out.values()))}
+
+    stage = TAESDStage(cfg(tmp_path / "run", teacher, steps=2), evaluator=judge)
+    run_stage(stage)
+    assert len(seen) == 1 and list(seen[0]) == ["vae", "tiny_decoder", "tiny"]
+    assert all(v.shape == x.shape and v.device.type == "cpu" for v in seen[0].values())
+    _, vae = teacher_outputs(stage.vae, x, decode=True)
+    torch.testing.assert_close(seen[0]["vae"], vae.float())  # the teacher's own round trip
+    ev = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["kind"] == "eval"][-1]
+    assert ev["mine"] == 1.0 and "kept" not in ev  # the user's metrics, not the shapes judge's

@@ -10,7 +10,7 @@ file (``--config``), ``--set key=value`` overrides, then the explicit options, i
 order of precedence (later wins), above a run preset (``--preset quick``: minutes on a
 CPU, see :mod:`opensd.training.presets`). After the first few steps the run prints how
 long it will take at the measured speed (:mod:`opensd.training.estimate`).
-``--evaluator MODULE:NAME`` gives the vae, clip or unet stage a Python callable of its
+``--evaluator MODULE:NAME`` gives the vae, clip, unet, taesd or lcm stage a Python callable of its
 evaluator protocol (:mod:`opensd.training.evaluation`) in place of the data source's.
 """
 
@@ -212,14 +212,16 @@ def taesd(
     steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
     seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
     data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET, evaluator: Optional[str] = EVALUATOR,
 ) -> None:
     """Distil a tiny autoencoder (TAESD) from a model's VAE; writes OUT/taesd/ (copy it into the model's folder)."""
     from opensd.training.taesd import TAESDStage, TAESDStageConfig
 
     opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
     opts["teacher"] = None if teacher is None else str(teacher)
-    _run(TAESDStage, _config("taesd", TAESDStageConfig, config, set_, opts, preset), resume, preset)
+    judge = load_evaluator(evaluator)
+    _run(lambda c: TAESDStage(c, evaluator=judge), _config("taesd", TAESDStageConfig, config, set_, opts, preset),
+         resume, preset)
 
 
 MODEL = typer.Option(None, "--model", "-m", help="The frozen base model: any model opensd loads (default: the default model).")
@@ -273,7 +275,7 @@ def lcm(
     steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
     seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
     data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET,
+    resume: bool = RESUME, quiet: bool = QUIET, evaluator: Optional[str] = EVALUATOR,
 ) -> None:
     """Latent consistency distillation into a LoRA (LCM-LoRA); writes OUT/NAME.safetensors for `--sampler lcm`."""
     from opensd.training.lcm import LCMStage, LCMStageConfig
@@ -281,7 +283,8 @@ def lcm(
     opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
     opts.update({"model": None if model is None else str(model), "rank": rank, "alpha": alpha, "targets": targets,
                  "guidance_min": guidance, "guidance_max": guidance, "output_name": output_name})
-    _run(LCMStage, build_config(LCMStageConfig, config, set_, opts), resume, None)
+    judge = load_evaluator(evaluator)
+    _run(lambda c: LCMStage(c, evaluator=judge), build_config(LCMStageConfig, config, set_, opts), resume, None)
 
 
 @app.command("embedding")

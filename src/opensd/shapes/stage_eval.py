@@ -1,4 +1,4 @@
-"""The shapes world's judges of the three training stages (:mod:`opensd.training.evaluation`).
+"""The shapes world's judges of the training stages (:mod:`opensd.training.evaluation`).
 
 Each renders or draws the validation suite (:func:`opensd.shapes.suites.validation_suite`,
 ``per_category`` prompts of each category, never the benchmark) and judges with the exact
@@ -8,9 +8,13 @@ scorer:
   ``psnr`` (dB), ``roundtrip_overall`` (the scorer's GenEval-style overall on the
   reconstructions), ``roundtrip_kept`` (the share of scenes still judged true) and
   ``original_overall`` (the same on the originals: the ceiling, 1.0 at 32 px);
+* :class:`TinyRoundTripJudge` (TAESD): the same renders round-tripped three ways (the
+  teacher's VAE, its encoder then the tiny decoder, the tiny autoencoder alone):
+  ``psnr_vs_vae`` and ``psnr`` of the tiny decoder's against the VAE's and the originals,
+  and the share of scenes still judged true, ``vae_kept``, ``kept`` and ``tiny_kept``;
 * :class:`RetrievalJudge` (CLIP): retrieval and hard-negative accuracy on the true renders
   (:func:`opensd.shapes.retrieval.retrieval_metrics`);
-* :class:`GenerationJudge` (U-Net): the suite's prompts drawn by the model, a grid of them
+* :class:`GenerationJudge` (U-Net, LCM): the suite's prompts drawn by the model, a grid of them
   (``per_category`` columns, the prompts in a ``.txt`` beside it) and the scores:
   ``overall`` and ``acc_<category>``.
 
@@ -21,7 +25,7 @@ on the shapes world.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -59,6 +63,32 @@ class RoundTripJudge:
         out["roundtrip_overall"] = scored["overall"]
         out["roundtrip_kept"] = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
         out["original_overall"] = ref["overall"]
+        return out
+
+
+class TinyRoundTripJudge:
+    """The TAESD stage's evaluator: see the module docstring."""
+
+    def __init__(self, per_category: int, image_size: int) -> None:
+        self.per_category, self.image_size = per_category, image_size
+        self._val: tuple | None = None
+
+    def __call__(self, round_trips: Callable[[torch.Tensor], Mapping[str, torch.Tensor]]) -> dict[str, float]:
+        from opensd.training.data import pil_to_tensor, tensor_to_pil
+        from opensd.training.vae import psnr
+
+        if self._val is None:
+            prompts = validation_suite(per_category=self.per_category)
+            gts = ground_truth_images(prompts, size=self.image_size, seed=1)
+            self._val = (prompts, torch.stack([pil_to_tensor(im) for im in gts]))
+        prompts, gts = self._val
+        rec = round_trips(gts)
+        out = {"psnr_vs_vae": float(psnr(rec["tiny_decoder"], rec["vae"]).mean()),
+               "psnr": float(psnr(rec["tiny_decoder"], gts).mean())}
+        names = {"vae": "vae_kept", "tiny_decoder": "kept", "tiny": "tiny_kept"}
+        for key, images in rec.items():
+            scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(images), prompts)])
+            out[names[key]] = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
         return out
 
 
@@ -102,16 +132,21 @@ class GenerationJudge:
         return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
 
 
-def judge_for(stage: str, cfg: Any) -> RoundTripJudge | RetrievalJudge | GenerationJudge | None:
-    """The judge of stage ``stage`` (``vae``, ``clip`` or ``unet``) with its config's
-    ``eval_per_category`` (None when 0, or for any other stage)."""
+Judge = RoundTripJudge | TinyRoundTripJudge | RetrievalJudge | GenerationJudge
+
+
+def judge_for(stage: str, cfg: Any) -> Judge | None:
+    """The judge of stage ``stage`` (``vae``, ``taesd``, ``clip``, ``unet`` or ``lcm``) with its
+    config's ``eval_per_category`` (None when 0, or for any other stage)."""
     per_category = getattr(cfg, "eval_per_category", 0)
     if not per_category:
         return None
     if stage == "vae":
         return RoundTripJudge(per_category, cfg.data.image_size)
+    if stage == "taesd":
+        return TinyRoundTripJudge(per_category, cfg.data.image_size)
     if stage == "clip":
         return RetrievalJudge(per_category, cfg.data.image_size)
-    if stage == "unet":
+    if stage in ("unet", "lcm"):
         return GenerationJudge(per_category)
     return None

@@ -43,6 +43,15 @@ class RoundTripEvaluator(Protocol):
     def __call__(self, round_trip: Callable[[torch.Tensor], torch.Tensor]) -> Metrics: ...
 
 
+class TinyRoundTripEvaluator(Protocol):
+    """The TAESD stage's. ``round_trips(images)``: images (N, 3, H, W) in [-1, 1] three ways, each
+    (N, 3, H, W) in [-1, 1] on the CPU: ``"vae"`` the teacher's full VAE, ``"tiny_decoder"`` the
+    teacher's encoder then the tiny decoder (the fast decode of a latent the model made), and,
+    when the tiny autoencoder has an encoder, ``"tiny"`` the tiny autoencoder alone."""
+
+    def __call__(self, round_trips: Callable[[torch.Tensor], Mapping[str, torch.Tensor]]) -> Metrics: ...
+
+
 class RetrievalEvaluator(Protocol):
     """The CLIP stage's: the contrastive model (in eval mode, on the run's device) and the
     run's tokenizer (ids for :meth:`ContrastiveModel.encode_text`, ``eos_id``)."""
@@ -51,9 +60,10 @@ class RetrievalEvaluator(Protocol):
 
 
 class GenerationEvaluator(Protocol):
-    """The U-Net stage's. ``draw(prompts)``: one image per prompt from the run's model (the
-    EMA U-Net through the real pipeline, the stage's ``sample_steps``, ``sampler`` and
-    ``cfg_scale``, prompt ``i`` seeded ``1000 + i``). ``samples``: the path of this step's
+    """The U-Net and LCM stages'. ``draw(prompts)``: one image per prompt from the run's model
+    through the real pipeline, prompt ``i`` seeded ``1000 + i`` (U-Net: the EMA U-Net with the
+    stage's ``sample_steps``, ``sampler`` and ``cfg_scale``; LCM: the frozen model with the
+    student LoRA, ``sample_steps`` of the ``lcm`` sampler at CFG 1). ``samples``: the path of this step's
     sample grid (``.png``) that the evaluator may write (and a ``.txt`` of its prompts beside it)."""
 
     def __call__(self, draw: Callable[[Sequence[str]], list[Image.Image]], samples: Path) -> Metrics: ...

@@ -69,8 +69,9 @@ class LCMStageConfig(StageConfig):
     model). ``rank``/``alpha``/``targets``: the LoRA (``all``: with the convolutions, as
     LCM-LoRA). ``original_steps``: the solver's grid (N). ``guidance_min``/``guidance_max``:
     the teacher's CFG scale range. ``target_decay``: the target network's EMA decay (0: the
-    student). ``eval_per_category``: validation prompts per category scored at each
-    evaluation with ``sample_steps`` of the ``lcm`` sampler at CFG 1 (0: none);
+    student). ``eval_per_category``: on the shapes world, the judge's validation
+    prompts per category scored at each evaluation with ``sample_steps`` of the ``lcm``
+    sampler at CFG 1 (0: none);
     ``sample_images``: images per prompt of ``sample_prompts`` drawn then (0: none).
     ``export_half``: the file in float16."""
 
@@ -298,32 +299,33 @@ class LCMStage(Stage):
         return self._pipe
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Sample grids of ``sample_prompts`` and the validation suite scored, both with the
-        student at ``sample_steps`` LCM steps and CFG 1."""
+        """A sample grid of ``sample_prompts``, then the stage's evaluator (a
+        :class:`~opensd.training.evaluation.GenerationEvaluator`; on the shapes world the
+        validation suite scored, its grid in ``step_XXXXXXXX_eval.png``), both with the student
+        at ``sample_steps`` LCM steps and CFG 1."""
         from opensd.pipelines.networks import RequestNetworks
         from opensd.pipelines.request import GenerationRequest
 
         cfg, pipe, size = self.cfg, self.pipeline(), self.cfg.data.image_size
         networks = RequestNetworks(adapters=self.ctx.averaged("lcm").network.adapters())
         kw = dict(steps=cfg.sample_steps, sampler="lcm", cfg_scale=1.0, width=size, height=size)
+        samples = self.ctx.run_dir / SAMPLES
         if cfg.sample_images and cfg.sample_prompts:
             images: list = []
             for p in cfg.sample_prompts:
                 images += pipe.generate(GenerationRequest(p, seed=1000, batch_size=cfg.sample_images, **kw),
                                         networks=networks).images
-            path = self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png"
+            path = samples / f"step_{step:08d}.png"
             save_grid(images, path, cfg.sample_images)
             path.with_suffix(".txt").write_text("".join(f"{p}\n" for p in cfg.sample_prompts))
-        if not cfg.eval_per_category:
+        if self.evaluator is None:
             return {}
-        from opensd.shapes.suites import validation_suite
-        from opensd.shapes.scorer import score_images
 
-        prompts = validation_suite(per_category=cfg.eval_per_category)
-        images = [pipe.generate(GenerationRequest(p.text, seed=1000 + i, **kw), networks=networks).images[0]
-                  for i, p in enumerate(prompts)]
-        scored = score_images([(im, p.spec) for im, p in zip(images, prompts)])
-        return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
+        def draw(prompts):
+            return [pipe.generate(GenerationRequest(text, seed=1000 + i, **kw), networks=networks).images[0]
+                    for i, text in enumerate(prompts)]
+
+        return dict(self.evaluator(draw, samples / f"step_{step:08d}_eval.png"))
 
     def output_path(self) -> Path:
         run = self.ctx.run_dir

@@ -21,10 +21,13 @@ preview use). The networks and batches are kept channels-last: the same arithmet
 faster convolutions on CPUs (with ``train.bf16``, about twice as fast again on CPUs with
 AMX/AVX-512 bf16).
 
-``evaluate`` round-trips the validation suite's ground-truth renders three ways and
-scores them with the exact scorer: teacher encoder -> tiny decoder (the fast decode of a
-latent the model made: ``kept``), tiny encoder -> tiny decoder (``tiny_kept``) and the
-full VAE (``vae_kept``, the reference). ``export`` writes ``taesd/taesd_decoder.safetensors``
+``evaluate`` writes a grid of pool images above their round trips and hands the round
+trips (teacher encoder -> tiny decoder, the fast decode of a latent the model made; tiny
+encoder -> tiny decoder; the full VAE, the reference) to the stage's evaluator (a
+:class:`~opensd.training.evaluation.TinyRoundTripEvaluator`): on the shapes world, the
+validation suite's ground-truth renders round-tripped and scored with the exact scorer
+(:class:`opensd.shapes.stage_eval.TinyRoundTripJudge`: ``kept``, ``tiny_kept``, ``vae_kept``
+and the PSNRs). ``export`` writes ``taesd/taesd_decoder.safetensors``
 (and ``taesd_encoder.safetensors``) in the original TAESD layout, which
 :func:`opensd.checkpoints.taesd.load_tiny_autoencoder` and A1111 read; copied into a
 model's folder, the pipeline uses it for ``decoder="tiny"`` and TAESD previews.
@@ -44,9 +47,9 @@ from torch import nn
 from opensd.config import ConfigError
 from opensd.models.taesd import TinyAutoencoder, TinyAutoencoderConfig
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig, _check_float, _check_int
-from opensd.training.data import batch_indices, load_batch, open_source, tensor_to_pil
+from opensd.training.data import batch_indices, load_batch, tensor_to_pil
 from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
-from opensd.training.vae import psnr
+from opensd.training.sources import open_source
 
 EXPORT_FOLDER = "taesd"
 
@@ -159,7 +162,6 @@ class TAESDStage(Stage):
         check_fits(cfg.model, self.vae)
         self.source = open_source(cfg.data)
         self.cache = self._cache()
-        self._val: tuple | None = None
         tiny = TinyAutoencoder(cfg.model).to(memory_format=torch.channels_last)
         return {"taesd": TAESDLoss(tiny, cfg.l1_weight, cfg.mse_weight, cfg.encoder_weight)}
 
@@ -195,17 +197,6 @@ class TAESDStage(Stage):
 
     # -- evaluation and export (rank 0) ----------------------------------------------
 
-    def _validation(self) -> tuple:
-        """(prompts, ground-truth images (N, 3, H, W) in [-1, 1]) of the validation suite."""
-        if self._val is None:
-            from opensd.shapes.suites import ground_truth_images, validation_suite
-            from opensd.training.data import pil_to_tensor
-
-            prompts = validation_suite(per_category=self.cfg.eval_per_category)
-            gts = ground_truth_images(prompts, size=self.cfg.data.image_size, seed=1)
-            self._val = (prompts, torch.stack([pil_to_tensor(im) for im in gts]))
-        return self._val
-
     @torch.no_grad()
     def round_trips(self, tiny: TinyAutoencoder, x: torch.Tensor, batch: int = 64) -> dict[str, torch.Tensor]:
         """Images x (N, 3, H, W) through the full VAE, teacher encoder -> tiny decoder and
@@ -226,19 +217,9 @@ class TAESDStage(Stage):
         grid = _from_uint8(self.cache["images"][:n])
         rows = self.round_trips(tiny, grid)
         save_grid(tensor_to_pil(torch.cat([grid, *rows.values()])), self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png", n)
-        if not self.cfg.eval_per_category:
+        if self.evaluator is None:
             return {}
-        from opensd.shapes.scorer import score_images
-
-        prompts, gts = self._validation()
-        rec = self.round_trips(tiny, gts)
-        out = {"psnr_vs_vae": float(psnr(rec["tiny_decoder"], rec["vae"]).mean()),
-               "psnr": float(psnr(rec["tiny_decoder"], gts).mean())}
-        names = {"vae": "vae_kept", "tiny_decoder": "kept", "tiny": "tiny_kept"}
-        for key, images in rec.items():
-            scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(images), prompts)])
-            out[names[key]] = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
-        return out
+        return dict(self.evaluator(lambda images: self.round_trips(tiny, images)))
 
     def export(self) -> Path:
         from opensd.checkpoints.taesd import save_tiny_autoencoder

@@ -122,7 +122,7 @@ class GenerationJudge:
         self.per_category = per_category
 
     def __call__(self, draw: Callable[[Sequence[str]], list[Image.Image]], samples: Path) -> dict[str, float]:
-        from opensd.training.loop import save_grid
+        from opensd.training.records import save_grid
 
         prompts = validation_suite(per_category=self.per_category)
         images = draw([p.text for p in prompts])

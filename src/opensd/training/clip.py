@@ -40,8 +40,8 @@ from opensd.training.data import (
     load_batch,
     save_text_encoder,
 )
-from opensd.training.loop import RunContext, Stage, Update, step_seed
 from opensd.training.sources import open_source
+from opensd.training.stage import RunContext, Stage, Update, step_seed
 
 TOKENIZER_FOLDER = "tokenizer"
 

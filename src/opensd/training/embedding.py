@@ -34,9 +34,10 @@ from opensd.checkpoints.embeddings import TextualInversion
 from opensd.config import ConfigError
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig, _check_float, _check_int
 from opensd.training.data import batch_indices
-from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
 from opensd.training.lora import Frozen, check_image_size, load_frozen
 from opensd.training.lora_network import Shared
+from opensd.training.records import SAMPLES, save_grid
+from opensd.training.stage import RunContext, Stage, Update
 from opensd.training.unet import DiffusionLoss
 
 TEMPLATES = ("a photo of {}", "a rendering of {}", "a picture of {}", "a close-up photo of {}", "an image of {}")

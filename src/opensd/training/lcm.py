@@ -51,9 +51,10 @@ from opensd.diffusion.schedules import DiscreteSchedule, Prediction
 from opensd.models.adapters import use_adapters
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig, _check_float, _check_int
 from opensd.training.data import batch_indices
-from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
 from opensd.training.lora import check_image_size, load_frozen
 from opensd.training.lora_network import LoRANetwork, LoRATargets, Shared, kohya_metadata
+from opensd.training.records import SAMPLES, save_grid
+from opensd.training.stage import RunContext, Stage, Update
 
 
 class ConsistencyLoss(enum.Enum):

@@ -1,7 +1,8 @@
-"""The training loop every stage shares.
+"""The trainer every stage shares.
 
-A :class:`Stage` (the VAE, CLIP and U-Net stages) supplies networks, batches and
-losses; :func:`run_stage` does everything else:
+A :class:`~opensd.training.stage.Stage` (the contract a stage's author reads, in
+:mod:`opensd.training.stage`) supplies networks, batches and losses; :func:`run_stage`
+does everything else:
 
 - **devices and ranks**: ``train.device = auto`` picks CUDA when present; under
   ``torchrun`` the trainable modules are wrapped in ``DistributedDataParallel``
@@ -12,13 +13,15 @@ losses; :func:`run_stage` does everything else:
 - **safety**: a non-finite loss or gradient norm stops the run at once with
   :class:`NonFiniteLossError` naming the step; nothing is written after it, so the
   last checkpoint stays the last good one;
-- **records**: a tqdm bar (loss, speed), ``log.jsonl`` (one JSON object per log or
-  eval step), ``loss.png``, sample grids from the stage's ``evaluate``;
+- **records** (:mod:`opensd.training.records`): a tqdm bar (loss, speed), ``log.jsonl``
+  (one JSON object per log or eval step), ``loss.png``, sample grids from the stage's
+  ``evaluate``;
 - **checkpoints and exact resume**: ``checkpoints/step_XXXXXXXX.pt`` written to a
   temporary file, its SHA-256 recorded beside it, then renamed (atomic; see
   :mod:`opensd.training.checkpoint_store`: a checkpoint that fails its check is set
   aside and resume falls back to the one before), holding the networks, optimisers, EMA, the
-  python / numpy / torch RNG states of every rank and the data position (the step).
+  python / numpy / torch RNG states of every rank and the data position (the step; what a
+  checkpoint holds is :mod:`opensd.training.checkpoint_state`).
   All randomness inside a step comes from generators seeded by (seed, step, rank)
   and batches depend only on (seed, step, rank), so a run killed at any moment and
   resumed with the same command ends with the same weights, bit for bit, as one
@@ -33,49 +36,46 @@ Run folder::
       samples/step_XXXXXXXX.png
       checkpoints/step_XXXXXXXX.pt           (+ .sha256, its hash; a bad one is set aside as .pt.corrupt)
       <the stage's export>    vae/, text_encoder/ or model/
+
+The names a stage's module imported from here before the split (``Stage``, ``Update``,
+``RunContext``, ``save_grid``, ``read_log``, ``list_checkpoints``, ``ResumeError``...) are
+still offered here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
 import json
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
-from torch import nn
 
 from opensd import devices
 from opensd.config import ConfigError, to_dict
-from opensd.errors import OpenSDError
 from opensd.training import checkpoint_store as store
-from opensd.training.checkpoint_store import CHECKPOINTS, ResumeError, list_checkpoints, load_checkpoint  # noqa: F401
+from opensd.training.checkpoint_state import (  # noqa: F401 (re-exported: the names' old home)
+    CHECKPOINTS,
+    ResumeError,
+    list_checkpoints,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+)
 from opensd.training.config import TrainConfig, config_differences
 from opensd.training.ema import EMA
-from opensd.training.evaluation import FROM_DATA
+from opensd.training.records import LOG, PLOT, SAMPLES, plot_log, read_log, save_grid  # noqa: F401 (re-exported)
+from opensd.training.stage import Hook, RunContext, Stage, Update, step_seed  # noqa: F401 (re-exported)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or infinite; the run stopped."""
-
-
-LOG = "log.jsonl"
-PLOT = "loss.png"
-SAMPLES = "samples"
-
-
-# ----------------------------------------------------------------------------- helpers
 
 
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
@@ -86,237 +86,6 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
         return devices.resolve_device(spec, local_rank)
     except devices.DeviceError as e:
         raise ConfigError(f"train.device: {e}") from None
-
-
-def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
-    """A 63-bit seed that depends only on its arguments."""
-    digest = hashlib.sha256(f"opensd-train:{seed}:{step}:{rank}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def save_grid(images: Sequence[Image.Image], path: Path, cols: int, min_tile: int = 64) -> Path:
-    """Paste equally sized images into a grid of ``cols`` columns; written atomically as PNG.
-
-    Tiles smaller than ``min_tile`` px are enlarged by an integer factor (nearest
-    neighbour, so every pixel stays visible as it is)."""
-    if not images:
-        raise OpenSDError("save_grid needs at least one image")
-    w, h = images[0].size
-    k = max(1, min_tile // max(w, h))
-    if k > 1:
-        images = [im.resize((im.size[0] * k, im.size[1] * k), Image.Resampling.NEAREST) for im in images]
-        w, h = w * k, h * k
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``log.jsonl`` (a torn last line from a killed run is skipped)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def plot_log(log_path: Path, png_path: Path) -> Path | None:
-    """Plot training losses (log scale) and eval metrics (fractions, then the rest) against step."""
-    records = read_log(log_path)
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    if not train:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def series(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
-        return [(r["step"], r[key]) for r in rows
-                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-
-    loss_keys = sorted({k for r in train for k in r if "loss" in k})
-    eval_keys = sorted({k for r in evals for k in r if k not in ("step", "kind", "time", "eval_seconds")
-                        and isinstance(r[k], (int, float))})
-    fractions = [k for k in eval_keys if all(0 <= v <= 1 for _, v in series(evals, k))]
-    others = [k for k in eval_keys if k not in fractions]
-    panels = [("training loss", train, loss_keys, "-")]
-    panels += [("evaluation (fractions)", evals, fractions, "o-")] if fractions else []
-    panels += [("evaluation", evals, others, "o-")] if others else []
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (title, rows, keys, style) in zip(axes[0], panels):
-        for k in keys:
-            pts = series(rows, k)
-            if pts:
-                ax.plot(*zip(*pts), style, label=k, markersize=3)
-        if title == "training loss" and all(v > 0 for k in keys for _, v in series(rows, k)):
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
-
-
-# RNG states as plain containers of ints, floats and tensors (loadable with weights_only=True).
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    version, py_state, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].cpu().numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached"]))
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-# ----------------------------------------------------------------------------- the stage contract
-
-
-@dataclass
-class Update:
-    """One optimiser step of parameter group ``group`` on ``loss``; ``metrics`` are logged."""
-
-    group: str
-    loss: torch.Tensor
-    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
-
-
-@dataclass
-class RunContext:
-    """What a stage sees of the run: where, which rank, the wrapped modules, EMA, RNG."""
-
-    run_dir: Path
-    device: torch.device
-    rank: int
-    world: int
-    cfg: TrainConfig
-    resuming: bool
-    modules: dict[str, nn.Module] = field(default_factory=dict)  # raw trainable modules
-    wrapped: dict[str, nn.Module] = field(default_factory=dict)  # DDP-wrapped when world > 1
-    emas: dict[str, EMA] = field(default_factory=dict)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def local_batch(self) -> int:
-        return self.cfg.batch_size // self.world
-
-    def generator(self, step: int, stream: int = 0) -> torch.Generator:
-        """A CPU generator for ``step``'s draws on this rank (draw on CPU, then move: same on any device)."""
-        return torch.Generator("cpu").manual_seed(step_seed(self.cfg.seed, step, self.rank, stream))
-
-    def to_device(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Move a CPU tensor to the run's device. On a GPU the copy goes through pinned memory
-        without blocking, so the host keeps queueing work instead of waiting for the GPU."""
-        if self.device.type != "cuda":
-            return tensor.to(self.device, dtype)
-        if dtype is not None:
-            tensor = tensor.to(dtype)
-        return tensor.pin_memory().to(self.device, non_blocking=True)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast when ``train.bf16``, else a no-op."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
-
-    def averaged(self, name: str) -> nn.Module:
-        """A copy of module ``name`` holding its EMA weights (the module itself if no EMA), in eval mode."""
-        module = self.modules[name]
-        if name not in self.emas:
-            return module
-        return self.emas[name].copy_to(copy.deepcopy(module)).eval()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-Hook = Callable[[int, RunContext], None]  # called as hook(finished steps, ctx) after each step
-
-
-class Stage:
-    """Base class of a training stage. Subclasses set ``name`` and implement the methods.
-
-    ``build(ctx)`` creates the networks and data and returns the trainable modules by
-    group name (each gets its own AdamW and, if listed in ``ema_groups`` and
-    ``train.ema_decay > 0``, an EMA); a module's ``forward`` should compute the loss,
-    so that data-parallel training works through ``ctx.wrapped[name](...)``.
-    ``updates(batch, step)`` yields the :class:`Update` s of one step in order (a
-    GAN yields the generator's, then the discriminator's). ``evaluate`` and ``export``
-    run on rank 0 only. ``evaluator`` (see :mod:`opensd.training.evaluation`): what
-    ``evaluate`` hands the networks to for metrics; by default the data source's
-    (``FROM_DATA``), ``None`` for none.
-    """
-
-    name = "stage"
-    ema_groups: tuple[str, ...] = ()
-
-    def __init__(self, cfg: Any, *, evaluator: Any = FROM_DATA) -> None:
-        from opensd.training.sources import resolve_evaluator
-
-        self.cfg = cfg
-        self.ctx: RunContext | None = None
-        self.evaluator = resolve_evaluator(evaluator, self.name, cfg)
-
-    def build(self, ctx: RunContext) -> dict[str, nn.Module]:
-        raise NotImplementedError
-
-    def base_lr(self, group: str) -> float:
-        return self.cfg.train.lr
-
-    def batch(self, step: int) -> Any:
-        raise NotImplementedError
-
-    def updates(self, batch: Any, step: int) -> Iterator[Update]:
-        raise NotImplementedError
-
-    def after_update(self, group: str) -> None:
-        """Called after each optimiser step of ``group`` (before its EMA update)."""
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        return {}
-
-    def export(self) -> Path | None:
-        return None
-
-    def resolved_config(self) -> dict[str, Any]:
-        """What the run folder's ``config.json`` records (after ``build``): the config itself,
-        unless the stage resolves parts of it elsewhere (a model it starts from, say)."""
-        return to_dict(self.cfg)
 
 
 @dataclass
@@ -458,7 +227,7 @@ class _Trainer:
         if cfg.ema_decay > 0:
             ctx.emas = {k: EMA(modules[k], cfg.ema_decay) for k in self.stage.ema_groups if k in modules}
         if state is not None:
-            self._restore(state, modules)
+            restore_training_state(state, self.resumed_from, self.stage, ctx, self.optimizers)
         if ctx.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -478,20 +247,6 @@ class _Trainer:
             store.remove_leftovers(self.run_dir)
         ctx.barrier()
         return start
-
-    def _restore(self, state: dict[str, Any], modules: dict[str, nn.Module]) -> None:
-        """Load a checkpoint's modules, optimisers, EMAs and RNG states; a mismatch is one line naming it."""
-        path, emas = self.resumed_from, self.ctx.emas
-        store.check_structure(state, path, self.stage.name, list(modules), list(emas))
-        for k, m in modules.items():
-            store.restore(f"{k} module", path, lambda: m.load_state_dict(state["modules"][k]))
-        for k, opt in self.optimizers.items():
-            store.restore(f"{k} optimiser", path, lambda: opt.load_state_dict(state["optimizers"][k]))
-        for k, ema in emas.items():
-            store.restore(f"{k} EMA", path, lambda: ema.load_state_dict(state["ema"][k]))
-        rngs = state["rng"]
-        if self.ctx.rank < len(rngs):
-            store.restore("RNG states", path, lambda: _set_rng_state(rngs[self.ctx.rank], self.device))
 
     # -- pieces of a step ------------------------------------------------------------
 
@@ -548,31 +303,6 @@ class _Trainer:
             dist.broadcast(flag, src=0)
             up = bool(flag.item())
         return up
-
-    def _save(self, step: int) -> None:
-        ctx = self.ctx
-        rng = _rng_state(self.device)
-        if ctx.world > 1:
-            gathered: list[Any] = [None] * ctx.world
-            dist.all_gather_object(gathered, {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                                              for k, v in rng.items()})
-            rngs = gathered
-        else:
-            rngs = [rng]
-        if ctx.is_main:
-            state = {
-                "step": step,
-                "stage": self.stage.name,
-                "config": to_dict(self.stage.cfg),
-                "world": ctx.world,
-                "data": {"step": step, "position": step * self.cfg.batch_size},
-                "modules": {k: m.state_dict() for k, m in ctx.modules.items()},
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "ema": {k: e.state_dict() for k, e in ctx.emas.items()},
-                "rng": rngs,
-            }
-            store.write_checkpoint(state, self.run_dir, step, self.cfg.keep_checkpoints)
-        ctx.barrier()
 
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.log_path, "a") as f:
@@ -666,7 +396,7 @@ class _Trainer:
                 t_pause = time.perf_counter()
                 if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or final:
                     self._settle()
-                    self._save(done)
+                    save_checkpoint(self.stage, ctx, self.optimizers, done)
                     if ctx.is_main:
                         plot_log(self.log_path, self.run_dir / PLOT)
                 if (cfg.sample_every and done % cfg.sample_every == 0) or final:

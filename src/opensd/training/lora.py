@@ -36,8 +36,9 @@ from opensd.models.adapters import use_adapters
 from opensd.models.stable_diffusion import ModelFamily
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig, _check_float, _check_int
 from opensd.training.data import batch_indices
-from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
 from opensd.training.lora_network import LoRANetwork, LoRATargets, Shared, kohya_metadata
+from opensd.training.records import SAMPLES, save_grid
+from opensd.training.stage import RunContext, Stage, Update
 from opensd.training.text_encoding import encode_ids
 from opensd.training.unet import DiffusionLoss
 

@@ -48,8 +48,9 @@ from opensd.config import ConfigError
 from opensd.models.taesd import TinyAutoencoder, TinyAutoencoderConfig
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig, _check_float, _check_int
 from opensd.training.data import batch_indices, load_batch, tensor_to_pil
-from opensd.training.loop import SAMPLES, RunContext, Stage, Update, save_grid
+from opensd.training.records import SAMPLES, save_grid
 from opensd.training.sources import open_source
+from opensd.training.stage import RunContext, Stage, Update
 
 EXPORT_FOLDER = "taesd"
 

@@ -74,8 +74,9 @@ from opensd.training.data import (
     write_latent_cache,
 )
 from opensd.training.grounding import AttentionCapture, PixelTarget, grounding_loss
-from opensd.training.loop import SAMPLES, RunContext, Stage, Update
+from opensd.training.records import SAMPLES
 from opensd.training.sources import open_source
+from opensd.training.stage import RunContext, Stage, Update
 
 MODEL_FOLDER = "model"
 

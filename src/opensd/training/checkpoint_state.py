@@ -5,7 +5,8 @@ A checkpoint (written and verified by :mod:`opensd.training.checkpoint_store`) i
 
     step, stage, config, world       the finished steps, the stage's name, its config, the ranks
     data                             {"step", "position"}: where the batch stream is
-    modules, optimizers, ema         by group: the module state, AdamW state, EMA state
+    modules, optimizers, ema         by group: the module's trained parameters and kept state (only
+                                     those: see Stage.trainable), its AdamW state, its EMA
     rng                              per rank: the python / numpy / torch (/ CUDA) RNG states
 
 :func:`save_checkpoint` gathers every rank's RNG state and has rank 0 write it;
@@ -17,22 +18,25 @@ read a run folder's checkpoints.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from opensd.config import to_dict
 from opensd.training import checkpoint_store as store
 from opensd.training.checkpoint_store import CHECKPOINTS, ResumeError, list_checkpoints, load_checkpoint
+from opensd.training.stage import Trainable
 
 if TYPE_CHECKING:
     from opensd.training.stage import RunContext, Stage
 
 __all__ = ["CHECKPOINTS", "ResumeError", "list_checkpoints", "load_checkpoint", "rng_state", "set_rng_state",
-           "save_checkpoint", "restore_training_state"]
+           "held_state", "load_held_state", "save_checkpoint", "restore_training_state"]
 
 
 # RNG states as plain containers of ints, floats and tensors (loadable with weights_only=True).
@@ -64,6 +68,33 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 
+def held_state(module: nn.Module, trainable: Trainable) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``module``: its ``state_dict`` entries that ``trainable``
+    names (:meth:`Trainable.held`), in the ``state_dict``'s order (all of it, the very dict,
+    when it names everything)."""
+    state = module.state_dict()
+    held = set(trainable.held())
+    if held.issuperset(state):
+        return state
+    out = OrderedDict((k, v) for k, v in state.items() if k in held)
+    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # the modules' versions
+    return out
+
+
+def load_held_state(module: nn.Module, trainable: Trainable, state: Any, what: str, path: Path) -> None:
+    """Load a checkpoint's :func:`held_state` of ``module``; a checkpoint holding other names,
+    or tensors that do not fit, is a one-line :class:`ResumeError` naming ``path``."""
+    held = trainable.held()
+    names = set(state) if isinstance(state, Mapping) else set()
+    lacking, extra = [k for k in held if k not in names], sorted(names - set(held))
+    if lacking or extra:
+        told = [f"it lacks {', '.join(lacking[:3])}" if lacking else "", f"it holds {', '.join(extra[:3])}, which this "
+                "run does not train" if extra else ""]
+        raise ResumeError(f"{path} does not fit this run's {what}: {'; '.join(t for t in told if t)}")
+    everything = set(held).issuperset(module.state_dict())
+    store.restore(what, path, lambda: module.load_state_dict(state, strict=everything))
+
+
 def _gathered_rng_states(ctx: RunContext) -> list[dict[str, Any]]:
     """Every rank's RNG states, in rank order (collective: every rank calls it)."""
     rng = rng_state(ctx.device)
@@ -85,7 +116,7 @@ def save_checkpoint(stage: Stage, ctx: RunContext, optimizers: Mapping[str, torc
             "config": to_dict(stage.cfg),
             "world": ctx.world,
             "data": {"step": step, "position": step * ctx.cfg.batch_size},
-            "modules": {k: m.state_dict() for k, m in ctx.modules.items()},
+            "modules": {k: held_state(m, ctx.trainable[k]) for k, m in ctx.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "ema": {k: e.state_dict() for k, e in ctx.emas.items()},
             "rng": rngs,
@@ -101,7 +132,7 @@ def restore_training_state(state: dict[str, Any], path: Path, stage: Stage, ctx:
     modules, emas = ctx.modules, ctx.emas
     store.check_structure(state, path, stage.name, list(modules), list(emas))
     for k, m in modules.items():
-        store.restore(f"{k} module", path, lambda: m.load_state_dict(state["modules"][k]))
+        load_held_state(m, ctx.trainable[k], state["modules"][k], f"{k} module", path)
     for k, opt in optimizers.items():
         store.restore(f"{k} optimiser", path, lambda: opt.load_state_dict(state["optimizers"][k]))
     for k, ema in emas.items():

@@ -37,7 +37,7 @@ from opensd.training.data import batch_indices
 from opensd.training.lora import Frozen, check_image_size, load_frozen
 from opensd.training.lora_network import Shared
 from opensd.training.records import SAMPLES, save_grid
-from opensd.training.stage import RunContext, Stage, Update
+from opensd.training.stage import RunContext, Stage, Trainable, Update
 from opensd.training.unet import DiffusionLoss
 
 TEMPLATES = ("a photo of {}", "a rendering of {}", "a picture of {}", "a close-up photo of {}", "an image of {}")
@@ -91,7 +91,7 @@ class EmbeddingLoss(nn.Module):
         super().__init__()
         self.token = token
         self.vectors = nn.ParameterList([nn.Parameter(v.detach().clone().float()) for v in init])
-        self._frozen = Shared(base=frozen)  # not a child module: neither saved nor copied with this one
+        self._frozen = Shared(base=frozen)  # not a child module: not moved, put in train mode or copied with this one
 
     @property
     def frozen(self) -> Frozen:
@@ -161,6 +161,10 @@ class EmbeddingStage(Stage):
                                   f"names it {len(found)} times" + ("" if cfg.templates else " (templates = [] uses "
                                                                     "the folder's captions)"))
         return {"embedding": module}
+
+    def trainable(self) -> dict[str, Trainable]:
+        """The new word's vectors: all that trains, all that a checkpoint holds."""
+        return {"embedding": Trainable.of(self.ctx.modules["embedding"].vectors, "vectors.")}
 
     def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
         ctx, cfg = self.ctx, self.cfg

@@ -25,8 +25,9 @@ size again. Per sample of a step:
 
 The target network is an EMA of the student's LoRA (``target_decay``, LCD's ``mu``; 0: the
 student itself, as diffusers' LCM-LoRA script). It is part of the trainable module (as
-frozen factors), so checkpoints hold it and a resumed run is exact. ``train.ema_decay``
-(0 here) would keep a further EMA of the student for the export, as in the other stages.
+frozen factors) and the stage's ``trainable()`` keeps it in checkpoints beside the student,
+so a resumed run is exact. ``train.ema_decay`` (0 here) would keep a further EMA of the
+student (only: the target is not averaged) for the export, as in the other stages.
 
 The export is ``<out>/<output_name>.safetensors``, a kohya LoRA over the U-Net with
 sd-scripts' ``ss_*`` metadata and ``opensd_lcm_*`` keys for the distillation settings;
@@ -54,7 +55,7 @@ from opensd.training.data import batch_indices
 from opensd.training.lora import check_image_size, load_frozen
 from opensd.training.lora_network import LoRANetwork, LoRATargets, Shared, kohya_metadata
 from opensd.training.records import SAMPLES, save_grid
-from opensd.training.stage import RunContext, Stage, Update
+from opensd.training.stage import RunContext, Stage, Trainable, Update
 
 
 class ConsistencyLoss(enum.Enum):
@@ -150,7 +151,7 @@ class LCDLoss(nn.Module):
         super().__init__()
         self.network = network
         self.target = copy.deepcopy(network).requires_grad_(False)  # shares the base layers (Shared)
-        self._frozen = Shared(base=frozen)
+        self._frozen = Shared(base=frozen)  # not a child module: not moved, put in train mode or copied with this one
         schedule = DiscreteSchedule(frozen.model.cfg.schedule)
         T = schedule.num_train_timesteps
         if cfg.original_steps > T:
@@ -245,6 +246,15 @@ class LCMStage(Stage):
         if not len(network.layers):
             raise ConfigError(f"targets {cfg.targets.value!r} selects no layer of this model")
         return {"lcm": LCDLoss(network, Teacher(model, self.conditioner, self.size_request), cfg)}
+
+    def trainable(self) -> dict[str, Trainable]:
+        """The student's LoRA trains (and its EMA, if any, averages it); checkpoints also hold
+        the target network's factors, which :meth:`LCDLoss.update_target` moves, so that a
+        resumed run is exact."""
+        loss = self.ctx.modules["lcm"]
+        student = Trainable.of(loss.network, "network.")
+        target = tuple(f"target.{k}" for k in loss.target.state_dict())
+        return {"lcm": Trainable(student.parameters, (*student.state, *target))}
 
     def _cache_data(self) -> None:
         """The data's latents and caption conditioning, encoded once by the frozen model (cached in the run)."""

@@ -71,7 +71,15 @@ from opensd.training.checkpoint_state import (  # noqa: F401 (re-exported: the n
 from opensd.training.config import TrainConfig, config_differences
 from opensd.training.ema import EMA
 from opensd.training.records import LOG, PLOT, SAMPLES, plot_log, read_log, save_grid  # noqa: F401 (re-exported)
-from opensd.training.stage import Hook, RunContext, Stage, Update, step_seed  # noqa: F401 (re-exported)
+from opensd.training.stage import (  # noqa: F401 (re-exported: the names' old home)
+    Hook,
+    RunContext,
+    Stage,
+    Trainable,
+    Update,
+    check_trainable,
+    step_seed,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -216,7 +224,9 @@ class _Trainer:
         for m in modules.values():
             m.to(self.device).train()
         ctx.modules = modules
-        self.params = {k: [p for p in m.parameters() if p.requires_grad] for k, m in modules.items()}
+        ctx.trainable = self.stage.trainable()
+        check_trainable(ctx.trainable, modules, self.stage.name)
+        self.params = {k: list(ctx.trainable[k].parameters.values()) for k in modules}
         self.base_lrs = {k: self.stage.base_lr(k) for k in modules}
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step for all parameters
         self.optimizers = {
@@ -225,7 +235,8 @@ class _Trainer:
             for k in modules
         }
         if cfg.ema_decay > 0:
-            ctx.emas = {k: EMA(modules[k], cfg.ema_decay) for k in self.stage.ema_groups if k in modules}
+            ctx.emas = {k: EMA(ctx.trainable[k].parameters, cfg.ema_decay) for k in self.stage.ema_groups
+                        if k in modules}
         if state is not None:
             restore_training_state(state, self.resumed_from, self.stage, ctx, self.optimizers)
         if ctx.world > 1:
@@ -371,7 +382,7 @@ class _Trainer:
                     opt.step()
                     self.stage.after_update(upd.group)
                     if upd.group in ctx.emas:
-                        ctx.emas[upd.group].update(ctx.modules[upd.group])
+                        ctx.emas[upd.group].update(ctx.trainable[upd.group].parameters)
                     for k, v in upd.metrics.items():
                         acc.setdefault(k, []).append(v.detach() if isinstance(v, torch.Tensor) else v)
                     acc.setdefault(f"grad_norm_{upd.group}", []).append(norm.detach())

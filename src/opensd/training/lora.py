@@ -38,7 +38,7 @@ from opensd.training.config import DataConfig, DataSource, StageConfig, TrainCon
 from opensd.training.data import batch_indices
 from opensd.training.lora_network import LoRANetwork, LoRATargets, Shared, kohya_metadata
 from opensd.training.records import SAMPLES, save_grid
-from opensd.training.stage import RunContext, Stage, Update
+from opensd.training.stage import RunContext, Stage, Trainable, Update
 from opensd.training.text_encoding import encode_ids
 from opensd.training.unet import DiffusionLoss
 
@@ -152,7 +152,7 @@ class LoRALoss(nn.Module):
     def __init__(self, network: LoRANetwork, frozen: Frozen) -> None:
         super().__init__()
         self.network = network
-        self._frozen = Shared(base=frozen)  # not a child module: neither saved nor copied with this one
+        self._frozen = Shared(base=frozen)  # not a child module: not moved, put in train mode or copied with this one
 
     @property
     def frozen(self) -> Frozen:
@@ -213,6 +213,10 @@ class LoRAStage(Stage):
             raise ConfigError(f"targets {cfg.targets.value!r} selects no layer of this model")
         frozen = Frozen(model, self.loaded.tokenizer, self.conditioner, diffusion, self.size_request)
         return {"lora": LoRALoss(network, frozen)}
+
+    def trainable(self) -> dict[str, Trainable]:
+        """The LoRA's factors: all that trains, all that a checkpoint holds."""
+        return {"lora": Trainable.of(self.ctx.modules["lora"].network, "network.")}
 
     # -- data --------------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ class LoRANetwork(nn.Module):
         chosen = select_targets(model, targets, text_encoder)
         g = torch.Generator().manual_seed(seed)
         self.layers = nn.ModuleDict({name: LoRALayer(t.weight_shape, rank, self.alpha, g) for name, t in chosen.items()})
-        self._targets = Shared(chosen)  # not child modules: the base is neither saved nor copied
+        self._targets = Shared(chosen)  # not child modules: the base is neither in the state nor copied
 
     def adapters(self) -> AdapterSet:
         """The deltas of every layer, live on this network's parameters."""

@@ -19,7 +19,8 @@ does everything else:
 - **checkpoints and exact resume**: ``checkpoints/step_XXXXXXXX.pt`` written to a
   temporary file, its SHA-256 recorded beside it, then renamed (atomic; see
   :mod:`opensd.training.checkpoint_store`: a checkpoint that fails its check is set
-  aside and resume falls back to the one before), holding the networks, optimisers, EMA, the
+  aside and resume falls back to the one before), holding what the stage trains (its
+  ``trainable()``), optimisers, EMA, the
   python / numpy / torch RNG states of every rank and the data position (the step; what a
   checkpoint holds is :mod:`opensd.training.checkpoint_state`).
   All randomness inside a step comes from generators seeded by (seed, step, rank)

@@ -8,7 +8,9 @@ of chosen resolution levels, through which the text context enters by cross-atte
 ``UNetModel(cfg)(x, timesteps, context, y=None)`` maps noisy latents (B, C, H, W),
 timesteps (B,), text context (B, L, context_dim) and, for SDXL, the vector ``y`` (B,
 adm_in_channels) to a prediction (B, out_channels, H, W) (noise, or v, as the training
-objective decides). The names are the original code's.
+objective decides). The names are the original code's. ``control=`` takes a ControlNet's
+residuals (:class:`ControlResiduals`, :mod:`opensd.models.controlnet`), added to the skip
+connections and the middle block's output; without them the U-Net is unchanged.
 
 One class covers the family:
 
@@ -302,48 +304,89 @@ class EmbedSequential(nn.Sequential):
 # --------------------------------------------------------------------------- model
 
 
+@dataclass(frozen=True, eq=False)
+class ControlResiduals:
+    """What a ControlNet adds to a U-Net (Zhang et al. 2023, "Adding Conditional Control to
+    Text-to-Image Diffusion Models"): ``skips``, one tensor per input block, added to that
+    block's output where the decoder takes it as its skip connection (input-block order,
+    each of that output's shape), and ``middle``, added to the middle block's output.
+    diffusers calls them ``down_block_additional_residuals`` and ``mid_block_additional_residual``."""
+
+    skips: tuple[torch.Tensor, ...]
+    middle: torch.Tensor
+
+    def __add__(self, other: ControlResiduals) -> ControlResiduals:
+        return ControlResiduals(tuple(a + b for a, b in zip(self.skips, other.skips)), self.middle + other.middle)
+
+
+def _transformer(cfg: UNetConfig, level: int, depth: int | None = None) -> SpatialTransformer:
+    ch = cfg.level_channels[level]
+    heads = cfg.heads_at(level)
+    return SpatialTransformer(
+        ch, heads, ch // heads, cfg.context_dim, cfg.depth_at(level) if depth is None else depth, cfg.norm_groups,
+        cfg.use_linear_in_transformer,
+    )
+
+
+def encoder_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The U-Net's ``input_blocks`` and the channels of each one's output (what the decoder's
+    skips carry): conv_in, then per level num_res_blocks x (ResBlock [+ transformer]), then
+    a Downsample but at the last level. A ControlNet copies exactly these."""
+    mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.time_embed_dim
+    blocks = nn.ModuleList([EmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skip_channels = [mc]
+    ch = mc
+    last = len(cfg.channel_mult) - 1
+    for level, out_ch in enumerate(cfg.level_channels):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [ResBlock(ch, out_ch, emb_dim, groups)]
+            ch = out_ch
+            if level in cfg.attention_levels:
+                layers.append(_transformer(cfg, level))
+            blocks.append(EmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != last:
+            blocks.append(EmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+    return blocks, skip_channels
+
+
+def middle_block(cfg: UNetConfig) -> EmbedSequential:
+    """ResBlock, transformer, ResBlock at the last level's width."""
+    ch, groups, emb_dim = cfg.level_channels[-1], cfg.norm_groups, cfg.time_embed_dim
+    return EmbedSequential(
+        ResBlock(ch, ch, emb_dim, groups), _transformer(cfg, len(cfg.channel_mult) - 1, cfg.middle_depth),
+        ResBlock(ch, ch, emb_dim, groups),
+    )
+
+
+def time_embedding(cfg: UNetConfig) -> nn.Sequential:
+    """``time_embed``: the MLP on the sinusoidal timestep embedding (keys 0 and 2)."""
+    mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
+    return nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
+
+
+def label_embedding(cfg: UNetConfig) -> nn.Sequential:
+    """SGM's ``label_emb`` (num_classes="sequential"): the MLP on ``y``, keys ``0.0`` and ``0.2``."""
+    assert cfg.adm_in_channels is not None
+    emb_dim = cfg.time_embed_dim
+    return nn.Sequential(nn.Sequential(Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim)))
+
+
 class UNetModel(nn.Module):
     """The conditional denoiser ``eps_theta(x_t, t, c)`` of Stable Diffusion."""
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.time_embed_dim
+        groups, emb_dim = cfg.norm_groups, cfg.time_embed_dim
 
-        def transformer(level: int, depth: int | None = None) -> SpatialTransformer:
-            ch = cfg.level_channels[level]
-            heads = cfg.heads_at(level)
-            return SpatialTransformer(
-                ch, heads, ch // heads, cfg.context_dim, cfg.depth_at(level) if depth is None else depth, groups,
-                cfg.use_linear_in_transformer,
-            )
-
-        self.time_embed = nn.Sequential(Linear(mc, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
-        if cfg.adm_in_channels is not None:  # SGM's num_classes="sequential": keys label_emb.0.{0,2}
-            self.label_emb = nn.Sequential(
-                nn.Sequential(Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
-            )
-
-        # Encoder: conv_in, then per level num_res_blocks x (ResBlock [+ transformer]), then Downsample.
-        self.input_blocks = nn.ModuleList([EmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]  # channels of every input block's output, consumed by the decoder
-        ch = mc
-        last = len(cfg.channel_mult) - 1
-        for level, out_ch in enumerate(cfg.level_channels):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, out_ch, emb_dim, groups)]
-                ch = out_ch
-                if level in cfg.attention_levels:
-                    layers.append(transformer(level))
-                self.input_blocks.append(EmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != last:
-                self.input_blocks.append(EmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-
-        self.middle_block = EmbedSequential(
-            ResBlock(ch, ch, emb_dim, groups), transformer(last, cfg.middle_depth), ResBlock(ch, ch, emb_dim, groups)
-        )
+        self.time_embed = time_embedding(cfg)
+        if cfg.adm_in_channels is not None:
+            self.label_emb = label_embedding(cfg)
+        self.input_blocks, skip_channels = encoder_blocks(cfg)
+        ch = skip_channels[-1]
+        self.middle_block = middle_block(cfg)
 
         # Decoder: per level (coarsest first) num_res_blocks + 1 x (ResBlock on [h, skip]
         # [+ transformer]), the last of each level but the finest followed by Upsample.
@@ -354,7 +397,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, groups)]
                 ch = out_ch
                 if level in cfg.attention_levels:
-                    layers.append(transformer(level))
+                    layers.append(_transformer(cfg, level))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(EmbedSequential(*layers))
@@ -390,15 +433,16 @@ class UNetModel(nn.Module):
         return timesteps
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
+        control: ControlResiduals | None = None,
     ) -> torch.Tensor:
         """x: (B, in_channels, H, W), timesteps: (B,) or scalar, context: (B, L, context_dim),
-        y: (B, adm_in_channels) for a U-Net with ``label_emb``, else None -> (B, out_channels, H, W)."""
+        y: (B, adm_in_channels) for a U-Net with ``label_emb``, else None -> (B, out_channels, H, W).
+
+        ``control``: a ControlNet's residuals (:class:`ControlResiduals`), added to the middle
+        block's output and to every skip connection, where diffusers adds them; None: none."""
         timesteps = self._check_inputs(x, timesteps, context, y)
-        t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)  # (B, mc)
-        emb = self.time_embed(t_emb)  # (B, 4 mc)
-        if y is not None:
-            emb = emb + self.label_emb(y.to(emb.dtype))
+        emb = embed_time(self, self.cfg, timesteps, y, x.dtype)  # (B, 4 mc)
 
         h = x
         skips = []
@@ -406,8 +450,33 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            self._check_control(control, skips, h)
+            h = h + control.middle.to(h.dtype)
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, control.skips)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             size = tuple(skips[-1].shape[-2:]) if skips else None  # where an Upsample must land
             h = block(h, emb, context, size)
         return self.out(h)
+
+    def _check_control(self, control: ControlResiduals, skips: list[torch.Tensor], middle: torch.Tensor) -> None:
+        if not isinstance(control, ControlResiduals) or len(control.skips) != len(skips):
+            n = len(control.skips) if isinstance(control, ControlResiduals) else type(control).__name__
+            raise ValueError(f"UNetModel: control must be ControlResiduals with {len(skips)} skips, got {n}")
+        for i, (s, r) in enumerate([*zip(skips, control.skips), (middle, control.middle)]):
+            if s.shape != r.shape:
+                where = "the middle block" if i == len(skips) else f"input block {i}"
+                raise ValueError(f"UNetModel: the control residual of {where} is {tuple(r.shape)}, its output {tuple(s.shape)}")
+
+
+def embed_time(
+    model: nn.Module, cfg: UNetConfig, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``time_embed(sinusoid(t))`` plus, with SDXL's ``y``, ``label_emb(y)``: the (B, 4 mc)
+    embedding every ResBlock takes (``model``: a U-Net or a ControlNet, which share these)."""
+    t_emb = timestep_embedding(timesteps, cfg.model_channels).to(dtype)  # (B, mc)
+    emb = model.time_embed(t_emb)  # (B, 4 mc)
+    if y is not None:
+        emb = emb + model.label_emb(y.to(emb.dtype))
+    return emb

@@ -48,8 +48,8 @@ _NOT_A_MODEL: tuple[tuple[object, str], ...] = (
     (_is_lora_key, "this is a LoRA (lora_* tensors), not a model: it only changes a base model; "
      "load the base model it was trained for and the file as a LoRA (--lora FILE, or <lora:name:1> in the prompt)"),
     (lambda k: k.startswith(("control_model.", "controlnet_")) or "input_hint_block" in k,
-     "this is a ControlNet (control_model.* tensors), not a model: opensd does not run ControlNets; "
-     "load the Stable Diffusion checkpoint itself"),
+     "this is a ControlNet (control_model.* tensors), not a model: load the Stable Diffusion model it was "
+     "trained for and give the file with --controlnet FILE (load_controlnet in Python)"),
     (lambda k: "joint_blocks." in k,
      "this is an SD3-family model (MMDiT joint_blocks.*), not a U-Net Stable Diffusion; " + WHAT_LOADS),
     (lambda k: "double_blocks." in k or "single_blocks." in k,

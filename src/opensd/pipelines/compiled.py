@@ -11,7 +11,7 @@ U-Net's forward as one graph and generates fused kernels for it. Options used he
   the gain on a CPU); the packed copies take memory beside the module's own weights, and
   a compiled pipeline must not have its weights changed afterwards.
 
-What a graph cannot hold runs eagerly, per call: the per-request LoRA/LyCORIS deltas
+What a graph cannot hold runs eagerly, per call: a request's ControlNet residuals, the per-request LoRA/LyCORIS deltas
 (TorchDynamo does not read :mod:`opensd.models.adapters`' context variable, so a compiled
 graph holds the base layers only) and cross-attention inspection
 (an attention capture of this thread or task, :mod:`opensd.models.capture`: ``opensd explain``
@@ -36,7 +36,8 @@ INDUCTOR_OPTIONS = {"freezing": True}
 
 
 class CompiledUNet:
-    """Calls ``unet(x, t, context, y)`` compiled, or eagerly when adapters or attention inspection are active."""
+    """Calls ``unet(x, t, context, y)`` compiled, or eagerly when adapters or attention inspection are
+    active or ControlNet residuals come with the call (the graph holds none)."""
 
     def __init__(self, unet: nn.Module, *, compiler: Any = None) -> None:
         """``compiler``: what compiles the module (default: ``torch.compile`` with the options above);
@@ -52,7 +53,11 @@ class CompiledUNet:
         """Whether this call must run eagerly: adapters or an attention capture are active (this thread's)."""
         return active_adapters() is not None or active_sink() is not None
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None, control: Any = None,
+    ) -> torch.Tensor:
+        if control is not None:
+            return self.unet(x, t, context, y, control=control)
         if self.eager_needed():
             return self.unet(x, t, context, y)
         return self.compiled(x, t, context, y)

@@ -144,10 +144,11 @@ def crop_box(mask: Image.Image, padding: int, aspect: tuple[int, int]) -> Box | 
 
 
 def inpaint_only_masked(
-    run: Callable[[Image.Image, "InpaintMask"], Any], size: tuple[int, int], image: Image.Image, mask: "InpaintMask"
+    run: Callable[[Image.Image, "InpaintMask", Any], Any], size: tuple[int, int], image: Image.Image, mask: "InpaintMask"
 ) -> Any:
-    """A1111's "only masked". ``run(image, mask)`` inpaints the whole of a ``size`` image
-    and returns a result with ``.images`` (a dataclass; the pipeline's GenerationResult).
+    """A1111's "only masked". ``run(image, mask, box)`` inpaints the whole of a ``size`` image
+    and returns a result with ``.images`` (a dataclass; the pipeline's GenerationResult);
+    ``box`` is where that image was cut from the resized original (None: it is the whole of it).
 
     The image and mask are resized to ``size``, the mask blurred; :func:`crop_box` is cut
     out of both, resized to ``size`` and inpainted by ``run`` (its mask already blurred);
@@ -161,10 +162,10 @@ def inpaint_only_masked(
     blurred = blur_mask(m if m.size == size else m.resize(size, lanczos), mask.blur)
     box = crop_box(blurred, mask.padding, size)
     if box is None:
-        return run(image, dataclasses.replace(mask, only_masked=False))
+        return run(image, dataclasses.replace(mask, only_masked=False), None)
     region = image.crop(box).resize(size, lanczos)
     region_mask = blurred.crop(box).resize(size, lanczos)
-    inner = run(region, dataclasses.replace(mask, image=region_mask, blur=0, only_masked=False))
+    inner = run(region, dataclasses.replace(mask, image=region_mask, blur=0, only_masked=False), box)
     images = []
     for im in inner.images:
         layer = image.copy()

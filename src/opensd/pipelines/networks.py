@@ -1,4 +1,4 @@
-"""What a request adds to a shared model for its own run: LoRAs and textual inversions.
+"""What a request adds to a shared model for its own run: LoRAs, textual inversions, ControlNets.
 
 A :class:`RequestNetworks` is built per request (by the LoRA and embedding libraries
 from the prompt's ``<lora:name:w>`` tags, the embedding names it mentions, and the
@@ -9,7 +9,9 @@ CLI's ``--lora``) and handed to :meth:`StableDiffusionPipeline.generate`, which
   this run only (the VAE has no adapters);
 * gives ``embeddings`` (name -> textual inversion) to the conditioner, which puts their
   vectors where the prompts name them;
-* adds ``infotext`` (A1111's ``Lora hashes``, ``TI hashes``) to every image's infotext.
+* runs the ``control`` units (:class:`~opensd.pipelines.control.ControlUnit`: a ControlNet,
+  its image and settings) at every U-Net call of this run (:mod:`opensd.pipelines.control`);
+* adds ``infotext`` (A1111's ``Lora hashes``, ``TI hashes``, ``ControlNet N``) to every image's infotext.
 
 Nothing of it is stored on the model or the pipeline.
 """
@@ -17,21 +19,26 @@ Nothing of it is stored on the model or the pipeline.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from opensd.models.adapters import AdapterSet
+
+if TYPE_CHECKING:
+    from opensd.pipelines.control import ControlUnit
 
 
 @dataclass(frozen=True)
 class RequestNetworks:
-    """One request's LoRA deltas, textual-inversion embeddings (name -> embedding) and infotext fields."""
+    """One request's LoRA deltas, textual-inversion embeddings (name -> embedding), control
+    units and infotext fields."""
 
     adapters: AdapterSet | None = None
     embeddings: Mapping[str, Any] = field(default_factory=dict)
     infotext: Mapping[str, str] = field(default_factory=dict)
+    control: tuple["ControlUnit", ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.adapters) or bool(self.embeddings) or bool(self.infotext)
+        return bool(self.adapters) or bool(self.embeddings) or bool(self.infotext) or bool(self.control)
 
     @staticmethod
     def merge(parts: Sequence["RequestNetworks | None"]) -> "RequestNetworks":
@@ -43,7 +50,8 @@ class RequestNetworks:
             embeddings.update(p.embeddings)
             for k, v in p.infotext.items():
                 infotext[k] = f"{infotext[k]}, {v}" if k in infotext else v
-        return RequestNetworks(AdapterSet.merge([p.adapters for p in parts]), embeddings, infotext)
+        control = tuple(u for p in parts for u in p.control)
+        return RequestNetworks(AdapterSet.merge([p.adapters for p in parts]), embeddings, infotext, control)
 
 
 NO_NETWORKS = RequestNetworks()

@@ -44,6 +44,7 @@ from opensd.models.adapters import use_adapters
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.compiled import CompiledUNet
 from opensd.pipelines.conditioning import Conditioner
+from opensd.pipelines.control import ControlRun, ControlUnit, cropped_control, with_control
 from opensd.pipelines.decoders import Decoder, decode_tiny, require_tiny, resolve_tiny
 from opensd.pipelines.generation import GenerationResult, StepCallback, StepInfo, StopCheck, generation_warnings
 from opensd.pipelines.images import ImageInput, load_image, to_pil, to_tensor
@@ -159,6 +160,7 @@ class StableDiffusionPipeline:
         negative_embeds: torch.Tensor | None = None,
         refiner: StableDiffusionPipeline | None = None,
         networks: RequestNetworks | None = None,
+        control: list[ControlUnit] | None = None,
         **options: Any,
     ) -> list[Image.Image]:
         """Images for ``prompt``; each carries its A1111 infotext in ``image.info["parameters"]``.
@@ -167,12 +169,13 @@ class StableDiffusionPipeline:
         which then only label the infotext (see :mod:`opensd.prompts.arithmetic`).
         ``refiner``: a second pipeline that finishes the run after ``refiner_switch_at``
         (default 0.8) of it (:mod:`opensd.pipelines.refiner`). ``networks``: this run's
-        LoRAs and textual inversions (:meth:`generate`).
+        LoRAs and textual inversions (:meth:`generate`). ``control``: ControlNet units
+        (:class:`~opensd.pipelines.control.ControlUnit`), all applied, each with its weight.
         """
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, 1.0, options)
         return self.generate(
             req, latents=latents, callback=callback, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
-            refiner=refiner, networks=networks,
+            refiner=refiner, networks=with_control(networks, control),
         ).images
 
     def img2img(
@@ -192,14 +195,16 @@ class StableDiffusionPipeline:
         callback: StepCallback | None = None,
         refiner: StableDiffusionPipeline | None = None,
         networks: RequestNetworks | None = None,
+        control: list[ControlUnit] | None = None,
         **options: Any,
     ) -> list[Image.Image]:
         """Modify ``image`` toward ``prompt``; ``strength`` 0 keeps it, 1 replaces it.
-        ``refiner``: as in :meth:`txt2img` (the switch counts the steps img2img runs)."""
+        ``refiner``, ``control``: as in :meth:`txt2img` (the switch counts the steps img2img
+        runs; a unit without an image takes ``image``)."""
         image = load_image(image)
         width, height = self._size_for(image, width, height)
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
-        return self.generate(req, init_image=image, callback=callback, refiner=refiner, networks=networks).images
+        return self.generate(req, init_image=image, callback=callback, refiner=refiner, networks=with_control(networks, control)).images
 
     def inpaint(
         self,
@@ -223,6 +228,7 @@ class StableDiffusionPipeline:
         callback: StepCallback | None = None,
         refiner: StableDiffusionPipeline | None = None,
         networks: RequestNetworks | None = None,
+        control: list[ControlUnit] | None = None,
         **options: Any,
     ) -> list[Image.Image]:
         """Repaint the white part of ``mask`` (same size as ``image``) following ``prompt``.
@@ -232,7 +238,7 @@ class StableDiffusionPipeline:
         (or its name, or A1111's ``inpainting_fill`` 0..3); see :mod:`opensd.pipelines.inpaint`.
         ``only_masked``: inpaint only the mask's region plus ``only_masked_padding`` pixels,
         cut out and generated at the output size (A1111's "Inpaint area: Only masked").
-        ``refiner``: as in :meth:`txt2img`.
+        ``refiner``, ``control``: as in :meth:`img2img` (only masked: the control images are cropped too).
         """
         image = load_image(image)
         mask = load_image(mask, what="mask")
@@ -241,7 +247,8 @@ class StableDiffusionPipeline:
         spec = InpaintMask(mask, mask_blur, masked_content, only_masked, only_masked_padding)
         width, height = self._size_for(image, width, height)
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
-        return self.generate(req, init_image=image, mask=spec, callback=callback, refiner=refiner, networks=networks).images
+        return self.generate(req, init_image=image, mask=spec, callback=callback, refiner=refiner,
+                             networks=with_control(networks, control)).images
 
     # ---------------------------------------------------------------- the loop
 
@@ -284,9 +291,10 @@ class StableDiffusionPipeline:
         mask = self._check(req, init_image, mask)
         if mask is not None and mask.only_masked:
             return inpaint_only_masked(
-                lambda image, m: self.generate(
+                lambda image, m, box: self.generate(
                     req, init_image=image, mask=m, latents=latents, callback=callback, prompt_embeds=prompt_embeds,
-                    negative_embeds=negative_embeds, should_stop=should_stop, refiner=refiner, networks=networks,
+                    negative_embeds=negative_embeds, should_stop=should_stop, refiner=refiner,
+                    networks=cropped_control(networks, (req.width, req.height), box),
                 ),
                 (req.width, req.height), init_image, mask,
             )
@@ -295,6 +303,7 @@ class StableDiffusionPipeline:
             pipe.kernels.selection()
         seeds = self._seeds(req.seed, req.batch_size)
         networks = networks or NO_NETWORKS
+        control = ControlRun.prepare(self, req, networks.control, init_image)
         with torch.inference_mode():
             with use_adapters(networks.adapters):
                 cond, uncond = self.conditioner.for_request(
@@ -302,7 +311,9 @@ class StableDiffusionPipeline:
                     embeddings=networks.embeddings,
                 )
             start = self._initial_latents(req, seeds, init_image, mask, latents, should_stop)
-            denoiser = self._denoiser(req, start)
+            if control is not None:  # the ControlNets' step counter, and which rows are conditional
+                cond, uncond, callback = control.attach(cond, uncond, callback)
+            denoiser = self._denoiser(req, start, control)
             finisher = self
             with use_adapters(networks.adapters):
                 if plan is None or not plan.runs:
@@ -377,10 +388,10 @@ class StableDiffusionPipeline:
             st.init_latent = masked_init_latent(mask.content, st.init_latent, st.latent_mask, st.noise)
         return st
 
-    def _denoiser(self, req: GenerationRequest, st: _Start) -> Callable[..., torch.Tensor]:
-        """U-Net -> classifier-free guidance -> eps/v parameterization (-> the inpainting mask)."""
+    def _denoiser(self, req: GenerationRequest, st: _Start, control: ControlRun | None = None) -> Callable[..., torch.Tensor]:
+        """(ControlNets ->) U-Net -> classifier-free guidance -> eps/v parameterization (-> the inpainting mask)."""
         spec, spacing = req.resolved_sampler()
-        denoiser: Callable[..., torch.Tensor] = Denoiser(self._network(st.concat, req), self.schedule).with_quantize_t(
+        denoiser: Callable[..., torch.Tensor] = Denoiser(self._network(st.concat, req, control), self.schedule).with_quantize_t(
             spec.rule.quantize_t(spacing)
         )
         if st.latent_mask is not None and st.concat is None:
@@ -489,19 +500,22 @@ class StableDiffusionPipeline:
         return image_infotext(req, seed, self.loaded, None if refiner is None else (refiner_label(refiner.pipe), refiner.switch_at),
                               extra)
 
-    def _network(self, concat: torch.Tensor | None, req: GenerationRequest) -> Callable[..., torch.Tensor]:
+    def _network(self, concat: torch.Tensor | None, req: GenerationRequest, control: ControlRun | None = None) -> Callable[..., torch.Tensor]:
         """The guided U-Net as the sampler calls it: float32 in and out, the model's dtype inside
-        (the timesteps stay float32: the U-Net embeds them in float32; bfloat16 would round 999 to 1000)."""
+        (the timesteps stay float32: the U-Net embeds them in float32; bfloat16 would round 999 to 1000);
+        with ``control``, the U-Net takes its ControlNets' residuals."""
         unet = self._unet
         dtype = next(self.model.unet.parameters()).dtype
 
         def unet_fn(
-            x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+            x_in: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
+            control_rows: torch.Tensor | None = None,
         ) -> torch.Tensor:
+            extra = {} if control is None else control.unet_kwargs(x_in, t, context, y, control_rows, dtype)
             if concat is not None:  # (2B or B, 4+1+4, h, w) for 9-channel inpainting U-Nets
                 c = concat.repeat(x_in.shape[0] // concat.shape[0], 1, 1, 1)
                 x_in = torch.cat([x_in, c.to(x_in)], dim=1)
-            out = unet(x_in.to(dtype), t.float(), context.to(dtype), None if y is None else y.to(dtype))
+            out = unet(x_in.to(dtype), t.float(), context.to(dtype), None if y is None else y.to(dtype), **extra)
             return out.to(x_in.dtype)
 
         return ClassifierFreeGuidance(unet_fn, req.cfg_scale, req.guidance_rescale)

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from opensd.cli import control as cn
 from opensd.cli.common import (
     DEVICE,
     PRECISION,
@@ -160,6 +161,8 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     ])
     if networks:
         pipe_args["networks"] = networks
+    if run.get("control"):  # --controlnet: loaded for the model, after it
+        pipe_args["control"] = cn.control_units(pipe, run["control"])
     if refiner is not None:
         pipe_args["refiner"] = _pipeline(refiner, device, run["threads"], precision=run["precision"])
     if drawn:  # once the model has loaded: a bad model is the only line then
@@ -353,13 +356,19 @@ def register(app: typer.Typer) -> None:
         embeddings_dir: Optional[Path] = EMBEDDINGS_DIR, refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
         lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
+        controlnet: Optional[list[str]] = cn.CONTROLNET, control_image: Optional[list[Path]] = cn.CONTROL_IMAGE,
+        control_preprocessor: Optional[list[str]] = cn.CONTROL_PREPROCESSOR, control_start: Optional[list[float]] = cn.CONTROL_START,
+        control_end: Optional[list[float]] = cn.CONTROL_END, control_mode: Optional[list[str]] = cn.CONTROL_MODE,
+        control_resize: Optional[list[str]] = cn.CONTROL_RESIZE,
     ) -> None:
         """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
         args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
                 "decoder": decoder}
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size)
         run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "prediction": prediction.value,
-               "tiny_vae": tiny_vae}
+               "tiny_vae": tiny_vae,
+               "control": cn.control_specs(controlnet, control_image, control_preprocessor, control_start, control_end, control_mode,
+                                           control_resize, has_image=False)}
         _run("txt2img", {"prompt": prompt, **args}, run, refiner)
 
     @app.command()
@@ -378,13 +387,18 @@ def register(app: typer.Typer) -> None:
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
         lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
+        controlnet: Optional[list[str]] = cn.CONTROLNET, control_image: Optional[list[Path]] = cn.CONTROL_IMAGE,
+        control_preprocessor: Optional[list[str]] = cn.CONTROL_PREPROCESSOR, control_start: Optional[list[float]] = cn.CONTROL_START,
+        control_end: Optional[list[float]] = cn.CONTROL_END, control_mode: Optional[list[str]] = cn.CONTROL_MODE,
+        control_resize: Optional[list[str]] = cn.CONTROL_RESIZE,
     ) -> None:
         """Image to image: modify IMAGE toward PROMPT."""
         args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
                 "decoder": decoder}
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args},
-             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "tiny_vae": tiny_vae}, refiner)
+             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "tiny_vae": tiny_vae,
+              "control": cn.control_specs(controlnet, control_image, control_preprocessor, control_start, control_end, control_mode, control_resize)}, refiner)
 
     @app.command()
     @fail_cleanly
@@ -419,6 +433,10 @@ def register(app: typer.Typer) -> None:
         refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
         lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
+        controlnet: Optional[list[str]] = cn.CONTROLNET, control_image: Optional[list[Path]] = cn.CONTROL_IMAGE,
+        control_preprocessor: Optional[list[str]] = cn.CONTROL_PREPROCESSOR, control_start: Optional[list[float]] = cn.CONTROL_START,
+        control_end: Optional[list[float]] = cn.CONTROL_END, control_mode: Optional[list[str]] = cn.CONTROL_MODE,
+        control_resize: Optional[list[str]] = cn.CONTROL_RESIZE,
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
         args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
@@ -426,7 +444,8 @@ def register(app: typer.Typer) -> None:
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         inpainting = _inpaint_options(mask_blur, masked_content, only_masked, only_masked_padding)
         _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args},
-             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "tiny_vae": tiny_vae}, refiner)
+             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "tiny_vae": tiny_vae,
+              "control": cn.control_specs(controlnet, control_image, control_preprocessor, control_start, control_end, control_mode, control_resize)}, refiner)
 
     @app.command("png-info")
     @fail_cleanly

@@ -109,7 +109,7 @@ def check_settings(
     naming the first bad setting of a unit; the mode and resize mode parsed."""
     preprocessor(pre)  # unknown names: the list of known ones
     if not _number(weight) or not 0 <= weight <= MAX_WEIGHT:
-        raise RequestError(f"control weight must be a number from 0 to {MAX_WEIGHT}, got {weight!r}")
+        raise RequestError(f"control weight must be a number from 0 to {MAX_WEIGHT:g}, got {weight!r}")
     for name, v in (("start", start), ("end", end)):
         if not _number(v) or not 0 <= v <= 1:
             raise RequestError(f"control guidance {name} must be a fraction from 0 to 1, got {v!r}")

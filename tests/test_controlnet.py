@@ -228,6 +228,17 @@ def test_without_control_the_unet_and_the_pipeline_are_bit_identical(ours, nets)
         assert got[0].info["parameters"].split("ControlNet 0")[0].rstrip(", ") == plain[0].info["parameters"]
 
 
+def test_with_a_refiner_the_control_stays_with_the_base(ours, nets, root) -> None:
+    refiner = opensd.load(root / "sd")
+    unit = ControlUnit(nets[0], _hint(0))
+    kw = dict(steps=6, sampler="euler", width=SIZE, height=SIZE, seed=2, refiner=refiner, refiner_switch_at=0.5)
+    both = _np(ours.txt2img(PROMPT, NEGATIVE, control=[unit], **kw))
+    # the same run with the control's window ending before the switch: the refiner's steps never see it
+    early = _np(ours.txt2img(PROMPT, NEGATIVE, control=[dataclasses.replace(unit, end=0.49)], **kw))
+    assert np.abs(both - _np(ours.txt2img(PROMPT, NEGATIVE, **kw))).max() > 0.02
+    assert np.abs(both - early).max() <= TOL
+
+
 def test_infotext_names_each_unit(ours, nets) -> None:
     units = [ControlUnit(nets[0], _hint(0), weight=0.5, preprocessor="canny", mode=1),
              ControlUnit(nets[1], _hint(1), start=0.1, end=0.9, resize="fill")]
@@ -290,6 +301,9 @@ def test_a_controlnet_for_another_model_is_refused_at_request_time(ours, nets) -
     other = ControlNet(dataclasses.replace(nets[0].model.cfg, unet=dataclasses.replace(nets[0].model.cfg.unet, context_dim=48)))
     with pytest.raises(RequestError, match="made for another U-Net"):
         ours.txt2img(PROMPT, steps=1, width=SIZE, height=SIZE, control=[ControlUnit(other, _hint(0))])
+    coarse = ControlNet(dataclasses.replace(nets[0].model.cfg, hint_block_channels=(16, 32, 96)))  # x4, not the VAE's x2
+    with pytest.raises(RequestError, match="made for another U-Net or VAE"):
+        ours.txt2img(PROMPT, steps=1, width=SIZE, height=SIZE, control=[ControlUnit(coarse, _hint(0))])
     half = load_controlnet(nets[0].path, ours.cfg, dtype=torch.bfloat16)
     with pytest.raises(RequestError, match="torch.bfloat16.*controlnet_for"):
         ours.txt2img(PROMPT, steps=1, width=SIZE, height=SIZE, control=[ControlUnit(half, _hint(0))])

@@ -58,7 +58,7 @@ from opensd.models.controlnet import ControlNet
 from opensd.models.unet import ControlResiduals
 from opensd.pipelines.control_resize import ResizeMode, fit_map
 from opensd.pipelines.networks import NO_NETWORKS, RequestNetworks
-from opensd.pipelines.preprocessors import preprocess, preprocessor
+from opensd.pipelines.preprocessors import MapKind, preprocess, preprocessor
 from opensd.pipelines.request import GenerationRequest, RequestError
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def check_settings(
     return ControlMode.parse(mode), ResizeMode.parse(resize)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ControlUnit:
     """One ControlNet of a request and its settings (A1111's ControlNet unit)."""
 
@@ -176,8 +176,9 @@ class ControlUnit:
         image) and stretched to ``size`` again, as A1111 crops the control image."""
         full = self.control_map(fallback, *size)
         region = fit_map(full.crop(box), *size, ResizeMode.RESIZE, preprocessor(self.preprocessor).kind)
-        return dataclasses.replace(self, image=region, preprocessor="none" if self.preprocessor != "segmentation" else "segmentation",
-                                   resolution=None, resize=ResizeMode.RESIZE)
+        flat = preprocessor(self.preprocessor).kind is MapKind.FLAT  # the map is made: only how it is resized stays
+        return dataclasses.replace(self, image=region, preprocessor="segmentation" if flat else "none", resolution=None,
+                                   resize=ResizeMode.RESIZE)
 
 
 def control_infotext(units: Sequence[ControlUnit]) -> dict[str, str]:
@@ -336,7 +337,7 @@ def check_fits(net: ControlNet, pipe: StableDiffusionPipeline, index: int = 0) -
     if not isinstance(net, ControlNet):
         raise RequestError(f"control unit {index}: not a ControlNet ({type(net).__name__})")
     want = controlnet_config_for(pipe.cfg, net.cfg.hint_block_channels, net.cfg.hint_channels)
-    if net.cfg != want:
+    if net.cfg != want or net.cfg.downsample_factor != pipe.cfg.vae.downsample_factor:
         raise RequestError(f"control unit {index}: its ControlNet was made for another U-Net or VAE than this "
                            f"{pipe.cfg.family.value} model's; load it for this model (controlnet_for(pipe, path))")
     p = next(net.parameters())

@@ -361,3 +361,22 @@ def test_a_diffusers_folder_for_another_model_names_the_difference(ours, nets, t
     save_controlnet_diffusers(ControlNet(dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, context_dim=1024))), tmp_path / "sd2")
     with pytest.raises(ControlNetError, match=r"describes a ControlNet for SD 2\.x, not this sd1 model: context_dim 1024 \(file\) vs 32"):
         load_controlnet(tmp_path / "sd2", ours.cfg)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"controlnet_conditioning_channel_order": "bgr"}, "controlnet_conditioning_channel_order='bgr' is not supported"),
+    ({"global_pool_conditions": True}, "global_pool_conditions=true .* is not supported"),
+    ({"block_out_channels": None}, "unsupported configuration"),
+    ({"down_block_types": 5}, "unsupported configuration"),
+    ({"class_embed_type": "timestep"}, "class_embed_type='timestep' is not supported"),
+])
+def test_a_diffusers_config_opensd_cannot_run_is_one_line(ours, root, tmp_path, change, message) -> None:
+    import json
+    import shutil
+
+    folder = shutil.copytree(root / "cn0", tmp_path / "cn")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_controlnet(folder, ours.cfg)
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)

@@ -119,3 +119,5 @@ def from_diffusers_controlnet_config(d: Mapping[str, Any], where: str = "config.
         return ControlNetConfig(from_diffusers_unet_config(d), hint, tuple(widths))
     except (DiffusersConfigError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
+    except Exception as e:  # any value of an untrusted config that the converter trips over
+        raise CheckpointError(f"{where}: unsupported configuration: {' '.join(str(e).split())[:200] or type(e).__name__}") from None

@@ -50,6 +50,7 @@ class GenerationResult:
     infotexts: list[str]
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)
+    latents: torch.Tensor | None = None  # (B, C, h, w) the final latent, before decoding
 
 
 def generation_warnings(pipe: Any, req: Any, prompt_embeds: Any, negative_embeds: Any, networks: Any) -> list[str]:

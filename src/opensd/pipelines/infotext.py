@@ -65,11 +65,13 @@ def format_infotext(prompt: str, negative_prompt: str, params: Mapping[str, Any]
 
 
 def image_infotext(
-    req: Any, seed: int, loaded: Any, refiner: tuple[str, float] | None = None, extra: Mapping[str, str] | None = None,
+    req: Any, seed: int, loaded: Any, refiner: tuple[str, float] | None = None, extra: Mapping[str, Any] | None = None,
+    *, denoising: float | None = None,
 ) -> str:
     """A1111's infotext of one image of ``req`` (a :class:`~opensd.pipelines.request.GenerationRequest`)
     made by ``loaded`` (its ``hash`` and ``name``) with ``seed``; ``refiner``: (its label,
-    the switch) when one ran; ``extra``: fields after the model's (``Lora hashes``, ``TI hashes``)."""
+    the switch) when one ran; ``extra``: fields after the model's (``Lora hashes``, ``TI hashes``);
+    ``denoising``: the ``Denoising strength`` written in its place whatever ``req``'s (the hires fix's)."""
     spec, spacing = req.resolved_sampler()
     params = {
         "Steps": req.steps,
@@ -80,7 +82,7 @@ def image_infotext(
         "Size": f"{req.width}x{req.height}",
         "Model hash": loaded.hash,
         "Model": loaded.name,
-        "Denoising strength": req.strength if req.strength < 1.0 else None,
+        "Denoising strength": denoising if denoising is not None else (req.strength if req.strength < 1.0 else None),
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
         "CFG Rescale phi": req.guidance_rescale or None,
         "Refiner": refiner[0] if refiner is not None else None,

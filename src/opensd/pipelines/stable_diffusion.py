@@ -265,8 +265,14 @@ class StableDiffusionPipeline:
         should_stop: StopCheck | None = None,
         refiner: StableDiffusionPipeline | None = None,
         networks: RequestNetworks | None = None,
+        init_latent: torch.Tensor | None = None,
+        decode: bool = True,
     ) -> GenerationResult:
         """Run one validated request. ``latents`` (B, C, h, w) replaces the seeded noise.
+
+        ``init_latent`` (B, C, h, w): img2img from this latent instead of an encoded image
+        (the hires fix's second pass, :mod:`opensd.pipelines.hires`). ``decode=False``: no
+        images, only the final latent (``GenerationResult.latents``, always set).
 
         ``networks``: the request's LoRAs and textual inversions
         (:mod:`opensd.pipelines.networks`), active for this run only; the refiner runs without them.
@@ -310,7 +316,7 @@ class StableDiffusionPipeline:
                     req, prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, should_stop=should_stop,
                     embeddings=networks.embeddings,
                 )
-            start = self._initial_latents(req, seeds, init_image, mask, latents, should_stop)
+            start = self._initial_latents(req, seeds, init_image, mask, latents, should_stop, init_latent)
             if control is not None:  # the ControlNets' step counter, and which rows are conditional
                 cond, uncond, callback = control.attach(cond, uncond, callback)
             denoiser = self._denoiser(req, start, control)
@@ -322,13 +328,14 @@ class StableDiffusionPipeline:
                     result, interrupted, finisher = sample_refined(
                         self, plan, req, denoiser, start, (cond, uncond), seeds, callback, should_stop
                     )
-            images = to_pil(self._decode(req, result, start, should_stop, finisher))
+            images = to_pil(self._decode(req, result, start, should_stop, finisher)) if decode else []
 
         ran = plan if plan is not None and finisher is not self else None
         infotexts = [self.infotext(req, s, refiner=ran, extra=networks.infotext) for s in seeds]
         for im, text in zip(images, infotexts):
             im.info["parameters"] = text
-        return GenerationResult(images, seeds, infotexts, interrupted, generation_warnings(self, req, prompt_embeds, negative_embeds, networks))
+        return GenerationResult(images, seeds, infotexts, interrupted, generation_warnings(self, req, prompt_embeds, negative_embeds, networks),
+                                result)
 
     # ---------------------------------------------------------------- the loop's steps
 
@@ -348,7 +355,7 @@ class StableDiffusionPipeline:
 
     def _initial_latents(
         self, req: GenerationRequest, seeds: list[int], init_image: Image.Image | None, mask: InpaintMask | None,
-        latents: torch.Tensor | None, should_stop: StopCheck | None,
+        latents: torch.Tensor | None, should_stop: StopCheck | None, init_latent: torch.Tensor | None = None,
     ) -> _Start:
         """The noise (one draw per seed, on the CPU) and, for img2img/inpainting, the encoded
         image, its mask and the 9-channel inpainting input. The seeds' draws keep A1111's
@@ -358,7 +365,11 @@ class StableDiffusionPipeline:
         shape = (req.batch_size, self.cfg.vae.embed_dim, req.height // f, req.width // f)
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         st = _Start(noise=torch.empty(0))
-        if init_image is not None:
+        if init_latent is not None:  # img2img from a latent: nothing to encode
+            if tuple(init_latent.shape) != shape:
+                raise RequestError(f"init_latent must have shape {shape}, got {tuple(init_latent.shape)}")
+            st.init_latent = init_latent.to(dev, torch.float32)
+        elif init_image is not None:
             st.pixels = to_tensor(init_image, req.width, req.height).to(dev)
             posterior = self._posterior(st.pixels, req.tiled_vae, should_stop)
             # One posterior draw per image, from that image's seed (diffusers draws it first too).

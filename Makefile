@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned to the CPU wheel here; set TORCH_SPEC="" to keep a torch you installed yourself.
 TORCH_SPEC ?= torch==2.13.0
+SPANDREL_SPEC ?= spandrel==0.4.2
 
 DEMO_PROMPT ?= a red circle above a blue square
 DEMO_OUT ?= out/demo.png
@@ -23,6 +24,8 @@ $(BIN)/python:
 $(VENV)/.runtime: $(BIN)/python pyproject.toml
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
 	$(BIN)/pip install -q -e .
+	@# Upscaler models (docs/hires.md): spandrel without its torchvision requirement, which PyPI only has for CUDA torch.
+	$(BIN)/pip install -q --no-deps "$(SPANDREL_SPEC)"
 	touch $@
 
 install-runtime: $(VENV)/.runtime

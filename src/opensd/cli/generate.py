@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from opensd.cli import control as cn
+from opensd.cli import hires as hires_cli
 from opensd.cli.common import (
     DEVICE,
     PRECISION,
@@ -170,7 +171,10 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
     for line in prompt_warnings(pipe.tokenizer, pipe_args["prompt"], pipe_args["negative_prompt"], networks.embeddings):
         typer.echo(f"warning: {line}", err=True)
     with StepProgress(enabled=not run["quiet"]) as progress:
-        images = getattr(pipe, kind)(callback=progress, **pipe_args)
+        if run.get("hires") is not None:  # --hires-*: txt2img's two passes
+            images = hires_cli.run_hires(pipe, pipe_args, run["hires"], progress)
+        else:
+            images = getattr(pipe, kind)(callback=progress, **pipe_args)
     for im, path in zip(images, paths):
         save_image(im, path, im.info.get("parameters"))
         typer.echo(str(path))
@@ -360,13 +364,23 @@ def register(app: typer.Typer) -> None:
         control_preprocessor: Optional[list[str]] = cn.CONTROL_PREPROCESSOR, control_start: Optional[list[float]] = cn.CONTROL_START,
         control_end: Optional[list[float]] = cn.CONTROL_END, control_mode: Optional[list[str]] = cn.CONTROL_MODE,
         control_resize: Optional[list[str]] = cn.CONTROL_RESIZE,
+        hires_scale: Optional[float] = hires_cli.HIRES_SCALE, hires_upscaler: str = hires_cli.HIRES_UPSCALER,
+        hires_steps: int = hires_cli.HIRES_STEPS, hires_denoise: float = hires_cli.HIRES_DENOISE,
+        hires_width: Optional[int] = hires_cli.HIRES_WIDTH, hires_height: Optional[int] = hires_cli.HIRES_HEIGHT,
+        upscaler_dir: Optional[Path] = hires_cli.UPSCALER_DIR,
     ) -> None:
         """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
+        from opensd.devices import resolve_device
+
         args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
                 "decoder": decoder}
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size)
+        hires = hires_cli.hires_spec(hires_scale, hires_upscaler, hires_steps, hires_denoise, hires_width, hires_height,
+                                     upscaler_dir, resolve_device(device), defaults={"upscaler": "Latent", "steps": 0, "denoise": 0.7})
+        if hires is not None and refiner is not None:
+            raise OpenSDError("--hires-* and --refiner do not go together yet; give one of them")
         run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "prediction": prediction.value,
-               "tiny_vae": tiny_vae,
+               "tiny_vae": tiny_vae, "hires": hires,
                "control": cn.control_specs(controlnet, control_image, control_preprocessor, control_start, control_end, control_mode,
                                            control_resize, has_image=False)}
         _run("txt2img", {"prompt": prompt, **args}, run, refiner)

@@ -68,9 +68,10 @@ def info(
 
 
 def _mount_subapps() -> None:
-    from opensd.cli import data, eval, explain, generate, serve, train
+    from opensd.cli import data, eval, explain, generate, hires, serve, train
 
     generate.register(app)
+    hires.register(app)
     explain.register(app)
     serve.register(app)
     train.register(app)

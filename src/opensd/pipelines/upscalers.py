@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from opensd.pipelines.upscale_models import SUFFIXES, UpscalerError, UpscalerModel, load_upscaler_model, run_tiled
+from opensd.pipelines.upscale_models import DEFAULT_TILE, SUFFIXES, UpscalerError, UpscalerModel, load_upscaler_model, run_tiled
 
 # A1111's latent_upscale_modes: name -> (interpolate mode, antialias)
 LATENT_MODES: dict[str, tuple[str, bool]] = {
@@ -85,8 +85,8 @@ class Upscaler:
     def latent(self) -> bool:
         return self.kind is UpscalerKind.LATENT
 
-    def upscale_image(self, image: Image.Image, width: int, height: int) -> Image.Image:
-        """``image`` at ``width`` x ``height`` (module doc); a latent upscaler cannot."""
+    def upscale_image(self, image: Image.Image, width: int, height: int, *, tile: int = DEFAULT_TILE) -> Image.Image:
+        """``image`` at ``width`` x ``height`` (module doc; a model runs on ``tile`` px tiles); a latent upscaler cannot."""
         if self.kind is UpscalerKind.LATENT:
             raise UpscalerError(f"{self.name!r} upscales latents (the hires fix), not images; "
                                 f"give {', '.join(RESAMPLERS)} or an upscaler model")
@@ -95,7 +95,7 @@ class Upscaler:
             return image.resize((width, height), RESAMPLERS[self.name])
         if width > image.width or height > image.height:
             for _ in range(MAX_MODEL_PASSES):
-                image = run_tiled(self.model, image)
+                image = run_tiled(self.model, image, tile=tile)
                 if image.width >= width and image.height >= height:
                     break
         return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -69,6 +70,14 @@ def register(app: typer.Typer) -> None:
             None, "--lora-dir", help="Folder of LoRAs that <lora:name:weight> tags in prompts name (subfolders too); "
             "default: $OPENSD_LORA_DIR, else ./models/Lora (A1111's) when it exists.",
         ),
+        upscaler_dir: Optional[Path] = typer.Option(
+            None, "--upscaler-dir", help="Folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR...) for the hires fix and "
+            "/sdapi/v1/extra-single-image, named by file name. Default: $OPENSD_UPSCALER_DIR, else ./models/ESRGAN when it exists.",
+        ),
+        controlnet_dir: Optional[Path] = typer.Option(
+            None, "--controlnet-dir", help="Folder of ControlNets (original files, diffusers folders) that "
+            "alwayson_scripts.controlnet units name (GET /controlnet/model_list). Default: $OPENSD_CONTROLNET_DIR, if set.",
+        ),
         max_loras: int = typer.Option(16, help="Most <lora:...> tags in one request."),
         max_lora_mb: int = typer.Option(4096, help="Largest total size of the LoRA files one request names, in MiB."),
         device: Optional[str] = DEVICE,
@@ -82,7 +91,9 @@ def register(app: typer.Typer) -> None:
 
         from opensd.defaults import default_model_path
         from opensd.devices import resolve_device
+        from opensd.pipelines.controlnet_library import ENV_VAR as CN_ENV
         from opensd.pipelines.lora_library import default_lora_dir
+        from opensd.pipelines.upscalers import default_upscaler_dir
         from opensd.serving import Limits, create_app
         from opensd.serving.security import parse_auth
 
@@ -97,6 +108,10 @@ def register(app: typer.Typer) -> None:
         parse_auth(api_auth)  # a bad --api-auth fails before the model loads
         if lora_dir is not None and not lora_dir.is_dir():
             raise OpenSDError(f"--lora-dir {lora_dir} is not a folder")
+        controlnet_dir = controlnet_dir or (Path(os.environ[CN_ENV]) if os.environ.get(CN_ENV, "").strip() else None)
+        for flag, folder in (("--upscaler-dir", upscaler_dir), ("--controlnet-dir", controlnet_dir)):
+            if folder is not None and not folder.is_dir():
+                raise OpenSDError(f"{flag} {folder} is not a folder")
         if model is None and models_dir is None:
             model = default_model_path()
             if model is None:
@@ -111,6 +126,7 @@ def register(app: typer.Typer) -> None:
             app_ = create_app(
                 model, models_dir=models_dir, auth=api_auth, limits=limits, device=dev, precision=precision.value,
                 lora_dir=lora_dir if lora_dir is not None else default_lora_dir(), embeddings_dir=embeddings_dir,
+                upscaler_dir=upscaler_dir if upscaler_dir is not None else default_upscaler_dir(), controlnet_dir=controlnet_dir,
             )
         use_threads(threads, app_.state.opensd.registry.current.model)
         if not _is_loopback(host) and not api_auth:

@@ -23,6 +23,7 @@ say it had no effect.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from PIL import Image, ImageOps
 import opensd
 from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, list_samplers, resolve_sampler
 from opensd.diffusion.schedules import SigmaSpacing
+from opensd.pipelines.control import with_control
 from opensd.pipelines.infotext import parse_infotext, read_parameters
 from opensd.pipelines.inpaint import MAX_MASK_BLUR, MAX_ONLY_MASKED_PADDING, InpaintMask, MaskedContent
 from opensd.pipelines.networks import RequestNetworks
@@ -41,8 +43,10 @@ from opensd.pipelines.request import SEED_RANGE, GenerationRequest, validate
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.prompts.budget import PromptBudgetError, check_prompt
 from opensd.serving.codec import decode_image, encode_png
+from opensd.serving.controlnet_api import control_units
 from opensd.serving.embeddings import request_networks as embedding_networks
 from opensd.serving.errors import ApiError
+from opensd.serving.hires_api import HiresRequest, plan_hires_for
 from opensd.serving.loras import request_networks as lora_networks
 from opensd.serving.models import Checkpoint
 from opensd.serving.queue import PREVIEW_FORMATS, PREVIEW_MODES, Job, run_batches
@@ -113,7 +117,8 @@ class Plan:
     init_image: Image.Image | None = None
     mask: InpaintMask | None = None
     refiner: RefinerPlan | None = None
-    networks: RequestNetworks | None = None  # the LoRAs (<lora:...> tags, bound) and embeddings the prompts name
+    networks: RequestNetworks | None = None  # the LoRAs (<lora:...> tags, bound), embeddings and ControlNet units
+    hires: HiresRequest | None = None  # txt2img's enable_hr
 
 
 def _model_for(st: ServerState, overrides: dict[str, Any]) -> tuple[Checkpoint, StableDiffusionPipeline]:
@@ -189,11 +194,6 @@ def plan_generation(
     embeddings = embedding_networks(st, pipe, body.prompt, body.negative_prompt)
     if embeddings is not None and embeddings.embeddings:  # their vectors count in the budget
         check_prompts(st, pipe, body.prompt, body.negative_prompt, embeddings)
-    st.limits.check_work(
-        native=pipe.cfg.image_size, width=width, height=height, steps=body.steps, batch_size=body.batch_size,
-        n_iter=body.n_iter, strength=strength,
-        refiner=(refiner.pipeline.cfg.image_size, refiner.switch_at) if refiner is not None else None,
-    )
     seed = -1 if body.seed is None else body.seed
     if not -1 <= seed < SEED_RANGE:
         raise ApiError(422, f"seed must be from 0 to {SEED_RANGE - 1}, or -1 for a random one; got {seed}", param="seed")
@@ -210,8 +210,18 @@ def plan_generation(
     ]
     for req in requests:
         validate(req, multiple=8, min_side=max(8, pipe.cfg.vae.downsample_factor))
+    hires = plan_hires_for(st, pipe, body, requests[0], refiner) if init_image is None else None  # A1111: txt2img only
+    st.limits.check_work(
+        native=pipe.cfg.image_size, width=width, height=height, steps=body.steps, batch_size=body.batch_size,
+        n_iter=body.n_iter, strength=strength,
+        refiner=(refiner.pipeline.cfg.image_size, refiner.switch_at) if refiner is not None else None,
+        hires=(*hires.size, hires.steps) if hires is not None else None,
+    )
+    units = control_units(st, pipe, body.alwayson_scripts, init_image, (width, height))
     networks = RequestNetworks.merge([lora_networks(st, pipe, requests[0]), embeddings])  # every batch has the same prompt
-    return Plan(pipe, requests, spec, label, clip_skip, init_image, mask, refiner, networks)
+    if hires is not None and hires.networks is not None:
+        hires = dataclasses.replace(hires, networks=with_control(hires.networks, units))
+    return Plan(pipe, requests, spec, label, clip_skip, init_image, mask, refiner, with_control(networks, units), hires)
 
 
 def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) -> dict:
@@ -248,8 +258,10 @@ def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) ->
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": first.strength if plan.init_image is not None else None,
-        "extra_generation_params": {"Schedule type": plan.schedule_label, **_refiner_params(plan.refiner)},
+        "denoising_strength": first.strength if plan.init_image is not None else (
+            plan.hires.hires.denoising_strength if plan.hires is not None else None),
+        "extra_generation_params": {"Schedule type": plan.schedule_label, **_refiner_params(plan.refiner),
+                                    **(plan.hires.fields if plan.hires is not None else {})},
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": [],
@@ -287,6 +299,7 @@ async def _generate(request: Request, body: Txt2ImgRequest, kind: str, plan_fn) 
         refiner = plan.refiner.pipeline if plan.refiner is not None else None
         results = run_batches(
             j, plan.pipeline, plan.requests, init_image=plan.init_image, mask=plan.mask, refiner=refiner, networks=plan.networks,
+            hires=plan.hires,
         )
         return build_response(body, plan, results, j)
 

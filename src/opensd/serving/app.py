@@ -23,10 +23,12 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 import opensd
+from opensd.pipelines.controlnet_library import ControlNetLibrary
 from opensd.pipelines.embedding_library import EmbeddingLibrary
 from opensd.pipelines.lora_library import LoraLibrary
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-from opensd.serving import a1111, embeddings, explain_api, loras, openai_api
+from opensd.pipelines.upscalers import UpscalerLibrary
+from opensd.serving import a1111, controlnet_api, embeddings, explain_api, loras, openai_api, upscalers
 from opensd.serving.errors import install_handlers
 from opensd.serving.limits import Limits
 from opensd.serving.models import ModelRegistry
@@ -50,6 +52,8 @@ def create_app(
     max_loaded: int = 2,
     lora_dir: str | Path | None = None,
     embeddings_dir: str | Path | None = None,
+    upscaler_dir: str | Path | None = None,
+    controlnet_dir: str | Path | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``model`` (a path or a loaded pipeline; default: the first model in ``models_dir``).
 
@@ -63,7 +67,9 @@ def create_app(
     models stay in memory at once (the current one always does). ``lora_dir``: the folder
     that ``<lora:name:weight>`` tags name (:mod:`opensd.serving.loras`); None: no LoRAs.
     ``embeddings_dir``: a folder of textual-inversion embeddings prompts may name
-    (:mod:`opensd.serving.embeddings`).
+    (:mod:`opensd.serving.embeddings`). ``upscaler_dir``: upscaler models (ESRGAN...) for the hires fix and
+    the Extras routes (:mod:`opensd.serving.upscalers`); ``controlnet_dir``: the ControlNets that
+    ``alwayson_scripts.controlnet`` units name (:mod:`opensd.serving.controlnet_api`).
     """
     limits = limits or Limits()
     credentials = parse_auth(auth) if isinstance(auth, str) or auth is None else check_credentials(list(auth))
@@ -84,7 +90,11 @@ def create_app(
         description="Stable Diffusion over HTTP: AUTOMATIC1111's `/sdapi/v1` API, OpenAI's Images API, and a web page at `/`.",
         lifespan=lifespan,
     )
-    app.state.opensd = ServerState(registry, queue, limits, loras=LoraLibrary(lora_dir), embeddings=library)
+    app.state.opensd = ServerState(
+        registry, queue, limits, loras=LoraLibrary(lora_dir), embeddings=library,
+        upscalers=UpscalerLibrary(upscaler_dir, device=registry.current.model.device),
+        controlnets=ControlNetLibrary(controlnet_dir),
+    )
     install_handlers(app)
     install_openapi(app, auth=bool(credentials))
     app.include_router(a1111.router)
@@ -92,6 +102,8 @@ def create_app(
     app.include_router(openai_api.router)
     app.include_router(explain_api.router)
     app.include_router(embeddings.router)
+    app.include_router(upscalers.router)
+    app.include_router(controlnet_api.router)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -79,11 +79,12 @@ class Limits:
 
     def check_work(
         self, *, native: int, width: int, height: int, steps: int, batch_size: int, n_iter: int = 1, strength: float = 1.0,
-        refiner: tuple[int, float] | None = None,
+        refiner: tuple[int, float] | None = None, hires: tuple[int, int, int] | None = None,
     ) -> float:
         """The request's work in native image-steps (module doc); 422 naming cost and budget when over ``max_work``.
 
-        ``refiner``: (the refiner's native size, refiner_switch_at) when a refiner takes over sampling."""
+        ``refiner``: (the refiner's native size, refiner_switch_at) when a refiner takes over sampling;
+        ``hires``: (width, height, steps) of the hires fix's second pass, counted at its size."""
         effective = steps if strength >= 1.0 else max(1, int(steps * strength))
         images = batch_size * n_iter
         natives = width * height / (native * native)
@@ -97,6 +98,10 @@ class Limits:
             work = (natives * base_steps + refiner_natives * refiner_steps) * images
             stages = (f" ({base_steps} with the model, {refiner_steps} with the refiner at its native "
                       f"{refiner_native}x{refiner_native}: {refiner_natives:g} of its images)")
+        if hires is not None:
+            hires_natives = hires[0] * hires[1] / (native * native)
+            work += hires_natives * hires[2] * images
+            stages += f" + the hires fix's {hires[2]} steps at {hires[0]}x{hires[1]} ({hires_natives:g} images)"
         if work > self.max_work:
             step_text = f"{effective} steps" if effective == steps else f"{effective} effective steps ({steps} x strength {strength:g})"
             raise ApiError(
@@ -104,7 +109,7 @@ class Limits:
                 f"this request is too much work for this server: {width}x{height} is {natives:g} images of this model's "
                 f"native {native}x{native}, x {step_text}{stages} x {images} image(s) = {work:g} native image-steps; the budget "
                 f"per request is {self.max_work} (--max-work). Ask for the native size ({native}x{native}), fewer steps "
-                "or fewer images",
+                f"or fewer images{' (or a smaller hires fix: hr_scale, hr_resize_x/y, hr_second_pass_steps)' if hires else ''}",
                 kind="WorkBudgetExceeded", param="width",
             )
         return work

@@ -330,12 +330,14 @@ def _consume(fut: asyncio.Future) -> None:
 
 def run_batches(
     job: Job, pipeline: StableDiffusionPipeline, requests: list, *, init_image=None, mask=None, refiner=None, networks=None,
+    hires=None,
 ) -> list:
     """The worker body of a generation request: batch after batch, stopping when told.
 
     ``refiner``: a pipeline that takes over sampling at each request's ``refiner_switch_at``
     (passed to ``generate`` only when given). ``networks``: the request's LoRAs and
-    embeddings (:class:`~opensd.pipelines.networks.RequestNetworks`), for every batch.
+    embeddings (:class:`~opensd.pipelines.networks.RequestNetworks`), for every batch. ``hires``: a
+    :class:`~opensd.serving.hires_api.HiresRequest`: each batch runs the hires fix's two passes.
 
     Returns one :class:`GenerationResult` per batch that made images: none after an
     interrupt; a batch stopped while it encoded or decoded gives none either.
@@ -350,6 +352,12 @@ def run_batches(
             break
         job.next_batch(k)
         try:
+            if hires is not None:
+                from opensd.pipelines.hires import hires_fix
+
+                results.append(hires_fix(pipeline, req, hires.hires, networks=networks, hires_networks=hires.networks,
+                                         upscalers=hires.upscalers, callback=job.callback, should_stop=job.should_stop))
+                continue
             results.append(pipeline.generate(
                 req, init_image=init_image, mask=mask, callback=job.callback, should_stop=job.should_stop,
                 **extra,

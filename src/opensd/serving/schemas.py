@@ -1,9 +1,11 @@
 """Request and response bodies: AUTOMATIC1111's ``/sdapi/v1`` JSON and OpenAI's Images API.
 
 Field names, types and defaults follow A1111's API (``modules/api/models.py``, v1.10),
-so existing clients work unchanged. Fields A1111 accepts that do not apply here
-(``styles``, ``subseed``, ``restore_faces``, ``enable_hr``, ``alwayson_scripts``, ...) and
-any field nobody knows are ignored, as A1111 ignores unknown fields.
+so existing clients work unchanged. ``enable_hr`` and its ``hr_*`` fields run the hires fix
+(:mod:`opensd.serving.hires_api`); ``alwayson_scripts.controlnet`` runs ControlNet units
+(:mod:`opensd.serving.controlnet_api`). Fields A1111 accepts that do not apply here
+(``styles``, ``subseed``, ``restore_faces``, other scripts, ...) and any field nobody
+knows are ignored, as A1111 ignores unknown fields.
 
 Defaults that differ from A1111, on purpose:
 
@@ -66,6 +68,22 @@ class Txt2ImgRequest(_Lenient):
     refiner_switch_at: Optional[float] = Field(
         None, description="With refiner_checkpoint: the fraction of the steps after which the refiner samples, 0 to 1 (default 0.8).",
     )
+    enable_hr: bool = Field(False, description="The hires fix: draw at width x height, upscale, redraw at the large size (txt2img).")
+    denoising_strength: float = Field(0.75, description="The hires fix's second pass (img2img: the image's) denoising strength, 0..1.")
+    hr_scale: float = Field(2.0, description="Hires fix: how much larger, 1..8 (when hr_resize_x and hr_resize_y are 0).")
+    hr_upscaler: Optional[str] = Field(
+        None, description="Hires fix upscaler: a latent mode (/sdapi/v1/latent-upscale-modes) or an upscaler (/sdapi/v1/upscalers); "
+        "default 'Latent'.",
+    )
+    hr_second_pass_steps: int = Field(0, description="Steps the hires fix's second pass runs; 0: steps.")
+    hr_resize_x: int = Field(0, description="Hires fix to this width instead of hr_scale (0: from the aspect ratio or the scale).")
+    hr_resize_y: int = Field(0, description="Hires fix to this height instead of hr_scale.")
+    hr_prompt: str = Field("", description="The second pass's prompt; '': prompt.")
+    hr_negative_prompt: str = Field("", description="The second pass's negative prompt; '': negative_prompt.")
+    hr_sampler_name: Optional[str] = Field(None, description="The second pass's sampler; empty: sampler_name.")
+    alwayson_scripts: Optional[dict[str, Any]] = Field(
+        None, description="{'controlnet': {'args': [unit, ...]}}: sd-webui-controlnet's units (see /controlnet/model_list).",
+    )
     script_name: Optional[str] = None
     send_images: bool = True
     save_images: bool = False
@@ -75,7 +93,6 @@ class Txt2ImgRequest(_Lenient):
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: Optional[list[str]] = Field(None, description="One base64 PNG/JPEG (a data: URL prefix is allowed).")
     mask: Optional[str] = Field(None, description="Base64 image the size of the init image; white is repainted.")
-    denoising_strength: float = 0.75
     inpainting_mask_invert: int = Field(0, description="1: repaint the black part of the mask instead.")
     mask_blur: int = Field(4, description="Gaussian blur radius applied to the mask, in pixels (A1111's default 4).")
     inpainting_fill: int = Field(
@@ -207,3 +224,51 @@ class OpenAIImagesResponse(BaseModel):
     output_format: str = "png"
     size: str
     warnings: Optional[list[str]] = Field(None, description="opensd: what to know about the result (e.g. clip skip has no effect).")
+
+
+# ---------------------------------------------------------------- upscaling (A1111's Extras)
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: Optional[str] = None
+    model_path: Optional[str] = None
+    model_url: Optional[str] = None
+    scale: Optional[float] = None
+
+
+class LatentUpscalerModeItem(BaseModel):
+    name: str
+
+
+class ExtrasSingleImageRequest(_Lenient):
+    """A1111's ``ExtrasSingleImageRequest`` (its face restorers are not here: their fields are ignored)."""
+
+    image: str = Field("", description="A base64 image.")
+    resize_mode: int = Field(0, description="0: scale by upscaling_resize; 1: to upscaling_resize_w x upscaling_resize_h.")
+    upscaling_resize: float = Field(2.0, description="How much larger (resize_mode 0).")
+    upscaling_resize_w: int = Field(512, description="Target width (resize_mode 1).")
+    upscaling_resize_h: int = Field(512, description="Target height (resize_mode 1).")
+    upscaling_crop: bool = Field(True, description="resize_mode 1: cover the target and crop the overflow (else: stretch).")
+    upscaler_1: str = Field("None", description="An upscaler of /sdapi/v1/upscalers; 'None': the image as it is.")
+    upscaler_2: str = Field("None", description="A second upscaler blended in at extras_upscaler_2_visibility.")
+    extras_upscaler_2_visibility: float = 0.0
+
+
+class ExtrasImage(_Lenient):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasSingleImageRequest):
+    imageList: list[ExtrasImage] = Field(default_factory=list, description="Base64 images, each {'data', 'name'}.")
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str = ""
+    image: str = ""
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str = ""
+    images: list[str] = Field(default_factory=list)

@@ -8,7 +8,9 @@ from typing import Any
 
 from fastapi import Request
 
+from opensd.pipelines.controlnet_library import ControlNetLibrary
 from opensd.pipelines.lora_library import LoraLibrary
+from opensd.pipelines.upscalers import UpscalerLibrary
 from opensd.serving.limits import Limits
 from opensd.serving.models import ModelRegistry
 from opensd.serving.queue import GenerationQueue
@@ -32,6 +34,10 @@ class ServerState:
     # The LoRA folder (--lora-dir) that prompt tags name; None: an empty one (every tag is a 422).
     loras: LoraLibrary = field(default_factory=lambda: LoraLibrary(None))
     embeddings: Any = None  # an EmbeddingLibrary (opensd serve --embeddings-dir), or None
+    # The upscaler folder (--upscaler-dir): the hires fix's and the Extras routes' model files, by name only.
+    upscalers: UpscalerLibrary = field(default_factory=lambda: UpscalerLibrary(None))
+    # The ControlNet folder (--controlnet-dir) that alwayson_scripts.controlnet units name.
+    controlnets: ControlNetLibrary = field(default_factory=lambda: ControlNetLibrary(None))
 
 
 def server_state(request: Request) -> ServerState:

@@ -19,13 +19,15 @@ import torch
 from PIL import Image
 
 from opensd.checkpoints import load_model
+from opensd.checkpoints.controlnet import controlnet_config_for, save_controlnet
 from opensd.checkpoints.opensd_format import save_opensd
+from opensd.models.controlnet import ControlNet
 from opensd.pipelines.infotext import parse_infotext
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import create_app
 from opensd.serving.background import serve_in_thread
 
-from helpers import tiny_word_bundle
+from helpers import randomize, tiny_word_bundle
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -61,9 +63,13 @@ def server(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tok = tiny_word_bundle()
-    path = save_opensd(model, tok, tmp_path_factory.mktemp("m") / "tiny-shapes")
+    root = tmp_path_factory.mktemp("m")
+    path = save_opensd(model, tok, root / "tiny-shapes")
+    (root / "ControlNet").mkdir()
+    torch.manual_seed(0)
+    save_controlnet(randomize(ControlNet(controlnet_config_for(model.cfg, (16, 32))), 3, 0.1), root / "ControlNet" / "edges.safetensors")
     pipe = SlowPipeline(load_model(path), pause=0.02)
-    with serve_in_thread(create_app(pipe)) as url:
+    with serve_in_thread(create_app(pipe, controlnet_dir=root / "ControlNet")) as url:
         url_with_pipe = type("ServerUrl", (str,), {})(url)
         url_with_pipe.pipe = pipe
         yield url_with_pipe
@@ -274,3 +280,28 @@ def test_inpainting_with_a_mask_painted_on_the_page(page, server, tmp_path: Path
     page.click("#generate")
     page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 3")
     assert server.pipe.masks[-1] is None
+
+
+def test_hires_fix_and_a_controlnet_from_the_page(page, tmp_path: Path) -> None:
+    square = np.zeros((32, 32, 3), np.uint8)
+    square[8:24, 8:24] = 255
+    Image.fromarray(square).save(tmp_path / "control.png")
+    page.wait_for_selector("#cn_module option[value='canny']", state="attached")  # the listings load after the samplers
+    assert page.eval_on_selector_all("#hr_upscaler option", "os => os.map(o => o.value)")[:2] == ["Latent", "Latent (antialiased)"]
+    assert "canny" in page.eval_on_selector_all("#cn_module option", "os => os.map(o => o.value)")
+    page.fill("#prompt", "a red circle")
+    page.fill("#steps", "3")
+    page.fill("#width", "32")
+    page.fill("#height", "32")
+    page.check("#enable_hr")
+    page.fill("#hr_second_pass_steps", "2")
+    page.select_option("#cn_model", index=1)
+    page.select_option("#cn_module", "canny")
+    page.set_input_files("#cn_image", str(tmp_path / "control.png"))
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelectorAll('#gallery figure').length === 1")
+    item = gallery_images(page)[0]
+    fields = parse_infotext(item["text"])
+    assert fields["Hires upscale"] == "2" and fields["Hires steps"] == "2" and fields["Hires upscaler"] == "Latent"
+    assert fields["ControlNet 0"].startswith("Module: canny, Model: edges [") and fields["Size"] == "32x32"
+    assert png_from_data_url(item["href"]).size == (64, 64)

@@ -94,7 +94,9 @@ def fuzz(schema, *, max_examples: int, derandomize: bool, headers: dict | None =
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(pipe) -> None:
     counts = fuzz(_schema(create_app(pipe, limits=SMALL)), max_examples=12, derandomize=True)
     operations = {label for label, _ in counts}
-    assert len(operations) == 20, operations  # every operation was sent requests (16 + LoRA and embedding listings and refreshes)
+    # every operation was sent requests (16 + LoRA and embedding listings and refreshes + upscalers, latent modes, two
+    # Extras routes, and ControlNet's model_list, module_list and version)
+    assert len(operations) == 27, operations
     statuses = collections.Counter(status for _, status in counts.elements())
     assert statuses[200] > 0 and statuses[422] > 0 and statuses[400] > 0, statuses  # accepted and refused requests
 
@@ -103,7 +105,7 @@ def test_schemathesis_with_auth_on(pipe) -> None:
     app = create_app(pipe, limits=SMALL, auth=":".join(AUTH))
     schema = _schema(app, auth=AUTH)
     counts = fuzz(schema, max_examples=3, derandomize=True, headers=_basic(*AUTH))
-    assert len({label for label, _ in counts}) == 20
+    assert len({label for label, _ in counts}) == 27
     statuses = collections.Counter(status for _, status in counts.elements())
     assert statuses[200] > 0 and statuses[401] > 0, statuses  # with the credentials, and with generated wrong ones
 

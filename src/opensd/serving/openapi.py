@@ -30,9 +30,11 @@ from opensd.serving.errors import ErrorBody, OpenAIErrorBody, answered_status, b
 ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     # 404: unknown sampler or model; 409: interrupted before any image; 429: the queue is full;
     # 503: the models folder cannot be read. (A client that went away gets nothing: no 499 here.)
-    ("post", "/sdapi/v1/txt2img"): (404, 409, 429, 503),
+    ("post", "/sdapi/v1/txt2img"): (400, 404, 409, 429, 503),  # 400: a ControlNet unit's image is not an image
     ("post", "/sdapi/v1/img2img"): (400, 404, 409, 429, 503),  # 400: init_images or mask is not an image
     ("post", "/sdapi/v1/png-info"): (400,),
+    ("post", "/sdapi/v1/extra-single-image"): (400, 409, 429),  # 400: the image is not one
+    ("post", "/sdapi/v1/extra-batch-images"): (400, 409, 429),
     ("post", "/sdapi/v1/options"): (404, 503),
     ("get", "/sdapi/v1/sd-models"): (503,),
     ("post", "/v1/images/generations"): (400, 404, 409, 429, 503),  # 503: the `model` field reads the models folder

@@ -64,6 +64,13 @@ async function loadChoices() {
     fillSelect($("model"), models.map((m) => ({ value: m.title, label: `${m.title} (${modelKind(m)})` })), options.sd_model_checkpoint);
     fillSelect($("refiner_checkpoint"), [{ value: "", label: "None" }, ...models.map((m) => ({ value: m.title, label: m.title }))], "");
     showModel();
+    const [latent, upscalers, cnModels, cnModules] = await Promise.all([
+      api(`${API}/latent-upscale-modes`), api(`${API}/upscalers`), api("/controlnet/model_list"), api("/controlnet/module_list"),
+    ]);
+    const names = [...latent.map((m) => m.name), ...upscalers.map((u) => u.name).filter((n) => n !== "None")];
+    fillSelect($("hr_upscaler"), names.map((n) => ({ value: n, label: n })), "Latent");
+    fillSelect($("cn_model"), [{ value: "", label: "None" }, ...cnModels.model_list.map((m) => ({ value: m, label: m }))], "");
+    fillSelect($("cn_module"), cnModules.module_list.map((m) => ({ value: m, label: m })), "none");
   } catch (err) {
     showError(`Could not reach the server: ${err.message}`);
   }
@@ -79,6 +86,23 @@ function showError(message) { $("error").textContent = message || ""; }
 function numberOrNull(id) {
   const text = $(id).value.trim();
   return text === "" ? null : Number(text);
+}
+
+function hiresAndControl(body, controlImage) {
+  if ($("enable_hr").checked && !body.init_images) {
+    body.enable_hr = true;
+    body.hr_scale = numberOrNull("hr_scale") ?? 2;
+    body.hr_upscaler = $("hr_upscaler").value || "Latent";
+    body.hr_second_pass_steps = numberOrNull("hr_second_pass_steps") ?? 0;
+    body.denoising_strength = numberOrNull("hr_denoising_strength") ?? 0.7;
+  }
+  if ($("cn_model").value) {
+    const unit = { enabled: true, model: $("cn_model").value, module: $("cn_module").value || "none",
+                   weight: numberOrNull("cn_weight") ?? 1 };
+    if (controlImage) unit.image = controlImage;
+    body.alwayson_scripts = { controlnet: { args: [unit] } };
+  }
+  return body;
 }
 
 function payload(initImage) {
@@ -169,9 +193,10 @@ async function generate(event) {
   showError("");
   setBusy(true);
   const file = $("init_image").files[0];
+  const controlFile = $("cn_image").files[0];
   let body;
   try {
-    body = payload(file ? await readFile(file) : null);
+    body = hiresAndControl(payload(file ? await readFile(file) : null), controlFile ? await readFile(controlFile) : null);
   } catch (err) {
     showError(`Could not read the image file: ${err.message}`);
     setBusy(false);

@@ -24,10 +24,10 @@ from opensd.checkpoints.controlnet import controlnet_config_for, save_controlnet
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.models.controlnet import ControlNet
 from opensd.pipelines.control import ControlUnit, controlnet_for
+from opensd.pipelines.control_resize import ResizeMode
 from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.controlnet_api import pixel_perfect_resolution
-from opensd.pipelines.control_resize import ResizeMode
 
 TIMEOUT = 60.0
 

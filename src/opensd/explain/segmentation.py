@@ -33,6 +33,9 @@ from opensd.models.segmenter import Segmenter
 
 AUTO, NONE = "auto", "none"  # --segmenter's words: the model folder's file (when it has one), or no segmenter
 THRESHOLD = 0.5  # the word's map is cut at this fraction of its maximum for ``iou``
+# the class map's colours by class id: background white, then red, green, blue, and on (cycling)
+CLASS_COLOURS = np.array([[255, 255, 255], [220, 50, 50], [40, 170, 60], [50, 80, 220], [230, 180, 30],
+                          [150, 60, 200], [30, 190, 200], [120, 120, 120]], np.uint8)
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,18 @@ class SegmentationView:
 
     def figure(self, panel: int = 160) -> Image.Image:
         """Top row: the image, then the segmenter's probability map of each shape class.
-        Bottom row, under each class: the attention map of the prompt's word for it (its
-        numbers in the label), or a blank panel when no word of the prompt names it."""
+        Bottom row: the segmenter's most probable class per pixel (background white, the
+        classes in :data:`CLASS_COLOURS`' order), then under each class the attention map of
+        the prompt's word for it (its numbers in the label), or a grey panel when no word of
+        the prompt names it."""
         base = upscale(self.image, panel)
         found = {a.shape: a for a in self.agreements}
         top = [with_label(base, "image")]
         top += [with_label(heatmap_overlay(base, p, normalize=False), f"segmenter: {name}")
                 for name, p in zip(self.shapes, self.probabilities[1:])]
-        bottom = [with_label(Image.new("RGB", base.size, (255, 255, 255)), "attention of the word")]
+        ids = self.probabilities.argmax(dim=0).numpy() % len(CLASS_COLOURS)  # (H, W)
+        classes = upscale(Image.fromarray(CLASS_COLOURS[ids]), panel).resize(base.size, Image.Resampling.NEAREST)
+        bottom = [with_label(classes, "segmenter's classes")]
         for name in self.shapes:
             a = found.get(name)
             if a is None:

@@ -106,3 +106,31 @@ def test_cli_trains_and_refuses_an_image_folder(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["train", "segment", "--data", str(data), "--out", str(tmp_path / "e"), "-q",
                                    "--set", "model_preset=tiny", "--image-size", "16"])
     assert res.exit_code == 2 and "per-pixel class maps" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_the_data_source_brings_the_held_out_judge_and_a_users_evaluator_gets_probabilities(tmp_path: Path) -> None:
+    from opensd.shapes.segmentation import SegmentationJudge
+    from opensd.training.sources import default_evaluator
+
+    on_shapes = stage_config_from_dict(SegmentStageConfig, {"data": {"image_size": 16}})
+    assert isinstance(default_evaluator("segment", on_shapes), SegmentationJudge)
+    assert isinstance(SegmentStage(on_shapes).evaluator, SegmentationJudge)
+    off = stage_config_from_dict(SegmentStageConfig, {"eval_scenes": 0})
+    assert default_evaluator("segment", off) is None
+    folder = stage_config_from_dict(SegmentStageConfig, {"data": {"source": "folder", "path": str(tmp_path)}})
+    assert default_evaluator("segment", folder) is None
+    seen: list = []
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def judge(segment, classes):
+        p = segment(x)
+        seen.append((p, classes))
+        return {"mine": float(torch.allclose(p.sum(1), torch.ones(3, 16, 16)))}
+
+    run_stage(SegmentStage(cfg(tmp_path / "run", steps=1), evaluator=judge))
+    (p, classes), = seen
+    assert p.shape == (3, 4, 16, 16) and p.device.type == "cpu" and classes == CLASSES
+    ev = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["kind"] == "eval"][-1]
+    assert ev["mine"] == 1.0 and "miou" not in ev
+    res = CliRunner().invoke(app, ["train", "segment", "--help"])
+    assert res.exit_code == 0 and "--evaluator" in res.output

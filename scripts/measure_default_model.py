@@ -8,6 +8,7 @@
     python scripts/measure_default_model.py generated  [-m MODEL]   # shape-word attention inside the object drawn for it
     python scripts/measure_default_model.py preview    [-m MODEL]   # the live previews (linear, TAESD) against the VAE decode
     python scripts/measure_default_model.py samples    [-m MODEL] [-o PNG]  # the model card's sample grid
+    python scripts/measure_default_model.py segmenter  [-m MODEL]   # its segmenter: held-out IoU, and beside the attention
 
 MODEL defaults to the default model (models/opensd-shapes or $OPENSD_MODEL). ``-c CKPT`` puts
 the EMA U-Net of a U-Net training checkpoint (``runs/.../checkpoints/step_*.pt``) into MODEL
@@ -237,9 +238,36 @@ def samples(pipe, out: str = "samples.png") -> None:
     print(f"wrote {out}: rows are", "; ".join(SAMPLE_PROMPTS))
 
 
+def segmenter(pipe, folder) -> None:
+    """The model folder's segmenter: per-class IoU on 512 and on the tests' 48 held-out scenes, then
+    on the explain test's ten generated prompts, each shape word's attention against its region."""
+    import sys
+    from pathlib import Path
+
+    from opensd.checkpoints.segmenter import FILE_NAME, load_segmenter
+    from opensd.explain import attention_maps, compare_with_attention
+    from opensd.shapes.segmentation import SegmentationJudge
+
+    seg, classes = load_segmenter(Path(folder) / FILE_NAME)
+    for n in (512, 48):
+        got = SegmentationJudge(n, pipe.cfg.image_size)(seg.probabilities, classes)
+        print(f"held-out scenes (n={n}): " + ", ".join(f"{k} {v:.4f}" for k, v in got.items()))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_explain import GENERATED_PROMPTS
+
+    rows = []
+    for i, prompt in enumerate(GENERATED_PROMPTS):
+        view = compare_with_attention(attention_maps(pipe, prompt, seed=7 + i, steps=20, cfg_scale=5.0), seg, classes)
+        rows += [(a.inside, a.area, a.iou) for a in view.agreements]
+    arr = np.array(rows)
+    print(f"generated prompts (n={len(arr)} shape words): attention inside the segmenter's region {arr[:, 0].mean():.3f}, "
+          f"the region's area {arr[:, 1].mean():.3f}, IoU of the half-max map {arr[:, 2].mean():.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["roundtrip", "taesd", "attention", "levels", "generated", "relations", "preview", "samples"])
+    ap.add_argument("what", choices=["roundtrip", "taesd", "attention", "levels", "generated", "relations", "preview", "samples",
+                                     "segmenter"])
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("-o", "--out", default="samples.png", help="where `samples` writes its grid")
     ap.add_argument("-c", "--checkpoint", default=None, help="a U-Net training checkpoint whose EMA U-Net to measure")
@@ -252,6 +280,9 @@ def main() -> None:
         pipe.model.unet.load_state_dict({k.removeprefix("unet."): v for k, v in shadow.items()})
     if args.what == "samples":
         samples(pipe, args.out)
+        return
+    if args.what == "segmenter":
+        segmenter(pipe, resolve_model(args.model))
         return
     {"roundtrip": roundtrip, "taesd": taesd, "attention": attention, "levels": levels, "generated": generated, "relations": relations,
      "preview": preview}[args.what](pipe)

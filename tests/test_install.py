@@ -59,6 +59,8 @@ def test_setup_ships_the_files_a_model_folder_needs() -> None:
         assert f"models/opensd-shapes/{needed}" in manifest, needed
     tiny = "taesd_decoder.safetensors"  # its tiny decoder (decoder="tiny", TAESD previews)
     assert f'"{tiny}"' in text and f"models/opensd-shapes/{tiny}" in manifest and (model / tiny).is_file()
+    seg = "segmenter.safetensors"  # its segmenter (opensd explain --segmenter)
+    assert f'"{seg}"' in text and f"models/opensd-shapes/{seg}" in manifest and (model / seg).is_file()
 
 
 @pytest.mark.slow

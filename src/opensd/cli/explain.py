@@ -59,26 +59,37 @@ def register(app: typer.Typer) -> None:
         width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT, clip_skip: int = CLIP_SKIP,
         model: Optional[Path] = MODEL,
         out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the pictures and raw maps."),
+        segmenter: str = typer.Option("auto", "--segmenter", help="A segmenter file (opensd train segment) whose "
+                                      "maps are shown beside the shape words' attention; auto: the model folder's "
+                                      "segmenter.safetensors if it has one; none: no segmenter."),
         quiet: bool = QUIET,
         device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, precision: PrecisionChoice = PRECISION,
     ) -> None:
-        """Generate one image and show how: word attention maps, denoising path, forward noising."""
+        """Generate one image and show how: word attention maps, denoising path, forward noising,
+        and a segmenter's shape maps beside the shape words' attention."""
+        from opensd.defaults import resolve_model
         from opensd.devices import resolve_device
-        from opensd.explain import StepProgress, explain, save_explanation
+        from opensd.explain import StepProgress, explain, find_segmenter, load_for_explain, save_explanation
         from opensd.pipelines.images import load_image
 
         out = _out_dir(out)
         steps_at = _steps_list(at)
         image = load_image(noise_image) if noise_image is not None else None
+        seg_path = find_segmenter(segmenter, resolve_model(model))
+        seg = load_for_explain(seg_path) if seg_path is not None else None  # before the (slow) model load
         pipe = _pipeline(model, resolve_device(device), threads, precision)
         with StepProgress(desc="explain", enabled=not quiet) as progress:
             ex = explain(
                 pipe, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, sampler=sampler,
                 cfg_scale=cfg_scale, width=width, height=height, clip_skip=clip_skip, at=steps_at,
-                noise_image=image, noise_steps=noise_steps, progress=progress,
+                noise_image=image, noise_steps=noise_steps, progress=progress, segmenter=seg,
             )
         for name, path in save_explanation(ex, out).items():
             typer.echo(f"{name}: {path}")
+        if ex.segmentation is not None:
+            for a in ex.segmentation.agreements:
+                typer.echo(f"{a.word}: {a.inside:.3f} of its attention inside the segmenter's {a.shape} "
+                           f"(area {a.area:.3f}, IoU {a.iou:.3f})")
 
     @app.command("interpolate")
     @fail_cleanly

@@ -1,7 +1,8 @@
 """``opensd train vae|clip|unet``: train the whole stack from scratch; ``opensd train taesd``:
 distil a tiny autoencoder from a model's VAE; ``opensd train lora`` and ``opensd train
 embedding``: fine-tune a frozen model of any family; ``opensd train lcm``: distil one into a
-few-step LCM-LoRA.
+few-step LCM-LoRA; ``opensd train segment``: a U-Net as a semantic segmenter (the network
+before the denoiser).
 
 Mounted by :mod:`opensd.cli.main` with :func:`register`; also runs on its own as
 ``python -m opensd.cli.train`` (so ``torchrun --nproc_per_node N -m opensd.cli.train
@@ -10,7 +11,7 @@ file (``--config``), ``--set key=value`` overrides, then the explicit options, i
 order of precedence (later wins), above a run preset (``--preset quick``: minutes on a
 CPU, see :mod:`opensd.training.presets`). After the first few steps the run prints how
 long it will take at the measured speed (:mod:`opensd.training.estimate`).
-``--evaluator MODULE:NAME`` gives the vae, clip, unet, taesd or lcm stage a Python callable of its
+``--evaluator MODULE:NAME`` gives the vae, clip, unet, taesd, lcm or segment stage a Python callable of its
 evaluator protocol (:mod:`opensd.training.evaluation`) in place of the data source's.
 """
 
@@ -222,6 +223,23 @@ def taesd(
     judge = load_evaluator(evaluator)
     _run(lambda c: TAESDStage(c, evaluator=judge), _config("taesd", TAESDStageConfig, config, set_, opts, preset),
          resume, preset)
+
+
+@app.command("segment")
+@fail_cleanly
+def segment(
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, evaluator: Optional[str] = EVALUATOR,
+) -> None:
+    """Train a U-Net as a semantic segmenter (the shapes world's masks); writes OUT/segmenter.safetensors."""
+    from opensd.training.segment import SegmentStage, SegmentStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
+    judge = load_evaluator(evaluator)
+    _run(lambda c: SegmentStage(c, evaluator=judge), build_config(SegmentStageConfig, config, set_, opts), resume, None)
 
 
 MODEL = typer.Option(None, "--model", "-m", help="The frozen base model: any model opensd loads (default: the default model).")

@@ -6,9 +6,11 @@
 >>> res.figure().save("attention.png")
 >>> ex = explain(pipe, "a red circle", seed=1)   # all three from one generation
 >>> save_explanation(ex, "explain_out")
+>>> seg = load_for_explain("models/opensd-shapes/segmenter.safetensors")
+>>> ex = explain(pipe, "a red circle", seed=1, segmenter=seg)  # + the segmenter beside the word maps
 
-See :mod:`opensd.explain.attention` (DAAM, Tang et al. 2022) and
-:mod:`opensd.explain.path` for what the pictures show.
+See :mod:`opensd.explain.attention` (DAAM, Tang et al. 2022),
+:mod:`opensd.explain.path` and :mod:`opensd.explain.segmentation` for what the pictures show.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ from opensd.explain.path import (
 )
 from opensd.explain.progress import StepProgress
 from opensd.explain.render import grid, heatmap_overlay, save_gif
+from opensd.explain.segmentation import (
+    SegmentationView,
+    ShapeAgreement,
+    compare_with_attention,
+    find_segmenter,
+    load_for_explain,
+    segment_image,
+)
 
 
 @dataclass
@@ -48,6 +58,7 @@ class Explanation:
     attention: AttentionResult
     path: DenoisingPath
     noising: NoisingPath
+    segmentation: SegmentationView | None = None  # with a segmenter: its maps beside the shape words'
 
     @property
     def image(self):
@@ -70,11 +81,15 @@ def explain(
     noise_image=None,
     noise_steps: int = 10,
     progress=None,
+    segmenter: tuple | None = None,
 ) -> Explanation:
     """One generation read three ways: word maps, the denoising path at steps ``at``
     (default: every step), and the forward noising of ``noise_image`` (default: the
     generated image) over ``noise_steps`` levels. ``progress``, a step callback (such
-    as :class:`~opensd.explain.progress.StepProgress`), is called after every sampling step."""
+    as :class:`~opensd.explain.progress.StepProgress`), is called after every sampling step.
+    ``segmenter``: (a :class:`~opensd.models.segmenter.Segmenter`, its class names), as
+    :func:`~opensd.explain.segmentation.load_for_explain` gives, adds its reading of the
+    image beside the shape words' maps (:func:`~opensd.explain.segmentation.compare_with_attention`)."""
     if at is not None and (not at or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= steps for s in at)):
         raise PathError(f"at must list step numbers in 1..{steps}, got {at!r}")
     rec = PathRecorder(at)
@@ -90,7 +105,8 @@ def explain(
     )
     path = path_from_recorder(pipe, rec, attn.image)
     noising = forward_noising(pipe, attn.image if noise_image is None else noise_image, noise_steps, seed=attn.seed or 0)
-    return Explanation(attn, path, noising)
+    seg = None if segmenter is None else compare_with_attention(attn, *segmenter)
+    return Explanation(attn, path, noising, seg)
 
 
 def save_explanation(ex: Explanation, out_dir: str | Path, *, panel: int = 128) -> dict[str, Path]:
@@ -99,7 +115,8 @@ def save_explanation(ex: Explanation, out_dir: str | Path, *, panel: int = 128) 
     Files: ``image.png``, ``attention.png`` (word overlays), ``attention.safetensors``
     (``maps``, ``per_token_maps``, ``token_words``) with ``attention.json`` (prompt,
     words, tokens), ``path.png`` + ``path.gif`` (denoising), ``noising.png`` +
-    ``noising.gif`` (forward noising).
+    ``noising.gif`` (forward noising); with a segmenter, ``segmentation.png`` (its maps
+    above the shape words' attention) and ``segmentation.json`` (the numbers per shape word).
     """
     from safetensors.torch import save_file
 
@@ -134,6 +151,12 @@ def save_explanation(ex: Explanation, out_dir: str | Path, *, panel: int = 128) 
     ex.path.save_gif(paths["path_gif"], panel=panel)
     ex.noising.strip(panel).save(paths["noising"])
     ex.noising.save_gif(paths["noising_gif"], panel=panel)
+    if ex.segmentation is not None:
+        paths["segmentation"] = out / "segmentation.png"
+        paths["segmentation_json"] = out / "segmentation.json"
+        ex.segmentation.figure(max(panel, 160)).save(paths["segmentation"])
+        text = json.dumps(ex.segmentation.summary(), indent=2, ensure_ascii=False) + "\n"
+        paths["segmentation_json"].write_text(text)
     return paths
 
 
@@ -146,18 +169,24 @@ __all__ = [
     "NoisingPath",
     "PathError",
     "PathRecorder",
+    "SegmentationView",
+    "ShapeAgreement",
     "StepProgress",
     "attention_for_image",
     "attention_maps",
     "build_result",
+    "compare_with_attention",
     "decode_latents",
     "denoising_path",
     "explain",
+    "find_segmenter",
     "forward_noising",
     "grid",
     "heatmap_overlay",
+    "load_for_explain",
     "mass_in_mask",
     "path_from_recorder",
     "save_explanation",
     "save_gif",
+    "segment_image",
 ]

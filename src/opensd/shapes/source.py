@@ -4,8 +4,9 @@ Items are :class:`~opensd.shapes.dataset.ShapesDataset`'s, drawn on the fly; wit
 rendered items are kept in memory as 8-bit and :meth:`ShapesSource.prefill` renders them up
 front in worker processes. Each :class:`~opensd.training.data.Example` carries the caption's
 spec and the exact scene, which the source uses to offer what only this world can: hard
-negative captions (:class:`~opensd.training.data.HardNegativeSource`) and grounding targets
-(:class:`~opensd.training.data.GroundedSource`).
+negative captions (:class:`~opensd.training.data.HardNegativeSource`), grounding targets
+(:class:`~opensd.training.data.GroundedSource`) and per-pixel shape classes
+(:class:`~opensd.training.data.SegmentedSource`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from opensd.shapes.dataset import ShapesDataset
 from opensd.shapes.grounding import grounding_targets
 from opensd.shapes.negatives import hard_negative_captions
+from opensd.shapes.segmentation import CLASSES, label_maps
 from opensd.shapes.world import DEFAULT_HOLDOUT, PromptSpec, Scene
 from opensd.training.config import DataConfig
 from opensd.training.data import Batch, Example
@@ -26,6 +28,8 @@ from opensd.training.data import Batch, Example
 
 class ShapesSource:
     """The shapes world drawn on the fly; with a pool, rendered items are kept in memory (as 8-bit)."""
+
+    segment_classes = CLASSES  # background, circle, square, triangle (opensd.shapes.segmentation)
 
     def __init__(self, cfg: DataConfig) -> None:
         self.dataset = ShapesDataset(cfg.seed, cfg.image_size, holdout=DEFAULT_HOLDOUT if cfg.holdout else None)
@@ -84,6 +88,10 @@ class ShapesSource:
         pairs = [grounding_targets(c, sp, sc, tokenizer, latent_size)
                  for c, sp, sc in zip(batch.captions, batch.specs, batch.scenes)]
         return torch.stack([t for t, _ in pairs]), torch.stack([m for _, m in pairs])
+
+    def label_maps(self, batch: Batch) -> torch.Tensor:
+        """(B, H, W) int64 shape class of each pixel of ``batch``'s scenes (:func:`opensd.shapes.segmentation.label_map`)."""
+        return label_maps(batch.scenes, self.dataset.image_size)
 
 def _render_span(seed: int, image_size: int, holdout: bool, start: int, stop: int):
     """Worker of :meth:`ShapesSource.prefill`: items ``start .. stop-1`` as (uint8 array, captions, specs, scenes)."""

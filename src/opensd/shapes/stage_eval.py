@@ -16,7 +16,9 @@ scorer:
   (:func:`opensd.shapes.retrieval.retrieval_metrics`);
 * :class:`GenerationJudge` (U-Net, LCM): the suite's prompts drawn by the model, a grid of them
   (``per_category`` columns, the prompts in a ``.txt`` beside it) and the scores:
-  ``overall`` and ``acc_<category>``.
+  ``overall`` and ``acc_<category>``;
+* :class:`~opensd.shapes.segmentation.SegmentationJudge` (segment): per-class IoU on held-out
+  scenes (``eval_scenes`` of them, not the validation suite; see :mod:`opensd.shapes.segmentation`).
 
 :func:`judge_for` is what :func:`opensd.training.sources.default_evaluator` gives a stage
 on the shapes world.
@@ -31,6 +33,7 @@ import torch
 from PIL import Image
 
 from opensd.shapes.scorer import score_images
+from opensd.shapes.segmentation import SegmentationJudge
 from opensd.shapes.suites import ground_truth_images, validation_suite
 
 
@@ -132,12 +135,16 @@ class GenerationJudge:
         return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
 
 
-Judge = RoundTripJudge | TinyRoundTripJudge | RetrievalJudge | GenerationJudge
+Judge = RoundTripJudge | TinyRoundTripJudge | RetrievalJudge | GenerationJudge | SegmentationJudge
 
 
 def judge_for(stage: str, cfg: Any) -> Judge | None:
     """The judge of stage ``stage`` (``vae``, ``taesd``, ``clip``, ``unet`` or ``lcm``) with its
-    config's ``eval_per_category`` (None when 0, or for any other stage)."""
+    config's ``eval_per_category``, or of ``segment`` with its ``eval_scenes`` (None when 0, or
+    for any other stage)."""
+    if stage == "segment":
+        n = getattr(cfg, "eval_scenes", 0)
+        return SegmentationJudge(n, cfg.data.image_size) if n else None
     per_category = getattr(cfg, "eval_per_category", 0)
     if not per_category:
         return None

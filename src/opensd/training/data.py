@@ -5,8 +5,8 @@ structured description of the item its data source keeps, opaque here). This mod
 knows the image-caption folder (:class:`FolderSource`); :func:`opensd.training.sources.open_source`
 picks the source a :class:`DataConfig` names. A source may know more of its captions
 than their words: :class:`HardNegativeSource` writes captions false for an item, and
-:class:`GroundedSource` says where each caption word's object is (the shapes world does
-both). :func:`batch_indices` says which indices
+:class:`GroundedSource` says where each caption word's object is, and :class:`SegmentedSource`
+gives each pixel's class (the shapes world does all three). :func:`batch_indices` says which indices
 rank ``r`` of ``W`` uses at step ``s``: global positions ``s * B + r * B/W + i`` in one
 stream, which is either the endless shapes stream itself or a pool of N items read
 in a fresh shuffle per epoch. The positions depend only on (seed, step), so batches
@@ -90,6 +90,18 @@ class GroundedSource(Protocol):
                           latent_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Context positions (B, G, K) long (-1: none) of each object group's grounded words
         in ``tokenizer``'s framing of each caption, and the groups' masks (B, G, h, w) in [0, 1]."""
+        ...
+
+
+@runtime_checkable
+class SegmentedSource(Protocol):
+    """A source that knows each pixel's class (the segment stage's targets): ``segment_classes``
+    names the classes, class id = position, background first."""
+
+    segment_classes: tuple[str, ...]
+
+    def label_maps(self, batch: Batch) -> torch.Tensor:
+        """(B, H, W) int64 class ids of ``batch``'s images, exact."""
         ...
 
 

@@ -67,3 +67,11 @@ class GenerationEvaluator(Protocol):
     sample grid (``.png``) that the evaluator may write (and a ``.txt`` of its prompts beside it)."""
 
     def __call__(self, draw: Callable[[Sequence[str]], list[Image.Image]], samples: Path) -> Metrics: ...
+
+
+class SegmentationEvaluator(Protocol):
+    """The segment stage's. ``segment(images)``: the segmenter's per-pixel class probabilities
+    (N, n_classes, H, W) on the CPU of images (N, 3, H, W) in [-1, 1]; ``classes``: the names of
+    the classes, class id = position (the data source's ``segment_classes``)."""
+
+    def __call__(self, segment: Callable[[torch.Tensor], torch.Tensor], classes: tuple[str, ...]) -> Metrics: ...

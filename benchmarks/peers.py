@@ -7,18 +7,23 @@ seed, size, CFG scale and number of Euler steps. The weights are written once
 (``peer_weights.py``): a single original-layout file that stable-diffusion.cpp reads and
 a diffusers folder from the same tensors that opensd loads and optimum-intel exports.
 
-Timing: for each peer variant (stable-diffusion.cpp f32, f16, q8_0; OpenVINO f32, bf16)
-one block in which opensd (default precision ``auto``, and ``fp32``) and the peer are
-timed in turn, opensd-auto, opensd-fp32, peer, ... after one warm-up call each; medians
-of whole-generation seconds; ratio ``opensd / peer`` of the medians (lower is better).
-The issue's targets: against stable-diffusion.cpp's fastest type <= 0.5, against
-OpenVINO <= 1.0. A peer whose venv or package is missing is skipped with a line, and
-one that cannot load a model gets its error in the table instead of a number.
+Timing: for each peer variant (stable-diffusion.cpp q8_0, f16, f32; OpenVINO f32, bf16)
+one block in which opensd (default precision ``auto``, and ``fp32`` unless auto is fp32
+on this machine) and the peer are timed in turn, opensd-auto, opensd-fp32, peer, ...,
+after one warm-up call of each worker (opensd's stay loaded and warm across blocks);
+medians of whole-generation seconds; ratio ``opensd / peer`` of the medians (lower is
+better). Blocks run each peer's first variant before any peer's second, so a run cut
+short still covers every peer; the JSON is rewritten after every block, with the load
+averages. The issue's targets: against stable-diffusion.cpp's fastest type <= 0.5,
+against OpenVINO <= 1.0. A peer whose venv or package is missing is skipped with a line,
+one that cannot load a model gets its error in the table instead of a number, and
+OpenVINO bf16 is not run on a CPU without native bf16 (it would be f32 again).
 
 Usage (from the repository root)::
 
     PYTHONPATH=src python3 benchmarks/peers.py --models sd15 --size 256 --json docs/bench/peers-256.json
     PYTHONPATH=src python3 benchmarks/peers.py --models tiny --repeats 5
+    PYTHONPATH=src python3 benchmarks/peers.py --models sd15 --size 256 --steps 2 --repeats 2 --sdcpp-types q8_0,f16
 
 Peers: ``--sdcpp-python`` (default /work/peers/sdcpp/bin/python, with
 ``stable-diffusion-cpp-python``), ``--openvino-python`` (default
@@ -38,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import peer_weights
 from harness import cpu_flags, cpu_model
@@ -47,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "peer_worker.py"
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "a green triangle"
-SDCPP_TYPES = ("f32", "f16", "q8_0")
+SDCPP_TYPES = ("q8_0", "f16", "f32")
 OPENVINO_TYPES = ("f32", "bf16")
 OPENSD_VARIANTS = ("auto", "fp32")
 PEER_PACKAGES = {"sdcpp": "stable_diffusion_cpp", "openvino": "optimum.intel"}
@@ -80,7 +85,9 @@ class Worker:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         self.ready = self._read()
         self.load_s = self.ready.get("load_s")
+        self.info: dict[str, str] = self.ready.get("info", {})
         self.error = self.ready.get("error")
+        self.warm = False  # one untimed generation done (the first pays one-time costs)
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline() if self.proc.stdout else ""
@@ -123,16 +130,22 @@ class Block:
     variant: str
     times: dict[str, list[float]] = field(default_factory=dict)
     load_s: dict[str, float | None] = field(default_factory=dict)
+    info: dict[str, dict[str, str]] = field(default_factory=dict)
     error: str | None = None
+    load: str = ""  # the machine's load averages when the block ended
 
     def median(self, label: str) -> float | None:
+        """Median seconds of ``label``; "opensd fp32" is opensd auto's where auto is fp32 here."""
         t = self.times.get(label)
+        if not t and label == "opensd fp32" and self.info.get("opensd auto", {}).get("dtype") == "float32":
+            t = self.times.get("opensd auto")
         return statistics.median(t) if t else None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peer": self.peer, "variant": self.variant, "times_s": self.times,
-                               "load_s": self.load_s, "error": self.error,
-                               "median_s": {k: self.median(k) for k in self.times}}
+                               "load_s": self.load_s, "info": self.info, "error": self.error, "load": self.load,
+                               "median_s": {k: self.median(k) for k in [*self.times, "opensd fp32"]
+                                            if self.median(k) is not None}}
         peer = self.median(f"{self.peer} {self.variant}")
         if peer:
             out["ratio_opensd_over_peer"] = {v: self.median(f"opensd {v}") / peer
@@ -141,15 +154,17 @@ class Block:
 
 
 def timed_block(block: Block, workers: list[Worker], repeats: int) -> None:
-    """One warm-up call each, then ``repeats`` rounds of worker 1, 2, ...; a failing worker ends its own row."""
+    """One warm-up call for each worker not yet warm, then ``repeats`` rounds of worker 1, 2, ...; a failing worker ends its own row."""
     alive = [w for w in workers if not w.error]
     for w in workers:
         block.load_s[w.label] = w.load_s
+        block.info[w.label] = w.info
         if w.error:
             block.times[w.label] = []
-    for w in list(alive):
+    for w in [w for w in alive if not w.warm]:
         try:
             w.run()
+            w.warm = True
         except RuntimeError:
             alive.remove(w)
     for _ in range(repeats):
@@ -180,6 +195,14 @@ def dist_versions(python: str, names: tuple[str, ...]) -> dict[str, str | None]:
     return json.loads(probe.stdout) if probe.returncode == 0 else {}
 
 
+def skip_variant(engine: str, variant: str) -> str:
+    """Why ``engine``'s ``variant`` is not timed on this machine ("" when it is)."""
+    flags = cpu_flags()
+    if engine == "openvino" and variant == "bf16" and not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+        return "openvino bf16: not run, this CPU has neither avx512_bf16 nor amx_bf16 (OpenVINO's CPU plugin would run f32)"
+    return ""
+
+
 def opensd_env() -> dict[str, str]:
     env = dict(os.environ)
     src = str(HERE.parent / "src")
@@ -193,39 +216,68 @@ def peer_env() -> dict[str, str]:
     return env
 
 
-def bench_model(name: str, size: int, args: argparse.Namespace, peers: dict[str, str]) -> dict[str, Any]:
-    """All blocks of one model at ``size``²: the opensd workers stay loaded, the peers come one at a time."""
+def plan(args: argparse.Namespace, peers: dict[str, str]) -> list[tuple[str, str]]:
+    """(engine, variant) blocks in the order they run: each peer's first variant before any
+    peer's second, so that a run cut short still has every peer (``--variants`` orders them)."""
+    chosen = {e: [v for v in getattr(args, f"{e}_types").split(",") if v] for e in ("sdcpp", "openvino") if e in peers}
+    out: list[tuple[str, str]] = []
+    for i in range(max((len(v) for v in chosen.values()), default=0)):
+        out += [(e, vs[i]) for e, vs in chosen.items() if i < len(vs)]
+    return out
+
+
+def bench_model(name: str, size: int, args: argparse.Namespace, peers: dict[str, str],
+                save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+    """All blocks of one model at ``size``²: the opensd workers stay loaded, the peers come one
+    at a time; ``save`` gets the result so far after every block."""
     files = peer_weights.write(args.weights, name)
     job = Job(name, size, size, args.steps, args.cfg, args.seed, args.threads)
-    cache = args.weights / name
-    opensd_model = str(files.diffusers)
-    ours = [Worker(sys.executable, "opensd", v, opensd_model, job, cache, opensd_env()) for v in OPENSD_VARIANTS]
+    cache, models = args.weights / name, {"sdcpp": files.single_file, "openvino": files.diffusers}
+    ours = [Worker(sys.executable, "opensd", "auto", str(files.diffusers), job, cache, opensd_env())]
+    notes: list[str] = []
+    if ours[0].info.get("dtype") == "float32":  # the same work twice: time it once
+        notes.append(f"opensd fp32 is opensd auto here ({ours[0].info.get('reason')})")
+    else:
+        ours.append(Worker(sys.executable, "opensd", "fp32", str(files.diffusers), job, cache, opensd_env()))
     blocks: list[Block] = []
+    result = {"model": name, "size": size, "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
+              "threads": args.threads, "blocks": [], "opensd_errors": {}, "notes": notes}
     try:
-        for engine, variants, model in (("sdcpp", SDCPP_TYPES, files.single_file), ("openvino", OPENVINO_TYPES, files.diffusers)):
-            if engine not in peers:
+        for engine, variant in plan(args, peers):
+            why = skip_variant(engine, variant)
+            if why:
+                notes.append(why)
+                print(f"# {why}", flush=True)
                 continue
-            for variant in variants:
-                print(f"# {name} {size}²: opensd vs {engine} {variant}", flush=True)
-                peer = Worker(peers[engine], engine, variant, str(model), job, cache, peer_env())
-                block = Block(engine, variant, error=peer.error)
-                try:
-                    timed_block(block, [*ours, peer], args.repeats)
-                finally:
-                    peer.close()
-                block.error = block.error or peer.error
-                blocks.append(block)
-                print("#   " + ", ".join(f"{k} {fmt(block.median(k))}" for k in block.times)
-                      + (f"; {engine} error: {block.error}" if block.error else ""), flush=True)
+            print(f"# {name} {size}²: opensd vs {engine} {variant}", flush=True)
+            peer = Worker(peers[engine], engine, variant, str(models[engine]), job, cache, peer_env())
+            block = Block(engine, variant, error=peer.error)
+            try:
+                timed_block(block, [*ours, peer], args.repeats)
+            finally:
+                peer.close()
+            block.error, block.load = block.error or peer.error, uptime()
+            blocks.append(block)
+            print("#   " + ", ".join(f"{k} {fmt(block.median(k))}" for k in block.times)
+                  + (f"; {engine} error: {block.error}" if block.error else ""), flush=True)
+            result["blocks"] = [b.to_json() for b in blocks]
+            save(result)
     finally:
         for w in ours:
             w.close()
-    errors = {w.label: w.error for w in ours if w.error}
-    return {"model": name, "size": size, "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
-            "threads": args.threads, "blocks": [b.to_json() for b in blocks], "opensd_errors": errors}
+    result["opensd_errors"] = {w.label: w.error for w in ours if w.error}
+    return result
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def uptime() -> str:
+    """The machine's load averages (1, 5, 15 min), to be written beside the numbers."""
+    try:
+        return "load average: " + " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def fmt(x: float | None) -> str:
@@ -253,6 +305,7 @@ def table(result: dict[str, Any]) -> str:
             verdict = "met" if ratio <= TARGETS[peer] else "not met"
             lines.append(f"\nTarget vs {peer}'s fastest ({variant}, {fmt(t)}): opensd auto/peer = {ratio:.2f}, "
                          f"target <= {TARGETS[peer]} ({verdict}).")
+    lines += [f"\nNote: {n}." for n in result.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -269,6 +322,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sdcpp-python", default="/work/peers/sdcpp/bin/python")
     p.add_argument("--openvino-python", default="/work/peers/openvino/bin/python")
     p.add_argument("--peers", default="sdcpp,openvino", help="comma-separated subset of sdcpp, openvino")
+    p.add_argument("--sdcpp-types", default=",".join(SDCPP_TYPES), help=f"stable-diffusion.cpp weight types, in order (of {', '.join(SDCPP_TYPES)})")
+    p.add_argument("--openvino-types", default=",".join(OPENVINO_TYPES), help=f"OpenVINO inference precisions, in order (of {', '.join(OPENVINO_TYPES)})")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     bad = [m for m in args.models.split(",") if m not in peer_weights.MODELS]
@@ -276,6 +331,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown model(s) {', '.join(bad)}; choose from {', '.join(peer_weights.MODELS)}")
     if args.size is not None and (args.size < 64 or args.size % 64):
         p.error("--size must be a multiple of 64")
+    for engine, allowed in (("sdcpp", SDCPP_TYPES), ("openvino", OPENVINO_TYPES)):
+        unknown = [v for v in getattr(args, f"{engine}_types").split(",") if v and v not in allowed]
+        if unknown:
+            p.error(f"unknown --{engine}-types {', '.join(unknown)}; choose from {', '.join(allowed)}")
     if args.repeats < 1 or args.steps < 1:
         p.error("--repeats and --steps must be at least 1")
     return args
@@ -299,18 +358,24 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpu": cpu_model(), "cpu_flags": flags, "cores": os.cpu_count(), "torch": torch.__version__},
-        "peer_versions": versions, "skipped": [e for e in args.peers.split(",") if e and e not in peers], "results": [],
+        "load_before": uptime(), "peer_versions": versions, "skipped": [e for e in args.peers.split(",") if e and e not in peers], "results": [],
     }
     print(f"# {report['date']}: {cpu_model()} (flags: {' '.join(f for f, h in flags.items() if h)}), "
           f"torch {torch.__version__}, peers {versions}", flush=True)
     t0 = time.perf_counter()
     for name in args.models.split(","):
         size = 32 if name == "tiny" else (args.size or 256)
-        report["results"].append(bench_model(name, size, args, peers))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2))
+        done = list(report["results"])
+
+        def save(result: dict[str, Any]) -> None:
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({**report, "results": [*done, result], "load_now": uptime()}, indent=2))
+
+        report["results"].append(bench_model(name, size, args, peers, save))
+        save(report["results"][-1])
     report["total_s"] = time.perf_counter() - t0
+    report["load_after"] = uptime()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     for result in report["results"]:

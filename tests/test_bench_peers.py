@@ -64,6 +64,7 @@ def test_opensd_worker_answers_the_protocol(tmp_path):
     w = peers.Worker(sys.executable, "opensd", "fp32", str(files.diffusers), job, tmp_path, peers.opensd_env())
     try:
         assert w.error is None and w.load_s > 0
+        assert w.info["dtype"] == "float32" and "fp32" in w.info["reason"]
         block = peers.Block("opensd", "fp32")
         peers.timed_block(block, [w], repeats=2)
         assert len(block.times["opensd fp32"]) == 2 and all(t > 0 for t in block.times["opensd fp32"])
@@ -93,3 +94,36 @@ def test_table_reports_errors_and_verdicts():
     text = peers.table(result)
     assert "cannot run: ValueError: no" in text
     assert "fastest (q8_0" in text and "0.60" in text and "not met" in text
+
+
+def test_fp32_column_is_auto_only_where_auto_is_fp32():
+    block = peers.Block("sdcpp", "f32", times={"opensd auto": [1.0, 3.0, 2.0], "sdcpp f32": [4.0, 4.0, 4.0]},
+                        info={"opensd auto": {"dtype": "float32"}})
+    assert block.median("opensd fp32") == 2.0
+    out = block.to_json()
+    assert out["median_s"]["opensd fp32"] == 2.0 and out["ratio_opensd_over_peer"] == {"auto": 0.5, "fp32": 0.5}
+    block.info["opensd auto"] = {"dtype": "bfloat16"}  # then fp32 is its own worker, and here it has no timing
+    assert block.median("opensd fp32") is None
+    assert "opensd fp32" not in block.to_json()["median_s"]
+
+
+def test_openvino_bf16_skipped_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(peers, "cpu_flags", lambda: {"avx2": True, "avx512_bf16": False, "amx_bf16": False})
+    assert "not run" in peers.skip_variant("openvino", "bf16")
+    assert peers.skip_variant("openvino", "f32") == "" and peers.skip_variant("sdcpp", "f16") == ""
+    monkeypatch.setattr(peers, "cpu_flags", lambda: {"avx2": True, "avx512_bf16": True, "amx_bf16": False})
+    assert peers.skip_variant("openvino", "bf16") == ""
+
+
+def test_table_lists_notes():
+    result = {"model": "tiny", "size": 32, "steps": 4, "cfg": 7.5, "blocks": [], "notes": ["opensd fp32 is opensd auto here"]}
+    assert "Note: opensd fp32 is opensd auto here." in peers.table(result)
+
+
+def test_plan_runs_each_peers_first_variant_first():
+    args = peers.parse(["--sdcpp-types", "q8_0,f16,f32", "--openvino-types", "f32"])
+    both = {"sdcpp": "py", "openvino": "py"}
+    assert peers.plan(args, both) == [("sdcpp", "q8_0"), ("openvino", "f32"), ("sdcpp", "f16"), ("sdcpp", "f32")]
+    assert peers.plan(args, {"openvino": "py"}) == [("openvino", "f32")]
+    with pytest.raises(SystemExit):
+        peers.parse(["--sdcpp-types", "q4_k"])

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from opensd.diffusion.samplers import Callback, DenoiserFn, SamplerError, _denoise, _prepare, _randn, _report
+from opensd.diffusion.sampler_base import Callback, DenoiserFn, SamplerError, _denoise, _prepare, _randn, _report
 from opensd.diffusion.schedules import DiscreteSchedule
 
 SIGMA_DATA = 0.5  # the data std of LCM's boundary condition (Song et al. 2023)

@@ -17,6 +17,7 @@ from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 import opensd
+import opensd.pipelines.pipeline_steps as loop_steps
 import opensd.pipelines.stable_diffusion as sd
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.cli.main import app as cli_app
@@ -60,7 +61,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.calls: list[dict] = []
-        real_sample, real_masked = sd.sample, sd.MaskedDenoiser
+        real_sample, real_masked = loop_steps.sample, loop_steps.MaskedDenoiser
 
         def sample(denoiser, noise, *a, init_latent=None, **kw):
             self.calls.append({"noise": noise.clone(), "init": init_latent.clone()})
@@ -70,8 +71,8 @@ class Spy:
             self.mask = mask.clone()
             return real_masked(inner, init, noise, mask)
 
-        monkeypatch.setattr(sd, "sample", sample)
-        monkeypatch.setattr(sd, "MaskedDenoiser", masked)
+        monkeypatch.setattr(loop_steps, "sample", sample)
+        monkeypatch.setattr(loop_steps, "MaskedDenoiser", masked)
 
 
 # ---------------------------------------------------------------- the pieces
@@ -222,8 +223,8 @@ def test_only_masked_inpaints_the_region_at_the_generation_size(pipe, monkeypatc
     image = Image.fromarray(a)
     mask = box_mask((32, 32), (4, 4, 12, 12))
     seen = []
-    real = sd.to_tensor
-    monkeypatch.setattr(sd, "to_tensor", lambda im, w, h: seen.append((im.size, np.asarray(im.convert("RGB")), (w, h))) or real(im, w, h))
+    real = loop_steps.to_tensor
+    monkeypatch.setattr(loop_steps, "to_tensor", lambda im, w, h: seen.append((im.size, np.asarray(im.convert("RGB")), (w, h))) or real(im, w, h))
     spy = Spy(monkeypatch)
     out = pipe.inpaint(image, mask, PROMPT, steps=1, sampler="euler", seed=1, only_masked=True, only_masked_padding=2)[0]
     assert out.size == (32, 32)

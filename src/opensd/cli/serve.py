@@ -5,12 +5,15 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from opensd.cli.common import DEVICE, PRECISION, THREADS, PrecisionChoice, fail_cleanly, precision_warnings, use_threads
 from opensd.errors import OpenSDError
+
+if TYPE_CHECKING:  # the server loads only when `opensd serve` runs
+    from opensd.serving.state import ServerState
 
 # --dtype, the older name of --precision: its values and theirs
 DTYPES = {"float32": PrecisionChoice.FP32, "float16": PrecisionChoice.FP16, "bfloat16": PrecisionChoice.BF16}
@@ -34,6 +37,24 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_folders(*flags: tuple[str, Path | None]) -> None:
+    """Each given folder option names a folder, or fails before the model loads."""
+    for flag, folder in flags:
+        if folder is not None and not folder.is_dir():
+            raise OpenSDError(f"{flag} {folder} is not a folder")
+
+
+def _announce(state: ServerState, host: str, port: int, *, secured: bool) -> None:
+    """What the server prints as it starts: where it listens, the model, its precision, the LoRAs."""
+    if not _is_loopback(host) and not secured:
+        typer.echo(f"warning: listening on {host} without --api-auth: anyone who can reach it can use it", err=True)
+    typer.echo(f"opensd: serving {state.registry.current_title()} on http://{host}:{port} (web page at /, API docs at /docs)")
+    typer.echo(f"opensd: precision {state.registry.current.precision.reason}")
+    loras = state.loras
+    if loras.folder is not None:
+        typer.echo(f"opensd: {len(loras.entries())} LoRAs in {loras.folder} (<lora:name:weight> in prompts)")
 
 
 def register(app: typer.Typer) -> None:
@@ -101,17 +122,10 @@ def register(app: typer.Typer) -> None:
             raise OpenSDError(f"--port must be from 1 to 65535, got {port}")
         dev = resolve_device(device)  # a missing device fails before the model loads
         precision = serve_precision(precision, dtype)
-        if models_dir is not None and not models_dir.is_dir():
-            raise OpenSDError(f"--models-dir {models_dir} is not a folder")
-        if embeddings_dir is not None and not embeddings_dir.is_dir():
-            raise OpenSDError(f"--embeddings-dir {embeddings_dir} is not a folder")
+        _check_folders(("--models-dir", models_dir), ("--embeddings-dir", embeddings_dir))
         parse_auth(api_auth)  # a bad --api-auth fails before the model loads
-        if lora_dir is not None and not lora_dir.is_dir():
-            raise OpenSDError(f"--lora-dir {lora_dir} is not a folder")
         controlnet_dir = controlnet_dir or (Path(os.environ[CN_ENV]) if os.environ.get(CN_ENV, "").strip() else None)
-        for flag, folder in (("--upscaler-dir", upscaler_dir), ("--controlnet-dir", controlnet_dir)):
-            if folder is not None and not folder.is_dir():
-                raise OpenSDError(f"{flag} {folder} is not a folder")
+        _check_folders(("--lora-dir", lora_dir), ("--upscaler-dir", upscaler_dir), ("--controlnet-dir", controlnet_dir))
         if model is None and models_dir is None:
             model = default_model_path()
             if model is None:
@@ -129,11 +143,5 @@ def register(app: typer.Typer) -> None:
                 upscaler_dir=upscaler_dir if upscaler_dir is not None else default_upscaler_dir(), controlnet_dir=controlnet_dir,
             )
         use_threads(threads, app_.state.opensd.registry.current.model)
-        if not _is_loopback(host) and not api_auth:
-            typer.echo(f"warning: listening on {host} without --api-auth: anyone who can reach it can use it", err=True)
-        typer.echo(f"opensd: serving {app_.state.opensd.registry.current_title()} on http://{host}:{port} (web page at /, API docs at /docs)")
-        typer.echo(f"opensd: precision {app_.state.opensd.registry.current.precision.reason}")
-        loras = app_.state.opensd.loras
-        if loras.folder is not None:
-            typer.echo(f"opensd: {len(loras.entries())} LoRAs in {loras.folder} (<lora:name:weight> in prompts)")
+        _announce(app_.state.opensd, host, port, secured=bool(api_auth))
         uvicorn.run(app_, host=host, port=port, log_level=log_level)

@@ -28,14 +28,13 @@ from opensd.defaults import resolve_model
 from opensd.explain.attention import AttentionCollector, build_result, mass_in_mask
 from opensd.models.capture import AttentionSink, capture_attention, cross_attention_layers, feature_grid, is_cross_attention
 from opensd.models.transformer import BasicTransformerBlock
-from opensd.pipelines.images import to_tensor
+from opensd.pipelines.images import pil_to_tensor, tensor_to_pil, to_tensor
 from opensd.shapes.ceiling import autoencoder_ceiling
 from opensd.shapes.dataset import ShapesDataset
 from opensd.shapes.run import EvalConfig, Suite
 from opensd.shapes.scorer import parse, score_images
 from opensd.shapes.suites import benchmark_suite, ground_truth_images, holdout_suite
 from opensd.shapes.world import masks as masks_of
-from opensd.training.data import pil_to_tensor, tensor_to_pil
 
 
 def roundtrip(pipe) -> None:

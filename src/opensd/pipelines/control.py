@@ -49,7 +49,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -57,6 +56,7 @@ from opensd.checkpoints.controlnet import LoadedControlNet, controlnet_config_fo
 from opensd.models.controlnet import ControlNet
 from opensd.models.unet import ControlResiduals
 from opensd.pipelines.control_resize import ResizeMode, fit_map
+from opensd.pipelines.images import to_unit_tensor
 from opensd.pipelines.networks import NO_NETWORKS, RequestNetworks
 from opensd.pipelines.preprocessors import MapKind, preprocess, preprocessor
 from opensd.pipelines.request import GenerationRequest, RequestError
@@ -215,8 +215,7 @@ def controlnet_for(pipe: StableDiffusionPipeline, path: Any) -> LoadedControlNet
 
 
 def _to_hint(image: Image.Image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
-    return torch.from_numpy(a).permute(2, 0, 1)[None].to(device, dtype)  # (1, 3, H, W)
+    return to_unit_tensor(image).to(device, dtype)  # (1, 3, H, W) in [0, 1]
 
 
 class ControlRun:

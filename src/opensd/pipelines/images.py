@@ -1,4 +1,12 @@
-"""Images in and out of the pipelines: PIL <-> tensors in [-1, 1], masks, validation."""
+"""Images <-> tensors, the one place for it: PIL images and 8-bit pixels <-> float tensors in
+[-1, 1] (the VAE's range), masks and ControlNet hints in [0, 1], and reading image files.
+
+Every room converts here: the pipelines, training (``opensd.training.data`` re-exports
+:func:`pil_to_tensor` and :func:`tensor_to_pil`), the shapes world, explain and eval. The
+8-bit level of a value ``x`` is ``round((x + 1) * 127.5)`` (half to even, as diffusers'
+image processor rounds ``(x + 1) / 2 * 255``, which is the same float32 number), and
+level ``v`` reads back as ``v / 127.5 - 1``, so 8-bit images make the round trip exactly.
+"""
 
 from __future__ import annotations
 
@@ -62,13 +70,36 @@ def _too_large(what: str, path: Path, size: str, max_pixels: int) -> InputFileEr
     return InputFileError(f"{what} {path} is {size}; at most {max_pixels} pixels are read")
 
 
-def to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """RGB image -> (1, 3, height, width) float32 in [-1, 1], resized with Lanczos if needed."""
+def to_tensor(image: Image.Image, width: int | None = None, height: int | None = None) -> torch.Tensor:
+    """RGB image -> (1, 3, height, width) float32 in [-1, 1], resized with Lanczos if needed
+    (None: the image's own width or height)."""
     image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    size = (image.size[0] if width is None else width, image.size[1] if height is None else height)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1], at its own size."""
+    return to_tensor(image)[0]
+
+
+def to_unit_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB image -> (1, 3, H, W) float32 in [0, 1] (a ControlNet's hint), at its own size."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
+    return torch.from_numpy(a).permute(2, 0, 1)[None]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (any shape) -> uint8, the 8-bit level nearest each value."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """8-bit pixels (any shape) -> float32 in [-1, 1]; the inverse of :func:`to_uint8`."""
+    return pixels.float() / 127.5 - 1.0
 
 
 def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -82,5 +113,8 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers' image processor does."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in x]
+    x = to_uint8(images.detach().cpu()).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in x]
+
+
+tensor_to_pil = to_pil  # the name training and the shapes world use

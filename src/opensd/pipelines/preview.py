@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from opensd.errors import OpenSDError
+from opensd.pipelines.images import from_uint8, to_uint8
 
 
 class PreviewError(OpenSDError):
@@ -54,9 +55,9 @@ def synthetic_images(size: int, n: int, seed: int = 0) -> torch.Tensor:
             box = (x0 - w // 2, y0 - h // 2, x0 + w // 2, y0 + h // 2)
             colour = tuple(int(c) for c in rng.integers(0, 256, 3))
             (draw.rectangle if rng.random() < 0.5 else draw.ellipse)(box, fill=colour)
-        out.append(np.asarray(im, dtype=np.float32))
-    arr = np.stack(out) / 127.5 - 1.0  # (n, size, size, 3)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # (n, 3, size, size)
+        out.append(np.asarray(im))
+    pixels = torch.from_numpy(np.stack(out))  # (n, size, size, 3) uint8
+    return from_uint8(pixels).permute(0, 3, 1, 2).contiguous()  # (n, 3, size, size)
 
 
 # ----------------------------------------------------------------------------- the map
@@ -103,7 +104,7 @@ class LinearPreview:
         x = self(z).detach().cpu()
         if k > 1:
             x = F.interpolate(x, scale_factor=k, mode="nearest")
-        x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+        x = to_uint8(x).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
         return [Image.fromarray(a) for a in x]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opensd.pipelines.images import from_uint8
 from opensd.shapes.dataset import ShapesDataset
 from opensd.shapes.grounding import grounding_targets
 from opensd.shapes.negatives import hard_negative_captions
@@ -39,12 +40,12 @@ class ShapesSource:
     def __getitem__(self, index: int) -> Example:
         if index in self._memo:
             pixels, caption, spec, scene = self._memo[index]
-            return Example(pixels.float() / 127.5 - 1.0, caption, spec, scene)
+            return Example(from_uint8(pixels), caption, spec, scene)
         s = self.dataset[index]
         pixels = torch.from_numpy(np.array(s.image.convert("RGB"))).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
         if self.pool is not None and index < self.pool:
             self._memo[index] = (pixels, s.caption, s.spec, s.scene)
-        return Example(pixels.float() / 127.5 - 1.0, s.caption, s.spec, s.scene)
+        return Example(from_uint8(pixels), s.caption, s.spec, s.scene)
 
     def captions(self, n: int) -> list[str]:
         """The captions of items ``0 .. n-1`` of the stream (past the pool too: the world's vocabulary)."""

@@ -47,7 +47,7 @@ class RoundTripJudge:
     def _validation(self) -> tuple:
         """(prompts, true renders (N, 3, H, W) in [-1, 1], the scorer's result on them), made once."""
         if self._val is None:
-            from opensd.training.data import pil_to_tensor
+            from opensd.pipelines.images import pil_to_tensor
 
             prompts = validation_suite(per_category=self.per_category)
             gts = ground_truth_images(prompts, size=self.image_size, seed=1)
@@ -56,7 +56,7 @@ class RoundTripJudge:
         return self._val
 
     def __call__(self, round_trip: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        from opensd.training.data import tensor_to_pil
+        from opensd.pipelines.images import tensor_to_pil
         from opensd.training.vae import psnr
 
         prompts, gts, ref = self._validation()
@@ -77,7 +77,7 @@ class TinyRoundTripJudge:
         self._val: tuple | None = None
 
     def __call__(self, round_trips: Callable[[torch.Tensor], Mapping[str, torch.Tensor]]) -> dict[str, float]:
-        from opensd.training.data import pil_to_tensor, tensor_to_pil
+        from opensd.pipelines.images import pil_to_tensor, tensor_to_pil
         from opensd.training.vae import psnr
 
         if self._val is None:
@@ -103,8 +103,8 @@ class RetrievalJudge:
         self._val: tuple | None = None
 
     def __call__(self, model: Any, tokenizer: Any) -> dict[str, float]:
+        from opensd.pipelines.images import pil_to_tensor
         from opensd.shapes.retrieval import retrieval_metrics
-        from opensd.training.data import pil_to_tensor
 
         if self._val is None:
             prompts = validation_suite(per_category=self.per_category)

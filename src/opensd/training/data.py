@@ -40,6 +40,9 @@ from PIL import Image
 
 from opensd.config import to_dict
 from opensd.errors import OpenSDError
+from opensd.pipelines.images import from_uint8
+from opensd.pipelines.images import pil_to_tensor as pil_to_tensor  # the old names, re-exported
+from opensd.pipelines.images import tensor_to_pil as tensor_to_pil
 from opensd.training.config import DataConfig
 
 
@@ -105,18 +108,6 @@ class SegmentedSource(Protocol):
         ...
 
 
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images (rounded to the nearest 8-bit level)."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
-
-
 def square_resize(image: Image.Image, size: int) -> Image.Image:
     """Centre-crop to a square, then resize to ``size`` (Lanczos) when needed."""
     w, h = image.size
@@ -140,7 +131,7 @@ class FolderSource:
         self.pool = len(items)
 
     def __getitem__(self, index: int) -> Example:
-        return Example(self.images[index].float() / 127.5 - 1.0, self.texts[index])
+        return Example(from_uint8(self.images[index]), self.texts[index])
 
     def captions(self, n: int) -> list[str]:
         return self.texts[:n]

@@ -35,6 +35,7 @@ from opensd.data.imagefolder import (
     read_imagefolder,
     write_imagefolder,
 )
+from opensd.pipelines.images import from_uint8, to_uint8
 from opensd.training.config import DataConfig, DataSource
 from opensd.training.data import (
     Example,
@@ -57,7 +58,7 @@ class ImageList:
         self.pool = len(self.texts)
 
     def __getitem__(self, index: int) -> Example:
-        return Example(self.images[index].float() / 127.5 - 1.0, self.texts[index])
+        return Example(from_uint8(self.images[index]), self.texts[index])
 
     def captions(self, n: int) -> list[str]:
         return self.texts[:n]
@@ -91,7 +92,7 @@ def open_images(data: DataConfig, prompt: str = "", what: str = "data") -> Image
             raise TrainingDataError(f"{what}: the shapes world needs data.pool_size > 0 (a fixed set of images)")
         source = open_source(data)
         items = [source[i] for i in range(data.pool_size)]
-        images = torch.stack([((e.image + 1) * 127.5).round().to(torch.uint8) for e in items])
+        images = torch.stack([to_uint8(e.image) for e in items])
         return ImageList(images, [prompt or e.caption for e in items])
     folder = Path(data.path)
     if not folder.is_dir():

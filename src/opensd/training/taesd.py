@@ -46,8 +46,9 @@ from torch import nn
 
 from opensd.config import ConfigError
 from opensd.models.taesd import TinyAutoencoder, TinyAutoencoderConfig
+from opensd.pipelines.images import from_uint8, tensor_to_pil, to_uint8
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig, _check_float, _check_int
-from opensd.training.data import batch_indices, load_batch, tensor_to_pil
+from opensd.training.data import batch_indices, load_batch
 from opensd.training.records import SAMPLES, save_grid
 from opensd.training.sources import open_source
 from opensd.training.stage import RunContext, Stage, Update
@@ -174,9 +175,9 @@ class TAESDStage(Stage):
         for start in range(0, n, step):
             x = load_batch(self.source, range(start, min(n, start + step))).images
             z, y = teacher_outputs(self.vae, ctx.to_device(x), cfg.target is DistillTarget.TEACHER)
-            images.append(_to_uint8(x))
+            images.append(to_uint8(x))
             latents.append(z.float().cpu())
-            targets.append(_to_uint8(y.cpu()) if y is not None else None)
+            targets.append(to_uint8(y.cpu()) if y is not None else None)
         out = {"images": torch.cat(images), "latents": torch.cat(latents)}
         out["targets"] = torch.cat(targets) if targets[0] is not None else out["images"]
         return out
@@ -189,8 +190,8 @@ class TAESDStage(Stage):
     def updates(self, batch: dict[str, torch.Tensor], step: int) -> Iterator[Update]:
         ctx = self.ctx
         last = torch.channels_last
-        x = ctx.to_device(_from_uint8(batch["images"])).contiguous(memory_format=last)
-        y = ctx.to_device(_from_uint8(batch["targets"])).contiguous(memory_format=last)
+        x = ctx.to_device(from_uint8(batch["images"])).contiguous(memory_format=last)
+        y = ctx.to_device(from_uint8(batch["targets"])).contiguous(memory_format=last)
         z = ctx.to_device(batch["latents"]).contiguous(memory_format=last)
         with ctx.autocast():
             loss, metrics = ctx.wrapped["taesd"](x, z, y)
@@ -215,7 +216,7 @@ class TAESDStage(Stage):
     def evaluate(self, step: int) -> dict[str, float]:
         tiny: TinyAutoencoder = self.ctx.averaged("taesd").tiny.eval()
         n = self.cfg.grid_images
-        grid = _from_uint8(self.cache["images"][:n])
+        grid = from_uint8(self.cache["images"][:n])
         rows = self.round_trips(tiny, grid)
         save_grid(tensor_to_pil(torch.cat([grid, *rows.values()])), self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png", n)
         if self.evaluator is None:
@@ -229,12 +230,3 @@ class TAESDStage(Stage):
         folder = self.ctx.run_dir / EXPORT_FOLDER
         save_tiny_autoencoder(tiny, folder, dtype=torch.float16 if self.cfg.export_half else None)
         return folder
-
-
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> uint8 (the 8-bit level nearest each value)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def _from_uint8(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 127.5 - 1.0

@@ -40,8 +40,9 @@ from torch import nn
 
 from opensd.config import ConfigError
 from opensd.models.vae import AutoencoderKL, VAEConfig
+from opensd.pipelines.images import tensor_to_pil
 from opensd.training.config import DataConfig, StageConfig, TrainConfig
-from opensd.training.data import VAE_FOLDER, Batch, batch_indices, load_batch, save_vae, tensor_to_pil
+from opensd.training.data import VAE_FOLDER, Batch, batch_indices, load_batch, save_vae
 from opensd.training.records import SAMPLES, save_grid
 from opensd.training.sources import open_source
 from opensd.training.stage import RunContext, Stage, Update

@@ -43,7 +43,7 @@ def family_line(cfg: SDConfig) -> str:
              for i in range(len(cfg.text_configs))]
     names = " + ".join(encoder_name(t, o) for t, o in zip(cfg.text_configs, opens))
     line = f"{FAMILY_NAMES[cfg.family]} ({cfg.family.value}): {names}"
-    if cfg.unet.in_channels == 2 * cfg.vae.embed_dim + 1:
+    if cfg.is_inpainting:
         line += f"; inpainting U-Net ({cfg.unet.in_channels} input channels)"
     return line
 

@@ -146,10 +146,10 @@ def infer_config(state: dict[str, torch.Tensor]) -> SDConfig:
     family = detect_family(state)
     cfg = PRESETS[family]()
     in_ch = _dim(state, FIRST_CONV, 4, 1)
-    if in_ch not in (cfg.vae.embed_dim, 2 * cfg.vae.embed_dim + 1):
+    if in_ch not in (cfg.vae.embed_dim, cfg.inpainting_in_channels):
         raise CheckpointError(
             f"its U-Net takes {in_ch} input channels; opensd runs U-Nets of {cfg.vae.embed_dim} (text to image) "
-            f"or {2 * cfg.vae.embed_dim + 1} (inpainting: latent, mask and masked image) channels"
+            f"or {cfg.inpainting_in_channels} (inpainting: latent, mask and masked image) channels"
             + (" (5 is SD 2's depth model, whose depth conditioning opensd does not have)" if in_ch == 5 else "")
         )
     try:

@@ -92,10 +92,10 @@ class SDConfig:
                 f"(pooled text + {self.family.size_numbers} size numbers x {self.size_embed_dim}), "
                 f"got {self.unet.adm_in_channels}"
             )
-        if self.unet.in_channels not in (self.vae.embed_dim, 2 * self.vae.embed_dim + 1):
+        if self.unet.in_channels not in (self.vae.embed_dim, self.inpainting_in_channels):
             raise ConfigError(
                 f"the U-Net takes {self.unet.in_channels} channels; the VAE's latent has "
-                f"{self.vae.embed_dim} (an inpainting U-Net takes {2 * self.vae.embed_dim + 1})"
+                f"{self.vae.embed_dim} (an inpainting U-Net takes {self.inpainting_in_channels})"
             )
         f = self.vae.downsample_factor
         if self.image_size % f or self.image_size < f:
@@ -104,6 +104,17 @@ class SDConfig:
     @property
     def latent_size(self) -> int:
         return self.image_size // self.vae.downsample_factor
+
+    @property
+    def inpainting_in_channels(self) -> int:
+        """The input channels of an inpainting U-Net for this VAE: the latent, the mask and the
+        masked image's latent (``2 C + 1``: 9 for SD's 4-channel latent; Rombach et al. 2022)."""
+        return 2 * self.vae.embed_dim + 1
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Whether the U-Net is an inpainting one (it takes :attr:`inpainting_in_channels`)."""
+        return self.unet.in_channels == self.inpainting_in_channels
 
     @property
     def text_configs(self) -> tuple[CLIPTextConfig, ...]:

@@ -91,9 +91,9 @@ class PipelineSteps:
                     mask, st.pixels, eps, st.init_latent, req.batch_size,
                     encode=lambda x: self._posterior(x, req.tiled_vae, should_stop),
                     to_latent=self.model.vae.to_latent,
-                    nine_channel=self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1,
+                    nine_channel=self.cfg.is_inpainting,
                 )
-        if st.concat is None and self.cfg.unet.in_channels == 2 * self.cfg.vae.embed_dim + 1:
+        if st.concat is None and self.cfg.is_inpainting:
             # An inpainting U-Net without a mask: all of it masked, the masked image blank (A1111).
             blank = torch.zeros(1, 3, req.height, req.width, device=dev)
             masked = self.model.vae.to_latent(self._posterior(blank, req.tiled_vae, None).mode())

@@ -121,10 +121,6 @@ class RefinerPlan:
         return self.step < self.steps
 
 
-def _is_inpainting(cfg: SDConfig) -> bool:
-    return cfg.unet.in_channels != cfg.vae.embed_dim
-
-
 def plan_refiner(
     base: "StableDiffusionPipeline", refiner: "StableDiffusionPipeline | None", req: GenerationRequest,
     prompt_embeds: Any = None, negative_embeds: Any = None,
@@ -142,7 +138,7 @@ def plan_refiner(
     check_pair(base.cfg, refiner.cfg)
     if prompt_embeds is not None or negative_embeds is not None:
         raise RequestError("prompt_embeds / negative_embeds cannot be used with a refiner (it encodes the prompts with its own text encoder)")
-    if _is_inpainting(refiner.cfg) and refiner.cfg.unet.in_channels != base.cfg.unet.in_channels:
+    if refiner.cfg.is_inpainting and not base.cfg.is_inpainting:  # check_pair: one latent
         raise RequestError("an inpainting (9-channel) refiner needs an inpainting model as the base")
     if refiner.model.device != base.model.device:
         raise RequestError(f"the refiner is on {refiner.model.device} but the model on {base.model.device}; load both on one device")
@@ -163,7 +159,7 @@ def sample_refined(
     steps with ``denoiser`` and ``conds``, then the refiner's on the same latent."""
     ref = plan.pipe
     r_cond, r_uncond = ref.conditioner.for_request(req, should_stop=should_stop)
-    concat = start.concat if _is_inpainting(ref.cfg) else None  # a 4-channel refiner inpaints by re-imposing
+    concat = start.concat if ref.cfg.is_inpainting else None  # a 4-channel refiner inpaints by re-imposing
     r_denoiser = ref._denoiser(req, dataclasses.replace(start, concat=concat))
     run = plan_sampling(
         start.noise, base.schedule, req.sampler, req.steps, karras=req.karras,

@@ -231,7 +231,7 @@ def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) ->
     infotexts = [t for r in results for t in r.infotexts]
     first = plan.requests[0]
     loaded = plan.pipeline.loaded
-    inpainting_unet = plan.pipeline.cfg.unet.in_channels == 2 * plan.pipeline.cfg.vae.embed_dim + 1
+    inpainting_unet = plan.pipeline.cfg.is_inpainting
     info = {
         "prompt": first.prompt,
         "all_prompts": [first.prompt] * len(images),

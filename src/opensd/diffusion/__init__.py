@@ -3,11 +3,16 @@
 Composition, outermost last: network -> :class:`ClassifierFreeGuidance` (raw output
 space) -> :class:`Denoiser` (eps/v -> x0, k-diffusion form) -> a sampler from
 :func:`resolve_sampler` run on :meth:`DiscreteSchedule.sigmas_for`; :func:`sample`
-does the whole run and returns the VP latent for the decoder.
+does the whole run and returns the VP latent for the decoder. The types of that
+composition (:class:`ModelFn`, :class:`DenoiserFn`, :class:`SamplerFn`) are
+:mod:`opensd.diffusion.protocols`'; how a run stops (:class:`Interrupted`,
+:func:`check_stop`) is :mod:`opensd.diffusion.interruption`'s.
 """
 
 from opensd.diffusion.denoisers import Denoiser, DenoiserError
 from opensd.diffusion.guidance import ClassifierFreeGuidance, GuidanceError, rescale_guided
+from opensd.diffusion.interruption import Interrupted, StopCheck, asks_to_stop, check_stop
+from opensd.diffusion.protocols import DenoiserFn, ModelFn, SamplerCallback, SamplerFn
 from opensd.diffusion.registry import (
     SamplerSpec,
     UnknownSamplerError,
@@ -16,7 +21,7 @@ from opensd.diffusion.registry import (
     resolve_sampler,
     sample,
 )
-from opensd.diffusion.samplers import Interrupted, SamplerError
+from opensd.diffusion.samplers import SamplerError
 from opensd.diffusion.schedules import (
     DDIM_RULE,
     DDPM_RULE,
@@ -35,8 +40,8 @@ from opensd.diffusion.schedules import (
     TimestepGrid,
     TimestepRule,
     TimestepSpacing,
-    karras_sigmas,
     exponential_sigmas,
+    karras_sigmas,
     strength_start,
     to_vp,
 )
@@ -49,6 +54,7 @@ __all__ = [
     "DPM_RULE",
     "Denoiser",
     "DenoiserError",
+    "DenoiserFn",
     "DiscreteSchedule",
     "EULER_RULE",
     "LCM_RULE",
@@ -56,17 +62,23 @@ __all__ = [
     "FinalSigma",
     "GuidanceError",
     "Interrupted",
+    "ModelFn",
     "NoiseScheduleConfig",
     "Prediction",
+    "SamplerCallback",
     "SamplerError",
+    "SamplerFn",
     "SamplerSpec",
     "ScheduleError",
+    "StopCheck",
     "SigmaRange",
     "SigmaSpacing",
     "TimestepGrid",
     "TimestepRule",
     "TimestepSpacing",
     "UnknownSamplerError",
+    "asks_to_stop",
+    "check_stop",
     "exponential_sigmas",
     "karras_sigmas",
     "known_names",

@@ -17,14 +17,13 @@ classifier-free-guided one (:mod:`opensd.diffusion.guidance`); it gets ``t`` as 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from opensd.diffusion.protocols import ModelFn
 from opensd.diffusion.schedules import DiscreteSchedule, Prediction
 from opensd.errors import OpenSDError
-
-ModelFn = Callable[..., torch.Tensor]
 
 
 class DenoiserError(OpenSDError):

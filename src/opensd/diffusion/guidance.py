@@ -17,13 +17,12 @@ returned untouched.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
+from opensd.diffusion.protocols import ModelFn
 from opensd.errors import OpenSDError
-
-ModelFn = Callable[..., torch.Tensor]
 
 
 class GuidanceError(OpenSDError):

@@ -18,13 +18,14 @@ import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from opensd.diffusion import consistency as C
 from opensd.diffusion import samplers as S
 from opensd.diffusion.denoisers import Denoiser
+from opensd.diffusion.protocols import DenoiserFn, SamplerCallback, SamplerFn
 from opensd.diffusion.schedules import (
     DDIM_RULE,
     DDPM_RULE,
@@ -57,7 +58,7 @@ class SamplerSpec:
 
     id: str
     a1111_name: str
-    fn: Callable[..., torch.Tensor]
+    fn: SamplerFn
     rule: TimestepRule
     stochastic: bool
     calls_per_step: int = 1
@@ -192,7 +193,7 @@ class SamplingRun:
     schedule: DiscreteSchedule | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def sampler(self) -> Callable[..., torch.Tensor]:
+    def sampler(self) -> SamplerFn:
         """``spec.fn`` with the run's options (and, for the consistency samplers, its schedule) bound:
         call it as ``f(denoiser, x, sigmas, extra_args=..., callback=..., generator=...)``."""
         kw = dict(self.options)
@@ -238,7 +239,7 @@ def plan_sampling(
 
 
 def sample(
-    denoiser: Callable[..., torch.Tensor],
+    denoiser: DenoiserFn,
     noise: torch.Tensor,
     schedule: DiscreteSchedule,
     sampler_name: str,
@@ -246,7 +247,7 @@ def sample(
     *,
     karras: bool = False,
     generator: torch.Generator | None = None,
-    callback: S.Callback | None = None,
+    callback: SamplerCallback | None = None,
     strength: float = 1.0,
     init_latent: torch.Tensor | None = None,
     extra_args: dict[str, Any] | None = None,

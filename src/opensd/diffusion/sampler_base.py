@@ -5,32 +5,20 @@ callback (the contract is :mod:`opensd.diffusion.samplers`'s docstring).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from opensd.diffusion.interruption import Interrupted, asks_to_stop
+from opensd.diffusion.protocols import DenoiserFn
+from opensd.diffusion.protocols import SamplerCallback as Callback
 from opensd.errors import OpenSDError
 
-Callback = Callable[[dict[str, Any]], Any]
-DenoiserFn = Callable[..., torch.Tensor]  # D(x, sigma, **extra_args) -> x0
+__all__ = ["Callback", "DenoiserFn", "Interrupted", "SamplerError"]
 
 
 class SamplerError(OpenSDError):
     """Bad input to a sampler (sigma list, latent, option value)."""
-
-
-class Interrupted(Exception):
-    """Raised (by a callback or by the sampler for it) to stop sampling.
-
-    ``step``: the step index at which sampling stopped; ``x``: the latest latent.
-    """
-
-    def __init__(
-        self, message: str = "sampling interrupted", *, step: int | None = None, x: torch.Tensor | None = None
-    ) -> None:
-        super().__init__(message)
-        self.step = step
-        self.x = x
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -73,7 +61,7 @@ def _report(callback: Callback | None, i: int, x: torch.Tensor, sigma: float, de
     except Interrupted as e:
         e.step, e.x = i, x
         raise
-    if r is Interrupted or isinstance(r, Interrupted):
+    if asks_to_stop(r):
         raise Interrupted(step=i, x=x)
 
 

@@ -17,9 +17,9 @@ Every sampler has one signature::
   (DDIM with ``set_alpha_to_one=False`` ends at ``alphas_cumprod[0]``) the VP latent
   the decoder expects is ``to_vp(x, sigmas[-1])`` (division by ``sqrt(1 + sigma^2)``).
 * ``callback({"i", "x", "sigma", "denoised"})`` runs once per step after the first
-  network call of the step. To stop, it raises :class:`Interrupted` or returns one
-  (an instance or the class); the sampler then raises :class:`Interrupted` carrying
-  the step and the latest latent.
+  network call of the step. To stop, it returns ``False`` or :class:`Interrupted` (an
+  instance or the class) or raises one; the sampler then raises :class:`Interrupted`
+  carrying the step and the latest latent (:mod:`opensd.diffusion.interruption`).
 * Random numbers: ``torch.randn(shape, generator=generator, device=generator.device,
   dtype=float32).to(x)`` (CPU and the global RNG without a generator), so one seed
   gives the same noise on CPU and GPU.
@@ -36,7 +36,10 @@ ancestral, DDIM, DDPM, Heun, DPM2), :mod:`~opensd.diffusion.samplers_dpmpp` (DPM
 share is :mod:`~opensd.diffusion.sampler_base`'s. This module names them all.
 """
 
-from opensd.diffusion.sampler_base import Callback, DenoiserFn, Interrupted, SamplerError
+from opensd.diffusion.interruption import Interrupted
+from opensd.diffusion.protocols import DenoiserFn, SamplerFn
+from opensd.diffusion.protocols import SamplerCallback as Callback
+from opensd.diffusion.sampler_base import SamplerError
 from opensd.diffusion.samplers_dpmpp import sample_dpmpp_2m, sample_dpmpp_2s_ancestral, sample_dpmpp_sde
 from opensd.diffusion.samplers_euler import (
     sample_ddim,
@@ -53,6 +56,7 @@ __all__ = [
     "DenoiserFn",
     "Interrupted",
     "SamplerError",
+    "SamplerFn",
     "sample_ddim",
     "sample_ddpm",
     "sample_dpm2",

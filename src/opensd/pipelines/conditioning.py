@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 from opensd.checkpoints.embeddings import TextualInversion, check_fits
+from opensd.diffusion.interruption import StopCheck, check_stop
 from opensd.models.layers import timestep_embedding
 from opensd.models.open_clip import OpenCLIPTextModel
 from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
-from opensd.pipelines.generation import StopCheck, check_stop
 from opensd.pipelines.request import GenerationRequest, RequestError
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, tokenize_within_budget
 from opensd.prompts.extra_networks import strip_tags

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from opensd.checkpoints.taesd import TinyAutoencoderError, load_tiny_autoencoder, tiny_autoencoder_beside
+from opensd.diffusion.interruption import StopCheck, check_stop
 from opensd.errors import OpenSDError
 from opensd.models.taesd import TinyAutoencoder
-from opensd.pipelines.generation import StopCheck, check_stop
 
 
 class DecoderError(OpenSDError):

@@ -2,7 +2,8 @@
 
 A per-step callback gets a :class:`StepInfo` (return ``False`` from it to stop early);
 ``should_stop()`` is polled between the stages outside sampling (:func:`check_stop`);
-the run returns a :class:`GenerationResult`.
+the run returns a :class:`GenerationResult`. How a run stops is
+:mod:`opensd.diffusion.interruption`'s (``StopCheck`` and ``check_stop`` are re-exported here).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from opensd.diffusion import Interrupted
+from opensd.diffusion.interruption import StopCheck, check_stop
+
+__all__ = ["GenerationResult", "StepCallback", "StepInfo", "StopCheck", "check_stop", "generation_warnings"]
 
 
 @dataclass
@@ -27,14 +30,7 @@ class StepInfo:
     denoised: torch.Tensor  # (B, C, h, w), the current prediction of the clean latent
 
 
-StepCallback = Callable[[StepInfo], Any]
-StopCheck = Callable[[], bool]
-
-
-def check_stop(should_stop: StopCheck | None, where: str) -> None:
-    """Raise :class:`Interrupted` when ``should_stop()`` says so (outside sampling there is no partial image)."""
-    if should_stop is not None and should_stop():
-        raise Interrupted(f"stopped while {where}")
+StepCallback = Callable[[StepInfo], Any]  # returns False (or Interrupted) to stop: opensd.diffusion.interruption
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from opensd.diffusion.protocols import DenoiserFn
 from opensd.errors import OpenSDError
 from opensd.pipelines.images import mask_to_tensor
 
@@ -241,7 +242,7 @@ class MaskedDenoiser:
     """Inpainting with an ordinary model: outside the mask, the latent is the original
     re-noised to the current sigma before each call, and the prediction is the original."""
 
-    def __init__(self, inner: Callable[..., torch.Tensor], init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, inner: DenoiserFn, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
         self.inner, self.init, self.noise, self.mask = inner, init, noise.to(init), mask
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **kw: Any) -> torch.Tensor:

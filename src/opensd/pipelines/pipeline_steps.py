@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
-from opensd.diffusion import ClassifierFreeGuidance, Denoiser, Interrupted
+from opensd.diffusion import ClassifierFreeGuidance, Denoiser
+from opensd.diffusion.interruption import Interrupted, StopCheck, asks_to_stop
+from opensd.diffusion.protocols import DenoiserFn, ModelFn
 from opensd.diffusion.registry import sample
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.control import ControlRun
 from opensd.pipelines.decoders import Decoder, decode_tiny, require_tiny
-from opensd.pipelines.generation import StepCallback, StepInfo, StopCheck
+from opensd.pipelines.generation import StepCallback, StepInfo
 from opensd.pipelines.images import to_tensor
 from opensd.pipelines.inpaint import InpaintMask, MaskedDenoiser, mask_latents, masked_init_latent
 from opensd.pipelines.refiner import guidance_args
@@ -110,10 +112,10 @@ class PipelineSteps:
             st.init_latent = masked_init_latent(mask.content, st.init_latent, st.latent_mask, st.noise)
         return st
 
-    def _denoiser(self, req: GenerationRequest, st: _Start, control: ControlRun | None = None) -> Callable[..., torch.Tensor]:
+    def _denoiser(self, req: GenerationRequest, st: _Start, control: ControlRun | None = None) -> DenoiserFn:
         """(ControlNets ->) U-Net -> classifier-free guidance -> eps/v parameterization (-> the inpainting mask)."""
         spec, spacing = req.resolved_sampler()
-        denoiser: Callable[..., torch.Tensor] = Denoiser(self._network(st.concat, req, control), self.schedule).with_quantize_t(
+        denoiser: DenoiserFn = Denoiser(self._network(st.concat, req, control), self.schedule).with_quantize_t(
             spec.rule.quantize_t(spacing)
         )
         if st.latent_mask is not None and st.concat is None:
@@ -122,7 +124,7 @@ class PipelineSteps:
         return denoiser
 
     def _sample(
-        self, req: GenerationRequest, denoiser: Callable[..., torch.Tensor], st: _Start, cond: dict,
+        self, req: GenerationRequest, denoiser: DenoiserFn, st: _Start, cond: dict,
         uncond: dict | None, seeds: list[int], callback: StepCallback | None,
     ) -> tuple[torch.Tensor, bool]:
         """``(final latent, interrupted)``; a stopped run returns its last prediction."""
@@ -171,7 +173,7 @@ class PipelineSteps:
         posterior = self.encode_pixels(pixels, tiled_vae, should_stop=should_stop)
         return posterior if posterior.moments.dtype == torch.float32 else DiagonalGaussian(posterior.moments.float())
 
-    def _network(self, concat: torch.Tensor | None, req: GenerationRequest, control: ControlRun | None = None) -> Callable[..., torch.Tensor]:
+    def _network(self, concat: torch.Tensor | None, req: GenerationRequest, control: ControlRun | None = None) -> ModelFn:
         """The guided U-Net as the sampler calls it: float32 in and out, the model's dtype inside
         (the timesteps stay float32: the U-Net embeds them in float32; bfloat16 would round 999 to 1000);
         with ``control``, the U-Net takes its ControlNets' residuals."""
@@ -200,7 +202,7 @@ class PipelineSteps:
             state["denoised"] = d["denoised"]
             if callback is not None:
                 info = StepInfo(d["i"] + 1, total, float(d["sigma"]), d["x"], d["denoised"])
-                if callback(info) is False:
+                if asks_to_stop(callback(info)):
                     raise Interrupted(step=d["i"] + 1)
 
         return step_cb

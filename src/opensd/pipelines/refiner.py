@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opensd.diffusion import Interrupted
+from opensd.diffusion.interruption import Interrupted
+from opensd.diffusion.protocols import DenoiserFn, SamplerCallback
 from opensd.diffusion.registry import SamplingRun, plan_sampling
 from opensd.diffusion.schedules import to_vp
 from opensd.models.stable_diffusion import ModelFamily, SDConfig
@@ -152,7 +153,7 @@ def plan_refiner(
 
 
 def sample_refined(
-    base: "StableDiffusionPipeline", plan: RefinerPlan, req: GenerationRequest, denoiser: Callable[..., torch.Tensor],
+    base: "StableDiffusionPipeline", plan: RefinerPlan, req: GenerationRequest, denoiser: DenoiserFn,
     start: Any, conds: tuple[dict, dict | None], seeds: list[int], callback: Any, should_stop: Any,
 ) -> tuple[torch.Tensor, bool, "StableDiffusionPipeline"]:
     """``(final latent, interrupted, the pipeline that ran the last step)``: ``base``'s
@@ -191,7 +192,7 @@ def guidance_args(cond: dict, uncond: dict | None) -> dict[str, Any]:
     return {"cond": cond} if uncond is None else {"cond": cond, "uncond": uncond}
 
 
-def _offset_callback(callback: Callable[[dict], Any] | None, k: int) -> Callable[[dict], Any] | None:
+def _offset_callback(callback: SamplerCallback | None, k: int) -> SamplerCallback | None:
     """The sampler's per-step callback with step indices counted from the run's start."""
     if callback is None:
         return None
@@ -201,11 +202,11 @@ def _offset_callback(callback: Callable[[dict], Any] | None, k: int) -> Callable
 def run_two_phase(
     run: SamplingRun,
     k: int,
-    base: tuple[Callable[..., torch.Tensor], dict],
-    refiner: tuple[Callable[..., torch.Tensor], dict],
+    base: tuple[DenoiserFn, dict],
+    refiner: tuple[DenoiserFn, dict],
     *,
     generator: torch.Generator | None,
-    callback: Callable[[dict], Any] | None,
+    callback: SamplerCallback | None,
 ) -> torch.Tensor:
     """The k-diffusion latent at ``run.sigmas[-1]``: steps ``[0, k)`` with the base's
     ``(denoiser, extra_args)``, then the rest with the refiner's, its sampler restarted."""

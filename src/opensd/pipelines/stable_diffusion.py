@@ -29,13 +29,14 @@ decodes as it is.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from PIL import Image
 
 from opensd.checkpoints import LoadedModel, load_model
 from opensd.diffusion import DiscreteSchedule
+from opensd.diffusion.protocols import ModelFn
 from opensd.kernels import Kernels, ModelKernels
 from opensd.models.adapters import use_adapters
 from opensd.models.vae import DiagonalGaussian
@@ -108,7 +109,7 @@ class StableDiffusionPipeline(PipelineSteps):
         self.codec = VAECodec(self.model, vae_upcast)
         rows = 2 * (self.cfg.image_size // self.cfg.vae.downsample_factor) ** 2  # a guided batch's tokens, native size
         self.kernels = ModelKernels(self.model, kernels, measure_on=self.model.unet, rows=rows)
-        self._unet: Callable[..., torch.Tensor] = CompiledUNet(self.model.unet) if compile else self.model.unet
+        self._unet: ModelFn = CompiledUNet(self.model.unet) if compile else self.model.unet
         self.tiny_vae = resolve_tiny(tiny_vae, loaded.path, self.cfg.vae)
         if self.tiny_vae is not None:
             self.tiny_vae.to(device=self.model.device, dtype=self.model.dtype)

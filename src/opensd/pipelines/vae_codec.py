@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
+from opensd.diffusion.interruption import StopCheck, check_stop
 from opensd.models.stable_diffusion import StableDiffusion
 from opensd.models.vae import DiagonalGaussian
-from opensd.pipelines.generation import StopCheck, check_stop
 from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
 
 

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 def load(path: str | Path, **kwargs: Any) -> "StableDiffusionPipeline":
     """A generation pipeline for the model at ``path`` (any format :func:`opensd.checkpoints.load_model` reads)."""
-    from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+    from opensd.pipelines.stable_diffusion import StableDiffusionPipeline  # here: `import opensd` (the CLI's start-up) loads no torch
 
     return StableDiffusionPipeline.from_path(path, **kwargs)
 

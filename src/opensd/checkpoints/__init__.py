@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opensd.checkpoints.build import WeightsDtype
-from opensd.checkpoints.io import CheckpointError, StateDictMismatch, short_hash
+from opensd.checkpoints.diffusers_folder import DIFFUSERS_WEIGHTS, is_diffusers_folder, load_diffusers
+from opensd.checkpoints.families import original_tokenizer
+from opensd.checkpoints.io import CheckpointError, StateDictMismatch, first_existing, short_hash
+from opensd.checkpoints.opensd_format import is_opensd_folder, load_opensd
+from opensd.checkpoints.original import read_original
 from opensd.checkpoints.parameterization import Parameterization, parse_prediction
 from opensd.diffusion.schedules import Prediction
 from opensd.models.stable_diffusion import StableDiffusion
@@ -41,9 +45,6 @@ class LoadedModel:
 
 
 def detect_format(path: Path) -> str:
-    from opensd.checkpoints.diffusers_folder import is_diffusers_folder
-    from opensd.checkpoints.opensd_format import is_opensd_folder
-
     if not path.exists():
         raise CheckpointError(f"model not found: {path}")
     if path.is_dir():
@@ -68,9 +69,6 @@ def main_weights_file(path: Path, fmt: str) -> Path:
         return path
     if fmt == "opensd":
         return path / "model.safetensors"
-    from opensd.checkpoints.diffusers_folder import DIFFUSERS_WEIGHTS
-    from opensd.checkpoints.io import first_existing
-
     f = first_existing(path / "unet", DIFFUSERS_WEIGHTS)
     if f is None:
         raise CheckpointError(f"{path / 'unet'} has no weights file")
@@ -101,20 +99,13 @@ def load_model(path: str | Path, prediction: Prediction | str | None = None, dty
     prediction = parse_prediction(prediction)
     fmt = detect_format(path)
     if fmt == "original":
-        from opensd.checkpoints.families import original_tokenizer
-        from opensd.checkpoints.original import read_original
-
         loaded = read_original(path, prediction=prediction, dtype=dtype)
         model, par = loaded.model, loaded.parameterization
         tok = original_tokenizer(model.cfg.family)
     else:
         if fmt == "diffusers":
-            from opensd.checkpoints.diffusers_folder import load_diffusers
-
             model, tok = load_diffusers(path, dtype)
         else:
-            from opensd.checkpoints.opensd_format import load_opensd
-
             model, tok = load_opensd(path, dtype)
         par = _with_prediction(model, fmt, prediction)
     name = path.stem if path.is_file() else path.name

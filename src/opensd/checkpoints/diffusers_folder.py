@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers.processors import TemplateProcessing
 
 from opensd.checkpoints.build import WeightsDtype, build_on_meta, tokenizer_for, weights_dtype
 from opensd.checkpoints.io import (
@@ -362,9 +364,6 @@ def _save_tokenizer_for_transformers(tokenizer: Tokenizer, folder: Path) -> str:
     tokenizer.save(folder)
     if isinstance(tokenizer, CLIPTokenizer):
         return "CLIPTokenizer"
-    from tokenizers import Tokenizer as Backend
-    from tokenizers.processors import TemplateProcessing
-
     backend = Backend.from_file(str(folder / "tokenizer.json"))
     bos, eos = backend.id_to_token(tokenizer.bos_id), backend.id_to_token(tokenizer.eos_id)
     backend.post_processor = TemplateProcessing(

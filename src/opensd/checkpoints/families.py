@@ -25,6 +25,7 @@ from typing import Iterable
 
 from opensd.checkpoints.io import CheckpointError
 from opensd.models.stable_diffusion import ModelFamily
+from opensd.tokenizers.clip_bpe import CLIPTokenizer
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
@@ -125,8 +126,6 @@ def original_tokenizer(family: ModelFamily):
     id 0, ``!`` (SD 2.x, the refiner). SDXL's Conditioner re-pads the first tokenizer's
     ids for bigG itself.
     """
-    from opensd.tokenizers.clip_bpe import CLIPTokenizer
-
     if family in (ModelFamily.SD2, ModelFamily.SDXL_REFINER):
         return CLIPTokenizer.from_open_clip(pad_token="!")
     return CLIPTokenizer.from_open_clip()

@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from opensd.checkpoints import detect_format, load_model, main_weights_file
-from opensd.checkpoints.io import short_hash
+from opensd.checkpoints.io import read_weights, short_hash
 from opensd.checkpoints.parameterization import Parameterization
 from opensd.config import to_dict
 from opensd.diffusion.schedules import Prediction
@@ -122,8 +122,6 @@ def _dtypes(f: Path) -> dict[str, int]:
             names = (str(st.get_slice(k).get_dtype()) for k in st.keys())
             counts = Counter(SAFETENSORS_DTYPES.get(n, n.lower()) for n in names)
         return dict(counts)
-    from opensd.checkpoints.io import read_weights
-
     return dict(Counter(str(v.dtype).replace("torch.", "") for v in read_weights(f).values()))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from opensd.errors import OpenSDError
@@ -192,8 +193,6 @@ def read_cast(path: Path, state: dict[str, torch.Tensor], dtype_of: Callable[[st
     """
     if path.suffix.lower() != ".safetensors":
         return {k: cast_tensor(v, dtype_of(k)) for k, v in state.items()}
-    from safetensors import safe_open
-
     names, out, i = list(state), {}, 0
     state.clear()
     try:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
+from safetensors import safe_open
 
 from opensd.checkpoints.io import CheckpointError
 from opensd.diffusion.schedules import Prediction
@@ -75,8 +76,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return {}
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}

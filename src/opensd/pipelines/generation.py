@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 from opensd.diffusion.interruption import StopCheck, check_stop
+from opensd.prompts.extra_networks import lora_tags
+from opensd.prompts.vocabulary import prompt_warnings
 
 __all__ = ["GenerationResult", "StepCallback", "StepInfo", "StopCheck", "check_stop", "generation_warnings"]
 
@@ -53,9 +55,6 @@ def generation_warnings(pipe: Any, req: Any, prompt_embeds: Any, negative_embeds
     """What :class:`GenerationResult.warnings` says of a run of ``req`` on ``pipe`` (a
     :class:`~opensd.pipelines.stable_diffusion.StableDiffusionPipeline`): unknown words,
     a clip skip the family ignores, LoRA tags that no ``networks`` applied."""
-    from opensd.prompts.extra_networks import lora_tags
-    from opensd.prompts.vocabulary import prompt_warnings
-
     warnings = prompt_warnings(
         pipe.tokenizer,
         req.prompt if prompt_embeds is None else "",

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from opensd.errors import OpenSDError
-from opensd.pipelines.images import from_uint8, to_uint8
+from opensd.pipelines.images import from_uint8, to_pil, to_uint8
 
 
 class PreviewError(OpenSDError):
@@ -167,8 +167,6 @@ def preview_image(pipe, denoised: torch.Tensor, mode: "PreviewMode | str") -> Im
     :class:`~opensd.pipelines.stable_diffusion.StableDiffusionPipeline`): ``FULL`` decodes
     with the VAE, ``APPROX_CHEAP`` applies the fitted linear map (enlarged f times by nearest
     neighbour), ``TAESD`` decodes with ``pipe.tiny_vae`` (with the VAE when it is None)."""
-    from opensd.pipelines.images import to_pil
-
     mode = PreviewMode.parse(mode)
     latent = denoised[:1]
     with torch.inference_mode():

@@ -132,7 +132,7 @@ def plan_refiner(
         if req.refiner_switch_at is not None:
             raise RequestError("refiner_switch_at needs a refiner model; give one (refiner=, --refiner) or leave it out")
         return None
-    from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+    from opensd.pipelines.stable_diffusion import StableDiffusionPipeline  # here: the pipeline imports this module
 
     if not isinstance(refiner, StableDiffusionPipeline):
         raise RequestError(f"refiner must be a loaded pipeline (opensd.load(path)), got {type(refiner).__name__}")

@@ -47,6 +47,7 @@ from PIL import Image
 
 from opensd.errors import OpenSDError
 from opensd.prompts.attention import MAX_WEIGHT
+from opensd.prompts.syntax import pad_context
 
 
 class PromptExpressionError(OpenSDError):
@@ -183,8 +184,6 @@ def encode_terms(pipe, prompts: Sequence[str], *, clip_skip: int = 1) -> dict[st
     """Each prompt encoded on its own by the pipeline's conditioner: ``context`` (N, L, D),
     padded with empty-prompt chunks to one length, and for SDXL families ``pooled`` (N, P)
     (the projected bigG embedding of each prompt's first chunk)."""
-    from opensd.prompts.syntax import pad_context
-
     with torch.inference_mode():
         texts = [pipe.conditioner.encode([p], clip_skip) for p in prompts]
         contexts = [t.context for t in texts]
@@ -244,8 +243,6 @@ def lerp(a: Embeds, b: Embeds, t: float) -> Embeds:
 
 def pad_embeds(embeds: Embeds, length: int, empty: torch.Tensor) -> Embeds:
     """``embeds`` with its context extended to ``length`` tokens by empty-prompt chunks (``pooled`` unchanged)."""
-    from opensd.prompts.syntax import pad_context
-
     parts = embeds_parts(embeds)
     return as_prompt_embeds({**parts, "context": pad_context(parts["context"], length, empty)})
 

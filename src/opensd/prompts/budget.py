@@ -74,7 +74,7 @@ def tokenize_within_budget(text: str, tokenizer, budget: PromptBudget = DEFAULT_
     ``comma_backtrack`` and ``embeddings`` as ``tokenize_prompt`` takes them: an embedding
     counts its vectors).
     """
-    from opensd.prompts.syntax import COMMA_BACKTRACK, tokenize_prompt
+    from opensd.prompts.syntax import COMMA_BACKTRACK, tokenize_prompt  # here: syntax imports this module
 
     if not isinstance(budget, PromptBudget):
         raise PromptBudgetError(f"budget must be a PromptBudget, got {type(budget).__name__}")

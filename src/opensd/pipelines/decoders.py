@@ -77,7 +77,7 @@ def resolve_tiny(given: TinyAutoencoder | str | Path | None, model_path: Path, v
     if tiny.decoder is None:
         raise TinyAutoencoderError(f"{where} has no decoder (an encoder-only file); give its decoder")
     check_fits(tiny, vae_cfg, where)
-    return tiny.eval().requires_grad_(False)
+    return tiny if tiny is given else tiny.eval().requires_grad_(False)  # a module given stays as it is
 
 
 def require_tiny(tiny: TinyAutoencoder | None) -> TinyAutoencoder:

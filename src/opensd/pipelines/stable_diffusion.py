@@ -28,8 +28,10 @@ decodes as it is.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 import torch
 from PIL import Image
@@ -65,6 +67,8 @@ from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget
 
 __all__ = ["GenerationResult", "StableDiffusionPipeline", "StepInfo"]
 
+M = TypeVar("M", bound=torch.nn.Module)
+
 
 class StableDiffusionPipeline(PipelineSteps):
     """A loaded model ready to generate. Stateless between calls: safe to share.
@@ -89,19 +93,24 @@ class StableDiffusionPipeline(PipelineSteps):
         precision: PrecisionSpec = None,
         tiny_vae: Any = None,
     ):
-        """``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap.
+        """The pipeline leaves ``loaded``'s model as it is (its training flag, ``requires_grad``,
+        device and dtype): it generates under ``torch.inference_mode`` (its encoders and decoders
+        under ``torch.no_grad``), and runs on a copy when ``device`` or ``precision`` asks for
+        another device or dtype (``self.loaded`` then holds the copy). :meth:`from_path` owns
+        the model it loads: it is frozen and put on ``device`` in place.
+
+        ``prompt_budget`` caps every prompt's bytes and tokens before encoding; None: no cap.
         ``vae_upcast``: run a float16 VAE in float32 (a kept copy); None or True: yes, False: never.
         ``kernels``: auto, default, onednn or None (:class:`~opensd.kernels.ModelKernels`).
         ``compile``: the U-Net through ``torch.compile`` where it can (:mod:`opensd.pipelines.compiled`).
         ``precision`` (or ``dtype``): auto, fp32, bf16 or fp16 (:mod:`opensd.precision`); None: as loaded.
         ``tiny_vae``: the tiny autoencoder (TAESD) of ``decoder="tiny"`` and TAESD previews, a
         module or a path; None: the one in the model's folder, if any (:mod:`opensd.pipelines.decoders`)."""
-        self.loaded = loaded
         self.prompt_budget = prompt_budget
-        self.model = loaded.model.eval().requires_grad_(False)
-        self.precision = model_precision(precision if precision is not None else dtype, device, self.model)
-        if device is not None or self.precision.dtype != self.model.dtype:
-            self.model.to(device=device, dtype=self.precision.dtype)
+        self.precision = model_precision(precision if precision is not None else dtype, device, loaded.model)
+        model = _placed(loaded.model, device, self.precision.dtype)
+        self.loaded = loaded if model is loaded.model else dataclasses.replace(loaded, model=model)  # the model as it runs here
+        self.model = model
         self.tokenizer = loaded.tokenizer
         self.cfg = self.model.cfg
         self.schedule = DiscreteSchedule(self.cfg.schedule)
@@ -110,9 +119,8 @@ class StableDiffusionPipeline(PipelineSteps):
         rows = 2 * (self.cfg.image_size // self.cfg.vae.downsample_factor) ** 2  # a guided batch's tokens, native size
         self.kernels = ModelKernels(self.model, kernels, measure_on=self.model.unet, rows=rows)
         self._unet: ModelFn = CompiledUNet(self.model.unet) if compile else self.model.unet
-        self.tiny_vae = resolve_tiny(tiny_vae, loaded.path, self.cfg.vae)
-        if self.tiny_vae is not None:
-            self.tiny_vae.to(device=self.model.device, dtype=self.model.dtype)
+        tiny = resolve_tiny(tiny_vae, loaded.path, self.cfg.vae)
+        self.tiny_vae = None if tiny is None else _placed(tiny, self.model.device, self.model.dtype, owned=tiny is not tiny_vae)
 
     @classmethod
     def from_path(
@@ -125,7 +133,9 @@ class StableDiffusionPipeline(PipelineSteps):
         once its configuration is read; the weights are read straight into it."""
         dtype = kw.pop("dtype", None)
         decide = PrecisionForModel(precision if dtype is None else dtype, kw.get("device"))
-        pipe = cls(load_model(path, prediction=prediction, dtype=decide), **kw)
+        loaded = load_model(path, prediction=prediction, dtype=decide)
+        _placed(loaded.model.eval().requires_grad_(False), kw.get("device"), loaded.model.dtype, owned=True)  # its own model
+        pipe = cls(loaded, **kw)
         pipe.precision = decide.decision
         return pipe
 
@@ -328,6 +338,7 @@ class StableDiffusionPipeline(PipelineSteps):
 
     # ---------------------------------------------------------------- pieces
 
+    @torch.no_grad()
     def encode_prompt(self, prompts: list[str], clip_skip: int = 1, *, should_stop: StopCheck | None = None) -> torch.Tensor:
         """(B, L, D) text context for ``prompts``; ``clip_skip`` 2 uses the penultimate layer (A1111, SD 1.x).
 
@@ -340,6 +351,7 @@ class StableDiffusionPipeline(PipelineSteps):
         """
         return self.conditioner.encode(prompts, clip_skip, should_stop=should_stop).context
 
+    @torch.no_grad()
     def decode_latents(
         self, latents: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None,
         decoder: Decoder | str = Decoder.FULL,
@@ -358,6 +370,7 @@ class StableDiffusionPipeline(PipelineSteps):
             return decode_tiny(require_tiny(self.tiny_vae), latents, should_stop)
         return self.codec.decode(latents, tiled_vae, should_stop)
 
+    @torch.no_grad()
     def encode_pixels(
         self, pixels: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None
     ) -> DiagonalGaussian:
@@ -404,3 +417,21 @@ class StableDiffusionPipeline(PipelineSteps):
             cfg_scale=cfg_scale, width=width, height=height, seed=seed, batch_size=batch_size, strength=strength,
             options=options,
         )
+
+
+def _placed(module: M, device: str | torch.device | None, dtype: torch.dtype, *, owned: bool = False) -> M:
+    """``module`` on ``device`` (None: where it is) in ``dtype``: itself when it is there already,
+    or when ``owned`` moved there in place; else a copy moved there, the caller's module untouched."""
+    p = next(module.parameters())
+    if (device is None or _same_device(p.device, torch.device(device))) and p.dtype == dtype:
+        return module
+    return (module if owned else copy.deepcopy(module)).to(device=device, dtype=dtype)
+
+
+def _same_device(have: torch.device, want: torch.device) -> bool:
+    """Whether ``want`` (``cuda`` means the current CUDA device) names ``have``."""
+    if have.type != want.type:
+        return False
+    if want.index is None and want.type == "cuda":
+        return have.index == torch.cuda.current_device()
+    return want.index is None or have.index == want.index

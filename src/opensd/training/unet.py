@@ -381,7 +381,7 @@ class UNetStage(Stage):
         from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
         sd = self.assemble()
-        sd.model.diffusion_model = copy.deepcopy(sd.model.diffusion_model)  # the pipeline freezes what it gets
+        sd.model.diffusion_model = copy.deepcopy(sd.model.diffusion_model).eval()  # samples without dropout; the pipeline's kernel choice routes what it runs (opensd.kernels)
         pipe = StableDiffusionPipeline(LoadedModel(sd, self.tokenizer, "training", self.ctx.run_dir, "opensd",
                                                    f"step{step}"))
         cfg = self.cfg

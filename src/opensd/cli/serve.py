@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -17,6 +17,20 @@ if TYPE_CHECKING:  # the server loads only when `opensd serve` runs
 
 # --dtype, the older name of --precision: its values and theirs
 DTYPES = {"float32": PrecisionChoice.FP32, "float16": PrecisionChoice.FP16, "bfloat16": PrecisionChoice.BF16}
+
+# The model folders' options (their defaults are resolved when the server starts)
+LORA_DIR = typer.Option(
+    None, "--lora-dir", help="Folder of LoRAs that <lora:name:weight> tags in prompts name (subfolders too); "
+    "default: $OPENSD_LORA_DIR, else ./models/Lora (A1111's) when it exists.",
+)
+UPSCALER_DIR = typer.Option(
+    None, "--upscaler-dir", help="Folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR...) for the hires fix and "
+    "/sdapi/v1/extra-single-image, named by file name. Default: $OPENSD_UPSCALER_DIR, else ./models/ESRGAN when it exists.",
+)
+CONTROLNET_DIR = typer.Option(
+    None, "--controlnet-dir", help="Folder of ControlNets (original files, diffusers folders) that "
+    "alwayson_scripts.controlnet units name (GET /controlnet/model_list). Default: $OPENSD_CONTROLNET_DIR, if set.",
+)
 
 
 def serve_precision(precision: PrecisionChoice, dtype: str | None) -> PrecisionChoice:
@@ -61,17 +75,17 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @fail_cleanly
     def serve(
-        model: Optional[Path] = typer.Option(
+        model: Path | None = typer.Option(
             None, "--model", "-m", help="Model to serve first (diffusers folder, SD file or opensd folder); default: the bundled model, or the first one in --models-dir."
         ),
-        models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="Folder of models that clients may switch to (option sd_model_checkpoint)."),
-        embeddings_dir: Optional[Path] = typer.Option(
+        models_dir: Path | None = typer.Option(None, "--models-dir", help="Folder of models that clients may switch to (option sd_model_checkpoint)."),
+        embeddings_dir: Path | None = typer.Option(
             None, "--embeddings-dir", envvar="OPENSD_EMBEDDINGS_DIR",
             help="Folder of textual-inversion embeddings (.pt, .bin, .safetensors) that prompts use by file name (GET /sdapi/v1/embeddings).",
         ),
         host: str = typer.Option("127.0.0.1", help="Address to listen on. The default accepts connections from this machine only."),
         port: int = typer.Option(7860, help="Port, 1 to 65535 (7860 is A1111's default)."),
-        api_auth: Optional[str] = typer.Option(
+        api_auth: str | None = typer.Option(
             None, "--api-auth", envvar="OPENSD_API_AUTH", help="'user:password' (several: 'u1:p1,u2:p2') to require HTTP Basic auth on every route."
         ),
         workers: int = typer.Option(1, help="Generations that run at the same time."),
@@ -87,24 +101,15 @@ def register(app: typer.Typer) -> None:
             2000, help="Most work per request, in native image-steps: (width*height / the model's native size squared) x steps x images."
         ),
         max_seconds: int = typer.Option(600, help="Longest a request may run (wall time, once started); then it is stopped with a 422."),
-        lora_dir: Optional[Path] = typer.Option(
-            None, "--lora-dir", help="Folder of LoRAs that <lora:name:weight> tags in prompts name (subfolders too); "
-            "default: $OPENSD_LORA_DIR, else ./models/Lora (A1111's) when it exists.",
-        ),
-        upscaler_dir: Optional[Path] = typer.Option(
-            None, "--upscaler-dir", help="Folder of upscaler models (ESRGAN, Real-ESRGAN, SwinIR...) for the hires fix and "
-            "/sdapi/v1/extra-single-image, named by file name. Default: $OPENSD_UPSCALER_DIR, else ./models/ESRGAN when it exists.",
-        ),
-        controlnet_dir: Optional[Path] = typer.Option(
-            None, "--controlnet-dir", help="Folder of ControlNets (original files, diffusers folders) that "
-            "alwayson_scripts.controlnet units name (GET /controlnet/model_list). Default: $OPENSD_CONTROLNET_DIR, if set.",
-        ),
+        lora_dir: Path | None = LORA_DIR,
+        upscaler_dir: Path | None = UPSCALER_DIR,
+        controlnet_dir: Path | None = CONTROLNET_DIR,
         max_loras: int = typer.Option(16, help="Most <lora:...> tags in one request."),
         max_lora_mb: int = typer.Option(4096, help="Largest total size of the LoRA files one request names, in MiB."),
-        device: Optional[str] = DEVICE,
-        threads: Optional[int] = THREADS,
+        device: str | None = DEVICE,
+        threads: int | None = THREADS,
         precision: PrecisionChoice = PRECISION,
-        dtype: Optional[str] = typer.Option(None, help="float32, float16 or bfloat16: the older name of --precision."),
+        dtype: str | None = typer.Option(None, help="float32, float16 or bfloat16: the older name of --precision."),
         log_level: str = typer.Option("info", help="uvicorn's log level."),
     ) -> None:
         """Serve the HTTP API A1111 clients speak, OpenAI's Images API and a web page at /."""

@@ -21,7 +21,7 @@ def _lms_coefficient(nodes: list[float], j: int, start: float, end: float) -> fl
     for k, node in enumerate(nodes):
         if k != j:
             scale = nodes[j] - node
-            coeffs = [(lower - node * same) / scale for lower, same in zip([0.0, *coeffs], [*coeffs, 0.0])]
+            coeffs = [(lower - node * same) / scale for lower, same in zip([0.0, *coeffs], [*coeffs, 0.0], strict=False)]
     return sum(c / (p + 1) * (end ** (p + 1) - start ** (p + 1)) for p, c in enumerate(coeffs))
 
 
@@ -52,7 +52,7 @@ def sample_lms(
             continue  # a zero-length step
         nodes = levels[::-1]
         coeffs = [_lms_coefficient(nodes, j, s[i], s[i + 1]) for j in range(len(nodes))]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=False))
     return x
 
 
@@ -102,7 +102,7 @@ def sample_unipc(
     ms: list[torch.Tensor] = []  # past x0 predictions at distinct levels, newest last
     lams: list[float] = []  # their lambdas
     last_x: torch.Tensor | None = None  # x before the last predictor step (None: no step to correct)
-    last_order = 0
+    last_order, s_last = 0, 0.0  # the order and sigma of the step last_x started
     for i in range(n):
         denoised = _denoise(denoiser, x, s[i], extra)
         if last_x is not None:  # UniC: correct x_i with the call just made

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from opensd.checkpoints.controlnet import DIFFUSERS_WEIGHTS, SUFFIXES, LoadedControlNet, is_diffusers_controlnet
 from opensd.checkpoints.io import first_existing, short_hash
+from opensd.pipelines.control import controlnet_for
 from opensd.pipelines.request import RequestError
 
 if TYPE_CHECKING:
@@ -121,8 +122,6 @@ class ControlNetLibrary:
 
     def load(self, entry: ControlNetEntry, pipe: StableDiffusionPipeline) -> LoadedControlNet:
         """``entry`` loaded for ``pipe``'s model, once per model and file version (module doc)."""
-        from opensd.pipelines.control import controlnet_for
-
         key = (entry.path.resolve(), entry.path.stat().st_mtime_ns)
         with self._load_lock:
             with self._lock:

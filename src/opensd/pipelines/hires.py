@@ -39,14 +39,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from opensd.diffusion import resolve_sampler
 from opensd.diffusion.registry import UnknownSamplerError
 from opensd.diffusion.schedules import SigmaSpacing
 from opensd.pipelines.generation import GenerationResult, StepCallback, StopCheck, check_stop
-from opensd.pipelines.images import to_pil
+from opensd.pipelines.images import pil_to_tensor, to_pil
 from opensd.pipelines.infotext import image_infotext, schedule_type
 from opensd.pipelines.networks import NO_NETWORKS, RequestNetworks
 from opensd.pipelines.request import MAX_SIDE, MAX_STEPS, GenerationRequest, RequestError
@@ -222,8 +221,7 @@ def _upscaled_latents(
     for image in first.images:
         check_stop(should_stop, "upscaling")
         big = plan.upscaler.upscale_image(image, up_w, up_h).crop((left, top, right, bottom))
-        a = np.asarray(big, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
-        pixels.append(torch.from_numpy(a).permute(2, 0, 1))
+        pixels.append(pil_to_tensor(big))  # (3, H, W) in [-1, 1]
     batch = torch.stack(pixels).to(pipe.model.device)  # (B, 3, H, W)
     posterior = pipe.encode_pixels(batch, plan.second.tiled_vae, should_stop=should_stop)
     return pipe.model.vae.to_latent(posterior.mean.float())
@@ -286,7 +284,7 @@ def hires_fix(
                                should_stop=should_stop)
         images = result.images
     infotexts = [hires_infotext(pipe, plan, s, networks) for s in first.seeds]
-    for im, text in zip(images, infotexts):
+    for im, text in zip(images, infotexts, strict=False):
         im.info["parameters"] = text
     warnings = list(dict.fromkeys(first.warnings + result.warnings))
     return GenerationResult(images, first.seeds, infotexts, result.interrupted, warnings, result.latents)

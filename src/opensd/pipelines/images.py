@@ -92,6 +92,12 @@ def to_unit_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a).permute(2, 0, 1)[None]
 
 
+def unit_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] (an upscaler model's output) -> PIL images, each value rounded to its 8-bit level."""
+    x = (images.detach().cpu().float().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in x]
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (any shape) -> uint8, the 8-bit level nearest each value."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
@@ -125,7 +126,7 @@ class StableDiffusionPipeline(PipelineSteps):
     @classmethod
     def from_path(
         cls, path: str | Path, *, prediction: Any = None, precision: PrecisionSpec = Precision.AUTO, **kw: Any
-    ) -> "StableDiffusionPipeline":
+    ) -> StableDiffusionPipeline:
         """Load the model at ``path``; ``prediction`` ("eps", "v" or None: as the file says,
         see :mod:`opensd.checkpoints.parameterization`) overrides its parameterization.
 
@@ -328,13 +329,19 @@ class StableDiffusionPipeline(PipelineSteps):
                         self, plan, req, denoiser, start, (cond, uncond), seeds, callback, should_stop
                     )
             images = to_pil(self._decode(req, result, start, should_stop, finisher)) if decode else []
-
         ran = plan if plan is not None and finisher is not self else None
+        warnings = generation_warnings(self, req, prompt_embeds, negative_embeds, networks)
+        return self._result(req, seeds, images, result, interrupted, ran, networks, warnings)
+
+    def _result(
+        self, req: GenerationRequest, seeds: list[int], images: list[Image.Image], latents: torch.Tensor,
+        interrupted: bool, ran: RefinerPlan | None, networks: RequestNetworks, warnings: list[str],
+    ) -> GenerationResult:
+        """The run's result: each image with its infotext (``ran``: the refiner's plan when it ran)."""
         infotexts = [self.infotext(req, s, refiner=ran, extra=networks.infotext) for s in seeds]
-        for im, text in zip(images, infotexts):
+        for im, text in zip(images, infotexts, strict=False):
             im.info["parameters"] = text
-        return GenerationResult(images, seeds, infotexts, interrupted, generation_warnings(self, req, prompt_embeds, negative_embeds, networks),
-                                result)
+        return GenerationResult(images, seeds, infotexts, interrupted, warnings, latents)
 
     # ---------------------------------------------------------------- pieces
 

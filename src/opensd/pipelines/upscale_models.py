@@ -28,16 +28,17 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from opensd.checkpoints.io import CheckpointError, read_torch_object, read_weights, short_hash
 from opensd.errors import OpenSDError
+from opensd.pipelines.images import to_unit_tensor, unit_to_pil
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 DEFAULT_TILE = 192  # pixels of input per tile (A1111's ESRGAN_tile)
@@ -175,8 +176,7 @@ def run_tiled(model: UpscalerModel, image: Image.Image, *, tile: int = DEFAULT_T
     """``image`` through ``model`` once (``model.scale`` x bigger), tile by tile (module doc)."""
     if tile < 16 or context < 0:
         raise UpscalerError(f"upscaler tiles must be at least 16 px with context >= 0, got {tile} and {context}")
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    x = to_unit_tensor(image)  # (1, 3, H, W) in [0, 1]
     _, _, h, w = x.shape
     s = model.scale
     out = torch.empty(1, 3, h * s, w * s)
@@ -189,5 +189,4 @@ def run_tiled(model: UpscalerModel, image: Image.Image, *, tile: int = DEFAULT_T
             up = model.call(piece).float().cpu()  # (1, 3, (t1-t0)*s, (l1-l0)*s)
             dy, dx = (top - t0) * s, (left - l0) * s
             out[:, :, top * s:(top + th) * s, left * s:(left + tw) * s] = up[:, :, dy:dy + th * s, dx:dx + tw * s]
-    pixels = (out[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)  # (H*s, W*s, 3)
-    return Image.fromarray(pixels)
+    return unit_to_pil(out)[0]

@@ -29,11 +29,11 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 
 import opensd
-from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, list_samplers, resolve_sampler
+from opensd.diffusion.registry import SamplerSpec, UnknownSamplerError, resolve_sampler
 from opensd.diffusion.schedules import SigmaSpacing
 from opensd.pipelines.control import with_control
 from opensd.pipelines.infotext import parse_infotext, read_parameters
@@ -49,7 +49,7 @@ from opensd.serving.errors import ApiError
 from opensd.serving.hires_api import HiresRequest, plan_hires_for
 from opensd.serving.loras import request_networks as lora_networks
 from opensd.serving.models import Checkpoint
-from opensd.serving.queue import PREVIEW_FORMATS, PREVIEW_MODES, Job, run_batches
+from opensd.serving.queue import Job, run_batches
 from opensd.serving.refiner import RefinerPlan, plan_refiner
 from opensd.serving.schemas import (
     ImageResponse,
@@ -57,10 +57,6 @@ from opensd.serving.schemas import (
     PngInfoRequest,
     PngInfoResponse,
     ProgressResponse,
-    SamplerItem,
-    SchedulerItem,
-    ScriptsList,
-    SDModelItem,
     Txt2ImgRequest,
 )
 from opensd.serving.state import ServerState, server_state
@@ -81,7 +77,6 @@ _SUFFIX = {
 _LABEL = {spacing: label for _, label, spacing, _ in SCHEDULERS}
 
 # Options GET /options reports but no client may change.
-READ_ONLY_OPTIONS = ("sd_checkpoint_hash", "samples_format", "opensd_models_dir")
 
 
 # ---------------------------------------------------------------- helpers
@@ -132,7 +127,8 @@ def _model_for(st: ServerState, overrides: dict[str, Any]) -> tuple[Checkpoint, 
 A1111_CLIP_SKIP_MAX = 12  # A1111's slider; where clip skip has no effect (SD 2.x, SDXL) any of it is accepted
 
 
-def _clip_skip(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusionPipeline) -> int:
+def clip_skip_option(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusionPipeline) -> int:
+    """The request's ``CLIP_stop_at_last_layers`` (override, else the option), checked for ``pipe``'s model."""
     value = overrides.get("CLIP_stop_at_last_layers", st.options["CLIP_stop_at_last_layers"])
     layers = pipe.cfg.text.layers
     if not pipe.conditioner.clip_skip_applies():
@@ -145,7 +141,7 @@ def _clip_skip(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusion
 DECODE_METHODS = ("Full", "TAESD")  # A1111's sd_vae_decode_method
 
 
-def _decoder(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusionPipeline) -> str:
+def decoder_option(st: ServerState, overrides: dict[str, Any], pipe: StableDiffusionPipeline) -> str:
     """The request's final decode: A1111's ``sd_vae_decode_method`` (override, else the option);
     ``TAESD`` decodes with the model's tiny autoencoder where it has one, else with its VAE."""
     value = overrides.get("sd_vae_decode_method", st.options["sd_vae_decode_method"])
@@ -180,8 +176,8 @@ def plan_generation(
         raise ApiError(422, "override_settings must be an object", param="override_settings")
     sampler, spec, label = resolve_a1111_sampler(body.sampler_name, body.sampler_index, body.scheduler)
     ckpt, pipe = _model_for(st, overrides)
-    clip_skip = _clip_skip(st, overrides, pipe)
-    decoder = _decoder(st, overrides, pipe)
+    clip_skip = clip_skip_option(st, overrides, pipe)
+    decoder = decoder_option(st, overrides, pipe)
     refiner = plan_refiner(st.registry, body.refiner_checkpoint, body.refiner_switch_at, pipe, ckpt)
     if init_image is not None:  # the image's own size, rounded down to a multiple of 8
         default_w, default_h = (max(8, side // 8 * 8) for side in init_image.size)
@@ -277,7 +273,7 @@ def build_response(body: Txt2ImgRequest, plan: Plan, results: list, job: Job) ->
         if not body.include_init_images:
             parameters["init_images"] = None
         parameters["mask"] = None
-    encoded = [encode_png(im, text) for im, text in zip(images, infotexts)] if body.send_images else []
+    encoded = [encode_png(im, text) for im, text in zip(images, infotexts, strict=False)] if body.send_images else []
     return {"images": encoded, "parameters": parameters, "info": json.dumps(info)}
 
 
@@ -412,91 +408,3 @@ def interrupt(request: Request) -> dict:
 def skip(request: Request) -> dict:
     server_state(request).queue.skip()
     return {}
-
-
-# ---------------------------------------------------------------- options and listings
-
-
-def _options(st: ServerState) -> dict[str, Any]:
-    reg = st.registry
-    return {
-        "sd_model_checkpoint": reg.current_title(),
-        "sd_checkpoint_hash": reg.sha256(reg.current_checkpoint),
-        "samples_format": "png",
-        "opensd_models_dir": str(reg.models_dir) if reg.models_dir else None,
-        **st.options,
-    }
-
-
-@router.get("/options", summary="Current options")
-def get_options(request: Request) -> dict[str, Any]:
-    return _options(server_state(request))
-
-
-@router.post("/options", summary="Set options; sd_model_checkpoint switches the model")
-def set_options(request: Request, body: dict[str, Any] = Body(...)) -> None:
-    st = server_state(request)
-    current = _options(st)
-    for key in READ_ONLY_OPTIONS:
-        if key in body and body[key] != current[key]:
-            raise ApiError(422, f"option {key!r} is read-only on this server", param=key)
-    if "CLIP_stop_at_last_layers" in body:
-        _clip_skip(st, body, st.registry.current)
-    if "live_previews_enable" in body and not isinstance(body["live_previews_enable"], bool):
-        raise ApiError(422, "live_previews_enable must be true or false", param="live_previews_enable")
-    if "show_progress_type" in body and body["show_progress_type"] not in PREVIEW_MODES:
-        allowed = ", ".join(repr(m) for m in PREVIEW_MODES)
-        raise ApiError(422, f"show_progress_type must be one of {allowed}; got {body['show_progress_type']!r}", param="show_progress_type")
-    if "live_previews_image_format" in body and body["live_previews_image_format"] not in PREVIEW_FORMATS:
-        allowed = ", ".join(repr(m) for m in PREVIEW_FORMATS)
-        raise ApiError(422, f"live_previews_image_format must be one of {allowed}; got {body['live_previews_image_format']!r}",
-                       param="live_previews_image_format")
-    if "sd_vae_decode_method" in body:
-        _decoder(st, body, st.registry.current)
-    if body.get("sd_model_checkpoint") is not None:
-        st.registry.switch(body["sd_model_checkpoint"])
-    with st.options_lock:
-        for key in st.options:
-            if key in body:
-                st.options[key] = body[key]
-    return None  # A1111 answers null; other keys are ignored as A1111 ignores unknown ones
-
-
-@router.get("/samplers", response_model=list[SamplerItem], summary="Samplers (name: A1111's; aliases: opensd ids)")
-def samplers() -> list[dict]:
-    out = []
-    for spec in list_samplers():
-        options = {k: str(v) for k, v in spec.options().items()}
-        if spec.stochastic:
-            options["uses_ensd"] = "True"
-        out.append({"name": spec.a1111_name, "aliases": [spec.id, *spec.aliases], "options": options})
-    return out
-
-
-@router.get("/schedulers", response_model=list[SchedulerItem], summary="Sigma spacings")
-def schedulers() -> list[dict]:
-    return [
-        {"name": n, "label": label, "aliases": None, "default_rho": rho, "need_inner_model": False}
-        for n, label, _, rho in SCHEDULERS
-    ]
-
-
-@router.get("/sd-models", response_model=list[SDModelItem], summary="Models this server can switch to")
-def sd_models(request: Request) -> list[dict]:
-    reg = server_state(request).registry
-    return [reg.describe(c) for c in reg.checkpoints()]
-
-
-@router.post("/refresh-checkpoints", summary="Rescan the models folder (it is rescanned on every listing anyway)")
-def refresh_checkpoints() -> None:
-    return None
-
-
-@router.get("/sd-vae", summary="Separate VAEs (none: each model uses its own)")
-def sd_vae() -> list:
-    return []
-
-
-@router.get("/scripts", response_model=ScriptsList, summary="Scripts (none)")
-def scripts() -> dict:
-    return {"txt2img": [], "img2img": []}

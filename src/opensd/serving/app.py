@@ -13,9 +13,10 @@ Basic-auth check and the body-size limit first (:mod:`opensd.serving.security`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import torch
 from fastapi import FastAPI
@@ -28,7 +29,7 @@ from opensd.pipelines.embedding_library import EmbeddingLibrary
 from opensd.pipelines.lora_library import LoraLibrary
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.pipelines.upscalers import UpscalerLibrary
-from opensd.serving import a1111, controlnet_api, embeddings, explain_api, loras, openai_api, upscalers
+from opensd.serving import a1111, a1111_options, controlnet_api, embeddings, explain_api, loras, openai_api, upscalers
 from opensd.serving.errors import install_handlers
 from opensd.serving.limits import Limits
 from opensd.serving.models import ModelRegistry
@@ -98,6 +99,7 @@ def create_app(
     install_handlers(app)
     install_openapi(app, auth=bool(credentials))
     app.include_router(a1111.router)
+    app.include_router(a1111_options.router)
     app.include_router(loras.router)
     app.include_router(openai_api.router)
     app.include_router(explain_api.router)

@@ -150,7 +150,7 @@ def case_default_txt2img(s: Settings) -> list[Row]:
             what += f", opensd default ({ours.precision.name}) vs diffusers default ({rs.dtype_name})"
         row = Row("default_txt2img", what, "img/s", float(batch))
         a, b = interleave(row, run_ours, run_ref, s, False)
-        diff = max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max() for x, y in zip(a, b)) / 255
+        diff = max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max() for x, y in zip(a, b, strict=False)) / 255
         row.max_abs_diff = float(diff)  # on the [0, 1] pixel scale
         row.extra = {"model": source, "opensd_precision": ours.precision.name, "opensd_precision_reason": ours.precision.reason}
         rows.append(row)

@@ -6,7 +6,7 @@ runs keep fp32 master weights and use autocast.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from cases_sd15 import diffusers_unet_sharing, diffusers_vae_sharing

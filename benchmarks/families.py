@@ -26,8 +26,9 @@ beyond :data:`AGREE` stops there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from harness import Row, Settings, build, efficiency, interleave, max_abs_diff, maybe_compile, silence_reference_logs

@@ -40,8 +40,9 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,8 +136,8 @@ def conv_table(twin: nn.Module, latent: int, context: int, repeats: int) -> dict
         w = torch.randn(ws, generator=g) * (ws[1] * ws[2] * ws[3]) ** -0.5
         b = torch.randn(ws[0], generator=g)
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), list(pad), list(stride), [1, 1], 1, list(xs))
-        plain = lambda: F.conv2d(x, w, b, stride, pad)  # noqa: E731
-        pre = lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, b, list(pad), list(stride), [1, 1], 1, "none", [], "")  # noqa: E731
+        plain = lambda x=x, w=w, b=b, stride=stride, pad=pad: F.conv2d(x, w, b, stride, pad)  # noqa: E731
+        pre = lambda x=x, packed=packed, b=b, pad=pad, stride=stride: torch.ops.mkldnn._convolution_pointwise(x, packed, b, list(pad), list(stride), [1, 1], 1, "none", [], "")  # noqa: E731
         ref = plain()
         worst = max(worst, float((pre() - ref).abs().max() / ref.abs().max()))
         t = {"default": best_of(plain, repeats), "packed": best_of(pre, repeats)}
@@ -256,7 +257,7 @@ def summary(times: dict[str, list[float]], base: str) -> dict[str, Any]:
     """Medians, and the median of the per-round ratios to ``base`` (robust to the load moving between rounds)."""
     out = {}
     for k, v in times.items():
-        ratios = [a / b for a, b in zip(v, times[base])]
+        ratios = [a / b for a, b in zip(v, times[base], strict=False)]
         out[k] = {"median_s": statistics.median(v), "min_s": min(v), "ratio_to_" + base: statistics.median(ratios), "times_s": v}
         print(f"| {k} | {statistics.median(v) * 1e3:.0f} ms | {min(v) * 1e3:.0f} ms | **{statistics.median(ratios):.3f}x** |")
     return out
@@ -378,7 +379,7 @@ def case_compile(args) -> dict[str, Any]:
     b = run_c()
     first = time.perf_counter() - t0
     print(f"# compile: first compiled txt2img {first:.1f} s (compilation included)", flush=True)
-    diff = max(int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()) for x, y in zip(a, b))
+    diff = max(int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()) for x, y in zip(a, b, strict=False))
     run_e()
     run_c()
     print("\n## txt2img, default model, 20 steps: compile=True against eager (calls alternating)\n")

@@ -14,9 +14,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -52,7 +53,7 @@ class Settings:
         """Whether the two sides run in different dtypes (--dtype auto)."""
         return self.ref_dtype is not None and self.ref_dtype != self.dtype
 
-    def reference(self) -> "Settings":
+    def reference(self) -> Settings:
         """The settings of the reference side: these, in ``ref_dtype`` under --dtype auto."""
         if self.ref_dtype is None:
             return self

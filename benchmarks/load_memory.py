@@ -62,7 +62,7 @@ def write_random_file(cfg: SDConfig, path: Path, seed: int = 0) -> int:
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        for k, shape in shapes.items():
+        for shape in shapes.values():
             t = (torch.randn(shape, generator=g) * 0.02).to(torch.float16)
             f.write(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())  # reshape: 0-dim tensors (logit_scale) cannot be viewed as bytes
     return sum(int(torch.Size(s).numel()) for s in shapes.values())

@@ -34,7 +34,7 @@ def main() -> None:
     b = timed("load_batch (pool in memory)", lambda: load_batch(source, range(args.batch)))
     timed("tokenize the captions", lambda: tok(b.captions))
     rng = random.Random(0)
-    texts = timed("write the hard negatives", lambda: [t for spec, cap in zip(b.specs, b.captions)
+    texts = timed("write the hard negatives", lambda: [t for spec, cap in zip(b.specs, b.captions, strict=False)
                                                        for t in hard_negative_captions(spec, rng, args.negatives, like=cap)])
     timed(f"tokenize the {len(texts)} hard negatives", lambda: tok(texts))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,18 +41,18 @@ def kernels() -> None:
     n = 2048
     for dtype, calls in ((torch.float32, 3), (torch.bfloat16, 1)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        print(f"matmul {n}² {dtype}: {2 * n**3 / best(lambda: a @ b, calls) / 1e9:.2f} GFLOP/s")
+        print(f"matmul {n}² {dtype}: {2 * n**3 / best(lambda a=a, b=b: a @ b, calls) / 1e9:.2f} GFLOP/s")
     with torch.inference_mode():
         for dtype, calls in ((torch.float32, 3), (torch.bfloat16, 1)):
             conv = torch.nn.Conv2d(320, 320, 3, padding=1).to(dtype)
             x = torch.randn(2, 320, 64, 64, dtype=dtype)
-            print(f"conv 3x3 320ch 64² NCHW {dtype}: {best(lambda: conv(x), calls):.3f} s")
+            print(f"conv 3x3 320ch 64² NCHW {dtype}: {best(lambda conv=conv, x=x: conv(x), calls):.3f} s")
             conv_cl, x_cl = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-            print(f"conv 3x3 320ch 64² channels-last {dtype}: {best(lambda: conv_cl(x_cl), calls):.3f} s")
+            print(f"conv 3x3 320ch 64² channels-last {dtype}: {best(lambda conv_cl=conv_cl, x_cl=x_cl: conv_cl(x_cl), calls):.3f} s")
             lin, y = torch.nn.Linear(320, 1280).to(dtype), torch.randn(8192, 320, dtype=dtype)
-            print(f"linear 320->1280 x 8192 rows {dtype}: {best(lambda: lin(y)):.3f} s")
+            print(f"linear 320->1280 x 8192 rows {dtype}: {best(lambda lin=lin, y=y: lin(y)):.3f} s")
             q = torch.randn(2, 8, 4096, 40, dtype=dtype)
-            print(f"SDPA 4096 tokens {dtype}: {best(lambda: F.scaled_dot_product_attention(q, q, q)):.3f} s")
+            print(f"SDPA 4096 tokens {dtype}: {best(lambda q=q: F.scaled_dot_product_attention(q, q, q)):.3f} s")
 
 
 def unet_step(channels_last: bool, fused: bool) -> Callable[[], None]:

@@ -67,7 +67,7 @@ def taesd(pipe) -> None:
             if not parts:
                 continue
             rec = torch.cat(parts)
-            s = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), suite)])
+            s = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), suite, strict=False)])
             kept = sum(r["correct"] for r in s["items"]) / len(s["items"])
             db = float(10 * torch.log10(4 / (rec - x).pow(2).mean()))
             print(f"{name}: {what}: {len(suite)} scenes, kept {kept:.4f}, PSNR {db:.1f} dB",
@@ -105,7 +105,7 @@ def attention(pipe, n: int = 10) -> None:
                             a = pipe.schedule.alphas_cumprod[t].item()
                             model.unet(a**0.5 * x0 + (1 - a) ** 0.5 * eps, torch.tensor([float(t)]), ctx)
                     res = build_result(pipe, s.caption, s.image, col)
-                    for obj, m in zip(s.scene.objects, masks(s.scene, size)):
+                    for obj, m in zip(s.scene.objects, masks(s.scene, size), strict=False):
                         if sum(o.shape == obj.shape for o in s.scene.objects) != 1:
                             continue
                         grown = F.max_pool2d(torch.from_numpy(m)[None, None].float(), 2 * (f // 2) + 1, 1, f // 2)[0, 0] > 0
@@ -131,7 +131,7 @@ def levels(pipe, n: int = 16) -> None:
             eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
             ctx = pipe.encode_prompt([s.caption])
             a = pipe.schedule.alphas_cumprod[500].item()
-            sink = AttentionSink(cross_attention_layers(model.unet), lambda layer, p: probs.append((layer, p)))
+            sink = AttentionSink(cross_attention_layers(model.unet), lambda layer, p, probs=probs: probs.append((layer, p)))
             with capture_attention(sink):
                 model.unet(a**0.5 * x0 + (1 - a) ** 0.5 * eps, torch.tensor([500.0]), ctx)
         for layer, p in probs:
@@ -139,7 +139,7 @@ def levels(pipe, n: int = 16) -> None:
             col._store(layer, p)
             res = build_result(pipe, s.caption, s.image, col)
             side = feature_grid(p.shape[2], *x0.shape[2:])[0]
-            for obj, m in zip(s.scene.objects, masks_of(s.scene, size)):
+            for obj, m in zip(s.scene.objects, masks_of(s.scene, size), strict=False):
                 if sum(o.shape == obj.shape for o in s.scene.objects) != 1:
                     continue
                 grown = F.max_pool2d(torch.from_numpy(m)[None, None].float(), 2 * (f // 2) + 1, 1, f // 2)[0, 0] > 0
@@ -176,7 +176,7 @@ def relations(pipe) -> None:
                 for im in pipe.txt2img(prompt, steps=20, cfg_scale=5, seed=1, batch_size=6):
                     objs = parse(im).objects
 
-                    def find(desc):
+                    def find(desc, objs=objs):
                         color, shape = desc.split()
                         hits = [o for o in objs if o.color == color and o.shape == shape]
                         return hits[0] if hits else None

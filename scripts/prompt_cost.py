@@ -48,9 +48,9 @@ def main() -> None:
     }
     for name, text in prompts.items():
         for tok_name, tok in (("word", word), ("clip", clip)):
-            timed(f"{name}: check_prompt ({tok_name})", lambda: check_prompt(text, tok, DEFAULT_BUDGET))
+            timed(f"{name}: check_prompt ({tok_name})", lambda text=text, tok=tok: check_prompt(text, tok, DEFAULT_BUDGET))
         if len(text) <= 2**17:
-            timed(f"{name}: parse", lambda: len(parse_prompt_attention(text)))
+            timed(f"{name}: parse", lambda text=text: len(parse_prompt_attention(text)))
     timed("1 MB plain text: tokenize, no budget (word)", lambda: tokenize_prompt(word, prompts["1 MB plain text"]).token_count)
     clip._cache.clear()
     timed("16 KB one random word: tokenize (clip)", lambda: tokenize_prompt(clip, prompts["16 KB one random word"]).token_count)

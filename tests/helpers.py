@@ -9,6 +9,7 @@ import os
 import time
 
 import torch
+from PIL import Image
 
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
@@ -89,12 +90,10 @@ def one_thread_direct_loopback():
                 os.environ[k] = v
 
 
-def decode_png(b64: str) -> "Image.Image":
+def decode_png(b64: str) -> Image.Image:
     """A base64 PNG (as the server sends) -> a loaded PIL image."""
     import base64
     import io
-
-    from PIL import Image
 
     im = Image.open(io.BytesIO(base64.b64decode(b64)))
     im.load()

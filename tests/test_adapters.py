@@ -158,7 +158,7 @@ def test_kohya_file_binds_and_equals_merged(family, tmp_path):
         want = ref.unet(x, t, ctx, y), [e(ids) for e in ref.text_encoders]
         base = model.unet(x, t, ctx, y)
     torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
-    for a, b in zip(got[1], want[1]):
+    for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (got[0] - base).abs().max() > 1e-4
 

@@ -63,7 +63,7 @@ class Recorder:
 
 
 def _same(a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]) -> bool:
-    return [n for n, _ in a] == [n for n, _ in b] and all(torch.equal(p, q) for (_, p), (_, q) in zip(a, b))
+    return [n for n, _ in a] == [n for n, _ in b] and all(torch.equal(p, q) for (_, p), (_, q) in zip(a, b, strict=True))
 
 
 # ----------------------------------------------------------------------------- one U-Net

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_word_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,8 +28,6 @@ from opensd.checkpoints.opensd_format import save_opensd
 from opensd.checkpoints.original import load_original, save_original
 from opensd.errors import OpenSDError
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-
-from helpers import tiny_word_bundle
 
 KINDS = ("ckpt", "safetensors", "opensd", "diffusers")
 # a flipped bit in a weight can make it NaN: the images are then NaN too, which numpy warns about

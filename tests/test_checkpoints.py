@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_clip_bundle, tiny_word_bundle
 from typer.testing import CliRunner
 
 from opensd.checkpoints import CheckpointError, StateDictMismatch, load_model
@@ -18,8 +17,6 @@ from opensd.checkpoints.opensd_format import save_opensd
 from opensd.checkpoints.original import load_original, save_original
 from opensd.cli.main import app
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
-
-from helpers import randomize, tiny_clip_bundle, tiny_word_bundle
 
 
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiny_word_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.cli.main import app
 from opensd.pipelines.infotext import parse_infotext, read_png_parameters
-
-from helpers import tiny_word_bundle
 
 runner = CliRunner()
 

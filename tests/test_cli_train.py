@@ -63,7 +63,7 @@ def test_train_sh_uses_the_repositorys_venv_without_activation(tmp_path: Path) -
     assert res.returncode == 0, res.stderr
     calls = _calls(log)
     assert [c.split()[:3] for c in calls] == [["opensd", "train", s] for s in ("vae", "clip", "unet")]
-    assert all(c.endswith("--steps 1") and f"{s}.toml" in c for c, s in zip(calls, ("vae", "clip", "unet")))
+    assert all(c.endswith("--steps 1") and f"{s}.toml" in c for c, s in zip(calls, ("vae", "clip", "unet"), strict=True))
     assert not (tmp_path / "wrong.log").exists()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_word_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,8 +27,6 @@ from opensd.cli.common import SMALL_MODEL_PARAMS, default_threads
 from opensd.cli.main import app
 from opensd.errors import OpenSDError
 from opensd.pipelines.infotext import parse_infotext, read_parameters
-
-from helpers import tiny_word_bundle
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -66,13 +66,13 @@ def test_the_scorer_reads_the_concepts_ground_truth_as_right_and_a_swapped_colou
     suite = concept_suite("purple-triangle", per_category=25)
     for size in (32, 64):
         images = ground_truth_images(suite, size, seed=3, holdout=c.others)
-        r = score_images([(im, p.spec) for im, p in zip(images, suite)])
+        r = score_images([(im, p.spec) for im, p in zip(images, suite, strict=True)])
         assert r["overall"] == 1.0, r["accuracy"]
     # the same scenes judged against the concept's colour on another shape fail
     images = ground_truth_images(suite[:25], 32, seed=3, holdout=c.others)  # the colors prompts
     swapped = [type(p.spec)(tuple(o.__class__(o.shape, "blue", o.size, o.count) for o in p.spec.objects),
                             p.spec.relation, p.spec.background) for p in suite[:25]]
-    assert score_images(list(zip(images, swapped)))["overall"] == 0.0
+    assert score_images(list(zip(images, swapped, strict=True)))["overall"] == 0.0
 
 
 def test_training_images_are_true_deterministic_and_disjoint_from_the_suite(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_training_images_are_true_deterministic_and_disjoint_from_the_suite(tmp_
     samples = concept_training_samples("purple-triangle", 64, 32)
     again = concept_training_samples("purple-triangle", 64, 32)
     assert [s.caption for s in samples] == [s.caption for s in again]
-    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(samples, again))
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(samples, again, strict=True))
     suite_texts = {p.text for p in concept_suite("purple-triangle")}
     assert not suite_texts & {s.caption for s in samples}
     assert len({s.caption for s in samples}) == 64
@@ -148,9 +148,9 @@ def test_eval_applies_a_lora_in_batched_and_single_calls(network: str, tmp_path:
     with_lora = _images(pipe, alone, networks)
     batched = _images(pipe, shared, networks)
     assert len(base) == len(with_lora) == len(batched) == 4
-    assert all(np.abs(a - b).max() > 8 for a, b in zip(base, with_lora))  # the LoRA changes every image
-    assert all(np.abs(a - b).max() <= 1 for a, b in zip(with_lora, batched))  # and reaches the batched text encoding
-    assert all(np.array_equal(a, b) for a, b in zip(base, _images(pipe, alone)))  # nothing stays on the model
+    assert all(np.abs(a - b).max() > 8 for a, b in zip(base, with_lora, strict=True))  # the LoRA changes every image
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(with_lora, batched, strict=True))  # and reaches the batched text encoding
+    assert all(np.array_equal(a, b) for a, b in zip(base, _images(pipe, alone), strict=True))  # nothing stays on the model
 
 
 def test_cli_eval_with_a_lora_and_a_concept_suite(tmp_path: Path) -> None:

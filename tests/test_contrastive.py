@@ -138,7 +138,7 @@ def test_encoders_are_normalized_and_every_parameter_learns() -> None:
 
 def _hand_info_nce(img: list, txt: list, scale: float, negs: list | None = None, w: float = 1.0) -> float:
     """Symmetric InfoNCE with explicit loops over python floats."""
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=True))  # noqa: E731
     b = len(img)
     i2t = t2i = 0.0
     for i in range(b):
@@ -220,7 +220,7 @@ def _words(text: str) -> list[str]:
 
 def _word_diff(a: str, b: str) -> int:
     wa, wb = _words(a), _words(b)
-    return sum(x != y for x, y in zip(wa, wb)) + abs(len(wa) - len(wb))
+    return sum(x != y for x, y in zip(wa, wb, strict=True)) + abs(len(wa) - len(wb))
 
 
 def test_hard_negatives_are_false_and_worded_like_the_caption() -> None:

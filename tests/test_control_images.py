@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import randomize, tiny_loaded
 from PIL import Image, ImageDraw
 
 from opensd.checkpoints.controlnet import controlnet_config_for
@@ -14,8 +15,6 @@ from opensd.pipelines.control_resize import ResizeMode, fit_map, scale_map
 from opensd.pipelines.preprocessors import MapKind, PreprocessorError, preprocess, preprocessor
 from opensd.pipelines.request import RequestError
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
-
-from helpers import randomize, tiny_loaded
 
 
 def _square(size: int = 64, lo: int = 16, hi: int = 48) -> Image.Image:

@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import randomize, tiny_clip_bundle
 from PIL import Image
 
 import opensd
@@ -26,8 +27,6 @@ from opensd.models.controlnet import ControlNet
 from opensd.models.unet import ControlResiduals
 from opensd.pipelines.control import ControlMode, ControlRun, ControlUnit, controlnet_for
 from opensd.pipelines.request import RequestError
-
-from helpers import randomize, tiny_clip_bundle
 
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "a green triangle"
@@ -124,7 +123,7 @@ def test_controlnet_model_matches_diffusers(nets, reference) -> None:
         mine = nets[0].model(x, hint, t, ctx)
         down, mid = cns[0](x, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
     assert len(mine.skips) == len(down) == nets[0].model.cfg.outputs - 1
-    for a, b in zip([*mine.skips, mine.middle], [*down, mid]):
+    for a, b in zip([*mine.skips, mine.middle], [*down, mid], strict=True):
         assert a.shape == b.shape and a.abs().max() > 1e-3  # residuals that matter
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -265,13 +264,13 @@ def _residuals(ours, net, mode, rows):
 def test_control_modes_scale_and_route_as_a1111(ours, nets) -> None:
     rows = torch.tensor([0.0, 0.0, 1.0, 1.0])  # [uncond; cond], as the guidance batches them
     raw, res = _residuals(ours, nets[0], "balanced", rows)
-    assert all(torch.allclose(r, 0.7 * a) for r, a in zip(res.skips, raw.skips))
+    assert all(torch.allclose(r, 0.7 * a) for r, a in zip(res.skips, raw.skips, strict=True))
     raw, res = _residuals(ours, nets[0], "My prompt is more important", rows)
     m = len(raw.skips) + 1
-    for i, (r, a) in enumerate(zip([*res.skips, res.middle], [*raw.skips, raw.middle])):
+    for i, (r, a) in enumerate(zip([*res.skips, res.middle], [*raw.skips, raw.middle], strict=True)):
         assert torch.allclose(r, 0.7 * 0.825 ** (m - 1 - i) * a)
     raw, res = _residuals(ours, nets[0], 2, rows)  # ControlNet is more important: the conditional rows only
-    for i, (r, a) in enumerate(zip([*res.skips, res.middle], [*raw.skips, raw.middle])):
+    for i, (r, a) in enumerate(zip([*res.skips, res.middle], [*raw.skips, raw.middle], strict=True)):
         assert torch.equal(r[:2], torch.zeros_like(r[:2])) and r[2:].abs().max() > 0
         # the ControlNet ran on the two conditional rows alone: equal up to the kernels' batch-dependent rounding
         torch.testing.assert_close(r[2:], 0.7 * 0.825 ** (m - 1 - i) * a[2:], rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import randomize, tiny_word_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,8 +17,6 @@ from opensd.checkpoints.opensd_format import save_opensd
 from opensd.cli.main import app
 from opensd.models.controlnet import ControlNet
 from opensd.pipelines.infotext import read_png_parameters
-
-from helpers import randomize, tiny_word_bundle
 
 runner = CliRunner()
 

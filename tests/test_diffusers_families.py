@@ -31,7 +31,7 @@ SIZE = 32
 TOL = 1e-3 + 0.5 / 255  # ours are 8-bit PNGs, diffusers' floats in [0, 1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny(family: ModelFamily, seed: int) -> tuple[StableDiffusion, CLIPTokenizer]:
     """A tiny random model of ``family`` with CLIP's real vocabulary (SD 2: v-prediction, pad "!")."""
     tok = clip_tokenizer()

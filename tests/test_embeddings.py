@@ -126,7 +126,7 @@ def test_each_family_takes_its_tensors(family: ModelFamily, tmp_path: Path) -> N
         f = read_embedding(a1111_pt(tmp_path / "one.pt", want[0]))
     ti = bind_embedding(f, model)
     assert [tuple(v.shape) for v in ti.vectors] == [(2, w) for w in widths]
-    assert all(torch.equal(a, b) for a, b in zip(ti.vectors, want))
+    assert all(torch.equal(a, b) for a, b in zip(ti.vectors, want, strict=True))
 
 
 def test_write_embedding_round_trips_as_a1111_writes(tmp_path: Path) -> None:
@@ -304,7 +304,7 @@ def test_without_a_named_embedding_conditioning_is_bit_identical(family: ModelFa
         base = cond.for_request(req)
         for embeddings in ({}, None, unused):
             got = cond.for_request(req, embeddings=embeddings)
-            for a, b in zip(got, base):
+            for a, b in zip(got, base, strict=True):
                 assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -101,8 +101,8 @@ def test_prompts_sharing_a_batch_give_the_images_each_prompt_gets_alone() -> Non
     together = _generate(pipe, cfg, chunk)
     alone = [_generate(pipe, cfg, [item])[0] for item in chunk]
     assert [len(x) for x in together] == [2, 2, 2, 2]
-    for a, b in zip(together, alone):
-        for x, y in zip(a, b):
+    for a, b in zip(together, alone, strict=True):
+        for x, y in zip(a, b, strict=True):
             diff = np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int))
             assert diff.max() <= 1  # equal up to float rounding in batched kernels
     # the rows differ: each prompt and seed has its own image

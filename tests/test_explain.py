@@ -161,7 +161,7 @@ def test_denoising_path_forward_noising_and_files(word_pipe, tmp_path: Path) -> 
 
     noise = forward_noising(word_pipe, path.image, steps=4, seed=0)
     assert len(noise.images) == 5 and noise.sigmas[0] == 0.0
-    assert all(a < b for a, b in zip(noise.sigmas, noise.sigmas[1:]))
+    assert all(a < b for a, b in zip(noise.sigmas, noise.sigmas[1:], strict=True))
     assert noise.latents.shape == (5, 4, SIZE // 2, SIZE // 2)
     # the clean frame is the image's posterior mean; the noisiest is mostly noise
     vae = word_pipe.model.vae
@@ -249,12 +249,12 @@ def test_interpolate_without_a_target_walks_to_the_next_seed(word_pipe, tmp_path
     assert res.exit_code == 0, res.output
     assert "seed walk" in res.output and "from seed 4 to 5" in res.output
     frames = _frame_pixels(tmp_path / "walk", 3)
-    assert all(np.abs(a - b).max() > 0 for a, b in zip(frames, frames[1:]))  # every frame differs from the last
+    assert all(np.abs(a - b).max() > 0 for a, b in zip(frames, frames[1:], strict=True))  # every frame differs from the last
     # the library means the same: no end is the walk from seed to seed + 1
     kw = dict(steps=1, sampler="euler")
     walk = interpolate(word_pipe, "a red circle", seed=4, frames=3, **kw)
     ref = interpolate_seeds(word_pipe, "a red circle", 4, 5, frames=3, **kw)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(walk, ref))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(walk, ref, strict=True))
 
 
 def test_interpolate_refuses_identical_ends_and_out_of_range_input(word_pipe, tmp_path: Path) -> None:
@@ -309,7 +309,7 @@ def shape_word_masses(pipe, n_samples: int, seed: int = 123) -> list[float]:
     out = []
     for s in ds.take(n_samples):
         res = attention_for_image(pipe, s.image, s.caption, seed=seed)
-        for obj, m in zip(s.scene.objects, masks(s.scene, size)):
+        for obj, m in zip(s.scene.objects, masks(s.scene, size), strict=True):
             if sum(o.shape == obj.shape for o in s.scene.objects) != 1:
                 continue
             grown = F.max_pool2d(torch.from_numpy(m)[None, None].float(), 2 * (f // 2) + 1, 1, f // 2)[0, 0] > 0

@@ -70,7 +70,7 @@ class UNetCalls:
         return self
 
     def _record(self, module, args, kwargs) -> None:
-        named = {**dict(zip(("x", "t", "context", "y"), args)), **kwargs}  # forward(x, t, context, y=None)
+        named = {**dict(zip(("x", "t", "context", "y"), args, strict=True)), **kwargs}  # forward(x, t, context, y=None)
         self.calls.append({k: v.clone() for k, v in named.items() if v is not None})
 
     def __exit__(self, *exc) -> None:
@@ -217,7 +217,7 @@ def test_sdxl_prompts_sharing_an_eval_batch_give_the_images_each_gets_alone(pipe
         together = _generate(pipe, cfg, chunk)
         alone = [_generate(pipe, cfg, [item])[0] for item in chunk]
         assert [len(x) for x in together] == [2, 2, 2]
-        for a, b in zip(together, alone):
-            for x, y in zip(a, b):
+        for a, b in zip(together, alone, strict=True):
+            for x, y in zip(a, b, strict=True):
                 assert np.abs(pixels(x) - pixels(y)).max() <= 1  # equal up to float rounding in batched kernels
         assert np.abs(pixels(together[0][0]) - pixels(together[1][0])).max() > 0  # each prompt its own image

@@ -203,8 +203,8 @@ def test_the_default_models_tiny_decoder_keeps_95_percent_of_scenes() -> None:
     tiny decoder (``decoder="tiny"``'s path): the scorer still judges >= 95% correct (the model
     card gives the measurement on all 1,000 scenes of both suites)."""
     from opensd.defaults import default_model_path
-    from opensd.shapes.suites import benchmark_suite, ground_truth_images
     from opensd.shapes.scorer import score_images
+    from opensd.shapes.suites import benchmark_suite, ground_truth_images
     from opensd.training.data import pil_to_tensor, tensor_to_pil
 
     path = default_model_path()
@@ -218,6 +218,6 @@ def test_the_default_models_tiny_decoder_keeps_95_percent_of_scenes() -> None:
         latents = vae.to_latent(vae.encode(x).mode())
         rec = pipe.decode_latents(latents, decoder="tiny").clamp(-1, 1)
         assert not torch.allclose(rec, pipe.decode_latents(latents).clamp(-1, 1), atol=1e-3)  # not the VAE's decode
-    scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts)])
+    scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts, strict=True)])
     kept = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
     assert kept >= 0.95, scored["accuracy"]

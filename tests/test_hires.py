@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize, tiny_clip_bundle
 from PIL import Image
+from test_lora_use import _write_lora
+from test_upscalers import tiny_compact_state
 
 import opensd
 from opensd.checkpoints.controlnet import controlnet_config_for, save_controlnet, save_controlnet_diffusers
@@ -24,10 +27,6 @@ from opensd.pipelines.lora_library import LoraLibrary
 from opensd.pipelines.request import RequestError
 from opensd.pipelines.upscale_models import UpscalerError
 from opensd.pipelines.upscalers import UpscalerLibrary
-
-from helpers import randomize, tiny_clip_bundle
-from test_lora_use import _write_lora
-from test_upscalers import tiny_compact_state
 
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "a green triangle"

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import randomize, tiny_word_bundle
 from PIL import Image
+from test_upscalers import tiny_compact_state
 from typer.testing import CliRunner
 
 import opensd
@@ -19,9 +21,6 @@ from opensd.cli.main import app
 from opensd.models.controlnet import ControlNet
 from opensd.pipelines.hires import HiresFix, hires_fix
 from opensd.pipelines.infotext import parse_infotext, read_png_parameters, save_image
-
-from helpers import randomize, tiny_word_bundle
-from test_upscalers import tiny_compact_state
 
 runner = CliRunner()
 

@@ -428,7 +428,7 @@ def test_rank_and_shape_mismatches_for_every_kind(tmp_path, sd1):
         "lokr": {"lokr_w1": torch.zeros(2, 2), "lokr_w2": torch.zeros(out_f, in_f)},
         "full": {"diff": torch.zeros(out_f, in_f + 1)},
     }
-    for kind, spec in bad_shape.items():
+    for spec in bad_shape.values():
         _error(tmp_path, {f"{name}.{k}": v for k, v in spec.items()}, sd1, match=f"{name}: gives a .* update to a")
     _error(tmp_path, {f"{name}.diff": torch.zeros(out_f, in_f), f"{name}.diff_b": torch.zeros(out_f + 1)}, sd1,
            match="diff_b has shape")

@@ -31,7 +31,7 @@ TOL = 1e-3 + 0.5 / 255  # ours are 8-bit PNGs, diffusers' floats in [0, 1]
 RANK = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _folder(family: ModelFamily, root: str) -> Path:
     model, tok = tiny_family_model(family, seed=5)
     return save_diffusers(model, tok, Path(root) / family.value)
@@ -103,7 +103,7 @@ def _adapted_modules(module: torch.nn.Module, adapter: str) -> int:
 def _run(ours, ref, files: list[tuple[Path, float, float]], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ours, diffusers', ours without LoRAs) for ``files`` as (path, U-Net weight, text weight)."""
     names = []
-    for i, (path, unet_w, te_w) in enumerate(files):
+    for i, (path, _unet_w, _te_w) in enumerate(files):
         ref.load_lora_weights(str(path), adapter_name=f"l{i}")
         names.append(f"l{i}")
         lora = LoRAFile.load(path)

@@ -292,7 +292,7 @@ def test_16_threads_on_one_model_each_equal_its_sequential_result(pipe, lora_dir
 
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(run, jobs))
-    for job, img in zip(jobs, together):
+    for job, img in zip(jobs, together, strict=True):
         assert np.array_equal(img, alone[job]), job
     assert len({alone[j].tobytes() for j in alone}) == len(alone)  # the LoRAs made each prompt's image differ
 

@@ -139,7 +139,7 @@ def test_other_sizes_resize_the_padded_digit_and_invert(tmp_path: Path, digits) 
     for size in (16, 64):
         items = list(read_imagefolder(export_mnist(tmp_path / f"s{size}", image_size=size, limit=10)))
         assert len(items) == 10
-        for (image, text), pad, label in zip(items, padded, labels[order[:10]]):
+        for (image, text), pad, label in zip(items, padded, labels[order[:10]], strict=True):
             assert image.size == (size, size) and _label(text) == label
             px = np.asarray(image)[..., 0].astype(np.float64)
             # Brightness kept (Lanczos overshoot clipped at 0 / 255 moves the mean a little).

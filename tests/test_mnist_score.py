@@ -110,7 +110,7 @@ def test_training_is_deterministic(digits):
     sub = train_idx[:200]
     a = score.train_classifier(x[sub], y[sub], epochs=1, seed=3)
     b = score.train_classifier(x[sub], y[sub], epochs=1, seed=3)
-    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_clip_bundle
 from PIL import Image
 
 import opensd
 from opensd.checkpoints.diffusers_folder import save_diffusers
 from opensd.pipelines import RequestError
-
-from helpers import tiny_clip_bundle
 
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "a green triangle"
@@ -243,6 +242,7 @@ def test_nine_channel_inpainting_unet_gets_mask_and_masked_image(tmp_path) -> No
     import dataclasses
 
     from helpers import randomize, tiny_word_bundle
+
     from opensd.checkpoints.opensd_format import save_opensd
     from opensd.models.stable_diffusion import StableDiffusion
 

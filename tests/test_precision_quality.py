@@ -34,8 +34,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.slow  # 130 s on the 2-core machine, shared
 def test_default_model_scores_in_bf16_within_a_hundredth_of_fp32() -> None:
     from opensd.defaults import default_model_path
-    from opensd.shapes.run import EvalConfig, evaluate
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+    from opensd.shapes.run import EvalConfig, evaluate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
+from helpers import SlowPipeline, decode_png, one_thread_direct_loopback, randomize, tiny_word_bundle
 from torch import nn
 
 from opensd.checkpoints import LoadedModel
@@ -24,8 +25,6 @@ from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import create_app
 from opensd.serving.background import serve_in_thread
 from opensd.serving.queue import Job
-
-from helpers import SlowPipeline, decode_png, one_thread_direct_loopback, randomize, tiny_word_bundle
 
 
 class LinearVAE(nn.Module):

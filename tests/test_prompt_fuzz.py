@@ -15,6 +15,7 @@ import re
 import string
 
 import pytest
+from helpers import clip_tokenizer, tiny_word_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,8 +34,6 @@ from opensd.prompts.syntax import (
     tokenize_prompt,
 )
 from opensd.tokenizers import TokenizerError, unknown_words
-
-from helpers import clip_tokenizer, tiny_word_bundle
 
 FAST, SLOW = 150, 3000  # examples per property
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import clip_tokenizer, tiny_clip_bundle, tiny_word_bundle
 
 from opensd.checkpoints import LoadedModel
 from opensd.pipelines import RequestError
 from opensd.pipelines.request import GenerationRequest, validate
-from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, PromptBudgetError, check_prompt
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.prompts import arithmetic as A
+from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, PromptBudgetError, check_prompt
 from opensd.prompts.syntax import (
     MAX_NESTING,
     MAX_WEIGHT,
@@ -30,8 +31,6 @@ from opensd.prompts.syntax import (
     tokenize_prompt,
 )
 from opensd.tokenizers import frame
-
-from helpers import clip_tokenizer, tiny_clip_bundle, tiny_word_bundle
 
 SIZE = 32
 

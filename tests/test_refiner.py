@@ -44,7 +44,7 @@ class _Calls:
     def __init__(self, pipe: StableDiffusionPipeline):
         self.unet, self.calls = pipe.model.unet, []
 
-    def __enter__(self) -> "_Calls":
+    def __enter__(self) -> _Calls:
         self.handle = self.unet.register_forward_pre_hook(lambda m, args: self.calls.append((float(args[1].max()), args[0].shape[0])))
         return self
 

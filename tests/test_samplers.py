@@ -60,7 +60,6 @@ def _diffusers_lms():
     which 8-point Gauss-Legendre integrates exactly (as scipy's quad does)."""
     try:
         import scipy  # noqa: F401
-
         from diffusers import LMSDiscreteScheduler
 
         return LMSDiscreteScheduler
@@ -73,7 +72,7 @@ def _diffusers_lms():
     def quad(f, a, b, **_):
         xs, ws = np.polynomial.legendre.leggauss(8)
         mid, half = (a + b) / 2, (b - a) / 2
-        return float(sum(w * f(mid + half * x) for x, w in zip(xs, ws)) * half), 0.0
+        return float(sum(w * f(mid + half * x) for x, w in zip(xs, ws, strict=True)) * half), 0.0
 
     mod.integrate = types.SimpleNamespace(quad=quad)
     return mod.LMSDiscreteScheduler

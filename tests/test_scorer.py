@@ -64,18 +64,18 @@ def _noisy(img: Image.Image, rng: np.random.Generator, sigma: float = 4.0) -> Im
 
 @pytest.mark.parametrize("size", [32, 128])
 def test_ground_truth_scores_at_least_099(bench, size):
-    r = score_images(list(zip(_ground_truth(bench, size), (p.spec for p in bench))))
+    r = score_images(list(zip(_ground_truth(bench, size), (p.spec for p in bench), strict=True)))
     _assert_all_categories(r, 0.99)
 
 
 def test_ground_truth_64_and_other_suites(bench, images64):
-    r = score_images([(im, p.spec) for im, p in zip(images64, bench)])
+    r = score_images([(im, p.spec) for im, p in zip(images64, bench, strict=True)])
     _assert_all_categories(r, 0.99)
     assert r["n"] == {c: 100 for c in CATEGORIES} and r["overall"] >= 0.99
     val = validation_suite()[::3]
-    _assert_all_categories(score_images(list(zip(_ground_truth(val, 64, seed=1), (p.spec for p in val)))), 0.99)
+    _assert_all_categories(score_images(list(zip(_ground_truth(val, 64, seed=1), (p.spec for p in val), strict=True))), 0.99)
     held = holdout_suite()[::3]
-    r = score_images(list(zip(_ground_truth(held, 64, seed=2, holdout=None), (p.spec for p in held))))
+    r = score_images(list(zip(_ground_truth(held, 64, seed=2, holdout=None), (p.spec for p in held), strict=True)))
     assert min(r["accuracy"].values()) >= 0.99
 
 
@@ -98,7 +98,7 @@ def test_parse_reads_exact_scene(bench):
 def test_shuffled_captions_score_near_chance(bench, images64):
     perm = list(range(len(bench)))
     random.Random(0).shuffle(perm)
-    r = score_images([(images64[j], p.spec) for p, j in zip(bench, perm)])
+    r = score_images([(images64[j], p.spec) for p, j in zip(bench, perm, strict=True)])
     # measured: overall 0.070; single_object 0.25, two_objects 0.08, colors 0.08, position 0.01, others 0
     assert r["overall"] < 0.15
     assert max(r["accuracy"].values()) < 0.35
@@ -117,9 +117,9 @@ def test_blank_and_noise_images_score_zero(bench):
 def test_robust_to_bicubic_round_trip_and_noise(bench, images64):
     rng = np.random.default_rng(0)
     specs = [p.spec for p in bench]
-    _assert_all_categories(score_images([(_roundtrip(im), s) for im, s in zip(images64, specs)]), 0.98)
-    _assert_all_categories(score_images([(_noisy(im, rng), s) for im, s in zip(images64, specs)]), 0.98)
-    pairs = [(_noisy(_roundtrip(im), rng), p.spec) for im, p in zip(images64[::4], bench[::4])]
+    _assert_all_categories(score_images([(_roundtrip(im), s) for im, s in zip(images64, specs, strict=True)]), 0.98)
+    _assert_all_categories(score_images([(_noisy(im, rng), s) for im, s in zip(images64, specs, strict=True)]), 0.98)
+    pairs = [(_noisy(_roundtrip(im), rng), p.spec) for im, p in zip(images64[::4], bench[::4], strict=True)]
     _assert_all_categories(score_images(pairs), 0.98)
 
 
@@ -370,6 +370,6 @@ def test_the_default_models_vae_round_trip_keeps_98_percent_of_scenes() -> None:
     with torch.no_grad():
         rec = torch.cat([vae.decode(vae.encode(x[i:i + 100]).mode()).clamp(-1, 1) for i in range(0, len(x), 100)])
     assert not torch.equal(rec, x)  # a real round trip, not the originals
-    scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts)])
+    scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts, strict=True)])
     kept = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
     assert kept >= 0.98, scored["accuracy"]

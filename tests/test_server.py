@@ -17,9 +17,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import typer
 from fastapi.testclient import TestClient
+from helpers import decode_png as decode
+from helpers import one_thread_direct_loopback, tiny_word_bundle
+from helpers import png_pixels as pixels
 from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
@@ -30,8 +32,6 @@ from opensd.pipelines.infotext import parse_infotext
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import Limits, create_app
 from opensd.serving.background import serve_in_thread
-
-from helpers import decode_png as decode, one_thread_direct_loopback, png_pixels as pixels, tiny_word_bundle
 
 TIMEOUT = 60.0
 
@@ -122,7 +122,7 @@ def test_txt2img_shape_seeds_and_infotext_in_png(client) -> None:
     assert info["sampler_name"] == "DPM++ 2M" and info["scheduler"] == "Karras" and info["batch_size"] == 2
     assert info["sd_model_name"] == "tiny-shapes" and len(info["sd_model_hash"]) == 10 and info["interrupted"] is False
     assert len(body["images"]) == 4 == len(info["infotexts"])
-    for b64, text, seed in zip(body["images"], info["infotexts"], info["all_seeds"]):
+    for b64, text, seed in zip(body["images"], info["infotexts"], info["all_seeds"], strict=True):
         im = decode(b64)
         assert im.format == "PNG" and im.size == (32, 32)
         assert im.info["parameters"] == text
@@ -510,11 +510,11 @@ def test_concurrent_requests_equal_the_same_requests_run_alone(models_dir: Path)
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(post, requests))
     assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200]
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):
         ia, ib = json.loads(a.json()["info"]), json.loads(b.json()["info"])
         assert ia["all_seeds"] == ib["all_seeds"] and ia["infotexts"] == ib["infotexts"]
         assert len(a.json()["images"]) == len(b.json()["images"])
-        for x, y in zip(a.json()["images"], b.json()["images"]):
+        for x, y in zip(a.json()["images"], b.json()["images"], strict=True):
             assert np.array_equal(pixels(x), pixels(y))
     assert 2 <= counting.max_active <= workers  # ran concurrently, and never more than the workers
 

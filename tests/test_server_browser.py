@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import randomize, tiny_word_bundle
 from PIL import Image
 
 from opensd.checkpoints import load_model
@@ -26,8 +27,6 @@ from opensd.pipelines.infotext import parse_infotext
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import create_app
 from opensd.serving.background import serve_in_thread
-
-from helpers import randomize, tiny_word_bundle
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):

@@ -8,14 +8,13 @@ import functools
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_word_bundle
 from PIL import Image
 
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.pipelines.infotext import parse_infotext
 from opensd.serving import create_app
 from opensd.serving.background import serve_in_thread
-
-from helpers import tiny_word_bundle
 
 webuiapi = pytest.importorskip("webuiapi")
 openai = pytest.importorskip("openai")
@@ -38,7 +37,7 @@ def server(tmp_path_factory):
     torch.set_num_threads(before)
 
 
-def bounded(api: "webuiapi.WebUIApi") -> "webuiapi.WebUIApi":
+def bounded(api: webuiapi.WebUIApi) -> webuiapi.WebUIApi:
     """webuiapi sends requests without a timeout; give every one of them ours."""
     api.session.request = functools.partial(api.session.request, timeout=TIMEOUT)
     return api

@@ -178,6 +178,6 @@ def test_concurrent_requests_with_different_controlnets_equal_their_sequential_r
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(post, bodies))
     assert all(r.status_code == 200 for r in alone + together), [r.text for r in alone + together if r.status_code != 200]
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):
         assert a.json()["images"] == b.json()["images"]  # identical PNG bytes, infotext included
     assert len({a.json()["images"][0] for a in alone}) == 8  # every ControlNet setting and seed drew its own image

@@ -76,7 +76,7 @@ def test_explain_equals_the_library_one_overlay_per_word(client, pipe) -> None:
     image = decode(got["image"])
     assert image.size == (32, 32) and image.info["parameters"] == got["info"] == ref.image.info["parameters"]
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ref.image))
-    for b64, heat in zip(got["overlays"], ref.maps):
+    for b64, heat in zip(got["overlays"], ref.maps, strict=True):
         assert decode(b64).size == (32, 32)
         assert np.array_equal(pixels(b64), np.asarray(heatmap_overlay(ref.image, heat)))
     assert got["path_sigmas"] == pytest.approx(path.sigmas, rel=1e-6)

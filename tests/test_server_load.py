@@ -80,7 +80,7 @@ def same_images(a: httpx.Response, b: httpx.Response) -> bool:
     if ia["all_seeds"] != ib["all_seeds"] or ia["infotexts"] != ib["infotexts"]:
         return False
     xs, ys = a.json()["images"], b.json()["images"]
-    return len(xs) == len(ys) and all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(xs, ys))
+    return len(xs) == len(ys) and all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(xs, ys, strict=True))
 
 
 def load_run(loaded: LoadedModel, clients: int, per_client: int, leak_requests: int) -> dict:
@@ -94,7 +94,7 @@ def load_run(loaded: LoadedModel, clients: int, per_client: int, leak_requests: 
         assert all(r.status_code == 200 for r in alone), [r.text for r in alone if r.status_code != 200]
         together = post_all(url, requests, clients)
         assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200]
-        differ = [i for i, (a, b) in enumerate(zip(alone, together)) if not same_images(a, b)]
+        differ = [i for i, (a, b) in enumerate(zip(alone, together, strict=True)) if not same_images(a, b)]
         assert not differ, f"requests {differ} gave other images under load than alone"
 
         jobs_before, rss_before = live_jobs(), rss_bytes()

@@ -145,7 +145,7 @@ def test_16_concurrent_requests_each_equal_their_sequential_result(pipe, lora_di
         with ThreadPoolExecutor(16) as pool:
             together = list(pool.map(post, bodies))
     assert all(r.status_code == 200 for r in alone + together), [r.text for r in alone + together if r.status_code != 200]
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):
         assert a.json()["images"] == b.json()["images"]  # identical PNG bytes, infotext included
     assert len({a.json()["images"][0] for a in alone}) == 8  # every prompt and seed drew its own image
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import one_thread_direct_loopback, tiny_word_bundle
 
 from opensd.checkpoints.diffusers_folder import save_diffusers
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.serving import create_app
-
-from helpers import one_thread_direct_loopback, tiny_word_bundle
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import schemathesis
 from fastapi.testclient import TestClient
+from helpers import one_thread_direct_loopback, tiny_word_bundle
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
-
-import schemathesis
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
@@ -35,8 +35,6 @@ from opensd.checkpoints import LoadedModel
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import Limits, create_app
 from opensd.serving.schemas import Img2ImgRequest, OpenAIImageRequest, PngInfoRequest, Txt2ImgRequest
-
-from helpers import one_thread_direct_loopback, tiny_word_bundle
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 AUTH = ("fuzz", "s3cret")
@@ -63,6 +61,21 @@ def _schema(app, **kw):
     return schemathesis.openapi.from_asgi("/openapi.json", app, **kw)
 
 
+def _fuzz_operation(op, mode, counts: collections.Counter, *, max_examples: int, derandomize: bool, headers: dict | None) -> None:
+    """Send ``op`` ``max_examples`` requests of ``mode``; count them in ``counts`` by (operation, status)."""
+
+    @settings(
+        max_examples=max_examples, deadline=None, database=None, derandomize=derandomize,
+        suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    )
+    @given(op.as_strategy(generation_mode=mode))
+    def run(case) -> None:
+        response = case.call_and_validate(checks=CHECKS, headers=headers)
+        counts[(op.label, response.status_code)] += 1
+
+    run()
+
+
 def fuzz(schema, *, max_examples: int, derandomize: bool, headers: dict | None = None) -> collections.Counter:
     """Send ``max_examples`` requests per operation and generation mode; count them by (operation, status)."""
     counts: collections.Counter = collections.Counter()
@@ -70,18 +83,8 @@ def fuzz(schema, *, max_examples: int, derandomize: bool, headers: dict | None =
     for result in schema.get_all_operations():
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-            @settings(
-                max_examples=max_examples, deadline=None, database=None, derandomize=derandomize,
-                suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink],
-            )
-            @given(op.as_strategy(generation_mode=mode))
-            def run(case) -> None:
-                response = case.call_and_validate(checks=CHECKS, headers=headers)
-                counts[(op.label, response.status_code)] += 1
-
             try:
-                run()
+                _fuzz_operation(op, mode, counts, max_examples=max_examples, derandomize=derandomize, headers=headers)
             except Unsatisfiable:  # no invalid request exists for an operation without parameters
                 assert mode is GenerationMode.NEGATIVE and not op.body and not op.query, op.label
             except (Exception, ExceptionGroup) as e:  # every operation runs; the failures are reported together

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import tiny_word_bundle
 from typer.testing import CliRunner
 
 from opensd.checkpoints.opensd_format import save_opensd
@@ -17,8 +18,6 @@ from opensd.cli.main import app as cli_app
 from opensd.errors import OpenSDError
 from opensd.serving import create_app
 from opensd.serving.security import parse_auth
-
-from helpers import tiny_word_bundle
 
 BLANK_SPECS = [
     "", " ", "\t", "alice:", ":hunter2", " : ", "alice: ", "  :hunter2", "alice:hunter2,", "alice:hunter2, ,bob:pw2",

@@ -160,7 +160,7 @@ def test_objects_separate_with_gap(samples):
     for s in samples[:100]:
         ms = S.masks(s.scene, 32)
         pads = [np.pad(m, 1) for m in ms]  # grow each mask by one pixel (4-neighbours)
-        grown = [p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:] | m for p, m in zip(pads, ms)]
+        grown = [p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:] | m for p, m in zip(pads, ms, strict=True)]
         for i in range(len(ms)):
             for j in range(i + 1, len(ms)):
                 assert not (grown[i] & grown[j]).any()
@@ -209,7 +209,7 @@ def test_imagefolder_round_trip(tmp_path, samples):
     assert rows[0]["scene"]["objects"][0]["shape"] == samples[0].scene.objects[0].shape
     back = list(read_imagefolder(tmp_path / "ds"))
     assert [c for _, c in back] == [s.caption for s in samples[:6]]
-    for (img, _), s in zip(back, samples[:6]):
+    for (img, _), s in zip(back, samples[:6], strict=True):
         assert img.tobytes() == s.image.tobytes()  # PNG is lossless
     with pytest.raises(ImageFolderError, match="already exists"):
         write_imagefolder(samples[:1], tmp_path / "ds")

@@ -27,10 +27,10 @@ from opensd.tokenizers import (
     Tokenizer,
     TokenizerError,
     WordTokenizer,
+    clip_bpe,
     load_tokenizer,
     unknown_words,
 )
-from opensd.tokenizers import clip_bpe
 
 # ---- fixtures -----------------------------------------------------------------------------
 
@@ -221,7 +221,7 @@ def test_transformers_python_tokenizer_informational(clip_dir: Path, clip_tok: C
         pytest.skip("transformers >= 5 has only the tokenizers-backed CLIPTokenizer (compared above)")
     slow = transformers.CLIPTokenizer.from_pretrained(str(clip_dir))
     ref = hf_frame(slow, TEXTS)
-    differ = sum(not torch.equal(a, b) for a, b in zip(clip_tok(TEXTS), ref))
+    differ = sum(not torch.equal(a, b) for a, b in zip(clip_tok(TEXTS), ref, strict=True))
     if differ:
         warnings.warn(f"transformers' Python CLIPTokenizer differs on {differ}/{len(TEXTS)} strings", stacklevel=1)
 

@@ -333,7 +333,7 @@ def assert_states_equal(a, b, where: str = "") -> None:
             assert_states_equal(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_states_equal(x, y, f"{where}[{i}]")
     else:
         assert a == b, where

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
+from test_training import ENV, assert_states_equal, clip_cfg, unet_cfg, vae_cfg
 
 from opensd.training.loop import read_log
-
-from test_training import ENV, assert_states_equal, clip_cfg, unet_cfg, vae_cfg
 
 DDP_SCRIPT = """
 import json, os, sys

@@ -116,5 +116,5 @@ def test_a_pipeline_step_callback_may_answer_interrupted_too() -> None:
     req = pipe.request("a red circle", steps=4, sampler="euler", seed=1, width=16, height=16)
     for stop in (False, Interrupted):
         steps = []
-        result = pipe.generate(req, callback=lambda info, stop=stop: steps.append(info.step) or (stop if info.step == 2 else None))
+        result = pipe.generate(req, callback=lambda info, stop=stop, steps=steps: steps.append(info.step) or (stop if info.step == 2 else None))
         assert result.interrupted and steps == [1, 2] and len(result.images) == 1

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def load(path: str | Path, **kwargs: Any) -> "StableDiffusionPipeline":
+def load(path: str | Path, **kwargs: Any) -> StableDiffusionPipeline:
     """A generation pipeline for the model at ``path`` (any format :func:`opensd.checkpoints.load_model` reads)."""
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline  # here: `import opensd` (the CLI's start-up) loads no torch
 

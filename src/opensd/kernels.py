@@ -27,8 +27,8 @@ import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ class Kernels(enum.Enum):
     ONEDNN = "onednn"
 
     @classmethod
-    def parse(cls, value: "Kernels | str") -> "Kernels":
+    def parse(cls, value: Kernels | str) -> Kernels:
         if isinstance(value, cls):
             return value
         try:
@@ -121,7 +121,7 @@ class KernelSelection:
 
 # ----------------------------------------------------------------------------- routing
 
-_ONEDNN_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_ONEDNN_LAYERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _routing = False  # any layer ever routed: the fast path skips the set lookup while False
 _lock = threading.Lock()
 _timings: dict[tuple, GemmTiming] = {}
@@ -219,7 +219,7 @@ def measure(shapes: Iterable[GemmShape], *, repeats: int = 3, timer: Timer | Non
             x = torch.randn(s.rows, s.in_features, generator=g)
             w = torch.randn(s.out_features, s.in_features, generator=g) * s.in_features**-0.5
             b = torch.randn(s.out_features, generator=g) if s.bias else None
-            calls = {Kernels.DEFAULT: lambda: F.linear(x, w, b), Kernels.ONEDNN: lambda: onednn_linear(x, w, b)}
+            calls = {Kernels.DEFAULT: lambda x=x, w=w, b=b: F.linear(x, w, b), Kernels.ONEDNN: lambda x=x, w=w, b=b: onednn_linear(x, w, b)}
             ref, got = calls[Kernels.DEFAULT](), calls[Kernels.ONEDNN]()  # also the warm-up
             worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
             inner = max(1, int(2e7 // s.flops))  # about 0.2 ms of work per sample at 100 GFLOP/s

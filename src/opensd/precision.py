@@ -38,9 +38,9 @@ import enum
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -57,7 +57,7 @@ class PrecisionWarning(UserWarning):
     """A precision that works but is slow on this device (float16 on a CPU, emulated bfloat16)."""
 
 
-class Precision(str, enum.Enum):
+class Precision(enum.StrEnum):
     """What a user may ask for: ``auto`` decides per device and model (the module docstring)."""
 
     AUTO = "auto"
@@ -180,7 +180,7 @@ class ProbeShape:
     linear: bool = False
 
     @classmethod
-    def for_unet(cls, unet, latent_size: int, context_len: int = 77) -> "ProbeShape":
+    def for_unet(cls, unet, latent_size: int, context_len: int = 77) -> ProbeShape:
         """The first attention level of a :class:`~opensd.models.unet.UNetConfig` at ``latent_size``."""
         level = min(unet.attention_levels) if unet.attention_levels else len(unet.channel_mult) - 1
         channels = unet.level_channels[level]
@@ -190,7 +190,7 @@ class ProbeShape:
                    unet.use_linear_in_transformer)
 
     @classmethod
-    def for_model(cls, cfg) -> "ProbeShape":
+    def for_model(cls, cfg) -> ProbeShape:
         """The probe of a :class:`~opensd.models.stable_diffusion.SDConfig`'s U-Net at its native size."""
         return cls.for_unet(cfg.unet, cfg.latent_size, cfg.text.max_length)
 

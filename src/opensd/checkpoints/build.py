@@ -11,8 +11,8 @@ fits the text encoder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
 
 import torch
 
@@ -33,7 +33,7 @@ def _depths(cfg: SDConfig) -> dict[str, int]:
 
 # The dtype a model's floating-point weights load in: a dtype, or a function of the model's
 # configuration that picks one (how precision "auto" sees the model before a weight is read); None: float32.
-WeightsDtype = Union[torch.dtype, Callable[[SDConfig], torch.dtype], None]
+WeightsDtype = torch.dtype | Callable[[SDConfig], torch.dtype] | None
 
 
 def weights_dtype(dtype: WeightsDtype, cfg: SDConfig) -> torch.dtype:

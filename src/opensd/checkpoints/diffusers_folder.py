@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 from tokenizers import Tokenizer as Backend
@@ -179,7 +179,7 @@ def to_original_layout(cfg: SDConfig, component_states: Mapping[str, Mapping[str
         inverse = {d: o for o, d in maps[comp].items()}
         for k, v in component_states[comp].items():
             out[prefix + inverse.get(k, f"<diffusers {comp}>.{k}")] = v
-    for slot, text_cfg in zip(TEXT_SLOTS[cfg.family], cfg.text_configs):
+    for slot, text_cfg in zip(TEXT_SLOTS[cfg.family], cfg.text_configs, strict=False):
         out |= _text_to_original(slot, text_cfg, component_states[slot.folder])
     return out
 
@@ -199,7 +199,7 @@ def from_original_layout(model: StableDiffusion) -> dict[str, dict[str, torch.Te
                 v = v[:, :, 0, 0]  # (out, in, 1, 1) conv -> (out, in) linear
             comp_state[d] = v
         out[comp] = comp_state
-    for slot, text_cfg in zip(TEXT_SLOTS[cfg.family], cfg.text_configs):
+    for slot, text_cfg in zip(TEXT_SLOTS[cfg.family], cfg.text_configs, strict=False):
         own = strip_prefix(state, slot.prefix)
         if slot.open_clip:
             out[slot.folder] = to_transformers(own, text_cfg, layers=text_cfg.layers - slot.dropped,
@@ -450,7 +450,7 @@ def save_diffusers(model: StableDiffusion, tokenizer: Tokenizer, folder: str | P
                  "diffusion_pytorch_model.safetensors"),
         "vae": (to_diffusers_vae_config(cfg.vae, sample_size=cfg.image_size), "diffusion_pytorch_model.safetensors"),
     }
-    for slot, text_cfg in zip(slots, cfg.text_configs):
+    for slot, text_cfg in zip(slots, cfg.text_configs, strict=False):
         writers[slot.folder] = (_text_encoder_config(slot, text_cfg, tokenizers[slot.tokenizer]), "model.safetensors")
     for comp, (comp_cfg, weights_name) in writers.items():
         write_safetensors(states[comp], folder / comp / weights_name, metadata={"format": "pt"})

@@ -30,9 +30,10 @@ naming the file.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -234,7 +235,7 @@ def bind_embedding(file: EmbeddingFile, model: StableDiffusion) -> TextualInvers
         raise LoRAError(f"{file.path.name}: an {label} model needs {' and '.join(keys)}; this SDXL embedding has no "
                         f"{', '.join(missing)}")
     vectors = []
-    for key, enc in zip(keys, encoders):
+    for key, enc in zip(keys, encoders, strict=False):
         t = file.tensors[key]
         if t.shape[1] != enc.cfg.width:
             what = "this embedding" if key == SINGLE else f"its {key}"
@@ -274,7 +275,7 @@ def write_embedding(ti: TextualInversion, path: str | Path, model: StableDiffusi
     if suffix not in (".pt", ".safetensors"):
         raise LoRAError(f"{path.name}: write an embedding as .pt or .safetensors")
     if keys != (SINGLE,):
-        tensors = dict(zip(keys, vecs))
+        tensors = dict(zip(keys, vecs, strict=False))
     elif suffix == ".safetensors":
         tensors = {"emb_params": vecs[0]}
     else:

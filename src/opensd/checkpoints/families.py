@@ -21,7 +21,7 @@ refuses each with one line saying what it is and what opensd loads instead.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from opensd.checkpoints.io import CheckpointError
 from opensd.models.stable_diffusion import ModelFamily

@@ -41,7 +41,7 @@ def family_line(cfg: SDConfig) -> str:
     """``SDXL base (sdxl): OpenAI CLIP ViT-L/14 + OpenCLIP ViT-bigG/14``, and a U-Net of unusual inputs."""
     opens = [cfg.family is not ModelFamily.SD1 and (i > 0 or cfg.family is not ModelFamily.SDXL)
              for i in range(len(cfg.text_configs))]
-    names = " + ".join(encoder_name(t, o) for t, o in zip(cfg.text_configs, opens))
+    names = " + ".join(encoder_name(t, o) for t, o in zip(cfg.text_configs, opens, strict=False))
     line = f"{FAMILY_NAMES[cfg.family]} ({cfg.family.value}): {names}"
     if cfg.is_inpainting:
         line += f"; inpainting U-Net ({cfg.unet.in_channels} input channels)"

@@ -12,8 +12,8 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors import safe_open

@@ -24,7 +24,8 @@ a decoder, plus ``conditioning_channels`` and ``conditioning_embedding_out_chann
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

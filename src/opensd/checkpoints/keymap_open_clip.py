@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -84,7 +85,7 @@ def to_transformers(
         out |= {dst: state[src] for src, dst in _block_keys(n).items()}
         p = f"transformer.resblocks.{n}.attn."
         for name, w in (("weight", state[p + "in_proj_weight"]), ("bias", state[p + "in_proj_bias"])):
-            for q, part in zip(_QKV, w.chunk(3, dim=0)):  # (3 width, ...) -> 3 x (width, ...)
+            for q, part in zip(_QKV, w.chunk(3, dim=0), strict=False):  # (3 width, ...) -> 3 x (width, ...)
                 out[f"text_model.encoder.layers.{n}.self_attn.{q}.{name}"] = part.contiguous()
     if projection:
         if "text_projection" not in state:

@@ -10,7 +10,8 @@ lower. That is the whole map: one row per part.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

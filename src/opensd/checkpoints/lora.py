@@ -25,10 +25,10 @@ from __future__ import annotations
 import hashlib
 import struct
 import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ class LoRAFile:
         return self.path.stem
 
     @classmethod
-    def load(cls, path: str | Path) -> "LoRAFile":
+    def load(cls, path: str | Path) -> LoRAFile:
         """Read and group a file (``.safetensors``, or ``.pt``/``.ckpt`` with ``weights_only``)."""
         path = Path(path)
         try:
@@ -129,7 +129,7 @@ class LoRAUse:
     te: float = 1.0
 
 
-_TARGETS: "weakref.WeakKeyDictionary[StableDiffusion, dict[str, Target]]" = weakref.WeakKeyDictionary()
+_TARGETS: weakref.WeakKeyDictionary[StableDiffusion, dict[str, Target]] = weakref.WeakKeyDictionary()
 
 
 def targets_of(model: StableDiffusion) -> dict[str, Target]:

@@ -40,8 +40,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -212,7 +212,7 @@ def read_layers(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) 
     return out
 
 
-def _layer(layer: str, kind: str | None, parts: dict[str, torch.Tensor], peft: "PeftAlphas | None") -> LayerWeights:
+def _layer(layer: str, kind: str | None, parts: dict[str, torch.Tensor], peft: PeftAlphas | None) -> LayerWeights:
     alpha_t = parts.pop("alpha", None)
     if kind is None:
         raise FormatError(f"layer {layer!r} has an alpha but no weights")

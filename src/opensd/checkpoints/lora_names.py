@@ -117,7 +117,7 @@ def _text_spellings(family: ModelFamily, index: int) -> tuple[str, str, str]:
 def lora_targets(model: StableDiffusion) -> dict[str, Target]:
     """Every spelling of every adaptable layer of ``model`` -> its :class:`Target`."""
     out = _unet_targets(model)
-    for i, (encoder, base) in enumerate(zip(model.text_encoders, model.text_prefixes)):
+    for i, (encoder, base) in enumerate(zip(model.text_encoders, model.text_prefixes, strict=False)):
         network, kohya, peft = _text_spellings(model.cfg.family, i)
         if isinstance(encoder, OpenCLIPTextModel):
             out |= _open_clip_targets(encoder, base, network, kohya, peft)

@@ -22,8 +22,8 @@ model keeps its distilled one there).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 

@@ -13,7 +13,8 @@ import enum
 import functools
 import os
 import warnings
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import typer
 
@@ -29,7 +30,7 @@ DEBUG_ENV = "OPENSD_DEBUG"
 # The --device option every command that runs a model takes (opensd.devices.resolve_device reads it).
 DEVICE = typer.Option(None, "--device", help="auto (CUDA, then MPS, else the CPU), cpu, cuda, cuda:N or mps. Default: auto.")
 
-class PredictionChoice(str, enum.Enum):
+class PredictionChoice(enum.StrEnum):
     """--prediction's values: auto (what the model says), eps, v."""
 
     AUTO = "auto"
@@ -44,7 +45,7 @@ PREDICTION = typer.Option(
     "A1111's probe; else eps), eps (the noise) or v (v-prediction, SD 2.x 768-v). docs/models.md.",
 )
 
-class PrecisionChoice(str, enum.Enum):
+class PrecisionChoice(enum.StrEnum):
     """--precision's values: opensd.precision.Precision's, named here so that the CLI starts without torch."""
 
     AUTO = "auto"

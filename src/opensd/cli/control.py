@@ -11,9 +11,10 @@ inpaint's IMAGE.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import typer
 
@@ -69,7 +70,7 @@ def _path_and_weight(spec: str) -> tuple[Path, float]:
                       "file or a diffusers ControlNetModel folder)")
 
 
-def _per_unit(name: str, values: Optional[Sequence[Any]], n: int) -> list[Any]:
+def _per_unit(name: str, values: Sequence[Any] | None, n: int) -> list[Any]:
     """``values`` spread over ``n`` units: none (None each), one (for all) or one each."""
     values = list(values or [])
     if not values:
@@ -82,8 +83,8 @@ def _per_unit(name: str, values: Optional[Sequence[Any]], n: int) -> list[Any]:
 
 
 def control_specs(
-    controlnet: Optional[list[str]], image: Optional[list[Path]], preprocessor: Optional[list[str]],
-    start: Optional[list[float]], end: Optional[list[float]], mode: Optional[list[str]], resize: Optional[list[str]],
+    controlnet: list[str] | None, image: list[Path] | None, preprocessor: list[str] | None,
+    start: list[float] | None, end: list[float] | None, mode: list[str] | None, resize: list[str] | None,
     *, has_image: bool = True,
 ) -> list[ControlSpec]:
     """The units of these options, every setting checked and every image read (no model needed);
@@ -103,9 +104,9 @@ def control_specs(
         raise OpenSDError("--controlnet needs --control-image IMG here (img2img and inpaint take their IMAGE when it is left out)")
     columns = zip(_per_unit("--control-image", image, n), _per_unit("--control-preprocessor", preprocessor, n),
                   _per_unit("--control-start", start, n), _per_unit("--control-end", end, n),
-                  _per_unit("--control-mode", mode, n), _per_unit("--control-resize", resize, n))
+                  _per_unit("--control-mode", mode, n), _per_unit("--control-resize", resize, n), strict=False)
     specs = []
-    for (path, weight), (img, pre, s, e, m, r) in zip(parsed, columns):
+    for (path, weight), (img, pre, s, e, m, r) in zip(parsed, columns, strict=False):
         settings = {"image": None if img is None else load_image(img, what="control image"), "preprocessor": pre or "none",
                     "start": 0.0 if s is None else s, "end": 1.0 if e is None else e, "mode": m or "balanced", "resize": r or "crop"}
         check_settings(settings["preprocessor"], weight, settings["start"], settings["end"], settings["mode"], settings["resize"])

@@ -8,7 +8,6 @@ the model with LoRA files applied, as the pipeline's ``networks``, to every imag
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -20,14 +19,14 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     @fail_cleanly
     def eval_command(
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model to evaluate; default: the bundled model."),
+        model: Path | None = typer.Option(None, "--model", "-m", help="Model to evaluate; default: the bundled model."),
         suite: str = typer.Option("benchmark", help="benchmark, validation (for checkpoint selection), holdout or concept:NAME (e.g. concept:purple-triangle)."),
-        lora: Optional[List[str]] = typer.Option(None, "--lora", help="PATH[:W] or PATH:TE:UNET: a LoRA file at these multipliers (default 1); repeatable."),
+        lora: list[str] | None = typer.Option(None, "--lora", help="PATH[:W] or PATH:TE:UNET: a LoRA file at these multipliers (default 1); repeatable."),
         steps: int = typer.Option(20, help="Sampling steps."),
         sampler: str = typer.Option("dpmpp_2m", help="Sampler id or A1111 name."),
         cfg_scale: float = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale."),
         images_per_prompt: int = typer.Option(4, help="Images per prompt (seeds seed+1000*i+j)."),
-        per_category: Optional[int] = typer.Option(None, help="Only the first N prompts of each category."),
+        per_category: int | None = typer.Option(None, help="Only the first N prompts of each category."),
         seed: int = typer.Option(0, help="Base seed."),
         batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per network call (prompts share calls; the images do not change)."),
         distribution: bool = typer.Option(False, "--distribution", help="Also Fréchet distance, precision/recall and memorization (in-house features)."),
@@ -35,7 +34,7 @@ def register(app: typer.Typer) -> None:
         decoder: str = typer.Option("full", "--decoder", help="The final decode: full (the VAE) or tiny (the model's tiny autoencoder, TAESD); with --autoencoder, the decoder of the round trip."),
         out: Path = typer.Option(Path("eval"), "--out", "-o", help="Folder for results.json, report.md and plots."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, precision: PrecisionChoice = PRECISION,
+        device: str | None = DEVICE, threads: int | None = THREADS, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Score a model GenEval-style on the shapes world; writes results.json and report.md."""
         from opensd.cli.generate import cli_budget, lora_use

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,7 +10,7 @@ from opensd.cli.common import DEVICE, PRECISION, THREADS, PrecisionChoice, fail_
 from opensd.errors import OpenSDError
 
 
-def _pipeline(model: Optional[Path], device, threads: Optional[int], precision: PrecisionChoice = PrecisionChoice.AUTO):
+def _pipeline(model: Path | None, device, threads: int | None, precision: PrecisionChoice = PrecisionChoice.AUTO):
     """The pipeline for ``model`` on ``device`` (resolved) in ``precision``, torch's threads set for it."""
     from opensd.defaults import resolve_model
 
@@ -20,7 +19,7 @@ def _pipeline(model: Optional[Path], device, threads: Optional[int], precision: 
     return pipe
 
 
-def _steps_list(text: Optional[str]) -> Optional[list[int]]:
+def _steps_list(text: str | None) -> list[int] | None:
     if text is None or not text.strip():
         return None
     try:
@@ -52,18 +51,18 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Argument(..., help="What to draw (A1111 syntax allowed)."),
         seed: int = typer.Option(0, help="Seed."),
         steps: int = typer.Option(20, help="Sampling steps."),
-        at: Optional[str] = typer.Option(None, help="Steps to show in the denoising path, e.g. 1,5,10,20 (default: all)."),
-        noise_image: Optional[Path] = typer.Option(None, "--noise-image", help="Image to noise step by step (default: the generated one)."),
+        at: str | None = typer.Option(None, help="Steps to show in the denoising path, e.g. 1,5,10,20 (default: all)."),
+        noise_image: Path | None = typer.Option(None, "--noise-image", help="Image to noise step by step (default: the generated one)."),
         noise_steps: int = typer.Option(10, "--noise-steps", help="Noise levels of the forward-noising strip."),
         negative_prompt: str = NEG, sampler: str = SAMPLER, cfg_scale: float = CFG,
-        width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT, clip_skip: int = CLIP_SKIP,
-        model: Optional[Path] = MODEL,
+        width: int | None = WIDTH, height: int | None = HEIGHT, clip_skip: int = CLIP_SKIP,
+        model: Path | None = MODEL,
         out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the pictures and raw maps."),
         segmenter: str = typer.Option("auto", "--segmenter", help="A segmenter file (opensd train segment) whose "
                                       "maps are shown beside the shape words' attention; auto: the model folder's "
                                       "segmenter.safetensors if it has one; none: no segmenter."),
         quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, precision: PrecisionChoice = PRECISION,
+        device: str | None = DEVICE, threads: int | None = THREADS, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Generate one image and show how: word attention maps, denoising path, forward noising,
         and a segmenter's shape maps beside the shape words' attention."""
@@ -95,19 +94,19 @@ def register(app: typer.Typer) -> None:
     @fail_cleanly
     def interpolate_command(
         prompt: str = typer.Argument(..., help='Start prompt, or an expression such as \'"a red circle" - "red" + "blue"\'.'),
-        to: Optional[str] = typer.Option(None, "--to", help="End prompt (or expression); embeddings are lerped."),
+        to: str | None = typer.Option(None, "--to", help="End prompt (or expression); embeddings are lerped."),
         seed: int = typer.Option(0, help="Start seed."),
-        to_seed: Optional[int] = typer.Option(
+        to_seed: int | None = typer.Option(
             None, "--to-seed", help="End seed; initial noises are slerped. Without --to and --to-seed: SEED + 1 (a seed walk)."),
         frames: int = typer.Option(8, help="Images from start to end, 1 to 100 (1: just the start)."),
-        cols: Optional[int] = typer.Option(None, help="Grid columns (default: all frames in one row)."),
+        cols: int | None = typer.Option(None, help="Grid columns (default: all frames in one row)."),
         steps: int = typer.Option(20, help="Sampling steps."),
         negative_prompt: str = NEG, sampler: str = SAMPLER, cfg_scale: float = CFG,
-        width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT, clip_skip: int = CLIP_SKIP,
-        model: Optional[Path] = MODEL,
+        width: int | None = WIDTH, height: int | None = HEIGHT, clip_skip: int = CLIP_SKIP,
+        model: Path | None = MODEL,
         out: Path = typer.Option(Path("interpolate"), "--out", "-o", help="Folder for grid.png, animation.gif and the frames."),
         quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, precision: PrecisionChoice = PRECISION,
+        device: str | None = DEVICE, threads: int | None = THREADS, precision: PrecisionChoice = PRECISION,
     ) -> None:
         """Walk between two prompts and/or two seeds: a grid PNG and an animated GIF.
 

@@ -6,7 +6,6 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -28,8 +27,8 @@ from opensd.errors import OpenSDError
 DEFAULT_OUT_DIR = Path("outputs")
 
 
-def _pipeline(model: Optional[Path], device, threads: Optional[int], prediction: str = "auto", precision: str = "auto",
-              tiny_vae: Optional[Path] = None):
+def _pipeline(model: Path | None, device, threads: int | None, prediction: str = "auto", precision: str = "auto",
+              tiny_vae: Path | None = None):
     """The pipeline for ``model`` on ``device`` (a resolved :class:`torch.device`), threads set for it;
     ``prediction``: --prediction (auto: what the model says; eps or v: load it so); ``precision``:
     --precision; ``tiny_vae``: --tiny-vae (None: the model folder's, if any)."""
@@ -40,7 +39,7 @@ def _pipeline(model: Optional[Path], device, threads: Optional[int], prediction:
     return pipe
 
 
-def _seed(seed: Optional[int]) -> tuple[int, bool]:
+def _seed(seed: int | None) -> tuple[int, bool]:
     """The seed a run uses, and whether it was drawn: ``seed``, or (none, or -1) one drawn here,
     which the caller prints so that the image can be made again."""
     from opensd.pipelines.request import SEED_RANGE
@@ -50,7 +49,7 @@ def _seed(seed: Optional[int]) -> tuple[int, bool]:
     return random.randrange(SEED_RANGE), True
 
 
-def _out_paths(out: Optional[str], n: int, seed: int) -> list[Path]:
+def _out_paths(out: str | None, n: int, seed: int) -> list[Path]:
     """Where a run of ``n`` images writes them; the suffix of ``out`` names the format (none: ``.png``)."""
     from opensd.pipelines.infotext import image_format
 
@@ -119,7 +118,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _loras(specs: Optional[list[str]], lora_dir: Optional[Path], prompt: str):
+def _loras(specs: list[str] | None, lora_dir: Path | None, prompt: str):
     """(library, --lora uses) with every file read and every prompt tag resolved: before the model loads."""
     from opensd.pipelines.lora_library import LoraLibrary, default_lora_dir
 
@@ -131,7 +130,7 @@ def _loras(specs: Optional[list[str]], lora_dir: Optional[Path], prompt: str):
     return library, extra
 
 
-def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) -> None:
+def _run(kind: str, pipe_args: dict, run: dict, refiner: Path | None = None) -> None:
     """Run ``pipe.<kind>(**pipe_args)`` and write the images; ``run``: model, device, threads, out, quiet;
     ``refiner``: a second model's path, loaded after the first (``refiner=`` of the pipeline)."""
     from opensd.devices import resolve_device
@@ -175,12 +174,12 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Optional[Path] = None) 
             images = hires_cli.run_hires(pipe, pipe_args, run["hires"], progress)
         else:
             images = getattr(pipe, kind)(callback=progress, **pipe_args)
-    for im, path in zip(images, paths):
+    for im, path in zip(images, paths, strict=False):
         save_image(im, path, im.info.get("parameters"))
         typer.echo(str(path))
 
 
-def _embeddings(folder: Optional[Path]):
+def _embeddings(folder: Path | None):
     """The :class:`EmbeddingLibrary` of ``--embeddings-dir`` (checked before the model loads), or None."""
     if folder is None:
         return None
@@ -205,8 +204,8 @@ def _inpaint_options(mask_blur: int, masked_content: str, only_masked: bool, pad
 
 
 def _common(
-    steps: int, sampler: str, karras: Optional[bool], cfg_scale: float, width: Optional[int], height: Optional[int],
-    seed: Optional[int], batch_size: int, clip_skip: int, negative_prompt: str, tiled_vae: Optional[bool] = None,
+    steps: int, sampler: str, karras: bool | None, cfg_scale: float, width: int | None, height: int | None,
+    seed: int | None, batch_size: int, clip_skip: int, negative_prompt: str, tiled_vae: bool | None = None,
 ) -> dict:
     return dict(
         negative_prompt=negative_prompt, steps=steps, sampler=sampler, karras=karras, cfg_scale=cfg_scale,
@@ -214,7 +213,7 @@ def _common(
     )
 
 
-def _original_size(text: Optional[str]) -> Optional[tuple[int, int]]:
+def _original_size(text: str | None) -> tuple[int, int] | None:
     """``--original-size HEIGHTxWIDTH`` as (height, width)."""
     if text is None:
         return None
@@ -252,8 +251,8 @@ def _turbo(ctx: typer.Context, args: dict, strength: float = 1.0) -> None:
 
 
 def _sdxl(
-    ctx: typer.Context, args: dict, turbo: bool, refiner: Optional[Path], switch_at: Optional[float],
-    aesthetic: float, negative_aesthetic: float, original_size: Optional[str], strength: float = 1.0,
+    ctx: typer.Context, args: dict, turbo: bool, refiner: Path | None, switch_at: float | None,
+    aesthetic: float, negative_aesthetic: float, original_size: str | None, strength: float = 1.0,
 ) -> dict:
     """The SDXL, refiner and Turbo options into ``args`` (checked before the model loads)."""
     if switch_at is not None and refiner is None:
@@ -269,8 +268,8 @@ def _sdxl(
 
 
 def _options(
-    model: Optional[Path], device: Optional[str], threads: Optional[int], out: Optional[str], quiet: bool,
-    lora: Optional[list[str]] = None, lora_dir: Optional[Path] = None, embeddings_dir: Optional[Path] = None,
+    model: Path | None, device: str | None, threads: int | None, out: str | None, quiet: bool,
+    lora: list[str] | None = None, lora_dir: Path | None = None, embeddings_dir: Path | None = None,
     precision: str = "auto",
 ) -> dict:
     return dict(model=model, device=device, threads=threads, out=out, quiet=quiet, lora=lora, lora_dir=lora_dir,
@@ -351,23 +350,23 @@ def register(app: typer.Typer) -> None:
     def generate(
         ctx: typer.Context,
         prompt: str = typer.Argument(..., help="What to draw."),
-        negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
-        cfg_scale: float = CFG, width: Optional[int] = WIDTH, height: Optional[int] = HEIGHT,
-        seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
-        tiled_vae: Optional[bool] = TILED_VAE, decoder: str = DECODER, tiny_vae: Optional[Path] = TINY_VAE,
-        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, prediction: PredictionChoice = PREDICTION,
-        embeddings_dir: Optional[Path] = EMBEDDINGS_DIR, refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
-        negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
-        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
-        controlnet: Optional[list[str]] = cn.CONTROLNET, control_image: Optional[list[Path]] = cn.CONTROL_IMAGE,
-        control_preprocessor: Optional[list[str]] = cn.CONTROL_PREPROCESSOR, control_start: Optional[list[float]] = cn.CONTROL_START,
-        control_end: Optional[list[float]] = cn.CONTROL_END, control_mode: Optional[list[str]] = cn.CONTROL_MODE,
-        control_resize: Optional[list[str]] = cn.CONTROL_RESIZE,
-        hires_scale: Optional[float] = hires_cli.HIRES_SCALE, hires_upscaler: str = hires_cli.HIRES_UPSCALER,
+        negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: bool | None = KARRAS,
+        cfg_scale: float = CFG, width: int | None = WIDTH, height: int | None = HEIGHT,
+        seed: int | None = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
+        tiled_vae: bool | None = TILED_VAE, decoder: str = DECODER, tiny_vae: Path | None = TINY_VAE,
+        model: Path | None = MODEL, out: str | None = OUT, quiet: bool = QUIET,
+        device: str | None = DEVICE, threads: int | None = THREADS, prediction: PredictionChoice = PREDICTION,
+        embeddings_dir: Path | None = EMBEDDINGS_DIR, refiner: Path | None = REFINER, refiner_switch_at: float | None = SWITCH_AT, aesthetic_score: float = AESTHETIC,
+        negative_aesthetic_score: float = NEG_AESTHETIC, original_size: str | None = ORIGINAL_SIZE, turbo: bool = TURBO,
+        lora: list[str] | None = LORA, lora_dir: Path | None = LORA_DIR, precision: PrecisionChoice = PRECISION,
+        controlnet: list[str] | None = cn.CONTROLNET, control_image: list[Path] | None = cn.CONTROL_IMAGE,
+        control_preprocessor: list[str] | None = cn.CONTROL_PREPROCESSOR, control_start: list[float] | None = cn.CONTROL_START,
+        control_end: list[float] | None = cn.CONTROL_END, control_mode: list[str] | None = cn.CONTROL_MODE,
+        control_resize: list[str] | None = cn.CONTROL_RESIZE,
+        hires_scale: float | None = hires_cli.HIRES_SCALE, hires_upscaler: str = hires_cli.HIRES_UPSCALER,
         hires_steps: int = hires_cli.HIRES_STEPS, hires_denoise: float = hires_cli.HIRES_DENOISE,
-        hires_width: Optional[int] = hires_cli.HIRES_WIDTH, hires_height: Optional[int] = hires_cli.HIRES_HEIGHT,
-        upscaler_dir: Optional[Path] = hires_cli.UPSCALER_DIR,
+        hires_width: int | None = hires_cli.HIRES_WIDTH, hires_height: int | None = hires_cli.HIRES_HEIGHT,
+        upscaler_dir: Path | None = hires_cli.UPSCALER_DIR,
     ) -> None:
         """Text to image: write images (PNG, JPEG or WebP) carrying their generation parameters."""
         from opensd.devices import resolve_device
@@ -392,19 +391,19 @@ def register(app: typer.Typer) -> None:
         image: Path = typer.Argument(..., help="The image to modify."),
         prompt: str = typer.Argument(..., help="What it should become."),
         strength: float = typer.Option(0.75, help="0 keeps the image, 1 replaces it."),
-        negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
-        cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
-        seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
-        tiled_vae: Optional[bool] = TILED_VAE, decoder: str = DECODER, tiny_vae: Optional[Path] = TINY_VAE,
-        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
-        refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
-        negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
-        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
-        controlnet: Optional[list[str]] = cn.CONTROLNET, control_image: Optional[list[Path]] = cn.CONTROL_IMAGE,
-        control_preprocessor: Optional[list[str]] = cn.CONTROL_PREPROCESSOR, control_start: Optional[list[float]] = cn.CONTROL_START,
-        control_end: Optional[list[float]] = cn.CONTROL_END, control_mode: Optional[list[str]] = cn.CONTROL_MODE,
-        control_resize: Optional[list[str]] = cn.CONTROL_RESIZE,
+        negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: bool | None = KARRAS,
+        cfg_scale: float = CFG, width: int | None = IMAGE_WIDTH, height: int | None = IMAGE_HEIGHT,
+        seed: int | None = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
+        tiled_vae: bool | None = TILED_VAE, decoder: str = DECODER, tiny_vae: Path | None = TINY_VAE,
+        model: Path | None = MODEL, out: str | None = OUT, quiet: bool = QUIET,
+        device: str | None = DEVICE, threads: int | None = THREADS, embeddings_dir: Path | None = EMBEDDINGS_DIR,
+        refiner: Path | None = REFINER, refiner_switch_at: float | None = SWITCH_AT, aesthetic_score: float = AESTHETIC,
+        negative_aesthetic_score: float = NEG_AESTHETIC, original_size: str | None = ORIGINAL_SIZE, turbo: bool = TURBO,
+        lora: list[str] | None = LORA, lora_dir: Path | None = LORA_DIR, precision: PrecisionChoice = PRECISION,
+        controlnet: list[str] | None = cn.CONTROLNET, control_image: list[Path] | None = cn.CONTROL_IMAGE,
+        control_preprocessor: list[str] | None = cn.CONTROL_PREPROCESSOR, control_start: list[float] | None = cn.CONTROL_START,
+        control_end: list[float] | None = cn.CONTROL_END, control_mode: list[str] | None = cn.CONTROL_MODE,
+        control_resize: list[str] | None = cn.CONTROL_RESIZE,
     ) -> None:
         """Image to image: modify IMAGE toward PROMPT."""
         args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
@@ -438,19 +437,19 @@ def register(app: typer.Typer) -> None:
             CLI_ONLY_MASKED_PADDING, "--only-masked-padding",
             help="With --only-masked: pixels of the picture kept around the mask's bounding box as context.",
         ),
-        negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: Optional[bool] = KARRAS,
-        cfg_scale: float = CFG, width: Optional[int] = IMAGE_WIDTH, height: Optional[int] = IMAGE_HEIGHT,
-        seed: Optional[int] = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
-        tiled_vae: Optional[bool] = TILED_VAE, decoder: str = DECODER, tiny_vae: Optional[Path] = TINY_VAE,
-        model: Optional[Path] = MODEL, out: Optional[str] = OUT, quiet: bool = QUIET,
-        device: Optional[str] = DEVICE, threads: Optional[int] = THREADS, embeddings_dir: Optional[Path] = EMBEDDINGS_DIR,
-        refiner: Optional[Path] = REFINER, refiner_switch_at: Optional[float] = SWITCH_AT, aesthetic_score: float = AESTHETIC,
-        negative_aesthetic_score: float = NEG_AESTHETIC, original_size: Optional[str] = ORIGINAL_SIZE, turbo: bool = TURBO,
-        lora: Optional[list[str]] = LORA, lora_dir: Optional[Path] = LORA_DIR, precision: PrecisionChoice = PRECISION,
-        controlnet: Optional[list[str]] = cn.CONTROLNET, control_image: Optional[list[Path]] = cn.CONTROL_IMAGE,
-        control_preprocessor: Optional[list[str]] = cn.CONTROL_PREPROCESSOR, control_start: Optional[list[float]] = cn.CONTROL_START,
-        control_end: Optional[list[float]] = cn.CONTROL_END, control_mode: Optional[list[str]] = cn.CONTROL_MODE,
-        control_resize: Optional[list[str]] = cn.CONTROL_RESIZE,
+        negative_prompt: str = NEG, steps: int = STEPS, sampler: str = SAMPLER, karras: bool | None = KARRAS,
+        cfg_scale: float = CFG, width: int | None = IMAGE_WIDTH, height: int | None = IMAGE_HEIGHT,
+        seed: int | None = SEED, batch_size: int = BATCH, clip_skip: int = CLIP_SKIP,
+        tiled_vae: bool | None = TILED_VAE, decoder: str = DECODER, tiny_vae: Path | None = TINY_VAE,
+        model: Path | None = MODEL, out: str | None = OUT, quiet: bool = QUIET,
+        device: str | None = DEVICE, threads: int | None = THREADS, embeddings_dir: Path | None = EMBEDDINGS_DIR,
+        refiner: Path | None = REFINER, refiner_switch_at: float | None = SWITCH_AT, aesthetic_score: float = AESTHETIC,
+        negative_aesthetic_score: float = NEG_AESTHETIC, original_size: str | None = ORIGINAL_SIZE, turbo: bool = TURBO,
+        lora: list[str] | None = LORA, lora_dir: Path | None = LORA_DIR, precision: PrecisionChoice = PRECISION,
+        controlnet: list[str] | None = cn.CONTROLNET, control_image: list[Path] | None = cn.CONTROL_IMAGE,
+        control_preprocessor: list[str] | None = cn.CONTROL_PREPROCESSOR, control_start: list[float] | None = cn.CONTROL_START,
+        control_end: list[float] | None = cn.CONTROL_END, control_mode: list[str] | None = cn.CONTROL_MODE,
+        control_resize: list[str] | None = cn.CONTROL_RESIZE,
     ) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
         args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -46,7 +46,7 @@ class HiresSpec:
     library: Any  # UpscalerLibrary
 
 
-def library_for(folder: Optional[Path], device: Any = "cpu") -> Any:
+def library_for(folder: Path | None, device: Any = "cpu") -> Any:
     """The :class:`~opensd.pipelines.upscalers.UpscalerLibrary` of ``--upscaler-dir`` (or the default folder), paths allowed."""
     from opensd.pipelines.upscalers import UpscalerLibrary, default_upscaler_dir
 
@@ -56,8 +56,8 @@ def library_for(folder: Optional[Path], device: Any = "cpu") -> Any:
 
 
 def hires_spec(
-    scale: Optional[float], upscaler: str, steps: int, denoise: float, width: Optional[int], height: Optional[int],
-    upscaler_dir: Optional[Path], device: Any, *, defaults: dict[str, Any],
+    scale: float | None, upscaler: str, steps: int, denoise: float, width: int | None, height: int | None,
+    upscaler_dir: Path | None, device: Any, *, defaults: dict[str, Any],
 ) -> HiresSpec | None:
     """The run's hires fix (None when off), every setting checked and the upscaler resolved: before the model loads.
     ``defaults``: the options' defaults, to tell which ones were given without turning it on."""
@@ -99,9 +99,9 @@ def register(app: typer.Typer) -> None:
         ),
         scale: float = typer.Option(2.0, "--scale", help="How much larger, more than 1 and at most 8 (A1111's 'Resize' of Extras)."),
         out: str = typer.Option(..., "--out", "-o", help="Output file: .png, .jpg/.jpeg or .webp (the input's generation parameters are kept)."),
-        upscaler_dir: Optional[Path] = UPSCALER_DIR,
+        upscaler_dir: Path | None = UPSCALER_DIR,
         tile: int = typer.Option(192, "--tile", help="Pixels of input an upscaler model sees at once (memory is bounded by it)."),
-        device: Optional[str] = DEVICE,
+        device: str | None = DEVICE,
     ) -> None:
         """Upscale IMAGE with a resampling filter or an upscaler model (ESRGAN, Real-ESRGAN, SwinIR...)."""
         from opensd.devices import resolve_device

@@ -17,8 +17,9 @@ evaluator protocol (:mod:`opensd.training.evaluation`) in place of the data sour
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any
 
 import typer
 
@@ -67,8 +68,8 @@ def _set(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build_config(cfg_cls: type, config: Optional[Path], sets: Optional[List[str]], options: dict[str, Any],
-                 preset: Optional[dict[str, Any]] = None):
+def build_config(cfg_cls: type, config: Path | None, sets: list[str] | None, options: dict[str, Any],
+                 preset: dict[str, Any] | None = None):
     """Defaults < ``preset`` (a run preset's table) < TOML file < ``--set`` < explicit options (``None`` = not given)."""
     from opensd.training.config import apply_overrides, merge_tables, read_toml, stage_config_from_dict
 
@@ -88,7 +89,7 @@ def build_config(cfg_cls: type, config: Optional[Path], sets: Optional[List[str]
     return stage_config_from_dict(cfg_cls, data)
 
 
-def load_evaluator(spec: Optional[str]) -> Any:
+def load_evaluator(spec: str | None) -> Any:
     """``--evaluator``: ``None`` -> the data source's (``FROM_DATA``), ``none`` -> no evaluator,
     ``MODULE:NAME`` -> that attribute of that importable module, which must be callable."""
     import importlib
@@ -120,13 +121,13 @@ def _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, devic
     }
 
 
-def _config(stage: str, cfg_cls: type, config, sets, options, preset: Optional[str]):
+def _config(stage: str, cfg_cls: type, config, sets, options, preset: str | None):
     from opensd.training.presets import run_preset
 
     return build_config(cfg_cls, config, sets, options, run_preset(stage, preset))
 
 
-def _run(make_stage: Callable[[Any], Any], cfg: Any, resume: bool, preset: Optional[str]) -> None:
+def _run(make_stage: Callable[[Any], Any], cfg: Any, resume: bool, preset: str | None) -> None:
     import time
 
     from opensd.training.estimate import TimeEstimate, format_duration
@@ -152,11 +153,11 @@ def _run(make_stage: Callable[[Any], Any], cfg: Any, resume: bool, preset: Optio
 @app.command("vae")
 @fail_cleanly
 def vae(
-    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
-    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
-    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET, evaluator: Optional[str] = EVALUATOR,
+    config: Path | None = CONFIG, set_: list[str] | None = SET, out: Path | None = OUT,
+    steps: int | None = STEPS, batch_size: int | None = BATCH, lr: float | None = LR,
+    seed: int | None = SEED, data: str | None = DATA, image_size: int | None = SIZE,
+    data_seed: int | None = DATA_SEED, device: str | None = DEVICE, bf16: bool | None = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: str | None = PRESET, evaluator: str | None = EVALUATOR,
 ) -> None:
     """Train the KL autoencoder; writes OUT/vae/ for `opensd train unet --vae OUT`."""
     from opensd.training.vae import VAEStage, VAEStageConfig
@@ -169,11 +170,11 @@ def vae(
 @app.command("clip")
 @fail_cleanly
 def clip(
-    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
-    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
-    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET, evaluator: Optional[str] = EVALUATOR,
+    config: Path | None = CONFIG, set_: list[str] | None = SET, out: Path | None = OUT,
+    steps: int | None = STEPS, batch_size: int | None = BATCH, lr: float | None = LR,
+    seed: int | None = SEED, data: str | None = DATA, image_size: int | None = SIZE,
+    data_seed: int | None = DATA_SEED, device: str | None = DEVICE, bf16: bool | None = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: str | None = PRESET, evaluator: str | None = EVALUATOR,
 ) -> None:
     """Pre-train the text encoder contrastively; writes OUT/text_encoder/ for `--clip OUT`."""
     from opensd.training.clip import CLIPStage, CLIPStageConfig
@@ -186,13 +187,13 @@ def clip(
 @app.command("unet")
 @fail_cleanly
 def unet(
-    vae_dir: Optional[Path] = typer.Option(None, "--vae", help="Run folder of `opensd train vae` (vae_dir)."),
-    clip_dir: Optional[Path] = typer.Option(None, "--clip", help="Run folder of `opensd train clip` (clip_dir)."),
-    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
-    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
-    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET, evaluator: Optional[str] = EVALUATOR,
+    vae_dir: Path | None = typer.Option(None, "--vae", help="Run folder of `opensd train vae` (vae_dir)."),
+    clip_dir: Path | None = typer.Option(None, "--clip", help="Run folder of `opensd train clip` (clip_dir)."),
+    config: Path | None = CONFIG, set_: list[str] | None = SET, out: Path | None = OUT,
+    steps: int | None = STEPS, batch_size: int | None = BATCH, lr: float | None = LR,
+    seed: int | None = SEED, data: str | None = DATA, image_size: int | None = SIZE,
+    data_seed: int | None = DATA_SEED, device: str | None = DEVICE, bf16: bool | None = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: str | None = PRESET, evaluator: str | None = EVALUATOR,
 ) -> None:
     """Train the U-Net on cached latents; exports OUT/model/ for `opensd generate -m OUT/model`."""
     from opensd.training.unet import UNetStage, UNetStageConfig
@@ -207,13 +208,13 @@ def unet(
 @app.command("taesd")
 @fail_cleanly
 def taesd(
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="The model whose VAE is distilled (teacher; "
+    teacher: Path | None = typer.Option(None, "--teacher", help="The model whose VAE is distilled (teacher; "
                                                                     "default: the default model)."),
-    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
-    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
-    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, preset: Optional[str] = PRESET, evaluator: Optional[str] = EVALUATOR,
+    config: Path | None = CONFIG, set_: list[str] | None = SET, out: Path | None = OUT,
+    steps: int | None = STEPS, batch_size: int | None = BATCH, lr: float | None = LR,
+    seed: int | None = SEED, data: str | None = DATA, image_size: int | None = SIZE,
+    data_seed: int | None = DATA_SEED, device: str | None = DEVICE, bf16: bool | None = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, preset: str | None = PRESET, evaluator: str | None = EVALUATOR,
 ) -> None:
     """Distil a tiny autoencoder (TAESD) from a model's VAE; writes OUT/taesd/ (copy it into the model's folder)."""
     from opensd.training.taesd import TAESDStage, TAESDStageConfig
@@ -248,26 +249,26 @@ MODEL = typer.Option(None, "--model", "-m", help="The frozen base model: any mod
 @app.command("lora")
 @fail_cleanly
 def lora(
-    model: Optional[Path] = MODEL,
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (rank; default 4)."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha: the update is alpha/r * up @ down (default 4)."),
-    text_encoder: Optional[bool] = typer.Option(None, "--text-encoder/--no-text-encoder",
+    model: Path | None = MODEL,
+    rank: int | None = typer.Option(None, "--rank", help="LoRA rank r (rank; default 4)."),
+    alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha: the update is alpha/r * up @ down (default 4)."),
+    text_encoder: bool | None = typer.Option(None, "--text-encoder/--no-text-encoder",
                                                 help="Also adapt the text encoder(s) (default: yes)."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="attn | attn+ff (default) | all (+ convolutions, LoCon)."),
-    instance_prompt: Optional[str] = typer.Option(None, "--instance-prompt",
+    targets: str | None = typer.Option(None, "--targets", help="attn | attn+ff (default) | all (+ convolutions, LoCon)."),
+    instance_prompt: str | None = typer.Option(None, "--instance-prompt",
                                                   help="One caption for every image, e.g. 'a sks dog' (DreamBooth)."),
-    prior_data: Optional[Path] = typer.Option(None, "--prior-data", help="Class images for prior preservation."),
-    class_prompt: Optional[str] = typer.Option(None, "--class-prompt",
+    prior_data: Path | None = typer.Option(None, "--prior-data", help="Class images for prior preservation."),
+    class_prompt: str | None = typer.Option(None, "--class-prompt",
                                                help="Class prompt, e.g. 'a dog': the class images' caption, and what "
                                                     "the base model draws when there is no --prior-data."),
-    prior_weight: Optional[float] = typer.Option(None, "--prior-weight", help="Weight of the class loss (default 1)."),
-    num_class_images: Optional[int] = typer.Option(None, "--num-class-images",
+    prior_weight: float | None = typer.Option(None, "--prior-weight", help="Weight of the class loss (default 1)."),
+    num_class_images: int | None = typer.Option(None, "--num-class-images",
                                                    help="Class images to draw (default: as many as instance images)."),
-    output_name: Optional[str] = typer.Option(None, "--output-name", help="OUT/NAME.safetensors (default: OUT's name)."),
-    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
-    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
-    device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16, resume: bool = RESUME, quiet: bool = QUIET,
+    output_name: str | None = typer.Option(None, "--output-name", help="OUT/NAME.safetensors (default: OUT's name)."),
+    config: Path | None = CONFIG, set_: list[str] | None = SET, out: Path | None = OUT,
+    steps: int | None = STEPS, batch_size: int | None = BATCH, lr: float | None = LR,
+    seed: int | None = SEED, data: str | None = DATA, image_size: int | None = SIZE,
+    device: str | None = DEVICE, bf16: bool | None = BF16, resume: bool = RESUME, quiet: bool = QUIET,
 ) -> None:
     """Train a LoRA on a frozen model; writes OUT/NAME.safetensors (kohya format) for `opensd generate --lora`."""
     from opensd.training.lora import LoRAStage, LoRAStageConfig
@@ -283,17 +284,17 @@ def lora(
 @app.command("lcm")
 @fail_cleanly
 def lcm(
-    model: Optional[Path] = MODEL,
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank r (rank; default 16)."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default 16)."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="attn | attn+ff | all (default: + convolutions, as LCM-LoRA)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="The teacher's CFG scale, fixed (guidance_min = guidance_max; default 5)."),
-    output_name: Optional[str] = typer.Option(None, "--output-name", help="OUT/NAME.safetensors (default: OUT's name)."),
-    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
-    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
-    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, evaluator: Optional[str] = EVALUATOR,
+    model: Path | None = MODEL,
+    rank: int | None = typer.Option(None, "--rank", help="LoRA rank r (rank; default 16)."),
+    alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha (default 16)."),
+    targets: str | None = typer.Option(None, "--targets", help="attn | attn+ff | all (default: + convolutions, as LCM-LoRA)."),
+    guidance: float | None = typer.Option(None, "--guidance", help="The teacher's CFG scale, fixed (guidance_min = guidance_max; default 5)."),
+    output_name: str | None = typer.Option(None, "--output-name", help="OUT/NAME.safetensors (default: OUT's name)."),
+    config: Path | None = CONFIG, set_: list[str] | None = SET, out: Path | None = OUT,
+    steps: int | None = STEPS, batch_size: int | None = BATCH, lr: float | None = LR,
+    seed: int | None = SEED, data: str | None = DATA, image_size: int | None = SIZE,
+    data_seed: int | None = DATA_SEED, device: str | None = DEVICE, bf16: bool | None = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, evaluator: str | None = EVALUATOR,
 ) -> None:
     """Latent consistency distillation into a LoRA (LCM-LoRA); writes OUT/NAME.safetensors for `--sampler lcm`."""
     from opensd.training.lcm import LCMStage, LCMStageConfig
@@ -308,14 +309,14 @@ def lcm(
 @app.command("embedding")
 @fail_cleanly
 def embedding(
-    model: Optional[Path] = MODEL,
+    model: Path | None = MODEL,
     token: str = typer.Option(..., "--token", help="The new word, e.g. sks-style; also the file's name."),
     init_word: str = typer.Option(..., "--init-word", help="The word whose embedding the vectors start from."),
-    vectors: Optional[int] = typer.Option(None, "--vectors", help="Vectors per use of the token (default 1)."),
-    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
-    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
-    device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16, resume: bool = RESUME, quiet: bool = QUIET,
+    vectors: int | None = typer.Option(None, "--vectors", help="Vectors per use of the token (default 1)."),
+    config: Path | None = CONFIG, set_: list[str] | None = SET, out: Path | None = OUT,
+    steps: int | None = STEPS, batch_size: int | None = BATCH, lr: float | None = LR,
+    seed: int | None = SEED, data: str | None = DATA, image_size: int | None = SIZE,
+    device: str | None = DEVICE, bf16: bool | None = BF16, resume: bool = RESUME, quiet: bool = QUIET,
 ) -> None:
     """Textual inversion on a frozen model; writes OUT/TOKEN.safetensors (A1111's embedding format)."""
     from opensd.training.embedding import EmbeddingStage, EmbeddingStageConfig

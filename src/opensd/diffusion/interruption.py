@@ -19,7 +19,7 @@ that went away, the time limit.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -12,7 +12,8 @@ and ``uncond`` around guidance), so the protocols leave them open.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 

@@ -35,7 +35,7 @@ def _prepare(x: torch.Tensor, sigmas: torch.Tensor) -> list[float]:
     s = sigmas.detach().float().cpu().tolist()
     if not all(math.isfinite(v) for v in s):
         raise SamplerError("sigmas must be finite")
-    if any(b > a for a, b in zip(s, s[1:])):
+    if any(b > a for a, b in zip(s, s[1:], strict=False)):
         raise SamplerError("sigmas must be non-increasing")
     if any(v <= 0 for v in s[:-1]) or s[-1] < 0:
         raise SamplerError("sigmas must be > 0, except the last which may be 0")

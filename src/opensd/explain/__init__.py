@@ -16,9 +16,9 @@ See :mod:`opensd.explain.attention` (DAAM, Tang et al. 2022),
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from opensd.explain.attention import (
     AttentionCollector,

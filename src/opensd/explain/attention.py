@@ -36,8 +36,8 @@ generation beside it, on the same pipeline, is neither recorded nor changed.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -180,7 +180,7 @@ class AttentionResult:
         """The image, then one overlay per word (each normalized to its maximum), labelled."""
         base = upscale(self.image, panel)
         panels = [with_label(base, "image")]
-        panels += [with_label(heatmap_overlay(base, m), w) for w, m in zip(self.words, self.maps)]
+        panels += [with_label(heatmap_overlay(base, m), w) for w, m in zip(self.words, self.maps, strict=False)]
         cols = min(len(panels), 6)
         return grid(panels, cols)
 
@@ -189,7 +189,7 @@ def _token_labels(tokenizer, tp: TokenizedPrompt, length: int) -> list[str]:
     labels = []
     for chunk in tp.chunks:
         seen_eos = False
-        for pos, (tid, wi) in enumerate(zip(chunk.ids, chunk.word_index)):
+        for pos, (tid, wi) in enumerate(zip(chunk.ids, chunk.word_index, strict=False)):
             if wi >= 0:
                 labels.append(tokenizer.decode([tid]) or str(tid))
             elif pos == 0:

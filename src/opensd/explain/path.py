@@ -15,8 +15,8 @@ decoded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -43,7 +43,7 @@ def decode_latents(pipe, latents: torch.Tensor, batch: int = 4) -> list[Image.Im
 def _pairs(tops: Sequence[Image.Image], bottoms: Sequence[Image.Image], labels: Sequence[str], panel: int) -> list[Image.Image]:
     """One frame per step: ``top | bottom`` side by side, labelled."""
     frames = []
-    for a, b, text in zip(tops, bottoms, labels):
+    for a, b, text in zip(tops, bottoms, labels, strict=False):
         frames.append(with_label(grid([upscale(a, panel), upscale(b, panel)]), text))
     return frames
 
@@ -84,11 +84,11 @@ class DenoisingPath:
     denoised_images: list[Image.Image]
 
     def labels(self) -> list[str]:
-        return [f"step {s} sigma {sg:.2f}" for s, sg in zip(self.steps, self.sigmas)]
+        return [f"step {s} sigma {sg:.2f}" for s, sg in zip(self.steps, self.sigmas, strict=False)]
 
     def strip(self, panel: int = 96) -> Image.Image:
         """Two rows, one column per recorded step: the current latent (top), the predicted x0 (bottom)."""
-        tops = [with_label(upscale(im, panel), t) for im, t in zip(self.latent_images, self.labels())]
+        tops = [with_label(upscale(im, panel), t) for im, t in zip(self.latent_images, self.labels(), strict=False)]
         bottoms = [with_label(upscale(im, panel), "predicted x0") for im in self.denoised_images]
         return grid(tops + bottoms, len(tops))
 
@@ -152,10 +152,10 @@ class NoisingPath:
         return [f"sigma {s:.2f}" for s in self.sigmas]
 
     def strip(self, panel: int = 96) -> Image.Image:
-        return grid([with_label(upscale(im, panel), t) for im, t in zip(self.images, self.labels())])
+        return grid([with_label(upscale(im, panel), t) for im, t in zip(self.images, self.labels(), strict=False)])
 
     def frames(self, panel: int = 128) -> list[Image.Image]:
-        return [with_label(upscale(im, panel), t) for im, t in zip(self.images, self.labels())]
+        return [with_label(upscale(im, panel), t) for im, t in zip(self.images, self.labels(), strict=False)]
 
     def save_gif(self, path, *, panel: int = 128, duration_ms: int = 250):
         return save_gif(self.frames(panel), path, duration_ms=duration_ms)

@@ -8,8 +8,8 @@ would merge identical frames) and a GIF of n frames has n frames.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ def grid(
     if labels is not None:
         if len(labels) != len(images):
             raise RenderError(f"grid got {len(labels)} labels for {len(images)} images")
-        images = [with_label(im, t) for im, t in zip(images, labels)]
+        images = [with_label(im, t) for im, t in zip(images, labels, strict=False)]
     cols = len(images) if cols is None else cols
     if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
         raise RenderError(f"cols must be an integer >= 1, got {cols!r}")

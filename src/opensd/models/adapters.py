@@ -31,10 +31,11 @@ pipeline's ``compile`` option does: :mod:`opensd.pipelines.compiled`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -209,7 +210,7 @@ class AdapterSet:
         return self.deltas.get(module, ())
 
     @staticmethod
-    def merge(sets: Sequence["AdapterSet | None"]) -> "AdapterSet | None":
+    def merge(sets: Sequence[AdapterSet | None]) -> AdapterSet | None:
         """One set holding every delta of ``sets`` (None entries skipped); None when empty."""
         out: dict[nn.Module, tuple[Delta, ...]] = {}
         for s in sets:

@@ -32,10 +32,10 @@ query positions back on its level's (h, w) grid.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn

@@ -86,7 +86,7 @@ def hint_block(cfg: ControlNetConfig) -> nn.Sequential:
     every two convs. Its convs sit at the even indices 0, 2, ... (SD 1.x: 0 to 14)."""
     chans = cfg.hint_block_channels
     layers: list[nn.Module] = [nn.Conv2d(cfg.hint_channels, chans[0], 3, padding=1), nn.SiLU()]
-    for c_in, c_out in zip(chans, chans[1:]):
+    for c_in, c_out in zip(chans, chans[1:], strict=False):
         layers += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1, stride=2), nn.SiLU()]
     layers.append(_zero(nn.Conv2d(chans[-1], cfg.unet.model_channels, 3, padding=1)))
     return nn.Sequential(*layers)
@@ -143,7 +143,7 @@ class ControlNet(nn.Module):
         guided = self.input_hint_block(hint.to(x.dtype))  # (B, mc, h, w)
         h = x
         outs = []
-        for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs)):
+        for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs, strict=False)):
             h = block(h, emb, context)
             if i == 0:
                 h = h + guided

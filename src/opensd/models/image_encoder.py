@@ -156,7 +156,7 @@ class Level(nn.Module):
         super().__init__()
         widths = [cin] + [cout] * cfg.blocks_per_level
         self.blocks = nn.ModuleList(
-            ResBlock(a, b, cfg.norm_groups, cfg.norm_eps) for a, b in zip(widths[:-1], widths[1:])
+            ResBlock(a, b, cfg.norm_groups, cfg.norm_eps) for a, b in zip(widths[:-1], widths[1:], strict=False)
         )
         self.downsample = nn.Conv2d(cout, cout, 3, stride=2, padding=1) if downsample else None
 

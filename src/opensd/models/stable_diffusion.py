@@ -142,11 +142,11 @@ class SDConfig:
         return None if pooled is None else pooled + self.family.size_numbers * self.size_embed_dim
 
     @classmethod
-    def sd15(cls) -> "SDConfig":
+    def sd15(cls) -> SDConfig:
         return cls()
 
     @classmethod
-    def sd21(cls) -> "SDConfig":
+    def sd21(cls) -> SDConfig:
         """SD 2.x 768-v (v2-inference-v.yaml): v-prediction, 768 px."""
         return cls(
             unet=UNetConfig.sd21(), text=CLIPTextConfig.open_clip_vit_h(), family=ModelFamily.SD2, image_size=768,
@@ -154,12 +154,12 @@ class SDConfig:
         )
 
     @classmethod
-    def sd21_base(cls) -> "SDConfig":
+    def sd21_base(cls) -> SDConfig:
         """SD 2.x 512-base (v2-inference.yaml): eps-prediction, 512 px."""
         return dataclasses.replace(cls.sd21(), image_size=512, schedule=NoiseScheduleConfig())
 
     @classmethod
-    def sdxl(cls) -> "SDConfig":
+    def sdxl(cls) -> SDConfig:
         """SDXL base 1.0 (sd_xl_base.yaml): 1024 px, VAE scale 0.13025."""
         return cls(
             unet=UNetConfig.sdxl_base(), vae=dataclasses.replace(VAEConfig.sd15(), scale_factor=0.13025),
@@ -168,7 +168,7 @@ class SDConfig:
         )
 
     @classmethod
-    def sdxl_refiner(cls) -> "SDConfig":
+    def sdxl_refiner(cls) -> SDConfig:
         """SDXL refiner 1.0 (sd_xl_refiner.yaml): 1024 px, VAE scale 0.13025."""
         return cls(
             unet=UNetConfig.sdxl_refiner(), vae=dataclasses.replace(VAEConfig.sd15(), scale_factor=0.13025),
@@ -176,7 +176,7 @@ class SDConfig:
         )
 
     @classmethod
-    def tiny(cls, family: ModelFamily = ModelFamily.SD1) -> "SDConfig":
+    def tiny(cls, family: ModelFamily = ModelFamily.SD1) -> SDConfig:
         """A few-hundred-kB model of ``family`` for tests (tiny SDXL: two tiny encoders)."""
         base = CLIPTextConfig.tiny()
         unet = dataclasses.replace(UNetConfig.tiny(), context_dim=base.width)
@@ -197,7 +197,7 @@ class SDConfig:
         unet = dataclasses.replace(unet, adm_in_channels=24 + 5 * size_dim)
         return cls(unet=unet, vae=VAEConfig.tiny(), text=open_clip, family=family, image_size=32, size_embed_dim=size_dim)
 
-    def replace(self, **changes) -> "SDConfig":
+    def replace(self, **changes) -> SDConfig:
         return dataclasses.replace(self, **changes)
 
 

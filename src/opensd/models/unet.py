@@ -316,7 +316,7 @@ class ControlResiduals:
     middle: torch.Tensor
 
     def __add__(self, other: ControlResiduals) -> ControlResiduals:
-        return ControlResiduals(tuple(a + b for a, b in zip(self.skips, other.skips)), self.middle + other.middle)
+        return ControlResiduals(tuple(a + b for a, b in zip(self.skips, other.skips, strict=False)), self.middle + other.middle)
 
 
 def _transformer(cfg: UNetConfig, level: int, depth: int | None = None) -> SpatialTransformer:
@@ -453,7 +453,7 @@ class UNetModel(nn.Module):
         if control is not None:
             self._check_control(control, skips, h)
             h = h + control.middle.to(h.dtype)
-            skips = [s + r.to(s.dtype) for s, r in zip(skips, control.skips)]
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, control.skips, strict=False)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             size = tuple(skips[-1].shape[-2:]) if skips else None  # where an Upsample must land
@@ -464,7 +464,7 @@ class UNetModel(nn.Module):
         if not isinstance(control, ControlResiduals) or len(control.skips) != len(skips):
             n = len(control.skips) if isinstance(control, ControlResiduals) else type(control).__name__
             raise ValueError(f"UNetModel: control must be ControlResiduals with {len(skips)} skips, got {n}")
-        for i, (s, r) in enumerate([*zip(skips, control.skips), (middle, control.middle)]):
+        for i, (s, r) in enumerate([*zip(skips, control.skips, strict=False), (middle, control.middle)]):
             if s.shape != r.shape:
                 where = "the middle block" if i == len(skips) else f"input block {i}"
                 raise ValueError(f"UNetModel: the control residual of {where} is {tuple(r.shape)}, its output {tuple(s.shape)}")

@@ -34,8 +34,9 @@ Without embeddings in a prompt, its encoding is exactly what it was without them
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -46,8 +46,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -288,7 +289,7 @@ class ControlRun:
         (latent channels first), ``t`` (B,), ``context`` and ``y``; ``rows`` (B,): 1 on the
         conditional rows (None: all are). None when no unit acts on this step."""
         total = None
-        for unit, hint in zip(self.units, self.hints):
+        for unit, hint in zip(self.units, self.hints, strict=False):
             if not self.active(unit):
                 continue
             res = _unit_residuals(unit, hint, x, t, context, y, rows)
@@ -328,7 +329,7 @@ def _scaled(res: ControlResiduals, weight: float, mode: ControlMode) -> ControlR
         scales = [weight] * m
     else:
         scales = [weight * SOFT_BASE ** float(m - 1 - i) for i in range(m)]
-    return ControlResiduals(tuple(r * s for r, s in zip(res.skips, scales)), res.middle * scales[-1])
+    return ControlResiduals(tuple(r * s for r, s in zip(res.skips, scales, strict=False)), res.middle * scales[-1])
 
 
 def check_fits(net: ControlNet, pipe: StableDiffusionPipeline, index: int = 0) -> None:

@@ -38,7 +38,7 @@ class Decoder(enum.Enum):
     TINY = "tiny"
 
     @classmethod
-    def parse(cls, value: "Decoder | str") -> "Decoder":
+    def parse(cls, value: Decoder | str) -> Decoder:
         """A member from itself, its value (``"full"``, ``"tiny"``) or A1111's label (``"Full"``, ``"TAESD"``)."""
         if isinstance(value, cls):
             return value

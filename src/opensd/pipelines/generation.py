@@ -8,8 +8,9 @@ the run returns a :class:`GenerationResult`. How a run stops is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image

@@ -23,8 +23,9 @@ import json
 import re
 import struct
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin
 

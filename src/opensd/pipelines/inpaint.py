@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ class MaskedContent(enum.Enum):
     LATENT_NOTHING = "latent-nothing"  # zero latents
 
     @classmethod
-    def parse(cls, value: "MaskedContent | str | int") -> "MaskedContent":
+    def parse(cls, value: MaskedContent | str | int) -> MaskedContent:
         """An enum member from itself, its name (``"latent-noise"``, ``"latent noise"``,
         ``"LATENT_NOISE"``) or A1111's ``inpainting_fill`` number 0..3."""
         if isinstance(value, cls):
@@ -145,7 +146,7 @@ def crop_box(mask: Image.Image, padding: int, aspect: tuple[int, int]) -> Box | 
 
 
 def inpaint_only_masked(
-    run: Callable[[Image.Image, "InpaintMask", Any], Any], size: tuple[int, int], image: Image.Image, mask: "InpaintMask"
+    run: Callable[[Image.Image, InpaintMask, Any], Any], size: tuple[int, int], image: Image.Image, mask: InpaintMask
 ) -> Any:
     """A1111's "only masked". ``run(image, mask, box)`` inpaints the whole of a ``size`` image
     and returns a result with ``.images`` (a dataclass; the pipeline's GenerationResult);

@@ -37,9 +37,10 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from opensd.checkpoints.io import CheckpointError
 from opensd.checkpoints.lora import LoRAError, LoRAFile, LoRAUse, bind_loras
@@ -274,7 +275,7 @@ class LoraLibrary:
         if total > budget.max_bytes:
             raise RequestError(f"this request's LoRA files hold {total / 2**20:.0f} MiB; "
                                f"at most {budget.max_bytes / 2**20:.0f} MiB are allowed per request")
-        uses = [(t.name, LoRAUse(self.load(e), unet=t.unet, te=t.te)) for t, e in zip(tags, entries)]
+        uses = [(t.name, LoRAUse(self.load(e), unet=t.unet, te=t.te)) for t, e in zip(tags, entries, strict=False)]
         return uses + [(u.file.name, u) for u in extra]
 
     def bind(self, model: StableDiffusion, uses: Sequence[LoRAUse]) -> AdapterSet | None:

@@ -18,8 +18,9 @@ Nothing of it is stored on the model or the pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from opensd.models.adapters import AdapterSet
 
@@ -35,13 +36,13 @@ class RequestNetworks:
     adapters: AdapterSet | None = None
     embeddings: Mapping[str, Any] = field(default_factory=dict)
     infotext: Mapping[str, str] = field(default_factory=dict)
-    control: tuple["ControlUnit", ...] = ()
+    control: tuple[ControlUnit, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.adapters) or bool(self.embeddings) or bool(self.infotext) or bool(self.control)
 
     @staticmethod
-    def merge(parts: Sequence["RequestNetworks | None"]) -> "RequestNetworks":
+    def merge(parts: Sequence[RequestNetworks | None]) -> RequestNetworks:
         """All of ``parts`` in one (later infotext fields of one name join earlier ones with ", ")."""
         parts = [p for p in parts if p is not None]
         embeddings: dict[str, Any] = {}

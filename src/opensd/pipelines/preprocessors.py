@@ -33,8 +33,8 @@ are a :class:`PreprocessorError` listing the known ones.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

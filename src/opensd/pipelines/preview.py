@@ -152,7 +152,7 @@ class PreviewMode(enum.Enum):
     TAESD = "TAESD"
 
     @classmethod
-    def parse(cls, value: "PreviewMode | str") -> "PreviewMode":
+    def parse(cls, value: PreviewMode | str) -> PreviewMode:
         if isinstance(value, cls):
             return value
         for m in cls:
@@ -161,7 +161,7 @@ class PreviewMode(enum.Enum):
         raise PreviewError(f"preview mode must be one of {', '.join(m.value for m in cls)}; got {value!r}")
 
 
-def preview_image(pipe, denoised: torch.Tensor, mode: "PreviewMode | str") -> Image.Image:
+def preview_image(pipe, denoised: torch.Tensor, mode: PreviewMode | str) -> Image.Image:
     """The first image of ``denoised`` (B, C, h, w), the sampler's current x0 prediction (a
     diffusion latent), drawn by ``mode`` with ``pipe``'s networks (a
     :class:`~opensd.pipelines.stable_diffusion.StableDiffusionPipeline`): ``FULL`` decodes
@@ -179,7 +179,7 @@ def preview_image(pipe, denoised: torch.Tensor, mode: "PreviewMode | str") -> Im
 
 # ----------------------------------------------------------------------------- cache
 
-_cache: "weakref.WeakKeyDictionary[torch.nn.Module, LinearPreview]" = weakref.WeakKeyDictionary()
+_cache: weakref.WeakKeyDictionary[torch.nn.Module, LinearPreview] = weakref.WeakKeyDictionary()
 _cache_lock = threading.Lock()
 
 

@@ -102,7 +102,7 @@ def switch_step(train_sigmas: torch.Tensor, sigmas: torch.Tensor, switch_at: flo
     return steps
 
 
-def refiner_label(pipe: "StableDiffusionPipeline") -> str:
+def refiner_label(pipe: StableDiffusionPipeline) -> str:
     """A1111's ``Refiner`` infotext value: ``name [hash]`` (its checkpoint's short title)."""
     return refiner_field(pipe.loaded.name, pipe.loaded.hash)
 
@@ -111,7 +111,7 @@ def refiner_label(pipe: "StableDiffusionPipeline") -> str:
 class RefinerPlan:
     """A refiner run decided before sampling: the model, the switch, the step it falls on."""
 
-    pipe: "StableDiffusionPipeline"
+    pipe: StableDiffusionPipeline
     switch_at: float
     step: int  # index of the refiner's first step among the run's steps
     steps: int  # steps the run takes (img2img: the last int(steps * strength))
@@ -123,7 +123,7 @@ class RefinerPlan:
 
 
 def plan_refiner(
-    base: "StableDiffusionPipeline", refiner: "StableDiffusionPipeline | None", req: GenerationRequest,
+    base: StableDiffusionPipeline, refiner: StableDiffusionPipeline | None, req: GenerationRequest,
     prompt_embeds: Any = None, negative_embeds: Any = None,
 ) -> RefinerPlan | None:
     """Check the pair and the request before any work; where the refiner takes over on
@@ -153,9 +153,9 @@ def plan_refiner(
 
 
 def sample_refined(
-    base: "StableDiffusionPipeline", plan: RefinerPlan, req: GenerationRequest, denoiser: DenoiserFn,
+    base: StableDiffusionPipeline, plan: RefinerPlan, req: GenerationRequest, denoiser: DenoiserFn,
     start: Any, conds: tuple[dict, dict | None], seeds: list[int], callback: Any, should_stop: Any,
-) -> tuple[torch.Tensor, bool, "StableDiffusionPipeline"]:
+) -> tuple[torch.Tensor, bool, StableDiffusionPipeline]:
     """``(final latent, interrupted, the pipeline that ran the last step)``: ``base``'s
     steps with ``denoiser`` and ``conds``, then the refiner's on the same latent."""
     ref = plan.pipe

@@ -108,8 +108,8 @@ def _blend_tiles(fn, x: torch.Tensor, h: int, w: int, tile: int, overlap: int, i
     ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     wy, wx = _ramps(ys, tile, h, out_scale), _ramps(xs, tile, w, out_scale)
     out = total = piece = None
-    for y, ry in zip(ys, wy):
-        for x0, rx in zip(xs, wx):
+    for y, ry in zip(ys, wy, strict=False):
+        for x0, rx in zip(xs, wx, strict=False):
             piece = fn(x[:, :, y * in_scale : (y + tile) * in_scale, x0 * in_scale : (x0 + tile) * in_scale])
             if out is None:  # accumulate in float32 whatever the VAE's dtype
                 out = torch.zeros(x.shape[0], piece.shape[1], h * out_scale, w * out_scale, device=piece.device,

@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -226,7 +227,7 @@ def blend(pipe, prompts: Sequence[str], weights: Sequence[float] | None = None, 
     weights = [1.0] * len(prompts) if weights is None else list(weights)
     if len(weights) != len(prompts) or not prompts:
         raise PromptExpressionError(f"blend needs one weight per prompt, got {len(weights)} weights for {len(prompts)} prompts")
-    return combine(pipe, list(zip(weights, prompts)), clip_skip=clip_skip, normalize=True)
+    return combine(pipe, list(zip(weights, prompts, strict=False)), clip_skip=clip_skip, normalize=True)
 
 
 def lerp(a: Embeds, b: Embeds, t: float) -> Embeds:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import bisect
 import math
 import re
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from opensd.errors import OpenSDError
 
@@ -133,7 +134,7 @@ class _Parse:
         self.round, self.square = [], []
         starts: dict[int, list[int]] = {}
         ends: dict[int, list[int]] = {}
-        for order, (a, b) in enumerate(zip(self.span_start, self.span_end)):
+        for order, (a, b) in enumerate(zip(self.span_start, self.span_end, strict=False)):
             if a < b:
                 starts.setdefault(a, []).append(order)
                 ends.setdefault(b, []).append(order)

@@ -20,7 +20,7 @@ so ``(myemb:1.2)`` weights the embedding and a name cannot span brackets, as in 
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from opensd.prompts.attention import parse_prompt_attention
 

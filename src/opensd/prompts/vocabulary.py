@@ -12,7 +12,7 @@ prompt, which the pipeline returns in ``GenerationResult.warnings``, the CLI pri
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from opensd.prompts.embedding_names import EmbeddingNames
 from opensd.prompts.extra_networks import strip_tags

@@ -9,7 +9,7 @@ by naming it in its prompt or negative prompt (:func:`request_networks`, at plan
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
@@ -22,12 +22,12 @@ router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111-compatible"])
 
 
 class EmbeddingItem(BaseModel):
-    step: Optional[int] = None
-    sd_checkpoint: Optional[str] = None
-    sd_checkpoint_name: Optional[str] = None
-    shape: Optional[int] = None
-    vectors: Optional[int] = None
-    error: Optional[str] = None
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int | None = None
+    vectors: int | None = None
+    error: str | None = None
 
 
 class EmbeddingsResponse(BaseModel):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -83,8 +83,8 @@ class ErrorBody(BaseModel):
 
     error: str = Field(description="The kind of error: ValidationError, NotFound, QueueFull, CheckpointError, ...")
     detail: str = Field(description="What is wrong and what is allowed.")
-    errors: Optional[list[FieldError]] = Field(None, description="Validation errors only: one item per field at fault.")
-    request_id: Optional[str] = Field(None, description="500 only: the id the server's log repeats beside the traceback.")
+    errors: list[FieldError] | None = Field(None, description="Validation errors only: one item per field at fault.")
+    request_id: str | None = Field(None, description="500 only: the id the server's log repeats beside the traceback.")
 
 
 class OpenAIError(BaseModel):
@@ -94,8 +94,8 @@ class OpenAIError(BaseModel):
 
     message: str
     type: str = Field(description="invalid_request_error, authentication_error, not_found_error, rate_limit_error or server_error.")
-    param: Optional[str] = Field(description="The request field at fault, when one is.")
-    code: Optional[str] = Field(description="The kind of error, as ``error`` outside /v1/.")
+    param: str | None = Field(description="The request field at fault, when one is.")
+    code: str | None = Field(description="The kind of error, as ``error`` outside /v1/.")
 
 
 class OpenAIErrorBody(BaseModel):
@@ -105,8 +105,8 @@ class OpenAIErrorBody(BaseModel):
 
     error: OpenAIError
     detail: str = Field(description="The message again, as outside /v1/.")
-    errors: Optional[list[FieldError]] = Field(None, description="Validation errors only: one item per field at fault.")
-    request_id: Optional[str] = Field(None, description="500 only: the id the server's log repeats beside the traceback.")
+    errors: list[FieldError] | None = Field(None, description="Validation errors only: one item per field at fault.")
+    request_id: str | None = Field(None, description="500 only: the id the server's log repeats beside the traceback.")
 
 
 def body_model(path: str) -> type[BaseModel]:

@@ -26,7 +26,7 @@ changes what the other records or draws.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
@@ -63,21 +63,21 @@ class ExplainRequest(_Lenient):
     prompt: str = Field("", description="What to draw; each of its words gets a heatmap.")
     negative_prompt: str = ""
     seed: int = Field(-1, description="-1 picks a random seed; the answer says which one ran.")
-    sampler_name: Optional[str] = Field(
+    sampler_name: str | None = Field(
         None, validation_alias=AliasChoices("sampler_name", "sampler"),
         description="An A1111 name ('DPM++ 2M', 'Euler a') or an opensd id (also accepted as 'sampler'). Default 'DPM++ 2M'.",
     )
-    scheduler: Optional[str] = Field(None, description="'Automatic', 'Karras' or 'Exponential'.")
+    scheduler: str | None = Field(None, description="'Automatic', 'Karras' or 'Exponential'.")
     steps: int = 20
     cfg_scale: float = 7.0
-    width: Optional[int] = Field(None, description="Default: the model's native size.")
-    height: Optional[int] = Field(None, description="Default: the model's native size.")
-    path_steps: Optional[list[StrictInt]] = Field(
+    width: int | None = Field(None, description="Default: the model's native size.")
+    height: int | None = Field(None, description="Default: the model's native size.")
+    path_steps: list[StrictInt] | None = Field(
         None, description=f"1-based steps shown in the denoising strip (at most {MAX_PATH_STEPS}); "
         f"default: {DEFAULT_PATH_STEPS} evenly spaced, ending at the last step.",
     )
     raw: bool = Field(False, description="Also return the attention maps as nested lists of numbers.")
-    override_settings: Optional[dict[str, Any]] = Field(
+    override_settings: dict[str, Any] | None = Field(
         None, description="Per-request options: sd_model_checkpoint, CLIP_stop_at_last_layers."
     )
 
@@ -103,12 +103,12 @@ class ExplainResponse(BaseModel):
     height: int
     words: list[str] = Field(description="The prompt's words, syntax removed; one overlay each, in order.")
     overlays: list[str] = Field(description="Base64 PNGs the size of the image: each word's attention over the image.")
-    path: Optional[str] = Field(description="Base64 PNG strip: current latent (top row) and predicted x0 (bottom) per step.")
+    path: str | None = Field(description="Base64 PNG strip: current latent (top row) and predicted x0 (bottom) per step.")
     path_steps: list[int] = Field(description="The steps shown in the strip, left to right.")
     path_sigmas: list[float] = Field(description="The noise level at each of those steps.")
     interrupted: bool = Field(description="True when /sdapi/v1/interrupt stopped sampling early.")
     warnings: list[str] = Field(default_factory=list, description="What to know about the result (e.g. clip skip has no effect).")
-    raw: Optional[RawMaps] = None
+    raw: RawMaps | None = None
 
 
 # ---------------------------------------------------------------- planning

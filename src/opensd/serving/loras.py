@@ -12,7 +12,7 @@ before the request is queued.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
@@ -32,7 +32,7 @@ class LoraItem(BaseModel):
     name: str = Field(description="The file's name without its suffix: what <lora:name:weight> names.")
     alias: str = Field(description="The kohya metadata's ss_output_name (the name when it has none); a tag may name it too.")
     path: str
-    metadata: Optional[dict[str, Any]] = Field(None, description="The safetensors metadata (ss_* training keys), JSON objects parsed.")
+    metadata: dict[str, Any] | None = Field(None, description="The safetensors metadata (ss_* training keys), JSON objects parsed.")
 
 
 def lora_budget(st: ServerState) -> LoraBudget:

@@ -37,7 +37,7 @@ class ModelKind:
     image_size: int | None = None
 
     @classmethod
-    def of(cls, cfg: SDConfig) -> "ModelKind":
+    def of(cls, cfg: SDConfig) -> ModelKind:
         return cls(cfg.family.value, cfg.image_size)
 
 

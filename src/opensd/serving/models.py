@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from opensd.checkpoints import detect_format, main_weights_file
 from opensd.checkpoints.io import CheckpointError, full_hash
@@ -59,7 +59,7 @@ class Checkpoint:
     key: Path  # the file or folder itself (symlinks resolved when found): what loaded pipelines are cached by
 
     @classmethod
-    def at(cls, path: Path) -> "Checkpoint":
+    def at(cls, path: Path) -> Checkpoint:
         path = path.expanduser().absolute()  # not resolved: a symlink keeps its own name
         return cls(path, path.name, path.stem if path.is_file() else path.name, path.resolve())
 

@@ -83,7 +83,7 @@ async def images_generations(body: OpenAIImageRequest, request: Request) -> dict
 
     def work(job: Job, plan: Plan) -> dict:
         results = run_batches(job, plan.pipeline, plan.requests, networks=plan.networks)  # the prompt's <lora:...> tags
-        data = [{"b64_json": encode_png(im, text)} for r in results for im, text in zip(r.images, r.infotexts)]
+        data = [{"b64_json": encode_png(im, text)} for r in results for im, text in zip(r.images, r.infotexts, strict=False)]
         req = plan.requests[0]
         warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
         return {"created": int(time.time()), "data": data, "output_format": "png", "size": f"{req.width}x{req.height}",

@@ -32,9 +32,10 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -67,7 +68,7 @@ class QueueFull(ApiError):
 class TimeLimitExceeded(ApiError):
     """422: the job ran past the server's wall-time limit and was stopped; no partial result is sent."""
 
-    def __init__(self, job: "Job"):
+    def __init__(self, job: Job):
         where = f"batch {job.iteration + 1} of {job.n_iter}, step {job.step} of {job.steps}" if job.steps else "before sampling"
         super().__init__(
             422, f"the generation ran past this server's time limit of {job.max_seconds:g} s per request "

@@ -19,7 +19,7 @@ Defaults that differ from A1111, on purpose:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -48,30 +48,30 @@ class Txt2ImgRequest(_Lenient):
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = Field(-1, description="-1 picks a random seed; image i of a batch uses seed + i.")
-    sampler_name: Optional[str] = Field(None, description="An A1111 name ('DPM++ 2M', 'Euler a') or an opensd id.")
+    sampler_name: str | None = Field(None, description="An A1111 name ('DPM++ 2M', 'Euler a') or an opensd id.")
     sampler_index: str = Field("Euler", description="Older name of sampler_name; used when sampler_name is empty.")
-    scheduler: Optional[str] = Field(None, description="'Automatic', 'Karras', 'Exponential' or 'SGM Uniform' (A1111 >= 1.9).")
+    scheduler: str | None = Field(None, description="'Automatic', 'Karras', 'Exponential' or 'SGM Uniform' (A1111 >= 1.9).")
     batch_size: int = 1
     n_iter: int = Field(1, description="Batches run one after the other; batch k starts at seed + k * batch_size.")
     steps: int = 50
     cfg_scale: float = 7.0
-    width: Optional[int] = Field(None, description="Default: the model's native size.")
-    height: Optional[int] = Field(None, description="Default: the model's native size.")
-    override_settings: Optional[dict[str, Any]] = Field(
+    width: int | None = Field(None, description="Default: the model's native size.")
+    height: int | None = Field(None, description="Default: the model's native size.")
+    override_settings: dict[str, Any] | None = Field(
         None, description="Per-request options: sd_model_checkpoint, CLIP_stop_at_last_layers."
     )
     override_settings_restore_afterwards: bool = True
-    refiner_checkpoint: Optional[str] = Field(
+    refiner_checkpoint: str | None = Field(
         None, description="A model (as sd_model_checkpoint names one, see /sdapi/v1/sd-models) that takes over sampling at "
         "refiner_switch_at, e.g. the SDXL refiner; it must share the model's latent space. '' or 'None': no refiner (A1111 >= 1.6).",
     )
-    refiner_switch_at: Optional[float] = Field(
+    refiner_switch_at: float | None = Field(
         None, description="With refiner_checkpoint: the fraction of the steps after which the refiner samples, 0 to 1 (default 0.8).",
     )
     enable_hr: bool = Field(False, description="The hires fix: draw at width x height, upscale, redraw at the large size (txt2img).")
     denoising_strength: float = Field(0.75, description="The hires fix's second pass (img2img: the image's) denoising strength, 0..1.")
     hr_scale: float = Field(2.0, description="Hires fix: how much larger, 1..8 (when hr_resize_x and hr_resize_y are 0).")
-    hr_upscaler: Optional[str] = Field(
+    hr_upscaler: str | None = Field(
         None, description="Hires fix upscaler: a latent mode (/sdapi/v1/latent-upscale-modes) or an upscaler (/sdapi/v1/upscalers); "
         "default 'Latent'.",
     )
@@ -80,19 +80,19 @@ class Txt2ImgRequest(_Lenient):
     hr_resize_y: int = Field(0, description="Hires fix to this height instead of hr_scale.")
     hr_prompt: str = Field("", description="The second pass's prompt; '': prompt.")
     hr_negative_prompt: str = Field("", description="The second pass's negative prompt; '': negative_prompt.")
-    hr_sampler_name: Optional[str] = Field(None, description="The second pass's sampler; empty: sampler_name.")
-    alwayson_scripts: Optional[dict[str, Any]] = Field(
+    hr_sampler_name: str | None = Field(None, description="The second pass's sampler; empty: sampler_name.")
+    alwayson_scripts: dict[str, Any] | None = Field(
         None, description="{'controlnet': {'args': [unit, ...]}}: sd-webui-controlnet's units (see /controlnet/model_list).",
     )
-    script_name: Optional[str] = None
+    script_name: str | None = None
     send_images: bool = True
     save_images: bool = False
-    force_task_id: Optional[str] = None
+    force_task_id: str | None = None
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: Optional[list[str]] = Field(None, description="One base64 PNG/JPEG (a data: URL prefix is allowed).")
-    mask: Optional[str] = Field(None, description="Base64 image the size of the init image; white is repainted.")
+    init_images: list[str] | None = Field(None, description="One base64 PNG/JPEG (a data: URL prefix is allowed).")
+    mask: str | None = Field(None, description="Base64 image the size of the init image; white is repainted.")
     inpainting_mask_invert: int = Field(0, description="1: repaint the black part of the mask instead.")
     mask_blur: int = Field(4, description="Gaussian blur radius applied to the mask, in pixels (A1111's default 4).")
     inpainting_fill: int = Field(
@@ -146,8 +146,8 @@ class ProgressResponse(BaseModel):
     progress: float = Field(description="0..1 over all batches of the current job.")
     eta_relative: float = Field(description="Estimated seconds left.")
     state: ProgressState
-    current_image: Optional[str] = Field(None, description="Base64 PNG decoded from the current x0 prediction.")
-    textinfo: Optional[str] = None
+    current_image: str | None = Field(None, description="Base64 PNG decoded from the current x0 prediction.")
+    textinfo: str | None = None
 
 
 # ---------------------------------------------------------------- listings
@@ -162,20 +162,20 @@ class SamplerItem(BaseModel):
 class SchedulerItem(BaseModel):
     name: str
     label: str
-    aliases: Optional[list[str]] = None
-    default_rho: Optional[float] = None
-    need_inner_model: Optional[bool] = None
+    aliases: list[str] | None = None
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
 
 
 class SDModelItem(BaseModel):
     title: str
     model_name: str
-    hash: Optional[str] = None
-    sha256: Optional[str] = None
+    hash: str | None = None
+    sha256: str | None = None
     filename: str
-    config: Optional[str] = None
-    family: Optional[str] = Field(None, description="opensd: 'sd1', 'sd2', 'sdxl' or 'sdxl_refiner'; null when unknown until loaded.")
-    image_size: Optional[int] = Field(
+    config: str | None = None
+    family: str | None = Field(None, description="opensd: 'sd1', 'sd2', 'sdxl' or 'sdxl_refiner'; null when unknown until loaded.")
+    image_size: int | None = Field(
         None, description="opensd: the native size in pixels (the default width and height); null when unknown until loaded."
     )
 
@@ -193,19 +193,19 @@ class OpenAIImageRequest(_Lenient):
     ``sampler_name`` are opensd extensions (send them with the client's ``extra_body``)."""
 
     prompt: str
-    model: Optional[str] = Field(
+    model: str | None = Field(
         None, description="A model this server lists (/sdapi/v1/sd-models) draws this request; omitted, or an OpenAI model "
         "name (dall-e-*, gpt-image-*): the current model.",
     )
     n: int = 1
-    size: Optional[str] = Field(
+    size: str | None = Field(
         None, description="'WxH' (multiples of 8, e.g. '1024x1024') or 'auto'; default: the model's native size (512, 768, 1024 ...)."
     )
-    response_format: Optional[str] = Field("b64_json", description="Only 'b64_json'.")
-    output_format: Optional[str] = Field(None, description="Only 'png'.")
-    quality: Optional[str] = None
-    style: Optional[str] = None
-    user: Optional[str] = None
+    response_format: str | None = Field("b64_json", description="Only 'b64_json'.")
+    output_format: str | None = Field(None, description="Only 'png'.")
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
     negative_prompt: str = ""
     steps: int = 20
     seed: int = -1
@@ -215,7 +215,7 @@ class OpenAIImageRequest(_Lenient):
 
 class OpenAIImage(BaseModel):
     b64_json: str
-    revised_prompt: Optional[str] = None
+    revised_prompt: str | None = None
 
 
 class OpenAIImagesResponse(BaseModel):
@@ -223,7 +223,7 @@ class OpenAIImagesResponse(BaseModel):
     data: list[OpenAIImage]
     output_format: str = "png"
     size: str
-    warnings: Optional[list[str]] = Field(None, description="opensd: what to know about the result (e.g. clip skip has no effect).")
+    warnings: list[str] | None = Field(None, description="opensd: what to know about the result (e.g. clip skip has no effect).")
 
 
 # ---------------------------------------------------------------- upscaling (A1111's Extras)
@@ -231,10 +231,10 @@ class OpenAIImagesResponse(BaseModel):
 
 class UpscalerItem(BaseModel):
     name: str
-    model_name: Optional[str] = None
-    model_path: Optional[str] = None
-    model_url: Optional[str] = None
-    scale: Optional[float] = None
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
 
 
 class LatentUpscalerModeItem(BaseModel):

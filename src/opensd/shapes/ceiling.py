@@ -73,7 +73,7 @@ def autoencoder_ceiling(pipe: Any, cfg: EvalConfig, seed: int = 0) -> dict:
         tiny = require_tiny(pipe.tiny_vae)
     decoded = round_trip(pipe.model.vae, truth, tiny=tiny)
     records = []
-    for p, im in zip(prompts, decoded):
+    for p, im in zip(prompts, decoded, strict=False):
         verdict = judge(im, p.spec)
         records.append({"prompt": p.text, "category": p.category, "correct": verdict.correct, "reason": verdict.reason})
     accuracy, n = {}, {}

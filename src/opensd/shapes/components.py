@@ -88,7 +88,7 @@ def merge_close_hues(labels: np.ndarray, n: int, a: np.ndarray, b: np.ndarray, t
         p = labels[: h - dy, max(0, -dx): w - max(0, dx)]
         q = labels[dy:, max(0, dx): w - max(0, -dx)]
         touch = (p >= 0) & (q >= 0) & (p != q)
-        pairs.update(zip(p[touch].tolist(), q[touch].tolist()))
+        pairs.update(zip(p[touch].tolist(), q[touch].tolist(), strict=False))
     root = list(range(n))
 
     def find(i: int) -> int:

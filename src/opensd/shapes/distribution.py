@@ -14,7 +14,7 @@ import dataclasses
 import json
 import time
 import zlib
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch

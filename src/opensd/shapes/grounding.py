@@ -10,7 +10,7 @@ use them are generic: :func:`opensd.training.grounding.grounding_loss`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

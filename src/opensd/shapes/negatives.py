@@ -67,7 +67,7 @@ def could_be_true(neg: PromptSpec, spec: PromptSpec) -> bool:
         options += [[(o.shape, c, s) for c in cs for s in ss]] * o.count
     for scene in itertools.product(*options):
         matched = [[i for i, obj in enumerate(scene) if g.matches(*obj)] for g in neg.objects]
-        if any(len(m) != g.count for m, g in zip(matched, neg.objects)):
+        if any(len(m) != g.count for m, g in zip(matched, neg.objects, strict=False)):
             continue
         if sum(len(m) for m in matched) != len(scene):
             continue  # an object neg does not mention

@@ -35,7 +35,7 @@ def bar_plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
     bars = ax.bar([LABELS.get(c, c) for c in cats] + ["overall"], vals + [results["overall"]],
                   color=["#4c78a8"] * len(cats) + ["#f58518"])
-    for b, v in zip(bars, vals + [results["overall"]]):
+    for b, v in zip(bars, vals + [results["overall"]], strict=False):
         ax.text(b.get_x() + b.get_width() / 2, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("accuracy")
@@ -54,7 +54,7 @@ def failure_grid(kept: list[tuple[Image.Image, dict]], path: Path, limit: int = 
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 2.6), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (im, rec) in zip(axes.flat, kept):
+    for ax, (im, rec) in zip(axes.flat, kept, strict=False):
         ax.imshow(im.resize((128, 128), Image.Resampling.NEAREST))
         text = "\n".join(textwrap.wrap(rec["prompt"], 28)[:3]) + "\n" + "\n".join(textwrap.wrap("✗ " + rec["reason"], 28)[:3])
         ax.set_title(text, fontsize=6, loc="left")

@@ -71,7 +71,7 @@ def _retrieval(model, x: torch.Tensor, captions: list[str], specs: list[PromptSp
 
     rng = random.Random(f"opensd-retrieval:{rng_seed}")
     owners, kinds, texts = [], [], []
-    for i, (spec, text) in enumerate(zip(specs, captions)):
+    for i, (spec, text) in enumerate(zip(specs, captions, strict=False)):
         for h in hard_negatives(spec, rng, k=None, like=text):
             owners.append(i)
             kinds.append(h.kind)

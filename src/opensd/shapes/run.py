@@ -18,9 +18,10 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -186,7 +187,7 @@ def evaluate(
     per_call = max(1, cfg.batch_size // cfg.images_per_prompt) if _can_share_batches(pipe, cfg) else 1
     for first in range(0, len(prompts), per_call):
         chunk = list(enumerate(prompts[first:first + per_call], start=first))
-        for (i, p), images in zip(chunk, _generate(pipe, cfg, chunk, networks)):
+        for (i, p), images in zip(chunk, _generate(pipe, cfg, chunk, networks), strict=False):
             for j, im in enumerate(images):
                 verdict = judge(im, p.spec)
                 rec = {

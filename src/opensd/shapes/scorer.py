@@ -42,8 +42,8 @@ the category accuracies.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -423,7 +423,7 @@ def judge(image: Image.Image | np.ndarray, spec: PromptSpec) -> Judgement:
     dets = list(parsed.objects)
     problems: list[str] = []
     matches = [[d for d in dets if o.matches(d.shape, d.color, d.size)] for o in spec.objects]
-    for o, found in zip(spec.objects, matches):
+    for o, found in zip(spec.objects, matches, strict=False):
         if category == "counting":
             if len(found) != o.count:
                 noun = o.describe().split(" ", 1)[1]

@@ -70,24 +70,24 @@ class ShapesSource:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
             jobs = [pool.submit(_render_span, ds.seed, ds.image_size, ds.holdout is not None, a, b) for a, b in spans]
-            for (a, _), job in zip(spans, jobs):
+            for (a, _), job in zip(spans, jobs, strict=False):
                 pixels, captions, specs, scenes = job.result()  # (n, H, W, 3) uint8
                 tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (n, 3, H, W)
-                for k, (caption, spec, scene) in enumerate(zip(captions, specs, scenes)):
+                for k, (caption, spec, scene) in enumerate(zip(captions, specs, scenes, strict=False)):
                     if a + k not in self._memo:
                         self._memo[a + k] = (tensor[k].contiguous(), caption, spec, scene)
 
 
     def hard_negative_captions(self, batch: Batch, rng: random.Random, k: int) -> list[list[str]]:
         """``k`` captions false for each item's scene, worded like its caption (:func:`opensd.shapes.negatives.hard_negative_captions`)."""
-        return [hard_negative_captions(spec, rng, k, like=cap) for spec, cap in zip(batch.specs, batch.captions)]
+        return [hard_negative_captions(spec, rng, k, like=cap) for spec, cap in zip(batch.specs, batch.captions, strict=False)]
 
     def grounding_targets(self, batch: Batch, tokenizer: Any,
                           latent_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each caption's grounded word positions (B, G, K) and group masks (B, G, h, w)
         (:func:`opensd.shapes.grounding.grounding_targets`)."""
         pairs = [grounding_targets(c, sp, sc, tokenizer, latent_size)
-                 for c, sp, sc in zip(batch.captions, batch.specs, batch.scenes)]
+                 for c, sp, sc in zip(batch.captions, batch.specs, batch.scenes, strict=False)]
         return torch.stack([t for t, _ in pairs]), torch.stack([m for _, m in pairs])
 
     def label_maps(self, batch: Batch) -> torch.Tensor:

@@ -26,8 +26,9 @@ on the shapes world.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -51,7 +52,7 @@ class RoundTripJudge:
 
             prompts = validation_suite(per_category=self.per_category)
             gts = ground_truth_images(prompts, size=self.image_size, seed=1)
-            ref = score_images([(im, p.spec) for im, p in zip(gts, prompts)])
+            ref = score_images([(im, p.spec) for im, p in zip(gts, prompts, strict=False)])
             self._val = (prompts, torch.stack([pil_to_tensor(im) for im in gts]), ref)
         return self._val
 
@@ -62,7 +63,7 @@ class RoundTripJudge:
         prompts, gts, ref = self._validation()
         rec = round_trip(gts)
         out = {"psnr": float(psnr(rec, gts).mean())}
-        scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts)])
+        scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(rec), prompts, strict=False)])
         out["roundtrip_overall"] = scored["overall"]
         out["roundtrip_kept"] = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
         out["original_overall"] = ref["overall"]
@@ -90,7 +91,7 @@ class TinyRoundTripJudge:
                "psnr": float(psnr(rec["tiny_decoder"], gts).mean())}
         names = {"vae": "vae_kept", "tiny_decoder": "kept", "tiny": "tiny_kept"}
         for key, images in rec.items():
-            scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(images), prompts)])
+            scored = score_images([(im, p.spec) for im, p in zip(tensor_to_pil(images), prompts, strict=False)])
             out[names[key]] = sum(r["correct"] for r in scored["items"]) / len(scored["items"])
         return out
 
@@ -131,7 +132,7 @@ class GenerationJudge:
         images = draw([p.text for p in prompts])
         save_grid(images, samples, self.per_category)
         samples.with_suffix(".txt").write_text("".join(f"{p.category}\t{p.text}\n" for p in prompts))
-        scored = score_images([(im, p.spec) for im, p in zip(images, prompts)])
+        scored = score_images([(im, p.spec) for im, p in zip(images, prompts, strict=False)])
         return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
 
 

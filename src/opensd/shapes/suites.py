@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from PIL import Image
 
@@ -235,7 +235,7 @@ def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
     lines = []
 
     def row(name: str, prompts, images) -> None:
-        r = score_images([(im, p.spec) for im, p in zip(images, prompts)])
+        r = score_images([(im, p.spec) for im, p in zip(images, prompts, strict=False)])
         accs = "  ".join(f"{c} {a:.3f}" for c, a in r["accuracy"].items())
         lines.append(f"{name:30s} overall {r['overall']:.3f}  {accs}")
 

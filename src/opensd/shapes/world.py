@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 from PIL import Image
@@ -357,7 +357,7 @@ def _place_free(
             lo, hi = BORDER + r, 1 - BORDER - r
             for _ in range(tries):
                 x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
-                if all(max(abs(x - px), abs(y - py)) - r - pr >= MIN_GAP for (px, py), pr in zip(pts, radii)):
+                if all(max(abs(x - px), abs(y - py)) - r - pr >= MIN_GAP for (px, py), pr in zip(pts, radii, strict=False)):
                     pts.append((x, y))
                     break
             else:
@@ -382,14 +382,14 @@ def _place_grid(radii: list[float], rng: random.Random) -> list[tuple[float, flo
         used = sorted({c[axis] for c in cells})
         if len(used) == 1:
             return [(BORDER, 1 - BORDER)] * 2
-        big = [max(r for r, c in zip(radii, cells) if c[axis] == k) for k in (0, 1)]
+        big = [max(r for r, c in zip(radii, cells, strict=False) if c[axis] == k) for k in (0, 1)]
         slack = 1 - 2 * BORDER - 2 * big[0] - 2 * big[1] - MIN_GAP
         cut = BORDER + 2 * big[0] + rng.uniform(0, max(slack, 0))
         return [(BORDER, cut), (cut + MIN_GAP, 1 - BORDER)]
 
     xs, ys = splits(1), splits(0)
     out = []
-    for r, (row, col) in zip(radii, cells):
+    for r, (row, col) in zip(radii, cells, strict=False):
         (x_lo, x_hi), (y_lo, y_hi) = xs[col], ys[row]
         out.append((rng.uniform(x_lo + r, max(x_hi - r, x_lo + r)), rng.uniform(y_lo + r, max(y_hi - r, y_lo + r))))
     return out
@@ -446,7 +446,7 @@ def realize(
         pts = (None if crowded else _place_free(radii, rng)) or _place_grid(radii, rng)
     objects = tuple(
         SceneObject(shape, color, size, round(x, 6), round(y, 6), r)
-        for (shape, color, size), (x, y), r in zip(attrs, pts, radii)
+        for (shape, color, size), (x, y), r in zip(attrs, pts, radii, strict=False)
     )
     return Scene(objects, spec.background or DEFAULT_BACKGROUND, image_size)
 

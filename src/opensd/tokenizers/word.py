@@ -223,7 +223,7 @@ class WordTokenizer:
         spelled = self.spell_numbers(text)
         enc = self._backend.encode(spelled, add_special_tokens=False)
         spans: list[list[int]] = []
-        for token_id, (a, b) in zip(enc.ids, enc.offsets):
+        for token_id, (a, b) in zip(enc.ids, enc.offsets, strict=False):
             if token_id != self.unk_id:
                 continue
             if spans and spans[-1][1] == a:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -134,9 +135,9 @@ def restore_training_state(state: dict[str, Any], path: Path, stage: Stage, ctx:
     for k, m in modules.items():
         load_held_state(m, ctx.trainable[k], state["modules"][k], f"{k} module", path)
     for k, opt in optimizers.items():
-        store.restore(f"{k} optimiser", path, lambda: opt.load_state_dict(state["optimizers"][k]))
+        store.restore(f"{k} optimiser", path, lambda opt=opt, k=k: opt.load_state_dict(state["optimizers"][k]))
     for k, ema in emas.items():
-        store.restore(f"{k} EMA", path, lambda: ema.load_state_dict(state["ema"][k]))
+        store.restore(f"{k} EMA", path, lambda ema=ema, k=k: ema.load_state_dict(state["ema"][k]))
     rngs = state["rng"]
     if ctx.rank < len(rngs):
         store.restore("RNG states", path, lambda: set_rng_state(rngs[ctx.rank], ctx.device))

@@ -26,9 +26,10 @@ import copy
 import enum
 import math
 import tomllib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from opensd.config import ConfigError, from_dict, to_dict
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MIN_STEPS = 5
 MIN_SECONDS = 3.0

@@ -15,8 +15,9 @@ keep state between calls (the shapes judges render their validation scenes once)
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from PIL import Image

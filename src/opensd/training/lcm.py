@@ -39,9 +39,10 @@ from __future__ import annotations
 import copy
 import enum
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -205,7 +206,7 @@ class LCDLoss(nn.Module):
     @torch.no_grad()
     def update_target(self, decay: float) -> None:
         """``target <- decay * target + (1 - decay) * student`` (``decay`` 0: a copy)."""
-        for p_t, p in zip(self.target.parameters(), self.network.parameters()):
+        for p_t, p in zip(self.target.parameters(), self.network.parameters(), strict=False):
             if decay == 0:
                 p_t.copy_(p)
             else:

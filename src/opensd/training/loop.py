@@ -50,9 +50,10 @@ import os
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -330,7 +331,7 @@ class _Trainer:
             means = means.to(self.device)
             dist.all_reduce(means)
             means = means.cpu() / self.ctx.world
-        return {k: float(v) for k, v in zip(keys, means)}
+        return {k: float(v) for k, v in zip(keys, means, strict=False)}
 
     def _evaluate(self, step: int) -> dict[str, float]:
         if not self.ctx.is_main:

@@ -36,7 +36,7 @@ import enum
 import json
 import math
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -92,7 +92,7 @@ class Shared(dict):
     """A dict that copies as itself: the base model's layers a network refers to stay shared
     when the network is deep-copied (an EMA copy holds new factors on the same base)."""
 
-    def __deepcopy__(self, memo: dict) -> "Shared":
+    def __deepcopy__(self, memo: dict) -> Shared:
         return self
 
 

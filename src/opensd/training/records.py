@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -88,11 +89,11 @@ def plot_log(log_path: Path, png_path: Path) -> Path | None:
     panels += [("evaluation (fractions)", evals, fractions, "o-")] if fractions else []
     panels += [("evaluation", evals, others, "o-")] if others else []
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (title, rows, keys, style) in zip(axes[0], panels):
+    for ax, (title, rows, keys, style) in zip(axes[0], panels, strict=False):
         for k in keys:
             pts = series(rows, k)
             if pts:
-                ax.plot(*zip(*pts), style, label=k, markersize=3)
+                ax.plot(*zip(*pts, strict=False), style, label=k, markersize=3)
         if title == "training loss" and all(v > 0 for k in keys for _, v in series(rows, k)):
             ax.set_yscale("log")
         ax.set_xlabel("step")

@@ -25,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist

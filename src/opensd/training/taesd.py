@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import copy
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn

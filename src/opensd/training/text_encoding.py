@@ -17,7 +17,8 @@ for the ids it sees (textual inversion puts its vectors there); None: the lookup
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

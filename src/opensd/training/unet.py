@@ -49,9 +49,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator, Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn

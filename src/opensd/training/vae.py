@@ -30,9 +30,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +167,7 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     try:
         yield module
     finally:
-        for p, f in zip(module.parameters(), flags):
+        for p, f in zip(module.parameters(), flags, strict=False):
             p.requires_grad_(f)
 
 

@@ -33,7 +33,13 @@ from opensd.pipelines.request import SEED_RANGE, GenerationRequest, RequestError
 from opensd.prompts.budget import check_prompt
 
 if TYPE_CHECKING:  # the pipeline subclasses these steps
+    from opensd.diffusion import DiscreteSchedule
+    from opensd.models.stable_diffusion import SDConfig, StableDiffusion
+    from opensd.models.taesd import TinyAutoencoder
+    from opensd.pipelines.conditioning import Conditioner
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
+    from opensd.prompts.budget import PromptBudget
+    from opensd.tokenizers import Tokenizer
 
 
 @dataclass
@@ -51,6 +57,27 @@ class _Start:
 class PipelineSteps:
     """The steps of one generation; :class:`StableDiffusionPipeline` holds the model and these
     attributes, set in its ``__init__``."""
+
+    # what StableDiffusionPipeline.__init__ sets
+    model: StableDiffusion
+    cfg: SDConfig
+    tokenizer: Tokenizer
+    schedule: DiscreteSchedule
+    conditioner: Conditioner
+    prompt_budget: PromptBudget | None
+    tiny_vae: TinyAutoencoder | None
+    _unet: ModelFn
+
+    def encode_pixels(
+        self, pixels: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None
+    ) -> DiagonalGaussian:
+        raise NotImplementedError  # StableDiffusionPipeline.encode_pixels
+
+    def decode_latents(
+        self, latents: torch.Tensor, tiled_vae: bool | None = None, *, should_stop: StopCheck | None = None,
+        decoder: Decoder | str = Decoder.FULL,
+    ) -> torch.Tensor:
+        raise NotImplementedError  # StableDiffusionPipeline.decode_latents
 
     def _check(self, req: GenerationRequest, init_image: Image.Image | None, mask: InpaintMask | Image.Image | None):
         """Validate ``req`` for this model before any work; the mask as an :class:`InpaintMask`."""

@@ -190,8 +190,19 @@ class Stage:
         from opensd.training.sources import resolve_evaluator
 
         self.cfg = cfg
-        self.ctx: RunContext | None = None
+        self._ctx: RunContext | None = None
         self.evaluator = resolve_evaluator(evaluator, self.name, cfg)
+
+    @property
+    def ctx(self) -> RunContext:
+        """The run this stage is built in: ``build(ctx)`` sets it (the trainer passes it)."""
+        if self._ctx is None:
+            raise RuntimeError(f"stage {self.name!r} has no run context: build(ctx) sets it")
+        return self._ctx
+
+    @ctx.setter
+    def ctx(self, ctx: RunContext) -> None:
+        self._ctx = ctx
 
     def build(self, ctx: RunContext) -> dict[str, nn.Module]:
         raise NotImplementedError

@@ -35,7 +35,8 @@ def sample_dpmpp_2m(
     start and finish, then a second-order multistep correction from the previous x0.
     diffusers DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint)."""
     s, extra = _prepare(x, sigmas), extra_args or {}
-    old, h_last = None, None  # x0 and step size of the last step of non-zero length
+    old: torch.Tensor | None = None  # x0 of the last step of non-zero length
+    h_last: float | None = None  # its step size (None before the first step between non-zero sigmas)
     for i in range(len(s) - 1):
         denoised = _denoise(denoiser, x, s[i], extra)
         _report(callback, i, x, s[i], denoised)
@@ -45,7 +46,7 @@ def sample_dpmpp_2m(
             x = denoised
         else:
             h = math.log(s[i] / s[i + 1])
-            if old is None:
+            if old is None or h_last is None:
                 dd = denoised
             else:
                 r = h_last / h

@@ -235,7 +235,7 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     (Karras et al. 2022, eq. 5). float64, without the final 0."""
     ramp = np.linspace(0, 1, n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+    return np.asarray((hi + ramp * (lo - hi)) ** rho)  # (n,) float64
 
 
 def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
@@ -259,7 +259,7 @@ def initial_noise_scale(sigma_max: float) -> float:
     ``x = x0 + sigma eps`` for unit-variance latents (a VP ``x_T ~ N(0, 1)``), where diffusers'
     schedulers start with SD's ``leading`` spacing. k-diffusion starts at ``sigma`` instead,
     0.2% lower at SD's sigma_max of 14.6."""
-    return (float(sigma_max) ** 2 + 1.0) ** 0.5
+    return float((float(sigma_max) ** 2 + 1.0) ** 0.5)
 
 
 def to_vp(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ SPANDREL_SPEC ?= spandrel==0.4.2
 DEMO_PROMPT ?= a red circle above a blue square
 DEMO_OUT ?= out/demo.png
 
-.PHONY: demo install install-runtime test test-slow bench clean
+.PHONY: demo install install-runtime lint test test-slow bench clean
 
 # An image from a prompt with the default model (models/opensd-shapes), offline.
 demo: install-runtime
@@ -41,7 +41,12 @@ $(VENV)/.installed: $(VENV)/.runtime
 
 install: $(VENV)/.installed
 
-test: install
+# ruff and mypy first (their settings are in pyproject.toml), then the tests.
+lint: install
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/mypy
+
+test: lint
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q
 
 test-slow: install

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,7 @@ def test_denoising_path_forward_noising_and_files(word_pipe, tmp_path: Path) -> 
 
     noise = forward_noising(word_pipe, path.image, steps=4, seed=0)
     assert len(noise.images) == 5 and noise.sigmas[0] == 0.0
-    assert all(a < b for a, b in zip(noise.sigmas, noise.sigmas[1:], strict=True))
+    assert all(a < b for a, b in itertools.pairwise(noise.sigmas))
     assert noise.latents.shape == (5, 4, SIZE // 2, SIZE // 2)
     # the clean frame is the image's posterior mean; the noisiest is mostly noise
     vae = word_pipe.model.vae
@@ -249,7 +250,7 @@ def test_interpolate_without_a_target_walks_to_the_next_seed(word_pipe, tmp_path
     assert res.exit_code == 0, res.output
     assert "seed walk" in res.output and "from seed 4 to 5" in res.output
     frames = _frame_pixels(tmp_path / "walk", 3)
-    assert all(np.abs(a - b).max() > 0 for a, b in zip(frames, frames[1:], strict=True))  # every frame differs from the last
+    assert all(np.abs(a - b).max() > 0 for a, b in itertools.pairwise(frames))  # every frame differs from the last
     # the library means the same: no end is the walk from seed to seed + 1
     kw = dict(steps=1, sampler="euler")
     walk = interpolate(word_pipe, "a red circle", seed=4, frames=3, **kw)

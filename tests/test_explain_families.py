@@ -70,7 +70,7 @@ class UNetCalls:
         return self
 
     def _record(self, module, args, kwargs) -> None:
-        named = {**dict(zip(("x", "t", "context", "y"), args, strict=True)), **kwargs}  # forward(x, t, context, y=None)
+        named = {**dict(zip(("x", "t", "context", "y"), args, strict=False)), **kwargs}  # forward(x, t, context, y=None)
         self.calls.append({k: v.clone() for k, v in named.items() if v is not None})
 
     def __exit__(self, *exc) -> None:

@@ -21,7 +21,8 @@ import json
 import sys
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 PROMPT, NEGATIVE = "a red circle above a blue square", "a green triangle"
 

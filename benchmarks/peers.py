@@ -41,9 +41,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import peer_weights
 from harness import cpu_flags, cpu_model
@@ -189,8 +190,8 @@ def peer_python(python: str | None, engine: str) -> tuple[str | None, str]:
 
 
 def dist_versions(python: str, names: tuple[str, ...]) -> dict[str, str | None]:
-    code = ("import json, importlib.metadata as m\nout = {}\nfor n in %r:\n    try: out[n] = m.version(n)\n"
-            "    except m.PackageNotFoundError: out[n] = None\nprint(json.dumps(out))" % (names,))
+    code = (f"import json, importlib.metadata as m\nout = {{}}\nfor n in {names!r}:\n    try: out[n] = m.version(n)\n"
+            "    except m.PackageNotFoundError: out[n] = None\nprint(json.dumps(out))")
     probe = subprocess.run([python, "-c", code], capture_output=True, text=True)
     return json.loads(probe.stdout) if probe.returncode == 0 else {}
 
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         size = 32 if name == "tiny" else (args.size or 256)
         done = list(report["results"])
 
-        def save(result: dict[str, Any]) -> None:
+        def save(result: dict[str, Any], done: list[Any] = done) -> None:
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps({**report, "results": [*done, result], "load_now": uptime()}, indent=2))

@@ -229,11 +229,11 @@ def taesd(
 @app.command("segment")
 @fail_cleanly
 def segment(
-    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
-    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
-    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, evaluator: Optional[str] = EVALUATOR,
+    config: Path | None = CONFIG, set_: list[str] | None = SET, out: Path | None = OUT,
+    steps: int | None = STEPS, batch_size: int | None = BATCH, lr: float | None = LR,
+    seed: int | None = SEED, data: str | None = DATA, image_size: int | None = SIZE,
+    data_seed: int | None = DATA_SEED, device: str | None = DEVICE, bf16: bool | None = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, evaluator: str | None = EVALUATOR,
 ) -> None:
     """Train a U-Net as a semantic segmenter (the shapes world's masks); writes OUT/segmenter.safetensors."""
     from opensd.training.segment import SegmentStage, SegmentStageConfig

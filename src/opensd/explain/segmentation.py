@@ -76,7 +76,7 @@ class SegmentationView:
         found = {a.shape: a for a in self.agreements}
         top = [with_label(base, "image")]
         top += [with_label(heatmap_overlay(base, p, normalize=False), f"segmenter: {name}")
-                for name, p in zip(self.shapes, self.probabilities[1:])]
+                for name, p in zip(self.shapes, self.probabilities[1:], strict=True)]
         ids = self.probabilities.argmax(dim=0).numpy() % len(CLASS_COLOURS)  # (H, W)
         classes = upscale(Image.fromarray(CLASS_COLOURS[ids]), panel).resize(base.size, Image.Resampling.NEAREST)
         bottom = [with_label(classes, "segmenter's classes")]

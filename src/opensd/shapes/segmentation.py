@@ -20,7 +20,7 @@ label maps (:mod:`opensd.eval.segmentation`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ HELD_OUT_SEED = 7_654_321  # the judge's scenes: a seed no training config of th
 
 def label_map(scene: Scene, size: int | None = None) -> np.ndarray:
     """(size, size) uint8 class ids of ``scene`` (0 background, 1 + the index of the shape in SHAPES)."""
-    out = None
-    for obj, m in zip(scene.objects, masks(scene, size)):
+    out: np.ndarray | None = None
+    for obj, m in zip(scene.objects, masks(scene, size), strict=True):
         out = np.zeros(m.shape, np.uint8) if out is None else out
         out[m] = 1 + SHAPES.index(obj.shape)
     if out is None:  # an empty scene
@@ -60,7 +60,7 @@ def held_out_scenes(n: int, image_size: int, seed: int = HELD_OUT_SEED) -> list:
 def iou_metrics(confusion: torch.Tensor, prefix: str = "") -> dict[str, float]:
     """``iou_<class>``, ``miou`` (shape classes), ``miou_all`` and ``pixel_acc`` of a confusion matrix."""
     iou = per_class_iou(confusion)
-    out = {f"{prefix}iou_{name}": float(v) for name, v in zip(CLASSES, iou)}
+    out = {f"{prefix}iou_{name}": float(v) for name, v in zip(CLASSES, iou, strict=True)}
     out[f"{prefix}miou"] = mean_iou(confusion, range(1, len(CLASSES)))
     out[f"{prefix}miou_all"] = mean_iou(confusion)
     out[f"{prefix}pixel_acc"] = pixel_accuracy(confusion)

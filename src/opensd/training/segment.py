@@ -24,9 +24,10 @@ per-class IoU on ``eval_scenes`` held-out scenes
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -106,7 +107,9 @@ class SegmentStage(Stage):
         ctx = self.ctx
         idx = batch_indices(ctx.cfg.seed, step, ctx.rank, ctx.world, ctx.local_batch, self.source.pool)
         b = load_batch(self.source, idx)
-        return b.images, self.source.label_maps(b)
+        source = self.source
+        assert isinstance(source, SegmentedSource)  # checked in build
+        return b.images, source.label_maps(b)
 
     def updates(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> Iterator[Update]:
         ctx = self.ctx
@@ -124,8 +127,14 @@ class SegmentStage(Stage):
                for i in range(0, len(images), EVAL_BATCH)]
         return torch.cat(out)
 
+    def averaged_segmenter(self) -> Segmenter:
+        """The segmenter with the averaged (EMA) weights where the run keeps them."""
+        loss = self.ctx.averaged("segment")
+        assert isinstance(loss, SegmentLoss)
+        return loss.segmenter
+
     def evaluate(self, step: int) -> dict[str, float]:
-        segmenter = self.ctx.averaged("segment").segmenter.eval()
+        segmenter = self.averaged_segmenter().eval()
         images, labels = self.batch(0)
         n = min(self.cfg.grid_images, len(images))
         pred = self.probabilities(segmenter, images[:n]).argmax(dim=1)
@@ -138,7 +147,7 @@ class SegmentStage(Stage):
     def export(self) -> Path:
         from opensd.checkpoints.segmenter import save_segmenter
 
-        segmenter = self.ctx.averaged("segment").segmenter.eval().cpu()
+        segmenter = self.averaged_segmenter().eval().cpu()
         dtype = torch.float16 if self.cfg.export_half else None
         return save_segmenter(segmenter, self.classes, self.ctx.run_dir / EXPORT_NAME, dtype=dtype)
 

@@ -2,7 +2,8 @@
 
 ``--suite concept:NAME`` scores a concept's own prompts (:mod:`opensd.shapes.concept`);
 ``--lora PATH[:W]`` or ``PATH:TE:UNET`` (repeatable, as ``opensd generate`` reads it) scores
-the model with LoRA files applied, as the pipeline's ``networks``, to every image.
+the model with LoRA files applied, as the pipeline's ``networks``, to every image;
+``--few-step`` with the model folder's LCM-LoRA at its settings (:mod:`opensd.cli.few_step`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import typer
 
 from opensd.cli.common import DEVICE, PRECISION, THREADS, PrecisionChoice, fail_cleanly, load_pipeline, use_threads
+from opensd.cli.few_step import FEW_STEP, apply_few_step
 from opensd.errors import OpenSDError
 
 
@@ -19,9 +21,11 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     @fail_cleanly
     def eval_command(
+        ctx: typer.Context,
         model: Path | None = typer.Option(None, "--model", "-m", help="Model to evaluate; default: the bundled model."),
         suite: str = typer.Option("benchmark", help="benchmark, validation (for checkpoint selection), holdout or concept:NAME (e.g. concept:purple-triangle)."),
         lora: list[str] | None = typer.Option(None, "--lora", help="PATH[:W] or PATH:TE:UNET: a LoRA file at these multipliers (default 1); repeatable."),
+        few_step: bool = FEW_STEP,
         steps: int = typer.Option(20, help="Sampling steps."),
         sampler: str = typer.Option("dpmpp_2m", help="Sampler id or A1111 name."),
         cfg_scale: float = typer.Option(7.5, "--cfg-scale", help="Classifier-free guidance scale."),
@@ -49,6 +53,10 @@ def register(app: typer.Typer) -> None:
             suite_enum = Suite(kind)
         except ValueError:
             raise OpenSDError(f"unknown suite {suite!r}; choose one of benchmark, validation, holdout, concept:NAME") from None
+        if few_step:  # the model's LCM-LoRA, and its steps, sampler and CFG where not given
+            knobs = {"steps": steps, "sampler": sampler, "cfg_scale": cfg_scale}
+            lora = apply_few_step(ctx, knobs, model, lora)
+            steps, sampler, cfg_scale = knobs["steps"], knobs["sampler"], knobs["cfg_scale"]
         library = LoraLibrary(None)
         uses = [lora_use(spec, library) for spec in lora or []]  # every file read before the model loads
         cfg = EvalConfig(suite=suite_enum, concept=concept, steps=steps, sampler=sampler, cfg_scale=cfg_scale,

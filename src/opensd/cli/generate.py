@@ -22,6 +22,7 @@ from opensd.cli.common import (
     load_pipeline,
     use_threads,
 )
+from opensd.cli.few_step import FEW_STEP, apply_few_step
 from opensd.errors import OpenSDError
 
 DEFAULT_OUT_DIR = Path("outputs")
@@ -358,6 +359,7 @@ def register(app: typer.Typer) -> None:
         device: str | None = DEVICE, threads: int | None = THREADS, prediction: PredictionChoice = PREDICTION,
         embeddings_dir: Path | None = EMBEDDINGS_DIR, refiner: Path | None = REFINER, refiner_switch_at: float | None = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: str | None = ORIGINAL_SIZE, turbo: bool = TURBO,
+        few_step: bool = FEW_STEP,
         lora: list[str] | None = LORA, lora_dir: Path | None = LORA_DIR, precision: PrecisionChoice = PRECISION,
         controlnet: list[str] | None = cn.CONTROLNET, control_image: list[Path] | None = cn.CONTROL_IMAGE,
         control_preprocessor: list[str] | None = cn.CONTROL_PREPROCESSOR, control_start: list[float] | None = cn.CONTROL_START,
@@ -373,6 +375,8 @@ def register(app: typer.Typer) -> None:
 
         args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
                 "decoder": decoder}
+        if few_step:
+            lora = apply_few_step(ctx, args, model, lora, turbo)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size)
         hires = hires_cli.hires_spec(hires_scale, hires_upscaler, hires_steps, hires_denoise, hires_width, hires_height,
                                      upscaler_dir, resolve_device(device), defaults={"upscaler": "Latent", "steps": 0, "denoise": 0.7})
@@ -399,6 +403,7 @@ def register(app: typer.Typer) -> None:
         device: str | None = DEVICE, threads: int | None = THREADS, embeddings_dir: Path | None = EMBEDDINGS_DIR,
         refiner: Path | None = REFINER, refiner_switch_at: float | None = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: str | None = ORIGINAL_SIZE, turbo: bool = TURBO,
+        few_step: bool = FEW_STEP,
         lora: list[str] | None = LORA, lora_dir: Path | None = LORA_DIR, precision: PrecisionChoice = PRECISION,
         controlnet: list[str] | None = cn.CONTROLNET, control_image: list[Path] | None = cn.CONTROL_IMAGE,
         control_preprocessor: list[str] | None = cn.CONTROL_PREPROCESSOR, control_start: list[float] | None = cn.CONTROL_START,
@@ -408,6 +413,8 @@ def register(app: typer.Typer) -> None:
         """Image to image: modify IMAGE toward PROMPT."""
         args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
                 "decoder": decoder}
+        if few_step:
+            lora = apply_few_step(ctx, args, model, lora, turbo)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args},
              {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "tiny_vae": tiny_vae,
@@ -445,6 +452,7 @@ def register(app: typer.Typer) -> None:
         device: str | None = DEVICE, threads: int | None = THREADS, embeddings_dir: Path | None = EMBEDDINGS_DIR,
         refiner: Path | None = REFINER, refiner_switch_at: float | None = SWITCH_AT, aesthetic_score: float = AESTHETIC,
         negative_aesthetic_score: float = NEG_AESTHETIC, original_size: str | None = ORIGINAL_SIZE, turbo: bool = TURBO,
+        few_step: bool = FEW_STEP,
         lora: list[str] | None = LORA, lora_dir: Path | None = LORA_DIR, precision: PrecisionChoice = PRECISION,
         controlnet: list[str] | None = cn.CONTROLNET, control_image: list[Path] | None = cn.CONTROL_IMAGE,
         control_preprocessor: list[str] | None = cn.CONTROL_PREPROCESSOR, control_start: list[float] | None = cn.CONTROL_START,
@@ -454,6 +462,8 @@ def register(app: typer.Typer) -> None:
         """Inpainting: repaint the masked part of IMAGE following PROMPT."""
         args = {**_common(steps, sampler, karras, cfg_scale, width, height, seed, batch_size, clip_skip, negative_prompt, tiled_vae),
                 "decoder": decoder}
+        if few_step:
+            lora = apply_few_step(ctx, args, model, lora, turbo)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         inpainting = _inpaint_options(mask_blur, masked_content, only_masked, only_masked_padding)
         _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args},

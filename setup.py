@@ -2,7 +2,7 @@
 
 ``models/opensd-shapes`` sits at the repository root, outside the package, so a plain
 wheel would lack it and an installed opensd would find no default model. This copies
-the files a model needs (config, weights, tokenizer, model card, tiny decoder, segmenter) into
+the files a model needs (config, weights, tokenizer, model card, tiny decoder, segmenter, LCM-LoRA) into
 ``opensd/default_models/opensd-shapes`` of the build, where
 :func:`opensd.defaults.default_model_path` looks first. Editable installs skip the copy:
 they find the repository's ``models/`` folder itself.
@@ -17,7 +17,8 @@ from setuptools.command.build_py import build_py
 MODEL = Path("models") / "opensd-shapes"
 MODEL_FILES = ["config.json", "model.safetensors", "README.md", "tokenizer",
                "taesd_decoder.safetensors",  # its tiny decoder (opensd train taesd)
-               "segmenter.safetensors"]  # its segmenter, for opensd explain (opensd train segment)
+               "segmenter.safetensors",  # its segmenter, for opensd explain (opensd train segment)
+               "lcm_lora.safetensors"]  # its LCM-LoRA (opensd train lcm; --few-step)
 
 
 class BuildPyWithModel(build_py):

@@ -12,6 +12,9 @@ Cases (``--cases``, comma separated; default: all):
 - ``default_txt2img``  the default model (``opensd.defaults.default_model_path()``, else a
   random model of the ``small`` presets), txt2img, 20 DPM++ 2M steps, CFG 7.5, batch 1 and 8,
   ``opensd.load`` against ``diffusers.StableDiffusionPipeline.from_pretrained`` on one folder.
+- ``few_step_txt2img``  the whole 4-step LCM generation of the default model with its LCM-LoRA
+  (``--few-step``) against diffusers' 20-step DPM++ 2M one (CFG 5) on the same weights, batch 1
+  and 8 (``cases_few_step.py``; the issue's target: <= 0.15).
 - ``sd15_unet``  one guided U-Net step of the SD 1.5 architecture at 512x512: latents
   (2, 4, 64, 64), context (2, 77, 768); also its FLOPs (FlopCounterMode) and the
   achieved share of this machine's matmul peak.
@@ -55,16 +58,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cases_few_step import case_few_step_txt2img
 from cases_sd15 import case_sd15_text, case_sd15_unet, case_sd15_vae
 from cases_train import case_train_unet, case_train_vae
 from families import FAMILY_CASES, FAMILY_FUNCS, family_notes
 from harness import Row, Settings, interleave, machine, silence_reference_logs, versions
 
-CASES = ("default_txt2img", "sd15_unet", "sd15_vae", "sd15_text", *FAMILY_CASES, "train_unet", "train_vae", "memory")
+CASES = ("default_txt2img", "few_step_txt2img", "sd15_unet", "sd15_vae", "sd15_text", *FAMILY_CASES, "train_unet", "train_vae", "memory")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --dtype auto: opensd in its default precision (opensd.precision, decided for each model) against
 # diffusers' default, fp32; only these cases take it
-AUTO_CASES = ("default_txt2img", "sd15_unet", "sd15_vae", "sd15_text")
+AUTO_CASES = ("default_txt2img", "few_step_txt2img", "sd15_unet", "sd15_vae", "sd15_text")
 PROMPT = "a red circle above a blue square"
 NEGATIVE = "a green triangle"
 # Captions the fallback model's word tokenizer learns its vocabulary from.
@@ -390,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.functional.conv2d(x, torch.randn(8, 8, 3, 3, device=s.device, dtype=s.dtype)) @ x.new_ones(14, 14)
         s.sync()
     rows: list[Row] = []
-    funcs = {"default_txt2img": case_default_txt2img, "sd15_unet": case_sd15_unet, "sd15_vae": case_sd15_vae,
+    funcs = {"default_txt2img": case_default_txt2img, "few_step_txt2img": case_few_step_txt2img, "sd15_unet": case_sd15_unet, "sd15_vae": case_sd15_vae,
              "sd15_text": case_sd15_text, "train_unet": case_train_unet, "train_vae": case_train_vae, **FAMILY_FUNCS}
     for name in [c for c in CASES if c in args.cases.split(",")]:
         if args.budget is not None and time.perf_counter() - start > args.budget:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_word_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,8 +25,6 @@ from opensd.cli.main import app
 from opensd.pipelines.few_step import FEW_STEP, LCM_LORA_FILE, FewStepError, few_step_kwargs, few_step_lora, few_step_settings
 from opensd.pipelines.infotext import parse_infotext, read_png_parameters
 from opensd.training.lora_network import LoRANetwork, LoRATargets
-
-from helpers import tiny_word_bundle
 
 runner = CliRunner()
 

@@ -68,10 +68,11 @@ def info(
 
 
 def _mount_subapps() -> None:
-    from opensd.cli import data, eval, explain, generate, hires, serve, train
+    from opensd.cli import data, eval, explain, generate, hires, layout, serve, train
 
     generate.register(app)
     hires.register(app)
+    layout.register(app)
     explain.register(app)
     serve.register(app)
     train.register(app)

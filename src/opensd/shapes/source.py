@@ -5,13 +5,15 @@ rendered items are kept in memory as 8-bit and :meth:`ShapesSource.prefill` rend
 front in worker processes. Each :class:`~opensd.training.data.Example` carries the caption's
 spec and the exact scene, which the source uses to offer what only this world can: hard
 negative captions (:class:`~opensd.training.data.HardNegativeSource`), grounding targets
-(:class:`~opensd.training.data.GroundedSource`) and per-pixel shape classes
-(:class:`~opensd.training.data.SegmentedSource`).
+(:class:`~opensd.training.data.GroundedSource`), per-pixel shape classes
+(:class:`~opensd.training.data.SegmentedSource`) and layout maps for a ControlNet
+(:class:`~opensd.training.data.ControlMapSource`, :mod:`opensd.shapes.layout`).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 from opensd.pipelines.images import from_uint8
 from opensd.shapes.dataset import ShapesDataset
 from opensd.shapes.grounding import grounding_targets
+from opensd.shapes.layout import scene_layout
 from opensd.shapes.negatives import hard_negative_captions
 from opensd.shapes.segmentation import CLASSES, label_maps
 from opensd.shapes.world import DEFAULT_HOLDOUT, PromptSpec, Scene
@@ -93,6 +96,13 @@ class ShapesSource:
     def label_maps(self, batch: Batch) -> torch.Tensor:
         """(B, H, W) int64 shape class of each pixel of ``batch``'s scenes (:func:`opensd.shapes.segmentation.label_map`)."""
         return label_maps(batch.scenes, self.dataset.image_size)
+
+    def control_maps(self, examples: Sequence[Example], size: int) -> torch.Tensor:
+        """Each example's layout map (N, 3, size, size) uint8: its scene's objects as boxes in
+        their colours on black (:func:`opensd.shapes.layout.scene_layout`)."""
+        maps = [np.asarray(scene_layout(e.scene, size)) for e in examples]
+        return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).contiguous()
+
 
 def _render_span(seed: int, image_size: int, holdout: bool, start: int, stop: int):
     """Worker of :meth:`ShapesSource.prefill`: items ``start .. stop-1`` as (uint8 array, captions, specs, scenes)."""

@@ -98,6 +98,16 @@ class GroundedSource(Protocol):
 
 
 @runtime_checkable
+class ControlMapSource(Protocol):
+    """A source that can draw each item's control map: the image a ControlNet is trained to
+    follow (the shapes world draws its layout maps, :mod:`opensd.shapes.layout`)."""
+
+    def control_maps(self, examples: Sequence[Example], size: int) -> torch.Tensor:
+        """The control map of each example (N, 3, size, size) uint8."""
+        ...
+
+
+@runtime_checkable
 class SegmentedSource(Protocol):
     """A source that knows each pixel's class (the segment stage's targets): ``segment_classes``
     names the classes, class id = position, background first."""

@@ -227,11 +227,13 @@ def load_controlnet(path: str | Path, model: SDConfig, dtype: torch.dtype = torc
     return LoadedControlNet(_load_file(path, model, dtype), path.stem, path, "original", short_hash(path))
 
 
-def save_controlnet(net: ControlNet, path: str | Path, *, prefix: bool = True) -> Path:
+def save_controlnet(net: ControlNet, path: str | Path, *, prefix: bool = True, dtype: torch.dtype | None = None,
+                    metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``net`` as an original single ``.safetensors`` file (keys under ``control_model.``
-    unless ``prefix`` is False, as some converted files have them)."""
-    state = net.state_dict()
-    write_safetensors(add_prefix(state, PREFIX) if prefix else state, path)
+    unless ``prefix`` is False, as some converted files have them), its floating-point
+    tensors in ``dtype`` (None: as they are), with the file's ``metadata`` strings."""
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in net.state_dict().items()}
+    write_safetensors(add_prefix(state, PREFIX) if prefix else state, path, metadata=dict(metadata or {}) or None)
     return Path(path)
 
 

@@ -2,7 +2,7 @@
 distil a tiny autoencoder from a model's VAE; ``opensd train lora`` and ``opensd train
 embedding``: fine-tune a frozen model of any family; ``opensd train lcm``: distil one into a
 few-step LCM-LoRA; ``opensd train segment``: a U-Net as a semantic segmenter (the network
-before the denoiser).
+before the denoiser); ``opensd train controlnet``: a ControlNet that steers a frozen SD 1.x/2.x model.
 
 Mounted by :mod:`opensd.cli.main` with :func:`register`; also runs on its own as
 ``python -m opensd.cli.train`` (so ``torchrun --nproc_per_node N -m opensd.cli.train
@@ -11,7 +11,7 @@ file (``--config``), ``--set key=value`` overrides, then the explicit options, i
 order of precedence (later wins), above a run preset (``--preset quick``: minutes on a
 CPU, see :mod:`opensd.training.presets`). After the first few steps the run prints how
 long it will take at the measured speed (:mod:`opensd.training.estimate`).
-``--evaluator MODULE:NAME`` gives the vae, clip, unet, taesd, lcm or segment stage a Python callable of its
+``--evaluator MODULE:NAME`` gives the vae, clip, unet, taesd, lcm, segment or controlnet stage a Python callable of its
 evaluator protocol (:mod:`opensd.training.evaluation`) in place of the data source's.
 """
 
@@ -304,6 +304,30 @@ def lcm(
                  "guidance_min": guidance, "guidance_max": guidance, "output_name": output_name})
     judge = load_evaluator(evaluator)
     _run(lambda c: LCMStage(c, evaluator=judge), build_config(LCMStageConfig, config, set_, opts), resume, None)
+
+
+@app.command("controlnet")
+@fail_cleanly
+def controlnet(
+    model: Optional[Path] = MODEL,
+    control_map: Optional[str] = typer.Option(None, "--control-map", help="image (default) | edges | flat: how the control "
+                                              "images are resized (flat: nearest only, for segmentation and layout maps)."),
+    output_name: Optional[str] = typer.Option(None, "--output-name", help="OUT/NAME.safetensors (default: OUT's name)."),
+    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
+    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
+    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
+    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, evaluator: Optional[str] = EVALUATOR,
+) -> None:
+    """Train a ControlNet for a frozen SD 1.x/2.x model on (image, control image, caption) triples (a folder:
+    NAME.png, NAME.control.png or control/NAME.png, NAME.txt; or --data shapes: layout maps); writes OUT/NAME.safetensors."""
+    from opensd.training.controlnet import ControlNetStage, ControlNetStageConfig
+
+    opts = _common(out, steps, batch_size, lr, seed, data, image_size, data_seed, device, bf16, quiet)
+    opts.update({"model": None if model is None else str(model), "control_map": control_map, "output_name": output_name})
+    judge = load_evaluator(evaluator)
+    _run(lambda c: ControlNetStage(c, evaluator=judge), build_config(ControlNetStageConfig, config, set_, opts), resume,
+         None)
 
 
 @app.command("embedding")

@@ -14,7 +14,7 @@ recursively).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,9 @@ def _from_metadata(root: Path, meta: Path) -> list[tuple[Path, str]]:
     return items
 
 
-def _from_txt(root: Path) -> list[tuple[Path, str]]:
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def _from_txt(root: Path, skip: Callable[[Path], bool] | None = None) -> list[tuple[Path, str]]:
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                    and not (skip is not None and skip(p)))
     if not images:
         raise ImageFolderError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no {METADATA}")
     items = []
@@ -117,6 +118,20 @@ def _from_txt(root: Path) -> list[tuple[Path, str]]:
     return items
 
 
+def list_imagefolder(folder: str | Path, skip: Callable[[Path], bool] | None = None) -> list[tuple[Path, str]]:
+    """``(image path, caption)`` of each image of an image-caption folder (see module doc),
+    checked as :func:`read_imagefolder` checks them. ``skip``: without ``metadata.jsonl``,
+    images that are not items (a ControlNet folder's control images) and need no caption."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ImageFolderError(f"{root} is not a folder" if root.exists() else f"{root} does not exist")
+    meta = root / METADATA
+    items = _from_metadata(root, meta) if meta.is_file() else _from_txt(root, skip)
+    if not items:
+        raise ImageFolderError(f"{meta} lists no images")
+    return items
+
+
 def read_imagefolder(folder: str | Path) -> Iterator[tuple[Image.Image, str]]:
     """Yield ``(RGB PIL image, caption)`` from an image-caption folder (see module doc).
 
@@ -124,13 +139,7 @@ def read_imagefolder(folder: str | Path) -> Iterator[tuple[Image.Image, str]]:
     a missing folder, no images, a malformed ``metadata.jsonl`` line (its number is
     named) or an image without a caption raise :class:`ImageFolderError`.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise ImageFolderError(f"{root} is not a folder" if root.exists() else f"{root} does not exist")
-    meta = root / METADATA
-    items = _from_metadata(root, meta) if meta.is_file() else _from_txt(root)
-    if not items:
-        raise ImageFolderError(f"{meta} lists no images")
+    items = list_imagefolder(folder)
 
     def gen() -> Iterator[tuple[Image.Image, str]]:
         for path, text in items:

@@ -34,7 +34,7 @@ def open_source(cfg: DataConfig) -> Source:
 def default_evaluator(stage: str, cfg: Any) -> Any | None:
     """The evaluator the data source of stage config ``cfg`` brings to stage ``stage`` (its
     ``name``): on the shapes world the judge of the ``vae``, ``taesd``, ``clip``, ``unet``,
-    ``lcm`` or ``segment`` stage (:func:`opensd.shapes.stage_eval.judge_for`; none when
+    ``lcm``, ``segment`` or ``controlnet`` stage (:func:`opensd.shapes.stage_eval.judge_for`; none when
     ``eval_per_category``, or the segment stage's ``eval_scenes``, is 0); on an image folder,
     and for other stages, None."""
     data = getattr(cfg, "data", None)

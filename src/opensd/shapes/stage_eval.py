@@ -18,7 +18,10 @@ scorer:
   (``per_category`` columns, the prompts in a ``.txt`` beside it) and the scores:
   ``overall`` and ``acc_<category>``;
 * :class:`~opensd.shapes.segmentation.SegmentationJudge` (segment): per-class IoU on held-out
-  scenes (``eval_scenes`` of them, not the validation suite; see :mod:`opensd.shapes.segmentation`).
+  scenes (``eval_scenes`` of them, not the validation suite; see :mod:`opensd.shapes.segmentation`);
+* :class:`opensd.shapes.control_eval.LayoutJudge` (ControlNet): the suite's prompts drawn
+  with their scenes' layout maps and without, ``layout_in_place`` (the share of objects
+  whose detected box lies in its control region) and ``free_in_place``.
 
 :func:`judge_for` is what :func:`opensd.training.sources.default_evaluator` gives a stage
 on the shapes world.
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from opensd.shapes.control_eval import LayoutJudge
 from opensd.shapes.scorer import score_images
 from opensd.shapes.segmentation import SegmentationJudge
 from opensd.shapes.suites import ground_truth_images, validation_suite
@@ -136,13 +140,13 @@ class GenerationJudge:
         return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
 
 
-Judge = RoundTripJudge | TinyRoundTripJudge | RetrievalJudge | GenerationJudge | SegmentationJudge
+Judge = RoundTripJudge | TinyRoundTripJudge | RetrievalJudge | GenerationJudge | SegmentationJudge | LayoutJudge
 
 
 def judge_for(stage: str, cfg: Any) -> Judge | None:
-    """The judge of stage ``stage`` (``vae``, ``taesd``, ``clip``, ``unet`` or ``lcm``) with its
-    config's ``eval_per_category``, or of ``segment`` with its ``eval_scenes`` (None when 0, or
-    for any other stage)."""
+    """The judge of stage ``stage`` (``vae``, ``taesd``, ``clip``, ``unet``, ``lcm`` or
+    ``controlnet``) with its config's ``eval_per_category``, or of ``segment`` with its
+    ``eval_scenes`` (None when 0, or for any other stage)."""
     if stage == "segment":
         n = getattr(cfg, "eval_scenes", 0)
         return SegmentationJudge(n, cfg.data.image_size) if n else None
@@ -157,4 +161,6 @@ def judge_for(stage: str, cfg: Any) -> Judge | None:
         return RetrievalJudge(per_category, cfg.data.image_size)
     if stage in ("unet", "lcm"):
         return GenerationJudge(per_category)
+    if stage == "controlnet":
+        return LayoutJudge(per_category, cfg.data.image_size)
     return None

@@ -24,8 +24,9 @@ layout map says nothing of what to draw).
 The data (:mod:`opensd.training.control_data`): an image folder with a control image per
 image, or the shapes world, whose control image is its layout map (:mod:`opensd.shapes.layout`).
 The export ``<out>/<output_name>.safetensors`` is an original ControlNet file
-(``control_model.*`` keys, float16 with ``export_half``) that ``opensd generate --controlnet``,
-A1111 and diffusers' conversion read; its metadata names the base model and the control map.
+(``control_model.*`` keys, float16 with ``export_half``) that ``opensd generate --controlnet``
+and :func:`opensd.checkpoints.controlnet.load_controlnet` read (and diffusers' single-file
+converter, for SD's four-width hint block); its metadata names the base model and the control map.
 """
 
 from __future__ import annotations

@@ -244,7 +244,8 @@ def test_exact_resume_after_sigkill_and_the_export(model, triples, tmp_path: Pat
     assert run(b) == 0
     ca = torch.load(a / "checkpoints/step_00000006.pt", weights_only=True)
     cb = torch.load(b / "checkpoints/step_00000006.pt", weights_only=True)
-    for key in ("modules", "optimizers", "emas", "rng", "data", "step"):
+    assert {"modules", "optimizers", "ema", "rng", "step"} <= set(ca)
+    for key in ("modules", "optimizers", "ema", "rng", "data", "step"):
         if key in ca:
             assert_states_equal(ca[key], cb[key], key)
     held = set(ca["modules"]["controlnet"])

@@ -41,7 +41,7 @@ def test_a_scenes_map_is_its_mask_boxes_in_their_colours_on_black() -> None:
     for size in (32, 64):
         arr = np.asarray(scene_layout(scene, size))
         painted = np.zeros((size, size), bool)
-        for obj, mask in zip(scene.objects, masks(scene, size)):
+        for obj, mask in zip(scene.objects, masks(scene, size), strict=True):
             ys, xs = np.nonzero(mask)
             box = arr[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
             assert (box == PALETTE[obj.color]).all()
@@ -101,7 +101,7 @@ def test_the_shapes_source_draws_each_items_map() -> None:
     items = [source[i] for i in range(3)]
     maps = source.control_maps(items, 32)
     assert maps.shape == (3, 3, 32, 32) and maps.dtype == torch.uint8
-    for e, m in zip(items, maps):
+    for e, m in zip(items, maps, strict=True):
         assert np.array_equal(m.permute(1, 2, 0).numpy(), np.asarray(scene_layout(e.scene, 32)))
 
 
@@ -141,7 +141,7 @@ def test_the_stage_judge_draws_with_and_without_control(tmp_path: Path) -> None:
         calls.append(sum(c is not None for c in controls))
         by_text = {c.prompt.text: c for c in judge.cases}
         return [render(by_text[p].scene) if c is not None else Image.new("RGB", (32, 32), "white")
-                for p, c in zip(prompts, controls)]
+                for p, c in zip(prompts, controls, strict=True)]
 
     first = judge(draw, tmp_path / "a.png")
     second = judge(draw, tmp_path / "b.png")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import randomize, tiny_family_model
 from PIL import Image
 from test_training import ENV, assert_states_equal, one_thread  # noqa: F401 (one_thread: autouse fixture)
 from typer.testing import CliRunner
@@ -37,8 +38,6 @@ from opensd.training.controlnet import ControlNetStage, ControlNetStageConfig, i
 from opensd.training.data import TrainingDataError
 from opensd.training.loop import list_checkpoints, run_stage
 from opensd.training.unet import DiffusionLoss
-
-from helpers import randomize, tiny_family_model
 
 SIZE = 16  # pixels; the tiny VAE halves it
 
@@ -275,7 +274,7 @@ def _residuals_match_diffusers(ours, theirs, cfg) -> None:
     with torch.no_grad():
         mine = ours(x, hint, t, ctx)
         down, mid = theirs(x, t, encoder_hidden_states=ctx, controlnet_cond=hint, return_dict=False)
-    for a, b in zip([*mine.skips, mine.middle], [*down, mid]):
+    for a, b in zip([*mine.skips, mine.middle], [*down, mid], strict=True):
         assert a.shape == b.shape and a.abs().max() > 1e-4
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

@@ -10,7 +10,6 @@ filled, on black (:func:`opensd.pipelines.layout.draw_layout`); give it to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
 
 import typer
 
@@ -21,7 +20,7 @@ def register(app: typer.Typer) -> None:
     @app.command("layout")
     @fail_cleanly
     def layout(
-        boxes: List[str] = typer.Argument(..., help="COLOR:x0,y0,x1,y1 per object (fractions of the side), e.g. "
+        boxes: list[str] = typer.Argument(..., help="COLOR:x0,y0,x1,y1 per object (fractions of the side), e.g. "
                                                     "red:0.1,0.1,0.45,0.45 blue:0.55,0.5,0.9,0.85."),
         size: int = typer.Option(32, "--size", help="The map's side in pixels (the image size you generate at)."),
         out: Path = typer.Option(..., "--out", "-o", help="The PNG to write."),

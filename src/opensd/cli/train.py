@@ -309,15 +309,15 @@ def lcm(
 @app.command("controlnet")
 @fail_cleanly
 def controlnet(
-    model: Optional[Path] = MODEL,
-    control_map: Optional[str] = typer.Option(None, "--control-map", help="image (default) | edges | flat: how the control "
+    model: Path | None = MODEL,
+    control_map: str | None = typer.Option(None, "--control-map", help="image (default) | edges | flat: how the control "
                                               "images are resized (flat: nearest only, for segmentation and layout maps)."),
-    output_name: Optional[str] = typer.Option(None, "--output-name", help="OUT/NAME.safetensors (default: OUT's name)."),
-    config: Optional[Path] = CONFIG, set_: Optional[List[str]] = SET, out: Optional[Path] = OUT,
-    steps: Optional[int] = STEPS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
-    seed: Optional[int] = SEED, data: Optional[str] = DATA, image_size: Optional[int] = SIZE,
-    data_seed: Optional[int] = DATA_SEED, device: Optional[str] = DEVICE, bf16: Optional[bool] = BF16,
-    resume: bool = RESUME, quiet: bool = QUIET, evaluator: Optional[str] = EVALUATOR,
+    output_name: str | None = typer.Option(None, "--output-name", help="OUT/NAME.safetensors (default: OUT's name)."),
+    config: Path | None = CONFIG, set_: list[str] | None = SET, out: Path | None = OUT,
+    steps: int | None = STEPS, batch_size: int | None = BATCH, lr: float | None = LR,
+    seed: int | None = SEED, data: str | None = DATA, image_size: int | None = SIZE,
+    data_seed: int | None = DATA_SEED, device: str | None = DEVICE, bf16: bool | None = BF16,
+    resume: bool = RESUME, quiet: bool = QUIET, evaluator: str | None = EVALUATOR,
 ) -> None:
     """Train a ControlNet for a frozen SD 1.x/2.x model on (image, control image, caption) triples (a folder:
     NAME.png, NAME.control.png or control/NAME.png, NAME.txt; or --data shapes: layout maps); writes OUT/NAME.safetensors."""

@@ -18,8 +18,8 @@ world's named ones, which the default model's layout ControlNet was trained on.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -37,11 +37,10 @@ class LayoutError(OpenSDError):
 
 
 def _rgb(color: object, what: str) -> tuple[int, int, int]:
-    ok = isinstance(color, (tuple, list)) and len(color) == 3 and all(
-        isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 255 for c in color)
-    if not ok:
-        raise LayoutError(f"{what} must be an RGB triple of integers 0..255, got {color!r}")
-    return (int(color[0]), int(color[1]), int(color[2]))
+    if isinstance(color, (tuple, list)) and len(color) == 3 and all(
+            isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 255 for c in color):
+        return (int(color[0]), int(color[1]), int(color[2]))
+    raise LayoutError(f"{what} must be an RGB triple of integers 0..255, got {color!r}")
 
 
 @dataclass(frozen=True)

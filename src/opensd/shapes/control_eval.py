@@ -28,9 +28,10 @@ ControlNet (``python -m opensd.shapes.control_eval``, benchmarks/control_layout.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -85,7 +86,7 @@ def objects_in_place(image: Image.Image, scene: Scene, tolerance: float = TOLERA
     slack = tolerance * side
     used: set[int] = set()
     out = []
-    for obj, region in zip(scene.objects, regions):
+    for obj, region in zip(scene.objects, regions, strict=True):
         allowed = {obj.shape} if shapes is None else set(shapes)
         found = [k for k, d in enumerate(dets) if k not in used and d.shape in allowed and d.color == obj.color
                  and _inside(d, region, slack)]
@@ -99,7 +100,7 @@ def objects_in_place(image: Image.Image, scene: Scene, tolerance: float = TOLERA
 def score_layout(images: Sequence[Image.Image], cases: Sequence[LayoutCase], tolerance: float = TOLERANCE) -> list[dict]:
     """One record per image: its category, objects in place (a list of booleans), the scorer's verdict."""
     rows = []
-    for image, case in zip(images, cases):
+    for image, case in zip(images, cases, strict=True):
         j = judge(image, case.prompt.spec)
         named = {o.shape for o in case.prompt.spec.objects}
         rows.append({"prompt": case.prompt.text, "category": case.prompt.category,
@@ -121,7 +122,7 @@ def layout_summary(rows: Sequence[dict]) -> dict[str, Any]:
                 "correct": sum(r["correct"] for r in rs) / max(1, len(rs)), "objects": len(flags), "prompts": len(rs)}
 
     by = {c: part([r for r in rows if r["category"] == c]) for c in CATEGORIES if any(r["category"] == c for r in rows)}
-    out = part(rows)
+    out: dict[str, Any] = part(rows)
     out["overall"] = sum(v["correct"] for v in by.values()) / max(1, len(by))
     out["by_category"] = by
     return out
@@ -173,8 +174,8 @@ def evaluate_layout(draw: Draw, *, per_category: int = 20, image_size: int = 32,
     return {"suite": suite, "per_category": per_category, "tolerance": tolerance, "scene_seed": SCENE_SEED,
             "control": layout_summary(rows_c), "free": layout_summary(rows_f), "ceiling": ceiling(cases, tolerance),
             "items": [{**c, "free_in_place": f["in_place"], "free_exact_in_place": f["exact_in_place"],
-                       "free_correct": f["correct"]} for c, f in zip(rows_c, rows_f)],
-            "images": [(c.control, a, b) for c, a, b in zip(cases, controlled, free)]}
+                       "free_correct": f["correct"]} for c, f in zip(rows_c, rows_f, strict=True)],
+            "images": [(c.control, a, b) for c, a, b in zip(cases, controlled, free, strict=True)]}
 
 
 # ----------------------------------------------------------------------------- the command
@@ -189,7 +190,7 @@ def pipeline_draw(pipe: Any, controlnet: Any, *, steps: int = 20, sampler: str =
 
     def draw(prompts: Sequence[str], controls: Sequence[Image.Image | None]) -> list[Image.Image]:
         out = []
-        for i, (text, control) in enumerate(zip(prompts, controls)):
+        for i, (text, control) in enumerate(zip(prompts, controls, strict=True)):
             units = None if control is None else [ControlUnit(controlnet, image=control, preprocessor="layout")]
             out.append(pipe.txt2img(text, seed=seed + i, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                                     width=size, height=size, control=units)[0])

@@ -33,7 +33,7 @@ def scene_boxes(scene: Scene, size: int | None = None) -> list[LayoutBox]:
     """One :class:`LayoutBox` per object of ``scene`` (in its order): its mask's bounding box
     at ``size`` pixels (default ``scene.image_size``), in its colour."""
     size = check_image_size(scene.image_size if size is None else size)
-    return [LayoutBox.from_mask(m, PALETTE[o.color]) for o, m in zip(scene.objects, masks(scene, size))]
+    return [LayoutBox.from_mask(m, PALETTE[o.color]) for o, m in zip(scene.objects, masks(scene, size), strict=True)]
 
 
 def scene_layout(scene: Scene, size: int | None = None) -> Image.Image:

@@ -34,9 +34,10 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -155,11 +156,21 @@ def init_controlnet(model: Any, widths: Sequence[int] = (), seed: int = 0) -> Co
     return net.to(next(model.unet.parameters()).device)
 
 
+def _controlnet_of(module: nn.Module) -> ControlNet:
+    """The ControlNet inside the stage's module (a :class:`ControlNetLoss`, or its EMA copy)."""
+    assert isinstance(module, ControlNetLoss)
+    return module.controlnet
+
+
 class ControlNetLoss(nn.Module):
     """The trainable module: ``forward(x0, cond, hint, t, noise) -> (B,)`` per-sample loss.
 
     ``controlnet`` trains; the U-Net it steers is referenced, not registered. ``cond``: the
     U-Net's conditioning dict (``context``, SDXL's ``y``); ``hint``: (B, 3, H, W) in [0, 1]."""
+
+    controlnet: ControlNet
+    _frozen: Shared
+    alphas_cumprod: torch.Tensor
 
     def __init__(self, controlnet: ControlNet, unet: nn.Module, schedule: Any, min_snr_gamma: float = 0.0) -> None:
         super().__init__()
@@ -211,7 +222,7 @@ class ControlNetStage(Stage):
 
     def trainable(self) -> dict[str, Trainable]:
         """The ControlNet: all that trains, all that a checkpoint holds."""
-        return {"controlnet": Trainable.of(self.ctx.modules["controlnet"].controlnet, "controlnet.")}
+        return {"controlnet": Trainable.of(_controlnet_of(self.ctx.modules["controlnet"]), "controlnet.")}
 
     def _cache_data(self) -> None:
         """Latents and caption conditioning encoded once by the frozen model (cached in the run), control maps in memory."""
@@ -285,7 +296,7 @@ class ControlNetStage(Stage):
 
         def draw(prompts: Sequence[str], controls: Sequence[Any]) -> list:
             out = []
-            for i, (text, control) in enumerate(zip(prompts, controls)):
+            for i, (text, control) in enumerate(zip(prompts, controls, strict=True)):
                 req = GenerationRequest(text, seed=1000 + i, steps=cfg.sample_steps, sampler=cfg.sampler,
                                         cfg_scale=cfg.cfg_scale, width=size, height=size)
                 units = [] if control is None else [ControlUnit(net, image=control, preprocessor=pre)]
@@ -301,7 +312,7 @@ class ControlNetStage(Stage):
         from opensd.training.data import tensor_to_pil
 
         cfg = self.cfg
-        draw = self.drawer(self.ctx.averaged("controlnet").controlnet)
+        draw = self.drawer(_controlnet_of(self.ctx.averaged("controlnet")))
         samples = self.ctx.run_dir / SAMPLES
         n = min(cfg.sample_images, len(self.pairs))
         if n:
@@ -321,7 +332,7 @@ class ControlNetStage(Stage):
     def export(self) -> Path:
         from opensd.checkpoints.controlnet import save_controlnet
 
-        net = self.ctx.averaged("controlnet").controlnet
+        net = _controlnet_of(self.ctx.averaged("controlnet"))
         dtype = torch.float16 if self.cfg.export_half else torch.float32
         return save_controlnet(net, self.output_path(), dtype=dtype, metadata=self.metadata())
 

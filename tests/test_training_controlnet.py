@@ -34,7 +34,7 @@ from opensd.models.vae import VAEConfig
 from opensd.pipelines.preprocessors import MapKind
 from opensd.training.config import stage_config_from_dict
 from opensd.training.control_data import read_control_folder
-from opensd.training.controlnet import ControlNetStage, ControlNetStageConfig, init_controlnet
+from opensd.training.controlnet import ControlNetStage, ControlNetStageConfig, init_controlnet, scaled_outputs, strip_words
 from opensd.training.data import TrainingDataError
 from opensd.training.loop import list_checkpoints, run_stage
 from opensd.training.unet import DiffusionLoss
@@ -140,6 +140,63 @@ def test_the_cubic_timesteps_favour_high_noise(model, triples, tmp_path: Path) -
     assert abs(float((stage._timesteps(4000, torch.Generator().manual_seed(0)) >= 500).float().mean()) - 0.5) < 0.03
 
 
+def test_strip_words_removes_whole_words_in_any_case() -> None:
+    assert strip_words("a Red circle above a blue square", ["red", "blue"]) == "a circle above a square"
+    assert strip_words("a reddish circle", ["red"]) == "a reddish circle"
+    assert strip_words("a red circle", []) == "a red circle"
+
+
+def test_word_dropout_trains_on_the_captions_without_the_words(model, triples, tmp_path: Path) -> None:
+    """The stripped captions are encoded as the whole ones are, and a step with word_dropout
+    1 - caption_dropout feeds only stripped or empty captions to the U-Net."""
+    from opensd.training.unet import caption_encoder
+
+    stage, _ = built(model, triples, tmp_path / "run", caption_dropout=0.0, word_dropout=1.0, drop_words=["red"])
+    encode = caption_encoder(stage.conditioner, stage.loaded.tokenizer)
+    with torch.no_grad():
+        want = encode([strip_words(c, ["red"]) for c in stage.pairs.images.texts])["context"]
+        whole = encode(list(stage.pairs.images.texts))["context"]
+    assert torch.allclose(stage.stripped["context"], want) and not torch.allclose(want, whole)
+    seen = []
+    stage._unet_cond = lambda text: seen.append(text["context"]) or {"context": text["context"]}  # type: ignore[method-assign]
+    batch = stage.batch(0)
+    list(stage.updates(batch, 0))
+    assert torch.equal(seen[0], batch["stripped"]["context"])
+
+
+def test_output_scale_multiplies_the_exported_residuals(model, triples, tmp_path: Path) -> None:
+    stage, loss = built(model, triples, tmp_path / "run", output_scale=2.5)
+    net = loss.controlnet
+    with torch.no_grad():
+        for p in [*net.zero_convs.parameters(), *net.middle_block_out.parameters()]:
+            p.normal_(0, 0.1)
+    before = net.zero_convs[0][0].weight.clone()
+    scaled = scaled_outputs(net, 2.5)
+    x, hint = stage.latents[:2], stage.controls[:2].float() / 255
+    t, ctx = torch.tensor([10.0, 900.0]), stage.cond["context"][:2]
+    with torch.no_grad():
+        a, b = net(x, hint, t, ctx), scaled(x, hint, t, ctx)
+    for ra, rb in zip([*a.skips, a.middle], [*b.skips, b.middle], strict=True):
+        assert ra.abs().max() > 0
+        torch.testing.assert_close(rb, 2.5 * ra, rtol=1e-5, atol=1e-6)
+    assert torch.equal(net.zero_convs[0][0].weight, before)  # the trained network is untouched
+    assert not torch.equal(scaled.zero_convs[0][0].weight, net.zero_convs[0][0].weight)
+    with pytest.raises(ConfigError, match="output_scale"):
+        stage_config_from_dict(ControlNetStageConfig, {"output_scale": 0.0})
+
+
+def test_a_checkpoint_predating_an_option_resumes_with_it_at_its_default() -> None:
+    from opensd.training.config import config_differences, to_dict
+    from opensd.training.loop import _with_new_defaults
+
+    cfg = ControlNetStageConfig()
+    old = {k: v for k, v in to_dict(cfg).items() if k not in ("word_dropout", "drop_words")}  # written before them
+    assert config_differences(old, to_dict(cfg)) == ["drop_words", "word_dropout"]
+    assert config_differences(_with_new_defaults(old, ControlNetStageConfig), to_dict(cfg)) == []
+    changed = dataclasses.replace(cfg, word_dropout=0.3, drop_words=("red",))
+    assert config_differences(_with_new_defaults(old, ControlNetStageConfig), to_dict(changed)) == ["drop_words", "word_dropout"]
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -188,7 +245,9 @@ def test_bad_folders_are_one_line(tmp_path: Path) -> None:
 def test_config_errors(model) -> None:
     for bad, match in (({"control_map": "depth"}, "control_map"), ({"timesteps": "cosine"}, "timesteps"),
                        ({"caption_dropout": 1.0}, "caption_dropout"), ({"hint_block_channels": [16, 0]}, "hint_block"),
-                       ({"output_name": "a/b"}, "output_name")):
+                       ({"output_name": "a/b"}, "output_name"), ({"word_dropout": 0.5}, "drop_words"),
+                       ({"word_dropout": 0.6, "caption_dropout": 0.5, "drop_words": ["red"]}, "at most 1"),
+                       ({"word_dropout": 0.5, "drop_words": ["two words"]}, "single words")):
         with pytest.raises(ConfigError, match=match):
             stage_config_from_dict(ControlNetStageConfig, bad)
 

@@ -19,7 +19,10 @@ objective with the ControlNet's residuals added to its skips and middle block:
 ``v`` for a v-prediction model; min-SNR weighting with ``min_snr_gamma``). With
 ``caption_dropout`` a caption becomes the empty one (the original drops half of them so
 that the ControlNet learns to read the map alone; the default here is lower, since a
-layout map says nothing of what to draw).
+layout map says nothing of what to draw). With ``word_dropout`` another share of the
+captions loses the words of ``drop_words`` (whole words, any case): what the control map
+says instead of the caption, as a layout map's box colours do for colour words, is then
+learned from the map (:func:`strip_words`).
 
 The data (:mod:`opensd.training.control_data`): an image folder with a control image per
 image, or the shapes world, whose control image is its layout map (:mod:`opensd.shapes.layout`).
@@ -31,8 +34,10 @@ converter, for SD's four-width hint block); its metadata names the base model an
 
 from __future__ import annotations
 
+import copy
 import enum
 import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -71,20 +76,26 @@ class ControlNetStageConfig(StageConfig):
     per width after the first). ``control_map``: how a folder's control images are resized
     (``image``, ``edges`` or ``flat``: nearest neighbours only, for segmentation and layout
     maps) and which preprocessor the samples use (``flat``: ``segmentation``; else ``none``).
-    ``timesteps``: :class:`TimestepSampling`. ``caption_dropout``: the share of empty captions.
+    ``timesteps``: :class:`TimestepSampling`. ``caption_dropout``: the share of empty captions;
+    ``word_dropout``: a further share of captions without the words of ``drop_words``.
     ``eval_per_category``: on the shapes world, the layout judge's prompts per category at
     each evaluation (0: none; :mod:`opensd.shapes.control_eval`); ``sample_images``: the first
     training items drawn with their control maps then (0: none), with ``sample_steps`` of
-    ``sampler`` at ``cfg_scale``. ``export_half``: the file in float16."""
+    ``sampler`` at ``cfg_scale``. ``export_half``: the file in float16. ``output_scale``: the
+    export's zero convolutions (``zero_convs``, ``middle_block_out``) multiplied by it, so that
+    the file at weight 1 acts as the trained ControlNet at weight ``output_scale`` (a
+    calibration chosen on the validation suite; 1: the trained weights as they are)."""
 
     RESUMABLE: ClassVar = StageConfig.RESUMABLE | {"sample_images", "sample_steps", "sampler", "cfg_scale",
-                                                   "output_name", "export_half"}
+                                                   "output_name", "export_half", "output_scale"}
 
     model: str = ""
     hint_block_channels: tuple[int, ...] = ()
     control_map: MapKind = MapKind.IMAGE
     timesteps: TimestepSampling = TimestepSampling.UNIFORM
     caption_dropout: float = 0.1
+    drop_words: tuple[str, ...] = ()
+    word_dropout: float = 0.0
     min_snr_gamma: float = 0.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         out_dir="runs/controlnet", steps=1000, batch_size=16, lr=1e-4, warmup_steps=0, log_every=10, sample_every=0,
@@ -98,10 +109,12 @@ class ControlNetStageConfig(StageConfig):
     cfg_scale: float = 5.0
     output_name: str = ""
     export_half: bool = True
+    output_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.hint_block_channels, list):
-            object.__setattr__(self, "hint_block_channels", tuple(self.hint_block_channels))
+        for name in ("hint_block_channels", "drop_words"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, kind in (("control_map", MapKind), ("timesteps", TimestepSampling)):
             if not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} must be one of {', '.join(k.value for k in kind)}, got {getattr(self, name)!r}")
@@ -112,10 +125,41 @@ class ControlNetStageConfig(StageConfig):
         _check_float("caption_dropout", self.caption_dropout, 0.0, 1.0)
         if self.caption_dropout == 1.0:
             raise ConfigError("caption_dropout must be below 1 (1 would train on empty captions only)")
+        _check_float("word_dropout", self.word_dropout, 0.0, 1.0)
+        if self.caption_dropout + self.word_dropout > 1.0:
+            raise ConfigError(f"caption_dropout + word_dropout must be at most 1, got {self.caption_dropout} + {self.word_dropout}")
+        if not all(isinstance(w, str) and w.strip() and " " not in w.strip() for w in self.drop_words):
+            raise ConfigError(f"drop_words must be single words, got {self.drop_words!r}")
+        if self.word_dropout > 0 and not self.drop_words:
+            raise ConfigError("word_dropout needs drop_words: the words a caption loses")
         _check_float("min_snr_gamma", self.min_snr_gamma, 0.0)
         _check_float("cfg_scale", self.cfg_scale, 1.0)
+        _check_float("output_scale", self.output_scale, 0.0)
+        if self.output_scale <= 0:
+            raise ConfigError(f"output_scale must be above 0, got {self.output_scale}")
         if any(c in self.output_name for c in "/\\") or self.output_name.startswith("."):
             raise ConfigError(f"output_name must be a plain file name (no folders), got {self.output_name!r}")
+
+
+def scaled_outputs(net: ControlNet, scale: float) -> ControlNet:
+    """A copy of ``net`` whose residuals are ``scale`` times ``net``'s: its zero convolutions'
+    weights and biases multiplied by ``scale`` (the residuals are their outputs)."""
+    out = copy.deepcopy(net)
+    with torch.no_grad():
+        for conv in [*out.zero_convs, out.middle_block_out]:
+            for p in conv.parameters():
+                p.mul_(scale)
+    return out
+
+
+def strip_words(caption: str, words: Sequence[str]) -> str:
+    """``caption`` without the whole words ``words`` (any case), spaces closed up:
+    ``strip_words("a red circle above a blue square", ["red", "blue"])`` is
+    ``"a circle above a square"``."""
+    if not words:
+        return caption
+    pattern = r"\b(?:" + "|".join(re.escape(w.strip()) for w in words) + r")\b"
+    return " ".join(re.sub(pattern, " ", caption, flags=re.IGNORECASE).split())
 
 
 # ----------------------------------------------------------------------------- the network
@@ -241,6 +285,13 @@ class ControlNetStage(Stage):
         self.cond = {k: v.to(ctx.device) for k, v in cache.cond.items()}  # (N, L, D)...
         self.empty = {k: v.to(ctx.device) for k, v in cache.empty.items()}  # (1, L, D)...
         self.controls = pairs.controls  # (N, 3, H, W) uint8, on the CPU
+        self.stripped: dict[str, torch.Tensor] = {}
+        if cfg.word_dropout > 0:  # the captions without drop_words, encoded once (not cached on disk)
+            encode = caption_encoder(self.conditioner, self.loaded.tokenizer)
+            texts = [strip_words(c, cfg.drop_words) for c in pairs.images.texts]
+            with torch.no_grad():
+                parts = [encode(texts[i:i + cfg.cache_batch]) for i in range(0, len(texts), cfg.cache_batch)]
+            self.stripped = {k: torch.cat([p[k] for p in parts]).float().to(ctx.device) for k in parts[0]}
 
     def _unet_cond(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from opensd.pipelines.conditioning import TextEmbedding
@@ -251,7 +302,10 @@ class ControlNetStage(Stage):
         ctx = self.ctx
         idx = batch_indices(ctx.cfg.seed, step, ctx.rank, ctx.world, ctx.local_batch, len(self.latents))
         hint = ctx.to_device(self.controls[idx].float() / 255.0)  # (B, 3, H, W) in [0, 1], as inference's
-        return {"x0": self.latents[idx], "text": {k: v[idx] for k, v in self.cond.items()}, "hint": hint}
+        out = {"x0": self.latents[idx], "text": {k: v[idx] for k, v in self.cond.items()}, "hint": hint}
+        if self.stripped:
+            out["stripped"] = {k: v[idx] for k, v in self.stripped.items()}
+        return out
 
     def _timesteps(self, b: int, g: torch.Generator) -> torch.Tensor:
         T = self.loaded.model.cfg.schedule.num_train_timesteps
@@ -267,8 +321,14 @@ class ControlNetStage(Stage):
         g = ctx.generator(step)
         t = ctx.to_device(self._timesteps(b, g))
         noise = ctx.to_device(torch.randn(x0.shape, generator=g))
-        if self.cfg.caption_dropout > 0:
-            drop = ctx.to_device(torch.rand(b, generator=g) < self.cfg.caption_dropout)
+        cd, wd = self.cfg.caption_dropout, self.cfg.word_dropout
+        if cd > 0 or wd > 0:
+            u = ctx.to_device(torch.rand(b, generator=g))  # one draw per sample: empty, stripped or whole caption
+            if wd > 0:
+                strip = (u >= cd) & (u < cd + wd)
+                text = {k: torch.where(strip.reshape(-1, *[1] * (v.ndim - 1)), batch["stripped"][k], v)
+                        for k, v in text.items()}
+            drop = u < cd
             text = {k: torch.where(drop.reshape(-1, *[1] * (v.ndim - 1)), self.empty[k].expand_as(v), v)
                     for k, v in text.items()}
         with ctx.autocast():
@@ -333,6 +393,8 @@ class ControlNetStage(Stage):
         from opensd.checkpoints.controlnet import save_controlnet
 
         net = _controlnet_of(self.ctx.averaged("controlnet"))
+        if self.cfg.output_scale != 1.0:
+            net = scaled_outputs(net, self.cfg.output_scale)
         dtype = torch.float16 if self.cfg.export_half else torch.float32
         return save_controlnet(net, self.output_path(), dtype=dtype, metadata=self.metadata())
 

@@ -126,6 +126,16 @@ def _init_distributed(device_spec: str) -> tuple[int, int, int, bool]:
     return rank, world, local, True
 
 
+def _with_new_defaults(saved: dict[str, Any], cfg_cls: type) -> dict[str, Any]:
+    """A checkpoint's config with the options it predates at their defaults: an option added
+    to a stage since the checkpoint was written, and left at its default, is no change."""
+    try:
+        defaults = to_dict(cfg_cls())
+    except Exception:  # a stage config without defaults for every field: nothing to fill
+        return saved
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+
+
 class _Trainer:
     def __init__(self, stage: Stage, resume: bool, hooks: Sequence[Hook], rank: int, world: int,
                  local_rank: int) -> None:
@@ -155,8 +165,8 @@ class _Trainer:
         step, path, state = found
         self.resumed_from = path
         store.check_structure(state, path, self.stage.name, [], [])
-        diffs = [d for d in config_differences(state["config"], to_dict(self.stage.cfg))
-                 if d not in type(self.stage.cfg).RESUMABLE]
+        saved = _with_new_defaults(state["config"], type(self.stage.cfg))
+        diffs = [d for d in config_differences(saved, to_dict(self.stage.cfg)) if d not in type(self.stage.cfg).RESUMABLE]
         if diffs:
             raise ResumeError(
                 f"cannot resume from {path}: the config differs from the checkpoint's in {', '.join(diffs)}; "
@@ -169,7 +179,7 @@ class _Trainer:
                  "train.keep_checkpoints", "train.progress", "train.device", "train.out_dir", "train.time_limit",
                  "data.workers", "eval_per_category"}
         new = to_dict(self.stage.cfg)
-        changed = [d for d in config_differences(state["config"], new) if d not in quiet]
+        changed = [d for d in config_differences(saved, new) if d not in quiet]
         if changed and self.ctx.is_main:
             print(f"note: resuming {path} with changed {', '.join(changed)}", file=sys.stderr)
 
@@ -180,7 +190,7 @@ class _Trainer:
 
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log({"step": step, "kind": "resume",
-                       "changed": {k: [value(state["config"], k), value(new, k)] for k in changed}})
+                       "changed": {k: [value(saved, k), value(new, k)] for k in changed}})
         return step, state
 
     def _find_resumable(self) -> tuple[int, Path, dict[str, Any]] | None:

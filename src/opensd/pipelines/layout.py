@@ -1,7 +1,7 @@
 """Layout control maps: where each object of a prompt goes, as flat-coloured boxes.
 
 A layout map is the control image of a layout ControlNet (the default model's
-``controlnet-layout.safetensors``; docs/controlnet.md, "The layout ControlNet"): a black
+``models/controlnets/controlnet-layout.safetensors``; docs/controlnet.md, "The layout ControlNet"): a black
 background with one filled, axis-aligned box per object, in that object's colour. The
 box says where the object goes and how large it is; the prompt says what it is. Boxes
 are fractions of the image side (``x0, y0, x1, y1``, x right, y down), so one layout

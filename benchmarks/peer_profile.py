@@ -8,7 +8,7 @@ top, the engine inside its function), on the files ``peer_weights.py`` wrote:
     /work/peers/openvino/bin/python benchmarks/peer_profile.py openvino /work/peers/weights/sd15/diffusers --size 256
 
 One warm-up generation, then one measured. opensd: forward hooks on the text encoder
-(``cond_stage_model``), the U-Net (``model.diffusion_model``) and the VAE decoder
+(each of ``text_encoders``), the U-Net (``model.diffusion_model``) and the VAE decoder
 (``first_stage_model.decoder``), then ``torch.profiler``'s top operators by self CPU time.
 OpenVINO: the pipeline parts' ``forward`` wrapped with timers. stable-diffusion.cpp: its own
 log lines (conditioning, sampling, decoding), printed as they come. JSON on the last line.
@@ -62,7 +62,8 @@ def opensd(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     pipe = opensd.load(args.model, precision=args.precision)
     m, phases = pipe.model, Phases()
-    for name, mod in (("text encoder", m.cond_stage_model), ("U-Net", m.model.diffusion_model),
+    # the text towers themselves: the pipeline calls them, not the conditioner's forward
+    for name, mod in (*[("text encoder", e) for e in m.text_encoders], ("U-Net", m.model.diffusion_model),
                       ("VAE decode", m.first_stage_model.decoder)):
         mod.forward = phases.wrap(name, mod.forward)
 

@@ -163,6 +163,36 @@ def test_kohya_file_binds_and_equals_merged(family, tmp_path):
     assert (got[0] - base).abs().max() > 1e-4
 
 
+def test_a_merging_set_equals_the_unmerged_one_and_keeps_its_weights_to_itself(tmp_path):
+    """merge_weights=True: the same outputs as the unmerged deltas (to float rounding), the
+    merged weights made once per layer and held by the set, the model's weights untouched."""
+    model, _ = tiny_family_model(ModelFamily.SD1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = LoRAFile.load(_random_kohya_file(model, tmp_path / "a.safetensors", every=1))
+    plain = bind_loras(model, [LoRAUse(lora, unet=0.8, te=0.6)])
+    merging = AdapterSet(plain.deltas, merge_weights=True)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([10.0])
+    ctx = torch.randn(1, 5, model.cfg.unet.context_dim)
+    ids = torch.randint(0, model.cfg.text.vocab_size - 1, (1, 6))
+    with torch.no_grad():
+        with use_adapters(plain):
+            want = model.unet(x, t, ctx), model.text_encoders[0](ids)
+        with use_adapters(merging):
+            got = model.unet(x, t, ctx), model.text_encoders[0](ids)
+            cached = dict(merging._merged)
+            again = model.unet(x, t, ctx)
+        base = model.unet(x, t, ctx)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    assert (got[0] - base).abs().max() > 1e-4
+    assert torch.equal(again, got[0]) and len(cached) > 10
+    assert all(merging._merged[m] is w for m, w in cached.items())  # made once, reused
+    assert not plain._merged  # the unmerged set keeps nothing
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert AdapterSet.merge([merging, None]).merge_weights and not AdapterSet.merge([plain]).merge_weights
+
+
 def test_every_layer_has_one_target_per_spelling():
     model, _ = tiny_family_model(ModelFamily.SDXL)
     table = lora_targets(model)

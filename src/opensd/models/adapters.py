@@ -18,7 +18,12 @@ thread and to an asyncio task, and add ``Δ(x)`` to their base output ``W x + b`
 * two requests on one shared model, in two threads, each see only their own adapters;
 * a low-rank delta is applied unmerged, ``up(down(x))``, as PEFT does, so it costs
   ``r/in`` of the layer's work and no copy of ``W``; LoHa and LoKr build ``ΔW`` during
-  the call (its memory is freed after).
+  the call (its memory is freed after);
+* or, for a set built with ``merge_weights=True``, each adapted :class:`Linear` and
+  :class:`Conv2d` runs once with ``W + ΣΔW``, computed at its first call and kept in the
+  set (so for that request only, at the memory of one more copy of the adapted layers'
+  weights): one op per layer in place of three, for a set used over many calls (a
+  few-step LCM-LoRA: :func:`opensd.pipelines.few_step.few_step_kwargs`).
 
 Deltas may hold trainable parameters (``opensd train lora``): gradients flow through
 :func:`adapted` like through any other op.
@@ -34,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -199,9 +204,25 @@ class RowSlice:
 
 @dataclass(frozen=True, eq=False)
 class AdapterSet:
-    """Deltas per layer module for one call (one request). Immutable once built."""
+    """Deltas per layer module for one call (one request). Immutable once built, except for
+    the merged weights a ``merge_weights`` set keeps (:meth:`merged_weight`)."""
 
     deltas: Mapping[nn.Module, tuple[Delta, ...]]
+    merge_weights: bool = False
+    _merged: dict[nn.Module, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def merged_weight(self, module: nn.Module) -> torch.Tensor | None:
+        """``W + ΣΔW`` of ``module`` when this set merges and has deltas for it (a delta
+        that changes the bias is applied unmerged: None), computed once."""
+        deltas = self.deltas.get(module, ()) if self.merge_weights else ()
+        if not deltas or any(getattr(d, "bias", None) is not None for d in deltas):
+            return None
+        w = self._merged.get(module)
+        if w is None:
+            base = module.weight
+            w = base + sum(d.weight().to(base.dtype) for d in deltas)
+            self._merged[module] = w
+        return w
 
     def __len__(self) -> int:
         return len(self.deltas)
@@ -213,12 +234,14 @@ class AdapterSet:
     def merge(sets: Sequence[AdapterSet | None]) -> AdapterSet | None:
         """One set holding every delta of ``sets`` (None entries skipped); None when empty."""
         out: dict[nn.Module, tuple[Delta, ...]] = {}
+        merge = False
         for s in sets:
             if s is None:
                 continue
+            merge = merge or s.merge_weights
             for m, ds in s.deltas.items():
                 out[m] = out.get(m, ()) + tuple(ds)
-        return AdapterSet(out) if out else None
+        return AdapterSet(out, merge_weights=merge) if out else None
 
 
 _ACTIVE: ContextVar[AdapterSet | None] = ContextVar("opensd_adapters", default=None)
@@ -237,6 +260,14 @@ def use_adapters(adapters: AdapterSet | None) -> Iterator[None]:
 
 def active_adapters() -> AdapterSet | None:
     return _ACTIVE.get()
+
+
+def merged_weight(module: nn.Module) -> torch.Tensor | None:
+    """The current set's merged weight of ``module`` (:meth:`AdapterSet.merged_weight`), or None."""
+    if torch.compiler.is_compiling():
+        return None
+    adapters = _ACTIVE.get()
+    return None if adapters is None else adapters.merged_weight(module)
 
 
 def adapted(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -261,6 +292,9 @@ class Linear(nn.Linear):
     model's kernel selection chose it (:mod:`opensd.kernels`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = merged_weight(self)
+        if w is not None:
+            return F.linear(x, w, self.bias)
         return adapted(self, x, kernel_linear(self, x))
 
 
@@ -268,4 +302,7 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same keys) that adds the active adapters' deltas."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = merged_weight(self)
+        if w is not None:
+            return self._conv_forward(x, w, self.bias)
         return adapted(self, x, self._conv_forward(x, self.weight, self.bias))

@@ -15,11 +15,13 @@ Nothing is set on the pipeline: the LoRA is this call's ``networks``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from opensd.errors import OpenSDError
+from opensd.models.adapters import AdapterSet
 
 LCM_LORA_FILE = "lcm_lora.safetensors"
 
@@ -68,10 +70,15 @@ def few_step_settings(given: dict[str, Any]) -> dict[str, Any]:
 
 def few_step_kwargs(pipe: Any, weight: float = 1.0) -> dict[str, Any]:
     """``pipe.txt2img(prompt, **few_step_kwargs(pipe))``: the settings of :data:`FEW_STEP` and
-    ``networks`` with the model folder's LCM-LoRA at ``weight`` (this call's only)."""
+    ``networks`` with the model folder's LCM-LoRA at ``weight`` (this call's only), merged
+    into the call's own copy of the adapted weights (``AdapterSet(merge_weights=True)``: one
+    op per layer at every step; the shared model is untouched). They are computed at the first
+    call that uses them and kept as long as the returned ``networks``: reuse it for many calls."""
     from opensd.checkpoints.lora import LoRAFile, LoRAUse
     from opensd.pipelines.lora_library import LoraBudget, LoraLibrary
 
     use = LoRAUse(LoRAFile.load(few_step_lora(pipe.loaded.path)), unet=weight, te=weight)
     networks = LoraLibrary(None).networks_for(pipe.model, "", [use], LoraBudget())
+    if networks.adapters is not None:  # merged into this call's own weights: one op per layer at every step
+        networks = dataclasses.replace(networks, adapters=AdapterSet(networks.adapters.deltas, merge_weights=True))
     return {"steps": FEW_STEP.steps, "sampler": FEW_STEP.sampler, "cfg_scale": FEW_STEP.cfg_scale, "networks": networks}

@@ -220,7 +220,10 @@ class AdapterSet:
         w = self._merged.get(module)
         if w is None:
             base = module.weight
-            w = base + sum(d.weight().to(base.dtype) for d in deltas)
+            assert isinstance(base, torch.Tensor)
+            w = base
+            for d in deltas:  # out of place: the model's weight is never written
+                w = w + d.weight().to(base.dtype)
             self._merged[module] = w
         return w
 
@@ -304,5 +307,6 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = merged_weight(self)
         if w is not None:
-            return self._conv_forward(x, w, self.bias)
+            out: torch.Tensor = self._conv_forward(x, w, self.bias)
+            return out
         return adapted(self, x, self._conv_forward(x, self.weight, self.bias))

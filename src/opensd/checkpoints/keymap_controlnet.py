@@ -56,7 +56,7 @@ def hint_block_key_map(n_widths: int) -> dict[str, str]:
 def controlnet_key_map(cfg: ControlNetConfig) -> dict[str, str]:
     """Every original ControlNet key (without ``control_model.``) -> its diffusers key."""
     encoder = {k: v for k, v in unet_key_map(cfg.unet).items() if k.startswith(ENCODER_PREFIXES)}
-    zeros = {}
+    zeros: dict[str, str] = {}
     for n in range(cfg.outputs - 1):
         zeros |= _pair(f"zero_convs.{n}.0", f"controlnet_down_blocks.{n}")
     return encoder | hint_block_key_map(len(cfg.hint_block_channels)) | zeros | _pair("middle_block_out.0", "controlnet_mid_block")

@@ -20,7 +20,7 @@ class StepProgress:
     def __init__(self, runs: int = 1, *, desc: str = "sampling", enabled: bool = True, file: Any = None) -> None:
         self.runs, self.desc, self.enabled = runs, desc, enabled
         self.file = file
-        self.bar = None
+        self.bar: Any = None  # a tqdm bar once the first step arrives
 
     def __call__(self, info) -> None:
         if not self.enabled:

@@ -253,7 +253,7 @@ class _Chunker:
             self.ids, self.weights, self.words_of = self.ids[:cut], self.weights[:cut], self.words_of[:cut]
             self.fixes = [f for f in self.fixes if f[0] < cut]
             self.close()
-            self.ids, self.weights, self.words_of = (list(x) for x in moved)
+            self.ids, self.weights, self.words_of = list(moved[0]), list(moved[1]), list(moved[2])
             self.fixes = moved_fixes
         if len(self.ids) == self.size:
             self.close()

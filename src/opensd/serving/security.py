@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import HTTPException
@@ -72,7 +72,7 @@ def check_credentials(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(u, p) for u, p in pairs]
 
 
-async def _send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def _send_json(send: Send, status: int, body: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     data = json.dumps(body).encode()
     await send({
         "type": "http.response.start",

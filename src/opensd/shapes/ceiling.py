@@ -81,7 +81,7 @@ def autoencoder_ceiling(pipe: Any, cfg: EvalConfig, seed: int = 0) -> dict:
         rows = [r for r in records if r["category"] == c]
         if rows:
             n[c] = len(rows)
-            accuracy[c] = sum(r["correct"] for r in rows) / len(rows)
+            accuracy[c] = sum(bool(r["correct"]) for r in rows) / len(rows)
     return {
         "kind": "autoencoder_ceiling",
         "suite": cfg.suite.value if cfg.concept is None else f"concept:{cfg.concept}",

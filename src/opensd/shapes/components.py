@@ -83,7 +83,7 @@ def merge_close_hues(labels: np.ndarray, n: int, a: np.ndarray, b: np.ndarray, t
     mean_b = np.bincount(lab, b.ravel()[idx], n)
     hue = np.degrees(np.arctan2(mean_b, mean_a)) % 360
     h, w = labels.shape
-    pairs = set()
+    pairs: set[tuple[int, int]] = set()
     for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):  # each pixel and its 8-neighbour at (y + dy, x + dx)
         p = labels[: h - dy, max(0, -dx): w - max(0, dx)]
         q = labels[dy:, max(0, dx): w - max(0, -dx)]

@@ -216,8 +216,7 @@ def hard_negatives(
 
     wording = find_wording(spec, like) if like is not None else None
     if wording is None:
-        script = [rng.randrange(_WORDING_CHOICES) for _ in range(3)]
-        wording = (tuple(script), False)
+        wording = (tuple(rng.randrange(_WORDING_CHOICES) for _ in range(3)), False)
     script, say_one = wording
     return [HardNegative(kd, s, caption(s, _ScriptedChoices(script), say_one)) for kd, s in picked]
 

@@ -35,7 +35,11 @@ def _box3(m: np.ndarray) -> np.ndarray:
     """3x3 mean (zero outside)."""
     p = np.pad(m, 1)
     h, w = m.shape
-    return sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+    out = np.zeros(m.shape, dtype=(p[:h, :w] + 0).dtype)  # the dtype the sum had starting from 0
+    for i in range(3):  # the same order of additions
+        for j in range(3):
+            out += p[i:i + h, j:j + w]
+    return out / 9
 
 
 def template(shape: str, cx: float, cy: float, rx: float, ry: float, h: int, w: int) -> np.ndarray:

@@ -226,7 +226,7 @@ def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
 
     def round_trip(im: Image.Image) -> Image.Image:
         half = (im.size[0] // 2, im.size[1] // 2)
-        return im.resize(half, Image.BICUBIC).resize(im.size, Image.BICUBIC)
+        return im.resize(half, Image.Resampling.BICUBIC).resize(im.size, Image.Resampling.BICUBIC)
 
     def noisy(im: Image.Image) -> Image.Image:
         arr = np.asarray(im, np.float32) + rng.normal(0, 4, (im.size[1], im.size[0], 3))

@@ -58,7 +58,7 @@ def _check_int(where: str, value: object, low: int) -> None:
 def _check_float(where: str, value: object, low: float, high: float | None = None) -> None:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value >= low
     if ok and high is not None:
-        ok = value <= high
+        ok = value <= high  # type: ignore[operator]  # value is a number here (checked above)
     if not ok:
         span = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ConfigError(f"{where} must be a number {span}, got {value!r}")

@@ -57,7 +57,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table/object, got {type(value).__name__}")
         return from_dict(tp, value, _where=where)

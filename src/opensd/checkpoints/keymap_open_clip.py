@@ -138,8 +138,9 @@ def from_transformers(
         out |= {o: v for o, t in _block_keys(n).items() if (v := take(t)) is not None}
         for name in ("weight", "bias"):
             parts = [take(f"{p}{q}.{name}") for q in _QKV]
-            if all(x is not None for x in parts):
-                out[f"transformer.resblocks.{n}.attn.in_proj_{name}"] = torch.cat(parts, dim=0)  # 3 x (w, ...) -> (3w, ...)
+            present = [x for x in parts if x is not None]
+            if len(present) == len(parts):
+                out[f"transformer.resblocks.{n}.attn.in_proj_{name}"] = torch.cat(present, dim=0)  # 3 x (w, ...) -> (3w, ...)
     # blocks after the file's last (SD 2.x's 24th): zeros shaped as that block (a file holding
     # none fills none: the strict load then names every missing key)
     zero_blocks = [n for n in range(max(held, default=cfg.layers) + 1, cfg.layers)]

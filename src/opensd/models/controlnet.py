@@ -94,7 +94,8 @@ def hint_block(cfg: ControlNetConfig) -> nn.Sequential:
 
 def _zero(conv: nn.Conv2d) -> nn.Conv2d:
     nn.init.zeros_(conv.weight)
-    nn.init.zeros_(conv.bias)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
     return conv
 
 

@@ -217,6 +217,7 @@ class ImageEncoder(nn.Module):
             Level(ch[max(i - 1, 0)], ch[i], cfg, downsample=i < len(ch) - 1) for i in range(len(ch))
         )
         self.norm_out = group_norm(ch[-1], cfg.norm_groups, cfg.norm_eps)
+        self.pool: nn.Module
         if cfg.pool is Pool.ATTENTION:
             self.pool = AttentionPool(ch[-1], cfg.width, cfg.heads)
         else:

@@ -66,6 +66,7 @@ def check_fits(tiny: TinyAutoencoder, vae_cfg: Any, where: str) -> None:
 
 def resolve_tiny(given: TinyAutoencoder | str | Path | None, model_path: Path, vae_cfg: Any) -> TinyAutoencoder | None:
     """The pipeline's tiny autoencoder (module doc), checked against the model's VAE config."""
+    tiny: TinyAutoencoder | None
     if isinstance(given, TinyAutoencoder):
         tiny, where = given, "the tiny autoencoder"
     elif given is not None:

@@ -104,8 +104,8 @@ class LinearPreview:
         x = self(z).detach().cpu()
         if k > 1:
             x = F.interpolate(x, scale_factor=k, mode="nearest")
-        x = to_uint8(x).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
-        return [Image.fromarray(a) for a in x]
+        pixels = to_uint8(x).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+        return [Image.fromarray(a) for a in pixels]
 
 
 def fit_linear_preview(vae, size: int = 64, n: int = 16, seed: int = 0) -> LinearPreview:

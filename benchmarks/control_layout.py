@@ -8,7 +8,8 @@ One command runs it end to end::
    default model's layout ControlNet; ``--controlnet FILE`` skips this and measures FILE);
 2. **measure**: ``python -m opensd.shapes.control_eval`` (:mod:`opensd.shapes.control_eval`):
    ``--per-category`` benchmark prompts of each category, each drawn with its scene's
-   layout map and without (same seed), the objects read by the exact scorer, an object in
+   layout map (the ControlNet at ``--weight`` in ``--mode``: by default the layout
+   ControlNet's own setting, ``LAYOUT_WEIGHT`` in ``LAYOUT_MODE``) and without (same seed), the objects read by the exact scorer, an object in
    place when its detected box lies inside its control region;
 3. **table**: ``layout.json`` and ``layout.md`` in ``--out``: objects in place with and
    without control per category, prompts with every object in place, the scorer's overall
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 
 from harness import cpu_flags, cpu_model
+
+from opensd.shapes.control_eval import LAYOUT_MODE, LAYOUT_WEIGHT
 
 TARGET = 0.9
 MAX_CPU_S = 15 * 60
@@ -82,6 +85,7 @@ def markdown(report: dict) -> str:
                      f"{f['by_category'][cat]['in_place']:.3f} | {k['by_category'][cat]['in_place']:.3f} |")
     m, v = report["machine"], report["verdict"]
     lines += ["", f"Sampling: {r['steps']} steps of {r['sampler']}, CFG {r['cfg_scale']:g}, seeds {r['seed']} + i, "
+                  f"the ControlNet at weight {r['weight']:g}, mode {r['mode']!r}, "
                   f"{r['precision']}; in place: the detected box inside the control region widened by "
                   f"{r['tolerance']:g} of the side."]
     if "train" in report["phases"]:
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--controlnet", type=Path, default=None, help="measure this file instead of training one")
     p.add_argument("--per-category", type=int, default=20, help="benchmark prompts per category (6 categories)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--weight", type=float, default=LAYOUT_WEIGHT, help="the ControlNet's weight when measuring")
+    p.add_argument("--mode", default=LAYOUT_MODE, help="its control mode when measuring (A1111's names)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="--set key=value for the training (repeatable)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--set", kv]
         phases["train"] = run_phase("train", cmd, logs / "train.log", a.threads)
         controlnet = train_dir / "controlnet-layout.safetensors"
-    cmd = py + ["opensd.shapes.control_eval", "--model", a.model, "--controlnet", str(controlnet), "--per-category",
+    cmd = py + ["opensd.shapes.control_eval", "--model", a.model, "--controlnet", str(controlnet), "--weight", str(a.weight),
+                "--mode", a.mode, "--per-category",
                 str(a.per_category), "--threads", str(a.threads), "-o", str(a.out / "eval")]
     phases["measure"] = run_phase("measure", cmd, logs / "measure.log", a.threads)
     result = json.loads((a.out / "eval" / "layout.json").read_text())

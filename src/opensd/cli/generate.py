@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -136,6 +137,7 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Path | None = None) -> 
     ``refiner``: a second model's path, loaded after the first (``refiner=`` of the pipeline)."""
     from opensd.devices import resolve_device
     from opensd.explain.progress import StepProgress
+    from opensd.models.adapters import AdapterSet
     from opensd.pipelines.images import load_image
     from opensd.pipelines.infotext import save_image
     from opensd.pipelines.networks import RequestNetworks
@@ -160,6 +162,8 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Path | None = None) -> 
         embeddings.networks_for_prompts(pipe.model, pipe_args["prompt"], pipe_args["negative_prompt"])
         if embeddings is not None else None,
     ])
+    if run.get("merge_loras") and networks.adapters is not None:  # --few-step: its LoRAs merged for this run's calls
+        networks = dataclasses.replace(networks, adapters=AdapterSet(networks.adapters.deltas, merge_weights=True))
     if networks:
         pipe_args["networks"] = networks
     if run.get("control"):  # --controlnet: loaded for the model, after it
@@ -271,10 +275,10 @@ def _sdxl(
 def _options(
     model: Path | None, device: str | None, threads: int | None, out: str | None, quiet: bool,
     lora: list[str] | None = None, lora_dir: Path | None = None, embeddings_dir: Path | None = None,
-    precision: str = "auto",
+    precision: str = "auto", merge_loras: bool = False,
 ) -> dict:
     return dict(model=model, device=device, threads=threads, out=out, quiet=quiet, lora=lora, lora_dir=lora_dir,
-                embeddings_dir=embeddings_dir, precision=getattr(precision, "value", precision))
+                embeddings_dir=embeddings_dir, precision=getattr(precision, "value", precision), merge_loras=merge_loras)
 
 
 MODEL = typer.Option(None, "--model", "-m", help="Model path (diffusers folder, SD file or opensd folder); default: the bundled model.")
@@ -382,7 +386,7 @@ def register(app: typer.Typer) -> None:
                                      upscaler_dir, resolve_device(device), defaults={"upscaler": "Latent", "steps": 0, "denoise": 0.7})
         if hires is not None and refiner is not None:
             raise OpenSDError("--hires-* and --refiner do not go together yet; give one of them")
-        run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "prediction": prediction.value,
+        run = {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision, few_step), "prediction": prediction.value,
                "tiny_vae": tiny_vae, "hires": hires,
                "control": cn.control_specs(controlnet, control_image, control_preprocessor, control_start, control_end, control_mode,
                                            control_resize, has_image=False)}
@@ -417,7 +421,7 @@ def register(app: typer.Typer) -> None:
             lora = apply_few_step(ctx, args, model, lora, turbo)
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         _run("img2img", {"image": image, "prompt": prompt, "strength": strength, **args},
-             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "tiny_vae": tiny_vae,
+             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision, few_step), "tiny_vae": tiny_vae,
               "control": cn.control_specs(controlnet, control_image, control_preprocessor, control_start, control_end, control_mode, control_resize)}, refiner)
 
     @app.command()
@@ -467,7 +471,7 @@ def register(app: typer.Typer) -> None:
         args = _sdxl(ctx, args, turbo, refiner, refiner_switch_at, aesthetic_score, negative_aesthetic_score, original_size, strength)
         inpainting = _inpaint_options(mask_blur, masked_content, only_masked, only_masked_padding)
         _run("inpaint", {"image": image, "mask": mask, "prompt": prompt, "strength": strength, **inpainting, **args},
-             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision), "tiny_vae": tiny_vae,
+             {**_options(model, device, threads, out, quiet, lora, lora_dir, embeddings_dir, precision, few_step), "tiny_vae": tiny_vae,
               "control": cn.control_specs(controlnet, control_image, control_preprocessor, control_start, control_end, control_mode, control_resize)}, refiner)
 
     @app.command("png-info")

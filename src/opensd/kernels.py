@@ -285,7 +285,8 @@ def select_kernels(
     p = next(model.parameters(), None)
     cpu_fp32 = p is None or (p.device.type == "cpu" and p.dtype == torch.float32)
     if kernels is Kernels.ONEDNN and not (cpu_fp32 and onednn_available()):
-        where = "this torch has no oneDNN" if not onednn_available() else f"the model is {p.dtype} on {p.device}"
+        where = ("this torch has no oneDNN" if not onednn_available() or p is None
+                 else f"the model is {p.dtype} on {p.device}")
         raise KernelError(f"kernels 'onednn' runs float32 models on the CPU only, and {where}; use 'auto' or 'default'")
     if kernels is Kernels.AUTO and not (cpu_fp32 and onednn_available()):
         selection = KernelSelection(kernels, Kernels.DEFAULT, "no choice: oneDNN's route is for float32 on a CPU")

@@ -264,7 +264,7 @@ def _sdxl(
         raise OpenSDError("--refiner-switch-at needs --refiner (the model that takes over)")
     if turbo:
         _turbo(ctx, args, strength)
-    extra = {"aesthetic_score": aesthetic, "negative_aesthetic_score": negative_aesthetic}
+    extra: dict[str, object] = {"aesthetic_score": aesthetic, "negative_aesthetic_score": negative_aesthetic}
     if original_size is not None:
         extra["original_size"] = _original_size(original_size)
     if switch_at is not None:

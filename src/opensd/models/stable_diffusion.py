@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -274,8 +275,8 @@ class StableDiffusion(nn.Module):
     def text_encoders(self) -> list[TextEncoder]:
         """The text encoders in the order their outputs are concatenated."""
         if self.cfg.family in (ModelFamily.SD1, ModelFamily.SD2):
-            return [self.cond_stage_model.encoder]
-        return [e.encoder for e in self.conditioner.embedders]
+            return [cast(TextEncoder, self.cond_stage_model.encoder)]
+        return [cast(TextEncoder, e.encoder) for e in self.conditioner.embedders]
 
     @property
     def text_encoder(self) -> TextEncoder:

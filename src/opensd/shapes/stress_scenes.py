@@ -58,7 +58,7 @@ def non_scene(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     if kind in ("blocky noise", "smooth noise", "blobs"):
         cells = {"blocky noise": s // 4, "smooth noise": s // 8, "blobs": 3}[kind]
         low = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8))
-        return np.asarray(low.resize((s, s), Image.NEAREST if kind == "blocky noise" else Image.BICUBIC))
+        return np.asarray(low.resize((s, s), Image.Resampling.NEAREST if kind == "blocky noise" else Image.Resampling.BICUBIC))
     if kind == "flat colour":
         return np.broadcast_to(rng.integers(0, 256, 3), (s, s, 3)).astype(np.uint8)
     if kind == "gradient":

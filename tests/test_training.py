@@ -341,6 +341,25 @@ def assert_states_equal(a, b, where: str = "") -> None:
 
 # ----------------------------------------------------------------------------- exact resume after SIGKILL
 
+
+def sigkill_resume_script(module: str, stage: str) -> str:
+    """A training script for ``python SCRIPT CONFIG_JSON KILL_AT``: stage ``stage`` of
+    ``opensd.training.<module>`` (its config class ``<stage>Config``) run with resume, killed
+    by SIGKILL right after step KILL_AT (0: never)."""
+    return f"""
+import json, os, signal, sys
+import torch
+torch.set_num_threads(1)
+from opensd.training import loop
+from opensd.training.config import stage_config_from_dict
+from opensd.training.{module} import {stage}, {stage}Config
+
+cfg = stage_config_from_dict({stage}Config, json.loads(sys.argv[1]))
+kill_at = int(sys.argv[2])
+hooks = [lambda step, ctx: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None] if kill_at else []
+loop.run_stage({stage}(cfg), resume=True, hooks=hooks)
+"""
+
 RESUME_SCRIPT = """
 import json, os, signal, sys
 import torch

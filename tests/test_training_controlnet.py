@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import randomize, tiny_family_model
 from PIL import Image
-from test_training import ENV, assert_states_equal, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from test_training import ENV, assert_states_equal, one_thread, sigkill_resume_script  # noqa: F401 (one_thread: autouse fixture)
 from typer.testing import CliRunner
 
 from opensd.checkpoints.controlnet import load_controlnet, save_controlnet_diffusers
@@ -263,19 +263,7 @@ def test_an_sdxl_model_is_refused(tmp_path: Path, triples) -> None:
 # ----------------------------------------------------------------------------- a run
 
 
-RESUME_SCRIPT = """
-import json, os, signal, sys
-import torch
-torch.set_num_threads(1)
-from opensd.training import loop
-from opensd.training.config import stage_config_from_dict
-from opensd.training.controlnet import ControlNetStage, ControlNetStageConfig
-
-cfg = stage_config_from_dict(ControlNetStageConfig, json.loads(sys.argv[1]))
-kill_at = int(sys.argv[2])
-hooks = [lambda step, ctx: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None] if kill_at else []
-loop.run_stage(ControlNetStage(cfg), resume=True, hooks=hooks)
-"""
+RESUME_SCRIPT = sigkill_resume_script("controlnet", "ControlNetStage")
 
 
 def test_exact_resume_after_sigkill_and_the_export(model, triples, tmp_path: Path) -> None:

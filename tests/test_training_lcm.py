@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import ENV, assert_states_equal, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from test_training import ENV, assert_states_equal, one_thread, sigkill_resume_script  # noqa: F401 (one_thread: autouse fixture)
 from test_training_lora import SIZE, save_tiny, write_images
 from typer.testing import CliRunner
 
@@ -121,19 +121,7 @@ def test_config_errors() -> None:
 # ----------------------------------------------------------------------------- a run
 
 
-RESUME_SCRIPT = """
-import json, os, signal, sys
-import torch
-torch.set_num_threads(1)
-from opensd.training import loop
-from opensd.training.config import stage_config_from_dict
-from opensd.training.lcm import LCMStage, LCMStageConfig
-
-cfg = stage_config_from_dict(LCMStageConfig, json.loads(sys.argv[1]))
-kill_at = int(sys.argv[2])
-hooks = [lambda step, ctx: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None] if kill_at else []
-loop.run_stage(LCMStage(cfg), resume=True, hooks=hooks)
-"""
+RESUME_SCRIPT = sigkill_resume_script("lcm", "LCMStage")
 
 
 def test_exact_resume_after_sigkill_and_the_export(teacher, images, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import tiny_family_model
 from PIL import Image
-from test_training import ENV, assert_states_equal, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from test_training import ENV, assert_states_equal, one_thread, sigkill_resume_script  # noqa: F401 (one_thread: autouse fixture)
 
 from opensd.checkpoints.io import read_weights
 from opensd.checkpoints.lora import LoRAFile, LoRAUse, bind_loras
@@ -134,19 +134,7 @@ def test_targets_pick_the_layers_sd_scripts_names(models) -> None:
 # ----------------------------------------------------------------------------- checkpoints and resume
 
 
-RESUME_SCRIPT = """
-import json, os, signal, sys
-import torch
-torch.set_num_threads(1)
-from opensd.training import loop
-from opensd.training.config import stage_config_from_dict
-from opensd.training.lora import LoRAStage, LoRAStageConfig
-
-cfg = stage_config_from_dict(LoRAStageConfig, json.loads(sys.argv[1]))
-kill_at = int(sys.argv[2])
-hooks = [lambda step, ctx: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None] if kill_at else []
-loop.run_stage(LoRAStage(cfg), resume=True, hooks=hooks)
-"""
+RESUME_SCRIPT = sigkill_resume_script("lora", "LoRAStage")
 
 
 def test_exact_resume_after_sigkill_and_small_checkpoints(models, images, tmp_path: Path) -> None:

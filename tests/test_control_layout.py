@@ -179,3 +179,15 @@ def test_the_default_models_layout_controlnet_puts_objects_in_place() -> None:
     # target is measured on the benchmark's 120 prompts (0.901 there; docs/controlnet.md).
     assert got["in_place"] >= 0.75, got
     assert got["in_place"] > alone["in_place"] + 0.5, (got, alone)
+
+
+@pytest.mark.parametrize("args, message", [(["--mode", "louder"], "unknown control mode"),
+                                           (["--weight", "9"], "weight")])
+def test_the_measurement_refuses_a_bad_mode_or_weight_in_one_line(args, message, capsys) -> None:
+    from opensd.shapes.control_eval import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--controlnet", "missing.safetensors", "-o", "unused", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "".join(err)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import time
@@ -137,7 +136,6 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Path | None = None) -> 
     ``refiner``: a second model's path, loaded after the first (``refiner=`` of the pipeline)."""
     from opensd.devices import resolve_device
     from opensd.explain.progress import StepProgress
-    from opensd.models.adapters import AdapterSet
     from opensd.pipelines.images import load_image
     from opensd.pipelines.infotext import save_image
     from opensd.pipelines.networks import RequestNetworks
@@ -162,8 +160,8 @@ def _run(kind: str, pipe_args: dict, run: dict, refiner: Path | None = None) -> 
         embeddings.networks_for_prompts(pipe.model, pipe_args["prompt"], pipe_args["negative_prompt"])
         if embeddings is not None else None,
     ])
-    if run.get("merge_loras") and networks.adapters is not None:  # --few-step: its LoRAs merged for this run's calls
-        networks = dataclasses.replace(networks, adapters=AdapterSet(networks.adapters.deltas, merge_weights=True))
+    if run.get("merge_loras"):  # --few-step: its LoRAs merged for this run's calls
+        networks = networks.with_merged_weights()
     if networks:
         pipe_args["networks"] = networks
     if run.get("control"):  # --controlnet: loaded for the model, after it

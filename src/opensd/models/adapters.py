@@ -209,22 +209,24 @@ class AdapterSet:
 
     deltas: Mapping[nn.Module, tuple[Delta, ...]]
     merge_weights: bool = False
-    _merged: dict[nn.Module, torch.Tensor] = field(default_factory=dict, repr=False)
+    _merged: dict[nn.Module, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     def merged_weight(self, module: nn.Module) -> torch.Tensor | None:
         """``W + ΣΔW`` of ``module`` when this set merges and has deltas for it (a delta
         that changes the bias is applied unmerged: None), computed once."""
-        deltas = self.deltas.get(module, ()) if self.merge_weights else ()
-        if not deltas or any(getattr(d, "bias", None) is not None for d in deltas):
+        if not self.merge_weights:
             return None
-        w = self._merged.get(module)
-        if w is None:
+        if module in self._merged:
+            return self._merged[module]
+        deltas = self.deltas.get(module, ())
+        w: torch.Tensor | None = None
+        if deltas and all(getattr(d, "bias", None) is None for d in deltas):
             base = module.weight
             assert isinstance(base, torch.Tensor)
             w = base
             for d in deltas:  # out of place: the model's weight is never written
                 w = w + d.weight().to(base.dtype)
-            self._merged[module] = w
+        self._merged[module] = w  # None too: the answer for this layer is kept either way
         return w
 
     def __len__(self) -> int:
@@ -265,24 +267,23 @@ def active_adapters() -> AdapterSet | None:
     return _ACTIVE.get()
 
 
-def merged_weight(module: nn.Module) -> torch.Tensor | None:
-    """The current set's merged weight of ``module`` (:meth:`AdapterSet.merged_weight`), or None."""
-    if torch.compiler.is_compiling():
-        return None
-    adapters = _ACTIVE.get()
-    return None if adapters is None else adapters.merged_weight(module)
+def _current() -> AdapterSet | None:
+    """The active set; None inside a compiled graph, which cannot read the context variable
+    (see the module docstring)."""
+    return None if torch.compiler.is_compiling() else _ACTIVE.get()
 
 
-def adapted(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` (the base output of ``module`` for ``x``) plus the current set's deltas for ``module``."""
-    if torch.compiler.is_compiling():  # a compiled graph cannot read the context variable: see the module docstring
-        return out
-    adapters = _ACTIVE.get()
+def _plus_deltas(adapters: AdapterSet | None, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if adapters is None:
         return out
     for delta in adapters.get(module):
         out = out + delta.forward(module, x).to(out.dtype)
     return out
+
+
+def adapted(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` (the base output of ``module`` for ``x``) plus the current set's deltas for ``module``."""
+    return _plus_deltas(_current(), module, x, out)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -295,18 +296,18 @@ class Linear(nn.Linear):
     model's kernel selection chose it (:mod:`opensd.kernels`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = merged_weight(self)
+        adapters = _current()  # read once per call
+        w = None if adapters is None else adapters.merged_weight(self)
         if w is not None:
             return F.linear(x, w, self.bias)
-        return adapted(self, x, kernel_linear(self, x))
+        return _plus_deltas(adapters, self, x, kernel_linear(self, x))
 
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same keys) that adds the active adapters' deltas."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = merged_weight(self)
-        if w is not None:
-            out: torch.Tensor = self._conv_forward(x, w, self.bias)
-            return out
-        return adapted(self, x, self._conv_forward(x, self.weight, self.bias))
+        adapters = _current()  # read once per call
+        w = None if adapters is None else adapters.merged_weight(self)
+        out: torch.Tensor = self._conv_forward(x, self.weight if w is None else w, self.bias)
+        return out if w is not None else _plus_deltas(adapters, self, x, out)

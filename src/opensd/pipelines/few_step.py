@@ -15,13 +15,11 @@ Nothing is set on the pipeline: the LoRA is this call's ``networks``.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from opensd.errors import OpenSDError
-from opensd.models.adapters import AdapterSet
 
 LCM_LORA_FILE = "lcm_lora.safetensors"
 
@@ -79,6 +77,5 @@ def few_step_kwargs(pipe: Any, weight: float = 1.0) -> dict[str, Any]:
 
     use = LoRAUse(LoRAFile.load(few_step_lora(pipe.loaded.path)), unet=weight, te=weight)
     networks = LoraLibrary(None).networks_for(pipe.model, "", [use], LoraBudget())
-    if networks.adapters is not None:  # merged into this call's own weights: one op per layer at every step
-        networks = dataclasses.replace(networks, adapters=AdapterSet(networks.adapters.deltas, merge_weights=True))
+    networks = networks.with_merged_weights()  # one op per layer at every step
     return {"steps": FEW_STEP.steps, "sampler": FEW_STEP.sampler, "cfg_scale": FEW_STEP.cfg_scale, "networks": networks}

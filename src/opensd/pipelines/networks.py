@@ -18,6 +18,7 @@ Nothing of it is stored on the model or the pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,14 @@ class RequestNetworks:
 
     def __bool__(self) -> bool:
         return bool(self.adapters) or bool(self.embeddings) or bool(self.infotext) or bool(self.control)
+
+    def with_merged_weights(self) -> RequestNetworks:
+        """These networks with their LoRA deltas merged into the run's own copy of each adapted
+        weight (:class:`~opensd.models.adapters.AdapterSet` ``merge_weights``): one op per layer
+        at every call, at the memory of that copy; the shared model stays as it is."""
+        if self.adapters is None:
+            return self
+        return dataclasses.replace(self, adapters=AdapterSet(self.adapters.deltas, merge_weights=True))
 
     @staticmethod
     def merge(parts: Sequence[RequestNetworks | None]) -> RequestNetworks:

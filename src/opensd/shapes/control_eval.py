@@ -234,6 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", help="the pipeline's precision (fp32: as the training's evaluations)")
     p.add_argument("--out", "-o", type=Path, required=True)
     a = p.parse_args(argv)
+    from opensd.errors import OpenSDError
+    from opensd.pipelines.control import check_settings
+
+    try:  # the unit's own checks, before the model loads: one line for a bad --mode or --weight
+        check_settings("layout", a.weight, 0.0, 1.0, a.mode, "Crop and Resize")
+    except OpenSDError as e:
+        p.error(str(e))
     torch.set_num_threads(a.threads)
     pipe = StableDiffusionPipeline.from_path(a.model, precision=a.precision)
     size = pipe.cfg.image_size

@@ -131,7 +131,7 @@ def _with_new_defaults(saved: dict[str, Any], cfg_cls: type) -> dict[str, Any]:
     to a stage since the checkpoint was written, and left at its default, is no change."""
     try:
         defaults = to_dict(cfg_cls())
-    except Exception:  # a stage config without defaults for every field: nothing to fill
+    except (TypeError, ConfigError):  # a stage config without defaults for every field: nothing to fill
         return saved
     return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 

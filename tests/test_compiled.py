@@ -63,6 +63,18 @@ def test_pipeline_compile_option_runs_the_unet_compiled(monkeypatch) -> None:
     assert np.array_equal(image, np.asarray(StableDiffusionPipeline(tiny_loaded()).txt2img("a red circle", **args)[0]))
 
 
+def test_the_unet_traces_as_one_graph() -> None:
+    """TorchDynamo alone (no Inductor: seconds, not minutes) captures the U-Net's whole forward with
+    ``fullgraph=True``, as ``compile=True`` asks: nothing in it (the attention capture's or the adapters'
+    context variable, a kernel route) breaks the graph."""
+    unet = tiny_loaded().model.unet
+    x, t, ctx = _inputs(unet)
+    torch._dynamo.reset()
+    traced = torch.compile(unet, fullgraph=True, dynamic=False, backend="eager")
+    with torch.inference_mode():
+        assert torch.equal(traced(x, t, ctx), unet(x, t, ctx))
+
+
 @pytest.mark.slow
 def test_real_compilation_matches_eager_and_leaves_lora_eager() -> None:
     """torch.compile with Inductor (minutes on a CPU): outputs within float rounding of eager ones."""

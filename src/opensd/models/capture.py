@@ -58,8 +58,11 @@ class AttentionSink:
 
 _SINK: ContextVar[AttentionSink | None] = ContextVar("opensd_attention_sink", default=None)
 
-active_sink: Callable[[], AttentionSink | None] = _SINK.get
-"""The sink of this thread/task's innermost :func:`capture_attention` block, or None."""
+def active_sink() -> AttentionSink | None:
+    """The sink of this thread/task's innermost :func:`capture_attention` block, or None; always
+    None inside a graph that ``torch.compile`` traces (TorchDynamo cannot read a context variable,
+    and a compiled U-Net runs eagerly whenever a sink is active: :mod:`opensd.pipelines.compiled`)."""
+    return None if torch.compiler.is_compiling() else _SINK.get()
 
 
 @contextmanager

@@ -18,6 +18,10 @@ of modules: nothing is stored on them) there when oneDNN can run the call (CPU, 
 no gradient needed, not inside ``torch.compile``), and everything else to ``F.linear``.
 LoRA deltas are added to that base output as before. A selection is made once per model
 (and thread count) and holds for every request; it is not a per-request setting.
+
+The same selection decides the model's convolutions (float32 and bfloat16): torch's
+``F.conv2d``, or oneDNN with packed weights in channels-last layout, measured on the model's
+own U-Net (:mod:`opensd.conv_kernels`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd import conv_kernels
 from opensd.errors import OpenSDError
 
 # oneDNN is chosen when it takes at most this fraction of the default path's time: a tie
@@ -108,15 +113,19 @@ class GemmTiming:
 
 @dataclass(frozen=True)
 class KernelSelection:
-    """What a model's linear layers run on, and why."""
+    """What a model's linear layers and convolutions run on, and why."""
 
     requested: Kernels
-    backend: Kernels  # DEFAULT or ONEDNN
+    backend: Kernels  # DEFAULT or ONEDNN: the linear layers
     reason: str
     timing: GemmTiming | None = None
+    packed_convs: bool = False  # the convolutions on oneDNN with packed weights (opensd.conv_kernels)
+    conv_reason: str = "as asked"
+    conv_timing: conv_kernels.ConvTiming | None = None
 
     def describe(self) -> str:
-        return f"kernels: {self.backend.value} ({self.reason})"
+        convs = "packed" if self.packed_convs else "default"
+        return f"kernels: {self.backend.value} ({self.reason}); convolutions: {convs} ({self.conv_reason})"
 
 
 # ----------------------------------------------------------------------------- routing
@@ -271,15 +280,40 @@ def default_kernels(unet_params: int) -> Kernels:
     return Kernels.AUTO if unet_params >= AUTO_MIN_PARAMS else Kernels.DEFAULT
 
 
+def _select_convs(
+    model: nn.Module, kernels: Kernels, measure_on: nn.Module, probe: conv_kernels.Probe | None,
+    clock: Callable[[bool], float] | None,
+) -> tuple[bool, str, conv_kernels.ConvTiming | None]:
+    """``(packed, reason, timing)`` for the convolutions: ``onednn`` packs, ``default`` does not,
+    ``auto`` times ``probe`` (a forward of ``measure_on``) on both routes where there is a choice."""
+    p = next(model.parameters(), None)
+    packable = conv_kernels.packed_available() and (
+        p is None or (p.device.type == "cpu" and p.dtype in conv_kernels.PACKED_DTYPES))
+    if kernels is Kernels.DEFAULT:
+        return False, "as asked", None
+    if not packable:
+        return False, "no choice: packed convolutions are for float32 or bfloat16 on a CPU with oneDNN", None
+    if kernels is Kernels.ONEDNN:
+        return True, "as asked", None
+    if probe is None:
+        return False, "not measured: no probe of the model was given", None
+    timing = conv_kernels.measure_model(measure_on, probe, clock=clock)
+    packed, reason = conv_kernels.choose(timing)
+    return packed, reason, timing
+
+
 def select_kernels(
     model: nn.Module, kernels: Kernels | str, *, measure_on: nn.Module | None = None, rows: int = 128,
-    timer: Timer | None = None,
+    timer: Timer | None = None, probe: conv_kernels.Probe | None = None, conv_clock: Callable[[bool], float] | None = None,
 ) -> KernelSelection:
-    """Choose the kernel of every ``nn.Linear`` in ``model`` and route them to it.
+    """Choose the kernel of every ``nn.Linear`` and ``nn.Conv2d`` in ``model`` and route them to it.
 
-    ``auto`` measures at ``measure_on``'s linear shapes (default: ``model``'s) with ``rows``
-    rows each (:func:`linear_shapes`); only a float32 model on the CPU has a choice.
-    ``onednn`` there forces oneDNN; elsewhere it is an error.
+    Linear layers: ``auto`` measures at ``measure_on``'s linear shapes (default: ``model``'s) with
+    ``rows`` rows each (:func:`linear_shapes`); only a float32 model on the CPU has a choice.
+    ``onednn`` there forces oneDNN; elsewhere it is an error. Convolutions: ``auto`` times
+    ``probe.run()`` (a forward of ``measure_on`` on fixed inputs) with and without packed weights
+    (:mod:`opensd.conv_kernels`), after the linear layers are routed; ``onednn`` packs them.
+    ``timer`` and ``conv_clock`` replace the clocks (tests).
     """
     kernels = Kernels.parse(kernels)
     p = next(model.parameters(), None)
@@ -289,15 +323,17 @@ def select_kernels(
                  else f"the model is {p.dtype} on {p.device}")
         raise KernelError(f"kernels 'onednn' runs float32 models on the CPU only, and {where}; use 'auto' or 'default'")
     if kernels is Kernels.AUTO and not (cpu_fp32 and onednn_available()):
-        selection = KernelSelection(kernels, Kernels.DEFAULT, "no choice: oneDNN's route is for float32 on a CPU")
+        backend, reason, timing = Kernels.DEFAULT, "no choice: oneDNN's route is for float32 on a CPU", None
     elif kernels is Kernels.AUTO:
         timing = measure_cached(linear_shapes(measure_on or model, rows), timer=timer)
         backend, reason = choose(timing)
-        selection = KernelSelection(kernels, backend, reason, timing)
     else:
-        selection = KernelSelection(kernels, kernels, "as asked")
-    route(model, selection.backend)
-    return selection
+        backend, reason, timing = kernels, "as asked", None
+    route(model, backend)
+    packed, conv_reason, conv_timing = _select_convs(model, kernels, measure_on or model, probe, conv_clock)
+    conv_kernels.route(model, packed)
+    conv_kernels.release(model)  # what the measurement packed, when the choice is torch's route
+    return KernelSelection(kernels, backend, reason, timing, packed, conv_reason, conv_timing)
 
 
 class ModelKernels:
@@ -307,8 +343,11 @@ class ModelKernels:
     ``rows``: the rows of its linear layers' GEMMs to measure at. ``onednn`` is checked at once.
     """
 
-    def __init__(self, model: nn.Module, kernels: Kernels | str | None, *, measure_on: nn.Module, rows: int) -> None:
-        self.model, self.measure_on, self.rows = model, measure_on, rows
+    def __init__(
+        self, model: nn.Module, kernels: Kernels | str | None, *, measure_on: nn.Module, rows: int,
+        probe: conv_kernels.Probe | None = None,
+    ) -> None:
+        self.model, self.measure_on, self.rows, self.probe = model, measure_on, rows, probe
         self.kernels = default_kernels(sum(p.numel() for p in measure_on.parameters())) if kernels is None else Kernels.parse(kernels)
         self._selections: dict[int, KernelSelection] = {}  # torch's thread count -> selection
         self._threads: int | None = None
@@ -321,9 +360,11 @@ class ModelKernels:
         threads = torch.get_num_threads()
         selection = self._selections.get(threads)
         if selection is None:
-            selection = select_kernels(self.model, self.kernels, measure_on=self.measure_on, rows=self.rows)
+            selection = select_kernels(self.model, self.kernels, measure_on=self.measure_on, rows=self.rows,
+                                       probe=self.probe)
             self._selections[threads] = selection
         elif threads != self._threads:
             route(self.model, selection.backend)
+            conv_kernels.route(self.model, selection.packed_convs)
         self._threads = threads
         return selection

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd.conv_kernels import conv2d as kernel_conv2d
 from opensd.kernels import linear as kernel_linear
 
 # ----------------------------------------------------------------------------- deltas
@@ -304,10 +305,13 @@ class Linear(nn.Linear):
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, same keys) that adds the active adapters' deltas."""
+    """``nn.Conv2d`` (same parameters, same keys) that adds the active adapters' deltas.
+
+    Its base output is :func:`opensd.conv_kernels.conv2d`'s: ``F.conv2d``, or oneDNN with a
+    packed weight when the model's kernel selection chose it (:mod:`opensd.kernels`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = _current()  # read once per call
         w = None if adapters is None else adapters.merged_weight(self)
-        out: torch.Tensor = self._conv_forward(x, self.weight if w is None else w, self.bias)
+        out = kernel_conv2d(self, x, w)
         return out if w is not None else _plus_deltas(adapters, self, x, out)

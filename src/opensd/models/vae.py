@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opensd.config import ConfigError
+from opensd.models.adapters import Conv2d
 from opensd.models.attention import multihead_attention
 from opensd.models.layers import group_norm
 
@@ -166,10 +167,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.norm1 = group_norm(in_channels, groups, NORM_EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, groups, NORM_EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut: nn.Conv2d | None = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut: nn.Conv2d | None = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -184,10 +185,10 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.norm = group_norm(channels, groups, NORM_EPS)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -206,7 +207,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
@@ -217,7 +218,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -275,7 +276,7 @@ class Encoder(nn.Module):
         super().__init__()
         g = cfg.norm_groups
         widths = cfg.block_channels
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         block_in = cfg.ch
         for i, block_out in enumerate(widths):
@@ -287,7 +288,7 @@ class Encoder(nn.Module):
             self.down.append(DownLevel(blocks, None if last else Downsample(block_in)))
         self.mid = MidBlock(block_in, g)
         self.norm_out = group_norm(block_in, g, NORM_EPS)
-        self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -309,7 +310,7 @@ class Decoder(nn.Module):
         g = cfg.norm_groups
         widths = cfg.block_channels
         block_in = widths[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = MidBlock(block_in, g)
         levels: list[UpLevel] = []
         for i in reversed(range(len(widths))):
@@ -321,7 +322,7 @@ class Decoder(nn.Module):
             levels.insert(0, UpLevel(blocks, None if i == 0 else Upsample(block_in)))
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, g, NORM_EPS)
-        self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
@@ -345,8 +346,8 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:

@@ -309,6 +309,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default: per case and device)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
     p.add_argument("--quick", action="store_true", help="fewer repeats, smaller matmul-peak probe, fewer memory-case steps")
+    p.add_argument("--kernels", choices=("auto", "default", "onednn"), default="auto",
+                   help="opensd's kernels in the SD 1.5 module cases (default auto: what opensd does for a model that size)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here (rewritten after every case)")
     p.add_argument("--budget", type=float, default=None, help="seconds; cases not started by then are skipped")
@@ -357,6 +359,7 @@ def settings(args: argparse.Namespace) -> Settings:
         memory_size=args.memory_size,
         memory_steps=args.memory_steps or (2 if args.quick else 4),
         unet_size=args.unet_size,
+        kernels=args.kernels,
         **auto,
     )
 

@@ -41,6 +41,15 @@ def diffusers_vae_sharing(ours: torch.nn.Module, cfg, sample_size: int, copy: bo
     return ref.eval()
 
 
+def choose_kernels(ours: torch.nn.Module, s: Settings, run, where: str) -> str:
+    """Route ``ours``' linear layers and convolutions as an opensd pipeline would (``--kernels``,
+    measured on ``run()`` under auto); the selection's description, for the row."""
+    from opensd.conv_kernels import Probe
+    from opensd.kernels import select_kernels
+
+    return select_kernels(ours, s.kernels, probe=Probe(run, where)).describe()
+
+
 # ----------------------------------------------------------------------------- cases: SD 1.5 modules
 
 
@@ -69,6 +78,7 @@ def case_sd15_unet(s: Settings) -> list[Row]:
         shadow(x_o.to("meta"), t.to("meta"), context_o.to("meta"))
     flops = counter.get_total_flops()
 
+    kernels = choose_kernels(ours, s, lambda: ours(x_o[..., :16, :16].contiguous(), t, context_o), "the U-Net at a 16x16 latent")
     ours_c, ref_c = maybe_compile(ours, s), maybe_compile(ref, s)
     row = Row("sd15_unet", s.label("SD1.5 U-Net, guided step 512² (batch 2)"), "it/s", 1.0)
     with torch.inference_mode():
@@ -78,6 +88,7 @@ def case_sd15_unet(s: Settings) -> list[Row]:
     row.extra = {
         **efficiency(flops, row, s),
         "diffusers_attention_processor": type(next(iter(ref.attn_processors.values()))).__name__,
+        "opensd_kernels": kernels,
     }
     return [row]
 
@@ -93,6 +104,8 @@ def case_sd15_vae(s: Settings) -> list[Row]:
     ours = recast(ours, lambda: AutoencoderKL(cfg), s.dtype)
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2)).to(s.device, rs.dtype)
     z_o = z.to(s.dtype)
+    kernels = choose_kernels(ours, s, lambda: ours.decoder(ours.post_quant_conv(z_o[..., :16, :16].contiguous())),
+                             "the VAE decoder at a 16x16 latent")
     ours_dec, ref_dec = maybe_compile(ours.decoder, s), maybe_compile(ref.decoder, s)
     row = Row("sd15_vae", s.label("SD1.5 VAE decode 64² -> 512²"), "decodes/s", 1.0)
     with torch.inference_mode():
@@ -104,6 +117,7 @@ def case_sd15_vae(s: Settings) -> list[Row]:
             True,
         )
     row.max_abs_diff = max_abs_diff(a, b)
+    row.extra = {"opensd_kernels": kernels}
     return [row]
 
 

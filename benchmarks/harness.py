@@ -47,6 +47,7 @@ class Settings:
     # side in ``ref_dtype`` (diffusers' default, fp32); None: both sides in ``dtype``
     ref_dtype: torch.dtype | None = None
     auto_reason: str | None = None
+    kernels: str = "auto"  # opensd's kernel choice in the SD 1.5 module cases (opensd.kernels; its default there)
 
     @property
     def split(self) -> bool:

@@ -11,7 +11,7 @@ and other. Run under each engine's interpreter, like ``peer_profile.py``:
     /work/peers/openvino/bin/python benchmarks/unet_op_profile.py openvino /work/peers/weights/sd15/openvino-ir --precision bf16
 
 opensd: ``torch.profiler`` over ``--repeats`` calls after a warm-up, self CPU time per ATen
-operator. OpenVINO: the CPU plugin's per-node counters (``PERF_COUNT``) of the compiled,
+operator, on the kernels a generation would use (``--kernels``; auto: measured, :mod:`opensd.kernels`). OpenVINO: the CPU plugin's per-node counters (``PERF_COUNT``) of the compiled,
 statically shaped U-Net over the same calls; a node's time is its ``real_time``, its kind
 comes from its executed type (a fused node counts under its main operation, so fused
 GroupNorm-SiLU or convolution-add chains are counted once). Prints a table and, on the last
@@ -32,6 +32,7 @@ KINDS = ("convolution", "matmul", "attention", "normalization", "elementwise", "
 # (substring of the lower-cased operator name or node type, kind): the first match wins
 _TORCH_KINDS = (
     ("convolution", "convolution"), ("conv2d", "convolution"), ("mkldnn_conv", "convolution"),
+    ("slow_conv", "convolution"),
     ("scaled_dot_product", "attention"), ("flash_attention", "attention"), ("softmax", "attention"),
     ("baddbmm", "attention"), ("bmm", "attention"),
     ("addmm", "matmul"), ("linear", "matmul"), ("matmul", "matmul"), ("aten::mm", "matmul"),
@@ -78,7 +79,8 @@ def opensd(args: argparse.Namespace) -> dict[str, Any]:
     import opensd as sd
 
     torch.set_num_threads(args.threads)
-    pipe = sd.load(args.model, precision=args.precision)
+    pipe = sd.load(args.model, precision=args.precision, kernels=args.kernels)
+    kernels = pipe.kernels.selection().describe()  # what a generation would run on (measured under auto)
     unet, dtype = pipe.model.model.diffusion_model, pipe.precision.dtype
     g = torch.Generator().manual_seed(0)
     lat = args.size // 8
@@ -94,7 +96,7 @@ def opensd(args: argparse.Namespace) -> dict[str, Any]:
                 unet(x, t, ctx)
                 wall.append(time.perf_counter() - t0)
     ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
-    return {"precision": pipe.precision.reason, "wall_s_per_call": sorted(wall)[len(wall) // 2],
+    return {"precision": pipe.precision.reason, "kernels": kernels, "wall_s_per_call": sorted(wall)[len(wall) // 2],
             **summarize(ops, args.repeats, _TORCH_KINDS)}
 
 
@@ -146,6 +148,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=256, help="image side; the latent is size/8")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--kernels", choices=("auto", "default", "onednn"), default="auto", help="opensd's kernels")
     p.add_argument("--repeats", type=int, default=3, help="profiled calls after one warm-up")
     args = p.parse_args()
     out = {"engine": args.engine, "size": args.size, "threads": args.threads,

@@ -152,3 +152,18 @@ def test_a_pipeline_on_packed_convolutions_makes_the_same_image(dtype, packed_ca
         ref = image(StableDiffusionPipeline(tiny_loaded(), kernels="default"))
         assert np.abs(a - ref).mean() <= 1.25 * np.abs(b - ref).mean() + 0.5
         assert np.abs(a - ref).max() <= 1.5 * np.abs(b - ref).max() + 2
+
+
+def test_auto_does_not_pack_what_memory_cannot_hold(model, monkeypatch, tmp_path) -> None:
+    need = CK.packed_bytes(model)
+    assert need == sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    monkeypatch.setattr(K, "available_memory", lambda: int(need / CK.MEMORY_SHARE) - 1)
+    sel = K.select_kernels(model, "auto", probe=unet_probe(model.unet, 8), conv_clock={False: 1.0, True: 0.1}.__getitem__)
+    assert not sel.packed_convs and sel.conv_timing is None and "GB available" in sel.conv_reason
+    monkeypatch.setattr(K, "available_memory", lambda: int(need / CK.MEMORY_SHARE) + 1)
+    sel = K.select_kernels(model, "auto", probe=unet_probe(model.unet, 8), conv_clock={False: 1.0, True: 0.1}.__getitem__)
+    assert sel.packed_convs
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   1000 kB\n")
+    assert CK.available_memory(str(meminfo)) == 1000 * 1024
+    assert CK.available_memory(str(tmp_path / "missing")) is None

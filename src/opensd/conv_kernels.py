@@ -43,6 +43,9 @@ PACK_MARGIN = 0.9
 # ... and when the two routes' outputs agree to this (max |diff| / max |default|), per dtype.
 AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+# ``auto`` packs only when the packed copies take at most this share of the memory available
+# (SD 1.5's convolution weights: 1.3 GB in bfloat16, 2.7 GB in float32).
+MEMORY_SHARE = 0.25
 
 _PACKED_LAYERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _packs: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -111,6 +114,32 @@ def conv2d(layer: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = None
         weight = layer.weight
     out: torch.Tensor = layer._conv_forward(x, weight, layer.bias)
     return out
+
+
+def packed_bytes(module: nn.Module) -> int:
+    """The bytes the packed copies of ``module``'s convolution weights take (as many as the weights)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """The memory the kernel says is available for new allocations (``MemAvailable``), in bytes; None where unknown."""
+    try:
+        with open(meminfo) as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_refusal(module: nn.Module, available: int | None) -> str | None:
+    """Why ``module``'s convolutions should not be packed for lack of memory, or None."""
+    need = packed_bytes(module)
+    if available is None or need <= MEMORY_SHARE * available:
+        return None
+    return (f"not packed: the packed copies would take {need / 1e9:.2f} GB, more than {MEMORY_SHARE:.0%} "
+            f"of the {available / 1e9:.2f} GB available")
 
 
 def routed_packed(layer: nn.Module) -> bool:

@@ -280,6 +280,11 @@ def default_kernels(unet_params: int) -> Kernels:
     return Kernels.AUTO if unet_params >= AUTO_MIN_PARAMS else Kernels.DEFAULT
 
 
+def available_memory() -> int | None:
+    """The memory available now (bytes; None where unknown): what ``auto`` weighs packed copies against."""
+    return conv_kernels.available_memory()
+
+
 def _select_convs(
     model: nn.Module, kernels: Kernels, measure_on: nn.Module, probe: conv_kernels.Probe | None,
     clock: Callable[[bool], float] | None,
@@ -297,6 +302,9 @@ def _select_convs(
         return True, "as asked", None
     if probe is None:
         return False, "not measured: no probe of the model was given", None
+    short = conv_kernels.memory_refusal(model, available_memory())
+    if short is not None:
+        return False, short, None
     timing = conv_kernels.measure_model(measure_on, probe, clock=clock)
     packed, reason = conv_kernels.choose(timing)
     return packed, reason, timing

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ def main() -> int:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -75,7 +77,10 @@ def main() -> int:
                 err = float((fn().float() - ref).abs().max())
                 rows.append({"queries": n, "keys": L, "channels": c, "variant": name, "s": s, "max_err": err})
                 print(f"| {n} x {L}, {c} | {name} | {1e3 * s:.2f} | {s / base:.2f} | {err:.2g} |", flush=True)
-    print(json.dumps({"dtype": args.dtype, "threads": args.threads, "rows": rows}))
+    out = json.dumps({"dtype": args.dtype, "threads": args.threads, "rows": rows})
+    if args.json:
+        args.json.write_text(out + "\n")
+    print(out)
     return 0
 
 

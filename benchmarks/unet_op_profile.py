@@ -150,10 +150,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--kernels", choices=("auto", "default", "onednn"), default="auto", help="opensd's kernels")
     p.add_argument("--repeats", type=int, default=3, help="profiled calls after one warm-up")
+    p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     out = {"engine": args.engine, "size": args.size, "threads": args.threads,
            **{"opensd": opensd, "openvino": openvino}[args.engine](args)}
     print(f"## {args.engine}, SD 1.5 U-Net, {args.size}², batch 2, {out['precision']}\n\n{table(out)}\n", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(json.dumps(out) + "\n")
     print(json.dumps(out))
     return 0
 

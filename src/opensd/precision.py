@@ -212,7 +212,7 @@ class ProbeResult:
         return self.half_s / self.fp32_s
 
 
-def _probe_blocks(shape: ProbeShape, device: torch.device):
+def _probe_blocks(shape: ProbeShape, device: torch.device) -> torch.nn.ModuleList:
     """The probe's ResBlock and SpatialTransformer on ``device``, float32, filled from a
     private generator (torch's global random state is left as it was)."""
     from opensd.models.transformer import SpatialTransformer
@@ -245,7 +245,7 @@ def time_probe(shape: ProbeShape, device: torch.device, half: torch.dtype) -> Pr
     x = torch.randn(2, shape.channels, shape.side, shape.side, generator=g).to(device)  # (B, C, s, s)
     emb = torch.randn(2, 4 * shape.channels, generator=g).to(device)
     ctx = torch.randn(2, shape.context_len, shape.context_dim, generator=g).to(device)  # (B, L, D)
-    runs = {}
+    runs: dict[torch.dtype, tuple[torch.nn.ModuleList, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for dt in (torch.float32, half):
         net = blocks if dt == torch.float32 else _copy_to(blocks, dt)
         runs[dt] = (net, x.to(dt), emb.to(dt), ctx.to(dt))
@@ -269,7 +269,7 @@ def time_probe(shape: ProbeShape, device: torch.device, half: torch.dtype) -> Pr
     return ProbeResult(best[torch.float32], best[half], half)
 
 
-def _copy_to(blocks: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def _copy_to(blocks: torch.nn.ModuleList, dtype: torch.dtype) -> torch.nn.ModuleList:
     import copy
 
     return copy.deepcopy(blocks).to(dtype)

@@ -33,6 +33,7 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tokenizers import Tokenizer as Backend
@@ -77,6 +78,7 @@ from opensd.tokenizers import Tokenizer
 from opensd.tokenizers.clip_bpe import CLIPTokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
@@ -227,14 +229,15 @@ def _read_component_weights(folder: Path, comp: str, dtype: torch.dtype = torch.
 def _sample_size(value: object, where: Path) -> int:
     """diffusers' ``sample_size``: a positive integer, or a list of equal positive integers (height, width)."""
     items = value if isinstance(value, list) else [value]
-    if not items or any(type(v) is not int or v < 1 for v in items) or len(set(items)) != 1:
+    sizes = [v for v in items if type(v) is int and v >= 1]
+    if not items or len(sizes) != len(items) or len(set(sizes)) != 1:
         raise CheckpointError(
             f"{where}: sample_size must be a positive integer or a list of equal ones, got {value!r:.60}"
         )
-    return items[0]
+    return sizes[0]
 
 
-def _component_config(file: Path, convert: Callable[[dict], object]) -> object:
+def _component_config(file: Path, convert: Callable[[dict], T]) -> T:
     """``convert(<the JSON object in file>)``; whatever the converter refuses is an error naming the file."""
     data = read_json(file)
     try:
@@ -461,7 +464,7 @@ def save_diffusers(model: StableDiffusion, tokenizer: Tokenizer, folder: str | P
             shutil.rmtree(folder / name)
         classes[name] = _save_tokenizer_for_transformers(tok, folder / name)
     scheduler = "PNDMScheduler" if family in (ModelFamily.SD1, ModelFamily.SD2) else "EulerDiscreteScheduler"
-    sched = {"_class_name": scheduler, "_diffusers_version": EXPORTED_DIFFUSERS_VERSION}
+    sched: dict[str, object] = {"_class_name": scheduler, "_diffusers_version": EXPORTED_DIFFUSERS_VERSION}
     if scheduler == "PNDMScheduler":
         sched["skip_prk_steps"] = True
     sched.update(cfg.schedule.to_diffusers())

@@ -274,18 +274,16 @@ def write_embedding(ti: TextualInversion, path: str | Path, model: StableDiffusi
     suffix = path.suffix.lower()
     if suffix not in (".pt", ".safetensors"):
         raise LoRAError(f"{path.name}: write an embedding as .pt or .safetensors")
-    if keys != (SINGLE,):
-        tensors = dict(zip(keys, vecs, strict=False))
-    elif suffix == ".safetensors":
-        tensors = {"emb_params": vecs[0]}
-    else:
-        tensors = {"string_to_token": {SINGLE: 265}, "string_to_param": {SINGLE: vecs[0]}, "name": ti.name,
-                   "step": ti.step, "sd_checkpoint": ti.sd_checkpoint, "sd_checkpoint_name": ti.sd_checkpoint_name}
+    per_encoder = dict(zip(keys, vecs, strict=False)) if keys != (SINGLE,) else None
     if suffix == ".safetensors":  # A1111's fields as metadata (its .pt keys)
         fields = {"name": ti.name, "step": ti.step, "sd_checkpoint": ti.sd_checkpoint,
                   "sd_checkpoint_name": ti.sd_checkpoint_name}
+        tensors = per_encoder if per_encoder is not None else {"emb_params": vecs[0]}
         write_safetensors(tensors, path, metadata={k: str(v) for k, v in fields.items() if v is not None})
     else:
+        data: Mapping[str, object] = per_encoder if per_encoder is not None else {
+            "string_to_token": {SINGLE: 265}, "string_to_param": {SINGLE: vecs[0]}, "name": ti.name,
+            "step": ti.step, "sd_checkpoint": ti.sd_checkpoint, "sd_checkpoint_name": ti.sd_checkpoint_name}
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tensors, path)
+        torch.save(data, path)
     return path

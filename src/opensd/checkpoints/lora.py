@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -187,9 +187,10 @@ def loha_delta(layer: LayerWeights, target: Target, scale: float, where: str) ->
     """LyCORIS LoHa: ``(w1a @ w1b) ⊙ (w2a @ w2b) · alpha / rank``, rank = ``w1b.shape[0]``. With
     Tucker cores ``t1``/``t2`` (r, r, kh, kw), ``w?a`` is (r, out) and ``w?b`` (r, in)."""
     t = layer.tensors
-    w1a, w1b, w2a, w2b, t1, t2 = (t.get(k) for k in ("w1a", "w1b", "w2a", "w2b", "t1", "t2"))
+    w1a, w1b, w2a, w2b = (t[k] for k in ("w1a", "w1b", "w2a", "w2b"))  # all there (read_layers checks)
+    t1, t2 = t.get("t1"), t.get("t2")  # both or neither (read_layers checks)
     rank = w1b.shape[0]
-    if t1 is None:
+    if t1 is None or t2 is None:
         w1b, w2b = w1b.flatten(1), w2b.flatten(1)  # (r, in·kh·kw)
         _rank_check(where, w1a.ndim == 2 and w1a.shape[1] == rank and tuple(w2a.shape[1:]) == (w2b.shape[0],),
                     w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b)
@@ -204,8 +205,9 @@ def loha_delta(layer: LayerWeights, target: Target, scale: float, where: str) ->
         _check_fits((w2a.shape[1], w2b.shape[1], *t2.shape[2:]), target, where)
     p = next(target.module.parameters())
     alpha = rank if layer.alpha is None else layer.alpha
-    cast = [None if x is None else x.to(p) for x in (w1a, w1b, w2a, w2b, t1, t2)]
-    return Hadamard(*cast[:4], scale * alpha / rank, target.weight_shape, cast[4], cast[5])
+    w1a, w1b, w2a, w2b = (x.to(p) for x in (w1a, w1b, w2a, w2b))
+    return Hadamard(w1a, w1b, w2a, w2b, scale * alpha / rank, target.weight_shape,
+                    None if t1 is None else t1.to(p), None if t2 is None else t2.to(p))
 
 
 def lokr_delta(layer: LayerWeights, target: Target, scale: float, where: str) -> Kronecker:
@@ -213,26 +215,30 @@ def lokr_delta(layer: LayerWeights, target: Target, scale: float, where: str) ->
     Tucker ``t2``). Scale ``alpha / rank`` with the rank of the decomposed half (``w1a``'s first),
     1 when both halves are whole (LyCORIS' own rule)."""
     t = {k: v.to(next(target.module.parameters())) for k, v in layer.tensors.items()}
-    w1a, w1b, w2a, w2b, t2 = (t.get(k) for k in ("w1a", "w1b", "w2a", "w2b", "t2"))
     if "w1" in t:
         w1 = t["w1"]
     else:
+        w1a, w1b = t["w1a"], t["w1b"]  # both there without w1 (read_layers checks)
         _rank_check(where, w1a.ndim == 2 and w1b.ndim == 2 and w1a.shape[1] == w1b.shape[0], w1a=w1a, w1b=w1b)
         w1 = w1a @ w1b  # (a, c)
+    t2 = t.get("t2")
     if "w2" in t:
         w2 = t["w2"]
     elif t2 is not None:
+        w2a, w2b = t["w2a"], t["w2b"]  # both there without w2 (read_layers checks)
         _rank_check(where, w2a.ndim == 2 and w2b.ndim == 2 and tuple(t2.shape[:2]) == (w2a.shape[0], w2b.shape[0]),
                     w2a=w2a, w2b=w2b, t2=t2)
         w2 = torch.einsum("ijyx,ib,jd->bdyx", t2, w2a, w2b)  # t2 (r, r, kh, kw), w2a (r, b), w2b (r, d)
     else:
+        w2a, w2b = t["w2a"], t["w2b"]
         _rank_check(where, w2a.ndim == 2 and w2a.shape[1] == w2b.shape[0], w2a=w2a, w2b=w2b)
         w2 = w2a @ w2b.flatten(1)  # (b, d·kh·kw)
     if w1.ndim != 2:
         raise LoRAError(f"{where}: lokr_w1 must be a matrix, got shape {tuple(w1.shape)}")
     got = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:])
     _check_fits(got if w2.ndim == 4 else got[:2], target, where)
-    rank = w1b.shape[0] if w1b is not None else w2b.shape[0] if w2b is not None else None
+    b = t.get("w1b", t.get("w2b"))  # the b matrix of the decomposed half (the first, when both are)
+    rank = None if b is None else b.shape[0]
     factor = 1.0 if rank is None else (rank if layer.alpha is None else layer.alpha) / rank
     return Kronecker(w1, w2, scale * factor, target.weight_shape)
 
@@ -250,7 +256,7 @@ def full_delta(layer: LayerWeights, target: Target, scale: float, where: str) ->
     return Full(diff.reshape(want).to(p), scale, None if bias is None else bias.to(p))
 
 
-_BUILDERS = {"lora": low_rank_delta, "loha": loha_delta, "lokr": lokr_delta, "full": full_delta}
+_BUILDERS: dict[str, Callable[[LayerWeights, Target, float, str], Delta]] = {"lora": low_rank_delta, "loha": loha_delta, "lokr": lokr_delta, "full": full_delta}
 
 
 def layer_delta(layer: LayerWeights, target: Target, scale: float, where: str) -> Delta:

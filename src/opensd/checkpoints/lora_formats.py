@@ -42,6 +42,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -255,7 +256,8 @@ class PeftAlphas:
         if cfg is None:
             return None
         alpha = cfg.get("lora_alpha")
-        for pattern, value in dict(cfg.get("alpha_pattern") or {}).items():  # PEFT's get_pattern_key
+        patterns: Any = cfg.get("alpha_pattern") or {}  # a JSON value from the header, as PEFT reads it
+        for pattern, value in dict(patterns).items():  # PEFT's get_pattern_key
             try:
                 hit = re.match(rf"(.*\.)?({pattern})$", module) or re.match(rf"(.*\.)?({pattern})$", module.removeprefix("text_model."))
             except re.error:

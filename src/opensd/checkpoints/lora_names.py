@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from opensd.checkpoints.keymap_open_clip import _QKV, _block_keys
@@ -50,8 +51,11 @@ class Target:
     def weight_shape(self) -> tuple[int, ...]:
         """The shape ``ΔW`` must have (one row block of a fused projection)."""
         if self.rows is None:
-            return tuple(self.module.weight.shape)  # type: ignore[union-attr]
-        w = self.module.in_proj_weight  # type: ignore[union-attr]
+            weight = self.module.weight
+            assert isinstance(weight, torch.Tensor)
+            return tuple(weight.shape)
+        w = self.module.in_proj_weight
+        assert isinstance(w, torch.Tensor)
         return (w.shape[0] // 3, w.shape[1])
 
 

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from opensd.checkpoints.io import CheckpointError
 from opensd.diffusion.schedules import Prediction
 from opensd.models.stable_diffusion import ModelFamily
+from opensd.models.unet import UNetModel
 
 # Marker tensors that are no network weights; they are read here and set aside before loading.
 V_PRED_KEY = "v_pred"
@@ -125,7 +126,7 @@ def zero_terminal_snr(meta: Mapping[str, str], keys: Iterable[str]) -> str | Non
 
 
 @torch.no_grad()
-def probe_mean_offset(unet: torch.nn.Module, num_train_timesteps: int = 1000) -> float:
+def probe_mean_offset(unet: UNetModel, num_train_timesteps: int = 1000) -> float:
     """A1111's v-prediction probe for SD 2.x: ``mean(unet(x, t_max, c) - x)`` on constants.
 
     ``x`` (1, C, 8, 8) and the context (1, 2, D) are all 0.5, ``t`` the last training

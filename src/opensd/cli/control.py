@@ -107,7 +107,7 @@ def control_specs(
                   _per_unit("--control-mode", mode, n), _per_unit("--control-resize", resize, n), strict=False)
     specs = []
     for (path, weight), (img, pre, s, e, m, r) in zip(parsed, columns, strict=False):
-        settings = {"image": None if img is None else load_image(img, what="control image"), "preprocessor": pre or "none",
+        settings: dict[str, Any] = {"image": None if img is None else load_image(img, what="control image"), "preprocessor": pre or "none",
                     "start": 0.0 if s is None else s, "end": 1.0 if e is None else e, "mode": m or "balanced", "resize": r or "crop"}
         check_settings(settings["preprocessor"], weight, settings["start"], settings["end"], settings["mode"], settings["resize"])
         specs.append(ControlSpec(path, weight, settings))

@@ -9,6 +9,7 @@ the model with LoRA files applied, as the pipeline's ``networks``, to every imag
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -54,7 +55,7 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             raise OpenSDError(f"unknown suite {suite!r}; choose one of benchmark, validation, holdout, concept:NAME") from None
         if few_step:  # the model's LCM-LoRA, and its steps, sampler and CFG where not given
-            knobs = {"steps": steps, "sampler": sampler, "cfg_scale": cfg_scale}
+            knobs: dict[str, Any] = {"steps": steps, "sampler": sampler, "cfg_scale": cfg_scale}
             lora = apply_few_step(ctx, knobs, model, lora)
             steps, sampler, cfg_scale = knobs["steps"], knobs["sampler"], knobs["cfg_scale"]
         library = LoraLibrary(None)
@@ -75,7 +76,7 @@ def register(app: typer.Typer) -> None:
                 "precision": pipe.precision.name, "precision_reason": pipe.precision.reason}
         networks = library.networks_for(pipe.model, "", uses, cli_budget()) if uses else None
         if uses:
-            info["loras"] = ", ".join(lora)
+            info["loras"] = ", ".join(lora or [])  # uses come from lora
         bar = None
         if not quiet:
             from tqdm import tqdm

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,7 +109,7 @@ class AttentionCollector:
         self.total: torch.Tensor | None = None  # (L, h, w)
         self.count = 0  # (call, layer, head) maps added
         self.layer_calls = 0
-        self._scope = None
+        self._scope: AbstractContextManager[AttentionSink | None] | None = None
 
     def __enter__(self) -> AttentionCollector:
         if self._scope is not None:
@@ -119,6 +120,7 @@ class AttentionCollector:
 
     def __exit__(self, *exc) -> None:
         scope, self._scope = self._scope, None
+        assert scope is not None  # set by __enter__
         scope.__exit__(*exc)
 
     def _store(self, layer: str, probs: torch.Tensor) -> None:

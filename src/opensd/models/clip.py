@@ -164,7 +164,8 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.out_proj(multihead_attention(q, k, v, self.heads, causal=True))
+        out: torch.Tensor = self.out_proj(multihead_attention(q, k, v, self.heads, causal=True))
+        return out
 
 
 class CLIPMLP(nn.Module):
@@ -175,7 +176,8 @@ class CLIPMLP(nn.Module):
         self.fc2 = Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        out: torch.Tensor = self.fc2(self.act(self.fc1(x)))
+        return out
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -190,7 +192,8 @@ class CLIPEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        out: torch.Tensor = x + self.mlp(self.layer_norm2(x))
+        return out
 
 
 class CLIPEncoder(nn.Module):
@@ -242,10 +245,12 @@ class CLIPTextModel(nn.Module):
         x = tm.embeddings(input_ids.long(), token_embeds)  # (B, L, C)
         for layer in tm.encoder.layers[: self.cfg.layers - skip_layers]:
             x = layer(x)
-        return tm.final_layer_norm(x) if final_norm else x
+        out: torch.Tensor = tm.final_layer_norm(x) if final_norm else x
+        return out
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.text_model.final_layer_norm(hidden)
+        out: torch.Tensor = self.text_model.final_layer_norm(hidden)
+        return out
 
     @staticmethod
     def pooled(hidden: torch.Tensor, input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opensd.config import ConfigError
-from opensd.models.clip import CLIPTextConfig, CLIPTextModel
+from opensd.models.clip import CLIPEncoderLayer, CLIPTextConfig, CLIPTextModel
 from opensd.models.image_encoder import ImageEncoder, ImageEncoderConfig
 
 
@@ -118,6 +118,7 @@ class ContrastiveModel(nn.Module):
         nn.init.normal_(tm.embeddings.token_embedding.weight, std=0.02)
         nn.init.normal_(tm.embeddings.position_embedding.weight, std=0.01)
         for layer in tm.encoder.layers:
+            assert isinstance(layer, CLIPEncoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                 nn.init.normal_(proj.weight, std=width_std)

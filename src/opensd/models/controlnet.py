@@ -72,7 +72,7 @@ class ControlNetConfig:
     @property
     def downsample_factor(self) -> int:
         """How much smaller than the control image the latent is: 2 per halving."""
-        return 2 ** (len(self.hint_block_channels) - 1)
+        return int(2 ** (len(self.hint_block_channels) - 1))
 
     @property
     def outputs(self) -> int:

@@ -99,7 +99,7 @@ class ImageEncoderConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return self.stem_stride * 2 ** (len(self.channels) - 1)
+        return self.stem_stride * int(2 ** (len(self.channels) - 1))
 
     @classmethod
     def tiny(cls) -> ImageEncoderConfig:
@@ -146,7 +146,8 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+        out: torch.Tensor = self.skip(x) + h
+        return out
 
 
 class Level(nn.Module):
@@ -186,7 +187,8 @@ class AttentionPool(nn.Module):
         mean = cells.mean(dim=1, keepdim=True) + self.mean_embedding  # (B, 1, C)
         tokens = torch.cat([mean, cells], dim=1)  # (B, 1 + HW, C)
         out = multihead_attention(self.q_proj(mean), self.k_proj(tokens), self.v_proj(tokens), self.heads)
-        return self.out_proj(out[:, 0])  # (B, out_width)
+        result: torch.Tensor = self.out_proj(out[:, 0])  # (B, out_width)
+        return result
 
 
 class MeanPool(nn.Module):
@@ -197,7 +199,8 @@ class MeanPool(nn.Module):
         self.out_proj = nn.Linear(channels, out_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(x.mean(dim=(2, 3)))
+        out: torch.Tensor = self.out_proj(x.mean(dim=(2, 3)))
+        return out
 
 
 # ---- model -----------------------------------------------------------------------------
@@ -238,4 +241,5 @@ class ImageEncoder(nn.Module):
         x = self.stem(images)
         for level in self.levels:
             x = level(x)
-        return self.pool(F.silu(self.norm_out(x)))
+        out: torch.Tensor = self.pool(F.silu(self.norm_out(x)))
+        return out

@@ -50,7 +50,8 @@ class OpenCLIPAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = adapted(self, x, nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias))  # (B, L, 3C)
         q, k, v = qkv.chunk(3, dim=-1)  # 3 x (B, L, C)
-        return self.out_proj(multihead_attention(q, k, v, self.heads, causal=True))
+        out: torch.Tensor = self.out_proj(multihead_attention(q, k, v, self.heads, causal=True))
+        return out
 
 
 class OpenCLIPMLP(nn.Module):
@@ -61,7 +62,8 @@ class OpenCLIPMLP(nn.Module):
         self.c_proj = Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        out: torch.Tensor = self.c_proj(self.act(self.c_fc(x)))
+        return out
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -76,7 +78,8 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        out: torch.Tensor = x + self.mlp(self.ln_2(x))
+        return out
 
 
 class OpenCLIPTransformer(nn.Module):
@@ -126,7 +129,8 @@ class OpenCLIPTextModel(nn.Module):
         return self.ln_final(x) if final_norm else x
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.ln_final(hidden)
+        out: torch.Tensor = self.ln_final(hidden)
+        return out
 
     def hidden_and_pooled(
         self, input_ids: torch.Tensor, skip_layers: int = 1, token_embeds: torch.Tensor | None = None

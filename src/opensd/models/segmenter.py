@@ -133,7 +133,8 @@ class Segmenter(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H_l, W_l)
             size = tuple(skips[-1].shape[-2:]) if skips else None  # where an Upsample must land
             h = block(h, emb, None, size)
-        return self.out(h)
+        result: torch.Tensor = self.out(h)
+        return result
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:

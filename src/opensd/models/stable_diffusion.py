@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -198,7 +198,7 @@ class SDConfig:
         unet = dataclasses.replace(unet, adm_in_channels=24 + 5 * size_dim)
         return cls(unet=unet, vae=VAEConfig.tiny(), text=open_clip, family=family, image_size=32, size_embed_dim=size_dim)
 
-    def replace(self, **changes) -> SDConfig:
+    def replace(self, **changes: Any) -> SDConfig:
         return dataclasses.replace(self, **changes)
 
 

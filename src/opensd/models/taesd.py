@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,7 +86,7 @@ class TinyAutoencoderConfig:
     @property
     def downsample_factor(self) -> int:
         """Spatial reduction from image to latent (8 for SD's TAESD)."""
-        return 2 ** self.stages
+        return int(2**self.stages)
 
     @classmethod
     def sd(cls) -> TinyAutoencoderConfig:
@@ -108,7 +109,7 @@ class TinyAutoencoderConfig:
         return cls(stages=1, width=8, blocks=1)
 
 
-def conv(n_in: int, n_out: int, **kw) -> nn.Conv2d:
+def conv(n_in: int, n_out: int, **kw: Any) -> nn.Conv2d:
     """3x3 convolution, padding 1 (TAESD's only kernel besides the skips' 1x1)."""
     return nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
 
@@ -131,7 +132,8 @@ class Block(nn.Module):
         self.fuse = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(self.conv(x) + self.skip(x))
+        out: torch.Tensor = self.fuse(self.conv(x) + self.skip(x))
+        return out
 
 
 def tiny_encoder(cfg: TinyAutoencoderConfig) -> nn.Sequential:
@@ -177,7 +179,8 @@ class TinyAutoencoder(nn.Module):
             raise ValueError(f"TinyAutoencoder.encode: expected (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"TinyAutoencoder.encode: H and W must be multiples of {f}, got {tuple(x.shape[2:])}")
-        return self.encoder(x.add(1).div(2))
+        out: torch.Tensor = self.encoder(x.add(1).div(2))
+        return out
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, latent_channels, h, w) TAESD latent -> (B, out_channels, h*f, w*f) in about [-1, 1]."""
@@ -185,7 +188,8 @@ class TinyAutoencoder(nn.Module):
             raise ValueError("TinyAutoencoder.decode: this tiny autoencoder has no decoder (an encoder-only file)")
         if z.ndim != 4 or z.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"TinyAutoencoder.decode: expected (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}")
-        return self.decoder(z).mul(2).sub(1)
+        out: torch.Tensor = self.decoder(z).mul(2).sub(1)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Round trip through an 8-bit latent, as diffusers' ``AutoencoderTiny.forward``:

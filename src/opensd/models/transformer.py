@@ -52,8 +52,10 @@ class CrossAttention(nn.Module):
         if sink is not None:
             name = sink.layers.get(self)
             if name is not None:
-                return self.to_out[0](self._attention_with_probs(q, k, v, sink, name))
-        return self.to_out[0](multihead_attention(q, k, v, self.heads))  # (B, N, query_dim); to_out[1] is Dropout(0), the identity
+                out: torch.Tensor = self.to_out[0](self._attention_with_probs(q, k, v, sink, name))
+                return out
+        out = self.to_out[0](multihead_attention(q, k, v, self.heads))  # (B, N, query_dim); to_out[1] is Dropout(0), the identity
+        return out
 
     def _attention_with_probs(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: AttentionSink, name: str
@@ -66,7 +68,7 @@ class CrossAttention(nn.Module):
         v = v.view(b, length, self.heads, d).transpose(1, 2)
         probs = (q @ k.transpose(-1, -2) * d**-0.5).float().softmax(dim=-1)  # (B, heads, N, L)
         sink.record(name, probs)
-        out = probs.to(v.dtype) @ v  # (B, heads, N, d)
+        out: torch.Tensor = probs.to(v.dtype) @ v  # (B, heads, N, d)
         return out.transpose(1, 2).reshape(b, n, c)  # (B, N, inner)
 
 
@@ -79,7 +81,8 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        out: torch.Tensor = a * F.gelu(gate)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -90,7 +93,8 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))  # net[1] is Dropout(0), the identity
+        out: torch.Tensor = self.net[2](self.net[0](x))  # net[1] is Dropout(0), the identity
+        return out
 
 
 class BasicTransformerBlock(nn.Module):

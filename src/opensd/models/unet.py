@@ -36,6 +36,7 @@ that are multiples this is LDM's plain 2x nearest upsampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,9 @@ from opensd.config import ConfigError
 from opensd.models.adapters import Conv2d, Linear
 from opensd.models.layers import group_norm, timestep_embedding
 from opensd.models.transformer import SpatialTransformer
+
+if TYPE_CHECKING:
+    from opensd.models.controlnet import ControlNet
 
 # --------------------------------------------------------------------------- config
 
@@ -247,10 +251,12 @@ class ResBlock(nn.Module):
         e = self.emb_layers[1](F.silu(emb))  # (B, C_out)
         h = h + e.view(*e.shape, 1, 1)  # broadcast over H, W
         norm, _, dropout, conv = self.out_layers
+        assert isinstance(dropout, nn.Dropout)
         h = F.silu(norm(h))
         if dropout.p > 0:  # p = 0 is the identity
             h = dropout(h)
-        return self.skip_connection(x) + conv(h)
+        out: torch.Tensor = self.skip_connection(x) + conv(h)
+        return out
 
 
 class Downsample(nn.Module):
@@ -261,7 +267,8 @@ class Downsample(nn.Module):
         self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+        out: torch.Tensor = self.op(x)
+        return out
 
 
 class Upsample(nn.Module):
@@ -274,7 +281,8 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None:
             size = (2 * x.shape[-2], 2 * x.shape[-1])
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        out: torch.Tensor = self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return out
 
 
 class EmbedSequential(nn.Sequential):
@@ -394,7 +402,7 @@ class UNetModel(nn.Module):
         for level in reversed(range(len(cfg.channel_mult))):
             out_ch = cfg.level_channels[level]
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, groups)]
+                layers: list[nn.Module] = [ResBlock(ch + skip_channels.pop(), out_ch, emb_dim, groups)]
                 ch = out_ch
                 if level in cfg.attention_levels:
                     layers.append(_transformer(cfg, level))
@@ -458,7 +466,8 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             size = tuple(skips[-1].shape[-2:]) if skips else None  # where an Upsample must land
             h = block(h, emb, context, size)
-        return self.out(h)
+        result: torch.Tensor = self.out(h)
+        return result
 
     def _check_control(self, control: ControlResiduals, skips: list[torch.Tensor], middle: torch.Tensor) -> None:
         if not isinstance(control, ControlResiduals) or len(control.skips) != len(skips):
@@ -471,12 +480,12 @@ class UNetModel(nn.Module):
 
 
 def embed_time(
-    model: nn.Module, cfg: UNetConfig, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype
+    model: UNetModel | ControlNet, cfg: UNetConfig, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """``time_embed(sinusoid(t))`` plus, with SDXL's ``y``, ``label_emb(y)``: the (B, 4 mc)
     embedding every ResBlock takes (``model``: a U-Net or a ControlNet, which share these)."""
     t_emb = timestep_embedding(timesteps, cfg.model_channels).to(dtype)  # (B, mc)
-    emb = model.time_embed(t_emb)  # (B, 4 mc)
+    emb: torch.Tensor = model.time_embed(t_emb)  # (B, 4 mc)
     if y is not None:
         emb = emb + model.label_emb(y.to(emb.dtype))
     return emb

@@ -83,7 +83,7 @@ class VAEConfig:
     @property
     def downsample_factor(self) -> int:
         """Spatial reduction from image to latent (8 for SD)."""
-        return 2 ** (len(self.ch_mult) - 1)
+        return int(2 ** (len(self.ch_mult) - 1))
 
     @property
     def block_channels(self) -> tuple[int, ...]:
@@ -176,7 +176,8 @@ class ResnetBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return skip + h
+        out: torch.Tensor = skip + h
+        return out
 
 
 class AttnBlock(nn.Module):
@@ -199,7 +200,8 @@ class AttnBlock(nn.Module):
 
         out = multihead_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)), heads=1)
         out = out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
-        return x + self.proj_out(out)
+        result: torch.Tensor = x + self.proj_out(out)
+        return result
 
 
 class Downsample(nn.Module):
@@ -210,7 +212,8 @@ class Downsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+        out: torch.Tensor = self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
+        return out
 
 
 class Upsample(nn.Module):
@@ -221,7 +224,8 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        out: torch.Tensor = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return out
 
 
 class MidBlock(nn.Module):
@@ -234,7 +238,8 @@ class MidBlock(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+        out: torch.Tensor = self.block_2(self.attn_1(self.block_1(x)))
+        return out
 
 
 class DownLevel(nn.Module):
@@ -295,7 +300,8 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out: torch.Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        return out
 
 
 class Decoder(nn.Module):
@@ -328,7 +334,8 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):  # lowest resolution first
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out: torch.Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        return out
 
 
 # ----------------------------------------------------------------------------- model
@@ -369,7 +376,8 @@ class AutoencoderKL(nn.Module):
             raise ValueError(
                 f"AutoencoderKL.decode: expected (B, {self.cfg.embed_dim}, h, w), got {tuple(z.shape)}"
             )
-        return self.decoder(self.post_quant_conv(z))
+        out: torch.Tensor = self.decoder(self.post_quant_conv(z))
+        return out
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None

@@ -24,6 +24,7 @@ Measured compile time and speed: docs/benchmarks.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 from opensd.models.adapters import active_adapters
 from opensd.models.capture import active_sink
 
-INDUCTOR_OPTIONS = {"freezing": True}
+INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": True}
 
 
 class CompiledUNet:
@@ -57,7 +58,9 @@ class CompiledUNet:
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None, control: Any = None,
     ) -> torch.Tensor:
         if control is not None:
-            return self.unet(x, t, context, y, control=control)
-        if self.eager_needed():
-            return self.unet(x, t, context, y)
-        return self.compiled(x, t, context, y)
+            out: torch.Tensor = self.unet(x, t, context, y, control=control)
+        elif self.eager_needed():
+            out = self.unet(x, t, context, y)
+        else:
+            out = self.compiled(x, t, context, y)
+        return out

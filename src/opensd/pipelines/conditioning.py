@@ -45,7 +45,7 @@ from opensd.checkpoints.embeddings import TextualInversion, check_fits
 from opensd.diffusion.interruption import StopCheck, check_stop
 from opensd.models.layers import timestep_embedding
 from opensd.models.open_clip import OpenCLIPTextModel
-from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
+from opensd.models.stable_diffusion import ModelFamily, StableDiffusion, TextEncoder
 from opensd.pipelines.request import GenerationRequest, RequestError
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, tokenize_within_budget
 from opensd.prompts.extra_networks import strip_tags
@@ -76,7 +76,7 @@ class TextEmbedding:
         return TextEmbedding(self.context.expand(batch, -1, -1), pooled)
 
 
-def token_embedding(encoder: nn.Module) -> nn.Embedding:
+def token_embedding(encoder: TextEncoder) -> nn.Embedding:
     """A text encoder's token-embedding table (CLIP's and OpenCLIP's module names)."""
     return encoder.token_embedding if isinstance(encoder, OpenCLIPTextModel) else encoder.text_model.embeddings.token_embedding
 
@@ -163,7 +163,7 @@ class Conditioner:
         if not fixes:
             return None
         assert embeddings is not None
-        x = token_embedding(self.model.text_encoders[k])(ids)  # (N, ctx, D_k)
+        x: torch.Tensor = token_embedding(self.model.text_encoders[k])(ids)  # (N, ctx, D_k)
         for row, offset, name in fixes:
             vectors = embeddings[name].vectors[k]  # (n, D_k)
             x[row, offset: offset + vectors.shape[0]] = vectors.to(x.dtype)
@@ -197,6 +197,7 @@ class Conditioner:
     def size_vector(self, req: GenerationRequest, *, negative: bool = False) -> torch.Tensor:
         """(1, numbers * size_embed_dim): the Fourier-embedded size numbers of ``y``."""
         original = req.original_size or (req.height, req.width)
+        numbers: list[float]
         if self.family is ModelFamily.SDXL:
             numbers = [*original, *req.crop_top_left, req.height, req.width]
         elif self.family is ModelFamily.SDXL_REFINER:
@@ -267,13 +268,15 @@ class Conditioner:
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise RequestError(f"{name} must be a (1 or {batch}, L, {width}) tensor, got {got}")
         p_dim = cfg.pooled_dim
-        if p_dim is not None:
-            if not isinstance(pooled, torch.Tensor) or pooled.shape not in ((1, p_dim), (batch, p_dim)):
-                got = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
-                raise RequestError(
-                    f"{name} for a {self.family.value} model must be a dict with 'context' and 'pooled' "
-                    f"(1 or {batch}, {p_dim}), got pooled {got}"
-                )
         param = next(self.model.unet.parameters())
-        pooled = None if p_dim is None else pooled.to(param.device, param.dtype)
+        if p_dim is None:
+            pooled = None
+        elif not isinstance(pooled, torch.Tensor) or pooled.shape not in ((1, p_dim), (batch, p_dim)):
+            got = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+            raise RequestError(
+                f"{name} for a {self.family.value} model must be a dict with 'context' and 'pooled' "
+                f"(1 or {batch}, {p_dim}), got pooled {got}"
+            )
+        else:
+            pooled = pooled.to(param.device, param.dtype)
         return TextEmbedding(context.to(param.device, param.dtype), pooled)

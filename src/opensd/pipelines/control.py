@@ -56,6 +56,7 @@ from PIL import Image
 from opensd.checkpoints.controlnet import LoadedControlNet, controlnet_config_for, load_controlnet
 from opensd.models.controlnet import ControlNet
 from opensd.models.unet import ControlResiduals
+from opensd.pipelines.conditioning import Conditioning
 from opensd.pipelines.control_resize import ResizeMode, fit_map
 from opensd.pipelines.images import to_unit_tensor
 from opensd.pipelines.networks import NO_NETWORKS, RequestNetworks
@@ -247,7 +248,9 @@ class ControlRun:
         total = int(req.steps * req.strength) if req.strength < 1.0 else req.steps
         return cls(units, hints, total)
 
-    def attach(self, cond: dict, uncond: dict | None, callback: Callable[..., Any] | None) -> tuple[dict, dict | None, Callable[..., Any]]:
+    def attach(
+        self, cond: Conditioning, uncond: Conditioning | None, callback: Callable[..., Any] | None,
+    ) -> tuple[Conditioning, Conditioning | None, Callable[..., Any]]:
         """The run's conditioning dicts marked (:meth:`mark`) and its callback counting (:meth:`counting`)."""
         return (*self.mark(cond, uncond), self.counting(callback))
 
@@ -269,7 +272,7 @@ class ControlRun:
 
         return counted
 
-    def mark(self, cond: dict, uncond: dict | None) -> tuple[dict, dict | None]:
+    def mark(self, cond: Conditioning, uncond: Conditioning | None) -> tuple[Conditioning, Conditioning | None]:
         """The conditioning dicts with ``control_rows``: 1 for each conditional row, 0 for each unconditional one."""
         rows = cond["context"].shape[0]
         marked = {**cond, ROWS: torch.ones(rows, device=cond["context"].device)}
@@ -311,6 +314,7 @@ def _unit_residuals(
     res = _scaled(res, unit.weight, mode)
     if only is None:
         return res
+    assert rows is not None  # only is set from rows
 
     def spread(r: torch.Tensor) -> torch.Tensor:  # zeros on the unconditional rows
         full = r.new_zeros((rows.shape[0], *r.shape[1:]))
@@ -324,7 +328,7 @@ def _scaled(res: ControlResiduals, weight: float, mode: ControlMode) -> ControlR
     """Residual i of m times its scale (module doc)."""
     m = len(res.skips) + 1
     if mode is ControlMode.GUESS:  # as diffusers computes it: a float32 tensor of scales
-        scales: Sequence[Any] = torch.logspace(-1, 0, m, device=res.middle.device) * weight
+        scales: torch.Tensor | list[float] = torch.logspace(-1, 0, m, device=res.middle.device) * weight
     elif mode is ControlMode.BALANCED:
         scales = [weight] * m
     else:

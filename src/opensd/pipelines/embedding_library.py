@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -145,7 +146,7 @@ class EmbeddingLibrary:
         return RequestNetworks(embeddings=embeddings, infotext=ti_hashes(embeddings.values()))
 
 
-def ti_hashes(embeddings) -> dict[str, str]:
+def ti_hashes(embeddings: Iterable[TextualInversion]) -> dict[str, str]:
     """``{"TI hashes": "name: hash, ..."}`` as A1111 writes it (``:`` and ``,`` dropped from names;
     embeddings without a hash left out); {} when none has one."""
     parts = [f"{ti.name.replace(':', '').replace(',', '')}: {ti.hash}" for ti in embeddings if ti.hash]

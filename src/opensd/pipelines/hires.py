@@ -276,6 +276,7 @@ def hires_fix(
     first = pipe.generate(plan.first, networks=networks, callback=callback, should_stop=should_stop, latents=latents,
                           decode=not plan.upscaler.latent)
     if first.interrupted:  # as A1111: the first pass's images
+        assert first.latents is not None  # generate always sets it
         images = first.images or to_pil(pipe.decode_latents(first.latents, plan.first.tiled_vae, should_stop=should_stop))
         result = first
     else:

@@ -42,6 +42,7 @@ from PIL import Image, ImageFilter
 
 from opensd.diffusion.protocols import DenoiserFn
 from opensd.errors import OpenSDError
+from opensd.pipelines.generation import GenerationResult
 from opensd.pipelines.images import mask_to_tensor
 
 MAX_MASK_BLUR = 64
@@ -146,8 +147,9 @@ def crop_box(mask: Image.Image, padding: int, aspect: tuple[int, int]) -> Box | 
 
 
 def inpaint_only_masked(
-    run: Callable[[Image.Image, InpaintMask, Any], Any], size: tuple[int, int], image: Image.Image, mask: InpaintMask
-) -> Any:
+    run: Callable[[Image.Image, InpaintMask, Box | None], GenerationResult], size: tuple[int, int], image: Image.Image,
+    mask: InpaintMask,
+) -> GenerationResult:
     """A1111's "only masked". ``run(image, mask, box)`` inpaints the whole of a ``size`` image
     and returns a result with ``.images`` (a dataclass; the pipeline's GenerationResult);
     ``box`` is where that image was cut from the resized original (None: it is the whole of it).
@@ -246,7 +248,7 @@ class MaskedDenoiser:
     def __init__(self, inner: DenoiserFn, init: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor):
         self.inner, self.init, self.noise, self.mask = inner, init, noise.to(init), mask
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **kw: Any) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
         s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
         known = self.init + self.noise * s
         x = self.mask * x + (1 - self.mask) * known
@@ -266,7 +268,7 @@ def mask_latents(
     """
     height, width = pixels.shape[2:]
     m = mask_to_tensor(blur_mask(mask.image, mask.blur), width, height).to(pixels)
-    lm = latent_mask(m, tuple(init_latent.shape[2:])).expand(batch, -1, -1, -1)
+    lm = latent_mask(m, (init_latent.shape[2], init_latent.shape[3])).expand(batch, -1, -1, -1)
     if mask.content is MaskedContent.FILL:
         filled = encode(fill_masked(pixels, m))
         init_latent = lm * to_latent(filled.mean + filled.std * eps) + (1 - lm) * init_latent

@@ -53,15 +53,15 @@ class RequestNetworks:
     @staticmethod
     def merge(parts: Sequence[RequestNetworks | None]) -> RequestNetworks:
         """All of ``parts`` in one (later infotext fields of one name join earlier ones with ", ")."""
-        parts = [p for p in parts if p is not None]
+        present = [p for p in parts if p is not None]
         embeddings: dict[str, Any] = {}
         infotext: dict[str, str] = {}
-        for p in parts:
+        for p in present:
             embeddings.update(p.embeddings)
             for k, v in p.infotext.items():
                 infotext[k] = f"{infotext[k]}, {v}" if k in infotext else v
-        control = tuple(u for p in parts for u in p.control)
-        return RequestNetworks(AdapterSet.merge([p.adapters for p in parts]), embeddings, infotext, control)
+        control = tuple(u for p in present for u in p.control)
+        return RequestNetworks(AdapterSet.merge([p.adapters for p in present]), embeddings, infotext, control)
 
 
 NO_NETWORKS = RequestNetworks()

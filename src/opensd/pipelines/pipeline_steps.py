@@ -20,7 +20,7 @@ from PIL import Image
 
 from opensd.diffusion import ClassifierFreeGuidance, Denoiser
 from opensd.diffusion.interruption import Interrupted, StopCheck, asks_to_stop
-from opensd.diffusion.protocols import DenoiserFn, ModelFn
+from opensd.diffusion.protocols import DenoiserFn, ModelFn, SamplerCallback
 from opensd.diffusion.registry import sample
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.control import ControlRun
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the pipeline subclasses these steps
     from opensd.diffusion import DiscreteSchedule
     from opensd.models.stable_diffusion import SDConfig, StableDiffusion
     from opensd.models.taesd import TinyAutoencoder
-    from opensd.pipelines.conditioning import Conditioner
+    from opensd.pipelines.conditioning import Conditioner, Conditioning
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
     from opensd.prompts.budget import PromptBudget
     from opensd.tokenizers import Tokenizer
@@ -79,7 +79,9 @@ class PipelineSteps:
     ) -> torch.Tensor:
         raise NotImplementedError  # StableDiffusionPipeline.decode_latents
 
-    def _check(self, req: GenerationRequest, init_image: Image.Image | None, mask: InpaintMask | Image.Image | None):
+    def _check(
+        self, req: GenerationRequest, init_image: Image.Image | None, mask: InpaintMask | Image.Image | None,
+    ) -> InpaintMask | None:
         """Validate ``req`` for this model before any work; the mask as an :class:`InpaintMask`."""
         validate(req, multiple=8, min_side=max(8, self.cfg.vae.downsample_factor))
         if self.conditioner.clip_skip_applies() and req.clip_skip > self.cfg.text.layers:
@@ -151,8 +153,8 @@ class PipelineSteps:
         return denoiser
 
     def _sample(
-        self, req: GenerationRequest, denoiser: DenoiserFn, st: _Start, cond: dict,
-        uncond: dict | None, seeds: list[int], callback: StepCallback | None,
+        self, req: GenerationRequest, denoiser: DenoiserFn, st: _Start, cond: Conditioning,
+        uncond: Conditioning | None, seeds: list[int], callback: StepCallback | None,
     ) -> tuple[torch.Tensor, bool]:
         """``(final latent, interrupted)``; a stopped run returns its last prediction."""
         extra = guidance_args(cond, uncond)
@@ -164,7 +166,7 @@ class PipelineSteps:
         sampler_gen = self._sampler_generator(seeds)
         try:
             result = sample(
-                denoiser, st.noise, self.schedule, req.sampler, req.steps, karras=req.karras,
+                denoiser, st.noise, self.schedule, req.sampler, req.steps, karras=bool(req.karras),
                 generator=sampler_gen, callback=step_cb, strength=req.strength, init_latent=st.init_latent,
                 extra_args=extra, **req.sampler_options,
             )
@@ -184,11 +186,11 @@ class PipelineSteps:
         if st.latent_mask is not None and st.concat is None:
             assert st.init_latent is not None
             result = st.latent_mask * result.to(st.init_latent) + (1 - st.latent_mask) * st.init_latent
-        finisher = finisher or self
+        last: PipelineSteps = finisher or self
         if req.resolved_decoder() is Decoder.TINY:  # the refiner's tiny autoencoder, else the base's (one latent space)
-            decoded = decode_tiny(require_tiny(finisher.tiny_vae or self.tiny_vae), result, should_stop)
+            decoded = decode_tiny(require_tiny(last.tiny_vae or self.tiny_vae), result, should_stop)
         else:
-            decoded = finisher.decode_latents(result, req.tiled_vae, should_stop=should_stop).float()
+            decoded = last.decode_latents(result, req.tiled_vae, should_stop=should_stop).float()
         if st.pixel_mask is not None:
             assert st.pixels is not None
             # As A1111 does: outside the mask, the original pixels, exactly.
@@ -224,8 +226,8 @@ class PipelineSteps:
         """The stochastic samplers' noise, one stream per run from the first seed."""
         return torch.Generator("cpu").manual_seed((seeds[0] + 0x5EED) % SEED_RANGE)
 
-    def _step_callback(self, callback: StepCallback | None, total: int, state: dict):
-        def step_cb(d: dict) -> None:
+    def _step_callback(self, callback: StepCallback | None, total: int, state: dict[str, Any]) -> SamplerCallback:
+        def step_cb(d: dict[str, Any]) -> None:
             state["denoised"] = d["denoised"]
             if callback is not None:
                 info = StepInfo(d["i"] + 1, total, float(d["sigma"]), d["x"], d["denoised"])

@@ -24,6 +24,7 @@ import enum
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,7 +32,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from opensd.errors import OpenSDError
+from opensd.models.vae import AutoencoderKL
 from opensd.pipelines.images import from_uint8, to_pil, to_uint8
+
+if TYPE_CHECKING:
+    from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
 
 class PreviewError(OpenSDError):
@@ -108,7 +113,7 @@ class LinearPreview:
         return [Image.fromarray(a) for a in pixels]
 
 
-def fit_linear_preview(vae, size: int = 64, n: int = 16, seed: int = 0) -> LinearPreview:
+def fit_linear_preview(vae: AutoencoderKL, size: int = 64, n: int = 16, seed: int = 0) -> LinearPreview:
     """Least-squares affine map from the VAE's unscaled latent to the f x f mean colour.
 
     ``vae``: anything with ``encode(x).mode()`` -> (B, C, size/f, size/f) and
@@ -161,7 +166,7 @@ class PreviewMode(enum.Enum):
         raise PreviewError(f"preview mode must be one of {', '.join(m.value for m in cls)}; got {value!r}")
 
 
-def preview_image(pipe, denoised: torch.Tensor, mode: PreviewMode | str) -> Image.Image:
+def preview_image(pipe: StableDiffusionPipeline, denoised: torch.Tensor, mode: PreviewMode | str) -> Image.Image:
     """The first image of ``denoised`` (B, C, h, w), the sampler's current x0 prediction (a
     diffusion latent), drawn by ``mode`` with ``pipe``'s networks (a
     :class:`~opensd.pipelines.stable_diffusion.StableDiffusionPipeline`): ``FULL`` decodes
@@ -183,7 +188,7 @@ _cache: weakref.WeakKeyDictionary[torch.nn.Module, LinearPreview] = weakref.Weak
 _cache_lock = threading.Lock()
 
 
-def linear_preview_for(vae) -> LinearPreview:
+def linear_preview_for(vae: AutoencoderKL) -> LinearPreview:
     """The :class:`LinearPreview` of ``vae``, fitted on first use and kept while the VAE
     lives (one fit per loaded model; thread-safe)."""
     with _cache_lock:

@@ -47,6 +47,7 @@ from opensd.pipelines.infotext import refiner_field
 from opensd.pipelines.request import GenerationRequest, RequestError
 
 if TYPE_CHECKING:
+    from opensd.pipelines.conditioning import Conditioning
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
 DEFAULT_SWITCH_AT = 0.8  # A1111's default
@@ -154,7 +155,7 @@ def plan_refiner(
 
 def sample_refined(
     base: StableDiffusionPipeline, plan: RefinerPlan, req: GenerationRequest, denoiser: DenoiserFn,
-    start: Any, conds: tuple[dict, dict | None], seeds: list[int], callback: Any, should_stop: Any,
+    start: Any, conds: tuple[Conditioning, Conditioning | None], seeds: list[int], callback: Any, should_stop: Any,
 ) -> tuple[torch.Tensor, bool, StableDiffusionPipeline]:
     """``(final latent, interrupted, the pipeline that ran the last step)``: ``base``'s
     steps with ``denoiser`` and ``conds``, then the refiner's on the same latent."""
@@ -163,13 +164,13 @@ def sample_refined(
     concat = start.concat if ref.cfg.is_inpainting else None  # a 4-channel refiner inpaints by re-imposing
     r_denoiser = ref._denoiser(req, dataclasses.replace(start, concat=concat))
     run = plan_sampling(
-        start.noise, base.schedule, req.sampler, req.steps, karras=req.karras,
+        start.noise, base.schedule, req.sampler, req.steps, karras=bool(req.karras),
         strength=req.strength, init_latent=start.init_latent, options=req.sampler_options,
     )
     state: dict[str, Any] = {"denoised": None, "finisher": base}
     step_cb = base._step_callback(callback, plan.steps, state)
 
-    def phase_cb(d: dict) -> None:
+    def phase_cb(d: dict[str, Any]) -> None:
         if d["i"] >= plan.step:
             state["finisher"] = ref
         step_cb(d)
@@ -187,7 +188,7 @@ def sample_refined(
         return result, True, state["finisher"]
 
 
-def guidance_args(cond: dict, uncond: dict | None) -> dict[str, Any]:
+def guidance_args(cond: Conditioning, uncond: Conditioning | None) -> dict[str, Any]:
     """The denoiser's keyword arguments: one conditioning dict per guidance branch (none at CFG 1)."""
     return {"cond": cond} if uncond is None else {"cond": cond, "uncond": uncond}
 
@@ -202,8 +203,8 @@ def _offset_callback(callback: SamplerCallback | None, k: int) -> SamplerCallbac
 def run_two_phase(
     run: SamplingRun,
     k: int,
-    base: tuple[DenoiserFn, dict],
-    refiner: tuple[DenoiserFn, dict],
+    base: tuple[DenoiserFn, dict[str, Any]],
+    refiner: tuple[DenoiserFn, dict[str, Any]],
     *,
     generator: torch.Generator | None,
     callback: SamplerCallback | None,

@@ -32,7 +32,7 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from PIL import Image
@@ -163,6 +163,7 @@ class StableDiffusionPipeline(PipelineSteps):
         loaded = load_model(path, prediction=prediction, dtype=decide)
         _placed(loaded.model.eval().requires_grad_(False), kw.get("device"), loaded.model.dtype, owned=True)  # its own model
         pipe = cls(loaded, **kw)
+        assert decide.decision is not None  # made as load_model read the weights (weights_dtype)
         pipe.precision = decide.decision
         return pipe
 
@@ -270,7 +271,8 @@ class StableDiffusionPipeline(PipelineSteps):
         mask = load_image(mask, what="mask")
         if mask.size != image.size:
             raise RequestError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x{image.size[1]}; they must be the same size")
-        spec = InpaintMask(mask, mask_blur, masked_content, only_masked, only_masked_padding)
+        content = cast(MaskedContent, masked_content)  # a name or A1111's number too: InpaintMask parses it
+        spec = InpaintMask(mask, mask_blur, content, only_masked, only_masked_padding)
         width, height = self._size_for(image, width, height)
         req = self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options)
         return self.generate(req, init_image=image, mask=spec, callback=callback, refiner=refiner,
@@ -322,6 +324,7 @@ class StableDiffusionPipeline(PipelineSteps):
         """
         mask = self._check(req, init_image, mask)
         if mask is not None and mask.only_masked:
+            assert init_image is not None  # _check: a mask needs an image
             return inpaint_only_masked(
                 lambda image, m, box: self.generate(
                     req, init_image=image, mask=m, latents=latents, callback=callback, prompt_embeds=prompt_embeds,
@@ -351,9 +354,8 @@ class StableDiffusionPipeline(PipelineSteps):
                 if plan is None or not plan.runs:
                     result, interrupted = self._sample(req, denoiser, start, cond, uncond, seeds, callback)
                 else:
-                    result, interrupted, finisher = sample_refined(
-                        self, plan, req, denoiser, start, (cond, uncond), seeds, callback, should_stop
-                    )
+                    result, interrupted, finisher = sample_refined(self, plan, req, denoiser, start, (cond, uncond), seeds,
+                                                                   callback, should_stop)
             images = to_pil(self._decode(req, result, start, should_stop, finisher)) if decode else []
         ran = plan if plan is not None and finisher is not self else None
         warnings = generation_warnings(self, req, prompt_embeds, negative_embeds, networks)
@@ -444,7 +446,10 @@ class StableDiffusionPipeline(PipelineSteps):
         ``original_size``...) and, beyond those, the sampler's options."""
         return self._request(prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, dict(options))
 
-    def _request(self, prompt, negative_prompt, steps, sampler, cfg_scale, width, height, seed, batch_size, strength, options) -> GenerationRequest:
+    def _request(
+        self, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, width: int | None,
+        height: int | None, seed: int | None, batch_size: int, strength: float, options: dict[str, Any],
+    ) -> GenerationRequest:
         return request_from_settings(
             self.cfg.image_size, prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
             cfg_scale=cfg_scale, width=width, height=height, seed=seed, batch_size=batch_size, strength=strength,

@@ -159,7 +159,8 @@ def load_upscaler_model(path: str | Path, *, device: str | torch.device = "cpu",
 def _arch_guess(sp: Any, state: dict[str, torch.Tensor]) -> str:
     for support in sp.MAIN_REGISTRY.architectures("detection"):
         if support.detect(state):
-            return support.architecture.name
+            name: str = support.architecture.name
+            return name
     return "model"
 
 

@@ -20,20 +20,19 @@ native size in latent cells (at least 96 cells: SD 1.x tiles above 768 px, SDXL 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 
 from opensd.diffusion.interruption import StopCheck, check_stop
 from opensd.models.stable_diffusion import StableDiffusion
-from opensd.models.vae import DiagonalGaussian
+from opensd.models.vae import AutoencoderKL, DiagonalGaussian
 from opensd.pipelines.vae_tiling import decode_tiled, encode_tiled, should_tile
 
 
 class _StoppableVAE:
     """The VAE as the tiling functions see it: ``should_stop`` is checked before every tile."""
 
-    def __init__(self, vae: Any, should_stop: StopCheck | None):
+    def __init__(self, vae: AutoencoderKL, should_stop: StopCheck | None):
         self.vae, self.should_stop, self.cfg = vae, should_stop, vae.cfg
 
     def _check(self, where: str) -> None:
@@ -58,13 +57,13 @@ class VAECodec:
 
     def __init__(self, model: StableDiffusion, upcast: bool | None = None):
         self.model, self.upcast = model, upcast
-        self._kept: tuple[Any, Any] | None = None  # (the model's VAE, its float32 copy)
+        self._kept: tuple[AutoencoderKL, AutoencoderKL] | None = None  # (the model's VAE, its float32 copy)
 
     def upcasts(self) -> bool:
         """Whether the VAE runs in float32 on a copy (see the class docstring)."""
         return _dtype(self.model.vae) == torch.float16 and self.upcast is not False
 
-    def vae(self) -> Any:
+    def vae(self) -> AutoencoderKL:
         """The VAE that runs: the model's, or its float32 copy, made on first use and kept
         (made again if the model's VAE is replaced or moves to another device)."""
         vae = self.model.vae

@@ -17,10 +17,13 @@ The encoder is not local either, for the same reasons.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
 
 from opensd.errors import OpenSDError
-from opensd.models.vae import DiagonalGaussian
+from opensd.models.vae import DiagonalGaussian, VAEConfig
 
 # Defaults of the pipeline (latent cells): 64-cell tiles (512 px for SD 1.x) overlapping
 # by 16, used automatically when the latent is larger than 1.5 times the model's native
@@ -34,6 +37,17 @@ AUTO_TILE_NATIVE_RATIO = 1.5
 
 class TilingError(OpenSDError):
     """Bad arguments to :func:`decode_tiled` or :func:`encode_tiled`; the message names what is allowed."""
+
+
+class TileableVAE(Protocol):
+    """What the tiling functions use of a VAE (an :class:`~opensd.models.vae.AutoencoderKL`)."""
+
+    @property
+    def cfg(self) -> VAEConfig: ...
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian: ...
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor: ...
 
 
 def auto_tile_above(native: int | None = None) -> int:
@@ -98,7 +112,7 @@ def _check(fn: str, tile: int, overlap: int) -> None:
         raise TilingError(f"{fn}: overlap must be in [0, tile) = [0, {tile}), got {overlap}")
 
 
-def _blend_tiles(fn, x: torch.Tensor, h: int, w: int, tile: int, overlap: int, in_scale: int, out_scale: int) -> torch.Tensor:
+def _blend_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, h: int, w: int, tile: int, overlap: int, in_scale: int, out_scale: int) -> torch.Tensor:
     """``fn`` applied tile by tile and blended with separable linear ramps.
 
     Tiles are laid out in latent cells over an (h, w)-cell grid; a tile at cell (y, x)
@@ -107,11 +121,12 @@ def _blend_tiles(fn, x: torch.Tensor, h: int, w: int, tile: int, overlap: int, i
     """
     ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     wy, wx = _ramps(ys, tile, h, out_scale), _ramps(xs, tile, w, out_scale)
-    out = total = piece = None
+    out: torch.Tensor | None = None
+    total: torch.Tensor | None = None
     for y, ry in zip(ys, wy, strict=False):
         for x0, rx in zip(xs, wx, strict=False):
             piece = fn(x[:, :, y * in_scale : (y + tile) * in_scale, x0 * in_scale : (x0 + tile) * in_scale])
-            if out is None:  # accumulate in float32 whatever the VAE's dtype
+            if out is None or total is None:  # (None together) accumulate in float32 whatever the VAE's dtype
                 out = torch.zeros(x.shape[0], piece.shape[1], h * out_scale, w * out_scale, device=piece.device,
                                   dtype=torch.float32)
                 total = torch.zeros(1, 1, h * out_scale, w * out_scale, device=piece.device, dtype=torch.float32)
@@ -120,10 +135,11 @@ def _blend_tiles(fn, x: torch.Tensor, h: int, w: int, tile: int, overlap: int, i
             cols = slice(x0 * out_scale, x0 * out_scale + piece.shape[3])
             out[:, :, rows, cols] += weight * piece.float()
             total[:, :, rows, cols] += weight
+    assert out is not None and total is not None  # tile_starts gives at least one tile
     return (out / total).to(piece.dtype)
 
 
-def decode_tiled(vae, z: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
+def decode_tiled(vae: TileableVAE, z: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> torch.Tensor:
     """``vae.decode(z)`` computed tile by tile.
 
     ``vae``: an :class:`~opensd.models.vae.AutoencoderKL` (anything with ``decode`` and
@@ -150,7 +166,7 @@ def decode_tiled(vae, z: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = 
     return _blend_tiles(vae.decode, z, h, w, tile, overlap, 1, vae.cfg.downsample_factor)
 
 
-def encode_tiled(vae, x: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> DiagonalGaussian:
+def encode_tiled(vae: TileableVAE, x: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> DiagonalGaussian:
     """``vae.encode(x)`` computed tile by tile: the posterior of a large image in bounded memory.
 
     ``x``: (B, 3, H, W) in [-1, 1], H and W multiples of the downsample factor f. ``tile``

@@ -41,7 +41,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 from PIL import Image
@@ -96,6 +96,7 @@ def parse_expression(expr: str) -> list[Term]:
                 'write terms as [number *] "prompt" joined by + or -'
             )
         kind = m.lastgroup
+        assert kind is not None  # every alternative of _LEX is a named group
         tokens.append((kind, m.group(kind), pos))
         pos = m.end()
 
@@ -230,6 +231,10 @@ def blend(pipe, prompts: Sequence[str], weights: Sequence[float] | None = None, 
     return combine(pipe, list(zip(weights, prompts, strict=False)), clip_skip=clip_skip, normalize=True)
 
 
+@overload
+def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor: ...
+@overload
+def lerp(a: Embeds, b: Embeds, t: float) -> Embeds: ...
 def lerp(a: Embeds, b: Embeds, t: float) -> Embeds:
     """``(1 - t) a + t b``, of tensors or, key by key, of embedding dicts with the same keys."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):

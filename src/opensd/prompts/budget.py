@@ -12,9 +12,14 @@ queues the request; the pipeline checks again before it encodes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from opensd.errors import OpenSDError
+
+if TYPE_CHECKING:
+    from opensd.prompts.syntax import TokenizedPrompt
 
 
 class PromptBudgetError(OpenSDError):
@@ -67,7 +72,8 @@ def check_prompt(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, *,
 
 
 def tokenize_within_budget(text: str, tokenizer, budget: PromptBudget = DEFAULT_BUDGET, context: int | None = None, *,
-                           comma_backtrack: int | None = None, what: str = "prompt", embeddings=None):
+                           comma_backtrack: int | None = None, what: str = "prompt",
+                           embeddings: Mapping[str, int] | None = None) -> TokenizedPrompt:
     """:func:`~opensd.prompts.syntax.tokenize_prompt` of ``text`` once it passes :func:`check_prompt`'s checks.
 
     One tokenization serves both the check and the encoding (``context``,

@@ -195,7 +195,7 @@ def plan_generation(
         raise ApiError(422, f"seed must be from 0 to {SEED_RANGE - 1}, or -1 for a random one; got {seed}", param="seed")
     if seed == -1:
         seed = random.randrange(SEED_RANGE)
-    switch = {"refiner_switch_at": refiner.switch_at} if refiner is not None else {}
+    switch: dict[str, Any] = {"refiner_switch_at": refiner.switch_at} if refiner is not None else {}
     requests = [
         GenerationRequest(
             prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,

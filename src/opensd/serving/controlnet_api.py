@@ -109,8 +109,8 @@ def _unit(
         resize = ResizeMode.parse(raw.get("resize_mode", ResizeMode.CROP.value))
         module = raw.get("module", "none") or "none"
         res: int | None = None
-        if bool(raw.get("pixel_perfect", False)) and (image or init_image) is not None:
-            res = pixel_perfect_resolution(image or init_image, *size, resize)
+        if bool(raw.get("pixel_perfect", False)) and (source := image or init_image) is not None:
+            res = pixel_perfect_resolution(source, *size, resize)
         elif str(module).lower() != "none" and _number(raw, "processor_res", -1, where) > 0:
             res = max(MIN_RES, min(MAX_RES, int(_number(raw, "processor_res", -1, where))))
         thresholds = [_number(raw, n, -1, where) for n in ("threshold_a", "threshold_b")]

@@ -95,7 +95,7 @@ class ModelRegistry:
 
     def __init__(
         self,
-        initial: Path | StableDiffusionPipeline | None,
+        initial: str | Path | StableDiffusionPipeline | None,
         models_dir: Path | None = None,
         *,
         loader: Callable[[Path], StableDiffusionPipeline] = StableDiffusionPipeline.from_path,

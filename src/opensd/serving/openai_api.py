@@ -66,7 +66,7 @@ def _plan(st: ServerState, body: OpenAIImageRequest) -> Plan:
     if not 1 <= body.n <= st.limits.max_batch_size:
         raise ApiError(400, f"n must be from 1 to {st.limits.max_batch_size} on this server, got {body.n}", param="n")
     overrides = _model_override(body.model)
-    ckpt = st.registry.find(body.model, param="model") if overrides else st.registry.current_checkpoint  # 404 naming `model`
+    ckpt = st.registry.find(overrides["sd_model_checkpoint"], param="model") if overrides else st.registry.current_checkpoint  # 404 naming `model`
     width, height = parse_size(body.size, st.registry.kind(ckpt).image_size or 512)
     a1111 = Txt2ImgRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed, sampler_name=body.sampler_name,

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -210,12 +210,21 @@ class GenerationQueue:
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}  # planned, queued or running, in arrival order
 
+    @overload
+    async def submit(
+        self, job: Job, work: Callable[[Job, P], T], *, prepare: Callable[[], P],
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> T: ...
+    @overload
+    async def submit(
+        self, job: Job, work: Callable[[Job, None], T], *, disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> T: ...
     async def submit(
         self,
         job: Job,
-        work: Callable[[Job, P], T],
+        work: Callable[[Job, Any], T],
         *,
-        prepare: Callable[[], P] = lambda: None,
+        prepare: Callable[[], Any] = lambda: None,
         disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> T:
         """Take a place for ``job`` (429 when full), run ``prepare()`` off the event loop, then

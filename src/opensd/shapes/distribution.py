@@ -15,6 +15,7 @@ import json
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,7 +104,7 @@ def distribution_report(
 
 # ----------------------------------------------------------------------------- sanity check on the shapes world
 
-def _replace_objects(s: Sample, **changes: object) -> Image.Image:
+def _replace_objects(s: Sample, **changes: Any) -> Image.Image:
     """``s``'s scene re-rendered with every object's fields replaced by ``changes``."""
     objects = tuple(dataclasses.replace(o, **changes) for o in s.scene.objects)
     return render(dataclasses.replace(s.scene, objects=objects))

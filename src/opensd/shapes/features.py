@@ -47,6 +47,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -308,7 +309,7 @@ def loss_parts(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[s
 
 def loss_fn(logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """The training loss: the sum of :func:`loss_parts`."""
-    return sum(loss_parts(logits, targets).values())
+    return cast(torch.Tensor, sum(loss_parts(logits, targets).values()))  # of tensors: never the start 0
 
 
 @torch.no_grad()
@@ -371,12 +372,13 @@ def train(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     ds = ShapesDataset(seed=TRAIN_SEED, image_size=FEATURE_SIZE, holdout=None)
-    t0, run = time.time(), {}
+    t0 = time.time()
+    run: dict[str, float] = {}
     for step in range(steps):
         samples = ds.take(batch_size, start=step * batch_size)
         x = _augment(to_input([s.image for s in samples]), g)
         parts = loss_parts(net(x), scene_targets([s.scene for s in samples]))
-        loss = sum(parts.values())
+        loss = cast(torch.Tensor, sum(parts.values()))  # of tensors
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -102,7 +103,7 @@ _PALETTE_HUES = np.array(
 )
 
 
-def _hue_distance(h: np.ndarray, ref: np.ndarray) -> np.ndarray:
+def _hue_distance(h: np.ndarray | float, ref: np.ndarray) -> np.ndarray:
     d = np.abs(h - ref) % 360
     return np.minimum(d, 360 - d)
 
@@ -437,8 +438,8 @@ def judge(image: Image.Image | np.ndarray, spec: PromptSpec) -> Judgement:
         if not any(spec.relation in rels for rels in seen):
             got = sorted(set().union(*seen)) if seen else []
             a, b = (o.describe() for o in spec.objects)
-            found = ", ".join(got) or "no clear relation"
-            problems.append(f"wrong relation: expected {a} {spec.relation} {b}, found {found}")
+            told = ", ".join(got) or "no clear relation"
+            problems.append(f"wrong relation: expected {a} {spec.relation} {b}, found {told}")
     if spec.background is not None and parsed.background != spec.background:
         problems.append(f"wrong background: expected {spec.background}, found {parsed.background or 'none'}")
     return Judgement(not problems, category, "; ".join(problems) or "ok", dets, parsed.background)
@@ -451,7 +452,7 @@ def score_images(items: Iterable[tuple[Image.Image | np.ndarray, PromptSpec]]) -
     "accuracy": {category: fraction correct}, "n": {category: images},
     "items": [{"category", "correct", "reason"}, ...]}`` (items in input order).
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise ScorerError(f"item {i} must be an (image, PromptSpec) pair")

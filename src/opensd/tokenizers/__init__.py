@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, overload, runtime_checkable
 
 import torch
 
 from opensd.errors import OpenSDError
 
+T = TypeVar("T")
 
 class TokenizerError(OpenSDError):
     """Bad tokenizer input: wrong text type, bad context length, unreadable folder."""
@@ -132,7 +133,11 @@ def read_text_file(path: Path) -> str:
         raise TokenizerError(f"{path} is not a readable text file: {' '.join(str(e).split())[:200]}") from None
 
 
-def read_json_file(path: Path, kind: type = dict) -> object:
+@overload
+def read_json_file(path: Path) -> dict[str, Any]: ...
+@overload
+def read_json_file(path: Path, kind: type[T]) -> T: ...
+def read_json_file(path: Path, kind: type = dict) -> Any:
     """The JSON value of a tokenizer file, which must be a ``kind``; else a :class:`TokenizerError` naming it."""
     text = read_text_file(path)
     try:

@@ -119,7 +119,7 @@ class CLIPTokenizer:
     def __init__(
         self,
         vocab: dict[str, int],
-        merges: Sequence[tuple[str, str]],
+        merges: Sequence[Sequence[str]],  # pairs of strings, each kept as a tuple (another tokenizer's .merges too)
         *,
         pad_token: str = EOS_TOKEN,
         bos_token: str = BOS_TOKEN,

@@ -28,6 +28,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer as _Backend
@@ -127,8 +128,9 @@ class WordTokenizer:
             backend = _Backend.from_file(str(d / BACKEND_FILE))
         except Exception as e:  # the tokenizers library's parser: whatever it raises, the file is at fault
             raise TokenizerError(f"{d / BACKEND_FILE} is not a valid tokenizer file: {' '.join(str(e).split())[:200]}") from None
+        length: Any = meta.get("context_length")  # the file's value, checked by __init__
         try:
-            tok = cls(backend, meta.get("context_length"))
+            tok = cls(backend, length)
         except TokenizerError as e:
             raise TokenizerError(f"{d}: {e}") from None
         ids = backend.get_vocab().values()
@@ -158,21 +160,26 @@ class WordTokenizer:
     def context_length(self) -> int:
         return self._context_length
 
+    def _special_id(self, token: str) -> int:
+        i = self._backend.token_to_id(token)
+        assert i is not None  # __init__ checks the special tokens are in the vocabulary
+        return i
+
     @property
     def bos_id(self) -> int:
-        return self._backend.token_to_id(BOS)
+        return self._special_id(BOS)
 
     @property
     def eos_id(self) -> int:
-        return self._backend.token_to_id(EOS)
+        return self._special_id(EOS)
 
     @property
     def pad_id(self) -> int:
-        return self._backend.token_to_id(PAD)
+        return self._special_id(PAD)
 
     @property
     def unk_id(self) -> int:
-        return self._backend.token_to_id(UNK)
+        return self._special_id(UNK)
 
     def encode(self, text: str) -> list[int]:
         """Word ids of ``text`` (numbers in digits as words, unknown words -> ``<unk>``), without bos/eos/padding."""
@@ -191,7 +198,10 @@ class WordTokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         skip = {self.bos_id, self.eos_id, self.pad_id}
-        return " ".join(self._backend.id_to_token(i) for i in ids if i not in skip)
+        words = [self._backend.id_to_token(i) for i in ids if i not in skip]
+        if any(w is None for w in words):  # an id outside the vocabulary: the TypeError str.join raised on it
+            raise TypeError(f"decode: ids outside the vocabulary of {self.vocab_size} words")
+        return " ".join(w for w in words if w is not None)
 
     # ---- what the vocabulary holds ----------------------------------------------------
 
@@ -211,7 +221,7 @@ class WordTokenizer:
     def known_words(self) -> list[str]:
         """The vocabulary's words in id order, the special tokens left out."""
         vocab = self._backend.get_vocab()
-        return [w for w in sorted(vocab, key=vocab.get) if w not in SPECIAL_TOKENS]
+        return [w for w in sorted(vocab, key=vocab.__getitem__) if w not in SPECIAL_TOKENS]
 
     def unknown_words(self, text: str) -> list[str]:
         """The pieces of ``text`` that map to ``<unk>``, in order of appearance, each once (ignoring case).

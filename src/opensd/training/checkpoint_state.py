@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ from opensd.training.checkpoint_store import CHECKPOINTS, ResumeError, list_chec
 from opensd.training.stage import Trainable
 
 if TYPE_CHECKING:
+    from opensd.training.ema import EMA
     from opensd.training.stage import RunContext, Stage
 
 __all__ = ["CHECKPOINTS", "ResumeError", "list_checkpoints", "load_checkpoint", "rng_state", "set_rng_state",
@@ -45,7 +46,9 @@ __all__ = ["CHECKPOINTS", "ResumeError", "list_checkpoints", "load_checkpoint", 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     version, py_state, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    np_state = np.random.get_state()  # legacy=True, the default: a tuple (the global generator is MT19937)
+    assert isinstance(np_state, tuple)
+    _, keys, pos, has_gauss, cached = np_state
     state = {
         "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": gauss},
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
@@ -126,6 +129,11 @@ def save_checkpoint(stage: Stage, ctx: RunContext, optimizers: Mapping[str, torc
     ctx.barrier()
 
 
+def _loader(target: torch.optim.Optimizer | EMA, state: Mapping[str, Any], part: str, name: str) -> Callable[[], None]:
+    """``target.load_state_dict(state[part][name])``, run when called (inside ``store.restore``)."""
+    return lambda: target.load_state_dict(state[part][name])
+
+
 def restore_training_state(state: dict[str, Any], path: Path, stage: Stage, ctx: RunContext,
                            optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
     """Load checkpoint ``state`` (read from ``path``) into the run just built: its modules,
@@ -135,9 +143,9 @@ def restore_training_state(state: dict[str, Any], path: Path, stage: Stage, ctx:
     for k, m in modules.items():
         load_held_state(m, ctx.trainable[k], state["modules"][k], f"{k} module", path)
     for k, opt in optimizers.items():
-        store.restore(f"{k} optimiser", path, lambda opt=opt, k=k: opt.load_state_dict(state["optimizers"][k]))
+        store.restore(f"{k} optimiser", path, _loader(opt, state, "optimizers", k))
     for k, ema in emas.items():
-        store.restore(f"{k} EMA", path, lambda ema=ema, k=k: ema.load_state_dict(state["ema"][k]))
+        store.restore(f"{k} EMA", path, _loader(ema, state, "ema", k))
     rngs = state["rng"]
     if ctx.rank < len(rngs):
         store.restore("RNG states", path, lambda: set_rng_state(rngs[ctx.rank], ctx.device))

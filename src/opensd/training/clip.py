@@ -88,6 +88,12 @@ class ContrastiveObjective(nn.Module):
         return contrastive_loss(self.model, images, ids, self.eos_id, hard_negative_ids=hard_negative_ids)
 
 
+def _model_of(module: nn.Module) -> ContrastiveModel:
+    """The CLIP model inside the stage's module (a :class:`ContrastiveObjective`, or its EMA copy)."""
+    assert isinstance(module, ContrastiveObjective)
+    return module.model
+
+
 class CLIPStage(Stage):
     name = "clip"
     ema_groups = ("clip",)
@@ -141,16 +147,16 @@ class CLIPStage(Stage):
         yield Update("clip", loss, {**metrics, "loss": loss})
 
     def after_update(self, group: str) -> None:
-        self.ctx.modules["clip"].model.clamp_logit_scale_()  # CLIP clamps the scale after each step
+        _model_of(self.ctx.modules["clip"]).clamp_logit_scale_()  # CLIP clamps the scale after each step
 
     # -- evaluation and export (rank 0) ----------------------------------------------
 
     def evaluate(self, step: int) -> dict[str, float]:
         if self.evaluator is None:
             return {}
-        model = self.ctx.averaged("clip").model.eval()
+        model = _model_of(self.ctx.averaged("clip")).eval()
         return dict(self.evaluator(model, self.tokenizer))
 
     def export(self) -> Path:
-        model = self.ctx.averaged("clip").model
+        model = _model_of(self.ctx.averaged("clip"))
         return save_text_encoder(model.text, self.tokenizer, self.ctx.run_dir / TEXT_FOLDER)

@@ -33,7 +33,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from opensd.pipelines.images import from_uint8
 from opensd.pipelines.images import pil_to_tensor as pil_to_tensor  # the old names, re-exported
 from opensd.pipelines.images import tensor_to_pil as tensor_to_pil
 from opensd.training.config import DataConfig
+
+if TYPE_CHECKING:
+    from opensd.models.vae import AutoencoderKL
 
 
 class TrainingDataError(OpenSDError):
@@ -66,7 +69,8 @@ class Example:
 class Source(Protocol):
     """Indexable training items; ``pool`` is the number of items, or None for an endless stream."""
 
-    pool: int | None
+    @property
+    def pool(self) -> int | None: ...
 
     def __getitem__(self, index: int) -> Example: ...
 
@@ -239,7 +243,7 @@ def cache_path(
 def build_latent_cache(
     source: Source,
     n: int,
-    vae: torch.nn.Module,
+    vae: AutoencoderKL,
     encode: CaptionEncoder,
     tokenizer,
     *,
@@ -274,7 +278,9 @@ def build_latent_cache(
         latents.append(vae.to_latent(z).float().cpu())
         conds.append({k: v.to(text_dtype).cpu() for k, v in encode(b.captions).items()})
         if grounding:
-            ground_tokens, ground_masks = source.grounding_targets(b, tokenizer, tuple(latents[-1].shape[-2:]))
+            assert isinstance(source, GroundedSource)  # checked above
+            h, w = latents[-1].shape[-2:]
+            ground_tokens, ground_masks = source.grounding_targets(b, tokenizer, (h, w))
             tokens.append(ground_tokens)
             masks.append(ground_masks.half())
         bar.update(len(b.indices))

@@ -115,6 +115,12 @@ class EmbeddingLoss(nn.Module):
 # ----------------------------------------------------------------------------- the stage
 
 
+def _loss_of(module: nn.Module) -> EmbeddingLoss:
+    """The stage's module (an :class:`EmbeddingLoss`, or its EMA copy) as its type."""
+    assert isinstance(module, EmbeddingLoss)
+    return module
+
+
 class EmbeddingStage(Stage):
     name = "embedding"
     ema_groups = ("embedding",)
@@ -165,7 +171,7 @@ class EmbeddingStage(Stage):
 
     def trainable(self) -> dict[str, Trainable]:
         """The new word's vectors: all that trains, all that a checkpoint holds."""
-        return {"embedding": Trainable.of(self.ctx.modules["embedding"].vectors, "vectors.")}
+        return {"embedding": Trainable.of(_loss_of(self.ctx.modules["embedding"]).vectors, "vectors.")}
 
     def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
         ctx, cfg = self.ctx, self.cfg
@@ -213,7 +219,7 @@ class EmbeddingStage(Stage):
 
     def inversion(self) -> TextualInversion:
         """The trained embedding (the EMA vectors when there is an EMA), with the file's fields."""
-        module = self.ctx.averaged("embedding")
+        module = _loss_of(self.ctx.averaged("embedding"))
         step = getattr(self, "step", self.cfg.train.steps)
         return module.inversion(step=step, sd_checkpoint=self.loaded.hash, sd_checkpoint_name=self.loaded.name)
 

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from opensd.training.data import (
     write_latent_cache,
 )
 from opensd.training.sources import open_source
+
+if TYPE_CHECKING:
+    from opensd.models.vae import AutoencoderKL
 
 CLASS_IMAGES = "class_images"
 
@@ -99,8 +102,8 @@ def open_images(data: DataConfig, prompt: str = "", what: str = "data") -> Image
     if not folder.is_dir():
         raise TrainingDataError(f"{what}: {folder} is not a folder" if folder.exists() else f"{what}: {folder} does not exist")
     if prompt and not (folder / METADATA).is_file():
-        images = _plain_images(folder)
-        return ImageList(_stack(images, data.image_size), [prompt] * len(images))
+        plain = _plain_images(folder)
+        return ImageList(_stack(plain, data.image_size), [prompt] * len(plain))
     pairs = list(read_imagefolder(folder))
     return ImageList(_stack([im for im, _ in pairs], data.image_size), [prompt or t for _, t in pairs])
 
@@ -160,7 +163,7 @@ def generate_class_images(pipe: Any, spec: ClassImageSpec, run_dir: Path, progre
 Encode = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
-def cached_latents(source: ImageList, vae: torch.nn.Module, encode: Encode | None, *, folder: Path,
+def cached_latents(source: ImageList, vae: AutoencoderKL, encode: Encode | None, *, folder: Path,
                    model_hash: str, size: int, device: torch.device, batch_size: int = 16,
                    progress: bool = False, main: bool = True, barrier: Callable[[], None] = lambda: None):
     """The :class:`~opensd.training.data.LatentCache` of ``source``: built by rank 0 (``main``)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,7 @@ class AttentionCapture:
         self.sink = AttentionSink(cross_attention_layers(unet, select), self._record)
         self.probs: list[torch.Tensor] = []
         self.names: list[str] = []
-        self._scope = None
+        self._scope: AbstractContextManager[AttentionSink | None] | None = None
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -96,6 +97,7 @@ class AttentionCapture:
 
     def __exit__(self, *exc) -> None:
         scope, self._scope = self._scope, None
+        assert scope is not None  # set by __enter__
         scope.__exit__(*exc)
 
 

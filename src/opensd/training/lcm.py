@@ -148,6 +148,8 @@ class LCDLoss(nn.Module):
     captions and of the empty caption (B rows each); ``index`` (B,) grid indices, ``w`` (B,)
     guidance scales."""
 
+    alphas_cumprod: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(self, network: LoRANetwork, frozen: Any, cfg: LCMStageConfig) -> None:
         super().__init__()
         self.network = network
@@ -216,6 +218,12 @@ class LCDLoss(nn.Module):
 # ----------------------------------------------------------------------------- the stage
 
 
+def _loss_of(module: nn.Module) -> LCDLoss:
+    """The stage's module (an :class:`LCDLoss`, or its EMA copy) as its type."""
+    assert isinstance(module, LCDLoss)
+    return module
+
+
 @dataclass
 class Teacher:
     """The frozen model and what conditions it (what :class:`LCDLoss` uses but does not own)."""
@@ -252,7 +260,7 @@ class LCMStage(Stage):
         """The student's LoRA trains (and its EMA, if any, averages it); checkpoints also hold
         the target network's factors, which :meth:`LCDLoss.update_target` moves, so that a
         resumed run is exact."""
-        loss = self.ctx.modules["lcm"]
+        loss = _loss_of(self.ctx.modules["lcm"])
         student = Trainable.of(loss.network, "network.")
         target = tuple(f"target.{k}" for k in loss.target.state_dict())
         return {"lcm": Trainable(student.parameters, (*student.state, *target))}
@@ -299,7 +307,7 @@ class LCMStage(Stage):
         yield Update("lcm", loss, {"loss": loss})
 
     def after_update(self, group: str) -> None:
-        self.ctx.modules["lcm"].update_target(self.cfg.target_decay)
+        _loss_of(self.ctx.modules["lcm"]).update_target(self.cfg.target_decay)
 
     # -- sampling, scoring and export (rank 0) ---------------------------------------------
 
@@ -319,7 +327,7 @@ class LCMStage(Stage):
         from opensd.pipelines.request import GenerationRequest
 
         cfg, pipe, size = self.cfg, self.pipeline(), self.cfg.data.image_size
-        networks = RequestNetworks(adapters=self.ctx.averaged("lcm").network.adapters())
+        networks = RequestNetworks(adapters=_loss_of(self.ctx.averaged("lcm")).network.adapters())
         kw = dict(steps=cfg.sample_steps, sampler="lcm", cfg_scale=1.0, width=size, height=size)
         samples = self.ctx.run_dir / SAMPLES
         if cfg.sample_images and cfg.sample_prompts:
@@ -346,7 +354,7 @@ class LCMStage(Stage):
     def export(self) -> Path:
         from opensd.checkpoints.io import write_safetensors
 
-        network = self.ctx.averaged("lcm").network
+        network = _loss_of(self.ctx.averaged("lcm")).network
         dtype = torch.float16 if self.cfg.export_half else torch.float32
         tensors = {k: v.to(dtype) if k.endswith(".weight") else v for k, v in network.kohya_state().items()}
         path = self.output_path()

@@ -183,7 +183,7 @@ class _Trainer:
         if changed and self.ctx.is_main:
             print(f"note: resuming {path} with changed {', '.join(changed)}", file=sys.stderr)
 
-            def value(cfg: dict[str, Any], key: str) -> Any:
+            def value(cfg: Any, key: str) -> Any:
                 for part in key.split("."):
                     cfg = cfg.get(part) if isinstance(cfg, dict) else None
                 return cfg
@@ -203,7 +203,7 @@ class _Trainer:
             except ResumeError as e:
                 error = e
         if ctx.world > 1:
-            choice = [None if found is None else (found[0], str(found[1])), None if error is None else str(error)]
+            choice: list[Any] = [None if found is None else (found[0], str(found[1])), None if error is None else str(error)]
             dist.broadcast_object_list(choice, src=0)
             if not ctx.is_main and choice[1] is not None:
                 error = ResumeError(choice[1])
@@ -250,6 +250,7 @@ class _Trainer:
             ctx.emas = {k: EMA(ctx.trainable[k].parameters, cfg.ema_decay) for k in self.stage.ema_groups
                         if k in modules}
         if state is not None:
+            assert self.resumed_from is not None  # set with the state (_find_start)
             restore_training_state(state, self.resumed_from, self.stage, ctx, self.optimizers)
         if ctx.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -331,7 +332,7 @@ class _Trainer:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _reduce_metrics(self, acc: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    def _reduce_metrics(self, acc: dict[str, list[torch.Tensor | float]]) -> dict[str, float]:
         keys = sorted(acc)
         if not keys:
             return {}
@@ -371,7 +372,7 @@ class _Trainer:
         start = self._setup()
         bar = tqdm(total=cfg.steps, initial=start, desc=f"train {self.stage.name}", unit="step", dynamic_ncols=True,
                    disable=not (ctx.is_main and cfg.progress))
-        acc: dict[str, list[torch.Tensor]] = {}
+        acc: dict[str, list[torch.Tensor | float]] = {}
         last: dict[str, float] = {}
         t_last, steps_since = time.perf_counter(), 0
         t_start = t_last

@@ -177,6 +177,12 @@ class LoRALoss(nn.Module):
 # ----------------------------------------------------------------------------- the stage
 
 
+def _network_of(module: nn.Module) -> LoRANetwork:
+    """The LoRA inside the stage's module (a :class:`LoRALoss`, or its EMA copy)."""
+    assert isinstance(module, LoRALoss)
+    return module.network
+
+
 class Pool:
     """One set of training images: latents (N, C, h, w) on the device and their text."""
 
@@ -217,7 +223,7 @@ class LoRAStage(Stage):
 
     def trainable(self) -> dict[str, Trainable]:
         """The LoRA's factors: all that trains, all that a checkpoint holds."""
-        return {"lora": Trainable.of(self.ctx.modules["lora"].network, "network.")}
+        return {"lora": Trainable.of(_network_of(self.ctx.modules["lora"]), "network.")}
 
     # -- data --------------------------------------------------------------------------
 
@@ -327,7 +333,7 @@ class LoRAStage(Stage):
         cfg = self.cfg
         if not cfg.sample_images:
             return {}
-        networks = RequestNetworks(adapters=self.ctx.averaged("lora").network.adapters())
+        networks = RequestNetworks(adapters=_network_of(self.ctx.averaged("lora")).adapters())
         pipe, size = self.pipeline(), cfg.data.image_size
         prompts = self.sample_prompts()
         images: list = []
@@ -347,7 +353,7 @@ class LoRAStage(Stage):
     def export(self) -> Path:
         from opensd.checkpoints.io import write_safetensors
 
-        network = self.ctx.averaged("lora").network
+        network = _network_of(self.ctx.averaged("lora"))
         path = self.output_path()
         write_safetensors(network.kohya_state(), path, metadata=kohya_metadata(network, self.metadata(path)))
         return path

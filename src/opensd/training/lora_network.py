@@ -133,6 +133,7 @@ class LoRANetwork(nn.Module):
         """The deltas of every layer, live on this network's parameters."""
         deltas: dict[nn.Module, tuple[Delta, ...]] = {}
         for name, layer in self.layers.items():
+            assert isinstance(layer, LoRALayer)
             t = self._targets[name]
             deltas[t.module] = deltas.get(t.module, ()) + (layer.delta(t),)
         return AdapterSet(deltas)
@@ -145,6 +146,7 @@ class LoRANetwork(nn.Module):
         """The kohya file's tensors (float32, on the CPU)."""
         out = {}
         for name, layer in self.layers.items():
+            assert isinstance(layer, LoRALayer)
             out[f"{name}.lora_down.weight"] = layer.down.detach().float().cpu()
             out[f"{name}.lora_up.weight"] = layer.up.detach().float().cpu()
             out[f"{name}.alpha"] = torch.tensor(self.alpha, dtype=torch.float32)

@@ -154,6 +154,12 @@ class TAESDLoss(nn.Module):
         return loss, metrics
 
 
+def _tiny_of(module: nn.Module) -> TinyAutoencoder:
+    """The tiny autoencoder inside the stage's module (a :class:`TAESDLoss`, or its EMA copy)."""
+    assert isinstance(module, TAESDLoss)
+    return module.tiny
+
+
 class TAESDStage(Stage):
     name = "taesd"
     ema_groups = ("taesd",)
@@ -165,22 +171,24 @@ class TAESDStage(Stage):
         check_fits(cfg.model, self.vae)
         self.source = open_source(cfg.data)
         self.cache = self._cache()
-        tiny = TinyAutoencoder(cfg.model).to(memory_format=torch.channels_last)
+        tiny = TinyAutoencoder(cfg.model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # a documented form of Module.to that torch's overloads lack
         return {"taesd": TAESDLoss(tiny, cfg.l1_weight, cfg.mse_weight, cfg.encoder_weight)}
 
     def _cache(self) -> dict[str, torch.Tensor]:
         """The pool's images (uint8), teacher latents and targets (uint8), in memory."""
         cfg, ctx = self.cfg, self.ctx
         n, step = self.source.pool, cfg.cache_batch  # the shapes pool, or every image of a folder
+        assert n is not None  # both sources have a pool (the config checks the shapes world's)
         images, latents, targets = [], [], []
         for start in range(0, n, step):
             x = load_batch(self.source, range(start, min(n, start + step))).images
             z, y = teacher_outputs(self.vae, ctx.to_device(x), cfg.target is DistillTarget.TEACHER)
             images.append(to_uint8(x))
             latents.append(z.float().cpu())
-            targets.append(to_uint8(y.cpu()) if y is not None else None)
+            if y is not None:  # every batch or none: decoded when the target is the teacher's
+                targets.append(to_uint8(y.cpu()))
         out = {"images": torch.cat(images), "latents": torch.cat(latents)}
-        out["targets"] = torch.cat(targets) if targets[0] is not None else out["images"]
+        out["targets"] = torch.cat(targets) if targets else out["images"]
         return out
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
@@ -208,6 +216,7 @@ class TAESDStage(Stage):
         for i in range(0, len(x), batch):
             xb = x[i:i + batch].to(self.ctx.device)
             z, y = teacher_outputs(self.vae, xb, decode=True)
+            assert y is not None  # decoded
             out["vae"].append(y.float().cpu())
             out["tiny_decoder"].append(tiny.decode(tiny.from_latent(z)).float().clamp(-1, 1).cpu())
             if tiny.encoder is not None:
@@ -215,7 +224,7 @@ class TAESDStage(Stage):
         return {k: torch.cat(v) for k, v in out.items() if v}
 
     def evaluate(self, step: int) -> dict[str, float]:
-        tiny: TinyAutoencoder = self.ctx.averaged("taesd").tiny.eval()
+        tiny = _tiny_of(self.ctx.averaged("taesd")).eval()
         n = self.cfg.grid_images
         grid = from_uint8(self.cache["images"][:n])
         rows = self.round_trips(tiny, grid)
@@ -227,7 +236,7 @@ class TAESDStage(Stage):
     def export(self) -> Path:
         from opensd.checkpoints.taesd import save_tiny_autoencoder
 
-        tiny = copy.deepcopy(self.ctx.averaged("taesd").tiny).eval().cpu()
+        tiny = copy.deepcopy(_tiny_of(self.ctx.averaged("taesd"))).eval().cpu()
         folder = self.ctx.run_dir / EXPORT_FOLDER
         save_tiny_autoencoder(tiny, folder, dtype=torch.float16 if self.cfg.export_half else None)
         return folder

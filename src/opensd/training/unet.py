@@ -49,10 +49,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -78,6 +78,9 @@ from opensd.training.grounding import AttentionCapture, PixelTarget, grounding_l
 from opensd.training.records import SAMPLES
 from opensd.training.sources import open_source
 from opensd.training.stage import RunContext, Stage, Update
+
+if TYPE_CHECKING:
+    from opensd.tokenizers import Tokenizer
 
 MODEL_FOLDER = "model"
 
@@ -190,6 +193,8 @@ class DiffusionLoss(nn.Module):
     :func:`opensd.training.grounding.grounding_loss`) the second is the per-sample
     (token, pixel) grounding losses of the same forward pass, else None.
     """
+
+    alphas_cumprod: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(
         self,
@@ -333,13 +338,14 @@ class UNetStage(Stage):
         on_device = ctx.to_device(idx)
         text = {k: ctx.to_device(v[idx], torch.float32) for k, v in self.cond.items()}
         out: tuple = (self.latents[on_device], text)
-        if self.ground_tokens is not None:
+        if self.ground_tokens is not None and self.ground_masks is not None:  # set together
             out += (self.ground_tokens[on_device], self.ground_masks[on_device].float())
         return out
 
-    def updates(self, batch: tuple[torch.Tensor, ...], step: int) -> Iterator[Update]:
+    def updates(self, batch: tuple[Any, ...], step: int) -> Iterator[Update]:
         ctx, cfg = self.ctx, self.cfg
-        x0, text = batch[:2]
+        x0: torch.Tensor = batch[0]
+        text: dict[str, torch.Tensor] = batch[1]
         b = x0.shape[0]
         g = ctx.generator(step)
         t = ctx.to_device(torch.randint(0, self.sd_cfg.schedule.num_train_timesteps, (b,), generator=g))
@@ -370,7 +376,9 @@ class UNetStage(Stage):
         for name, part in self.frozen.named_children():
             if name != "model":  # first_stage_model, cond_stage_model or conditioner
                 setattr(sd, name, part)
-        sd.model.diffusion_model = self.ctx.averaged("unet").unet
+        averaged = self.ctx.averaged("unet")
+        assert isinstance(averaged, DiffusionLoss)
+        sd.model.diffusion_model = averaged.unet
         return sd
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -425,7 +433,7 @@ def caption_encoder(conditioner, tokenizer) -> CaptionEncoder:
     return encode
 
 
-def _text_hash(encoders: list[nn.Module], tokenizer, family: ModelFamily) -> str:
+def _text_hash(encoders: Sequence[nn.Module], tokenizer, family: ModelFamily) -> str:
     """What names the cache's text part: the encoders' weights and configs and the tokenizer
     (for SD 1.x exactly what opensd hashed before families, so its caches are found again)."""
     configs = [to_dict(e.cfg) for e in encoders]
@@ -433,7 +441,7 @@ def _text_hash(encoders: list[nn.Module], tokenizer, family: ModelFamily) -> str
     return state_hash(*encoders, extra=json.dumps(described).encode() + tokenizer_hash(tokenizer).encode())
 
 
-def _model_of(path: str) -> tuple[StableDiffusion, object]:
+def _model_of(path: str) -> tuple[StableDiffusion, Tokenizer]:
     """(StableDiffusion in float32, tokenizer) of the opensd model folder at ``path``, of any family."""
     from opensd.checkpoints import CheckpointError, detect_format, load_model
 

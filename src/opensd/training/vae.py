@@ -184,6 +184,12 @@ class VAEForward(nn.Module):
         return self.vae.decode(z), post.mean, post.logvar
 
 
+def _vae_of(module: nn.Module) -> AutoencoderKL:
+    """The VAE inside the stage's module (a :class:`VAEForward`, or its EMA copy)."""
+    assert isinstance(module, VAEForward)
+    return module.vae
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -255,7 +261,7 @@ class VAEStage(Stage):
         return torch.cat(out)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        vae: AutoencoderKL = self.ctx.averaged("vae").vae.eval()
+        vae = _vae_of(self.ctx.averaged("vae")).eval()
         n = self.cfg.grid_images
         grid = load_batch(self.source, range(n)).images
         recon = self._round_trip(vae, grid)
@@ -272,7 +278,7 @@ class VAEStage(Stage):
         return float(torch.cat(zs).std())
 
     def export(self) -> Path:
-        vae = copy.deepcopy(self.ctx.averaged("vae").vae).eval()
+        vae = copy.deepcopy(_vae_of(self.ctx.averaged("vae"))).eval()
         std = self.latent_std(vae)
         if not std > 0:
             raise ValueError(f"the VAE's latents have std {std}; cannot set a scale factor")

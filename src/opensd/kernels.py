@@ -243,6 +243,8 @@ def measure(shapes: Iterable[GemmShape], *, repeats: int = 3, timer: Timer | Non
 
 def choose(timing: GemmTiming) -> tuple[Kernels, str]:
     """``(backend, reason)``: oneDNN when it is faster by :data:`ONEDNN_MARGIN` and agrees to :data:`AGREEMENT`."""
+    if not timing.shapes:
+        return Kernels.DEFAULT, "no linear layers to route"
     where = f"{len(timing.shapes)} shapes, {timing.threads} thread{'s' if timing.threads != 1 else ''}"
     measured = f"measured: oneDNN takes {timing.ratio:.2f}x the default's time at {where}"
     if timing.max_rel_diff > AGREEMENT:

@@ -36,7 +36,6 @@ from typing import Any, TypeVar, cast
 
 import torch
 from PIL import Image
-from torch import nn
 
 from opensd.checkpoints import LoadedModel, load_model
 from opensd.conv_kernels import Probe
@@ -44,6 +43,7 @@ from opensd.diffusion import DiscreteSchedule
 from opensd.diffusion.protocols import ModelFn
 from opensd.kernels import Kernels, ModelKernels
 from opensd.models.adapters import use_adapters
+from opensd.models.unet import UNetModel
 from opensd.models.vae import DiagonalGaussian
 from opensd.pipelines.compiled import CompiledUNet
 from opensd.pipelines.conditioning import Conditioner
@@ -76,7 +76,7 @@ M = TypeVar("M", bound=torch.nn.Module)
 PROBE_LATENT = 16  # the latent side at which a model's convolution kernels are timed (opensd.conv_kernels)
 
 
-def unet_probe(unet: nn.Module, latent: int) -> Probe:
+def unet_probe(unet: UNetModel, latent: int) -> Probe:
     """A guided call of ``unet`` (batch 2, 77 context tokens) on fixed random inputs at a latent of
     ``min(latent, PROBE_LATENT)``: what the kernel selection times (a 16x16 SD 1.5 call is about a
     tenth of a second in bfloat16 here, against seconds at its native 64x64)."""

@@ -361,6 +361,7 @@ class ModelKernels:
         self.kernels = default_kernels(sum(p.numel() for p in measure_on.parameters())) if kernels is None else Kernels.parse(kernels)
         self._selections: dict[int, KernelSelection] = {}  # torch's thread count -> selection
         self._threads: int | None = None
+        self._measuring = threading.Lock()  # one measurement at a time: it switches the model's routes
         if self.kernels is Kernels.ONEDNN:
             self.selection()  # refuses a model oneDNN cannot run, at load time
 
@@ -370,10 +371,14 @@ class ModelKernels:
         threads = torch.get_num_threads()
         selection = self._selections.get(threads)
         if selection is None:
-            selection = select_kernels(self.model, self.kernels, measure_on=self.measure_on, rows=self.rows,
-                                       probe=self.probe)
-            self._selections[threads] = selection
-        elif threads != self._threads:
+            with self._measuring:  # a concurrent first request waits for this one's choice
+                selection = self._selections.get(threads)
+                if selection is None:
+                    selection = select_kernels(self.model, self.kernels, measure_on=self.measure_on, rows=self.rows,
+                                               probe=self.probe)
+                    self._selections[threads] = selection
+                    self._threads = threads
+        if threads != self._threads:
             route(self.model, selection.backend)
             conv_kernels.route(self.model, selection.packed_convs)
         self._threads = threads

@@ -6,7 +6,7 @@ timed (median of ``--repeats`` after a warm-up, one thread by default) and its e
 against float32 SDPA on the same inputs:
 
 * ``sdpa``: ``F.scaled_dot_product_attention`` (torch's CPU flash attention), what opensd runs;
-* ``pad48``, ``pad64``: the head dim zero-padded to 48 / 64 (scale kept), then SDPA;
+* ``padN``: the head dim zero-padded to the next multiple of 16 and of 64 (40: 48, 64), scale kept, then SDPA;
 * ``math``: ``softmax(QK^T / sqrt(d)) V`` as two batched matmuls, softmax in the input's dtype;
 * ``math_f32_softmax``: the same with the softmax in float32;
 * ``heads_in_batch``: SDPA on (batch x heads, tokens, dim).
@@ -44,7 +44,7 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int) -> float:
 def variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     d = q.shape[-1]
     out: dict[str, Callable[[], torch.Tensor]] = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
-    for pd in (48, 64):
+    for pd in sorted({-(-d // 16) * 16, -(-d // 64) * 64} - {d}):  # the next multiples of 16 and 64
         qp, kp, vp = (F.pad(t, (0, pd - d)) for t in (q, k, v))
         out[f"pad{pd}"] = lambda qp=qp, kp=kp, vp=vp: F.scaled_dot_product_attention(qp, kp, vp, scale=d**-0.5)[..., :d]
     out["math"] = lambda: (q @ k.transpose(-1, -2)).mul_(d**-0.5).softmax(-1) @ v

@@ -24,7 +24,8 @@ from helpers import png_pixels as pixels
 
 from opensd.checkpoints.segmenter import FILE_NAME, save_segmenter
 from opensd.explain import attention_maps, compare_with_attention
-from opensd.explain.segmentation import load_for_explain
+from opensd.explain.render import heatmap_overlay
+from opensd.explain.segmentation import CLASS_COLOURS, load_for_explain
 from opensd.models.segmenter import Segmenter, SegmenterConfig
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 from opensd.serving import create_app
@@ -85,9 +86,9 @@ def test_auto_uses_the_model_folders_segmenter_as_the_library_does(client, pipe,
     ref = attention_maps(pipe, PROMPT, seed=7, steps=3, sampler="euler", cfg_scale=5.0)
     assert np.array_equal(pixels(got["image"]), np.asarray(ref.image))
     view = compare_with_attention(ref, *load_for_explain(seg_file))
-    for b64, overlay in zip(seg["maps"], view.shape_overlays(), strict=True):
-        assert np.array_equal(pixels(b64), np.asarray(overlay))
-    assert np.array_equal(pixels(seg["class_map"]), np.asarray(view.class_map()))
+    for b64, p in zip(seg["maps"], view.probabilities[1:], strict=True):  # each probability as is, not normalized
+        assert np.array_equal(pixels(b64), np.asarray(heatmap_overlay(ref.image, p, normalize=False)))
+    assert np.array_equal(pixels(seg["class_map"]), CLASS_COLOURS[view.probabilities.argmax(0).numpy()])
     np.testing.assert_allclose(probs, view.probabilities.numpy(), atol=1e-6)
     for a, b in zip(seg["agreements"], view.agreements, strict=True):
         assert a == pytest.approx(b.as_dict())

@@ -14,8 +14,9 @@ the segmenter's *region* for the class (the pixels whose most probable class it 
 
 All three lie in [0, 1]. The segmenter sees only the image, so it says where the drawn
 shapes are whatever the prompt asked; the attention says which pixels the word shaped.
-The segmenter runs on the CPU in float32, on a copy of nothing shared: it is loaded per
-command (:func:`load_for_explain`), and a request sets nothing on it.
+The segmenter runs on the CPU in float32 and is only read: ``opensd explain`` loads it per
+command (:func:`load_for_explain`), the server once per model (:mod:`opensd.serving.segmenters`),
+and a request sets nothing on it.
 """
 
 from __future__ import annotations

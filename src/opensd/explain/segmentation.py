@@ -14,8 +14,9 @@ the segmenter's *region* for the class (the pixels whose most probable class it 
 
 All three lie in [0, 1]. The segmenter sees only the image, so it says where the drawn
 shapes are whatever the prompt asked; the attention says which pixels the word shaped.
-The segmenter runs on the CPU in float32, on a copy of nothing shared: it is loaded per
-command (:func:`load_for_explain`), and a request sets nothing on it.
+The segmenter runs on the CPU in float32 and is only read: ``opensd explain`` loads it per
+command (:func:`load_for_explain`), the server once per model (:mod:`opensd.serving.segmenters`),
+and a request sets nothing on it.
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ class SegmentationView:
     def shapes(self) -> tuple[str, ...]:
         return self.classes[1:]
 
+    def shape_overlays(self, base: Image.Image | None = None) -> list[Image.Image]:
+        """The segmenter's probability map of each shape class (in :attr:`shapes`' order) over
+        ``base`` (default: the image) in grey, as is: 1 is certain, not each map's maximum."""
+        base = self.image if base is None else base
+        return [heatmap_overlay(base, p, normalize=False) for p in self.probabilities[1:]]
+
+    def class_map(self) -> Image.Image:
+        """The segmenter's most probable class per pixel, at the image's size: background white,
+        then the classes in :data:`CLASS_COLOURS`' order."""
+        ids = self.probabilities.argmax(dim=0).numpy() % len(CLASS_COLOURS)  # (H, W)
+        return Image.fromarray(CLASS_COLOURS[ids])
+
     def figure(self, panel: int = 160) -> Image.Image:
         """Top row: the image, then the segmenter's probability map of each shape class.
         Bottom row: the segmenter's most probable class per pixel (background white, the
@@ -75,10 +88,9 @@ class SegmentationView:
         base = upscale(self.image, panel)
         found = {a.shape: a for a in self.agreements}
         top = [with_label(base, "image")]
-        top += [with_label(heatmap_overlay(base, p, normalize=False), f"segmenter: {name}")
-                for name, p in zip(self.shapes, self.probabilities[1:], strict=True)]
-        ids = self.probabilities.argmax(dim=0).numpy() % len(CLASS_COLOURS)  # (H, W)
-        classes = upscale(Image.fromarray(CLASS_COLOURS[ids]), panel).resize(base.size, Image.Resampling.NEAREST)
+        top += [with_label(overlay, f"segmenter: {name}")
+                for name, overlay in zip(self.shapes, self.shape_overlays(base), strict=True)]
+        classes = upscale(self.class_map(), panel).resize(base.size, Image.Resampling.NEAREST)
         bottom = [with_label(classes, "segmenter's classes")]
         for name in self.shapes:
             a = found.get(name)

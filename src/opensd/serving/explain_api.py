@@ -5,6 +5,12 @@ the image, one heatmap overlay per word of the prompt (DAAM, Tang et al. 2022: t
 cross-attention each word got, summed over heads, layers and steps, normalized to its
 maximum) and the denoising path strip (current latent above, predicted x0 below, at
 the steps ``path_steps``), all as base64 PNGs. ``raw=true`` adds the maps as numbers.
+With a segmenter (``segmenter="auto"``, the default: the model folder's
+``segmenter.safetensors`` when it has one; :mod:`opensd.serving.segmenters`) the answer's
+``segmentation`` adds, as ``opensd explain --segmenter`` does, the segmenter's probability map
+of each shape class and, per shape word of the prompt, how much of its attention lies inside
+the segmenter's region for its shape (:mod:`opensd.explain.segmentation`); without one,
+``segmentation`` is null and ``segmentation_reason`` says why.
 
 The request is checked as ``/sdapi/v1/txt2img`` checks one (the same sampler names,
 limits, prompt and work budgets, size rules and ``override_settings``, through
@@ -32,9 +38,18 @@ import torch
 from fastapi import APIRouter, Request
 from pydantic import AliasChoices, BaseModel, Field, StrictInt
 
-from opensd.explain import AttentionCollector, AttentionResult, ExplainError, PathError, PathRecorder, build_result
+from opensd.explain import (
+    AttentionCollector,
+    AttentionResult,
+    ExplainError,
+    PathError,
+    PathRecorder,
+    build_result,
+    compare_with_attention,
+)
 from opensd.explain.path import path_from_recorder
 from opensd.explain.render import RenderError, heatmap_overlay
+from opensd.explain.segmentation import AUTO, THRESHOLD
 from opensd.pipelines.networks import RequestNetworks
 from opensd.pipelines.request import GenerationRequest
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline, StepInfo
@@ -44,6 +59,7 @@ from opensd.serving.codec import encode_png
 from opensd.serving.errors import ApiError
 from opensd.serving.queue import Job
 from opensd.serving.schemas import Txt2ImgRequest, _Lenient
+from opensd.serving.segmenters import SegmenterChoice, check_choice, choose
 from opensd.serving.state import ServerState, server_state
 
 router = APIRouter(prefix="/opensd/v1", tags=["opensd"])
@@ -76,7 +92,12 @@ class ExplainRequest(_Lenient):
         None, description=f"1-based steps shown in the denoising strip (at most {MAX_PATH_STEPS}); "
         f"default: {DEFAULT_PATH_STEPS} evenly spaced, ending at the last step.",
     )
-    raw: bool = Field(False, description="Also return the attention maps as nested lists of numbers.")
+    raw: bool = Field(False, description="Also return the attention maps (and the segmenter's) as nested lists of numbers.")
+    segmenter: str = Field(
+        AUTO, description="'auto': the model folder's segmenter.safetensors, if it has one, beside the shape words' "
+        "maps (none if it has none: segmentation is then null, with the reason); 'none': no segmenter. "
+        "No path: the server reads only segmenters beside its models.",
+    )
     override_settings: dict[str, Any] | None = Field(
         None, description="Per-request options: sd_model_checkpoint, CLIP_stop_at_last_layers."
     )
@@ -95,6 +116,30 @@ class RawMaps(BaseModel):
     )
 
 
+class ShapeAgreementOut(BaseModel):
+    """One shape word of the prompt against the segmenter's region for its shape (its most probable class)."""
+
+    word: str = Field(description="The prompt's word (the shape's name or its plural).")
+    shape: str = Field(description="The segmenter's class it names.")
+    inside: float = Field(description="The share of the word's attention mass inside the region (0 when there is none).")
+    area: float = Field(description="The region's share of the image: what a flat map would score.")
+    iou: float = Field(description="IoU of the region and the word's map cut at threshold times its maximum.")
+
+
+class SegmentationOut(BaseModel):
+    """The segmenter's reading of the generated image (as ``opensd explain --segmenter``)."""
+
+    classes: list[str] = Field(description="The segmenter's classes, class id = position, background first.")
+    maps: list[str] = Field(description="Base64 PNGs the size of the image: each shape class's (classes[1:]) probability "
+                            "over the image, as is (1 = certain; not normalized to its maximum).")
+    class_map: str = Field(description="Base64 PNG: the most probable class per pixel (background white, then red, green, blue, ...).")
+    agreements: list[ShapeAgreementOut] = Field(description="One per shape class a word of the prompt names, in class order.")
+    threshold: float = Field(description="The fraction of a word map's maximum at which it is cut for iou.")
+    probabilities: list[list[list[float]]] | None = Field(
+        None, description="With raw=true: (n_classes, height, width), each pixel's class probabilities (sum 1)."
+    )
+
+
 class ExplainResponse(BaseModel):
     image: str = Field(description="Base64 PNG of the generated image, with its infotext.")
     info: str = Field(description="The infotext (A1111's 'parameters').")
@@ -109,6 +154,8 @@ class ExplainResponse(BaseModel):
     interrupted: bool = Field(description="True when /sdapi/v1/interrupt stopped sampling early.")
     warnings: list[str] = Field(default_factory=list, description="What to know about the result (e.g. clip skip has no effect).")
     raw: RawMaps | None = None
+    segmentation: SegmentationOut | None = Field(None, description="The segmenter's maps and numbers; null without one.")
+    segmentation_reason: str | None = Field(None, description="Why segmentation is null; null when it is not.")
 
 
 # ---------------------------------------------------------------- planning
@@ -123,6 +170,7 @@ class ExplainPlan:
     words: list[str]
     path_steps: list[int]
     networks: RequestNetworks | None = None  # the prompt's <lora:...> tags, bound (as txt2img)
+    segmenter: SegmenterChoice = SegmenterChoice(None, "no segmenter was asked for")
 
 
 def default_path_steps(steps: int, n: int = DEFAULT_PATH_STEPS) -> list[int]:
@@ -148,6 +196,7 @@ def plan_explain(st: ServerState, body: ExplainRequest) -> ExplainPlan:
     """Check everything in ``body`` (raise a 4xx :class:`ApiError` on the first problem) and pick the model."""
     if not body.prompt.strip():
         raise ApiError(422, "prompt is empty; explain maps each word of the prompt, so give at least one word", param="prompt")
+    segmenter = check_choice(body.segmenter)
     txt2img = Txt2ImgRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, seed=body.seed,
         sampler_name=body.sampler_name or "DPM++ 2M", scheduler=body.scheduler, steps=body.steps,
@@ -172,7 +221,9 @@ def plan_explain(st: ServerState, body: ExplainRequest) -> ExplainPlan:
         raise ApiError(422, f"prompt {req.prompt!r} has no words once its syntax is removed; nothing to map", param="prompt")
     if len(words) > MAX_WORDS:
         raise ApiError(422, f"prompt has {len(words)} words; explain maps at most {MAX_WORDS}", param="prompt")
-    return ExplainPlan(pipe, req, list(words), _path_steps(body.path_steps, req.steps), plan.networks)
+    steps = _path_steps(body.path_steps, req.steps)
+    seg = choose(st.segmenters, segmenter, pipe.loaded.path, pipe.loaded.name)  # loaded once per model, then cached
+    return ExplainPlan(pipe, req, list(words), steps, plan.networks, seg)
 
 
 # ---------------------------------------------------------------- running
@@ -194,6 +245,24 @@ def _raw(attn: AttentionResult) -> dict:
         "token_maps": _numbers(per_token),
         "word_maps": _numbers(word_maps),
     }
+
+
+def _segmentation(choice: SegmenterChoice, attn: AttentionResult, raw: bool) -> tuple[dict | None, str | None]:
+    """(the answer's segmentation, its reason): the segmenter's maps beside ``attn``'s, or why there are none."""
+    if choice.segmenter is None:
+        return None, choice.reason
+    try:
+        view = compare_with_attention(attn, *choice.segmenter)  # one forward of the small U-Net, on the CPU
+    except ExplainError as e:  # a segmenter that cannot read this image: no error for the explanation
+        return None, f"the segmenter cannot read this image: {e}"
+    return {
+        "classes": list(view.classes),
+        "maps": [encode_png(m) for m in view.shape_overlays()],
+        "class_map": encode_png(view.class_map()),
+        "agreements": [a.as_dict() for a in view.agreements],
+        "threshold": THRESHOLD,
+        "probabilities": _numbers(view.probabilities) if raw else None,
+    }, None
 
 
 def run_explain(job: Job, plan: ExplainPlan, *, raw: bool = False) -> dict:
@@ -218,6 +287,7 @@ def run_explain(job: Job, plan: ExplainPlan, *, raw: bool = False) -> dict:
         strip = encode_png(path.strip(PATH_PANEL)) if path is not None else None
     except (ExplainError, PathError, RenderError) as e:
         raise ApiError(422, str(e)) from None
+    segmentation, reason = _segmentation(plan.segmenter, attn, raw)
     return {
         "image": encode_png(image, result.infotexts[0]),
         "info": result.infotexts[0],
@@ -232,6 +302,8 @@ def run_explain(job: Job, plan: ExplainPlan, *, raw: bool = False) -> dict:
         "interrupted": result.interrupted,
         "warnings": result.warnings,
         "raw": _raw(attn) if raw else None,
+        "segmentation": segmentation,
+        "segmentation_reason": reason,
     }
 
 

@@ -14,6 +14,7 @@ from opensd.pipelines.upscalers import UpscalerLibrary
 from opensd.serving.limits import Limits
 from opensd.serving.models import ModelRegistry
 from opensd.serving.queue import GenerationQueue
+from opensd.serving.segmenters import SegmenterCache
 
 
 @dataclass
@@ -38,6 +39,8 @@ class ServerState:
     upscalers: UpscalerLibrary = field(default_factory=lambda: UpscalerLibrary(None))
     # The ControlNet folder (--controlnet-dir) that alwayson_scripts.controlnet units name.
     controlnets: ControlNetLibrary = field(default_factory=lambda: ControlNetLibrary(None))
+    # The model folders' segmenters that explain requests use (segmenter "auto"), each loaded once.
+    segmenters: SegmenterCache = field(default_factory=SegmenterCache)
 
 
 def server_state(request: Request) -> ServerState:

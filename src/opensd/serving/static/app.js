@@ -1,7 +1,8 @@
 // opensd web page: a form that calls /sdapi/v1/txt2img or img2img (inpainting with the mask
 // painted in the mask editor, mask.js), polls /sdapi/v1/progress for a live preview, and
 // keeps a gallery of results; an Explain section that calls
-// /opensd/v1/explain and shows one heatmap per word and the denoising path. The model menu lists
+// /opensd/v1/explain and shows one heatmap per word, the model's segmenter's map of each shape
+// (with how much of the shape word's attention lies inside it) and the denoising path. The model menu lists
 // /sdapi/v1/sd-models with each model's family and native size (the size used when Width and
 // Height are empty); the chosen model and refiner go with each request (override_settings,
 // refiner_checkpoint), so the server's current model does not change. Plain JS, no build step.
@@ -254,6 +255,7 @@ function explainPayload() {
     steps: numberOrNull("explain-steps"),
     seed: numberOrNull("explain-seed") ?? -1,
     path_steps: pathSteps($("explain-path-steps").value),
+    segmenter: $("explain-segmenter").value,
   };
   for (const key of ["width", "height"]) {
     const v = numberOrNull(key);
@@ -262,23 +264,53 @@ function explainPayload() {
   return withModel(body);
 }
 
-function wordPanel(word, b64) {
+function panel(title, b64, alt, note = null) {
   const li = document.createElement("li");
   const figure = document.createElement("figure");
   const img = document.createElement("img");
   img.src = `data:image/png;base64,${b64}`;
-  img.alt = `Attention of the word "${word}" over the image`;
+  img.alt = alt;
   const caption = document.createElement("figcaption");
-  caption.textContent = word;
+  caption.textContent = title;
+  if (note !== null) {
+    const small = document.createElement("span");
+    small.className = "hint";
+    small.textContent = note;
+    caption.append(small);
+  }
   figure.append(img, caption);
   li.append(figure);
   return li;
+}
+
+function wordPanel(word, b64) {
+  return panel(word, b64, `Attention of the word "${word}" over the image`);
+}
+
+function shapeNote(shape, agreements) {
+  const a = agreements.find((x) => x.shape === shape);
+  if (!a) return "no word of the prompt names it";
+  return `"${a.word}": ${a.inside.toFixed(2)} of its attention inside (area ${a.area.toFixed(2)}, IoU ${a.iou.toFixed(2)})`;
+}
+
+function showSegmentation(seg, reason) {
+  $("explain-segmentation-reason").textContent = seg ? "" : `No segmenter: ${reason}`;
+  if (!seg) {
+    $("explain-shapes").replaceChildren();
+    return;
+  }
+  const panels = [panel("classes", seg.class_map, "The segmenter's most probable class per pixel",
+    "background white, then red, green, blue")];
+  seg.classes.slice(1).forEach((shape, i) => panels.push(panel(shape, seg.maps[i],
+    `The segmenter's probability of ${shape} over the image`, shapeNote(shape, seg.agreements))));
+  $("explain-shapes").replaceChildren(...panels);
 }
 
 function showExplanation(result) {
   $("explain-image").src = `data:image/png;base64,${result.image}`;
   $("explain-seed-text").textContent = `Seed ${result.seed}, ${result.width}x${result.height}`;
   $("explain-words").replaceChildren(...result.words.map((w, i) => wordPanel(w, result.overlays[i])));
+  showSegmentation(result.segmentation, result.segmentation_reason);
   $("explain-path").hidden = !result.path;
   if (result.path) $("explain-path").src = `data:image/png;base64,${result.path}`;
   $("explain-result").hidden = false;

@@ -39,7 +39,7 @@ from PIL import Image
 from opensd.shapes.control_eval import LayoutJudge
 from opensd.shapes.scorer import score_images
 from opensd.shapes.segmentation import SegmentationJudge
-from opensd.shapes.suites import accuracy_by_category, ground_truth_images, validation_suite
+from opensd.shapes.suites import ground_truth_images, score_prompts, validation_suite
 from opensd.shapes.world import World
 
 
@@ -137,11 +137,8 @@ class GenerationJudge:
         images = draw([p.text for p in prompts])
         save_grid(images, samples, self.per_category)
         samples.with_suffix(".txt").write_text("".join(f"{p.category}\t{p.text}\n" for p in prompts))
-        scored = score_images([(im, p.spec) for im, p in zip(images, prompts, strict=False)])
-        # per prompt category: the rich suite's sentence forms are positions, pairs, ... to the scorer
-        rows = [{"category": p.category, "correct": r["correct"]} for p, r in zip(prompts, scored["items"], strict=False)]
-        accuracy, _ = accuracy_by_category(rows)
-        return {"overall": sum(accuracy.values()) / len(accuracy), **{f"acc_{k}": v for k, v in accuracy.items()}}
+        scored = score_prompts(images, prompts)  # per prompt category (a rich suite's sentence forms too)
+        return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
 
 
 Judge = RoundTripJudge | TinyRoundTripJudge | RetrievalJudge | GenerationJudge | SegmentationJudge | LayoutJudge

@@ -308,16 +308,27 @@ def ground_truth_images(
     return [render(realize(p.spec, random.Random(f"{seed}:{i}"), size, holdout)) for i, p in enumerate(prompts)]
 
 
-def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
+def score_prompts(images: Iterable[Image.Image], prompts: Iterable[BenchmarkPrompt]) -> dict:
+    """:func:`~opensd.shapes.scorer.score_images` of each image against its prompt's spec, the
+    accuracy per *prompt* category (SUITE_CATEGORIES: a rich suite's sentence_form prompts are
+    positions, pairs, ... to the scorer) and ``overall`` their mean."""
+    prompts = list(prompts)
+    from opensd.shapes.scorer import score_images
+
+    scored = score_images([(im, p.spec) for im, p in zip(images, prompts, strict=True)])
+    items = [{**r, "category": p.category} for r, p in zip(scored["items"], prompts, strict=True)]
+    accuracy, n = accuracy_by_category(items)
+    return {"overall": sum(accuracy.values()) / len(accuracy), "accuracy": accuracy, "n": n, "items": items}
+
+
+def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128), world: World = World.RICH) -> list[str]:
     """The scorer's validation table, one line per setting (``python -m opensd.shapes.suites``).
 
-    Ground-truth images of the benchmark at each size, after a bicubic
+    Ground-truth images of the benchmark (of ``world``) at each size, after a bicubic
     size -> size/2 -> size round trip, with Gaussian noise (sigma 4/255), both, and
     judged against shuffled specs (chance); plus the validation and holdout suites.
     """
     import numpy as np
-
-    from opensd.shapes.scorer import score_images
 
     rng = np.random.default_rng(0)
 
@@ -332,11 +343,11 @@ def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
     lines = []
 
     def row(name: str, prompts, images) -> None:
-        r = score_images([(im, p.spec) for im, p in zip(images, prompts, strict=False)])
+        r = score_prompts(images, prompts)
         accs = "  ".join(f"{c} {a:.3f}" for c, a in r["accuracy"].items())
         lines.append(f"{name:30s} overall {r['overall']:.3f}  {accs}")
 
-    bench = benchmark_suite()
+    bench = benchmark_suite(world=world)
     perm = list(range(len(bench)))
     random.Random(0).shuffle(perm)
     for size in sizes:
@@ -346,12 +357,14 @@ def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
         row("  noise sigma 4/255", bench, [noisy(i) for i in imgs])
         row("  round trip + noise", bench, [noisy(round_trip(i)) for i in imgs])
         row("  shuffled specs (chance)", bench, [imgs[j] for j in perm])
-    val, held = validation_suite(), holdout_suite()
+    val, held = validation_suite(world=world), holdout_suite(world=world)
     row("validation suite 64 px", val, ground_truth_images(val, 64, seed=1))
     row("holdout suite 64 px", held, ground_truth_images(held, 64, seed=2, holdout=None))
     return lines
 
 
 if __name__ == "__main__":  # pragma: no cover
-    for line in validate_scorer():
+    import sys
+
+    for line in validate_scorer(world=World(sys.argv[1]) if len(sys.argv) > 1 else World.RICH):
         print(line)

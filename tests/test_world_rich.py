@@ -385,3 +385,56 @@ def test_cli_writes_the_rich_world(tmp_path: Path) -> None:
     assert rows[0]["wording"]["form"] in tuple(Form) and len(list(read_imagefolder(tmp_path / "o"))) == 4
     r = CliRunner().invoke(app, ["shapes", "--n", "1", "--out", str(tmp_path / "p"), "--world", "flat"])
     assert r.exit_code == 2 and "unknown world 'flat'" in r.output and "Traceback" not in r.output
+
+
+def test_the_rich_source_prefills_grounds_and_negates_as_it_streams() -> None:
+    from dataclasses import replace as with_
+
+    import torch
+
+    from opensd.shapes.source import ShapesSource
+    from opensd.tokenizers.word import WordTokenizer
+    from opensd.training.config import DataConfig, ShapesWorld
+    from opensd.training.data import load_batch
+    from opensd.training.sources import open_source
+
+    cfg = DataConfig(image_size=16, pool_size=48, world=ShapesWorld.RICH)
+    serial, parallel = ShapesSource(cfg), open_source(with_(cfg, workers=2))
+    for i in (0, 17, 47):
+        a, b = serial[i], parallel[i]
+        assert torch.equal(a.image, b.image) and a.caption == b.caption and a.spec == b.spec
+    batch = load_batch(serial, range(16))
+    tok = WordTokenizer.train(serial.captions(200), vocab_size=96, context_length=32)
+    tokens, masks = serial.grounding_targets(batch, tok, (2, 2))
+    assert tokens.shape == (16, 3, 4) and masks.shape == (16, 3, 2, 2)
+    assert all((tokens[k, len(sp.objects):] == -1).all() for k, sp in enumerate(batch.specs))
+    negatives = serial.hard_negative_captions(batch, random.Random(0), 3)
+    for caption, spec, scene, negs in zip(batch.captions, batch.specs, batch.scenes, negatives, strict=True):
+        assert len(negs) == 3 and caption not in negs
+        like = find_wording(spec, caption)  # each a negative spec in the caption's words, false for the scene
+        candidates = {write(n, like): n for specs in negative_specs(spec).values() for n in specs}
+        for text in negs:
+            assert text in candidates and S.check_true(candidates[text], scene) != [], (caption, text)
+
+
+def test_a_clip_stage_trains_on_the_rich_world_and_judges_its_validation_suite(tmp_path: Path) -> None:
+    import torch
+
+    from opensd.training.clip import CLIPStage, CLIPStageConfig
+    from opensd.training.config import stage_config_from_dict
+    from opensd.training.loop import read_log, run_stage
+
+    torch.set_num_threads(1)
+    t = {"out_dir": str(tmp_path / "clip"), "steps": 2, "batch_size": 8, "lr": 2e-3, "warmup_steps": 0,
+         "log_every": 1, "sample_every": 0, "checkpoint_every": 0, "progress": False}
+    cfg = {"model_preset": "tiny", "tokenizer_corpus": 300, "vocab_size": 96, "hard_negatives": 2,
+           "eval_per_category": 1, "train": t, "data": {"image_size": 16, "world": "rich"}}
+    stage = CLIPStage(stage_config_from_dict(CLIPStageConfig, cfg))
+    result = run_stage(stage)
+    log = read_log(result.run_dir / "log.jsonl")
+    assert [r for r in log if r["kind"] == "train"][-1]["hard_negative_acc"] >= 0
+    assert [r for r in log if r["kind"] == "eval"][-1]["count"] == 9  # one prompt of each rich validation category
+    words = set(stage.tokenizer.known_words())
+    assert {"big", "the", ","} <= words and "little" not in words  # the held-out synonym is no word it knows
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved["data"]["world"] == "rich"

@@ -341,6 +341,8 @@ def test_rich_prompt_errors() -> None:
         draw_rich_prompt("sentence_form", random.Random(0), Holdout(synonyms=("big",)), held_out=True)
     only = holdout_suite(Holdout(color_shapes=(("red", "circle"),)), per_category=3, world=World.RICH)
     assert {p.category for p in only} == {"colors", "counting", "color_attr", "position", "three_objects"}
+    words = holdout_suite(Holdout(synonyms=("big",)), per_category=3, world=World.RICH)
+    assert [p.category for p in words] == ["synonym"] * 3 and all("big" in p.text.split() for p in words)
 
 
 # ----------------------------------------------------------------------------- training and export

@@ -264,9 +264,11 @@ def holdout_suite(
     for ``World.RICH`` followed by the rich world's held-out categories, one for each kind
     ``holdout`` keeps something of besides colour-shape pairs and relations (``three_objects``
     with a held-out colour-shape pair when it keeps pairs)."""
-    classic = _suite(seed, per_category, HOLDOUT_CATEGORIES, holdout, held_out=True)
     if _check_world(world) is World.CLASSIC:
-        return classic
+        return _suite(seed, per_category, HOLDOUT_CATEGORIES, holdout, held_out=True)
+    classic: tuple[BenchmarkPrompt, ...] = ()
+    if holdout.color_shapes or holdout.relations:  # else no classic prompt states anything held out
+        classic = _suite(seed, per_category, HOLDOUT_CATEGORIES, holdout, held_out=True)
     from opensd.shapes.rich_prompts import HELD_OUT_KIND, HOLDOUT_RICH_CATEGORIES
 
     kept = holdout.kinds()

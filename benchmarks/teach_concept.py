@@ -110,7 +110,7 @@ def run_phase(name: str, cmd: list[str], log: Path) -> dict:
 
 def eval_command(s: TeachSettings, suite: str, e: EvalSettings, out: Path, lora: Path | None) -> list[str]:
     cmd = opensd_command(
-        "eval", "--model", s.model, "--suite", suite, "--per-category", str(e.per_category),
+        "eval", "--model", s.model, "--suite", suite, "--world", "classic", "--per-category", str(e.per_category),
         "--images-per-prompt", str(e.images), "--steps", str(s.steps), "--sampler", s.sampler,
         "--cfg-scale", str(s.cfg_scale), "--seed", str(s.seed), "--threads", str(s.threads), "-q", "-o", str(out),
     )

@@ -68,7 +68,7 @@ def test_cli_eval_autoencoder_writes_the_ceiling(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, args + ["-o", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert r["kind"] == "autoencoder_ceiling" and r["suite"] == "benchmark" and r["prompts"] == 12
+    assert r["kind"] == "autoencoder_ceiling" and r["suite"] == "benchmark" and r["prompts"] == 18
     assert 0.0 <= r["overall"] <= 1.0 and f"{r['overall']:.3f}" in res.output and r["model"]["hash"]
     res = CliRunner().invoke(app, args + ["-o", str(tmp_path / "ev2"), "--lora", str(tmp_path / "x.safetensors")])
     assert res.exit_code != 0 and "Traceback" not in res.output

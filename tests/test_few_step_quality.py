@@ -42,6 +42,7 @@ def test_the_lcm_lora_at_4_steps_scores_close_to_20_steps_and_plain_4_steps_do_n
     from opensd.pipelines.few_step import few_step_kwargs
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
     from opensd.shapes.run import EvalConfig, evaluate
+    from opensd.shapes.world import World
 
     path = _path()
     threads = torch.get_num_threads()
@@ -50,11 +51,11 @@ def test_the_lcm_lora_at_4_steps_scores_close_to_20_steps_and_plain_4_steps_do_n
         pipe = StableDiffusionPipeline.from_path(path, precision="fp32")
         fast = few_step_kwargs(pipe)
         runs = {
-            "20 steps": (EvalConfig(per_category=PER_CATEGORY, images_per_prompt=1, cfg_scale=5.0), None),
+            "20 steps": (EvalConfig(per_category=PER_CATEGORY, images_per_prompt=1, cfg_scale=5.0, world=World.CLASSIC), None),
             "4 lcm + LoRA": (EvalConfig(per_category=PER_CATEGORY, images_per_prompt=1, steps=fast["steps"],
-                                        sampler=fast["sampler"], cfg_scale=fast["cfg_scale"]), fast["networks"]),
+                                        sampler=fast["sampler"], cfg_scale=fast["cfg_scale"], world=World.CLASSIC), fast["networks"]),
             "4 lcm": (EvalConfig(per_category=PER_CATEGORY, images_per_prompt=1, steps=fast["steps"],
-                                 sampler=fast["sampler"], cfg_scale=fast["cfg_scale"]), None),
+                                 sampler=fast["sampler"], cfg_scale=fast["cfg_scale"], world=World.CLASSIC), None),
         }
         scores = {}
         for name, (cfg, networks) in runs.items():

@@ -36,11 +36,12 @@ def test_default_model_scores_in_bf16_within_a_hundredth_of_fp32() -> None:
     from opensd.defaults import default_model_path
     from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
     from opensd.shapes.run import EvalConfig, evaluate
+    from opensd.shapes.world import World
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = EvalConfig(per_category=5, images_per_prompt=1, cfg_scale=5.0)  # 30 prompts, the README's settings
+        cfg = EvalConfig(per_category=5, images_per_prompt=1, cfg_scale=5.0, world=World.CLASSIC)  # 30 prompts, the README's settings
         scores = {}
         for precision in ("fp32", "bf16"):
             pipe = StableDiffusionPipeline.from_path(default_model_path(), precision=precision)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,3 +282,37 @@ def test_cli_unwritable_out(tmp_path):
     r = CliRunner().invoke(app, ["shapes", "--n", "2", "--out", str(blocker / "sub")])
     assert r.exit_code == 2
     assert "cannot create" in r.output and "Traceback" not in r.output
+
+
+def _digest(items) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for item in items:
+        h.update(repr(item).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def test_the_classic_world_is_unchanged():
+    """The default model was trained and scored on these: samples, renders, suites, hard negatives and
+    grounding targets of the classic world stay byte for byte what they were (digests of 2026-12-03)."""
+    from opensd.shapes.grounding import grounding_targets
+    from opensd.shapes.negatives import hard_negative_captions
+    from opensd.shapes.suites import benchmark_suite, holdout_suite, validation_suite
+    from opensd.tokenizers.word import WordTokenizer
+
+    first = S.ShapesDataset(seed=0, image_size=32).take(300)
+    assert _digest((s.caption, s.kind, s.scene, s.spec) for s in first) == "2dd3a815006d6314"
+    assert _digest(s.image.tobytes() for s in first[:60]) == "70c57c9cc9b1aa22"
+    free = S.ShapesDataset(seed=3, image_size=64, holdout=None).take(200)
+    assert _digest((s.caption, s.kind, s.scene, s.spec) for s in free) == "5c20a40a74776bc0"
+    assert _digest((p.text, p.spec, p.category) for p in benchmark_suite()) == "d3c6c4e1a671d43e"
+    assert _digest((p.text, p.spec, p.category) for p in validation_suite()) == "156cf8a915477b53"
+    assert _digest((p.text, p.spec, p.category) for p in holdout_suite()) == "d199103facf8b693"
+    rng = random.Random(0)
+    negatives = (hard_negative_captions(s.spec, rng, 3, like=s.caption) for s in first[:120])
+    assert _digest(negatives) == "403ddafe328c2c21"
+    tok = WordTokenizer.load(Path(__file__).resolve().parents[1] / "models" / "opensd-shapes" / "tokenizer")
+    targets = (grounding_targets(s.caption, s.spec, s.scene, tok, (4, 4)) for s in first[:100])
+    assert _digest((t.tolist(), m.tolist()) for t, m in targets) == "dc0d917953387d27"

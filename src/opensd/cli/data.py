@@ -42,16 +42,18 @@ def shapes(
     out: Path = typer.Option(..., "--out", help="Output folder (Hugging Face imagefolder layout)."),
     seed: int = typer.Option(0, "--seed", help="Dataset seed: sample i depends only on (seed, i)."),
     holdout: bool = typer.Option(True, "--holdout/--no-holdout", help="Keep DEFAULT_HOLDOUT's combinations out."),
+    world: str = typer.Option("classic", "--world", help="classic (the default model's world) or rich (three groups, counts beside other groups, more sentence forms)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing metadata.jsonl."),
 ) -> None:
-    """Write N shapes-world samples as PNGs + metadata.jsonl (file_name, text, kind, scene, spec)."""
+    """Write N shapes-world samples as PNGs + metadata.jsonl (file_name, text, kind, scene, spec; rich: wording)."""
     from opensd.data.imagefolder import write_imagefolder
-    from opensd.shapes.dataset import ShapesDataset
+    from opensd.shapes.dataset import ShapesDataset, as_world
     from opensd.shapes.world import DEFAULT_HOLDOUT
 
-    ds = ShapesDataset(seed=seed, image_size=size, holdout=DEFAULT_HOLDOUT if holdout else None)
+    ds = ShapesDataset(seed=seed, image_size=size, holdout=DEFAULT_HOLDOUT if holdout else None, world=as_world(world))
     count = write_imagefolder((ds[i] for i in range(n)), out, overwrite=overwrite)
-    typer.echo(f"wrote {count} samples ({size}x{size}, seed {seed}, holdout {'on' if holdout else 'off'}) to {out}")
+    typer.echo(f"wrote {count} {ds.world.value} samples ({size}x{size}, seed {seed}, "
+               f"holdout {'on' if holdout else 'off'}) to {out}")
 
 
 @app.command("mnist")

@@ -39,7 +39,7 @@ def _record(sample: Any, index: int) -> tuple[Image.Image, dict[str, Any]]:
         extra: dict[str, Any] = {}
     elif hasattr(sample, "image") and hasattr(sample, "caption"):
         image, text = sample.image, sample.caption
-        extra = {k: to_dict(getattr(sample, k)) for k in ("kind", "scene", "spec") if hasattr(sample, k)}
+        extra = {k: to_dict(getattr(sample, k)) for k in ("kind", "scene", "spec", "wording") if hasattr(sample, k)}
         extra = {k: v for k, v in extra.items() if v is not None}
     else:
         got = type(sample).__name__

@@ -23,8 +23,8 @@ import torch
 
 from opensd.pipelines.images import to_pil, to_tensor
 from opensd.shapes.run import EvalConfig, Suite, select_prompts
-from opensd.shapes.scorer import CATEGORIES, judge
-from opensd.shapes.suites import BenchmarkPrompt, ground_truth_images
+from opensd.shapes.scorer import judge
+from opensd.shapes.suites import BenchmarkPrompt, accuracy_by_category, geneval_overall, ground_truth_images
 from opensd.shapes.world import DEFAULT_HOLDOUT, Holdout
 
 
@@ -76,12 +76,7 @@ def autoencoder_ceiling(pipe: Any, cfg: EvalConfig, seed: int = 0) -> dict:
     for p, im in zip(prompts, decoded, strict=False):
         verdict = judge(im, p.spec)
         records.append({"prompt": p.text, "category": p.category, "correct": verdict.correct, "reason": verdict.reason})
-    accuracy, n = {}, {}
-    for c in CATEGORIES:
-        rows = [r for r in records if r["category"] == c]
-        if rows:
-            n[c] = len(rows)
-            accuracy[c] = sum(bool(r["correct"]) for r in rows) / len(rows)
+    accuracy, n = accuracy_by_category(records)
     return {
         "kind": "autoencoder_ceiling",
         "suite": cfg.suite.value if cfg.concept is None else f"concept:{cfg.concept}",
@@ -89,6 +84,7 @@ def autoencoder_ceiling(pipe: Any, cfg: EvalConfig, seed: int = 0) -> dict:
         "decoder": cfg.decoder,
         "seed": seed,
         "overall": sum(accuracy.values()) / len(accuracy),
+        "overall_geneval": geneval_overall(accuracy),
         "accuracy": accuracy,
         "n": n,
         "prompts": len(prompts),

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from opensd.shapes.captions import caption
+from opensd.shapes.captions import BACKGROUND_PHRASES, WRAPPERS, Wording, find_wording, write
 from opensd.shapes.world import (
     BACKGROUNDS,
     CONVERSE,
@@ -27,14 +26,18 @@ from opensd.shapes.world import (
     PALETTE,
     SHAPES,
     SIZES,
+    Form,
     ObjectSpec,
     PromptSpec,
     ShapesError,
 )
 
 # Kinds of hard negative, the swaps first: they keep every word and change only the binding.
-SWAP_KINDS: tuple[str, ...] = ("color_swap", "relation_swap", "relation_flip")
-NEGATIVE_KINDS: tuple[str, ...] = (*SWAP_KINDS, "count", "color", "shape", "size", "background")
+# count_swap (the counts of two groups exchanged) and drop (one of three groups left out) only
+# come of the rich world's specs: a classic spec's negatives are what they were.
+SWAP_KINDS: tuple[str, ...] = ("color_swap", "relation_swap", "relation_flip", "count_swap")
+NEGATIVE_KINDS: tuple[str, ...] = (*SWAP_KINDS, "count", "color", "shape", "size", "background", "drop")
+RICH_NEGATIVE_KINDS: tuple[str, ...] = ("count_swap", "drop")
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,17 @@ def _modified_specs(spec: PromptSpec) -> dict[str, list[PromptSpec]]:
         except ShapesError:
             pass  # the edit breaks a PromptSpec rule (indistinguishable groups, > MAX_COUNT objects)
 
-    if len(objs) == 2 and objs[0].color and objs[1].color and objs[0].color != objs[1].color:
-        a, b = objs
-        attempt("color_swap", lambda: _replace_object(_replace_object(spec, 0, color=b.color), 1, color=a.color))
+    for i, j in itertools.combinations(range(len(objs)), 2):
+        a, b = objs[i], objs[j]
+        if a.color and b.color and a.color != b.color:
+            attempt("color_swap", lambda i=i, j=j, a=a, b=b: _replace_object(_replace_object(spec, i, color=b.color),
+                                                                             j, color=a.color))
+        if a.count != b.count:
+            attempt("count_swap", lambda i=i, j=j, a=a, b=b: _replace_object(_replace_object(spec, i, count=b.count),
+                                                                             j, count=a.count))
+    if len(objs) == 3:
+        for i in range(3):
+            attempt("drop", lambda i=i: PromptSpec(objs[:i] + objs[i + 1:], None, spec.background))
     if spec.relation is not None:
         attempt("relation_swap", lambda: PromptSpec(objs[::-1], spec.relation, spec.background))
         attempt("relation_flip", lambda: PromptSpec(objs, CONVERSE[spec.relation], spec.background))
@@ -149,39 +160,17 @@ def negative_specs(spec: PromptSpec) -> dict[str, list[PromptSpec]]:
     return out
 
 
-class _ScriptedChoices(random.Random):
-    """A Random whose n-th ``choice(seq)`` returns ``seq[script[n] % len(seq)]``: replays a caption's wording.
-
-    :func:`opensd.shapes.captions.caption` draws its wording with ``choice`` only
-    (relation phrase, wrapper, background phrase), so one script words two specs of
-    the same structure alike.
-    """
-
-    def __init__(self, script: Sequence[int]) -> None:
-        super().__init__(0)
-        self._script = tuple(script)
-        self._n = 0
-
-    def choice(self, seq):  # type: ignore[override]
-        if self._n >= len(self._script):
-            return super().choice(seq)
-        index = self._script[self._n] % len(seq)
-        self._n += 1
-        return seq[index]
-
-
 _WORDING_CHOICES = 84  # lcm of the grammar's choice list lengths (2, 3, 4, 7): a draw mod 84 is uniform for each
-_LONGEST_CHOICE_LIST = 8  # at least the longest list caption() chooses from (7 wrappers)
 
 
-def find_wording(spec: PromptSpec, text: str) -> tuple[tuple[int, ...], bool] | None:
-    """The (choice script, say_one) with which ``caption(spec, ...)`` writes ``text``; None if none does."""
-    calls = 1 + (spec.relation is not None) + (spec.background is not None)
-    for script in itertools.product(range(_LONGEST_CHOICE_LIST), repeat=calls):
-        for say_one in (False, True):
-            if caption(spec, _ScriptedChoices(script), say_one) == text:
-                return script, say_one
-    return None
+def _drawn_wording(spec: PromptSpec, rng: random.Random) -> Wording:
+    """A classic wording drawn with ``rng`` (three draws, taken by the relation phrase if
+    ``spec`` states a relation, the wrapper and the background phrase if it states one)."""
+    draws = iter([rng.randrange(_WORDING_CHOICES) for _ in range(3)])
+    rel = next(draws) if spec.relation is not None else 0
+    wrapper = next(draws) % len(WRAPPERS)
+    background = next(draws) % len(BACKGROUND_PHRASES) if spec.background is not None else 0
+    return Wording(Form.RELATION if spec.relation is not None else Form.AND, wrapper, rel, background)
 
 
 def hard_negatives(
@@ -190,12 +179,13 @@ def hard_negatives(
     """``k`` captions false for every scene realizing ``spec``, each one edit away from it.
 
     Kinds are taken round-robin, the swap kinds (colour swap, relation order swap,
-    converse relation) first, then count +-1, colour, shape, size and background
-    changes, in an order drawn from ``rng``; ``k=None`` gives one negative of every
+    converse relation, count swap) first, then count +-1, colour, shape, size and background
+    changes and a dropped group, in an order drawn from ``rng``; ``k=None`` gives one negative of every
     available kind. When fewer than ``k`` distinct negatives exist the list repeats.
-    With ``like`` (a caption of ``spec`` from :func:`~opensd.shapes.captions.caption`)
-    every negative copies its wording (wrapper, relation phrase, background phrase,
-    "one"/"a"); otherwise the negatives share one wording drawn from ``rng``.
+    With ``like`` (a caption of ``spec``, classic or rich: :func:`~opensd.shapes.captions.find_wording`
+    finds its wording) every negative copies its wording (sentence form, wrapper, relation
+    phrase, background phrase, size words, digits, "one"/"a"); otherwise the negatives share
+    one classic wording drawn from ``rng``.
     """
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer or None, got {k!r}")
@@ -216,9 +206,8 @@ def hard_negatives(
 
     wording = find_wording(spec, like) if like is not None else None
     if wording is None:
-        wording = (tuple(rng.randrange(_WORDING_CHOICES) for _ in range(3)), False)
-    script, say_one = wording
-    return [HardNegative(kd, s, caption(s, _ScriptedChoices(script), say_one)) for kd, s in picked]
+        wording = _drawn_wording(spec, rng)
+    return [HardNegative(kd, s, write(s, wording)) for kd, s in picked]
 
 
 def hard_negative_captions(spec: PromptSpec, rng: random.Random, k: int = 3, *, like: str | None = None) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from opensd.shapes.scorer import CATEGORIES
+from opensd.shapes.suites import SUITE_CATEGORIES
 
 LABELS = {
     "single_object": "single object",
@@ -16,6 +17,10 @@ LABELS = {
     "colors": "colors",
     "position": "position",
     "color_attr": "color attribution",
+    "three_objects": "three objects",
+    "count_pair": "count pair",
+    "sentence_form": "sentence form",
+    "synonym": "synonym",
 }
 
 
@@ -30,7 +35,7 @@ def _pyplot():
 
 def bar_plot(results: dict, path: Path) -> None:
     plt = _pyplot()
-    cats = [c for c in CATEGORIES if c in results["accuracy"]]
+    cats = [c for c in SUITE_CATEGORIES if c in results["accuracy"]]
     vals = [results["accuracy"][c] for c in cats]
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
     bars = ax.bar([LABELS.get(c, c) for c in cats] + ["overall"], vals + [results["overall"]],
@@ -75,10 +80,13 @@ def markdown_report(results: dict, paths: dict[str, Path]) -> str:
         "| category | accuracy | images |",
         "|---|---|---|",
     ]
-    for c in CATEGORIES:
+    for c in SUITE_CATEGORIES:
         if c in results["accuracy"]:
             lines.append(f"| {LABELS.get(c, c)} | {results['accuracy'][c]:.3f} | {results['n'][c]} |")
     lines.append(f"| **overall** | **{results['overall']:.3f}** | {sum(results['n'].values())} |")
+    geneval = results.get("overall_geneval")
+    if geneval is not None and len(results["accuracy"]) > sum(c in results["accuracy"] for c in CATEGORIES):
+        lines.append(f"| overall of GenEval's six (the classic suite's overall) | {geneval:.3f} | |")
     lines += ["", f"![accuracy per category]({paths['plot'].name})", ""]
     if "failures" in paths:
         lines += ["## Failures (first 24, with the scorer's reason)", "", f"![failures]({paths['failures'].name})", ""]

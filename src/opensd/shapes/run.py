@@ -26,8 +26,17 @@ from typing import Any, Protocol
 from PIL import Image
 
 from opensd.errors import OpenSDError
-from opensd.shapes.scorer import CATEGORIES, judge
-from opensd.shapes.suites import IMAGES_PER_PROMPT, BenchmarkPrompt, benchmark_suite, holdout_suite, validation_suite
+from opensd.shapes.scorer import judge
+from opensd.shapes.suites import (
+    IMAGES_PER_PROMPT,
+    BenchmarkPrompt,
+    accuracy_by_category,
+    benchmark_suite,
+    geneval_overall,
+    holdout_suite,
+    validation_suite,
+)
+from opensd.shapes.world import World
 
 
 class Suite(enum.Enum):
@@ -37,10 +46,10 @@ class Suite(enum.Enum):
     CONCEPT = "concept"
 
 
-SUITES: dict[Suite, Callable[[], tuple[BenchmarkPrompt, ...]]] = {
-    Suite.BENCHMARK: benchmark_suite,
-    Suite.VALIDATION: validation_suite,
-    Suite.HOLDOUT: holdout_suite,
+SUITES: dict[Suite, Callable[[World], tuple[BenchmarkPrompt, ...]]] = {
+    Suite.BENCHMARK: lambda world: benchmark_suite(world=world),
+    Suite.VALIDATION: lambda world: validation_suite(world=world),
+    Suite.HOLDOUT: lambda world: holdout_suite(world=world),
 }
 
 
@@ -57,8 +66,11 @@ class EvalConfig:
     batch_size: int = 16  # images per network call: several prompts share one (same seeds, same images)
     concept: str | None = None  # Suite.CONCEPT's concept (opensd.shapes.concept.CONCEPTS), e.g. "orange-circle"
     decoder: str = "full"  # the final decode: "full" (the VAE) or "tiny" (the model's TAESD), opensd.pipelines.decoders
+    world: World = World.RICH  # the suite's world: RICH is CLASSIC's prompts, unchanged and first, and the rich categories
 
     def __post_init__(self) -> None:
+        if not isinstance(self.world, World):
+            raise OpenSDError(f"world must be one of {', '.join(World)}, got {self.world!r}")
         if not isinstance(self.images_per_prompt, int) or self.images_per_prompt < 1:
             raise OpenSDError(f"images_per_prompt must be an integer >= 1, got {self.images_per_prompt!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -84,7 +96,7 @@ def select_prompts(cfg: EvalConfig) -> list[BenchmarkPrompt]:
 
         prompts = list(concept_suite(cfg.concept))
     else:
-        prompts = list(SUITES[cfg.suite]())
+        prompts = list(SUITES[cfg.suite](cfg.world))
     if cfg.per_category is None:
         return prompts
     taken: dict[str, int] = {}
@@ -201,17 +213,12 @@ def evaluate(
                     kept.append((im, rec))
                 if on_image is not None:
                     on_image(len(records), total)
-    accuracy = {}
-    n = {}
-    for c in CATEGORIES:
-        rows = [r for r in records if r["category"] == c]
-        if rows:
-            n[c] = len(rows)
-            accuracy[c] = sum(r["correct"] for r in rows) / len(rows)
+    accuracy, n = accuracy_by_category(records)
     results = {
         "config": {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in asdict(cfg).items()},
         "model": model_info or {},
         "overall": sum(accuracy.values()) / len(accuracy),
+        "overall_geneval": geneval_overall(accuracy),
         "accuracy": accuracy,
         "n": n,
         "prompts": len(prompts),

@@ -69,6 +69,8 @@ class ScorerError(OpenSDError):
 
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+RICH_CATEGORIES: tuple[str, ...] = ("three_objects", "count_pair")  # specs only the rich world states
+ALL_CATEGORIES: tuple[str, ...] = (*CATEGORIES, *RICH_CATEGORIES)
 CHROMA_MIN = 40.0  # opponent chroma (0..~255) below which a pixel is neutral
 CORE_CHROMA_MIN = 70.0  # an object's 90th-percentile chroma must reach this
 HUE_TOL = 20.0  # degrees: an object whose mean hue is further from every palette hue has colour None
@@ -357,15 +359,20 @@ def category_of(spec: PromptSpec) -> str:
 
     One group: ``counting`` if it asks for 2+ objects, else ``colors`` if it states a
     colour, else ``single_object``. Two groups: ``position`` with a relation, else
-    ``color_attr`` if a colour is stated, else ``two_objects``.
+    ``count_pair`` if one asks for 2+ objects, else ``color_attr`` if a colour is stated,
+    else ``two_objects``. Three groups: ``three_objects``.
     """
     if not isinstance(spec, PromptSpec):
         raise ScorerError(f"spec must be a PromptSpec, got {type(spec).__name__}")
     if len(spec.objects) == 1:
         o = spec.objects[0]
         return "counting" if o.count > 1 else "colors" if o.color else "single_object"
+    if len(spec.objects) == 3:
+        return "three_objects"
     if spec.relation is not None:
         return "position"
+    if any(o.count > 1 for o in spec.objects):
+        return "count_pair"
     return "color_attr" if any(o.color for o in spec.objects) else "two_objects"
 
 
@@ -407,9 +414,10 @@ def _why_short(o: ObjectSpec, dets: Sequence[DetectedObject]) -> str:
 def judge(image: Image.Image | np.ndarray, spec: PromptSpec) -> Judgement:
     """GenEval's rules, reading objects with :func:`parse`.
 
-    * every group needs ``count`` matching objects (shape, and colour / size where
-      the spec states them); extra, unrelated objects are allowed;
-    * ``counting`` needs *exactly* ``count`` matching objects (GenEval's include
+    * every group needs a matching object (shape, and colour / size where the spec
+      states them); extra, unrelated objects are allowed;
+    * a group of two or more (``counting``, and a count group of ``count_pair`` or
+      ``three_objects``) needs *exactly* ``count`` matching objects (GenEval's include
       ``>= N`` and exclude ``>= N + 1``);
     * ``position``: some object of A and some object of B stand in the relation
       by GenEval's box rule with ``RELATION_MARGIN``;
@@ -425,13 +433,12 @@ def judge(image: Image.Image | np.ndarray, spec: PromptSpec) -> Judgement:
     problems: list[str] = []
     matches = [[d for d in dets if o.matches(d.shape, d.color, d.size)] for o in spec.objects]
     for o, found in zip(spec.objects, matches, strict=False):
-        if category == "counting":
+        if o.count > 1:
             if len(found) != o.count:
                 noun = o.describe().split(" ", 1)[1]
                 problems.append(f"wrong count: expected exactly {o.count} {noun}, found {len(found)}")
-        elif len(found) < o.count:
-            problems.append(_why_short(o, dets) if o.count == 1 else
-                            f"wrong count: expected at least {o.describe()}, found {len(found)}")
+        elif not found:
+            problems.append(_why_short(o, dets))
     if spec.relation is not None and not problems:
         pairs = [(x, y) for x in matches[0] for y in matches[1] if x is not y]
         seen = [relations_between(x.box, y.box) for x, y in pairs]
@@ -460,7 +467,7 @@ def score_images(items: Iterable[tuple[Image.Image | np.ndarray, PromptSpec]]) -
         rows.append({"category": j.category, "correct": j.correct, "reason": j.reason})
     if not rows:
         raise ScorerError("score_images needs at least one (image, spec) pair")
-    n = {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}
-    acc = {c: sum(r["correct"] for r in rows if r["category"] == c) / n[c] for c in CATEGORIES if n[c]}
+    n = {c: sum(r["category"] == c for r in rows) for c in ALL_CATEGORIES}
+    acc = {c: sum(r["correct"] for r in rows if r["category"] == c) / n[c] for c in ALL_CATEGORIES if n[c]}
     counts = {c: k for c, k in n.items() if k}
     return {"overall": sum(acc.values()) / len(acc), "accuracy": acc, "n": counts, "items": rows}

@@ -21,11 +21,11 @@ import torch
 
 from opensd.pipelines.images import from_uint8
 from opensd.shapes.dataset import ShapesDataset
-from opensd.shapes.grounding import grounding_targets
+from opensd.shapes.grounding import CLASSIC_GROUPS, grounding_targets
 from opensd.shapes.layout import scene_layout
 from opensd.shapes.negatives import hard_negative_captions
 from opensd.shapes.segmentation import CLASSES, label_maps
-from opensd.shapes.world import DEFAULT_HOLDOUT, PromptSpec, Scene
+from opensd.shapes.world import DEFAULT_HOLDOUT, MAX_GROUPS, PromptSpec, Scene, World
 from opensd.training.config import DataConfig
 from opensd.training.data import Batch, Example
 
@@ -36,7 +36,9 @@ class ShapesSource:
     segment_classes = CLASSES  # background, circle, square, triangle (opensd.shapes.segmentation)
 
     def __init__(self, cfg: DataConfig) -> None:
-        self.dataset = ShapesDataset(cfg.seed, cfg.image_size, holdout=DEFAULT_HOLDOUT if cfg.holdout else None)
+        self.world = World(cfg.world.value)
+        self.dataset = ShapesDataset(cfg.seed, cfg.image_size, holdout=DEFAULT_HOLDOUT if cfg.holdout else None,
+                                     world=self.world)
         self.pool = cfg.pool_size or None
         self._memo: dict[int, tuple[torch.Tensor, str, PromptSpec, Scene]] = {}
 
@@ -72,7 +74,8 @@ class ShapesSource:
         # caller's script, and the children only draw with PIL and numpy, never torch or CUDA.
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context(method)) as pool:
-            jobs = [pool.submit(_render_span, ds.seed, ds.image_size, ds.holdout is not None, a, b) for a, b in spans]
+            jobs = [pool.submit(_render_span, ds.seed, ds.image_size, ds.holdout is not None, a, b, ds.world)
+                    for a, b in spans]
             for (a, _), job in zip(spans, jobs, strict=False):
                 pixels, captions, specs, scenes = job.result()  # (n, H, W, 3) uint8
                 tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (n, 3, H, W)
@@ -88,8 +91,11 @@ class ShapesSource:
     def grounding_targets(self, batch: Batch, tokenizer: Any,
                           latent_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each caption's grounded word positions (B, G, K) and group masks (B, G, h, w)
-        (:func:`opensd.shapes.grounding.grounding_targets`)."""
-        pairs = [grounding_targets(c, sp, sc, tokenizer, latent_size)
+        (:func:`opensd.shapes.grounding.grounding_targets`; the rich world's G = 3 groups, and
+        their numbers grounded too, K = 4)."""
+        rich = self.world is World.RICH
+        groups = MAX_GROUPS if rich else CLASSIC_GROUPS
+        pairs = [grounding_targets(c, sp, sc, tokenizer, latent_size, max_groups=groups, numbers=rich)
                  for c, sp, sc in zip(batch.captions, batch.specs, batch.scenes, strict=False)]
         return torch.stack([t for t, _ in pairs]), torch.stack([m for _, m in pairs])
 
@@ -104,9 +110,9 @@ class ShapesSource:
         return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).contiguous()
 
 
-def _render_span(seed: int, image_size: int, holdout: bool, start: int, stop: int):
+def _render_span(seed: int, image_size: int, holdout: bool, start: int, stop: int, world: World = World.CLASSIC):
     """Worker of :meth:`ShapesSource.prefill`: items ``start .. stop-1`` as (uint8 array, captions, specs, scenes)."""
-    ds = ShapesDataset(seed, image_size, holdout=DEFAULT_HOLDOUT if holdout else None)
+    ds = ShapesDataset(seed, image_size, holdout=DEFAULT_HOLDOUT if holdout else None, world=world)
     samples = [ds[i] for i in range(start, stop)]
     pixels = np.stack([np.asarray(s.image.convert("RGB")) for s in samples])
     return pixels, [s.caption for s in samples], [s.spec for s in samples], [s.scene for s in samples]

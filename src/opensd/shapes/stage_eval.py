@@ -1,8 +1,8 @@
 """The shapes world's judges of the training stages (:mod:`opensd.training.evaluation`).
 
 Each renders or draws the validation suite (:func:`opensd.shapes.suites.validation_suite`,
-``per_category`` prompts of each category, never the benchmark) and judges with the exact
-scorer:
+``per_category`` prompts of each category, never the benchmark; the suite of the world the
+stage trains on, ``data.world``) and judges with the exact scorer:
 
 * :class:`RoundTripJudge` (VAE): the suite's true renders (seed 1) through the autoencoder:
   ``psnr`` (dB), ``roundtrip_overall`` (the scorer's GenEval-style overall on the
@@ -39,14 +39,15 @@ from PIL import Image
 from opensd.shapes.control_eval import LayoutJudge
 from opensd.shapes.scorer import score_images
 from opensd.shapes.segmentation import SegmentationJudge
-from opensd.shapes.suites import ground_truth_images, validation_suite
+from opensd.shapes.suites import ground_truth_images, score_prompts, validation_suite
+from opensd.shapes.world import World
 
 
 class RoundTripJudge:
     """The VAE stage's evaluator: see the module docstring."""
 
-    def __init__(self, per_category: int, image_size: int) -> None:
-        self.per_category, self.image_size = per_category, image_size
+    def __init__(self, per_category: int, image_size: int, world: World = World.CLASSIC) -> None:
+        self.per_category, self.image_size, self.world = per_category, image_size, world
         self._val: tuple | None = None
 
     def _validation(self) -> tuple:
@@ -54,7 +55,7 @@ class RoundTripJudge:
         if self._val is None:
             from opensd.pipelines.images import pil_to_tensor
 
-            prompts = validation_suite(per_category=self.per_category)
+            prompts = validation_suite(per_category=self.per_category, world=self.world)
             gts = ground_truth_images(prompts, size=self.image_size, seed=1)
             ref = score_images([(im, p.spec) for im, p in zip(gts, prompts, strict=False)])
             self._val = (prompts, torch.stack([pil_to_tensor(im) for im in gts]), ref)
@@ -77,8 +78,8 @@ class RoundTripJudge:
 class TinyRoundTripJudge:
     """The TAESD stage's evaluator: see the module docstring."""
 
-    def __init__(self, per_category: int, image_size: int) -> None:
-        self.per_category, self.image_size = per_category, image_size
+    def __init__(self, per_category: int, image_size: int, world: World = World.CLASSIC) -> None:
+        self.per_category, self.image_size, self.world = per_category, image_size, world
         self._val: tuple | None = None
 
     def __call__(self, round_trips: Callable[[torch.Tensor], Mapping[str, torch.Tensor]]) -> dict[str, float]:
@@ -86,7 +87,7 @@ class TinyRoundTripJudge:
         from opensd.training.vae import psnr
 
         if self._val is None:
-            prompts = validation_suite(per_category=self.per_category)
+            prompts = validation_suite(per_category=self.per_category, world=self.world)
             gts = ground_truth_images(prompts, size=self.image_size, seed=1)
             self._val = (prompts, torch.stack([pil_to_tensor(im) for im in gts]))
         prompts, gts = self._val
@@ -103,8 +104,8 @@ class TinyRoundTripJudge:
 class RetrievalJudge:
     """The CLIP stage's evaluator: see the module docstring."""
 
-    def __init__(self, per_category: int, image_size: int) -> None:
-        self.per_category, self.image_size = per_category, image_size
+    def __init__(self, per_category: int, image_size: int, world: World = World.CLASSIC) -> None:
+        self.per_category, self.image_size, self.world = per_category, image_size, world
         self._val: tuple | None = None
 
     def __call__(self, model: Any, tokenizer: Any) -> dict[str, float]:
@@ -112,7 +113,7 @@ class RetrievalJudge:
         from opensd.shapes.retrieval import retrieval_metrics
 
         if self._val is None:
-            prompts = validation_suite(per_category=self.per_category)
+            prompts = validation_suite(per_category=self.per_category, world=self.world)
             images = ground_truth_images(prompts, size=self.image_size, seed=1)
             self._val = (prompts, torch.stack([pil_to_tensor(im) for im in images]))
         prompts, images = self._val
@@ -126,17 +127,17 @@ class RetrievalJudge:
 class GenerationJudge:
     """The U-Net stage's evaluator: see the module docstring."""
 
-    def __init__(self, per_category: int) -> None:
-        self.per_category = per_category
+    def __init__(self, per_category: int, world: World = World.CLASSIC) -> None:
+        self.per_category, self.world = per_category, world
 
     def __call__(self, draw: Callable[[Sequence[str]], list[Image.Image]], samples: Path) -> dict[str, float]:
         from opensd.training.records import save_grid
 
-        prompts = validation_suite(per_category=self.per_category)
+        prompts = validation_suite(per_category=self.per_category, world=self.world)
         images = draw([p.text for p in prompts])
         save_grid(images, samples, self.per_category)
         samples.with_suffix(".txt").write_text("".join(f"{p.category}\t{p.text}\n" for p in prompts))
-        scored = score_images([(im, p.spec) for im, p in zip(images, prompts, strict=False)])
+        scored = score_prompts(images, prompts)  # per prompt category (a rich suite's sentence forms too)
         return {"overall": scored["overall"], **{f"acc_{k}": v for k, v in scored["accuracy"].items()}}
 
 
@@ -153,14 +154,15 @@ def judge_for(stage: str, cfg: Any) -> Judge | None:
     per_category = getattr(cfg, "eval_per_category", 0)
     if not per_category:
         return None
+    world = World(cfg.data.world.value)  # the validation suite of the world the stage trains on
     if stage == "vae":
-        return RoundTripJudge(per_category, cfg.data.image_size)
+        return RoundTripJudge(per_category, cfg.data.image_size, world)
     if stage == "taesd":
-        return TinyRoundTripJudge(per_category, cfg.data.image_size)
+        return TinyRoundTripJudge(per_category, cfg.data.image_size, world)
     if stage == "clip":
-        return RetrievalJudge(per_category, cfg.data.image_size)
+        return RetrievalJudge(per_category, cfg.data.image_size, world)
     if stage in ("unet", "lcm"):
-        return GenerationJudge(per_category)
+        return GenerationJudge(per_category, world)
     if stage == "controlnet":
         return LayoutJudge(per_category, cfg.data.image_size)
     return None

@@ -1,6 +1,12 @@
 """The shapes-world benchmark: fixed, seeded GenEval-style prompt suites.
 
-Three suites, each a tuple of :class:`BenchmarkPrompt` (text, spec, category):
+Three suites, each a tuple of :class:`BenchmarkPrompt` (text, spec, category), in two worlds
+(``world``: :class:`~opensd.shapes.world.World`). The classic suites are described here;
+``World.RICH`` gives the same prompts, unchanged and first, followed by the rich world's
+categories (:mod:`opensd.shapes.rich_prompts`): the benchmark and validation suites gain
+``three_objects``, ``count_pair`` and ``sentence_form``, the held-out suite a category for each
+kind held out besides colour-shape pairs and relations (``three_objects`` with a held-out
+pair, ``count_pair``, ``sentence_form``, ``synonym``).
 
 * :func:`benchmark_suite` — the test suite, ``per_category`` prompts in each of
   GenEval's six categories (Ghosh et al. 2023), in-distribution: no prompt states a
@@ -26,14 +32,14 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from PIL import Image
 
 from opensd.errors import OpenSDError
 from opensd.shapes.captions import caption
-from opensd.shapes.scorer import CATEGORIES, category_of
+from opensd.shapes.scorer import ALL_CATEGORIES, CATEGORIES, category_of
 from opensd.shapes.world import (
     BACKGROUNDS,
     DEFAULT_HOLDOUT,
@@ -44,6 +50,7 @@ from opensd.shapes.world import (
     Holdout,
     ObjectSpec,
     PromptSpec,
+    World,
     distinguishable,
     realize,
     render,
@@ -59,6 +66,9 @@ BENCHMARK_SEED = 2023
 VALIDATION_SEED = 7
 HOLDOUT_SEED = 11
 HOLDOUT_CATEGORIES: tuple[str, ...] = ("colors", "counting", "color_attr", "position")
+# Every category a suite's prompt may have, in report order: the scorer's (GenEval's six, then the
+# rich world's three_objects and count_pair), then the rich suites' wording categories.
+SUITE_CATEGORIES: tuple[str, ...] = (*ALL_CATEGORIES, "sentence_form", "synonym")
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,23 @@ def distinct_prompts(
     """``per_category`` prompts of distinct text per category: specs from ``draw(category,
     rng)`` worded by the caption grammar, ``rng`` seeded with ``rng_key(category)``; texts
     in ``exclude`` are skipped. ``what`` ends the error when too few can be found."""
+
+    def worded(category: str, rng: random.Random) -> tuple[PromptSpec, str]:
+        spec = draw(category, rng)
+        return spec, caption(spec, rng)
+
+    return distinct_worded_prompts(categories, per_category, rng_key, worded, exclude, what)
+
+
+def distinct_worded_prompts(
+    categories: tuple[str, ...],
+    per_category: int,
+    rng_key: Callable[[str], str],
+    draw: Callable[[str, random.Random], tuple[PromptSpec, str]],
+    exclude: frozenset[str] = frozenset(),
+    what: str = "",
+) -> tuple[BenchmarkPrompt, ...]:
+    """As :func:`distinct_prompts`, ``draw(category, rng)`` giving each prompt's spec and text."""
     if isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 1:
         raise PromptSuiteError(f"per_category must be an integer >= 1, got {per_category!r}")
     out: list[BenchmarkPrompt] = []
@@ -153,8 +180,7 @@ def distinct_prompts(
             tries += 1
             if tries > 200 * per_category:
                 raise PromptSuiteError(f"only {len(texts)} distinct {category} prompts{what} found; ask for fewer")
-            spec = draw(category, rng)
-            text = caption(spec, rng)
+            spec, text = draw(category, rng)
             if text in texts or text in exclude:
                 continue
             texts.add(text)
@@ -174,27 +200,100 @@ def _suite(
                             lambda c, rng: sample_category_spec(c, rng, holdout, held_out), exclude)
 
 
-@functools.lru_cache(maxsize=8)
-def benchmark_suite(per_category: int = 100, seed: int = BENCHMARK_SEED) -> tuple[BenchmarkPrompt, ...]:
-    """The fixed test suite: ``per_category`` distinct prompts per GenEval category, none held out."""
-    return _suite(seed, per_category, CATEGORIES, DEFAULT_HOLDOUT, held_out=False)
+def _rich_suite(
+    seed: int,
+    per_category: int,
+    categories: Iterable[str],
+    holdout: Holdout,
+    held_out: bool,
+    exclude: Iterable[BenchmarkPrompt] = (),
+) -> tuple[BenchmarkPrompt, ...]:
+    """The rich world's categories of a suite (:mod:`opensd.shapes.rich_prompts`), no text in ``exclude``'s."""
+    from opensd.shapes.rich_prompts import draw_rich_prompt
+
+    return distinct_worded_prompts(tuple(categories), per_category, lambda c: f"opensd-prompts:{seed}:{c}",
+                                   lambda c, rng: draw_rich_prompt(c, rng, holdout, held_out),
+                                   frozenset(p.text for p in exclude))
+
+
+def _check_world(world: World) -> World:
+    try:
+        return World(world)
+    except ValueError:
+        raise PromptSuiteError(f"unknown world {world!r}; allowed: {', '.join(World)}") from None
 
 
 @functools.lru_cache(maxsize=8)
-def validation_suite(per_category: int = 100, seed: int = VALIDATION_SEED) -> tuple[BenchmarkPrompt, ...]:
-    """The checkpoint-selection suite: like the benchmark, another seed, no prompt text in common with it."""
+def benchmark_suite(
+    per_category: int = 100, seed: int = BENCHMARK_SEED, world: World = World.CLASSIC
+) -> tuple[BenchmarkPrompt, ...]:
+    """The fixed test suite: ``per_category`` distinct prompts per GenEval category, none held out;
+    for ``World.RICH`` followed by as many of each of three_objects, count_pair and sentence_form."""
+    classic = _suite(seed, per_category, CATEGORIES, DEFAULT_HOLDOUT, held_out=False)
+    if _check_world(world) is World.CLASSIC:
+        return classic
+    from opensd.shapes.rich_prompts import BENCHMARK_RICH_CATEGORIES
+
+    return classic + _rich_suite(seed, per_category, BENCHMARK_RICH_CATEGORIES, DEFAULT_HOLDOUT, False, classic)
+
+
+@functools.lru_cache(maxsize=8)
+def validation_suite(
+    per_category: int = 100, seed: int = VALIDATION_SEED, world: World = World.CLASSIC
+) -> tuple[BenchmarkPrompt, ...]:
+    """The checkpoint-selection suite: like the benchmark (of the same world), another seed, no prompt
+    text in common with it."""
     if seed == BENCHMARK_SEED:
         raise PromptSuiteError(f"the validation seed must differ from the benchmark seed {BENCHMARK_SEED}")
     exclude = frozenset(p.text for p in benchmark_suite())
-    return _suite(seed, per_category, CATEGORIES, DEFAULT_HOLDOUT, held_out=False, exclude=exclude)
+    classic = _suite(seed, per_category, CATEGORIES, DEFAULT_HOLDOUT, held_out=False, exclude=exclude)
+    if _check_world(world) is World.CLASSIC:
+        return classic
+    from opensd.shapes.rich_prompts import BENCHMARK_RICH_CATEGORIES
+
+    taken = classic + benchmark_suite(world=World.RICH)
+    return classic + _rich_suite(seed, per_category, BENCHMARK_RICH_CATEGORIES, DEFAULT_HOLDOUT, False, taken)
 
 
 @functools.lru_cache(maxsize=8)
 def holdout_suite(
-    holdout: Holdout = DEFAULT_HOLDOUT, per_category: int = 100, seed: int = HOLDOUT_SEED
+    holdout: Holdout = DEFAULT_HOLDOUT, per_category: int = 100, seed: int = HOLDOUT_SEED,
+    world: World = World.CLASSIC,
 ) -> tuple[BenchmarkPrompt, ...]:
-    """Only prompts that state a combination ``holdout`` keeps out of training (see module doc)."""
-    return _suite(seed, per_category, HOLDOUT_CATEGORIES, holdout, held_out=True)
+    """Only prompts that state a combination ``holdout`` keeps out of training (see module doc);
+    for ``World.RICH`` followed by the rich world's held-out categories, one for each kind
+    ``holdout`` keeps something of besides colour-shape pairs and relations (``three_objects``
+    with a held-out colour-shape pair when it keeps pairs)."""
+    if _check_world(world) is World.CLASSIC:
+        return _suite(seed, per_category, HOLDOUT_CATEGORIES, holdout, held_out=True)
+    classic: tuple[BenchmarkPrompt, ...] = ()
+    if holdout.color_shapes or holdout.relations:  # else no classic prompt states anything held out
+        classic = _suite(seed, per_category, HOLDOUT_CATEGORIES, holdout, held_out=True)
+    from opensd.shapes.rich_prompts import HELD_OUT_KIND, HOLDOUT_RICH_CATEGORIES
+
+    kept = holdout.kinds()
+    categories = [c for c in HOLDOUT_RICH_CATEGORIES if HELD_OUT_KIND[c] in kept]
+    return classic + _rich_suite(seed, per_category, categories, holdout, True, classic)
+
+
+def accuracy_by_category(records: Iterable[dict]) -> tuple[dict[str, float], dict[str, int]]:
+    """Per suite category (SUITE_CATEGORIES order) of ``records`` (each with "category" and
+    "correct"): the share correct and the count, for the categories present."""
+    rows = list(records)
+    accuracy, n = {}, {}
+    for c in SUITE_CATEGORIES:
+        mine = [r for r in rows if r["category"] == c]
+        if mine:
+            n[c] = len(mine)
+            accuracy[c] = sum(bool(r["correct"]) for r in mine) / len(mine)
+    return accuracy, n
+
+
+def geneval_overall(accuracy: dict[str, float]) -> float | None:
+    """The mean accuracy over GenEval's six categories (CATEGORIES) present, None if none is:
+    a rich suite's overall next to what the classic suite's overall measures."""
+    classic = [accuracy[c] for c in CATEGORIES if c in accuracy]
+    return sum(classic) / len(classic) if classic else None
 
 
 def ground_truth_images(
@@ -211,16 +310,27 @@ def ground_truth_images(
     return [render(realize(p.spec, random.Random(f"{seed}:{i}"), size, holdout)) for i, p in enumerate(prompts)]
 
 
-def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
+def score_prompts(images: Iterable[Image.Image], prompts: Iterable[BenchmarkPrompt]) -> dict:
+    """:func:`~opensd.shapes.scorer.score_images` of each image against its prompt's spec, the
+    accuracy per *prompt* category (SUITE_CATEGORIES: a rich suite's sentence_form prompts are
+    positions, pairs, ... to the scorer) and ``overall`` their mean."""
+    prompts = list(prompts)
+    from opensd.shapes.scorer import score_images
+
+    scored = score_images([(im, p.spec) for im, p in zip(images, prompts, strict=True)])
+    items = [{**r, "category": p.category} for r, p in zip(scored["items"], prompts, strict=True)]
+    accuracy, n = accuracy_by_category(items)
+    return {"overall": sum(accuracy.values()) / len(accuracy), "accuracy": accuracy, "n": n, "items": items}
+
+
+def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128), world: World = World.RICH) -> list[str]:
     """The scorer's validation table, one line per setting (``python -m opensd.shapes.suites``).
 
-    Ground-truth images of the benchmark at each size, after a bicubic
+    Ground-truth images of the benchmark (of ``world``) at each size, after a bicubic
     size -> size/2 -> size round trip, with Gaussian noise (sigma 4/255), both, and
     judged against shuffled specs (chance); plus the validation and holdout suites.
     """
     import numpy as np
-
-    from opensd.shapes.scorer import score_images
 
     rng = np.random.default_rng(0)
 
@@ -235,11 +345,11 @@ def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
     lines = []
 
     def row(name: str, prompts, images) -> None:
-        r = score_images([(im, p.spec) for im, p in zip(images, prompts, strict=False)])
+        r = score_prompts(images, prompts)
         accs = "  ".join(f"{c} {a:.3f}" for c, a in r["accuracy"].items())
         lines.append(f"{name:30s} overall {r['overall']:.3f}  {accs}")
 
-    bench = benchmark_suite()
+    bench = benchmark_suite(world=world)
     perm = list(range(len(bench)))
     random.Random(0).shuffle(perm)
     for size in sizes:
@@ -249,12 +359,14 @@ def validate_scorer(sizes: tuple[int, ...] = (32, 64, 128)) -> list[str]:
         row("  noise sigma 4/255", bench, [noisy(i) for i in imgs])
         row("  round trip + noise", bench, [noisy(round_trip(i)) for i in imgs])
         row("  shuffled specs (chance)", bench, [imgs[j] for j in perm])
-    val, held = validation_suite(), holdout_suite()
+    val, held = validation_suite(world=world), holdout_suite(world=world)
     row("validation suite 64 px", val, ground_truth_images(val, 64, seed=1))
     row("holdout suite 64 px", held, ground_truth_images(held, 64, seed=2, holdout=None))
     return lines
 
 
 if __name__ == "__main__":  # pragma: no cover
-    for line in validate_scorer():
+    import sys
+
+    for line in validate_scorer(world=World(sys.argv[1]) if len(sys.argv) > 1 else World.RICH):
         print(line)

@@ -14,19 +14,24 @@ The world, in one place:
 * ``RELATIONS``: left of, right of, above, below, read from boxes as GenEval does
   with ``RELATION_MARGIN``;
 * scenes keep every object ``BORDER`` inside the image and any two objects' boxes
-  ``MIN_GAP`` apart (Chebyshev distance), so objects separate even at 32 px.
+  ``MIN_GAP`` apart (Chebyshev distance), so objects separate even at 32 px;
+* at most ``MAX_GROUPS`` object groups and ``MAX_COUNT`` objects in a scene;
+* ``World``: the classic world or the rich one, whose captions also take the sentence
+  forms of ``Form`` and the size words of ``SIZE_WORDS``.
 
 Coordinates in a :class:`Scene` are fractions of the image side (x right, y down),
 so one scene renders at any resolution. A :class:`PromptSpec` is what a caption
-asserts and :func:`realize` draws a scene that makes it exactly true (the stated
-objects and nothing else); :mod:`opensd.shapes.captions` words a spec in varied
-English, and :class:`opensd.shapes.dataset.ShapesDataset` ties both to ``(seed, index)``.
+asserts and :func:`realize` (:mod:`opensd.shapes.placement`) draws a scene that makes it
+exactly true (the stated objects and nothing else); :class:`Holdout`
+(:mod:`opensd.shapes.holdout`) names what training never asserts; :mod:`opensd.shapes.captions`
+and :mod:`opensd.shapes.wording` word a spec in varied English, and
+:class:`opensd.shapes.dataset.ShapesDataset` ties all of it to ``(seed, index)``.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -65,9 +70,41 @@ CONVERSE: dict[str, str] = {"left of": "right of", "right of": "left of", "above
 RELATION_MARGIN = 0.1  # GenEval's POSITION_THRESHOLD: offsets shrink by 0.1 x summed box extents
 MIN_GAP = 0.09  # the least Chebyshev gap between two objects' boxes, / image side
 BORDER = 0.02  # the least gap between an object's box and the image edge, / image side
-MAX_COUNT = 4
+MAX_COUNT = 4  # objects in a scene, all groups together: four large ones fit a 2x2 grid, a fifth may not
 NUMBERS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
+MAX_GROUPS = 3  # object groups a caption states (the classic world states one or two)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 2048
+
+
+class World(enum.StrEnum):
+    """Which shapes world: ``classic``, the one the default model was trained on (one or two
+    groups, four caption kinds, one wording of each thing), or ``rich`` (also three groups and
+    a count beside another group, and more sentence forms, synonyms and digits; docs/shapes.md)."""
+
+    CLASSIC = "classic"
+    RICH = "rich"
+
+
+class Form(enum.StrEnum):
+    """How a caption's body is built from its noun phrases (the rich world's sentence forms).
+
+    ``and``: "A and B and C" (one group: its noun phrase alone); ``list``: "A, B and C" (three
+    groups); ``relation``: "A above B"; ``copula``: "the A is above the B"; ``inverted``: "above
+    the B is A". The classic world writes only ``and`` and ``relation`` (:data:`CLASSIC_FORMS`).
+    """
+
+    AND = "and"
+    LIST = "list"
+    RELATION = "relation"
+    COPULA = "copula"
+    INVERTED = "inverted"
+
+
+CLASSIC_FORMS: tuple[Form, ...] = (Form.AND, Form.RELATION)
+RELATION_FORMS: tuple[Form, ...] = (Form.RELATION, Form.COPULA, Form.INVERTED)
+# The words a rich caption may write for each size, the canonical one (SIZES' name) first.
+SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
+SYNONYMS: dict[str, str] = {w: size for size, words in SIZE_WORDS.items() for w in words[1:]}  # "big" -> "large"
 
 
 def check_name(kind: str, value: str | None, allowed: Mapping | tuple, optional: bool = True) -> None:
@@ -254,11 +291,11 @@ def distinguishable(a: ObjectSpec, b: ObjectSpec) -> bool:
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """What a caption asserts: object groups, an optional relation, an optional background.
+    """What a caption asserts: 1 to MAX_GROUPS object groups, an optional relation, an optional background.
 
     ``relation`` relates ``objects[0]`` (A) to ``objects[1]`` (B): "A left of B".
-    Groups must be distinguishable (see :func:`distinguishable`). A relation needs
-    exactly two single objects.
+    Groups must be pairwise distinguishable (see :func:`distinguishable`) and hold at most
+    MAX_COUNT objects together. A relation needs exactly two single objects.
     """
 
     objects: tuple[ObjectSpec, ...]
@@ -267,223 +304,32 @@ class PromptSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objects", tuple(self.objects))
-        if not 1 <= len(self.objects) <= 2:
-            raise ShapesError(f"a PromptSpec has 1 or 2 object groups, got {len(self.objects)}")
+        if not 1 <= len(self.objects) <= MAX_GROUPS:
+            raise ShapesError(f"a PromptSpec has 1 to {MAX_GROUPS} object groups, got {len(self.objects)}")
+        if not all(isinstance(o, ObjectSpec) for o in self.objects):
+            raise ShapesError(f"a PromptSpec's objects are ObjectSpecs, got {self.objects!r}")
         if sum(o.count for o in self.objects) > MAX_COUNT:
             raise ShapesError(f"at most {MAX_COUNT} objects in a scene")
-        if len(self.objects) == 2 and not distinguishable(*self.objects):
-            raise ShapesError(f"the two objects must differ in shape, stated colour or stated size: {self.objects}")
+        for i, a in enumerate(self.objects):
+            for b in self.objects[i + 1 :]:
+                if not distinguishable(a, b):
+                    raise ShapesError(f"the groups must differ in shape, stated colour or stated size: {a}, {b}")
         check_name("relation", self.relation, RELATIONS)
         if self.relation is not None and (len(self.objects) != 2 or any(o.count != 1 for o in self.objects)):
             raise ShapesError("a relation needs exactly two single objects")
         check_name("background", self.background, BACKGROUNDS)
 
 
-# ----------------------------------------------------------------------------- holdout
+# The holdout and the realizing of a spec live in their own modules (this one would pass 500
+# lines) and build on the names above; they are the world's names too. opensd.shapes imports
+# this module first, so the names they take from it are defined when they load.
+from opensd.shapes.holdout import DEFAULT_HOLDOUT, NO_HOLDOUT, Holdout  # noqa: E402
+from opensd.shapes.placement import check_true, realize  # noqa: E402
 
-@dataclass(frozen=True)
-class Holdout:
-    """Combinations kept out of training, to test compositional generalisation.
-
-    ``color_shapes``: ``(color, shape)`` pairs that no training *image* shows.
-    ``relations``: ``(shape_a, relation, shape_b)`` triples that no training
-    *caption* asserts, in either wording ("triangle left of circle" also blocks
-    "circle right of triangle"); images may still show the arrangement unstated.
-    """
-
-    color_shapes: tuple[tuple[str, str], ...] = ()
-    relations: tuple[tuple[str, str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "color_shapes", tuple(tuple(p) for p in self.color_shapes))
-        object.__setattr__(self, "relations", tuple(tuple(t) for t in self.relations))
-        for pair in self.color_shapes:
-            if len(pair) != 2:
-                raise ShapesError(f"a held-out colour-shape pair is (color, shape), got {pair!r}")
-            check_name("color", pair[0], PALETTE, optional=False)
-            check_name("shape", pair[1], SHAPES, optional=False)
-        for triple in self.relations:
-            if len(triple) != 3:
-                raise ShapesError(f"a held-out relation is (shape_a, relation, shape_b), got {triple!r}")
-            check_name("shape", triple[0], SHAPES, optional=False)
-            check_name("relation", triple[1], RELATIONS, optional=False)
-            check_name("shape", triple[2], SHAPES, optional=False)
-        for shape in SHAPES:
-            if all((c, shape) in self.color_shapes for c in PALETTE):
-                raise ShapesError(f"holdout blocks every colour of {shape}; leave at least one")
-
-    def blocks_object(self, color: str | None, shape: str) -> bool:
-        return (color, shape) in self.color_shapes
-
-    def blocks_relation(self, shape_a: str, relation: str, shape_b: str) -> bool:
-        converse = (shape_b, CONVERSE[relation], shape_a)
-        return (shape_a, relation, shape_b) in self.relations or converse in self.relations
-
-    def touches(self, spec: PromptSpec) -> bool:
-        """Whether ``spec`` asserts a held-out colour-shape pair or a held-out relation."""
-        if any(self.blocks_object(o.color, o.shape) for o in spec.objects):
-            return True
-        if spec.relation is not None:
-            return self.blocks_relation(spec.objects[0].shape, spec.relation, spec.objects[1].shape)
-        return False
-
-    def blocks_scene(self, scene: Scene) -> bool:
-        return any(self.blocks_object(o.color, o.shape) for o in scene.objects)
-
-    def allowed_colors(self, shape: str) -> list[str]:
-        return [c for c in PALETTE if not self.blocks_object(c, shape)]
-
-
-DEFAULT_HOLDOUT = Holdout(
-    color_shapes=(("purple", "triangle"), ("orange", "circle"), ("cyan", "square")),
-    relations=(("triangle", "left of", "circle"), ("square", "above", "triangle")),
-)
-NO_HOLDOUT = Holdout()
-
-
-# ----------------------------------------------------------------------------- realizing a spec
-
-def _place_free(
-    radii: list[float], rng: random.Random, restarts: int = 10, tries: int = 30
-) -> list[tuple[float, float]] | None:
-    """Uniform positions with every pairwise box gap >= MIN_GAP, by rejection; None if none found.
-
-    Objects are placed one by one, each with up to ``tries`` draws, and the layout
-    restarts when one finds no room.
-    """
-    for _ in range(restarts):
-        pts: list[tuple[float, float]] = []
-        for r in radii:
-            lo, hi = BORDER + r, 1 - BORDER - r
-            for _ in range(tries):
-                x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
-                if all(max(abs(x - px), abs(y - py)) - r - pr >= MIN_GAP for (px, py), pr in zip(pts, radii, strict=False)):
-                    pts.append((x, y))
-                    break
-            else:
-                break
-        if len(pts) == len(radii):
-            return pts
-    return None
-
-
-def _place_grid(radii: list[float], rng: random.Random) -> list[tuple[float, float]]:
-    """Positions in a randomly split 2x2 (or 1x2 / 2x1) grid: always fits up to 4 large objects."""
-    n = len(radii)
-    if n <= 2:
-        cells = [(0, 0), (0, 1)] if rng.random() < 0.5 else [(0, 0), (1, 0)]
-        cells = cells[:n]
-    else:
-        cells = rng.sample([(0, 0), (0, 1), (1, 0), (1, 1)], n)
-    rng.shuffle(cells)
-
-    def splits(axis: int) -> list[tuple[float, float]]:
-        """[lo, hi] per grid index along ``axis`` of the (row, col) cells: 0 = rows (y), 1 = columns (x)."""
-        used = sorted({c[axis] for c in cells})
-        if len(used) == 1:
-            return [(BORDER, 1 - BORDER)] * 2
-        big = [max(r for r, c in zip(radii, cells, strict=False) if c[axis] == k) for k in (0, 1)]
-        slack = 1 - 2 * BORDER - 2 * big[0] - 2 * big[1] - MIN_GAP
-        cut = BORDER + 2 * big[0] + rng.uniform(0, max(slack, 0))
-        return [(BORDER, cut), (cut + MIN_GAP, 1 - BORDER)]
-
-    xs, ys = splits(1), splits(0)
-    out = []
-    for r, (row, col) in zip(radii, cells, strict=False):
-        (x_lo, x_hi), (y_lo, y_hi) = xs[col], ys[row]
-        out.append((rng.uniform(x_lo + r, max(x_hi - r, x_lo + r)), rng.uniform(y_lo + r, max(y_hi - r, y_lo + r))))
-    return out
-
-
-def _place_relation(ra: float, rb: float, relation: str, rng: random.Random) -> list[tuple[float, float]]:
-    """Centres for A and B with "A relation B" unambiguous.
-
-    Along the relation's axis the boxes are >= MIN_GAP apart; across it the offset is
-    at most 0.35 of the main offset, so :func:`relations_between` gives exactly
-    ``{relation}`` with room to spare (main >= 0.75, cross <= 0.35 against 0.5).
-    """
-    a_first = relation in ("left of", "above")  # A has the smaller main coordinate
-    r1, r2 = (ra, rb) if a_first else (rb, ra)
-    d = rng.uniform(r1 + r2 + MIN_GAP, 1 - 2 * BORDER - r1 - r2)
-    first = rng.uniform(BORDER + r1, 1 - BORDER - r2 - d)
-    a_main, b_main = (first, first + d) if a_first else (first + d, first)
-    # across the axis: both centres inside [BORDER + r, 1 - BORDER - r], |offset| <= 0.35 d
-    lo_a, hi_a = BORDER + ra, 1 - BORDER - ra
-    lo_b, hi_b = BORDER + rb, 1 - BORDER - rb
-    a_cross = rng.uniform(lo_a, hi_a)
-    b_cross = rng.uniform(max(lo_b, a_cross - 0.35 * d), min(hi_b, a_cross + 0.35 * d))
-    if relation in ("left of", "right of"):
-        return [(a_main, a_cross), (b_main, b_cross)]
-    return [(a_cross, a_main), (b_cross, b_main)]
-
-
-def realize(
-    spec: PromptSpec,
-    rng: random.Random,
-    image_size: int = 64,
-    holdout: Holdout | None = None,
-) -> Scene:
-    """A scene that makes ``spec`` exactly true: the stated objects and nothing else.
-
-    Unstated colours and sizes are drawn per object (colours avoiding ``holdout``'s
-    pairs); an unstated background is ``DEFAULT_BACKGROUND``. A spec that states a
-    held-out colour-shape pair is realized as stated (holdout filtering happens
-    when specs are drawn, see :func:`sample_spec`).
-    """
-    check_image_size(image_size)
-    holdout = holdout or NO_HOLDOUT
-    attrs: list[tuple[str, str, str]] = []
-    for o in spec.objects:
-        for _ in range(o.count):
-            color = o.color or rng.choice(holdout.allowed_colors(o.shape))
-            size = o.size or rng.choice(tuple(SIZES))
-            attrs.append((o.shape, color, size))
-    radii = [SIZES[s] for _, _, s in attrs]
-    if spec.relation is not None:
-        pts = _place_relation(radii[0], radii[1], spec.relation, rng)
-    else:
-        crowded = sum(r >= SIZES["large"] for r in radii) >= 3  # free placement almost never fits these
-        pts = (None if crowded else _place_free(radii, rng)) or _place_grid(radii, rng)
-    objects = tuple(
-        SceneObject(shape, color, size, round(x, 6), round(y, 6), r)
-        for (shape, color, size), (x, y), r in zip(attrs, pts, radii, strict=False)
-    )
-    return Scene(objects, spec.background or DEFAULT_BACKGROUND, image_size)
-
-
-def check_true(spec: PromptSpec, scene: Scene) -> list[str]:
-    """Structural check that ``scene`` makes ``spec`` exactly true; returns the problems (empty if true).
-
-    Each group has exactly ``count`` matching objects, there are no other objects,
-    the relation holds (and is the only one) on the true boxes, and the background
-    is the stated one (white when unstated).
-    """
-    problems = []
-    used = 0
-    for o in spec.objects:
-        n = sum(o.matches(s.shape, s.color, s.size) for s in scene.objects)
-        used += n
-        if n != o.count:
-            problems.append(f"{o.describe()}: found {n}")
-    if used != len(scene.objects):
-        problems.append(f"{len(scene.objects) - used} object(s) the caption does not mention")
-    if spec.relation is not None and len(scene.objects) == 2 and len(spec.objects) == 2:
-        # A is whichever object matches the spec's first object, B the other (either, when both match both).
-        first, second = spec.objects
-        pairs = [
-            (a, b)
-            for a, b in (scene.objects, scene.objects[::-1])
-            if first.matches(a.shape, a.color, a.size) and second.matches(b.shape, b.color, b.size)
-        ]
-        found = [relations_between(a.box(), b.box()) for a, b in pairs]
-        if {spec.relation} not in found:
-            problems.append(f"relation {spec.relation!r} but boxes give {sorted(set().union(*found)) if found else 'no A/B pair'}")
-    if scene.background != (spec.background or DEFAULT_BACKGROUND):
-        problems.append(f"background {scene.background} but caption says {spec.background or 'nothing'}")
-    for i, p in enumerate(scene.objects):
-        if min(p.cx - p.r, p.cy - p.r, 1 - p.cx - p.r, 1 - p.cy - p.r) < BORDER - 1e-6:
-            problems.append(f"object {i} crosses the border")
-        for q in scene.objects[i + 1 :]:
-            if max(abs(p.cx - q.cx), abs(p.cy - q.cy)) - p.r - q.r < MIN_GAP - 1e-6:
-                problems.append(f"objects closer than MIN_GAP: {p} {q}")
-    return problems
+__all__ = [
+    "BACKGROUNDS", "BORDER", "CLASSIC_FORMS", "CONVERSE", "DEFAULT_BACKGROUND", "DEFAULT_HOLDOUT", "MAX_COUNT",
+    "MAX_GROUPS", "MIN_GAP", "NO_HOLDOUT", "NUMBERS", "PALETTE", "PLURALS", "RELATION_FORMS", "RELATION_MARGIN",
+    "RELATIONS", "SHAPES", "SIZES", "SIZE_WORDS", "SYNONYMS", "Form", "Holdout", "ObjectSpec", "PromptSpec", "Scene",
+    "SceneObject", "ShapesError", "World", "check_image_size", "check_name", "check_true", "distinguishable", "masks",
+    "realize", "relations_between", "render",
+]

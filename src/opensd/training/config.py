@@ -50,6 +50,15 @@ class DataSource(enum.Enum):
     FOLDER = "folder"
 
 
+class ShapesWorld(enum.StrEnum):
+    """Which shapes world ``source = "shapes"`` draws: ``classic`` (the default model's) or
+    ``rich`` (three groups, counts beside other groups, more sentence forms; docs/shapes.md).
+    The names of :class:`opensd.shapes.world.World`, which training does not import."""
+
+    CLASSIC = "classic"
+    RICH = "rich"
+
+
 def _check_int(where: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{where} must be an integer >= {low}, got {value!r}")
@@ -69,7 +78,8 @@ class DataConfig:
     """Where training images and captions come from.
 
     ``source = "shapes"`` draws scenes from :class:`opensd.shapes.dataset.ShapesDataset`
-    (``seed``, ``image_size``, ``holdout``): with ``pool_size = 0`` every step sees new
+    (``seed``, ``image_size``, ``holdout``, ``world``: ``"classic"`` or ``"rich"``, see
+    :class:`ShapesWorld`): with ``pool_size = 0`` every step sees new
     scenes (index = position in the stream); with ``pool_size = N`` training cycles
     over scenes ``0 .. N-1`` in a fresh shuffle each epoch, and ``workers > 0`` renders
     the pool (and the U-Net stage's latent cache) up front in that many processes.
@@ -87,10 +97,16 @@ class DataConfig:
     holdout: bool = True
     pool_size: int = 0
     workers: int = 0
+    world: ShapesWorld = ShapesWorld.CLASSIC
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, DataSource):
             raise ConfigError(f"data.source must be 'shapes' or 'folder', got {self.source!r}")
+        if not isinstance(self.world, ShapesWorld):
+            raise ConfigError(f"data.world must be one of {', '.join(repr(w.value) for w in ShapesWorld)}, "
+                              f"got {self.world!r}")
+        if self.world is not ShapesWorld.CLASSIC and self.source is not DataSource.SHAPES:
+            raise ConfigError(f"data.world = {self.world.value!r} is a shapes world: it needs data.source = 'shapes'")
         if self.source is DataSource.FOLDER and not self.path:
             raise ConfigError("data.source = 'folder' needs data.path (an image-caption folder)")
         _check_int("data.image_size", self.image_size, 16)

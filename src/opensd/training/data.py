@@ -231,6 +231,8 @@ def cache_path(
     folder: Path, vae_hash: str, text_hash: str, data: DataConfig, n: int, text_dtype: str, grounding: bool = False
 ) -> Path:
     settings = {k: v for k, v in to_dict(data).items() if k != "workers"}  # workers change speed, not data
+    if settings.get("world") == "classic":
+        del settings["world"]  # the classic world's caches keep the names they had before there was a choice
     fields = {"data": settings, "n": n, "text_dtype": text_dtype}
     if grounding:
         fields["grounding"] = True

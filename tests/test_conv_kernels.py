@@ -167,3 +167,12 @@ def test_auto_does_not_pack_what_memory_cannot_hold(model, monkeypatch, tmp_path
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   1000 kB\n")
     assert CK.available_memory(str(meminfo)) == 1000 * 1024
     assert CK.available_memory(str(tmp_path / "missing")) is None
+
+
+def test_a_probe_that_fails_keeps_torch_s_route_and_says_why(model) -> None:
+    def broken() -> torch.Tensor:
+        raise RuntimeError("shapes do not fit")
+
+    sel = K.select_kernels(model, "auto", probe=CK.Probe(broken, "a broken probe"))
+    assert not sel.packed_convs and "probe failed" in sel.conv_reason and "shapes do not fit" in sel.conv_reason
+    assert not any(CK.routed_packed(m) for m in model.modules())

@@ -307,7 +307,10 @@ def _select_convs(
     short = conv_kernels.memory_refusal(model, available_memory())
     if short is not None:
         return False, short, None
-    timing = conv_kernels.measure_model(measure_on, probe, clock=clock)
+    try:
+        timing = conv_kernels.measure_model(measure_on, probe, clock=clock)
+    except (RuntimeError, OpenSDError) as e:  # a probe this model cannot run: keep torch's route, say why
+        return False, f"not measured: the probe failed ({type(e).__name__}: {e})", None
     packed, reason = conv_kernels.choose(timing)
     return packed, reason, timing
 

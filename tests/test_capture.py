@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import one_thread_direct_loopback, tiny_loaded
+from helpers import tiny_loaded
 
 import opensd.models.attention
 from opensd.checkpoints import LoadedModel
@@ -35,10 +35,7 @@ SIZE = 32
 BARRIER_S = 30.0  # a lockstep partner that never arrives fails the test instead of hanging it
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

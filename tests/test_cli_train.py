@@ -96,15 +96,7 @@ def test_train_sh_dry_run_prints_the_commands_and_runs_nothing(tmp_path: Path) -
 # ----------------------------------------------------------------------------- --preset quick
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (two threads crawl on a busy 2-core machine)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _app():

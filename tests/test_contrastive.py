@@ -297,15 +297,6 @@ def test_retrieval_metrics_counts_by_hand() -> None:
 STEPS, BATCH, K = 150, 32, 3
 
 
-@pytest.fixture
-def one_thread():
-    """Small ops: thread start-up dominates, and one thread keeps the run bit-reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _held_out_batches(model, images, ids, neg_ids) -> dict[str, float]:
     model.eval()
     with torch.no_grad():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import one_thread_direct_loopback, tiny_clip_bundle, tiny_family_model
+from helpers import tiny_clip_bundle, tiny_family_model
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -26,10 +26,7 @@ SIZE = 32
 TOL = 1e-3 + 0.5 / 255  # ours are 8-bit PNGs, diffusers' floats in [0, 1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 def _np(images: list[Image.Image]) -> np.ndarray:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import typer
 from fastapi.testclient import TestClient
-from helpers import clip_tokenizer, decode_png, one_thread_direct_loopback, tiny_family_model, tiny_word_bundle
+from helpers import clip_tokenizer, decode_png, tiny_family_model, tiny_word_bundle
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -46,10 +46,7 @@ from opensd.serving import create_app
 W = 32  # the tiny text encoders' width (SDXL's second: 48)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 def _vec(n: int, width: int = W, seed: int = 0) -> torch.Tensor:

@@ -26,12 +26,7 @@ FAMILIES = [ModelFamily.SD2, ModelFamily.SDXL, ModelFamily.SDXL_REFINER]
 KW = dict(steps=2, sampler="euler", cfg_scale=3.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_pipe(family: ModelFamily, seed: int = 3) -> StableDiffusionPipeline:

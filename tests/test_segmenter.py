@@ -33,13 +33,7 @@ MEASURED = {"miou": 0.9965, "iou_circle": 0.9972, "iou_square": 0.9953, "iou_tri
 MARGIN = 0.01
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------- the network
 

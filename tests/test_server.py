@@ -20,8 +20,8 @@ import pytest
 import typer
 from fastapi.testclient import TestClient
 from helpers import decode_png as decode
-from helpers import one_thread_direct_loopback, tiny_word_bundle
 from helpers import png_pixels as pixels
+from helpers import tiny_word_bundle
 from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
@@ -36,11 +36,7 @@ from opensd.serving.background import serve_in_thread
 TIMEOUT = 60.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model runs fastest on one thread on a shared 2-core machine."""
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import one_thread_direct_loopback, png_pixels, randomize, tiny_word_bundle
+from helpers import png_pixels, randomize, tiny_word_bundle
 from PIL import Image
 
 import opensd
@@ -32,10 +32,7 @@ from opensd.serving.controlnet_api import pixel_perfect_resolution
 TIMEOUT = 60.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from helpers import SlowPipeline, one_thread_direct_loopback, tiny_loaded, tiny_word_bundle
+from helpers import SlowPipeline, tiny_loaded, tiny_word_bundle
 
 from opensd.checkpoints import LoadedModel
 from opensd.diffusion import Interrupted
@@ -33,10 +33,7 @@ TIMEOUT = 60.0
 PAUSE = 0.1  # seconds per step of the slow pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import SlowPipeline, one_thread_direct_loopback, tiny_loaded
+from helpers import SlowPipeline, tiny_loaded
 from helpers import decode_png as decode
 from helpers import png_pixels as pixels
 
@@ -34,11 +34,7 @@ PROMPT = "a small blue square above a green triangle"  # eight words the tiny to
 TIMEOUT = 60.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model runs fastest on one thread on a shared 2-core machine."""
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

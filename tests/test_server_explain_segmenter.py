@@ -19,8 +19,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from helpers import decode_png as decode
-from helpers import one_thread_direct_loopback, tiny_loaded
 from helpers import png_pixels as pixels
+from helpers import tiny_loaded
 
 from opensd.checkpoints.segmenter import FILE_NAME, save_segmenter
 from opensd.explain import attention_maps, compare_with_attention
@@ -38,10 +38,7 @@ PROMPT = "a red circle above two squares"  # two shape words: circle, and square
 BODY = {"prompt": PROMPT, "seed": 7, "steps": 3, "sampler_name": "Euler", "cfg_scale": 5.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 def _pipe_in(folder: Path) -> StableDiffusionPipeline:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import clip_tokenizer, decode_png, one_thread_direct_loopback, randomize
+from helpers import clip_tokenizer, decode_png, randomize
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -50,10 +50,7 @@ def tiny_family(family: ModelFamily) -> StableDiffusion:
     return randomize(StableDiffusion(cfg)).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

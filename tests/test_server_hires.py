@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import decode_png, one_thread_direct_loopback, png_pixels, randomize, tiny_word_bundle
+from helpers import decode_png, png_pixels, randomize, tiny_word_bundle
 from PIL import Image
 from test_upscalers import tiny_compact_state
 
@@ -30,10 +30,7 @@ from opensd.serving.background import serve_in_thread
 TIMEOUT = 60.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

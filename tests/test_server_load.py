@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from helpers import SlowPipeline, one_thread_direct_loopback, tiny_loaded
+from helpers import SlowPipeline, tiny_loaded
 from helpers import png_pixels as pixels
 
 from opensd.checkpoints import LoadedModel
@@ -32,10 +32,7 @@ PROMPTS = ["a red circle", "a small blue square above a green triangle", "there 
 SAMPLERS = ["Euler a", "DPM++ 2M", "Euler", "DPM++ SDE"]  # the stochastic ones need per-request generators
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import one_thread_direct_loopback, png_pixels, tiny_word_bundle
+from helpers import png_pixels, tiny_word_bundle
 from PIL import Image
 from test_lora_use import _addnet_hash, _write_lora
 
@@ -25,10 +25,7 @@ from opensd.serving.background import serve_in_thread
 TIMEOUT = 60.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

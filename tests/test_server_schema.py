@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from helpers import one_thread_direct_loopback, tiny_word_bundle
+from helpers import tiny_word_bundle
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
@@ -45,10 +45,7 @@ SMALL = Limits(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with one_thread_direct_loopback():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_loopback")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ from opensd.training.unet import UNetStage, UNetStageConfig
 SIZE = 16  # pixels; the tiny VAE halves it
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokenizer_of(family: ModelFamily):

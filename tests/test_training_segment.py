@@ -18,13 +18,7 @@ from opensd.training.data import TrainingDataError
 from opensd.training.loop import load_checkpoint, read_log, run_stage
 from opensd.training.segment import SegmentStage, SegmentStageConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(out: Path, evals: int = 8, **train) -> SegmentStageConfig:

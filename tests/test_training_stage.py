@@ -17,13 +17,7 @@ from opensd.training.config import StageConfig, TrainConfig
 from opensd.training.loop import ResumeError, run_stage
 from opensd.training.stage import Stage, StageContractError, Trainable, Update
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,7 @@ from opensd.training.config import stage_config_from_dict
 from opensd.training.loop import read_log, run_stage
 from opensd.training.taesd import TAESDStage, TAESDStageConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

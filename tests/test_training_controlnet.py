@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import randomize, tiny_family_model
 from PIL import Image
-from test_training import ENV, assert_states_equal, one_thread, sigkill_resume_script  # noqa: F401 (one_thread: autouse fixture)
+from test_training import ENV, assert_states_equal, sigkill_resume_script
 from typer.testing import CliRunner
 
 from opensd.checkpoints.controlnet import load_controlnet, save_controlnet_diffusers
@@ -38,6 +38,8 @@ from opensd.training.controlnet import ControlNetStage, ControlNetStageConfig, i
 from opensd.training.data import TrainingDataError
 from opensd.training.loop import list_checkpoints, run_stage
 from opensd.training.unet import DiffusionLoss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 16  # pixels; the tiny VAE halves it
 

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import assert_states_equal, one_thread, vae_cfg  # noqa: F401 (one_thread: autouse fixture)
+from test_training import assert_states_equal, vae_cfg
 
 from opensd.training.checkpoint_store import atomic_save, hash_path
 from opensd.training.config import stage_config_from_dict
 from opensd.training.loop import NonFiniteLossError, ResumeError, list_checkpoints, run_stage
 from opensd.training.vae import VAEStage, VAEStageConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stage(out: Path, steps: int = 6, **train) -> VAEStage:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import ENV, assert_states_equal, one_thread, sigkill_resume_script  # noqa: F401 (one_thread: autouse fixture)
+from test_training import ENV, assert_states_equal, sigkill_resume_script
 from test_training_lora import SIZE, save_tiny, write_images
 from typer.testing import CliRunner
 
@@ -32,6 +32,8 @@ from opensd.pipelines.request import GenerationRequest
 from opensd.training.config import stage_config_from_dict
 from opensd.training.lcm import LCMStage, LCMStageConfig
 from opensd.training.loop import list_checkpoints, run_stage
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import tiny_family_model
 from PIL import Image
-from test_training import ENV, assert_states_equal, one_thread, sigkill_resume_script  # noqa: F401 (one_thread: autouse fixture)
+from test_training import ENV, assert_states_equal, sigkill_resume_script
 
 from opensd.checkpoints.io import read_weights
 from opensd.checkpoints.lora import LoRAFile, LoRAUse, bind_loras
@@ -31,6 +31,8 @@ from opensd.training.loop import list_checkpoints, read_log, run_stage
 from opensd.training.lora import LoRAStage, LoRAStageConfig
 from opensd.training.lora_network import LoRANetwork, LoRATargets, kohya_metadata
 from opensd.training.text_encoding import encode_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 16  # pixels; the tiny VAE halves it
 

@@ -117,8 +117,9 @@ def main() -> int:
             print(f"# {name}: {enc}")
             result[name] = enc
             continue
-        result[name] = {cat: score(enc, cs) for cat, cs in cases.items()}
-        for cat, s in result[name].items():  # type: ignore[union-attr]
+        scores = {cat: score(enc, cs) for cat, cs in cases.items()}
+        result[name] = scores
+        for cat, s in scores.items():
             for pooling in [k for k in s if not k.endswith("margin")]:
                 print(f"| {name} | {pooling} | {cat} | {s[pooling]:.2f} | {s[pooling + ' margin']:+.3f} |")
     if args.json:

@@ -135,3 +135,34 @@ def tiny_family_model(family, seed: int = 0):
     )
     torch.manual_seed(seed)
     return randomize(StableDiffusion(cfg), seed).eval(), tok
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A headless Chromium page (30 s timeouts) for the page served at ``url``; skips the test when
+    Chromium or Playwright is missing or cannot start. Yields ``(page, outside)``: a request to
+    anything but ``url`` is aborted and listed in ``outside``."""
+    import pytest
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not found: install it with `apt-get install -y chromium`")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed (test extra)")
+    with sync_api.sync_playwright() as pw:
+        try:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=30_000)
+        except Exception as e:  # a Chromium that Playwright cannot drive: say so rather than fail obscurely
+            pytest.skip(f"Playwright could not start {CHROMIUM}: {e}")
+        page = browser.new_page()
+        page.set_default_timeout(30_000)
+        outside: list[str] = []
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url + "/")
+                   else (outside.append(route.request.url), route.abort()))
+        try:
+            yield page, outside
+        finally:
+            browser.close()

@@ -8,7 +8,6 @@ and the limits of the rest of the server. The browser test skips without Chromiu
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -17,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import SlowPipeline, tiny_loaded
+from helpers import SlowPipeline, browser_page, tiny_loaded
 from helpers import decode_png as decode
 from helpers import png_pixels as pixels
 
@@ -190,22 +189,7 @@ def test_a_generation_beside_it_does_not_leak_into_the_maps(loaded) -> None:
 
 
 def test_page_explain_shows_a_panel_per_word_and_the_path(loaded) -> None:
-    chromium = "/usr/bin/chromium"
-    if not os.path.exists(chromium):
-        pytest.skip(f"{chromium} not found: install it with `apt-get install -y chromium`")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed (test extra)")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"]
-    with serve_in_thread(create_app(StableDiffusionPipeline(loaded))) as url, sync_api.sync_playwright() as pw:
-        try:
-            browser = pw.chromium.launch(executable_path=chromium, args=args, headless=True, timeout=30_000)
-        except Exception as e:  # a Chromium that Playwright cannot drive: say so rather than fail obscurely
-            pytest.skip(f"Playwright could not start {chromium}: {e}")
-        page = browser.new_page()
-        page.set_default_timeout(30_000)
-        outside: list[str] = []
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url + "/")
-                   else (outside.append(route.request.url), route.abort()))
+    with serve_in_thread(create_app(StableDiffusionPipeline(loaded))) as url, browser_page(url) as (page, outside):
         page.goto(url + "/")
         page.wait_for_selector("#sampler_name option[value='Euler a']", state="attached")
         page.fill("#explain-prompt", "")
@@ -224,5 +208,4 @@ def test_page_explain_shows_a_panel_per_word_and_the_path(loaded) -> None:
             "#explain-words img, #explain-image, #explain-path", "ims => ims.map(i => [i.naturalWidth, i.naturalHeight])")
         assert sizes[:4] == [[32, 32]] * 4 and sizes[4] == [2 * 96 + 2, 2 * (96 + 14) + 2]
         assert page.is_visible("#explain-path")
-        browser.close()
     assert outside == [], f"the page tried to reach {outside}"

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from helpers import browser_page, tiny_loaded
 from helpers import decode_png as decode
 from helpers import png_pixels as pixels
-from helpers import tiny_loaded
 
 from opensd.checkpoints.segmenter import FILE_NAME, save_segmenter
 from opensd.explain import attention_maps, compare_with_attention
@@ -161,19 +161,7 @@ def test_a_model_without_a_usable_segmenter_answers_null_with_the_reason(tmp_pat
 
 
 def test_page_shows_the_segmenters_maps_beside_the_words(pipe, tmp_path: Path) -> None:
-    chromium = "/usr/bin/chromium"
-    if not os.path.exists(chromium):
-        pytest.skip(f"{chromium} not found: install it with `apt-get install -y chromium`")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed (test extra)")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"]
-    with serve_in_thread(create_app(pipe)) as url, sync_api.sync_playwright() as pw:
-        try:
-            browser = pw.chromium.launch(executable_path=chromium, args=args, headless=True, timeout=30_000)
-        except Exception as e:
-            pytest.skip(f"Playwright could not start {chromium}: {e}")
-        page = browser.new_page()
-        page.set_default_timeout(30_000)
+    with serve_in_thread(create_app(pipe)) as url, browser_page(url) as (page, _):
         page.goto(url + "/")
         page.wait_for_selector("#sampler_name option[value='Euler a']", state="attached")
         page.fill("#explain-prompt", "a large triangle")
@@ -190,4 +178,3 @@ def test_page_shows_the_segmenters_maps_beside_the_words(pipe, tmp_path: Path) -
         page.click("#explain-run")
         page.wait_for_function("() => document.querySelectorAll('#explain-shapes figure').length === 0")
         assert page.text_content("#explain-segmentation-reason") == 'No segmenter: the request\'s segmenter is "none"'
-        browser.close()

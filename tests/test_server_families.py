@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from helpers import clip_tokenizer, decode_png, randomize
+from helpers import browser_page, clip_tokenizer, decode_png, randomize
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -292,22 +291,7 @@ def test_webuiapi_lists_and_switches_between_families(server: str) -> None:
 
 
 def test_the_page_shows_each_family_and_draws_at_its_native_size(server: str) -> None:
-    chromium = "/usr/bin/chromium"
-    if not os.path.exists(chromium):
-        pytest.skip(f"{chromium} not found: install it with `apt-get install -y chromium`")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed (test extra)")
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"]
-    with sync_api.sync_playwright() as pw:
-        try:
-            browser = pw.chromium.launch(executable_path=chromium, args=args, headless=True, timeout=30_000)
-        except Exception as e:  # a Chromium that Playwright cannot drive: say so rather than fail obscurely
-            pytest.skip(f"Playwright could not start {chromium}: {e}")
-        page = browser.new_page()
-        page.set_default_timeout(30_000)
-        outside: list[str] = []
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server + "/")
-                   else (outside.append(route.request.url), route.abort()))
+    with browser_page(server) as (page, outside):
         page.goto(server + "/")
         page.wait_for_selector("#model option", state="attached")
         labels = page.eval_on_selector_all("#model option", "os => os.map(o => o.textContent)")
@@ -327,5 +311,4 @@ def test_the_page_shows_each_family_and_draws_at_its_native_size(server: str) ->
         page.click("#generate")
         page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
         assert "works in another latent space" in page.inner_text("#error")
-        browser.close()
     assert outside == [], f"the page tried to reach {outside}"

@@ -223,3 +223,27 @@ def test_a_new_thread_count_is_measured_again(model, monkeypatch) -> None:
 def test_pipeline_refuses_onednn_for_a_half_model() -> None:
     with pytest.raises(K.KernelError, match="float32 models on the CPU only"):
         StableDiffusionPipeline(tiny_loaded(), dtype=torch.bfloat16, kernels="onednn")
+
+
+def test_concurrent_first_requests_measure_once(model, monkeypatch) -> None:
+    """Two requests that reach a fresh pipeline together: one measures (the routes switch meanwhile),
+    the other waits for its choice instead of measuring again."""
+    import threading
+    import time
+
+    calls = []
+
+    def slow_select(*a, **kw):
+        calls.append(threading.get_ident())
+        time.sleep(0.2)
+        return K.KernelSelection(K.Kernels.AUTO, K.Kernels.DEFAULT, "fake")
+
+    monkeypatch.setattr(K, "select_kernels", slow_select)
+    mk = K.ModelKernels(model, "auto", measure_on=model.unet, rows=32)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(mk.selection())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 2 and got[0] is got[1]

@@ -1,14 +1,15 @@
-"""Whether a model's convolutions run on prepacked oneDNN weights in channels-last layout, chosen by measurement.
+"""Whether a model's convolutions run on prepacked oneDNN weights, chosen by measurement.
 
 torch's eager ``F.conv2d`` on a CPU hands oneDNN an NCHW input and a plain weight, and oneDNN
-then reorders both into its blocked layouts and the output back, on every call: in a
-``torch.profiler`` trace of one guided SD 1.5 U-Net call (256², bf16, 1 thread, AMD EPYC with
-avx512_bf16) 293 such reorders took 17% of the call, and the convolutions ran oneDNN's older
-direct kernel (``jit_bf16``). The route here packs each layer's weight once
-(``mkldnn_reorder_conv2d_weight``, what Inductor's weight freezing does) and calls
-``torch.ops.mkldnn._convolution_pointwise`` with a channels-last input: oneDNN's brgemm
-convolutions, no weight reorder, and channels-last outputs that the next layer takes as they
-are. That U-Net call took 0.77x its eager time in bf16 and in fp32 there (docs/benchmarks.md).
+then reorders the input, the weight and the output between layouts on every call: in
+oneDNN's log of one guided SD 1.5 U-Net call (256², bf16, 1 thread, AMD EPYC with
+avx512_bf16) 293 reorders took 17% of the call, and the convolutions ran oneDNN's older
+direct kernel (``jit_bf16``). The route here packs each layer's weight once per input shape
+(``mkldnn_reorder_conv2d_weight``, what Inductor's weight freezing does: the packed layout
+depends on the input's size) and calls ``torch.ops.mkldnn._convolution_pointwise`` in the
+input's own memory layout: oneDNN's brgemm convolutions, no weight reorder. That U-Net call
+took 0.78x the time of torch's route in bf16 (``benchmarks/conv_pack_checks.py``,
+docs/benchmarks.md).
 
 Both routes compute the same products and differ in summation order: about 4e-6 of the
 output's magnitude in float32; in bfloat16, the type's own rounding (about 1%). Whether the

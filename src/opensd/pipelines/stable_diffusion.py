@@ -78,8 +78,8 @@ PROBE_LATENT = 16  # the latent side at which a model's convolution kernels are 
 
 def unet_probe(unet: UNetModel, latent: int) -> Probe:
     """A guided call of ``unet`` (batch 2, 77 context tokens) on fixed random inputs at a latent of
-    ``min(latent, PROBE_LATENT)``: what the kernel selection times (a 16x16 SD 1.5 call is about a
-    tenth of a second in bfloat16 here, against seconds at its native 64x64)."""
+    ``min(latent, PROBE_LATENT)``: what the kernel selection times (a 16x16 SD 1.5 call takes a few
+    tenths of a second on one CPU core, against seconds at its native 64x64)."""
     cfg = unet.cfg
     side = max(1, min(latent, PROBE_LATENT))
     p = next(unet.parameters())

@@ -9,9 +9,12 @@ against float32 SDPA on the same inputs:
 * ``padN``: the head dim zero-padded to the next multiple of 16 and of 64 (40: 48, 64), scale kept, then SDPA;
 * ``math``: ``softmax(QK^T / sqrt(d)) V`` as two batched matmuls, softmax in the input's dtype;
 * ``math_f32_softmax``: the same with the softmax in float32;
-* ``heads_in_batch``: SDPA on (batch x heads, tokens, dim).
+* ``heads_in_batch``: SDPA on (batch x heads, tokens, dim);
+* ``blocked``: :func:`opensd.attention_kernels.blocked_attention`, the two GEMMs over blocks of
+  query rows with the scores in one reused buffer and the row sums from the second GEMM (what
+  ``kernels="auto"`` routes a model's attention to where it measures faster).
 
-    OMP_NUM_THREADS=1 python benchmarks/attention_cpu.py --dtype bf16
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/attention_cpu.py --dtype bf16
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from opensd.attention_kernels import blocked_attention
+from opensd.precision import cpu_features
 
 SHAPES = ((1024, 1024, 320), (1024, 77, 320), (256, 256, 640), (4096, 4096, 320))  # (queries, keys, channels)
 HEADS = 8
@@ -51,6 +57,9 @@ def variants(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Cal
     out["math_f32_softmax"] = lambda: (q @ k.transpose(-1, -2)).float().mul_(d**-0.5).softmax(-1).to(q.dtype) @ v
     q3, k3, v3 = (t.reshape(-1, *t.shape[2:]).contiguous() for t in (q, k, v))
     out["heads_in_batch"] = lambda: F.scaled_dot_product_attention(q3, k3, v3).view_as(q)
+    b, h, n, _ = q.shape
+    qt, kt, vt = (t.transpose(1, 2).reshape(b, t.shape[2], h * d) for t in (q, k, v))  # (B, N, C)
+    out["blocked"] = lambda: blocked_attention(qt, kt, vt, h).view(b, n, h, d).transpose(1, 2)
     return out
 
 
@@ -77,7 +86,9 @@ def main() -> int:
                 err = float((fn().float() - ref).abs().max())
                 rows.append({"queries": n, "keys": L, "channels": c, "variant": name, "s": s, "max_err": err})
                 print(f"| {n} x {L}, {c} | {name} | {1e3 * s:.2f} | {s / base:.2f} | {err:.2g} |", flush=True)
-    out = json.dumps({"dtype": args.dtype, "threads": args.threads, "rows": rows})
+    flags = sorted(cpu_features().flags & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"})
+    out = json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu_flags": flags, "torch": torch.__version__,
+                      "dtype": args.dtype, "threads": args.threads, "rows": rows})
     if args.json:
         args.json.write_text(out + "\n")
     print(out)

@@ -21,7 +21,8 @@ LoRA deltas are added to that base output as before. A selection is made once pe
 
 The same selection decides the model's convolutions (float32 and bfloat16): torch's
 ``F.conv2d``, or oneDNN with packed weights in channels-last layout, measured on the model's
-own U-Net (:mod:`opensd.conv_kernels`).
+own U-Net (:mod:`opensd.conv_kernels`); and its attention: torch's SDPA, or blocked GEMMs,
+measured at the model's attention shapes (:mod:`opensd.attention_kernels`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opensd import conv_kernels
+from opensd import attention_kernels, conv_kernels
 from opensd.errors import OpenSDError
 
 # oneDNN is chosen when it takes at most this fraction of the default path's time: a tie
@@ -122,10 +123,15 @@ class KernelSelection:
     packed_convs: bool = False  # the convolutions on oneDNN with packed weights (opensd.conv_kernels)
     conv_reason: str = "as asked"
     conv_timing: conv_kernels.ConvTiming | None = None
+    blocked_attention: bool = False  # attention as blocked GEMMs (opensd.attention_kernels), not SDPA
+    attention_reason: str = "as asked"
+    attention_timing: attention_kernels.AttentionTiming | None = None
 
     def describe(self) -> str:
         convs = "packed" if self.packed_convs else "default"
-        return f"kernels: {self.backend.value} ({self.reason}); convolutions: {convs} ({self.conv_reason})"
+        attention = "blocked" if self.blocked_attention else "sdpa"
+        return (f"kernels: {self.backend.value} ({self.reason}); convolutions: {convs} ({self.conv_reason}); "
+                f"attention: {attention} ({self.attention_reason})")
 
 
 # ----------------------------------------------------------------------------- routing
@@ -315,6 +321,24 @@ def _select_convs(
     return packed, reason, timing
 
 
+def _select_attention(
+    model: nn.Module, kernels: Kernels,
+) -> tuple[bool, str, attention_kernels.AttentionTiming | None]:
+    """``(blocked, reason, timing)`` for the attention: ``auto`` times both kernels at the model's
+    attention shapes on a CPU; ``default`` and ``onednn`` (which routes GEMMs and convolutions) keep SDPA."""
+    if kernels is not Kernels.AUTO:
+        return False, "as asked", None
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu":
+        return False, "no choice: the blocked kernel is for a CPU", None
+    shapes = attention_kernels.attention_shapes(model)
+    if not shapes:
+        return False, "no attention to route", None
+    timing = attention_kernels.measure_cached(shapes, p.dtype)
+    blocked, reason = attention_kernels.choose(timing)
+    return blocked, reason, timing
+
+
 def select_kernels(
     model: nn.Module, kernels: Kernels | str, *, measure_on: nn.Module | None = None, rows: int = 128,
     timer: Timer | None = None, probe: conv_kernels.Probe | None = None, conv_clock: Callable[[bool], float] | None = None,
@@ -326,6 +350,8 @@ def select_kernels(
     ``onednn`` there forces oneDNN; elsewhere it is an error. Convolutions: ``auto`` times
     ``probe.run()`` (a forward of ``measure_on`` on fixed inputs) with and without packed weights
     (:mod:`opensd.conv_kernels`), after the linear layers are routed; ``onednn`` packs them.
+    Attention: ``auto`` times SDPA and blocked GEMMs at ``model``'s attention shapes on a CPU
+    (:mod:`opensd.attention_kernels`); ``default`` and ``onednn`` keep SDPA.
     ``timer`` and ``conv_clock`` replace the clocks (tests).
     """
     kernels = Kernels.parse(kernels)
@@ -346,7 +372,10 @@ def select_kernels(
     packed, conv_reason, conv_timing = _select_convs(model, kernels, measure_on or model, probe, conv_clock)
     conv_kernels.route(model, packed)
     conv_kernels.release(model)  # what the measurement packed, when the choice is torch's route
-    return KernelSelection(kernels, backend, reason, timing, packed, conv_reason, conv_timing)
+    blocked, attention_reason, attention_timing = _select_attention(model, kernels)
+    attention_kernels.route(model, blocked)
+    return KernelSelection(kernels, backend, reason, timing, packed, conv_reason, conv_timing,
+                           blocked, attention_reason, attention_timing)
 
 
 class ModelKernels:
@@ -384,5 +413,6 @@ class ModelKernels:
         if threads != self._threads:
             route(self.model, selection.backend)
             conv_kernels.route(self.model, selection.packed_convs)
+            attention_kernels.route(self.model, selection.blocked_attention)
         self._threads = threads
         return selection

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd import attention_kernels
 from opensd.models.adapters import Conv2d, Linear
-from opensd.models.attention import multihead_attention
 from opensd.models.capture import AttentionSink, active_sink
 from opensd.models.layers import group_norm
 
@@ -36,8 +36,8 @@ class CrossAttention(nn.Module):
     def __init__(self, query_dim: int, context_dim: int | None, heads: int, head_dim: int) -> None:
         super().__init__()
         inner = heads * head_dim
+        self.heads, self.head_dim, self.is_cross = heads, head_dim, context_dim is not None
         context_dim = query_dim if context_dim is None else context_dim
-        self.heads = heads
         self.to_q = Linear(query_dim, inner, bias=False)
         self.to_k = Linear(context_dim, inner, bias=False)
         self.to_v = Linear(context_dim, inner, bias=False)
@@ -54,13 +54,17 @@ class CrossAttention(nn.Module):
             if name is not None:
                 out: torch.Tensor = self.to_out[0](self._attention_with_probs(q, k, v, sink, name))
                 return out
-        out = self.to_out[0](multihead_attention(q, k, v, self.heads))  # (B, N, query_dim); to_out[1] is Dropout(0), the identity
+        out = self.to_out[0](attention_kernels.attend(self, q, k, v, self.heads))  # (B, N, query_dim); to_out[1] is Dropout(0), the identity
         return out
+
+    def attention_shape(self, queries: int, context: int) -> tuple[int, int, int, int]:
+        """(heads, head dim, queries, keys) of this attention at ``queries`` image tokens and ``context`` text tokens."""
+        return self.heads, self.head_dim, queries, context if self.is_cross else queries
 
     def _attention_with_probs(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sink: AttentionSink, name: str
     ) -> torch.Tensor:
-        """The same attention as :func:`multihead_attention`, with the probabilities handed to ``sink``."""
+        """The same attention as :func:`opensd.models.attention.multihead_attention`, with the probabilities handed to ``sink``."""
         b, n, c = q.shape
         length, d = k.shape[1], c // self.heads
         q = q.view(b, n, self.heads, d).transpose(1, 2)  # (B, heads, N, d)

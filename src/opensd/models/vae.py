@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd import attention_kernels
 from opensd.config import ConfigError
 from opensd.models.adapters import Conv2d
-from opensd.models.attention import multihead_attention
 from opensd.models.layers import group_norm
 
 # LDM uses eps 1e-6 in every GroupNorm of the autoencoder (``Normalize``).
@@ -198,10 +198,14 @@ class AttnBlock(nn.Module):
         def tokens(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
 
-        out = multihead_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)), heads=1)
+        out = attention_kernels.attend(self, tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)), heads=1)
         out = out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
         result: torch.Tensor = x + self.proj_out(out)
         return result
+
+    def attention_shape(self, queries: int, context: int) -> tuple[int, int, int, int]:
+        """(heads, head dim, queries, keys) of this attention at ``queries`` latent positions (``context`` unused)."""
+        return 1, self.q.out_channels, queries, queries
 
 
 class Downsample(nn.Module):

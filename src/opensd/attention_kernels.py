@@ -1,0 +1,262 @@
+"""Whether a model's attention runs on torch's SDPA or on blocked GEMMs, chosen by measurement.
+
+torch's CPU ``F.scaled_dot_product_attention`` is a flash kernel: it keeps the scores of a
+block of queries in float32 and does its softmax arithmetic at float32 speed. At SD 1.5's
+head dim of 40 it is no faster in bfloat16 than in float32 (0.54 s for one 4096-token
+self-attention of a guided 512² step, 1 thread, AMD EPYC with avx512_bf16), while the two
+GEMMs of attention (``QK^T`` and ``PV``) run 3-4x faster in bfloat16 than in float32.
+
+:func:`blocked_attention` computes the same softmax attention (Vaswani et al. 2017,
+"Attention Is All You Need", Eq. 1) as those two batched GEMMs over blocks of query rows,
+each block's scores in one reused buffer of at most :data:`BLOCK_BYTES`: the scores in the
+input's dtype, the row maximum subtracted and ``exp`` taken in place, and the softmax's row
+sums taken by the second GEMM itself from a column of ones appended to ``V`` (summed in the
+GEMM's float32 accumulator), so that no float32 pass over the scores is made. The
+normalisation is then a division of the (rows, head dim) output. In bfloat16 its scores are
+rounded to bfloat16 before the ``exp``, which SDPA's are not: alone it differs from float32
+by 4-5x SDPA's own bfloat16 error, but inside the SD 1.5 U-Net, whose q, k and v are
+themselves bfloat16 products, the U-Net's output differed from float32 by the same 1.2e-2
+(RMS, relative) either way, and the 512² step took 0.74x the time
+(``benchmarks/attention_cpu.py``, docs/benchmarks.md).
+
+Where it is faster depends on the CPU, the dtype and the shapes (in float32 SDPA was the
+faster here), so it is never assumed: :func:`measure` times both at a model's own attention
+shapes and :func:`choose` keeps the blocked kernel only when it takes at most
+:data:`BLOCKED_MARGIN` of SDPA's time and agrees with float32 SDPA to :data:`AGREEMENT` for
+the dtype. :mod:`opensd.kernels` makes that choice with the model's GEMM and convolution choices.
+
+Routing (like theirs): the U-Net's :class:`~opensd.models.transformer.CrossAttention` and the
+VAE's :class:`~opensd.models.vae.AttnBlock` call :func:`attend`, which sends the modules of a
+routed model (a process-wide weak set: nothing is stored on them) to the blocked kernel when it
+can run the call (CPU, no mask, no gradient needed, not inside ``torch.compile``), and
+everything else to :func:`opensd.models.attention.multihead_attention` (SDPA).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+import torch
+from torch import nn
+
+from opensd.models.attention import multihead_attention
+
+# The blocked kernel is chosen when it takes at most this fraction of SDPA's time ...
+BLOCKED_MARGIN = 0.9
+# ... and when its output agrees with float32 SDPA to this (max |diff| / max |reference|), per dtype.
+AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+# The scores of one block of query rows: at most this many bytes (8 MiB: 1024 rows of 4096
+# keys in bfloat16). Larger blocks measured no faster, and each block's buffer is fresh memory.
+BLOCK_BYTES = 8 * 2**20
+# What is timed: each distinct attention shape at TIMED_WORK / channels query tokens (at least
+# MIN_TOKENS): 1024 tokens at 320 channels, SD 1.5's 32x32 level of a 256² image, and fewer at
+# the wider, coarser levels, as in the U-Net; cross-attention at CONTEXT_TOKENS keys (a CLIP prompt).
+TIMED_WORK = 1024 * 320
+MIN_TOKENS = 64
+CONTEXT_TOKENS = 77
+_ONES_PAD = 8  # V gains a column of ones, padded to a multiple of 8 columns
+
+_BLOCKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_routing = False  # any module ever routed: the fast path skips the set lookup while False
+_lock = threading.Lock()
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Softmax attention over ``heads`` heads as blocked GEMMs (no autograd: inference only).
+
+    q: (B, Nq, C), k and v: (B, Nk, C) -> (B, Nq, C), as :func:`multihead_attention` without a mask.
+    """
+    b, n, c = q.shape
+    m, d = k.shape[1], c // heads
+    bh = b * heads
+    q3 = (q * d**-0.5).reshape(b, n, heads, d).transpose(1, 2).reshape(bh, n, d)  # (BH, Nq, d), scaled
+    kt = k.reshape(b, m, heads, d).permute(0, 2, 3, 1).reshape(bh, d, m)  # (BH, d, Nk)
+    ve = q.new_zeros(bh, m, d + _ONES_PAD)  # (BH, Nk, d + 8): V, then a column of ones
+    ve.view(b, heads, m, d + _ONES_PAD)[..., :d] = v.reshape(b, m, heads, d).transpose(1, 2)
+    ve[..., d] = 1
+    out = q.new_empty(bh, n, d + _ONES_PAD)
+    rows = max(1, BLOCK_BYTES // (m * q.element_size()))  # query rows whose scores fit a block
+    if rows >= n:  # whole heads per block
+        per = min(bh, rows // n)
+        buf = q.new_empty(per, n, m)
+        for i in range(0, bh, per):
+            j = min(bh, i + per)
+            _block(torch.bmm, q3[i:j], kt[i:j], ve[i:j], buf[: j - i], out[i:j])
+    else:  # row blocks within each head
+        buf = q.new_empty(rows, m)
+        for h in range(bh):
+            for r in range(0, n, rows):
+                e = min(n, r + rows)
+                _block(torch.mm, q3[h, r:e], kt[h], ve[h], buf[: e - r], out[h, r:e])
+    o = (out[..., :d].float() / out[..., d : d + 1].float()).to(q.dtype)  # (BH, Nq, d): divided by the row sums
+    return o.view(b, heads, n, d).transpose(1, 2).reshape(b, n, c)  # (B, Nq, C)
+
+
+def _block(mm: Callable[..., torch.Tensor], q: torch.Tensor, kt: torch.Tensor, ve: torch.Tensor,
+           scores: torch.Tensor, out: torch.Tensor) -> None:
+    """One block: ``scores = q kt``; ``exp(scores - rowmax)`` in place; ``out = scores ve``."""
+    mm(q, kt, out=scores)
+    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    mm(scores, ve, out=out)
+
+
+def _fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype):
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """``module``'s attention (q: (B, Nq, C), k, v: (B, Nk, C)) on the kernel its model's selection chose."""
+    if _routing and not torch.compiler.is_compiling() and module in _BLOCKED and _fits(q, k, v):
+        return blocked_attention(q, k, v, heads)
+    return multihead_attention(q, k, v, heads)
+
+
+class _Routable(Protocol):
+    def attention_shape(self, queries: int, context: int) -> tuple[int, int, int, int]: ...
+
+
+def routable(module: nn.Module) -> list[nn.Module]:
+    """The attention modules of ``module`` that :func:`attend` serves (they carry ``attention_shape``)."""
+    return [m for m in module.modules() if hasattr(m, "attention_shape")]
+
+
+def route(module: nn.Module, blocked: bool) -> int:
+    """Put every routable attention of ``module`` on the blocked kernel (or back on SDPA); returns how many."""
+    global _routing
+    found = routable(module)
+    with _lock:
+        for m in found:
+            if blocked:
+                _BLOCKED.add(m)
+            else:
+                _BLOCKED.discard(m)
+        _routing = _routing or (blocked and bool(found))
+    return len(found)
+
+
+def routed(module: nn.Module) -> bool:
+    return module in _BLOCKED
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One timed attention: ``heads`` heads of ``head_dim``, ``queries`` x ``keys`` tokens, batch 2
+    (a guided step); ``weight``: how many of the model's modules it stands for."""
+
+    heads: int
+    head_dim: int
+    queries: int
+    keys: int
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class AttentionTiming:
+    """Both kernels timed at ``shapes`` (seconds for the work they stand for, fastest of the repeats)."""
+
+    shapes: tuple[AttentionShape, ...]
+    dtype: torch.dtype
+    threads: int
+    sdpa_s: float
+    blocked_s: float
+    blocked_err: float  # max |blocked - float32 SDPA| / max |float32 SDPA| over the shapes
+    sdpa_err: float  # the same for SDPA in the dtype itself
+
+    @property
+    def ratio(self) -> float:
+        """The blocked kernel's time / SDPA's (below 1: blocked is faster)."""
+        return self.blocked_s / self.sdpa_s if self.sdpa_s > 0 else float("inf")
+
+
+def timed_tokens(module: nn.Module) -> int:
+    """The query tokens ``module``'s attention is timed at: :data:`TIMED_WORK` / its channels."""
+    heads, head_dim, _, _ = cast(_Routable, module).attention_shape(1, 1)
+    return max(MIN_TOKENS, TIMED_WORK // (heads * head_dim))
+
+
+def attention_shapes(module: nn.Module) -> tuple[AttentionShape, ...]:
+    """The distinct attention shapes of ``module``'s routable modules, as timed (largest work first)."""
+    counts = Counter(cast(_Routable, m).attention_shape(timed_tokens(m), CONTEXT_TOKENS) for m in routable(module))
+    shapes = [AttentionShape(h, d, n, k, count) for (h, d, n, k), count in counts.items()]
+    return tuple(sorted(shapes, key=lambda s: (-s.weight * s.heads * s.head_dim * s.queries * s.keys, s.heads, s.head_dim)))
+
+
+def _seconds(fn: Callable[[], torch.Tensor]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+Timer = Callable[[str, AttentionShape], float]
+
+
+def measure(shapes: Iterable[AttentionShape], dtype: torch.dtype, *, repeats: int = 3,
+            timer: Timer | None = None) -> AttentionTiming:
+    """Time SDPA and the blocked kernel at ``shapes`` in ``dtype`` (interleaved, fastest of
+    ``repeats``), and compare both with float32 SDPA on the same inputs.
+
+    ``timer(kernel, shape) -> seconds`` (kernel ``"sdpa"`` or ``"blocked"``) replaces the clock
+    (tests); the outputs are still computed and compared."""
+    shapes = tuple(shapes)
+    g = torch.Generator().manual_seed(0)
+    total = {"sdpa": 0.0, "blocked": 0.0}
+    err = {"sdpa": 0.0, "blocked": 0.0}
+    with torch.inference_mode():
+        for s in shapes:
+            c = s.heads * s.head_dim
+            q = torch.randn(2, s.queries, c, generator=g)
+            k, v = (torch.randn(2, s.keys, c, generator=g) for _ in range(2))
+            ref = multihead_attention(q, k, v, s.heads)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            calls = {"sdpa": lambda q=q, k=k, v=v, h=s.heads: multihead_attention(q, k, v, h),
+                     "blocked": lambda q=q, k=k, v=v, h=s.heads: blocked_attention(q, k, v, h)}
+            for name, fn in calls.items():  # also the warm-up
+                err[name] = max(err[name], float((fn().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+            best = {name: float("inf") for name in calls}
+            for _ in range(repeats):
+                for name, fn in calls.items():
+                    best[name] = min(best[name], timer(name, s) if timer is not None else _seconds(fn))
+            for name in calls:
+                total[name] += best[name] * s.weight
+    return AttentionTiming(shapes, dtype, torch.get_num_threads(), total["sdpa"], total["blocked"],
+                           err["blocked"], err["sdpa"])
+
+
+def choose(timing: AttentionTiming) -> tuple[bool, str]:
+    """``(blocked, reason)``: blocked when faster by :data:`BLOCKED_MARGIN` and within :data:`AGREEMENT` of float32."""
+    if not timing.shapes:
+        return False, "no attention to route"
+    bound = AGREEMENT.get(timing.dtype, 1e-4)
+    measured = (f"measured: blocked GEMMs take {timing.ratio:.2f}x SDPA's time at {len(timing.shapes)} shapes, "
+                f"error {timing.blocked_err:.1e} against SDPA's {timing.sdpa_err:.1e}")
+    if timing.blocked_err > bound:
+        return False, f"{measured}, above {bound:g}"
+    return timing.ratio <= BLOCKED_MARGIN, measured
+
+
+_timings: dict[tuple, AttentionTiming] = {}
+
+
+def measure_cached(shapes: tuple[AttentionShape, ...], dtype: torch.dtype, *, timer: Timer | None = None) -> AttentionTiming:
+    """:func:`measure`, once per process for a set of shapes, a dtype and a thread count (an injected timer is never cached)."""
+    if timer is not None:
+        return measure(shapes, dtype, timer=timer)
+    key = (shapes, dtype, torch.get_num_threads())
+    with _lock:
+        hit = _timings.get(key)
+    if hit is None:
+        hit = measure(shapes, dtype)
+        with _lock:
+            hit = _timings.setdefault(key, hit)
+    return hit

@@ -92,7 +92,7 @@ def openvino(args: argparse.Namespace) -> dict[str, Any]:
     from optimum.intel import OVStableDiffusionPipeline
 
     ir = Path(args.model).parent / "openvino-ir"  # what peer_worker.py exported
-    cfg = {"INFERENCE_NUM_THREADS": str(args.threads), "INFERENCE_PRECISION_HINT": "f32"}
+    cfg = {"INFERENCE_NUM_THREADS": str(args.threads), "INFERENCE_PRECISION_HINT": args.ov_precision}
     pipe = OVStableDiffusionPipeline.from_pretrained(str(ir), compile=False, ov_config=cfg, local_files_only=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.reshape(batch_size=1, height=args.size, width=args.size, num_images_per_prompt=1)
@@ -140,6 +140,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="auto", help="opensd's precision")
     p.add_argument("--wtype", default="f32", help="stable-diffusion.cpp's weight type")
+    p.add_argument("--ov-precision", default="f32", choices=("f32", "bf16"), help="OpenVINO's inference precision")
     p.add_argument("--top", type=int, default=15, help="opensd: operators listed")
     args = p.parse_args()
     out = {"opensd": opensd, "sdcpp": sdcpp, "openvino": openvino}[args.engine](args)

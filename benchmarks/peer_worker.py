@@ -9,7 +9,8 @@ the engine inside :func:`load`. Protocol, one JSON object a line:
 - the worker loads the model, then prints ``{"ready": true, "load_s": ..., "info": {...}}``
   (what the engine runs in: opensd's precision decision, OpenVINO's inference precision);
 - each ``run`` line on stdin: one whole txt2img generation (text encoding, ``steps``
-  Euler steps with classifier-free guidance, VAE decode), answered ``{"s": seconds}``;
+  Euler steps with classifier-free guidance, VAE decode), answered ``{"s": seconds}``, with
+  ``"info"`` where the run returns a dict (opensd: its kernel choice, made on the first run);
 - ``quit`` (or end of input): exit. A failure is answered ``{"error": "Type: message"}``.
 """
 
@@ -42,8 +43,9 @@ def load_opensd(job: dict[str, Any]) -> Loaded:
     pipe = opensd.load(job["model"], precision=job["variant"])
 
     def run() -> Any:
-        return pipe.txt2img(job["prompt"], job["negative"], steps=job["steps"], sampler="euler", cfg_scale=job["cfg"],
-                            width=job["width"], height=job["height"], seed=job["seed"])
+        pipe.txt2img(job["prompt"], job["negative"], steps=job["steps"], sampler="euler", cfg_scale=job["cfg"],
+                     width=job["width"], height=job["height"], seed=job["seed"])
+        return {"kernels": pipe.kernels.selection().describe()}
 
     return run, {"dtype": str(pipe.precision.dtype).removeprefix("torch."), "reason": pipe.precision.reason}
 
@@ -117,8 +119,9 @@ def main() -> int:
             break
         try:
             t0 = time.perf_counter()
-            run()
-            _say({"s": time.perf_counter() - t0})
+            out = run()
+            seconds = time.perf_counter() - t0
+            _say({"s": seconds, **({"info": out} if isinstance(out, dict) else {})})
         except Exception as e:
             _say({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
             return 1

@@ -107,6 +107,7 @@ class Worker:
         if "error" in reply:
             self.error = reply["error"]
             raise RuntimeError(self.error)
+        self.info.update(reply.get("info", {}))  # what a run learned (opensd: its kernel choice, made on the first)
         return reply["s"]
 
     def close(self) -> None:
@@ -238,6 +239,8 @@ def bench_model(name: str, size: int, args: argparse.Namespace, peers: dict[str,
     notes: list[str] = []
     if ours[0].info.get("dtype") == "float32":  # the same work twice: time it once
         notes.append(f"opensd fp32 is opensd auto here ({ours[0].info.get('reason')})")
+    elif not args.opensd_fp32:
+        notes.append("opensd fp32 not run (--no-opensd-fp32)")
     else:
         ours.append(Worker(sys.executable, "opensd", "fp32", str(files.diffusers), job, cache, opensd_env()))
     blocks: list[Block] = []
@@ -325,6 +328,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", default="sdcpp,openvino", help="comma-separated subset of sdcpp, openvino")
     p.add_argument("--sdcpp-types", default=",".join(SDCPP_TYPES), help=f"stable-diffusion.cpp weight types, in order (of {', '.join(SDCPP_TYPES)})")
     p.add_argument("--openvino-types", default=",".join(OPENVINO_TYPES), help=f"OpenVINO inference precisions, in order (of {', '.join(OPENVINO_TYPES)})")
+    p.add_argument("--no-opensd-fp32", dest="opensd_fp32", action="store_false",
+                   help="time opensd in its default precision only: one worker less in memory (every worker stays "
+                        "loaded, and auto packs convolutions only when the copies fit a quarter of the memory available)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     bad = [m for m in args.models.split(",") if m not in peer_weights.MODELS]

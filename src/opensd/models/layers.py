@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from opensd.config import ConfigError
@@ -28,6 +29,13 @@ def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNo
     if channels % groups != 0:
         raise ConfigError(f"GroupNorm: {channels} channels do not divide into {groups} groups")
     return GroupNorm(num_groups=groups, num_channels=channels, eps=eps, affine=True)
+
+
+def silu_fresh(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a tensor the caller made and owns (a norm's output): in place when no gradient
+    is needed, which saves an activation-sized allocation per call (fresh pages are costly on
+    a CPU: docs/benchmarks.md). Never pass a tensor someone else still reads."""
+    return F.silu(x, inplace=not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -44,7 +44,7 @@ from torch import nn
 
 from opensd.config import ConfigError
 from opensd.models.adapters import Conv2d, Linear
-from opensd.models.layers import group_norm, timestep_embedding
+from opensd.models.layers import group_norm, silu_fresh, timestep_embedding
 from opensd.models.transformer import SpatialTransformer
 
 if TYPE_CHECKING:
@@ -247,12 +247,12 @@ class ResBlock(nn.Module):
         # The containers are unpacked here, and their parameter-free activations called as
         # functions, to spare a small model's steps Python calls (the same ops, bit for bit).
         norm, _, conv = self.in_layers
-        h = conv(F.silu(norm(x)))
+        h = conv(silu_fresh(norm(x)))
         e = self.emb_layers[1](F.silu(emb))  # (B, C_out)
         h = h + e.view(*e.shape, 1, 1)  # broadcast over H, W
         norm, _, dropout, conv = self.out_layers
         assert isinstance(dropout, nn.Dropout)
-        h = F.silu(norm(h))
+        h = silu_fresh(norm(h))
         if dropout.p > 0:  # p = 0 is the identity
             h = dropout(h)
         out: torch.Tensor = self.skip_connection(x) + conv(h)

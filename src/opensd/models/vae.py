@@ -25,7 +25,7 @@ from torch import nn
 from opensd import attention_kernels
 from opensd.config import ConfigError
 from opensd.models.adapters import Conv2d
-from opensd.models.layers import group_norm
+from opensd.models.layers import group_norm, silu_fresh
 
 # LDM uses eps 1e-6 in every GroupNorm of the autoencoder (``Normalize``).
 NORM_EPS = 1e-6
@@ -173,8 +173,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut: nn.Conv2d | None = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(silu_fresh(self.norm1(x)))
+        h = self.conv2(silu_fresh(self.norm2(h)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         out: torch.Tensor = skip + h
         return out
@@ -304,7 +304,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        out: torch.Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        out: torch.Tensor = self.conv_out(silu_fresh(self.norm_out(h)))
         return out
 
 
@@ -338,7 +338,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):  # lowest resolution first
             h = level(h)
-        out: torch.Tensor = self.conv_out(F.silu(self.norm_out(h)))
+        out: torch.Tensor = self.conv_out(silu_fresh(self.norm_out(h)))
         return out
 
 

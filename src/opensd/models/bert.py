@@ -268,7 +268,7 @@ class BertTextModel(nn.Module):
                 raise ValueError("attention_mask has a row with no real token (all zeros)")
             keep = real[:, None, None, :]  # (B, 1, 1, L): broadcast over heads and queries
         types = None if token_type_ids is None else token_type_ids.long()
-        x = self.embeddings(input_ids.long(), types)  # (B, L, C)
+        x: torch.Tensor = self.embeddings(input_ids.long(), types)  # (B, L, C)
         for layer in self.encoder.layer:
             x = layer(x, keep)
         return x

@@ -18,7 +18,7 @@ from opensd.checkpoints.io import CheckpointError
 from opensd.config import ConfigError
 from opensd.errors import OpenSDError
 from opensd.models.bert import BertTextConfig, BertTextModel, mean_pool
-from opensd.tokenizers import TokenizerError, load_tokenizer, unknown_words
+from opensd.tokenizers import Tokenizer, TokenizerError, load_tokenizer, unknown_words
 from opensd.tokenizers.wordpiece import WordPieceTokenizer
 
 
@@ -205,6 +205,7 @@ def test_save_load_round_trip_and_errors(tiny_vocab_file: Path, tmp_path: Path) 
     tok.save(tmp_path / "saved")
     back = load_tokenizer(tmp_path / "saved")
     assert isinstance(back, WordPieceTokenizer) and back.context_length == 9 and back.vocab == tok.vocab
+    assert isinstance(tok, Tokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (2, 3, 0, 1)
     assert back.decode(back("a smaller red circle")[0]) == "a smaller red circle"
     bad = tmp_path / "bad.txt"
     bad.write_text("[PAD]\n[UNK]\nred\nred\n")

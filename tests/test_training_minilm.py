@@ -146,3 +146,24 @@ def test_unet_on_the_installed_minilm(tmp_path: Path, vae_dir: Path) -> None:
     run_stage(stage)
     assert stage.sd_cfg.text == BertTextConfig.minilm_l6(pooler=False) and stage.sd_cfg.unet.context_dim == 384
     assert stage.context.shape == (4, 32, 384) and stage.tokenizer.context_length == 32
+
+
+def test_lora_on_a_bert_model_trains_the_unet_only(tmp_path: Path) -> None:
+    from helpers import tiny_bert_bundle
+    from test_training_lora import SIZE, lora_cfg, write_images
+
+    from opensd.checkpoints.opensd_format import save_opensd
+    from opensd.training.lora import LoRAStage, LoRAStageConfig
+
+    model, tok = tiny_bert_bundle()
+    model.cfg = model.cfg.replace(image_size=SIZE)
+    save_opensd(model, tok, tmp_path / "m")
+    data = write_images(tmp_path / "data")
+    with pytest.raises(ConfigError, match="BERT, which takes no LoRA: set text_encoder = false"):
+        run_stage(LoRAStage(stage_config_from_dict(LoRAStageConfig, lora_cfg(tmp_path / "m", data, tmp_path / "r1",
+                                                                              steps=1, text_encoder=True))))
+    stage = LoRAStage(stage_config_from_dict(LoRAStageConfig, lora_cfg(tmp_path / "m", data, tmp_path / "r2",
+                                                                        steps=2, text_encoder=False)))
+    run_stage(stage)
+    names = [n for n, _ in stage.ctx.modules["lora"].named_parameters()]
+    assert names and all("lora_unet" in n for n in names)

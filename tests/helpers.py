@@ -59,6 +59,26 @@ def tiny_word_bundle(seed: int = 0):
     return randomize(StableDiffusion(cfg), seed).eval(), tok
 
 
+BERT_PIECES = sorted({w for c in CAPTIONS for w in c.split()} | {",", ".", "!", "(", ")", ":", "##s", "##er"})
+
+
+def tiny_wordpiece(context_length: int = 12):
+    """A WordPiece tokenizer over the words of :data:`CAPTIONS` (and a few pieces)."""
+    from opensd.tokenizers.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer
+
+    tokens = [*SPECIAL_TOKENS, *BERT_PIECES]
+    return WordPieceTokenizer({t: i for i, t in enumerate(tokens)}, context_length)
+
+
+def tiny_bert_bundle(seed: int = 0, context_length: int = 12):
+    """A tiny sd1 model whose text encoder is a tiny BERT (:meth:`SDConfig.tiny_bert`), and its WordPiece tokenizer."""
+    tok = tiny_wordpiece(context_length)
+    cfg = SDConfig.tiny_bert()
+    cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tok.vocab_size))
+    torch.manual_seed(seed)
+    return randomize(StableDiffusion(cfg), seed).eval(), tok
+
+
 def tiny_loaded(seed: int = 0):
     """:func:`tiny_word_bundle` as the :class:`LoadedModel` a pipeline takes (name "tiny", a dummy hash)."""
     from pathlib import Path

@@ -48,6 +48,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        chosen = _by_kind(args, value, where)
+        if chosen is not None:
+            return _convert(chosen, value, where)
         errors = []
         for a in args:
             if a is type(None):
@@ -98,6 +101,33 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _kind_of(tp: Any) -> str | None:
+    """The default of dataclass ``tp``'s ``kind`` field (its tag in a union), else None."""
+    if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
+        return None
+    for f in dataclasses.fields(tp):
+        if f.name == "kind" and isinstance(f.default, str):
+            return f.default
+    return None
+
+
+def _by_kind(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    """For a union of dataclasses some of which carry a ``kind`` tag (a ``kind: str`` field
+    with a default): the member a dict names by its ``"kind"``, or, without one, the single
+    untagged dataclass member. None: no tagged member (try each member in order)."""
+    kinds = {k: a for a in args if (k := _kind_of(a)) is not None}
+    if not kinds or not isinstance(value, dict):
+        return None
+    untagged = [a for a in args if dataclasses.is_dataclass(a) and _kind_of(a) is None]
+    if "kind" in value:
+        if value["kind"] not in kinds:
+            allowed = ", ".join(repr(k) for k in kinds)
+            untagged_note = f" (or no kind: {getattr(untagged[0], '__name__', '?')})" if len(untagged) == 1 else ""
+            raise ConfigError(f"{where}.kind: {value['kind']!r:.60} is not allowed; choose one of {allowed}{untagged_note}")
+        return kinds[value["kind"]]
+    return untagged[0] if len(untagged) == 1 else None
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, _where: str | None = None) -> T:

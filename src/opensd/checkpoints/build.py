@@ -18,7 +18,7 @@ import torch
 
 from opensd.checkpoints.io import CheckpointError
 from opensd.models.stable_diffusion import SDConfig, StableDiffusion
-from opensd.tokenizers import Tokenizer, TokenizerError, load_tokenizer
+from opensd.tokenizers import Tokenizer, TokenizerError, WordPieceTokenizer, load_tokenizer
 
 
 def _depths(cfg: SDConfig) -> dict[str, int]:
@@ -81,6 +81,9 @@ def tokenizer_for(folder: Path, cfg: SDConfig) -> Tokenizer:
         tok = load_tokenizer(folder)
     except TokenizerError as e:
         raise CheckpointError(str(e)) from None
+    if cfg.has_bert and not isinstance(tok, WordPieceTokenizer):
+        raise CheckpointError(f"{folder}: the text encoder is a BERT, which needs a WordPiece tokenizer (vocab.txt), "
+                              f"got {type(tok).__name__}")
     if tok.vocab_size > cfg.text.vocab_size:
         raise CheckpointError(
             f"{folder}: the tokenizer has {tok.vocab_size} tokens, the text encoder only {cfg.text.vocab_size}"

@@ -151,6 +151,15 @@ def _fit(value: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tens
     return value
 
 
+def _clip_text_configs(cfg: SDConfig) -> tuple[CLIPTextConfig, ...]:
+    """The model's text encoder configs, all CLIP or OpenCLIP: diffusers has no layout for
+    opensd's BERT-conditioned models (a one-line :class:`CheckpointError`)."""
+    configs = tuple(t for t in cfg.text_configs if isinstance(t, CLIPTextConfig))
+    if len(configs) != len(cfg.text_configs):
+        raise CheckpointError("a model with a BERT text encoder has no diffusers layout; save it as an opensd folder")
+    return configs
+
+
 def _text_to_original(slot: TextSlot, cfg: CLIPTextConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One text encoder's diffusers state dict -> its keys in the original layout (prefixed)."""
     if slot.open_clip:
@@ -181,7 +190,7 @@ def to_original_layout(cfg: SDConfig, component_states: Mapping[str, Mapping[str
         inverse = {d: o for o, d in maps[comp].items()}
         for k, v in component_states[comp].items():
             out[prefix + inverse.get(k, f"<diffusers {comp}>.{k}")] = v
-    for slot, text_cfg in zip(TEXT_SLOTS[cfg.family], cfg.text_configs, strict=False):
+    for slot, text_cfg in zip(TEXT_SLOTS[cfg.family], _clip_text_configs(cfg), strict=False):
         out |= _text_to_original(slot, text_cfg, component_states[slot.folder])
     return out
 
@@ -201,7 +210,7 @@ def from_original_layout(model: StableDiffusion) -> dict[str, dict[str, torch.Te
                 v = v[:, :, 0, 0]  # (out, in, 1, 1) conv -> (out, in) linear
             comp_state[d] = v
         out[comp] = comp_state
-    for slot, text_cfg in zip(TEXT_SLOTS[cfg.family], cfg.text_configs, strict=False):
+    for slot, text_cfg in zip(TEXT_SLOTS[cfg.family], _clip_text_configs(cfg), strict=False):
         own = strip_prefix(state, slot.prefix)
         if slot.open_clip:
             out[slot.folder] = to_transformers(own, text_cfg, layers=text_cfg.layers - slot.dropped,
@@ -442,6 +451,7 @@ def save_diffusers(model: StableDiffusion, tokenizer: Tokenizer, folder: str | P
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"cannot export a folder over the file {folder}")
     cfg = model.cfg
+    _clip_text_configs(cfg)  # before anything is written
     family = cfg.family
     slots = TEXT_SLOTS[family]
     tokenizers = {slot.tokenizer: tokenizer if slot.tokenizer == "tokenizer" and family is not ModelFamily.SD2
@@ -453,7 +463,7 @@ def save_diffusers(model: StableDiffusion, tokenizer: Tokenizer, folder: str | P
                  "diffusion_pytorch_model.safetensors"),
         "vae": (to_diffusers_vae_config(cfg.vae, sample_size=cfg.image_size), "diffusion_pytorch_model.safetensors"),
     }
-    for slot, text_cfg in zip(slots, cfg.text_configs, strict=False):
+    for slot, text_cfg in zip(slots, _clip_text_configs(cfg), strict=False):
         writers[slot.folder] = (_text_encoder_config(slot, text_cfg, tokenizers[slot.tokenizer]), "model.safetensors")
     for comp, (comp_cfg, weights_name) in writers.items():
         write_safetensors(states[comp], folder / comp / weights_name, metadata={"format": "pt"})

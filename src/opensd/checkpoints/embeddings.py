@@ -250,7 +250,9 @@ def bind_embedding(file: EmbeddingFile, model: StableDiffusion) -> TextualInvers
 
 def check_fits(ti: TextualInversion, model: StableDiffusion) -> None:
     """A :class:`LoRAError` unless ``ti`` has one (n, width) tensor per text encoder of
-    ``model`` and n fits in one chunk."""
+    ``model`` and n fits in one chunk (a model with a BERT text encoder takes none)."""
+    if model.cfg.has_bert:
+        raise LoRAError(f"embedding {ti.name!r}: textual-inversion embeddings need a CLIP text encoder; this model's is a BERT")
     encoders = model.text_encoders
     widths = [e.cfg.width for e in encoders]
     got = [int(v.shape[1]) for v in ti.vectors]

@@ -13,6 +13,7 @@ from opensd.checkpoints.io import read_weights, short_hash
 from opensd.checkpoints.parameterization import Parameterization
 from opensd.config import to_dict
 from opensd.diffusion.schedules import Prediction
+from opensd.models.bert import BertTextConfig
 from opensd.models.clip import CLIPTextConfig
 from opensd.models.stable_diffusion import ModelFamily, SDConfig
 
@@ -29,8 +30,10 @@ ENCODER_NAMES = (
 )
 
 
-def encoder_name(cfg: CLIPTextConfig, open_clip: bool) -> str:
-    """The released text tower ``cfg`` is, else the kind it is (CLIP or OpenCLIP)."""
+def encoder_name(cfg: CLIPTextConfig | BertTextConfig, open_clip: bool) -> str:
+    """The released text tower ``cfg`` is, else the kind it is (CLIP, OpenCLIP or BERT)."""
+    if isinstance(cfg, BertTextConfig):
+        return "MiniLM-L6 (BERT)" if cfg == BertTextConfig.minilm_l6(pooler=False) else "BERT text model"
     for preset, name in ENCODER_NAMES:
         if cfg == preset:
             return name
@@ -71,7 +74,7 @@ class ModelInfo:
             name = "text_encoder" if i == 0 else "text_encoder_2"
             lines.append(
                 f"{label:<14}{p[name]:,} params; width {t['width']}, {t['layers']} layers, "
-                f"{t['heads']} heads, vocab {t['vocab_size']}, context {t['max_length']}"
+                f"{t['heads']} heads, vocab {t['vocab_size']}, context {t.get('max_length', t.get('max_positions'))}"
             )
         return lines
 

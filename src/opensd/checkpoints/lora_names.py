@@ -125,8 +125,9 @@ def lora_targets(model: StableDiffusion) -> dict[str, Target]:
         network, kohya, peft = _text_spellings(model.cfg.family, i)
         if isinstance(encoder, OpenCLIPTextModel):
             out |= _open_clip_targets(encoder, base, network, kohya, peft)
-        else:
+        elif isinstance(encoder, CLIPTextModel):
             out |= _clip_targets(encoder, base, network, kohya, peft)
+        # a BERT text encoder has no LoRA names (no LoRA format knows one): U-Net layers only
     return out
 
 

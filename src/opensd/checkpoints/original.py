@@ -239,5 +239,7 @@ def save_original(model: StableDiffusion, path: str | Path) -> None:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"save as .safetensors, not {path.suffix or '(no suffix)'}: {path}")
+    if model.cfg.has_bert:
+        raise CheckpointError("a model with a BERT text encoder has no original single-file format; save it as an opensd folder")
     prediction = "v" if model.cfg.schedule.prediction is Prediction.V else "epsilon"
     write_safetensors(model.state_dict(), path, metadata={"format": "pt", MODELSPEC_PREDICTION: prediction})

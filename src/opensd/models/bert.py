@@ -47,7 +47,9 @@ from opensd.models.attention import multihead_attention
 class BertTextConfig:
     """Shape of a BERT encoder. ``max_positions``: the number of position embeddings
     (the longest input); ``type_vocab_size``: the number of segment types;
-    ``pooler``: whether the model has BERT's pooler (a tanh layer on the first token)."""
+    ``pooler``: whether the model has BERT's pooler (a tanh layer on the first token).
+    ``kind`` tags the config where it may be another text encoder's (``SDConfig.text``:
+    ``{"kind": "bert", ...}`` in a model's config.json); it is always ``"bert"``."""
 
     vocab_size: int = 30522
     max_positions: int = 512
@@ -58,8 +60,11 @@ class BertTextConfig:
     mlp_width: int = 1536
     layer_norm_eps: float = 1e-12
     pooler: bool = False
+    kind: str = "bert"
 
     def __post_init__(self) -> None:
+        if self.kind != "bert":
+            raise ConfigError(f"BertTextConfig.kind must be 'bert', got {self.kind!r:.40}")
         for name in ("vocab_size", "max_positions", "type_vocab_size", "width", "layers", "heads", "mlp_width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -73,6 +78,12 @@ class BertTextConfig:
             raise ConfigError(f"BertTextConfig.layer_norm_eps must be a number in (0, 1), got {eps!r}")
         if not isinstance(self.pooler, bool):
             raise ConfigError(f"BertTextConfig.pooler must be true or false, got {self.pooler!r}")
+
+    @property
+    def max_length(self) -> int:
+        """The longest input in tokens (``max_positions``): the prompt chunk length's bound,
+        as :attr:`CLIPTextConfig.max_length <opensd.models.clip.CLIPTextConfig.max_length>`."""
+        return self.max_positions
 
     @classmethod
     def minilm_l6(cls, pooler: bool = True) -> BertTextConfig:

@@ -7,7 +7,9 @@ single file of their family (:class:`ModelFamily`):
 - ``model.diffusion_model.*``                        the U-Net denoiser (:mod:`opensd.models.unet`)
 - ``first_stage_model.*``                            the KL autoencoder (:mod:`opensd.models.vae`)
 - the text encoder(s):
-  SD 1.x  ``cond_stage_model.transformer.text_model.*``   CLIP ViT-L (:mod:`opensd.models.clip`)
+  SD 1.x  ``cond_stage_model.transformer.text_model.*``   CLIP ViT-L (:mod:`opensd.models.clip`),
+          or ``cond_stage_model.bert.*``                  a BERT / MiniLM (:mod:`opensd.models.bert`;
+                                                          opensd's own models: no original has one)
   SD 2.x  ``cond_stage_model.model.*``                    OpenCLIP ViT-H (:mod:`opensd.models.open_clip`)
   SDXL    ``conditioner.embedders.0.transformer.*``       CLIP ViT-L, and
           ``conditioner.embedders.1.model.*``             OpenCLIP ViT-bigG
@@ -29,12 +31,14 @@ from torch import nn
 
 from opensd.config import ConfigError
 from opensd.diffusion.schedules import NoiseScheduleConfig, Prediction
+from opensd.models.bert import BertTextConfig, BertTextModel
 from opensd.models.clip import CLIPTextConfig, CLIPTextModel
 from opensd.models.open_clip import OpenCLIPTextModel
 from opensd.models.unet import UNetConfig, UNetModel
 from opensd.models.vae import AutoencoderKL, VAEConfig
 
-TextEncoder = CLIPTextModel | OpenCLIPTextModel
+TextEncoder = CLIPTextModel | OpenCLIPTextModel | BertTextModel
+TextConfig = CLIPTextConfig | BertTextConfig
 
 
 class ModelFamily(enum.Enum):
@@ -64,11 +68,15 @@ class SDConfig:
     ``text`` is the (first) text encoder; ``text_2`` SDXL base's second (OpenCLIP
     bigG). ``size_embed_dim``: width of the Fourier embedding of each size number in
     SDXL's ``y`` (256 in SDXL; smaller in tiny test models).
+
+    ``text`` may be a :class:`~opensd.models.bert.BertTextConfig` (without pooler) in the
+    sd1 family: a model conditioned on a BERT such as MiniLM (context width 384); in a
+    config dict it carries ``"kind": "bert"``.
     """
 
     unet: UNetConfig = field(default_factory=UNetConfig.sd15)
     vae: VAEConfig = field(default_factory=VAEConfig.sd15)
-    text: CLIPTextConfig = field(default_factory=CLIPTextConfig.sd15)
+    text: TextConfig = field(default_factory=CLIPTextConfig.sd15)
     schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
     # Native image size in pixels (width = height); generation defaults to it.
     image_size: int = 512
@@ -80,6 +88,13 @@ class SDConfig:
         if not isinstance(self.family, ModelFamily):
             allowed = ", ".join(repr(f.value) for f in ModelFamily)
             raise ConfigError(f"SDConfig.family must be a ModelFamily ({allowed}), got {self.family!r}")
+        if isinstance(self.text, BertTextConfig):
+            if self.family is not ModelFamily.SD1:
+                raise ConfigError(f"a BERT text encoder conditions the sd1 family only, not {self.family.value}")
+            if self.text.pooler:
+                raise ConfigError("an SD model's BERT text encoder has no pooler: set its pooler = false")
+        elif not isinstance(self.text, CLIPTextConfig):
+            raise ConfigError(f"SDConfig.text must be a CLIPTextConfig or BertTextConfig, got {type(self.text).__name__}")
         if (self.text_2 is not None) != (self.family is ModelFamily.SDXL):
             raise ConfigError("SDConfig.text_2 (a second text encoder) is for the sdxl family only, and it needs one")
         if self.unet.context_dim != self.context_dim:
@@ -118,8 +133,20 @@ class SDConfig:
         return self.unet.in_channels == self.inpainting_in_channels
 
     @property
-    def text_configs(self) -> tuple[CLIPTextConfig, ...]:
+    def text_configs(self) -> tuple[TextConfig, ...]:
         return (self.text,) if self.text_2 is None else (self.text, self.text_2)
+
+    @property
+    def has_bert(self) -> bool:
+        """Whether the text encoder is a BERT (:class:`BertConditioner`)."""
+        return isinstance(self.text, BertTextConfig)
+
+    @property
+    def clip_text(self) -> CLIPTextConfig:
+        """``text`` as a CLIP config; a ConfigError for a model with a BERT text encoder."""
+        if not isinstance(self.text, CLIPTextConfig):
+            raise ConfigError("this model's text encoder is a BERT, not CLIP")
+        return self.text
 
     @property
     def context_dim(self) -> int:
@@ -131,7 +158,8 @@ class SDConfig:
         """Width of the pooled text embedding in ``y`` (None: the family has no ``y``)."""
         if not self.family.size_numbers:
             return None
-        pooled = self.text_configs[-1].projection_dim
+        last = self.text_configs[-1]
+        pooled = last.projection_dim if isinstance(last, CLIPTextConfig) else None
         if pooled is None:
             raise ConfigError(f"a {self.family.value} model's OpenCLIP text encoder needs a projection_dim")
         return pooled
@@ -198,6 +226,13 @@ class SDConfig:
         unet = dataclasses.replace(unet, adm_in_channels=24 + 5 * size_dim)
         return cls(unet=unet, vae=VAEConfig.tiny(), text=open_clip, family=family, image_size=32, size_embed_dim=size_dim)
 
+    @classmethod
+    def tiny_bert(cls) -> SDConfig:
+        """A tiny sd1 model whose text encoder is a tiny BERT (:meth:`BertTextConfig.tiny`, no pooler)."""
+        text = dataclasses.replace(BertTextConfig.tiny(), pooler=False)
+        unet = dataclasses.replace(UNetConfig.tiny(), context_dim=text.width)
+        return cls(unet=unet, vae=VAEConfig.tiny(), text=text, image_size=32)
+
     def replace(self, **changes: Any) -> SDConfig:
         return dataclasses.replace(self, **changes)
 
@@ -234,6 +269,25 @@ class OpenCLIPConditioner(nn.Module):
         return self.model
 
 
+class BertConditioner(nn.Module):
+    """Holds a BERT encoder at ``bert`` (opensd's layout: ``cond_stage_model.bert.*`` are
+    transformers' ``BertModel`` names, so a BERT checkpoint's keys are the model's after
+    the prefix)."""
+
+    def __init__(self, bert: BertTextModel):
+        super().__init__()
+        self.bert = bert
+
+    @property
+    def encoder(self) -> BertTextModel:
+        return self.bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, width): the encoder's last hidden states, zero at the padding (mask 0)."""
+        hidden: torch.Tensor = self.bert(input_ids, attention_mask)
+        return hidden * (attention_mask != 0).to(hidden.dtype)[..., None]
+
+
 class GeneralConditioner(nn.Module):
     """SGM's conditioner: the text embedders at ``embedders.N``."""
 
@@ -251,8 +305,10 @@ class StableDiffusion(nn.Module):
         self.model = DiffusionWrapper(UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.vae)
         family = cfg.family
-        if family is ModelFamily.SD1:
-            self.cond_stage_model: nn.Module = TextConditioner(CLIPTextModel(cfg.text))
+        if isinstance(cfg.text, BertTextConfig):  # SDConfig allows it in sd1 only
+            self.cond_stage_model: nn.Module = BertConditioner(BertTextModel(cfg.text))
+        elif family is ModelFamily.SD1:
+            self.cond_stage_model = TextConditioner(CLIPTextModel(cfg.text))
         elif family is ModelFamily.SD2:
             self.cond_stage_model = OpenCLIPConditioner(OpenCLIPTextModel(cfg.text))
         elif family is ModelFamily.SDXL:

@@ -30,6 +30,16 @@ tokens (:func:`~opensd.prompts.syntax.tokenize_prompt`), and every text encoder 
 embedding's vectors for it in place of the placeholders' token embeddings (A1111's
 ``EmbeddingsWithFixes``), so emphasis, chunking, re-padding and pooling apply as to words.
 Without embeddings in a prompt, its encoding is exactly what it was without them.
+
+A model whose text encoder is a BERT (MiniLM; ``SDConfig.text`` a
+:class:`~opensd.models.bert.BertTextConfig`, sd1 family only) frames chunks with its
+WordPiece tokenizer as ``[CLS] tokens [SEP] [PAD]...``; the attention mask is built from
+the ids (:func:`bert_attention_mask`: 1 through each row's last ``[SEP]``, 0 after), so
+no token attends to the padding, and the context is the last layer's hidden states with
+the padded positions zeroed (:class:`~opensd.models.stable_diffusion.BertConditioner`):
+a prompt's context depends on its tokens only. Emphasis and chunking apply as for SD
+1.x's CLIP. ``clip_skip`` (other than 1) and textual inversions do not apply to a BERT and
+are refused with a :class:`~opensd.pipelines.request.RequestError`.
 """
 
 from __future__ import annotations
@@ -43,9 +53,10 @@ from torch import nn
 
 from opensd.checkpoints.embeddings import TextualInversion, check_fits
 from opensd.diffusion.interruption import StopCheck, check_stop
+from opensd.models.bert import BertTextModel
 from opensd.models.layers import timestep_embedding
 from opensd.models.open_clip import OpenCLIPTextModel
-from opensd.models.stable_diffusion import ModelFamily, StableDiffusion, TextEncoder
+from opensd.models.stable_diffusion import BertConditioner, ModelFamily, StableDiffusion, TextEncoder
 from opensd.pipelines.request import GenerationRequest, RequestError
 from opensd.prompts.budget import DEFAULT_BUDGET, PromptBudget, tokenize_within_budget
 from opensd.prompts.extra_networks import strip_tags
@@ -77,8 +88,40 @@ class TextEmbedding:
 
 
 def token_embedding(encoder: TextEncoder) -> nn.Embedding:
-    """A text encoder's token-embedding table (CLIP's and OpenCLIP's module names)."""
-    return encoder.token_embedding if isinstance(encoder, OpenCLIPTextModel) else encoder.text_model.embeddings.token_embedding
+    """A text encoder's token-embedding table (CLIP's, OpenCLIP's and BERT's module names)."""
+    if isinstance(encoder, OpenCLIPTextModel):
+        return encoder.token_embedding
+    if isinstance(encoder, BertTextModel):
+        return encoder.embeddings.word_embeddings
+    return encoder.text_model.embeddings.token_embedding
+
+
+def bert_attention_mask(ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """(N, L) long: 1 from the start through each row of ``ids`` (N, L)'s last ``sep_id``
+    (``[SEP]``, which ends a framed row's text), 0 at the padding after it; a row without
+    ``[SEP]`` is all 1 (nothing to mask)."""
+    length = ids.shape[1]
+    pos = torch.arange(length, device=ids.device)
+    last = torch.where(ids == sep_id, pos, -1).max(dim=1).values  # (N,)
+    last = torch.where(last < 0, length - 1, last)
+    return (pos[None, :] <= last[:, None]).long()
+
+
+def bert_context(model: StableDiffusion, ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """(N, L, D): the BERT text encoder's context for framed ``ids`` (N, L), padding zeroed."""
+    conditioner = model.cond_stage_model
+    if not isinstance(conditioner, BertConditioner):
+        raise TypeError("bert_context needs a model whose text encoder is a BERT")
+    out: torch.Tensor = conditioner(ids, bert_attention_mask(ids, sep_id))
+    return out
+
+
+def check_bert_clip_skip(clip_skip: int) -> None:
+    """A :class:`RequestError` unless ``clip_skip`` is 1: a BERT text encoder has no "clip skip"."""
+    if clip_skip != 1:
+        raise RequestError(
+            f"clip_skip {clip_skip} does not apply: this model's text encoder is a BERT, not CLIP (use clip_skip 1)"
+        )
 
 
 def embedding_fixes(prompts: list[TokenizedPrompt], n: int) -> list[tuple[int, int, str]]:
@@ -118,8 +161,14 @@ class Conditioner:
         return tokenize_within_budget(prompt, self.tokenizer, self.budget, self.context_length, embeddings=counts)
 
     def clip_skip_applies(self) -> bool:
-        """Only SD 1.x has A1111's "clip skip"; SD 2.x and SDXL use their fixed layers (as A1111)."""
-        return self.family is ModelFamily.SD1
+        """Only SD 1.x's CLIP has A1111's "clip skip"; SD 2.x and SDXL use their fixed layers
+        (as A1111); a BERT text encoder has none (:meth:`check_clip_skip` refuses it)."""
+        return self.family is ModelFamily.SD1 and not self.model.cfg.has_bert
+
+    def check_clip_skip(self, clip_skip: int) -> None:
+        """A :class:`RequestError` for a ``clip_skip`` that cannot apply (other than 1 with a BERT)."""
+        if self.model.cfg.has_bert:
+            check_bert_clip_skip(clip_skip)
 
     def encode_tokenized(
         self, prompts: list[TokenizedPrompt], clip_skip: int = 1, embeddings: Embeddings | None = None
@@ -130,6 +179,12 @@ class Conditioner:
         device = next(encoders[0].parameters()).device
         ids, weights, n = chunk_rows(prompts, self.tokenizer, device=device)  # (B*n, ctx)
         fixes = embedding_fixes(prompts, n)
+        if self.model.cfg.has_bert:
+            check_bert_clip_skip(clip_skip)
+            if fixes:
+                raise RequestError("textual-inversion embeddings need a CLIP text encoder; this model's is a BERT")
+            z = apply_emphasis(bert_context(self.model, ids, self.tokenizer.eos_id), weights)  # (B*n, ctx, D)
+            return TextEmbedding(z.reshape(len(prompts), n * z.shape[1], z.shape[-1]))
         if self.family is ModelFamily.SD1:
             if not fixes:
                 return TextEmbedding(encode_tokenized(encoders[0], prompts, self.tokenizer, skip_layers=clip_skip - 1))

@@ -86,6 +86,7 @@ class PipelineSteps:
         validate(req, multiple=8, min_side=max(8, self.cfg.vae.downsample_factor))
         if self.conditioner.clip_skip_applies() and req.clip_skip > self.cfg.text.layers:
             raise RequestError(f"clip_skip must be at most {self.cfg.text.layers} for this model, got {req.clip_skip}")
+        self.conditioner.check_clip_skip(req.clip_skip)
         if mask is not None and init_image is None:
             raise RequestError("a mask needs an image to inpaint")
         if req.resolved_decoder() is Decoder.TINY:

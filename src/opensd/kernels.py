@@ -22,7 +22,9 @@ LoRA deltas are added to that base output as before. A selection is made once pe
 The same selection decides the model's convolutions (float32 and bfloat16): torch's
 ``F.conv2d``, or oneDNN with packed weights in channels-last layout, measured on the model's
 own U-Net (:mod:`opensd.conv_kernels`); and its attention: torch's SDPA, or blocked GEMMs,
-measured at the model's attention shapes (:mod:`opensd.attention_kernels`).
+measured at the model's attention shapes (:mod:`opensd.attention_kernels`); and its
+upsamplers: a 3x3 convolution of a nearest-upsampled map, or the same as a sub-pixel
+convolution of the map itself (:mod:`opensd.upsample_kernels`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opensd import attention_kernels, conv_kernels
+from opensd import attention_kernels, conv_kernels, upsample_kernels
 from opensd.errors import OpenSDError
 
 # oneDNN is chosen when it takes at most this fraction of the default path's time: a tie
@@ -126,12 +128,16 @@ class KernelSelection:
     blocked_attention: bool = False  # attention as blocked GEMMs (opensd.attention_kernels), not SDPA
     attention_reason: str = "as asked"
     attention_timing: attention_kernels.AttentionTiming | None = None
+    subpixel_upsampling: bool = False  # upsamplers as sub-pixel convolutions (opensd.upsample_kernels)
+    upsample_reason: str = "as asked"
+    upsample_timing: upsample_kernels.UpsampleTiming | None = None
 
     def describe(self) -> str:
         convs = "packed" if self.packed_convs else "default"
         attention = "blocked" if self.blocked_attention else "sdpa"
+        upsampling = "sub-pixel" if self.subpixel_upsampling else "plain"
         return (f"kernels: {self.backend.value} ({self.reason}); convolutions: {convs} ({self.conv_reason}); "
-                f"attention: {attention} ({self.attention_reason})")
+                f"attention: {attention} ({self.attention_reason}); upsampling: {upsampling} ({self.upsample_reason})")
 
 
 # ----------------------------------------------------------------------------- routing
@@ -339,6 +345,21 @@ def _select_attention(
     return blocked, reason, timing
 
 
+def _select_upsampling(
+    model: nn.Module, kernels: Kernels,
+) -> tuple[bool, str, upsample_kernels.UpsampleTiming | None]:
+    """``(subpixel, reason, timing)`` for the upsamplers: ``auto`` times both forms on the model's own
+    upsampler layers (after its convolutions are routed); ``default`` and ``onednn`` keep the plain form."""
+    if kernels is not Kernels.AUTO:
+        return False, "as asked", None
+    if not upsample_kernels.upsamplers(model):
+        return False, "no upsamplers", None
+    upsample_kernels.route(model, False)
+    timing = upsample_kernels.measure(model)
+    subpixel, reason = upsample_kernels.choose(timing)
+    return subpixel, reason, timing
+
+
 def select_kernels(
     model: nn.Module, kernels: Kernels | str, *, measure_on: nn.Module | None = None, rows: int = 128,
     timer: Timer | None = None, probe: conv_kernels.Probe | None = None, conv_clock: Callable[[bool], float] | None = None,
@@ -351,7 +372,8 @@ def select_kernels(
     ``probe.run()`` (a forward of ``measure_on`` on fixed inputs) with and without packed weights
     (:mod:`opensd.conv_kernels`), after the linear layers are routed; ``onednn`` packs them.
     Attention: ``auto`` times SDPA and blocked GEMMs at ``model``'s attention shapes on a CPU
-    (:mod:`opensd.attention_kernels`); ``default`` and ``onednn`` keep SDPA.
+    (:mod:`opensd.attention_kernels`); ``default`` and ``onednn`` keep SDPA. Upsamplers: ``auto``
+    times the plain and the sub-pixel form on the model's own layers (:mod:`opensd.upsample_kernels`).
     ``timer`` and ``conv_clock`` replace the clocks (tests).
     """
     kernels = Kernels.parse(kernels)
@@ -374,8 +396,10 @@ def select_kernels(
     conv_kernels.release(model)  # what the measurement packed, when the choice is torch's route
     blocked, attention_reason, attention_timing = _select_attention(model, kernels)
     attention_kernels.route(model, blocked)
+    subpixel, upsample_reason, upsample_timing = _select_upsampling(model, kernels)
+    upsample_kernels.route(model, subpixel)
     return KernelSelection(kernels, backend, reason, timing, packed, conv_reason, conv_timing,
-                           blocked, attention_reason, attention_timing)
+                           blocked, attention_reason, attention_timing, subpixel, upsample_reason, upsample_timing)
 
 
 class ModelKernels:
@@ -414,5 +438,6 @@ class ModelKernels:
             route(self.model, selection.backend)
             conv_kernels.route(self.model, selection.packed_convs)
             attention_kernels.route(self.model, selection.blocked_attention)
+            upsample_kernels.route(self.model, selection.subpixel_upsampling)
         self._threads = threads
         return selection

@@ -274,6 +274,13 @@ def _current() -> AdapterSet | None:
     return None if torch.compiler.is_compiling() else _ACTIVE.get()
 
 
+def has_deltas(module: nn.Module) -> bool:
+    """Whether the active adapters change ``module`` in this call (a kernel that bypasses the
+    layer's own forward must not run then)."""
+    adapters = _current()
+    return adapters is not None and bool(adapters.get(module))
+
+
 def _plus_deltas(adapters: AdapterSet | None, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if adapters is None:
         return out

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd import upsample_kernels
 from opensd.config import ConfigError
 from opensd.models.adapters import Conv2d, Linear
 from opensd.models.layers import group_norm, silu_fresh, timestep_embedding
@@ -279,10 +280,7 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            size = (2 * x.shape[-2], 2 * x.shape[-1])
-        out: torch.Tensor = self.conv(F.interpolate(x, size=size, mode="nearest"))
-        return out
+        return upsample_kernels.upsample_conv(self.conv, x, size)  # conv(nearest(x)), or its sub-pixel form
 
 
 class EmbedSequential(nn.Sequential):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opensd import attention_kernels
+from opensd import attention_kernels, upsample_kernels
 from opensd.config import ConfigError
 from opensd.models.adapters import Conv2d
 from opensd.models.layers import group_norm, silu_fresh
@@ -228,8 +228,7 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return out
+        return upsample_kernels.upsample_conv(self.conv, x)  # conv(nearest(x)), or its sub-pixel form
 
 
 class MidBlock(nn.Module):

@@ -93,6 +93,28 @@ def test_train_sh_dry_run_prints_the_commands_and_runs_nothing(tmp_path: Path) -
     assert not log.exists()
 
 
+def test_train_rich_sh_trains_both_u_nets_on_the_rich_world_and_scores_both(tmp_path: Path) -> None:
+    """configs/shapes/train_rich.sh: VAE, CLIP, the CLIP U-Net and the MiniLM U-Net on the rich world,
+    then the rich benchmark and held-out suites of each; stage extras and eval extras go where they belong."""
+    script, log, tools = _layout(tmp_path).with_name("train_rich.sh"), tmp_path / "calls.log", _tools(tmp_path)
+    _fake(tools / "opensd", log)
+    env_extra = {"OUT": "/tmp/r", "UNET_ARGS": "--set cache_size=64", "EVAL_ARGS": "--per-category 1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENSD", "VAE_ARGS", "CLIP_ARGS", "UNET_ARGS")}
+    env |= {"PATH": str(tools), **env_extra}
+    res = subprocess.run(["bash", str(script), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    calls = _calls(log)
+    trains, evals = calls[:4], calls[4:]
+    assert [c.split()[:3] for c in trains] == [["opensd", "train", s] for s in ("vae", "clip", "unet", "unet")]
+    assert all("--set data.world=rich" in c and "--device cpu" in c for c in trains)
+    assert "unet.toml" in trains[2] and "clip_dir=/tmp/r/clip" in trains[2] and "vae_dir=/tmp/r/vae" in trains[2]
+    assert "unet_minilm.toml" in trains[3] and "clip_dir" not in trains[3] and "vae_dir=/tmp/r/vae" in trains[3]
+    assert all(c.endswith("--set cache_size=64") for c in trains[2:]) and "cache_size" not in trains[0] + trains[1]
+    assert [(c.split()[3], c.split()[5]) for c in evals] == [
+        (f"/tmp/r/{n}/model", suite) for n in ("unet_clip", "unet_minilm") for suite in ("benchmark", "holdout")]
+    assert all("--world rich" in c and c.endswith("--per-category 1") and "--device" not in c for c in evals)
+
+
 # ----------------------------------------------------------------------------- --preset quick
 
 

@@ -21,7 +21,8 @@ the model's other kernel choices.
 
 Routing (like the other kernels'): ``Upsample.forward`` calls :func:`upsample_conv`, which runs
 the sub-pixel form for the layers of a routed model (a process-wide weak set; the phase kernels
-in a weak map beside them, made again when the weight changes) when it can (an exact 2x size,
+as a 2x2 convolution in a weak map beside them, made again when the weight changes, on the same
+convolution route as the layer) when it can (an exact 2x size,
 a 3x3 stride-1 convolution with zero padding 1, no adapter deltas on the layer, no gradient
 needed, not inside ``torch.compile``), and the plain form otherwise.
 """
@@ -38,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd import conv_kernels
+
 MARGIN = 0.9
 AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 # Each distinct upsampler is timed at an input of TIMED_WORK / channels² pixels (at least 8x8):
@@ -45,7 +48,7 @@ AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 TIMED_WORK = 512 * 512 * 16 * 16
 
 _ROUTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_phases: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], torch.Tensor]] = weakref.WeakKeyDictionary()
+_phases: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Conv2d]] = weakref.WeakKeyDictionary()
 _routing = False
 _lock = threading.Lock()
 
@@ -70,20 +73,29 @@ def _key(w: torch.Tensor) -> tuple[int, ...]:
     return (id(w), w.data_ptr(), version, hash(w.dtype))
 
 
-def _phase_kernels(conv: nn.Conv2d) -> torch.Tensor:
+def _phase_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """The phase convolution of ``conv`` (C_in -> 4 C_out, 2x2, no bias), made again when the weight
+    changes, on the same convolution route as ``conv`` (packed oneDNN weights when ``conv`` has them)."""
     w = conv.weight
     hit = _phases.get(conv)
     if hit is None or hit[0] != _key(w):
-        hit = (_key(w), phase_weight(w).to(w.dtype))
+        with torch.device("meta"):
+            shadow = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, bias=False)
+        shadow.weight = nn.Parameter(phase_weight(w.detach()).to(w.dtype), requires_grad=False)
+        hit = (_key(w), shadow)
         _phases[conv] = hit
-    return hit[1]
+    shadow = hit[1]
+    packed = conv_kernels.routed_packed(conv)
+    if conv_kernels.routed_packed(shadow) != packed:
+        conv_kernels.route(shadow, packed)
+    return shadow
 
 
 def subpixel_upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(nearest_upsample_2x(x))`` for a 3x3, padding-1 ``conv``, computed on ``x`` itself."""
     b, _, h, w = x.shape
     co = conv.out_channels
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), _phase_kernels(conv))  # (B, 4 C_out, H+1, W+1)
+    y = conv_kernels.conv2d(_phase_conv(conv), F.pad(x, (1, 1, 1, 1)))  # (B, 4 C_out, H+1, W+1)
     y = y.view(b, 2, 2, co, h + 1, w + 1)  # (B, a, b, C_out, H+1, W+1)
     out = x.new_empty(b, co, h, 2, w, 2)
     for pa in (0, 1):

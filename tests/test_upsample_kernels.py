@@ -39,11 +39,15 @@ def subpixel_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("ci, co, h, w, bias", [(8, 8, 5, 7, True), (4, 6, 1, 1, False), (16, 16, 8, 8, True)])
-def test_the_sub_pixel_form_is_the_convolution_of_the_doubled_map(ci, co, h, w, bias) -> None:
+def test_the_sub_pixel_form_is_the_convolution_of_the_doubled_map(ci, co, h, w, bias, channels_last) -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(ci, co, 3, padding=1, bias=bias)
     x = torch.randn(2, ci, h, w)
+    if channels_last:  # the layout oneDNN answers bf16 convolutions in: the output keeps it
+        x = x.to(memory_format=torch.channels_last)
+        assert U.subpixel_upsample_conv(conv, x).is_contiguous(memory_format=torch.channels_last) or h == w == 1
     with torch.no_grad():
         ref = _plain(conv, x)
         got = U.subpixel_upsample_conv(conv, x)
@@ -103,10 +107,25 @@ def test_auto_follows_the_measurement(model, monkeypatch, plain_s, subpixel_s, e
     real = U.measure
     monkeypatch.setattr(U, "measure", lambda m: real(m, timer=_timer(plain_s, subpixel_s)))
     sel = K.select_kernels(model, "auto")
-    assert sel.subpixel_upsampling is expect and all(U.routed(c) is expect for c in U.upsamplers(model))
-    assert f"{subpixel_s / plain_s:.2f}x the plain form's time" in sel.describe()
-    assert sel.upsample_timing is not None and sel.upsample_timing.max_rel_diff < 1e-4  # real outputs compared
+    pairs = {(c.in_channels, c.out_channels) for c in U.upsamplers(model)}
+    assert sel.subpixel_upsampling == (pairs if expect else frozenset())
+    assert all(U.routed(c) is expect for c in U.upsamplers(model))
+    assert f"{subpixel_s / plain_s:.2f}x" in sel.describe()
+    assert sel.upsample_timing is not None and all(p.max_rel_diff < 1e-4 for p in sel.upsample_timing.pairs)  # real outputs
     assert not K.select_kernels(model, "default").subpixel_upsampling
+
+
+def test_the_choice_is_made_per_upsampler_shape(model) -> None:
+    """A model whose upsamplers have two channel pairs: each pair follows its own timing."""
+    convs = U.upsamplers(model)
+    pairs = sorted({(c.in_channels, c.out_channels) for c in convs})
+    assert len(pairs) >= 2, pairs
+    fast = pairs[0]
+    timer = lambda form, conv: 1e-3 if form == "plain" else (0.3e-3 if (conv.in_channels, conv.out_channels) == fast else 2e-3)  # noqa: E731
+    chosen, reason = U.choose(U.measure(model, timer=timer))
+    assert chosen == {fast} and "0.30x" in reason and "2.00x" in reason
+    assert U.route(model, chosen) == sum(1 for c in convs if (c.in_channels, c.out_channels) == fast)
+    assert [U.routed(c) for c in convs] == [(c.in_channels, c.out_channels) == fast for c in convs]
 
 
 def test_a_disagreeing_form_is_refused(model, monkeypatch) -> None:
@@ -114,4 +133,4 @@ def test_a_disagreeing_form_is_refused(model, monkeypatch) -> None:
     monkeypatch.setattr(U, "measure", lambda m: real(m, timer=_timer(1e-3, 1e-4)))
     monkeypatch.setitem(U.AGREEMENT, torch.float32, 0.0)
     sel = K.select_kernels(model, "auto")
-    assert not sel.subpixel_upsampling and "differs by" in sel.upsample_reason
+    assert not sel.subpixel_upsampling and "(differs)" in sel.upsample_reason

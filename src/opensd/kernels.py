@@ -128,14 +128,14 @@ class KernelSelection:
     blocked_attention: bool = False  # attention as blocked GEMMs (opensd.attention_kernels), not SDPA
     attention_reason: str = "as asked"
     attention_timing: attention_kernels.AttentionTiming | None = None
-    subpixel_upsampling: bool = False  # upsamplers as sub-pixel convolutions (opensd.upsample_kernels)
+    subpixel_upsampling: frozenset[tuple[int, int]] = frozenset()  # the upsamplers' channel pairs run sub-pixel
     upsample_reason: str = "as asked"
     upsample_timing: upsample_kernels.UpsampleTiming | None = None
 
     def describe(self) -> str:
         convs = "packed" if self.packed_convs else "default"
         attention = "blocked" if self.blocked_attention else "sdpa"
-        upsampling = "sub-pixel" if self.subpixel_upsampling else "plain"
+        upsampling = f"sub-pixel at {len(self.subpixel_upsampling)} shapes" if self.subpixel_upsampling else "plain"
         return (f"kernels: {self.backend.value} ({self.reason}); convolutions: {convs} ({self.conv_reason}); "
                 f"attention: {attention} ({self.attention_reason}); upsampling: {upsampling} ({self.upsample_reason})")
 
@@ -347,13 +347,13 @@ def _select_attention(
 
 def _select_upsampling(
     model: nn.Module, kernels: Kernels,
-) -> tuple[bool, str, upsample_kernels.UpsampleTiming | None]:
-    """``(subpixel, reason, timing)`` for the upsamplers: ``auto`` times both forms on the model's own
+) -> tuple[frozenset[tuple[int, int]], str, upsample_kernels.UpsampleTiming | None]:
+    """``(pairs, reason, timing)`` for the upsamplers: ``auto`` times both forms on the model's own
     upsampler layers (after its convolutions are routed); ``default`` and ``onednn`` keep the plain form."""
     if kernels is not Kernels.AUTO:
-        return False, "as asked", None
+        return frozenset(), "as asked", None
     if not upsample_kernels.upsamplers(model):
-        return False, "no upsamplers", None
+        return frozenset(), "no upsamplers", None
     upsample_kernels.route(model, False)
     timing = upsample_kernels.measure(model)
     subpixel, reason = upsample_kernels.choose(timing)

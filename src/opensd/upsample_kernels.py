@@ -15,14 +15,13 @@ type's own rounding.
 Measured on one core of the AMD EPYC with avx512_bf16 (SD 1.5's VAE and U-Net upsamplers):
 0.31-0.51x the time in bfloat16, 0.38-0.81x in float32 (docs/benchmarks.md). Where it is faster
 depends on the CPU and the convolution route, so it is never assumed: :func:`measure` times
-both forms with the model's own layers and :func:`choose` keeps it only at <= :data:`MARGIN` of
-the plain form's time and within :data:`AGREEMENT`. :mod:`opensd.kernels` makes that choice with
+both forms on one of the model's own layers per channel pair and :func:`choose` keeps it, pair by
+pair, only at <= :data:`MARGIN` of the plain form's time and within :data:`AGREEMENT`. :mod:`opensd.kernels` makes that choice with
 the model's other kernel choices.
 
 Routing (like the other kernels'): ``Upsample.forward`` calls :func:`upsample_conv`, which runs
 the sub-pixel form for the layers of a routed model (a process-wide weak set; the phase kernels
-as a 2x2 convolution in a weak map beside them, made again when the weight changes, on the same
-convolution route as the layer) when it can (an exact 2x size,
+in a weak map beside them, made again when the weight changes) when it can (an exact 2x size,
 a 3x3 stride-1 convolution with zero padding 1, no adapter deltas on the layer, no gradient
 needed, not inside ``torch.compile``), and the plain form otherwise.
 """
@@ -32,14 +31,12 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from opensd import conv_kernels
 
 MARGIN = 0.9
 AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -48,7 +45,7 @@ AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 TIMED_WORK = 512 * 512 * 16 * 16
 
 _ROUTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_phases: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Conv2d]] = weakref.WeakKeyDictionary()
+_phases: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], torch.Tensor]] = weakref.WeakKeyDictionary()
 _routing = False
 _lock = threading.Lock()
 
@@ -73,36 +70,39 @@ def _key(w: torch.Tensor) -> tuple[int, ...]:
     return (id(w), w.data_ptr(), version, hash(w.dtype))
 
 
-def _phase_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    """The phase convolution of ``conv`` (C_in -> 4 C_out, 2x2, no bias), made again when the weight
-    changes, on the same convolution route as ``conv`` (packed oneDNN weights when ``conv`` has them)."""
+def _phase_kernels(conv: nn.Conv2d) -> torch.Tensor:
+    """``conv``'s phase kernels, made again when its weight changes."""
     w = conv.weight
     hit = _phases.get(conv)
     if hit is None or hit[0] != _key(w):
-        with torch.device("meta"):
-            shadow = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, bias=False)
-        shadow.weight = nn.Parameter(phase_weight(w.detach()).to(w.dtype), requires_grad=False)
-        hit = (_key(w), shadow)
+        hit = (_key(w), phase_weight(w.detach()).to(w.dtype))
         _phases[conv] = hit
-    shadow = hit[1]
-    packed = conv_kernels.routed_packed(conv)
-    if conv_kernels.routed_packed(shadow) != packed:
-        conv_kernels.route(shadow, packed)
-    return shadow
+    return hit[1]
 
 
 def subpixel_upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(nearest_upsample_2x(x))`` for a 3x3, padding-1 ``conv``, computed on ``x`` itself."""
+    """``conv(nearest_upsample_2x(x))`` for a 3x3, padding-1 ``conv``, computed on ``x`` itself.
+
+    The phase convolution runs through ``F.conv2d``: on oneDNN's packed route its output came in
+    a layout whose interleaving took longer than the convolution saved (VAE decode at 512²: 1.17x)."""
     b, _, h, w = x.shape
     co = conv.out_channels
-    y = conv_kernels.conv2d(_phase_conv(conv), F.pad(x, (1, 1, 1, 1)))  # (B, 4 C_out, H+1, W+1)
-    y = y.view(b, 2, 2, co, h + 1, w + 1)  # (B, a, b, C_out, H+1, W+1)
-    out = x.new_empty(b, co, h, 2, w, 2)
-    for pa in (0, 1):
-        for pb in (0, 1):
-            out[:, :, :, pa, :, pb] = y[:, pa, pb, :, pa : pa + h, pb : pb + w]  # phase (a, b) starts at (a, b)
-    out = out.view(b, co, 2 * h, 2 * w)
-    return out if conv.bias is None else out.add_(conv.bias.view(1, -1, 1, 1))
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), _phase_kernels(conv))  # (B, 4 C_out, H+1, W+1)
+    if y.is_contiguous() or not y.is_contiguous(memory_format=torch.channels_last):
+        planar = y.view(b, 2, 2, co, h + 1, w + 1)  # (B, a, b, C_out, H+1, W+1)
+        out = x.new_empty(b, co, h, 2, w, 2)
+        for pa in (0, 1):
+            for pb in (0, 1):
+                out[:, :, :, pa, :, pb] = planar[:, pa, pb, :, pa : pa + h, pb : pb + w]  # phase (a, b) starts at (a, b)
+        result = out.view(b, co, 2 * h, 2 * w)
+    else:  # the convolution answered in channels-last (oneDNN's choice for bf16): copy whole pixels, keep the layout
+        pixels = y.permute(0, 2, 3, 1).reshape(b, h + 1, w + 1, 2, 2, co)  # (B, H+1, W+1, a, b, C_out)
+        out = x.new_empty(b, h, 2, w, 2, co)
+        for pa in (0, 1):
+            for pb in (0, 1):
+                out[:, :, pa, :, pb] = pixels[:, pa : pa + h, pb : pb + w, pa, pb]
+        result = out.view(b, 2 * h, 2 * w, co).permute(0, 3, 1, 2)  # (B, C_out, 2H, 2W), channels-last strides
+    return result if conv.bias is None else result.add_(conv.bias.view(1, -1, 1, 1))
 
 
 def _fits(conv: nn.Conv2d, x: torch.Tensor, size: tuple[int, int]) -> bool:
@@ -132,18 +132,25 @@ def upsamplers(module: nn.Module) -> list[nn.Conv2d]:
     return [c for c in found if isinstance(c, nn.Conv2d)]
 
 
-def route(module: nn.Module, subpixel: bool) -> int:
+Pair = tuple[int, int]  # an upsampler's (in, out) channels
+
+
+def route(module: nn.Module, pairs: Collection[Pair] | bool) -> int:
+    """Put ``module``'s upsamplers with these channel pairs (True: all, False: none) on the
+    sub-pixel form and the others on the plain one; returns how many are on the sub-pixel form."""
     global _routing
     convs = upsamplers(module)
+    on = 0
     with _lock:
         for c in convs:
-            if subpixel:
+            if pairs is True or (pairs is not False and (c.in_channels, c.out_channels) in pairs):
                 _ROUTED.add(c)
+                on += 1
             else:
                 _ROUTED.discard(c)
                 _phases.pop(c, None)
-        _routing = _routing or (subpixel and bool(convs))
-    return len(convs)
+        _routing = _routing or on > 0
+    return on
 
 
 def routed(conv: nn.Module) -> bool:
@@ -151,35 +158,43 @@ def routed(conv: nn.Module) -> bool:
 
 
 @dataclass(frozen=True)
-class UpsampleTiming:
-    """Both forms timed on the model's distinct upsamplers (seconds, fastest of the repeats, summed)."""
+class PairTiming:
+    """Both forms timed on one upsampler of a channel pair (seconds, fastest of the repeats)."""
 
-    layers: int
+    pair: Pair
+    layers: int  # how many of the model's upsamplers have this pair
     plain_s: float
     subpixel_s: float
     max_rel_diff: float  # max |subpixel - plain| / max |plain|
-    dtype: torch.dtype
 
     @property
     def ratio(self) -> float:
         return self.subpixel_s / self.plain_s if self.plain_s > 0 else float("inf")
 
 
+@dataclass(frozen=True)
+class UpsampleTiming:
+    """The model's distinct upsamplers, each timed both ways."""
+
+    pairs: tuple[PairTiming, ...]
+    dtype: torch.dtype
+
+
 Timer = Callable[[str, nn.Conv2d], float]
 
 
 def measure(module: nn.Module, *, repeats: int = 3, timer: Timer | None = None) -> UpsampleTiming:
-    """Time the plain and the sub-pixel form on one layer of each distinct (channels, dtype) of
-    ``module``'s upsamplers, interleaved; ``timer(form, conv)`` replaces the clock (tests)."""
-    seen: dict[tuple[int, int], tuple[nn.Conv2d, int]] = {}
+    """Time the plain and the sub-pixel form on one layer of each distinct channel pair of
+    ``module``'s upsamplers (plain: the layer's own route), interleaved; ``timer(form, conv)``
+    replaces the clock (tests)."""
+    seen: dict[Pair, tuple[nn.Conv2d, int]] = {}
     for c in upsamplers(module):
         key = (c.in_channels, c.out_channels)
         seen[key] = (seen[key][0], seen[key][1] + 1) if key in seen else (c, 1)
     g = torch.Generator().manual_seed(0)
-    total = {"plain": 0.0, "subpixel": 0.0}
-    worst, dtype = 0.0, torch.float32
+    out, dtype = [], torch.float32
     with torch.inference_mode():
-        for conv, count in seen.values():
+        for key, (conv, count) in seen.items():
             w = conv.weight
             dtype = w.dtype
             side = max(8, int((TIMED_WORK / (conv.in_channels * conv.out_channels)) ** 0.5))
@@ -187,24 +202,24 @@ def measure(module: nn.Module, *, repeats: int = 3, timer: Timer | None = None) 
             forms = {"plain": lambda c=conv, x=x: c(F.interpolate(x, scale_factor=2.0, mode="nearest")),
                      "subpixel": lambda c=conv, x=x: subpixel_upsample_conv(c, x)}
             ref, got = forms["plain"]().float(), forms["subpixel"]().float()  # also the warm-up
-            worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+            diff = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             best = dict.fromkeys(forms, float("inf"))
             for _ in range(repeats):
                 for name, fn in forms.items():
                     start = time.perf_counter()
                     fn()
                     best[name] = min(best[name], timer(name, conv) if timer else time.perf_counter() - start)
-            for name in forms:
-                total[name] += best[name] * count
-    return UpsampleTiming(sum(n for _, n in seen.values()), total["plain"], total["subpixel"], worst, dtype)
+            out.append(PairTiming(key, count, best["plain"], best["subpixel"], diff))
+    return UpsampleTiming(tuple(out), dtype)
 
 
-def choose(timing: UpsampleTiming) -> tuple[bool, str]:
-    """``(subpixel, reason)``: sub-pixel when it takes <= :data:`MARGIN` of the plain form's time and agrees."""
-    if not timing.layers:
-        return False, "no upsamplers"
+def choose(timing: UpsampleTiming) -> tuple[frozenset[Pair], str]:
+    """The channel pairs to run sub-pixel (those at <= :data:`MARGIN` of the plain form's time that
+    agree to :data:`AGREEMENT`), and why."""
+    if not timing.pairs:
+        return frozenset(), "no upsamplers"
     bound = AGREEMENT.get(timing.dtype, 1e-4)
-    measured = f"measured: sub-pixel takes {timing.ratio:.2f}x the plain form's time at {timing.layers} upsamplers"
-    if timing.max_rel_diff > bound:
-        return False, f"{measured}, but differs by {timing.max_rel_diff:.1e} (> {bound:g})"
-    return timing.ratio <= MARGIN, measured
+    chosen = frozenset(p.pair for p in timing.pairs if p.ratio <= MARGIN and p.max_rel_diff <= bound)
+    each = ", ".join(f"{p.pair[0]}->{p.pair[1]} ch {p.ratio:.2f}x" + (" (differs)" if p.max_rel_diff > bound else "")
+                     for p in timing.pairs)
+    return chosen, f"measured: sub-pixel / plain time per upsampler shape: {each}"

@@ -10,6 +10,8 @@ against float32 SDPA on the same inputs:
 * ``math``: ``softmax(QK^T / sqrt(d)) V`` as two batched matmuls, softmax in the input's dtype;
 * ``math_f32_softmax``: the same with the softmax in float32;
 * ``heads_in_batch``: SDPA on (batch x heads, tokens, dim);
+* ``qk_fresh`` and ``qk_buffer``: the first GEMM alone, ``QK^T`` into fresh memory (what ``math``
+  does) and into a buffer made once (what ``blocked`` does): the cost of faulting in a new score matrix;
 * ``blocked``: :func:`opensd.attention_kernels.blocked_attention`, the two GEMMs over blocks of
   query rows with the scores in one reused buffer and the row sums from the second GEMM (what
   ``kernels="auto"`` routes a model's attention to where it measures faster).
@@ -80,12 +82,20 @@ def main() -> int:
             q32, k32, v32 = (torch.randn(2, HEADS, m, c // HEADS, generator=g) for m in (n, L, L))
             ref = F.scaled_dot_product_attention(q32, k32, v32)
             base = None
-            for name, fn in variants(q32.to(dtype), k32.to(dtype), v32.to(dtype)).items():
+            q, k, v = q32.to(dtype), k32.to(dtype), v32.to(dtype)
+            for name, fn in variants(q, k, v).items():
                 s = timed(fn, args.repeats)
                 base = base or s
                 err = float((fn().float() - ref).abs().max())
                 rows.append({"queries": n, "keys": L, "channels": c, "variant": name, "s": s, "max_err": err})
                 print(f"| {n} x {L}, {c} | {name} | {1e3 * s:.2f} | {s / base:.2f} | {err:.2g} |", flush=True)
+            kt = k.transpose(-1, -2)
+            scores = q @ kt
+            for name, fn in {"qk_fresh": lambda q=q, kt=kt: q @ kt,
+                             "qk_buffer": lambda q=q, kt=kt, o=scores: torch.matmul(q, kt, out=o)}.items():
+                s = timed(fn, args.repeats)
+                rows.append({"queries": n, "keys": L, "channels": c, "variant": name, "s": s, "max_err": None})
+                print(f"| {n} x {L}, {c} | {name} | {1e3 * s:.2f} | {s / base:.2f} | |", flush=True)
     flags = sorted(cpu_features().flags & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"})
     out = json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu_flags": flags, "torch": torch.__version__,
                       "dtype": args.dtype, "threads": args.threads, "rows": rows})

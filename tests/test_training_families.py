@@ -189,11 +189,12 @@ def test_sd1_cache_reads_a_version_1_file_and_refuses_others_in_one_line(tmp_pat
 def test_the_cache_name_of_sd1_is_unchanged_and_families_get_their_own(models) -> None:
     """The text hash of an SD 1.x model is what opensd hashed before families (its old caches are found again)."""
     from opensd.training.data import state_hash, tokenizer_hash
-    from opensd.training.unet import _model_of, _text_hash
+    from opensd.training.text_encoding import text_cache_hash
+    from opensd.training.unet import _model_of
 
     sd, tok = _model_of(str(models[ModelFamily.SD1]))
     text = sd.text_encoder
     old = state_hash(text, extra=json.dumps(to_dict(text.cfg)).encode() + tokenizer_hash(tok).encode())
-    assert _text_hash(sd.text_encoders, tok, ModelFamily.SD1) == old
+    assert text_cache_hash(sd.text_encoders, tok, ModelFamily.SD1) == old
     xl, xl_tok = _model_of(str(models[ModelFamily.SDXL]))
-    assert _text_hash(xl.text_encoders, xl_tok, ModelFamily.SDXL) != _text_hash(xl.text_encoders[:1], xl_tok, ModelFamily.SDXL)
+    assert text_cache_hash(xl.text_encoders, xl_tok, ModelFamily.SDXL) != text_cache_hash(xl.text_encoders[:1], xl_tok, ModelFamily.SDXL)

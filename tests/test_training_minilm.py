@@ -22,7 +22,8 @@ from opensd.models.stable_diffusion import ModelFamily
 from opensd.tokenizers.wordpiece import WordPieceTokenizer
 from opensd.training.config import load_stage_config, stage_config_from_dict
 from opensd.training.loop import run_stage
-from opensd.training.unet import TextEncoderChoice, UNetStage, UNetStageConfig, _text_hash
+from opensd.training.text_encoding import text_cache_hash
+from opensd.training.unet import TextEncoderChoice, UNetStage, UNetStageConfig
 from opensd.training.vae import VAEStage, VAEStageConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_cache_key_tells_the_encoders_apart() -> None:
     tok = tiny_wordpiece(12)
     clip = CLIPTextModel(CLIPTextConfig.tiny())
     tiny_bert = BertTextModel(BertTextConfig.tiny())
-    keys = {_text_hash([m], t, ModelFamily.SD1) for m in (clip, tiny_bert) for t in (tok, tiny_wordpiece(16))}
+    keys = {text_cache_hash([m], t, ModelFamily.SD1) for m in (clip, tiny_bert) for t in (tok, tiny_wordpiece(16))}
     assert len(keys) == 4
 
 

@@ -268,7 +268,7 @@ class LCMStage(Stage):
     def _cache_data(self) -> None:
         """The data's latents and caption conditioning, encoded once by the frozen model (cached in the run)."""
         from opensd.training.finetune_data import cached_latents, open_images
-        from opensd.training.unet import caption_encoder
+        from opensd.training.text_encoding import caption_encoder
 
         cfg, ctx = self.cfg, self.ctx
         images = open_images(cfg.data, "", "data")

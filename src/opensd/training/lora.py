@@ -254,7 +254,7 @@ class LoRAStage(Stage):
 
     def _pool(self, images, what: str) -> Pool:
         from opensd.training.finetune_data import cached_latents
-        from opensd.training.unet import caption_encoder
+        from opensd.training.text_encoding import caption_encoder
 
         cfg, ctx = self.cfg, self.ctx
         if what == "instance":

@@ -20,16 +20,19 @@ for the ids it sees (textual inversion puts its vectors there); None: the lookup
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from opensd.config import ConfigError
+from opensd.config import ConfigError, to_dict
+from opensd.models.bert import BertTextModel
 from opensd.models.open_clip import OpenCLIPTextModel
 from opensd.models.stable_diffusion import ModelFamily, StableDiffusion
 from opensd.pipelines.conditioning import OPEN_CLIP_PAD_ID, bert_context, repad
+from opensd.training.data import CaptionEncoder, state_hash, tokenizer_hash
 
 TokenEmbeds = Callable[[int, nn.Module, torch.Tensor], torch.Tensor]
 
@@ -61,3 +64,30 @@ def encode_ids(model: StableDiffusion, tokenizer: Any, ids: torch.Tensor,
         parts.append(hidden)  # (B, L, D_i)
     assert pooled is not None
     return {"context": torch.cat(parts, dim=-1), "pooled": pooled}
+
+
+def caption_encoder(conditioner, tokenizer) -> CaptionEncoder:
+    """Captions -> ``{"context": (B, L, D)[, "pooled": (B, P)]}``, as the pipeline encodes
+    a prompt of one chunk (the family's text layers, SDXL's two encoders and re-padding),
+    but read as plain text: the tokenizer's framing and truncation, no A1111 syntax, every
+    weight 1 (so an SD 1.x context is the text encoder's output, bit for bit)."""
+    from opensd.prompts.syntax import Chunk, TokenizedPrompt
+
+    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
+        ids = tokenizer(captions)  # (B, ctx)
+        n = ids.shape[1]
+        prompts = [TokenizedPrompt([Chunk(row, [1.0] * n, [-1] * n)], [], n, n) for row in ids.tolist()]
+        text = conditioner.encode_tokenized(prompts)
+        return {"context": text.context} if text.pooled is None else {"context": text.context, "pooled": text.pooled}
+
+    return encode
+
+
+def text_cache_hash(encoders: Sequence[nn.Module], tokenizer, family: ModelFamily) -> str:
+    """What names the cache's text part: the encoders' weights and configs and the tokenizer
+    (for SD 1.x exactly what opensd hashed before families, so its caches are found again)."""
+    configs = [to_dict(e.cfg) for e in encoders]
+    described: dict[str, Any] = configs[0] if family is ModelFamily.SD1 else {"family": family.value, "text": configs}
+    if any(isinstance(e, BertTextModel) for e in encoders):  # its context: last layer, padding zeroed
+        described = {"text_encoder": "bert", "text": configs, "padding": "zeroed"}
+    return state_hash(*encoders, extra=json.dumps(described).encode() + tokenizer_hash(tokenizer).encode())

@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -72,7 +72,6 @@ from opensd.models.stable_diffusion import BertConditioner, ModelFamily, SDConfi
 from opensd.models.unet import UNetConfig, UNetModel
 from opensd.training.config import DataConfig, DataSource, StageConfig, TrainConfig
 from opensd.training.data import (
-    CaptionEncoder,
     batch_indices,
     build_latent_cache,
     cache_path,
@@ -80,13 +79,13 @@ from opensd.training.data import (
     load_vae,
     read_latent_cache,
     state_hash,
-    tokenizer_hash,
     write_latent_cache,
 )
 from opensd.training.grounding import AttentionCapture, PixelTarget, grounding_loss
 from opensd.training.records import SAMPLES
 from opensd.training.sources import open_source
 from opensd.training.stage import RunContext, Stage, Update
+from opensd.training.text_encoding import caption_encoder, text_cache_hash
 
 if TYPE_CHECKING:
     from opensd.tokenizers import Tokenizer
@@ -348,7 +347,7 @@ class UNetStage(Stage):
         source = open_source(cfg.data)
         n = min(cfg.cache_size, source.pool) if source.pool is not None else cfg.cache_size
         vae_hash = state_hash(self.vae, extra=json.dumps(to_dict(self.vae.cfg)).encode())
-        text_hash = _text_hash(self.frozen.text_encoders, self.tokenizer, self.family)
+        text_hash = text_cache_hash(self.frozen.text_encoders, self.tokenizer, self.family)
         grounding = cfg.grounding_weight > 0 or cfg.grounding_pixel_weight > 0
         path = cache_path(ctx.run_dir / "cache", vae_hash, text_hash, cfg.data, n, cfg.cache_text_dtype.value,
                           grounding)
@@ -466,33 +465,6 @@ class UNetStage(Stage):
 
         dtype = torch.float16 if self.cfg.export_half else None
         return save_opensd(self.assemble(), self.tokenizer, self.ctx.run_dir / MODEL_FOLDER, dtype=dtype)
-
-
-def caption_encoder(conditioner, tokenizer) -> CaptionEncoder:
-    """Captions -> ``{"context": (B, L, D)[, "pooled": (B, P)]}``, as the pipeline encodes
-    a prompt of one chunk (the family's text layers, SDXL's two encoders and re-padding),
-    but read as plain text: the tokenizer's framing and truncation, no A1111 syntax, every
-    weight 1 (so an SD 1.x context is the text encoder's output, bit for bit)."""
-    from opensd.prompts.syntax import Chunk, TokenizedPrompt
-
-    def encode(captions: list[str]) -> dict[str, torch.Tensor]:
-        ids = tokenizer(captions)  # (B, ctx)
-        n = ids.shape[1]
-        prompts = [TokenizedPrompt([Chunk(row, [1.0] * n, [-1] * n)], [], n, n) for row in ids.tolist()]
-        text = conditioner.encode_tokenized(prompts)
-        return {"context": text.context} if text.pooled is None else {"context": text.context, "pooled": text.pooled}
-
-    return encode
-
-
-def _text_hash(encoders: Sequence[nn.Module], tokenizer, family: ModelFamily) -> str:
-    """What names the cache's text part: the encoders' weights and configs and the tokenizer
-    (for SD 1.x exactly what opensd hashed before families, so its caches are found again)."""
-    configs = [to_dict(e.cfg) for e in encoders]
-    described: dict[str, Any] = configs[0] if family is ModelFamily.SD1 else {"family": family.value, "text": configs}
-    if any(isinstance(e, BertTextModel) for e in encoders):  # its context: last layer, padding zeroed
-        described = {"text_encoder": "bert", "text": configs, "padding": "zeroed"}
-    return state_hash(*encoders, extra=json.dumps(described).encode() + tokenizer_hash(tokenizer).encode())
 
 
 def _model_of(path: str) -> tuple[StableDiffusion, Tokenizer]:

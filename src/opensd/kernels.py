@@ -354,8 +354,7 @@ def _select_upsampling(
         return frozenset(), "as asked", None
     if not upsample_kernels.upsamplers(model):
         return frozenset(), "no upsamplers", None
-    upsample_kernels.route(model, False)
-    timing = upsample_kernels.measure(model)
+    timing = upsample_kernels.measure(model)  # calls both forms directly: the route does not matter
     subpixel, reason = upsample_kernels.choose(timing)
     return subpixel, reason, timing
 

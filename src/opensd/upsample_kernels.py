@@ -12,8 +12,9 @@ and without materializing the upsampled input. In float32 it differs from the pl
 about 4e-7 of the output's magnitude (the sums of taps are rounded once); in bfloat16 by the
 type's own rounding.
 
-Measured on one core of the AMD EPYC with avx512_bf16 (SD 1.5's VAE and U-Net upsamplers):
-0.31-0.51x the time in bfloat16, 0.38-0.81x in float32 (docs/benchmarks.md). Where it is faster
+Measured on one core of the AMD EPYC with avx512_bf16 at SD 1.5's upsamplers of a 512² image
+(``benchmarks/upsample_cpu.py``, both forms through ``F.conv2d``): 0.42-0.55x the time at the VAE's
+in bfloat16, 0.57-0.66x in float32, and slower (1.3x) at the U-Net's smallest, 8x8 map. Where it is faster
 depends on the CPU and the convolution route, so it is never assumed: :func:`measure` times
 both forms on one of the model's own layers per channel pair and :func:`choose` keeps it, pair by
 pair, only at <= :data:`MARGIN` of the plain form's time and within :data:`AGREEMENT`. :mod:`opensd.kernels` makes that choice with
@@ -84,7 +85,7 @@ def subpixel_upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(nearest_upsample_2x(x))`` for a 3x3, padding-1 ``conv``, computed on ``x`` itself.
 
     The phase convolution runs through ``F.conv2d``: on oneDNN's packed route its output came in
-    a layout whose interleaving took longer than the convolution saved (VAE decode at 512²: 1.17x)."""
+    a layout whose interleaving took longer than the convolution saved (docs/benchmarks.md)."""
     b, _, h, w = x.shape
     co = conv.out_channels
     y = F.conv2d(F.pad(x, (1, 1, 1, 1)), _phase_kernels(conv))  # (B, 4 C_out, H+1, W+1)

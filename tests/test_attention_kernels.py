@@ -48,14 +48,15 @@ def blocked_calls(monkeypatch):
     (2, 64, 40, 16, 1, 1000),           # row blocks inside each head (1000 bytes: 6 rows of 40 keys)
     (2, 33, 33, 16, 2, 33 * 33 * 4 * 3),  # three heads per block, the last block short
 ])
-def test_blocked_attention_is_softmax_attention(b, n, m, c, heads, block_bytes, monkeypatch) -> None:
+@pytest.mark.parametrize("softmax", list(A.Softmax))
+def test_blocked_attention_is_softmax_attention(b, n, m, c, heads, block_bytes, softmax, monkeypatch) -> None:
     monkeypatch.setattr(A, "BLOCK_BYTES", block_bytes)
     q, k, v = _qkv(b, n, m, c)
     ref = multihead_attention(q, k, v, heads)
-    got = A.blocked_attention(q, k, v, heads)
+    got = A.blocked_attention(q, k, v, heads, softmax)
     assert got.shape == ref.shape and _rel(got, ref) < 1e-5
     q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
-    got16 = A.blocked_attention(q16, k16, v16, heads)
+    got16 = A.blocked_attention(q16, k16, v16, heads, softmax)
     assert got16.dtype == torch.bfloat16 and _rel(got16, ref) < A.AGREEMENT[torch.bfloat16]
 
 
@@ -66,12 +67,13 @@ def test_strided_inputs_are_read_as_they_are() -> None:
     assert _rel(A.blocked_attention(q, k, v, 4), multihead_attention(q.contiguous(), k.contiguous(), v.contiguous(), 4)) < 1e-5
 
 
-def test_large_scores_do_not_overflow() -> None:
+@pytest.mark.parametrize("softmax", list(A.Softmax))
+def test_large_scores_do_not_overflow(softmax) -> None:
     """The row maximum is subtracted before exp: logits in the hundreds still give the softmax."""
     q, k, v = _qkv(1, 16, 16, 8)
     q = q * 60
     ref = multihead_attention(q, k, v, 1)
-    got = A.blocked_attention(q, k, v, 1)
+    got = A.blocked_attention(q, k, v, 1, softmax)
     assert torch.isfinite(got).all() and _rel(got, ref) < 1e-4
 
 
@@ -108,6 +110,48 @@ def test_auto_follows_the_measurement(model, monkeypatch, sdpa_s, blocked_s, exp
     assert all(A.routed(m) is expect for m in _attentions(model))
     assert f"{blocked_s / sdpa_s:.2f}x SDPA's time" in sel.describe()
     assert sel.attention_timing is not None and sel.attention_timing.blocked_err < 1e-5  # float32: real outputs compared
+
+
+def _timer3(seconds: dict[str, float]):
+    return lambda kernel, shape: seconds[kernel]
+
+
+def test_the_faster_softmax_is_chosen_and_routed(model, monkeypatch) -> None:
+    seconds = {"sdpa": 1e-3, "blocked": 0.6e-3, "blocked-onednn": 0.4e-3}
+    monkeypatch.setattr(A, "measure_cached", lambda shapes, dtype: A.measure(shapes, dtype, timer=_timer3(seconds)))
+    sel = K.select_kernels(model, "auto")
+    assert sel.blocked_attention and sel.attention_softmax is A.Softmax.ONEDNN
+    assert "0.40x SDPA's time" in sel.describe() and "oneDNN softmax" in sel.describe()
+    assert all(A.routed_softmax(m) is A.Softmax.ONEDNN for m in _attentions(model))
+    seconds["blocked-onednn"] = 0.7e-3  # now ATen's softmax is the faster
+    A._timings.clear()
+    sel = K.select_kernels(model, "auto")
+    assert sel.blocked_attention and sel.attention_softmax is A.Softmax.ATEN
+    assert all(A.routed_softmax(m) is A.Softmax.ATEN for m in _attentions(model))
+
+
+def test_a_softmax_that_cannot_run_is_left_out(model, monkeypatch) -> None:
+    """Where oneDNN has no softmax for the dtype (float16 on most CPUs) it raises: measured as unavailable."""
+    def no_primitive(*args):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(A, "_block_onednn", no_primitive)
+    seconds = {"sdpa": 1e-3, "blocked": 0.6e-3, "blocked-onednn": 1e-6}
+    timing = A.measure(A.attention_shapes(model), torch.float32, timer=_timer3(seconds))
+    assert timing.onednn_s == float("inf") and timing.blocked_s > 0
+    assert A.choose(timing)[:2] == (True, A.Softmax.ATEN)
+
+
+def test_attend_uses_the_routed_softmax(model, monkeypatch) -> None:
+    seen = []
+    real = A.blocked_attention
+    monkeypatch.setattr(A, "blocked_attention", lambda *a: seen.append(a[4]) or real(*a))
+    attn = next(m for m in _attentions(model) if type(m).__name__ == "CrossAttention")
+    q, k, v = _qkv(1, 8, 8, attn.heads * attn.head_dim)
+    A.route(model, True, A.Softmax.ONEDNN)
+    with torch.no_grad():
+        got = A.attend(attn, q, k, v, attn.heads)
+    assert seen == [A.Softmax.ONEDNN] and _rel(got, multihead_attention(q, k, v, attn.heads)) < 1e-5
 
 
 def test_default_keeps_sdpa_and_a_disagreeing_kernel_is_refused(model, monkeypatch) -> None:

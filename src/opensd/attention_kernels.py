@@ -39,6 +39,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol, cast
 
 import torch
@@ -50,9 +51,10 @@ from opensd.models.attention import multihead_attention
 BLOCKED_MARGIN = 0.9
 # ... and when its output agrees with float32 SDPA to this (max |diff| / max |reference|), per dtype.
 AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-# The scores of one block of query rows: at most this many bytes (8 MiB: 1024 rows of 4096
-# keys in bfloat16). Larger blocks measured no faster, and each block's buffer is fresh memory.
-BLOCK_BYTES = 8 * 2**20
+# The scores of one block of query rows: at most this many bytes (2 MiB: 256 rows of 4096 keys
+# in bfloat16). 8 MiB blocks measured no faster with ATen's softmax, and with oneDNN's, whose
+# answer is a fresh tensor per block, 5x slower (docs/benchmarks.md, "oneDNN's softmax").
+BLOCK_BYTES = 2 * 2**20
 # What is timed: each distinct attention shape at TIMED_WORK / channels query tokens (at least
 # MIN_TOKENS): 1024 tokens at 320 channels, SD 1.5's 32x32 level of a 256² image, and fewer at
 # the wider, coarser levels, as in the U-Net; cross-attention at CONTEXT_TOKENS keys (a CLIP prompt).
@@ -60,16 +62,27 @@ TIMED_WORK = 1024 * 320
 MIN_TOKENS = 64
 CONTEXT_TOKENS = 77
 
-_BLOCKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+class Softmax(StrEnum):
+    """Which softmax the blocked kernel takes over each block of scores."""
+
+    ATEN = "aten"  # ATen's row kernel, in place in the score buffer
+    ONEDNN = "onednn"  # oneDNN's softmax primitive: a copy into its layout and back, faster rows
+
+
+_BLOCKED: weakref.WeakKeyDictionary[nn.Module, Softmax] = weakref.WeakKeyDictionary()
 _routing = False  # any module ever routed: the fast path skips the set lookup while False
 _lock = threading.Lock()
 
 
-def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                      softmax: Softmax = Softmax.ATEN) -> torch.Tensor:
     """Softmax attention over ``heads`` heads as blocked GEMMs (no autograd: inference only).
 
     q: (B, Nq, C), k and v: (B, Nk, C) -> (B, Nq, C), as :func:`multihead_attention` without a mask.
+    ``softmax``: :class:`Softmax` (oneDNN's raises where oneDNN has no such primitive, e.g. float16).
     """
+    block = _block_onednn if softmax is Softmax.ONEDNN else _block
     b, n, c = q.shape
     m, d = k.shape[1], c // heads
     bh = b * heads
@@ -83,13 +96,13 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
         buf = q.new_empty(per, n, m)
         for i in range(0, bh, per):
             j = min(bh, i + per)
-            _block(torch.bmm, q3[i:j], kt[i:j], v3[i:j], buf[: j - i], out[i:j])
+            block(torch.bmm, q3[i:j], kt[i:j], v3[i:j], buf[: j - i], out[i:j])
     else:  # row blocks within each head
         buf = q.new_empty(rows, m)
         for h in range(bh):
             for r in range(0, n, rows):
                 e = min(n, r + rows)
-                _block(torch.mm, q3[h, r:e], kt[h], v3[h], buf[: e - r], out[h, r:e])
+                block(torch.mm, q3[h, r:e], kt[h], v3[h], buf[: e - r], out[h, r:e])
     return out.view(b, heads, n, d).transpose(1, 2).reshape(b, n, c)  # (B, Nq, C)
 
 
@@ -101,6 +114,15 @@ def _block(mm: Callable[..., torch.Tensor], q: torch.Tensor, kt: torch.Tensor, v
     mm(scores, v, out=out)
 
 
+def _block_onednn(mm: Callable[..., torch.Tensor], q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor,
+                  scores: torch.Tensor, out: torch.Tensor) -> None:
+    """:func:`_block` with oneDNN's softmax: the scores copied into oneDNN's layout, its softmax
+    (about half ATen's time per bfloat16 score here, 0.2 ns against 0.44), and back."""
+    mm(q, kt, out=scores)
+    probs = torch._softmax(scores.to_mkldnn(), -1, False).to_dense()
+    mm(probs, v, out=out)
+
+
 def _fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype):
         return False
@@ -109,8 +131,10 @@ def _fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """``module``'s attention (q: (B, Nq, C), k, v: (B, Nk, C)) on the kernel its model's selection chose."""
-    if _routing and not torch.compiler.is_compiling() and module in _BLOCKED and _fits(q, k, v):
-        return blocked_attention(q, k, v, heads)
+    if _routing and not torch.compiler.is_compiling() and _fits(q, k, v):
+        softmax = _BLOCKED.get(module)
+        if softmax is not None:
+            return blocked_attention(q, k, v, heads, softmax)
     return multihead_attention(q, k, v, heads)
 
 
@@ -123,22 +147,28 @@ def routable(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if hasattr(m, "attention_shape")]
 
 
-def route(module: nn.Module, blocked: bool) -> int:
-    """Put every routable attention of ``module`` on the blocked kernel (or back on SDPA); returns how many."""
+def route(module: nn.Module, blocked: bool, softmax: Softmax = Softmax.ATEN) -> int:
+    """Put every routable attention of ``module`` on the blocked kernel with ``softmax`` (or back
+    on SDPA); returns how many."""
     global _routing
     found = routable(module)
     with _lock:
         for m in found:
             if blocked:
-                _BLOCKED.add(m)
+                _BLOCKED[m] = softmax
             else:
-                _BLOCKED.discard(m)
+                _BLOCKED.pop(m, None)
         _routing = _routing or (blocked and bool(found))
     return len(found)
 
 
 def routed(module: nn.Module) -> bool:
     return module in _BLOCKED
+
+
+def routed_softmax(module: nn.Module) -> Softmax | None:
+    """The softmax of ``module``'s blocked route, or None where it is on SDPA."""
+    return _BLOCKED.get(module)
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -158,7 +188,8 @@ class AttentionShape:
 
 @dataclass(frozen=True)
 class AttentionTiming:
-    """Both kernels timed at ``shapes`` (seconds for the work they stand for, fastest of the repeats)."""
+    """The kernels timed at ``shapes`` (seconds for the work they stand for, fastest of the repeats):
+    SDPA, the blocked kernel with ATen's softmax and with oneDNN's (``inf`` where it cannot run)."""
 
     shapes: tuple[AttentionShape, ...]
     dtype: torch.dtype
@@ -167,11 +198,18 @@ class AttentionTiming:
     blocked_s: float
     blocked_err: float  # max |blocked - float32 SDPA| / max |float32 SDPA| over the shapes
     sdpa_err: float  # the same for SDPA in the dtype itself
+    onednn_s: float = float("inf")  # the blocked kernel with oneDNN's softmax
+    onednn_err: float = float("inf")
 
     @property
     def ratio(self) -> float:
-        """The blocked kernel's time / SDPA's (below 1: blocked is faster)."""
+        """The blocked kernel's time (ATen's softmax) / SDPA's (below 1: blocked is faster)."""
         return self.blocked_s / self.sdpa_s if self.sdpa_s > 0 else float("inf")
+
+    @property
+    def onednn_ratio(self) -> float:
+        """The blocked kernel's time with oneDNN's softmax / SDPA's."""
+        return self.onednn_s / self.sdpa_s if self.sdpa_s > 0 else float("inf")
 
 
 def timed_tokens(module: nn.Module) -> int:
@@ -194,50 +232,66 @@ def _seconds(fn: Callable[[], torch.Tensor]) -> float:
 
 
 Timer = Callable[[str, AttentionShape], float]
+KERNELS = ("sdpa", "blocked", "blocked-onednn")  # what measure() times, by the names a Timer is given
+
+
+def _calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> dict[str, Callable[[], torch.Tensor]]:
+    return {"sdpa": lambda: multihead_attention(q, k, v, heads),
+            "blocked": lambda: blocked_attention(q, k, v, heads),
+            "blocked-onednn": lambda: blocked_attention(q, k, v, heads, Softmax.ONEDNN)}
 
 
 def measure(shapes: Iterable[AttentionShape], dtype: torch.dtype, *, repeats: int = 3,
             timer: Timer | None = None) -> AttentionTiming:
-    """Time SDPA and the blocked kernel at ``shapes`` in ``dtype`` (interleaved, fastest of
-    ``repeats``), and compare both with float32 SDPA on the same inputs.
+    """Time SDPA and both blocked kernels (:data:`KERNELS`) at ``shapes`` in ``dtype`` (interleaved,
+    fastest of ``repeats``), and compare each with float32 SDPA on the same inputs. A kernel that
+    raises (oneDNN's softmax in float16) is left out: ``inf`` seconds and error.
 
-    ``timer(kernel, shape) -> seconds`` (kernel ``"sdpa"`` or ``"blocked"``) replaces the clock
-    (tests); the outputs are still computed and compared."""
+    ``timer(kernel, shape) -> seconds`` replaces the clock (tests); the outputs are still computed and compared."""
     shapes = tuple(shapes)
     g = torch.Generator().manual_seed(0)
-    total = {"sdpa": 0.0, "blocked": 0.0}
-    err = {"sdpa": 0.0, "blocked": 0.0}
+    total = dict.fromkeys(KERNELS, 0.0)
+    err = dict.fromkeys(KERNELS, 0.0)
     with torch.inference_mode():
         for s in shapes:
             c = s.heads * s.head_dim
             q = torch.randn(2, s.queries, c, generator=g)
             k, v = (torch.randn(2, s.keys, c, generator=g) for _ in range(2))
             ref = multihead_attention(q, k, v, s.heads)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-            calls = {"sdpa": lambda q=q, k=k, v=v, h=s.heads: multihead_attention(q, k, v, h),
-                     "blocked": lambda q=q, k=k, v=v, h=s.heads: blocked_attention(q, k, v, h)}
-            for name, fn in calls.items():  # also the warm-up
-                err[name] = max(err[name], float((fn().float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
-            best = {name: float("inf") for name in calls}
+            calls = {n: fn for n, fn in _calls(q.to(dtype), k.to(dtype), v.to(dtype), s.heads).items() if total[n] < float("inf")}
+            for name, fn in list(calls.items()):  # also the warm-up
+                try:
+                    out = fn()
+                except RuntimeError:  # no such primitive for this dtype or CPU
+                    total[name] = err[name] = float("inf")
+                    del calls[name]
+                    continue
+                err[name] = max(err[name], float((out.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+            best = dict.fromkeys(calls, float("inf"))
             for _ in range(repeats):
                 for name, fn in calls.items():
                     best[name] = min(best[name], timer(name, s) if timer is not None else _seconds(fn))
             for name in calls:
                 total[name] += best[name] * s.weight
     return AttentionTiming(shapes, dtype, torch.get_num_threads(), total["sdpa"], total["blocked"],
-                           err["blocked"], err["sdpa"])
+                           err["blocked"], err["sdpa"], total["blocked-onednn"], err["blocked-onednn"])
 
 
-def choose(timing: AttentionTiming) -> tuple[bool, str]:
-    """``(blocked, reason)``: blocked when faster by :data:`BLOCKED_MARGIN` and within :data:`AGREEMENT` of float32."""
+def choose(timing: AttentionTiming) -> tuple[bool, Softmax, str]:
+    """``(blocked, softmax, reason)``: the faster blocked kernel within :data:`AGREEMENT` of float32
+    (ATen's softmax on a tie), when it takes at most :data:`BLOCKED_MARGIN` of SDPA's time."""
     if not timing.shapes:
-        return False, "no attention to route"
+        return False, Softmax.ATEN, "no attention to route"
     bound = AGREEMENT.get(timing.dtype, 1e-4)
-    measured = (f"measured: blocked GEMMs take {timing.ratio:.2f}x SDPA's time at {len(timing.shapes)} shapes, "
-                f"error {timing.blocked_err:.1e} against SDPA's {timing.sdpa_err:.1e}")
-    if timing.blocked_err > bound:
-        return False, f"{measured}, above {bound:g}"
-    return timing.ratio <= BLOCKED_MARGIN, measured
+    options = [(timing.ratio, timing.blocked_err, Softmax.ATEN), (timing.onednn_ratio, timing.onednn_err, Softmax.ONEDNN)]
+    agreeing = [o for o in options if o[1] <= bound]
+    ratio, error, softmax = min(agreeing or options, key=lambda o: o[0])
+    which = "blocked GEMMs" + (" with oneDNN's softmax" if softmax is Softmax.ONEDNN else "")
+    measured = (f"measured: {which} take {ratio:.2f}x SDPA's time at {len(timing.shapes)} shapes, "
+                f"error {error:.1e} against SDPA's {timing.sdpa_err:.1e}")
+    if not agreeing:
+        return False, softmax, f"{measured}, above {bound:g}"
+    return ratio <= BLOCKED_MARGIN, softmax, measured
 
 
 _timings: dict[tuple, AttentionTiming] = {}

@@ -131,10 +131,12 @@ class KernelSelection:
     subpixel_upsampling: frozenset[tuple[int, int]] = frozenset()  # the upsamplers' channel pairs run sub-pixel
     upsample_reason: str = "as asked"
     upsample_timing: upsample_kernels.UpsampleTiming | None = None
+    attention_softmax: attention_kernels.Softmax = attention_kernels.Softmax.ATEN  # the blocked kernel's softmax
 
     def describe(self) -> str:
         convs = "packed" if self.packed_convs else "default"
-        attention = "blocked" if self.blocked_attention else "sdpa"
+        onednn = self.attention_softmax is attention_kernels.Softmax.ONEDNN
+        attention = ("blocked, oneDNN softmax" if onednn else "blocked") if self.blocked_attention else "sdpa"
         upsampling = f"sub-pixel at {len(self.subpixel_upsampling)} shapes" if self.subpixel_upsampling else "plain"
         return (f"kernels: {self.backend.value} ({self.reason}); convolutions: {convs} ({self.conv_reason}); "
                 f"attention: {attention} ({self.attention_reason}); upsampling: {upsampling} ({self.upsample_reason})")
@@ -327,22 +329,24 @@ def _select_convs(
     return packed, reason, timing
 
 
-def _select_attention(
-    model: nn.Module, kernels: Kernels,
-) -> tuple[bool, str, attention_kernels.AttentionTiming | None]:
-    """``(blocked, reason, timing)`` for the attention: ``auto`` times both kernels at the model's
-    attention shapes on a CPU; ``default`` and ``onednn`` (which routes GEMMs and convolutions) keep SDPA."""
+_Attention = tuple[bool, attention_kernels.Softmax, str, attention_kernels.AttentionTiming | None]
+
+
+def _select_attention(model: nn.Module, kernels: Kernels) -> _Attention:
+    """``(blocked, softmax, reason, timing)`` for the attention: ``auto`` times the kernels at the
+    model's attention shapes on a CPU; ``default`` and ``onednn`` (which routes GEMMs and convolutions) keep SDPA."""
+    aten = attention_kernels.Softmax.ATEN
     if kernels is not Kernels.AUTO:
-        return False, "as asked", None
+        return False, aten, "as asked", None
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cpu":
-        return False, "no choice: the blocked kernel is for a CPU", None
+        return False, aten, "no choice: the blocked kernel is for a CPU", None
     shapes = attention_kernels.attention_shapes(model)
     if not shapes:
-        return False, "no attention to route", None
+        return False, aten, "no attention to route", None
     timing = attention_kernels.measure_cached(shapes, p.dtype)
-    blocked, reason = attention_kernels.choose(timing)
-    return blocked, reason, timing
+    blocked, softmax, reason = attention_kernels.choose(timing)
+    return blocked, softmax, reason, timing
 
 
 def _select_upsampling(
@@ -393,12 +397,13 @@ def select_kernels(
     packed, conv_reason, conv_timing = _select_convs(model, kernels, measure_on or model, probe, conv_clock)
     conv_kernels.route(model, packed)
     conv_kernels.release(model)  # what the measurement packed, when the choice is torch's route
-    blocked, attention_reason, attention_timing = _select_attention(model, kernels)
-    attention_kernels.route(model, blocked)
+    blocked, softmax, attention_reason, attention_timing = _select_attention(model, kernels)
+    attention_kernels.route(model, blocked, softmax)
     subpixel, upsample_reason, upsample_timing = _select_upsampling(model, kernels)
     upsample_kernels.route(model, subpixel)
     return KernelSelection(kernels, backend, reason, timing, packed, conv_reason, conv_timing,
-                           blocked, attention_reason, attention_timing, subpixel, upsample_reason, upsample_timing)
+                           blocked, attention_reason, attention_timing, subpixel, upsample_reason, upsample_timing,
+                           softmax)
 
 
 class ModelKernels:
@@ -436,7 +441,7 @@ class ModelKernels:
         if threads != self._threads:
             route(self.model, selection.backend)
             conv_kernels.route(self.model, selection.packed_convs)
-            attention_kernels.route(self.model, selection.blocked_attention)
+            attention_kernels.route(self.model, selection.blocked_attention, selection.attention_softmax)
             upsample_kernels.route(self.model, selection.subpixel_upsampling)
         self._threads = threads
         return selection

@@ -88,7 +88,8 @@ def subpixel_upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     a layout whose interleaving took longer than the convolution saved (docs/benchmarks.md)."""
     b, _, h, w = x.shape
     co = conv.out_channels
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), _phase_kernels(conv))  # (B, 4 C_out, H+1, W+1)
+    bias = None if conv.bias is None else conv.bias.repeat(4)  # each phase's bias, added by the convolution
+    y = F.conv2d(x, _phase_kernels(conv), bias, padding=1)  # (B, 4 C_out, H+1, W+1): 2x2 kernels, zero border
     if y.is_contiguous() or not y.is_contiguous(memory_format=torch.channels_last):
         planar = y.view(b, 2, 2, co, h + 1, w + 1)  # (B, a, b, C_out, H+1, W+1)
         out = x.new_empty(b, co, h, 2, w, 2)
@@ -103,7 +104,7 @@ def subpixel_upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             for pb in (0, 1):
                 out[:, :, pa, :, pb] = pixels[:, pa : pa + h, pb : pb + w, pa, pb]
         result = out.view(b, 2 * h, 2 * w, co).permute(0, 3, 1, 2)  # (B, C_out, 2H, 2W), channels-last strides
-    return result if conv.bias is None else result.add_(conv.bias.view(1, -1, 1, 1))
+    return result
 
 
 def _fits(conv: nn.Conv2d, x: torch.Tensor, size: tuple[int, int]) -> bool:

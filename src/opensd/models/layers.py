@@ -38,6 +38,18 @@ def silu_fresh(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=not (x.requires_grad and torch.is_grad_enabled()))
 
 
+def add_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other`` (the same numbers: addition commutes), written into ``fresh`` when no
+    gradient is needed and the sum has ``fresh``'s dtype and shape: a residual branch's output,
+    which the caller made and owns, saves the sum's allocation (fresh pages, docs/benchmarks.md)."""
+    if (torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad)) or fresh.dtype != other.dtype:
+        return fresh + other
+    if fresh.shape != other.shape and (other.dim() != fresh.dim() or any(
+            o not in (1, f) for o, f in zip(other.shape, fresh.shape, strict=True))):
+        return fresh + other
+    return fresh.add_(other)
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal timestep embedding (Vaswani et al. 2017; DDPM, Ho et al. 2020).
 

@@ -21,7 +21,7 @@ from torch import nn
 from opensd import attention_kernels
 from opensd.models.adapters import Conv2d, Linear
 from opensd.models.capture import AttentionSink, active_sink
-from opensd.models.layers import group_norm
+from opensd.models.layers import add_fresh, group_norm
 
 
 class CrossAttention(nn.Module):
@@ -114,10 +114,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        x = x + self.ff(self.norm3(x))
-        return x
+        x = add_fresh(self.attn1(self.norm1(x)), x)
+        x = add_fresh(self.attn2(self.norm2(x), context), x)
+        return add_fresh(self.ff(self.norm3(x)), x)
 
 
 class SpatialTransformer(nn.Module):
@@ -170,4 +169,4 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)  # (B, C, H, W)
-        return x + residual
+        return add_fresh(x, residual)

@@ -45,7 +45,7 @@ from torch import nn
 from opensd import upsample_kernels
 from opensd.config import ConfigError
 from opensd.models.adapters import Conv2d, Linear
-from opensd.models.layers import group_norm, silu_fresh, timestep_embedding
+from opensd.models.layers import add_fresh, group_norm, silu_fresh, timestep_embedding
 from opensd.models.transformer import SpatialTransformer
 
 if TYPE_CHECKING:
@@ -250,14 +250,13 @@ class ResBlock(nn.Module):
         norm, _, conv = self.in_layers
         h = conv(silu_fresh(norm(x)))
         e = self.emb_layers[1](F.silu(emb))  # (B, C_out)
-        h = h + e.view(*e.shape, 1, 1)  # broadcast over H, W
+        h = add_fresh(h, e.view(*e.shape, 1, 1))  # broadcast over H, W
         norm, _, dropout, conv = self.out_layers
         assert isinstance(dropout, nn.Dropout)
         h = silu_fresh(norm(h))
         if dropout.p > 0:  # p = 0 is the identity
             h = dropout(h)
-        out: torch.Tensor = self.skip_connection(x) + conv(h)
-        return out
+        return add_fresh(conv(h), self.skip_connection(x))
 
 
 class Downsample(nn.Module):

@@ -25,7 +25,7 @@ from torch import nn
 from opensd import attention_kernels, upsample_kernels
 from opensd.config import ConfigError
 from opensd.models.adapters import Conv2d
-from opensd.models.layers import group_norm, silu_fresh
+from opensd.models.layers import add_fresh, group_norm, silu_fresh
 
 # LDM uses eps 1e-6 in every GroupNorm of the autoencoder (``Normalize``).
 NORM_EPS = 1e-6
@@ -176,8 +176,7 @@ class ResnetBlock(nn.Module):
         h = self.conv1(silu_fresh(self.norm1(x)))
         h = self.conv2(silu_fresh(self.norm2(h)))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        out: torch.Tensor = skip + h
-        return out
+        return add_fresh(h, skip)
 
 
 class AttnBlock(nn.Module):
@@ -200,7 +199,7 @@ class AttnBlock(nn.Module):
 
         out = attention_kernels.attend(self, tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)), heads=1)
         out = out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
-        result: torch.Tensor = x + self.proj_out(out)
+        result = add_fresh(self.proj_out(out), x)
         return result
 
     def attention_shape(self, queries: int, context: int) -> tuple[int, int, int, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from opensd.models.layers import add_fresh, silu_fresh
+from opensd.models.layers import add_fresh, mul_fresh, silu_fresh
 
 
 def test_add_fresh_writes_into_the_fresh_tensor_without_gradients() -> None:
@@ -49,3 +49,17 @@ def test_silu_fresh_matches_silu() -> None:
     with torch.no_grad():
         y = x.clone()
         assert silu_fresh(y) is y and torch.equal(y, want)
+
+
+def test_mul_fresh_multiplies_in_place_only_without_gradients() -> None:
+    a, b = torch.randn(2, 5), torch.randn(2, 5)
+    want = b * a
+    with torch.no_grad():
+        fresh = a.clone()
+        assert mul_fresh(fresh, b) is fresh and torch.equal(fresh, want)
+    x = torch.randn(2, 5, requires_grad=True)
+    g = F.gelu(x)
+    out = mul_fresh(g, b)
+    assert out is not g
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

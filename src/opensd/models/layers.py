@@ -38,16 +38,25 @@ def silu_fresh(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=not (x.requires_grad and torch.is_grad_enabled()))
 
 
+def _in_place_fits(fresh: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether ``fresh op= other`` gives ``fresh op other``: no gradient needed, one dtype, and
+    ``other`` broadcasts into ``fresh``'s shape without growing it."""
+    if (torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad)) or fresh.dtype != other.dtype:
+        return False
+    return fresh.shape == other.shape or (other.dim() == fresh.dim() and all(
+        o in (1, f) for o, f in zip(other.shape, fresh.shape, strict=True)))
+
+
 def add_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """``fresh + other`` (the same numbers: addition commutes), written into ``fresh`` when no
     gradient is needed and the sum has ``fresh``'s dtype and shape: a residual branch's output,
     which the caller made and owns, saves the sum's allocation (fresh pages, docs/benchmarks.md)."""
-    if (torch.is_grad_enabled() and (fresh.requires_grad or other.requires_grad)) or fresh.dtype != other.dtype:
-        return fresh + other
-    if fresh.shape != other.shape and (other.dim() != fresh.dim() or any(
-            o not in (1, f) for o, f in zip(other.shape, fresh.shape, strict=True))):
-        return fresh + other
-    return fresh.add_(other)
+    return fresh.add_(other) if _in_place_fits(fresh, other) else fresh + other
+
+
+def mul_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh * other``, in place into ``fresh`` on the terms of :func:`add_fresh` (a gate's fresh activation)."""
+    return fresh.mul_(other) if _in_place_fits(fresh, other) else fresh * other
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

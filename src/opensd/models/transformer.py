@@ -21,7 +21,7 @@ from torch import nn
 from opensd import attention_kernels
 from opensd.models.adapters import Conv2d, Linear
 from opensd.models.capture import AttentionSink, active_sink
-from opensd.models.layers import add_fresh, group_norm
+from opensd.models.layers import add_fresh, group_norm, mul_fresh
 
 
 class CrossAttention(nn.Module):
@@ -85,8 +85,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
-        out: torch.Tensor = a * F.gelu(gate)
-        return out
+        return mul_fresh(F.gelu(gate), a)  # a * gelu(gate): the product commutes
 
 
 class FeedForward(nn.Module):

@@ -14,7 +14,8 @@ type's own rounding.
 
 Measured on one core of the AMD EPYC with avx512_bf16 at SD 1.5's upsamplers of a 512² image
 (``benchmarks/upsample_cpu.py``, both forms through ``F.conv2d``): 0.42-0.55x the time at the VAE's
-in bfloat16, 0.57-0.66x in float32, and slower (1.3x) at the U-Net's smallest, 8x8 map. Where it is faster
+in bfloat16 (0.45-0.52x since the phase convolution adds the bias and pads), 0.57-0.66x in float32,
+and slower (1.4-1.6x) at the U-Net's smallest, 8x8 map. Where it is faster
 depends on the CPU and the convolution route, so it is never assumed: :func:`measure` times
 both forms on one of the model's own layers per channel pair and :func:`choose` keeps it, pair by
 pair, only at <= :data:`MARGIN` of the plain form's time and within :data:`AGREEMENT`. :mod:`opensd.kernels` makes that choice with

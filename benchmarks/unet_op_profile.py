@@ -10,7 +10,9 @@ and other. Run under each engine's interpreter, like ``peer_profile.py``:
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/unet_op_profile.py opensd /work/peers/weights/sd15/diffusers --precision bf16
     /work/peers/openvino/bin/python benchmarks/unet_op_profile.py openvino /work/peers/weights/sd15/openvino-ir --precision bf16
 
-opensd: ``torch.profiler`` over ``--repeats`` calls after a warm-up, self CPU time per ATen
+The opensd engine takes any opensd-loadable folder (the default model's too: its context is
+its own, 32 tokens of width 256; ``--size 32``). opensd: the median wall time of ``--repeats``
+calls without the profiler, then ``torch.profiler`` over as many, self CPU time per ATen
 operator, on the kernels a generation would use (``--kernels``; auto: measured, :mod:`opensd.kernels`). OpenVINO: the CPU plugin's per-node counters (``PERF_COUNT``) of the compiled,
 statically shaped U-Net over the same calls; a node's time is its ``real_time``, its kind
 comes from its executed type (a fused node counts under its main operation, so fused
@@ -86,15 +88,18 @@ def opensd(args: argparse.Namespace) -> dict[str, Any]:
     lat = args.size // 8
     x = torch.randn(2, 4, lat, lat, generator=g, dtype=torch.float32).to(dtype)
     t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 77, 768, generator=g, dtype=torch.float32).to(dtype)
+    tokens = pipe.model.cfg.text.max_length  # the model's context: 77 x 768 for SD 1.5
+    ctx = torch.randn(2, tokens, unet.cfg.context_dim, generator=g, dtype=torch.float32).to(dtype)
     with torch.inference_mode():
         unet(x, t, ctx)
         wall = []
+        for _ in range(args.repeats):  # the wall time without the profiler, which adds per operator
+            t0 = time.perf_counter()
+            unet(x, t, ctx)
+            wall.append(time.perf_counter() - t0)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
                 unet(x, t, ctx)
-                wall.append(time.perf_counter() - t0)
     ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
     return {"precision": pipe.precision.reason, "kernels": kernels, "wall_s_per_call": sorted(wall)[len(wall) // 2],
             **summarize(ops, args.repeats, _TORCH_KINDS)}
@@ -133,11 +138,11 @@ def openvino(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(out: dict[str, Any]) -> str:
     rows = ["| kind | s per call | share |", "|---|---:|---:|"]
-    rows += [f"| {k} | {v['s_per_call']:.3f} | {v['share']:.0%} |" for k, v in out["kinds"].items()]
-    rows.append(f"| (profiled total) | {out['profiled_s_per_call']:.3f} | |")
-    rows.append(f"| (wall, median call) | {out['wall_s_per_call']:.3f} | |")
+    rows += [f"| {k} | {v['s_per_call']:.4f} | {v['share']:.0%} |" for k, v in out["kinds"].items()]
+    rows.append(f"| (profiled total) | {out['profiled_s_per_call']:.4f} | |")
+    rows.append(f"| (wall, median call) | {out['wall_s_per_call']:.4f} | |")
     rows += ["", "| top operator | s per call | kind |", "|---|---:|---|"]
-    rows += [f"| `{o['op']}` | {o['s_per_call']:.3f} | {o['kind']} |" for o in out["top_ops"]]
+    rows += [f"| `{o['op']}` | {o['s_per_call']:.4f} | {o['kind']} |" for o in out["top_ops"]]
     return "\n".join(rows)
 
 
@@ -154,7 +159,7 @@ def main() -> int:
     args = p.parse_args()
     out = {"engine": args.engine, "size": args.size, "threads": args.threads,
            **{"opensd": opensd, "openvino": openvino}[args.engine](args)}
-    print(f"## {args.engine}, SD 1.5 U-Net, {args.size}², batch 2, {out['precision']}\n\n{table(out)}\n", file=sys.stderr)
+    print(f"## {args.engine}, U-Net of {args.model}, {args.size}², batch 2, {out['precision']}\n\n{table(out)}\n", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as fh:
             fh.write(json.dumps(out) + "\n")

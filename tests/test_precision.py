@@ -7,6 +7,7 @@ around a bf16 U-Net and the float16 VAE's upcast run on tiny models.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from opensd.checkpoints.diffusers_folder import save_diffusers
 from opensd.checkpoints.opensd_format import save_opensd
 from opensd.checkpoints.original import read_original, save_original
 from opensd.errors import OpenSDError
+from opensd.models.bert import BertTextConfig
 from opensd.models.stable_diffusion import SDConfig
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
@@ -132,6 +134,10 @@ def test_probe_shapes_follow_the_model() -> None:
     assert (sdxl.channels, sdxl.side, sdxl.heads, sdxl.linear) == (640, 8, 10, True)  # its first attention level
     tiny = P.ProbeShape.for_model(SDConfig.tiny())
     assert tiny.channels == SDConfig.tiny().unet.level_channels[1] and tiny.side == SDConfig.tiny().latent_size // 2
+    bert = SDConfig.tiny_bert()
+    minilm = dataclasses.replace(bert, text=BertTextConfig.minilm_l6(pooler=False),
+                                 unet=dataclasses.replace(bert.unet, context_dim=384))
+    assert minilm.text.max_length == 512 and P.ProbeShape.for_model(minilm).context_len == 77  # one chunk, not 512
 
 
 def test_the_real_probe_is_cached_and_leaves_threads_and_rng_alone() -> None:

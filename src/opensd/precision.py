@@ -160,6 +160,7 @@ def cpu_features() -> CPUFeatures:
 
 PROBE_SIDE = 16  # the probe's latent side at most (SD 1.5's 64 would take seconds in float32) ...
 PROBE_CHANNEL_SIDE = 16 * 256  # ... and at most this over its channels (320: 12, SDXL's 640: 8), at least 8
+PROBE_CONTEXT = 77  # the cross-attention context at most: one prompt chunk of CLIP's length
 PROBE_REPEATS = 2  # timed rounds at least (one round: one call in each dtype) ...
 PROBE_SECONDS = 0.15  # ... and more, up to PROBE_MAX_ROUNDS, until this much time has passed
 PROBE_MAX_ROUNDS = 40
@@ -191,11 +192,13 @@ class ProbeShape:
 
     @classmethod
     def for_model(cls, cfg) -> ProbeShape:
-        """The probe of a :class:`~opensd.models.stable_diffusion.SDConfig`'s U-Net at its native size."""
-        return cls.for_unet(cfg.unet, cfg.latent_size, cfg.text.max_length)
+        """The probe of a :class:`~opensd.models.stable_diffusion.SDConfig`'s U-Net at its native size.
+        The context is one prompt chunk: at most CLIP's 77 tokens, whatever the text encoder's
+        positions (BERT has 512, but a BERT model's prompts are chunked to its tokenizer's context)."""
+        return cls.for_unet(cfg.unet, cfg.latent_size, min(int(cfg.text.max_length), PROBE_CONTEXT))
 
 
-SD15_PROBE = ProbeShape(320, PROBE_CHANNEL_SIDE // 320, 8, 32, 768, 77)  # the default shape: SD 1.x's first level
+SD15_PROBE = ProbeShape(320, PROBE_CHANNEL_SIDE // 320, 8, 32, 768, PROBE_CONTEXT)  # the default shape: SD 1.x's first level
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from opensd.pipelines.stable_diffusion import StableDiffusionPipeline, unet_prob
 pytestmark = pytest.mark.skipif(not CK.packed_available(), reason="this torch has no oneDNN packed convolutions")
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# bfloat16 packing needs oneDNN's bf16 support on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT)
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not CK.packed_available(torch.bfloat16), reason="oneDNN runs no bfloat16 convolutions on this CPU"))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,7 +42,7 @@ def packed_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=0),
                                 dict(kernel_size=1), dict(kernel_size=3, padding=1, groups=2, bias=False)])
 def test_a_packed_layer_computes_the_convolution(dtype, kw, packed_calls) -> None:
@@ -134,7 +137,7 @@ def test_default_and_half_models_keep_torch_s_convolutions(model) -> None:
     assert not sel.packed_convs and "no choice" in sel.conv_reason
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_a_pipeline_on_packed_convolutions_makes_the_same_image(dtype, packed_calls) -> None:
     """float32: the same image to one step of 255. bfloat16: as close to the float32 image as torch's own route."""
     args = dict(steps=3, seed=5, width=16, height=16)
@@ -181,3 +184,35 @@ def test_a_probe_that_fails_keeps_torch_s_route_and_says_why(model) -> None:
     sel = K.select_kernels(model, "auto", probe=CK.Probe(broken, "a broken probe"))
     assert not sel.packed_convs and "probe failed" in sel.conv_reason and "shapes do not fit" in sel.conv_reason
     assert not any(CK.routed_packed(m) for m in model.modules())
+
+
+def test_bf16_packing_is_offered_exactly_where_onednn_runs_it() -> None:
+    layer = torch.nn.Conv2d(4, 8, 3, padding=1).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
+    if CK.packed_available(torch.bfloat16):
+        assert _rel(CK.packed_conv2d(layer, x), layer(x)) <= RTOL[torch.bfloat16]
+    else:  # an AVX2-only CPU: oneDNN refuses, so auto must never offer the route
+        with pytest.raises(RuntimeError):
+            CK.packed_conv2d(layer, x)
+    assert not CK.packed_available(torch.float16)
+
+
+def test_auto_measures_none_of_its_kernels_in_a_type_slow_on_this_cpu(model, monkeypatch) -> None:
+    """fp16 on a CPU (and bf16 without native support) keeps torch's kernels unmeasured: timing
+    them there took minutes, and an AVX2 CPU cannot pack bf16 weights at all."""
+    def no_timing(*args, **kwargs):
+        raise AssertionError("measured a slow type")
+
+    for name in ("measure_cached", "measure"):
+        monkeypatch.setattr(K.attention_kernels, name, no_timing)
+    monkeypatch.setattr(K.upsample_kernels, "measure", no_timing)
+    monkeypatch.setattr(CK, "measure_model", no_timing)
+    half = model.half()
+    sel = K.select_kernels(half, "auto", probe=unet_probe(half.unet, 8))
+    assert not (sel.packed_convs or sel.blocked_attention or sel.subpixel_upsampling)
+    for reason in (sel.conv_reason, sel.attention_reason, sel.upsample_reason):
+        assert reason.startswith("no choice") and "fp16" in reason, reason
+    monkeypatch.setattr(K, "slow_on_cpu", lambda dtype: "bf16 on this CPU is emulated; use fp32" if dtype == torch.bfloat16 else None)
+    bf16 = model.to(torch.bfloat16)
+    sel = K.select_kernels(bf16, "auto", probe=unet_probe(bf16.unet, 8))
+    assert not sel.packed_convs and "emulated" in sel.conv_reason and "emulated" in sel.attention_reason

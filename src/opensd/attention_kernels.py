@@ -33,9 +33,7 @@ everything else to :func:`opensd.models.attention.multihead_attention` (SDPA).
 
 from __future__ import annotations
 
-import threading
 import time
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ from typing import Protocol, cast
 import torch
 from torch import nn
 
+from opensd.kernel_routes import Routes
 from opensd.models.attention import multihead_attention
 
 # The blocked kernel is chosen when it takes at most this fraction of SDPA's time ...
@@ -70,9 +69,7 @@ class Softmax(StrEnum):
     ONEDNN = "onednn"  # oneDNN's softmax primitive: a copy into its layout and back, faster rows
 
 
-_BLOCKED: weakref.WeakKeyDictionary[nn.Module, Softmax] = weakref.WeakKeyDictionary()
-_routing = False  # any module ever routed: the fast path skips the set lookup while False
-_lock = threading.Lock()
+_BLOCKED: Routes[Softmax] = Routes()  # the attention modules on the blocked kernel, with its softmax
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -123,6 +120,16 @@ def _block_onednn(mm: Callable[..., torch.Tensor], q: torch.Tensor, kt: torch.Te
     mm(probs, v, out=out)
 
 
+def onednn_softmax_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has a softmax for ``dtype`` on this CPU (an AVX2-only CPU has none in
+    bfloat16). :func:`measure` leaves a kernel that raises out, so ``auto`` never routes to it."""
+    try:
+        torch._softmax(torch.zeros(1, 2, dtype=dtype).to_mkldnn(), -1, False)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     if q.device.type != "cpu" or not (q.dtype == k.dtype == v.dtype):
         return False
@@ -131,10 +138,9 @@ def _fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """``module``'s attention (q: (B, Nq, C), k, v: (B, Nk, C)) on the kernel its model's selection chose."""
-    if _routing and not torch.compiler.is_compiling() and _fits(q, k, v):
-        softmax = _BLOCKED.get(module)
-        if softmax is not None:
-            return blocked_attention(q, k, v, heads, softmax)
+    softmax = _BLOCKED.get(module)
+    if softmax is not None and _fits(q, k, v):
+        return blocked_attention(q, k, v, heads, softmax)
     return multihead_attention(q, k, v, heads)
 
 
@@ -150,16 +156,7 @@ def routable(module: nn.Module) -> list[nn.Module]:
 def route(module: nn.Module, blocked: bool, softmax: Softmax = Softmax.ATEN) -> int:
     """Put every routable attention of ``module`` on the blocked kernel with ``softmax`` (or back
     on SDPA); returns how many."""
-    global _routing
-    found = routable(module)
-    with _lock:
-        for m in found:
-            if blocked:
-                _BLOCKED[m] = softmax
-            else:
-                _BLOCKED.pop(m, None)
-        _routing = _routing or (blocked and bool(found))
-    return len(found)
+    return _BLOCKED.set(routable(module), softmax if blocked else None)
 
 
 def routed(module: nn.Module) -> bool:
@@ -168,7 +165,7 @@ def routed(module: nn.Module) -> bool:
 
 def routed_softmax(module: nn.Module) -> Softmax | None:
     """The softmax of ``module``'s blocked route, or None where it is on SDPA."""
-    return _BLOCKED.get(module)
+    return _BLOCKED.value(module)
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -302,10 +299,10 @@ def measure_cached(shapes: tuple[AttentionShape, ...], dtype: torch.dtype, *, ti
     if timer is not None:
         return measure(shapes, dtype, timer=timer)
     key = (shapes, dtype, torch.get_num_threads())
-    with _lock:
+    with _BLOCKED.lock:
         hit = _timings.get(key)
     if hit is None:
         hit = measure(shapes, dtype)
-        with _lock:
+        with _BLOCKED.lock:
             hit = _timings.setdefault(key, hit)
     return hit

@@ -30,7 +30,6 @@ per layer, made on first use and made again when the weight or the input's shape
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from opensd.kernel_routes import Routes
 
 # The packed route is chosen when it takes at most this fraction of the default's time.
 PACK_MARGIN = 0.9
@@ -48,16 +49,20 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # (SD 1.5's convolution weights: 1.3 GB in bfloat16, 2.7 GB in float32).
 MEMORY_SHARE = 0.25
 
-_PACKED_LAYERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_PACKED: Routes[bool] = Routes()  # the layers on the packed route; its lock also guards _packs
 _packs: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], torch.Tensor]] = weakref.WeakKeyDictionary()
-_routing = False  # any layer ever routed: the fast path skips the set lookup while False
-_lock = threading.Lock()
 
 
-def packed_available() -> bool:
-    """Whether this torch build has oneDNN's packed convolution ops."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+def packed_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build has oneDNN's packed convolution ops and runs them in ``dtype``
+    here: float32 wherever it has them, bfloat16 where oneDNN supports it on this CPU (AVX-512
+    BW/VL/DQ or AVX-NE-CONVERT; on an AVX2-only CPU packing a bfloat16 weight raises)."""
+    ops = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+           and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"))
+    if not ops or dtype not in PACKED_DTYPES:
+        return False
+    bf16_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return dtype == torch.float32 or (bf16_check is not None and bool(bf16_check()))
 
 
 def _weight_key(w: torch.Tensor) -> tuple[int, ...]:
@@ -91,7 +96,7 @@ def _packed_weight(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     hit = _packs.get(layer)
     if hit is not None and hit[0] == key:
         return hit[1]
-    with _lock, torch.no_grad():
+    with _PACKED.lock, torch.no_grad():
         # the input's size picks oneDNN's weight layout; torch's stub omits that argument
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
             layer.weight.detach().to_mkldnn(), list(layer.padding), list(layer.stride), list(layer.dilation),
@@ -110,7 +115,7 @@ def packed_conv2d(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def conv2d(layer: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """``layer``'s output for ``x`` with ``weight`` (default: its own) on the route its model's selection chose."""
     if weight is None or weight is layer.weight:
-        if _routing and not torch.compiler.is_compiling() and layer in _PACKED_LAYERS and _fits(layer, x):
+        if _PACKED.get(layer) and _fits(layer, x):
             return packed_conv2d(layer, x)
         weight = layer.weight
     out: torch.Tensor = layer._conv_forward(x, weight, layer.bias)
@@ -144,28 +149,19 @@ def memory_refusal(module: nn.Module, available: int | None) -> str | None:
 
 
 def routed_packed(layer: nn.Module) -> bool:
-    return layer in _PACKED_LAYERS
+    return layer in _PACKED
 
 
 def route(module: nn.Module, packed: bool) -> int:
     """Put every ``nn.Conv2d`` of ``module`` on the packed route (``packed``) or torch's; returns how many.
     Leaving the packed route keeps the packed copies made so far (:func:`release` frees them)."""
-    global _routing
-    layers = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    with _lock:
-        for m in layers:
-            if packed:
-                _PACKED_LAYERS.add(m)
-            else:
-                _PACKED_LAYERS.discard(m)
-        _routing = _routing or (packed and bool(layers))
-    return len(layers)
+    return _PACKED.set([m for m in module.modules() if isinstance(m, nn.Conv2d)], True if packed else None)
 
 
 def release(module: nn.Module) -> int:
     """Free the packed copies of ``module``'s convolutions that are not on the packed route; returns how many."""
-    with _lock:
-        freed = [m for m in module.modules() if m in _packs and m not in _PACKED_LAYERS]
+    with _PACKED.lock:
+        freed = [m for m in module.modules() if m in _packs and m not in _PACKED]
         for m in freed:
             del _packs[m]
     return len(freed)

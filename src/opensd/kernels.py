@@ -43,6 +43,7 @@ from torch import nn
 
 from opensd import attention_kernels, conv_kernels, upsample_kernels
 from opensd.errors import OpenSDError
+from opensd.precision import slow_on_cpu
 
 # oneDNN is chosen when it takes at most this fraction of the default path's time: a tie
 # keeps torch's default, whose results are the reference.
@@ -301,6 +302,17 @@ def available_memory() -> int | None:
     return conv_kernels.available_memory()
 
 
+def _not_measured(model: nn.Module) -> str | None:
+    """Why ``auto`` measures none of opensd's own kernels for ``model`` (None: it measures): a
+    model in a type this CPU computes slowly (float16; bfloat16 without native support) keeps
+    torch's. Timing it would take minutes at SD 1.5's shapes, and the kernels were never tuned for it."""
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu":
+        return None
+    slow = slow_on_cpu(p.dtype)
+    return None if slow is None else f"no choice: torch's kernels, since {slow.split(';')[0]}"
+
+
 def _select_convs(
     model: nn.Module, kernels: Kernels, measure_on: nn.Module, probe: conv_kernels.Probe | None,
     clock: Callable[[bool], float] | None,
@@ -308,12 +320,15 @@ def _select_convs(
     """``(packed, reason, timing)`` for the convolutions: ``onednn`` packs, ``default`` does not,
     ``auto`` times ``probe`` (a forward of ``measure_on``) on both routes where there is a choice."""
     p = next(model.parameters(), None)
-    packable = conv_kernels.packed_available() and (
-        p is None or (p.device.type == "cpu" and p.dtype in conv_kernels.PACKED_DTYPES))
+    packable = conv_kernels.packed_available() if p is None else (
+        p.device.type == "cpu" and conv_kernels.packed_available(p.dtype))
     if kernels is Kernels.DEFAULT:
         return False, "as asked", None
+    if kernels is Kernels.AUTO and (slow := _not_measured(model)):
+        return False, slow, None
     if not packable:
-        return False, "no choice: packed convolutions are for float32 or bfloat16 on a CPU with oneDNN", None
+        return False, ("no choice: packed convolutions are for float32, or bfloat16 where oneDNN runs it on this "
+                       "CPU, on a CPU with oneDNN"), None
     if kernels is Kernels.ONEDNN:
         return True, "as asked", None
     if probe is None:
@@ -341,6 +356,8 @@ def _select_attention(model: nn.Module, kernels: Kernels) -> _Attention:
     p = next(model.parameters(), None)
     if p is None or p.device.type != "cpu":
         return False, aten, "no choice: the blocked kernel is for a CPU", None
+    if slow := _not_measured(model):
+        return False, aten, slow, None
     shapes = attention_kernels.attention_shapes(model)
     if not shapes:
         return False, aten, "no attention to route", None
@@ -358,6 +375,8 @@ def _select_upsampling(
         return frozenset(), "as asked", None
     if not upsample_kernels.upsamplers(model):
         return frozenset(), "no upsamplers", None
+    if slow := _not_measured(model):
+        return frozenset(), slow, None
     timing = upsample_kernels.measure(model)  # calls both forms directly: the route does not matter
     subpixel, reason = upsample_kernels.choose(timing)
     return subpixel, reason, timing

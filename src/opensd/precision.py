@@ -348,6 +348,11 @@ def _auto(device: torch.device, shape: ProbeShape, features: CPUFeatures, probe:
                     f"{shape.side}x{shape.side}: {precision_name(half)} takes {r.ratio:.2f}x fp32's time ({verdict})")
 
 
+def slow_on_cpu(dtype: torch.dtype) -> str | None:
+    """Why ``dtype`` is slow on this machine's CPU (float16; bfloat16 without native support), or None."""
+    return _warning(dtype, torch.device("cpu"), cpu_features())
+
+
 def _warning(dtype: torch.dtype, device: torch.device, features: CPUFeatures) -> str | None:
     if device.type != "cpu":
         return None

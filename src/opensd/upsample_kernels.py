@@ -30,7 +30,6 @@ needed, not inside ``torch.compile``), and the plain form otherwise.
 
 from __future__ import annotations
 
-import threading
 import time
 import weakref
 from collections.abc import Callable, Collection
@@ -40,16 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opensd.kernel_routes import Routes
+
 MARGIN = 0.9
 AGREEMENT = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 # Each distinct upsampler is timed at an input of TIMED_WORK / channels² pixels (at least 8x8):
 # 16x16 at 512 channels.
 TIMED_WORK = 512 * 512 * 16 * 16
 
-_ROUTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_SUBPIXEL: Routes[bool] = Routes()  # the upsamplers' convolutions on the sub-pixel form
 _phases: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], torch.Tensor]] = weakref.WeakKeyDictionary()
-_routing = False
-_lock = threading.Lock()
 
 
 def phase_weight(w: torch.Tensor) -> torch.Tensor:
@@ -123,7 +122,7 @@ def _fits(conv: nn.Conv2d, x: torch.Tensor, size: tuple[int, int]) -> bool:
 def upsample_conv(conv: nn.Conv2d, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
     """``conv(F.interpolate(x, size, mode="nearest"))`` (``size`` default: 2x) on the route the model's selection chose."""
     target = (2 * x.shape[-2], 2 * x.shape[-1]) if size is None else (int(size[0]), int(size[1]))
-    if _routing and not torch.compiler.is_compiling() and conv in _ROUTED and _fits(conv, x, target):
+    if _SUBPIXEL.get(conv) and _fits(conv, x, target):
         return subpixel_upsample_conv(conv, x)
     out: torch.Tensor = conv(F.interpolate(x, size=target, mode="nearest"))
     return out
@@ -141,23 +140,18 @@ Pair = tuple[int, int]  # an upsampler's (in, out) channels
 def route(module: nn.Module, pairs: Collection[Pair] | bool) -> int:
     """Put ``module``'s upsamplers with these channel pairs (True: all, False: none) on the
     sub-pixel form and the others on the plain one; returns how many are on the sub-pixel form."""
-    global _routing
     convs = upsamplers(module)
-    on = 0
-    with _lock:
-        for c in convs:
-            if pairs is True or (pairs is not False and (c.in_channels, c.out_channels) in pairs):
-                _ROUTED.add(c)
-                on += 1
-            else:
-                _ROUTED.discard(c)
-                _phases.pop(c, None)
-        _routing = _routing or on > 0
-    return on
+    on = [c for c in convs if pairs is True or (pairs is not False and (c.in_channels, c.out_channels) in pairs)]
+    off = [c for c in convs if c not in on]
+    _SUBPIXEL.set(off, None)
+    with _SUBPIXEL.lock:
+        for c in off:
+            _phases.pop(c, None)
+    return _SUBPIXEL.set(on, True)
 
 
 def routed(conv: nn.Module) -> bool:
-    return conv in _ROUTED
+    return conv in _SUBPIXEL
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "opensd"
 LIBRARY = {"models", "diffusion", "pipelines", "checkpoints", "prompts", "tokenizers",
-           "config", "errors", "defaults", "devices", "kernels", "conv_kernels", "attention_kernels", "upsample_kernels", "precision"}
+           "config", "errors", "defaults", "devices", "kernels", "kernel_routes", "conv_kernels", "attention_kernels", "upsample_kernels",
+           "precision"}
 AROUND = {"training", "serving", "cli", "explain", "shapes", "eval"}
 
 

@@ -10,6 +10,7 @@ from helpers import tiny_loaded, tiny_word_bundle
 from opensd import attention_kernels as A
 from opensd import kernels as K
 from opensd.models.attention import multihead_attention
+from opensd.models.stable_diffusion import SDConfig, StableDiffusion
 from opensd.pipelines.stable_diffusion import StableDiffusionPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +90,16 @@ def test_the_networks_attention_modules_are_routable(model) -> None:
     shapes = A.attention_shapes(model)
     assert shapes and sum(s.weight for s in shapes) == len(_attentions(model))
     cross = [s for s in shapes if s.keys == A.CONTEXT_TOKENS]
-    assert cross and all(s.queries == max(A.MIN_TOKENS, A.TIMED_WORK // (s.heads * s.head_dim)) for s in shapes)
+    assert cross and all(s.heads * s.head_dim < 320 for s in shapes)
+    assert {s.queries for s in shapes} == {A.MAX_TOKENS}  # narrow: not 10,240 tokens at 32 channels
+
+
+def test_sd15_is_timed_at_its_256px_levels() -> None:
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        sd15 = StableDiffusion(SDConfig.sd15())
+    got = {(s.heads * s.head_dim, s.queries, s.keys) for s in A.attention_shapes(sd15)}
+    assert got == {(320, 1024, 77), (320, 1024, 1024), (640, 512, 77), (640, 512, 512),
+                   (1280, 256, 77), (1280, 256, 256), (512, 640, 640)}  # the U-Net's three levels, the VAE's 512
 
 
 def _timer(sdpa_s: float, blocked_s: float):

@@ -57,8 +57,11 @@ BLOCK_BYTES = 2 * 2**20
 # What is timed: each distinct attention shape at TIMED_WORK / channels query tokens (at least
 # MIN_TOKENS): 1024 tokens at 320 channels, SD 1.5's 32x32 level of a 256² image, and fewer at
 # the wider, coarser levels, as in the U-Net; cross-attention at CONTEXT_TOKENS keys (a CLIP prompt).
+# At most MAX_TOKENS: narrower models (under 320 channels) are not timed at more tokens than
+# SD 1.5's widest timed level (a 32-channel model would be at 10,240, a hundred times the work).
 TIMED_WORK = 1024 * 320
 MIN_TOKENS = 64
+MAX_TOKENS = 1024
 CONTEXT_TOKENS = 77
 
 
@@ -210,9 +213,10 @@ class AttentionTiming:
 
 
 def timed_tokens(module: nn.Module) -> int:
-    """The query tokens ``module``'s attention is timed at: :data:`TIMED_WORK` / its channels."""
+    """The query tokens ``module``'s attention is timed at: :data:`TIMED_WORK` / its channels,
+    from :data:`MIN_TOKENS` to :data:`MAX_TOKENS`."""
     heads, head_dim, _, _ = cast(_Routable, module).attention_shape(1, 1)
-    return max(MIN_TOKENS, TIMED_WORK // (heads * head_dim))
+    return max(MIN_TOKENS, min(MAX_TOKENS, TIMED_WORK // (heads * head_dim)))
 
 
 def attention_shapes(module: nn.Module) -> tuple[AttentionShape, ...]:

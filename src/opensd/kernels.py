@@ -327,8 +327,8 @@ def _select_convs(
     if kernels is Kernels.AUTO and (slow := _not_measured(model)):
         return False, slow, None
     if not packable:
-        return False, ("no choice: packed convolutions are for float32, or bfloat16 where oneDNN runs it on this "
-                       "CPU, on a CPU with oneDNN"), None
+        return False, ("no choice: packed convolutions need oneDNN on a CPU and float32, or bfloat16 where "
+                       "oneDNN runs it on this CPU"), None
     if kernels is Kernels.ONEDNN:
         return True, "as asked", None
     if probe is None:

@@ -190,11 +190,11 @@ def test_the_cache_name_of_sd1_is_unchanged_and_families_get_their_own(models) -
     """The text hash of an SD 1.x model is what opensd hashed before families (its old caches are found again)."""
     from opensd.training.data import state_hash, tokenizer_hash
     from opensd.training.text_encoding import text_cache_hash
-    from opensd.training.unet import _model_of
+    from opensd.training.transplant import opensd_model
 
-    sd, tok = _model_of(str(models[ModelFamily.SD1]))
+    sd, tok = opensd_model(str(models[ModelFamily.SD1]), "init_from")
     text = sd.text_encoder
     old = state_hash(text, extra=json.dumps(to_dict(text.cfg)).encode() + tokenizer_hash(tok).encode())
     assert text_cache_hash(sd.text_encoders, tok, ModelFamily.SD1) == old
-    xl, xl_tok = _model_of(str(models[ModelFamily.SDXL]))
+    xl, xl_tok = opensd_model(str(models[ModelFamily.SDXL]), "init_from")
     assert text_cache_hash(xl.text_encoders, xl_tok, ModelFamily.SDXL) != text_cache_hash(xl.text_encoders[:1], xl_tok, ModelFamily.SDXL)

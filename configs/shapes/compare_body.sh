@@ -18,14 +18,8 @@ out=${OUT:-runs/rich-cpu}
 jobs=${JOBS:-1}
 export OMP_NUM_THREADS=${THREADS:-1}
 
-dry_run=0
-if [ "${1:-}" = "--dry-run" ]; then
-    dry_run=1
-    shift
-fi
 # shellcheck source=opensd_cmd.sh
-. "$here/opensd_cmd.sh"
-find_opensd || exit 2
+. "$here/opensd_cmd.sh"  # --dry-run, cmd, run
 
 pair() {  # run two commands (each a quoted string of arguments), side by side when JOBS=2
     # shellcheck disable=SC2086

@@ -1,5 +1,7 @@
-# Shared by the scripts beside it (sourced, after they set `repo` and `dry_run`): find the opensd
-# command, and run one opensd command with its wall time (or print it under --dry-run).
+# Shared by the scripts beside it, sourced without arguments after they set `repo`: takes a leading
+# --dry-run off the script's arguments (dry_run=1), sets the array `cmd` to the opensd command or
+# exits 2 with what to do, and defines `run`: one opensd command with its wall time (printed only
+# under --dry-run).
 
 # Sets the array `cmd` to the opensd command, or fails with what to do.
 find_opensd() {
@@ -38,3 +40,10 @@ run() {  # run (or print) one opensd command, with its wall time
     "${cmd[@]}" "$@"
     echo "$1 $2: $(( $(date +%s) - start )) s wall" >&2
 }
+
+dry_run=0
+if [ "${1:-}" = "--dry-run" ]; then
+    dry_run=1
+    shift
+fi
+find_opensd || exit 2

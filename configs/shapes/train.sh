@@ -11,15 +11,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 
-dry_run=0
-if [ "${1:-}" = "--dry-run" ]; then
-    dry_run=1
-    shift
-fi
-
 # shellcheck source=opensd_cmd.sh
-. "$here/opensd_cmd.sh"
-find_opensd || exit 2
+. "$here/opensd_cmd.sh"  # --dry-run, cmd, run
 for stage in vae clip unet; do
     var="$(echo "$stage" | tr a-z A-Z)_ARGS"
     # shellcheck disable=SC2206

@@ -18,14 +18,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 out=${OUT:-runs/shapes-rich}
 
-dry_run=0
-if [ "${1:-}" = "--dry-run" ]; then
-    dry_run=1
-    shift
-fi
 # shellcheck source=opensd_cmd.sh
-. "$here/opensd_cmd.sh"
-find_opensd || exit 2
+. "$here/opensd_cmd.sh"  # --dry-run, cmd, run
 
 # shellcheck disable=SC2206
 vae_extra=(${VAE_ARGS:-}); clip_extra=(${CLIP_ARGS:-}); unet_extra=(${UNET_ARGS:-}); eval_extra=(${EVAL_ARGS:-})

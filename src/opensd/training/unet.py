@@ -480,8 +480,9 @@ class UNetStage(Stage):
         return dict(self.evaluator(draw, self.ctx.run_dir / SAMPLES / f"step_{step:08d}.png"))
 
     def resolved_config(self) -> dict:
-        """With ``init_from`` the architecture and the schedule are the starting model's: the
-        run's ``config.json`` records those in ``model`` and ``schedule``, not the unused defaults."""
+        """With ``init_from`` or ``unet_from`` the architecture and the schedule are the starting
+        model's: the run's ``config.json`` records those in ``model`` and ``schedule``, not the
+        unused defaults."""
         out = to_dict(self.cfg)
         if self.cfg.init_from or self.cfg.unet_from:
             out["model"], out["schedule"] = to_dict(self.sd_cfg.unet), to_dict(self.sd_cfg.schedule)

@@ -56,7 +56,7 @@ def test_only_the_cross_attention_keys_and_values_read_the_text() -> None:
 
 @pytest.mark.parametrize("change, message", [
     ({"vae_dir": "runs/vae"}, "unet_from brings its model's VAE and U-Net: leave init_from and vae_dir empty"),
-    ({"init_from": "models/x"}, "leave vae_dir and clip_dir empty|leave init_from and vae_dir empty"),
+    ({"init_from": "models/x"}, "unet_from brings its model's VAE and U-Net: leave init_from and vae_dir empty"),
     ({}, "set clip_dir .* or text_encoder = 'minilm'"),
 ])
 def test_config_errors(tmp_path: Path, donor: Path, change: dict, message: str) -> None:

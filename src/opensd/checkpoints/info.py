@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from opensd.checkpoints import detect_format, load_model, main_weights_file
+from opensd.checkpoints import detect_format, int8, load_model, main_weights_file
 from opensd.checkpoints.io import read_weights, short_hash
 from opensd.checkpoints.parameterization import Parameterization
 from opensd.config import to_dict
@@ -115,14 +115,15 @@ class ModelInfo:
         return "\n".join(lines)
 
 
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32", "I8": "int8"}
 
 
 def _dtypes(f: Path) -> dict[str, int]:
-    """dtype name -> tensor count, read from the file's header without loading tensors."""
+    """dtype name -> tensor count, read from the file's header without loading tensors (an 8-bit
+    weight's scale is part of that weight, not a tensor of its own)."""
     if f.suffix == ".safetensors":
         with safe_open(str(f), "pt") as st:
-            names = (str(st.get_slice(k).get_dtype()) for k in st.keys())
+            names = (str(st.get_slice(k).get_dtype()) for k in int8.stored_names(st.keys()))
             counts = Counter(SAFETENSORS_DTYPES.get(n, n.lower()) for n in names)
         return dict(counts)
     return dict(Counter(str(v.dtype).replace("torch.", "") for v in read_weights(f).values()))

@@ -4,7 +4,8 @@ Layout::
 
     model/
       config.json          {"format": "opensd", "version": 1, "model": <SDConfig as a dict>}
-      model.safetensors    the original SD key layout (see opensd.models.stable_diffusion)
+      model.safetensors    the original SD key layout (see opensd.models.stable_diffusion),
+                           optionally with 8-bit weights (opensd.checkpoints.int8)
       tokenizer/           CLIP BPE files or opensd's small word tokenizer
 
 The config is checked key by key: an unknown key is an error, not silently ignored.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from opensd.checkpoints import int8
 from opensd.checkpoints.build import WeightsDtype, build_on_meta, tokenizer_for, weights_dtype
 from opensd.checkpoints.io import CheckpointError, load_strict, read_cast, read_json, read_weights, write_json, write_safetensors
 from opensd.config import ConfigError, from_dict, to_dict
@@ -60,19 +62,24 @@ def load_opensd(path: str | Path, dtype: WeightsDtype = None) -> tuple[StableDif
     path = Path(path)
     cfg = read_config(path)
     state = read_weights(path / WEIGHTS)
-    model = build_on_meta(cfg, len(state), path / CONFIG, weights_dtype(dtype, cfg))
+    quantized = int8.is_quantized(state)
+    model = build_on_meta(cfg, len(int8.stored_names(state)), path / CONFIG, weights_dtype(dtype, cfg))
     own = {k: v.dtype for k, v in model.state_dict().items()}
     state = read_cast(path / WEIGHTS, state, own.get)  # one tensor at a time: no second copy of the weights
+    if quantized:
+        state = int8.dequantize(state, own.get, str(path / WEIGHTS))
     load_strict(model, state, f"{path / WEIGHTS}")
     return model.eval(), tokenizer_for(path / "tokenizer", cfg)
 
 
 def save_opensd(model: StableDiffusion, tokenizer: Tokenizer, path: str | Path,
-                dtype: torch.dtype | None = None) -> Path:
+                dtype: torch.dtype | None = None, int8_weights: bool = False) -> Path:
     """Write ``model`` and ``tokenizer`` as an opensd folder; returns the folder.
 
     ``dtype`` (e.g. ``torch.float16``) stores floating-point weights in that type, halving
     the file; :func:`load_opensd` reads them into the dtype it is asked for (float32 by default).
+    ``int8_weights`` stores the U-Net's and text encoders' large weights in 8 bits with a
+    scale per row (:mod:`opensd.checkpoints.int8`), the rest in ``dtype`` (float16 if None).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -81,7 +88,9 @@ def save_opensd(model: StableDiffusion, tokenizer: Tokenizer, path: str | Path,
         raise CheckpointError(f"save_opensd: dtype must be a floating-point type, got {dtype}")
     path.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
-    if dtype is not None:
+    if int8_weights:
+        state = int8.quantize(state, rest=dtype or torch.float16)
+    elif dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     write_safetensors(state, path / WEIGHTS, metadata={"format": "pt"})
     tokenizer.save(path / "tokenizer")

@@ -68,7 +68,7 @@ def info(
 
 
 def _mount_subapps() -> None:
-    from opensd.cli import data, eval, explain, generate, hires, layout, serve, train
+    from opensd.cli import compress, data, eval, explain, generate, hires, layout, serve, train
 
     generate.register(app)
     hires.register(app)
@@ -76,6 +76,7 @@ def _mount_subapps() -> None:
     explain.register(app)
     serve.register(app)
     train.register(app)
+    compress.register(app)
     eval.register(app)
     app.add_typer(data.app, name="data", help="Make datasets (the shapes world).")
 

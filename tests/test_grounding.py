@@ -263,3 +263,18 @@ def test_a_resume_that_changes_the_losses_is_logged(tmp_path: Path, tiny_model: 
     resumes = [r for r in read_log(result.run_dir / "log.jsonl") if r["kind"] == "resume"]
     assert resumes == [{"step": 2, "kind": "resume", "changed": {
         "grounding_pixel_target": ["word", "group"], "grounding_pixel_weight": [0.0, 0.1]}}]
+
+
+def test_targets_ground_a_word_split_into_pieces_at_its_first_piece() -> None:
+    from opensd.tokenizers.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer
+
+    words = ["a", "photo", "of", "circle", "above", "red", "square", "cy", "##an"]
+    tok = WordPieceTokenizer({t: i for i, t in enumerate([*SPECIAL_TOKENS, *words])}, 16)
+    spec = PromptSpec((ObjectSpec("circle", "cyan"), ObjectSpec("square", "red")), relation="above")
+    scene = realize(spec, random.Random(4), image_size=32)
+    text = "a photo of a cyan circle above a red square"
+    assert len(tok.encode(text)) == len(text.split()) + 1  # "cyan" is two pieces
+    tokens, _ = grounding_targets(text, spec, scene, tok, (8, 8))
+    framed = tok([text])[0]
+    pieces = [[tok.decode([int(framed[p])]) for p in row if p >= 0] for row in tokens]
+    assert pieces == [["cy", "circle"], ["red", "square"]]  # positions after the split word stay right

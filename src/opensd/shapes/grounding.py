@@ -64,6 +64,17 @@ def _claim(ids: Sequence[int], needle: Sequence[int], start: int, taken: list[tu
     return at
 
 
+def _word_starts(phrase: str, tokenizer, n_tokens: int) -> list[tuple[int, str]]:
+    """(offset of its first token within the phrase's ``n_tokens`` tokens, word) for each word of
+    ``phrase``: a word a subword tokenizer splits ("cyan" -> "cy ##an" in BERT's WordPiece) is
+    grounded at its first piece. Empty when the words' tokens do not add up to the phrase's."""
+    out, k = [], 0
+    for word in phrase.split():
+        out.append((k, word))
+        k += len(tokenizer.encode(word))
+    return out if k == n_tokens else []
+
+
 def grounding_targets(
     caption: str, spec: PromptSpec, scene: Scene, tokenizer, latent_size: tuple[int, int],
     max_groups: int = CLASSIC_GROUPS, numbers: bool = False,
@@ -75,7 +86,8 @@ def grounding_targets(
     ``count`` objects first), as :func:`opensd.shapes.world.realize` makes them; a
     group's mask is the union of its objects'. A noun phrase that cannot be found in
     the caption (a caption not made from ``spec``) grounds nothing. ``numbers``: a
-    group's number ("three", "3") is one of its grounded words.
+    group's number ("three", "3") is one of its grounded words. A word the tokenizer splits
+    into pieces is grounded at its first piece.
     """
     if not 1 <= max_groups <= MAX_GROUPS:
         raise ValueError(f"max_groups must be 1..{MAX_GROUPS}, got {max_groups!r}")
@@ -114,10 +126,9 @@ def grounding_targets(
                 break
         if at < 0:
             continue
-        words = phrase.split()
-        search = at + len(words)
+        search = at + len(needle)
         taken.append((at, at + len(needle)))
-        slots = [at + k for k, word in enumerate(words) if word in grounded and at + k < limit]
+        slots = [at + k for k, word in _word_starts(phrase, tokenizer, len(needle)) if word in grounded and at + k < limit]
         for k, pos in enumerate(slots[:words_per_group]):
             tokens[g, k] = pos + 1  # + 1: bos
     return tokens, out_masks

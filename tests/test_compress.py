@@ -204,6 +204,11 @@ def test_compress_writes_a_new_folder_with_the_sidecar_files(tmp_path: Path) -> 
     compress(src, tmp_path / "out", overwrite=True)
     with pytest.raises(CheckpointError, match="must be a new folder outside the model"):
         compress(src, src / "inner")
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "model.safetensors").mkdir()  # a folder where the weights file must go
+    with pytest.raises(CheckpointError, match=f"cannot write {blocked}"):
+        compress(src, blocked, overwrite=True)
     clip_src = save_opensd(*tiny_word_bundle(), tmp_path / "clip")
     with pytest.raises(CheckpointError, match="--vocab prunes a BERT"):
         compress(clip_src, tmp_path / "clip-out", vocab=10)

@@ -86,6 +86,20 @@ def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
         raise CheckpointError(f"the output folder {out} is not empty; pass --overwrite to write into it")
 
 
+def _copy_sidecars(src: Path, out: Path) -> list[str]:
+    """Copy what ``src`` holds besides the model itself into ``out``; the names copied."""
+    copied = []
+    for entry in sorted(src.iterdir()):
+        if entry.name in OWN_ENTRIES:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, out / entry.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(entry, out / entry.name)
+        copied.append(entry.name)
+    return copied
+
+
 def compress(src: str | Path, out: str | Path, int8_weights: bool = True, vocab: int | None = None,
              keep_texts: Sequence[str] = (), overwrite: bool = False) -> CompressReport:
     """Write the model at ``src`` (any format :func:`~opensd.checkpoints.load_model` reads) as an
@@ -107,16 +121,9 @@ def compress(src: str | Path, out: str | Path, int8_weights: bool = True, vocab:
         vocab_before = tok.vocab_size
         model, tok = prune_vocabulary(model, tok, vocab, keep_texts)
         vocab_after = tok.vocab_size
-    save_opensd(model, tok, out, dtype=torch.float16, int8_weights=int8_weights)
-    copied: list[str] = []
-    if fmt == "opensd":
-        for entry in sorted(src.iterdir()):
-            if entry.name in OWN_ENTRIES:
-                continue
-            target = out / entry.name
-            if entry.is_dir():
-                shutil.copytree(entry, target, dirs_exist_ok=True)
-            else:
-                shutil.copy2(entry, target)
-            copied.append(entry.name)
+    try:
+        save_opensd(model, tok, out, dtype=torch.float16, int8_weights=int8_weights)
+        copied = _copy_sidecars(src, out) if fmt == "opensd" else []
+    except OSError as e:  # a full disk, a read-only folder: the source is untouched either way
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
     return CompressReport(out, before, (out / WEIGHTS).stat().st_size, vocab_before, vocab_after, tuple(copied))

@@ -10,6 +10,7 @@ its kept tokens spell. What either costs in image quality is for a suite to say
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,8 +54,6 @@ class CompressReport:
 def read_keep_texts(paths: Sequence[Path]) -> list[str]:
     """The texts whose tokens a pruned vocabulary keeps: each line of a text file, or the
     ``text`` of each line of an imagefolder ``metadata.jsonl`` (the training captions)."""
-    import json
-
     texts: list[str] = []
     for p in paths:
         if not p.is_file():
@@ -108,6 +107,8 @@ def compress(src: str | Path, out: str | Path, int8_weights: bool = True, vocab:
     ids plus every character and every token of ``keep_texts``. An opensd source folder's other
     files (a LoRA, a tiny decoder, a model card...) are copied unchanged."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
+    if keep_texts and vocab is None:
+        raise CheckpointError("--keep-text names the tokens a pruned vocabulary keeps; give --vocab N too")
     _check_paths(src, out, overwrite)
     fmt = detect_format(src)
     loaded = load_model(src)

@@ -30,10 +30,7 @@ def register(app: typer.Typer) -> None:
         """Write a smaller copy of a model: 8-bit weights, and with --vocab a pruned BERT vocabulary."""
         from opensd.checkpoints.compress import compress as run
         from opensd.checkpoints.compress import read_keep_texts
-        from opensd.checkpoints.io import CheckpointError
 
-        if keep_text and vocab is None:
-            raise CheckpointError("--keep-text names the tokens a pruned vocabulary keeps; give --vocab N too")
         report = run(model, out, int8_weights=int8, vocab=vocab, keep_texts=read_keep_texts(keep_text),
                      overwrite=overwrite)
         typer.echo(report.render())
